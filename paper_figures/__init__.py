@@ -1,0 +1,1 @@
+"""Paper figure scripts (imported as ``toolkit.paper_figures``)."""
