@@ -142,7 +142,7 @@ def test_rollout_calls_seams_with_the_self_forcing_schedule():
     assert out.shape == noise.shape and torch.isfinite(out).all()
     assert len(calls) == 2 * 5 * cfg.num_layers  # 2 chunks x (4 steps + clean pass) x layers
     expected_t = [1000.0, 937.5, 2500 / 3, 625.0, 0.0]
-    for layer, chunk, step, is_clean, timestep, nq, nk in calls:
+    for _layer, chunk, step, is_clean, timestep, nq, nk in calls:
         assert is_clean == (step == 4)
         assert timestep == pytest.approx(expected_t[step])
         assert nq == 3 * 15 and nk == (chunk + 1) * 3 * 15
