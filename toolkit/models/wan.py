@@ -327,18 +327,18 @@ class WanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
         self.blocks = nn.ModuleList(WanBlock(cfg, i) for i in range(cfg.num_layers))
         self.head = Head(cfg)
-        # Not in the state dict, never cast by .to(dtype): RoPE angles stay float64 as in Wan.
-        self.register_buffer("rope_freqs", rope_frequencies(cfg), persistent=False)
+        # RoPE angle tables per device: float64 as in Wan, outside the state dict and untouched by .to(dtype)
+        # (also correct after meta-device construction + to_empty, which would leave a buffer uninitialised).
+        self._rope_tables: dict[torch.device, torch.Tensor] = {}
 
     @property
     def dtype(self) -> torch.dtype:
         return self.patch_embedding.weight.dtype
 
-    def _apply(self, fn, recurse=True):  # keep RoPE tables float64 through .to(dtype) / .half()
-        freqs = self.rope_freqs
-        super()._apply(fn, recurse)
-        self.rope_freqs = freqs.to(device=self.patch_embedding.weight.device)
-        return self
+    def rope_table(self, device: torch.device) -> torch.Tensor:
+        if device not in self._rope_tables:
+            self._rope_tables[device] = rope_frequencies(self.cfg).to(device)
+        return self._rope_tables[device]
 
     def grid_size(self, x: torch.Tensor) -> tuple[int, int, int]:
         """Token grid (frames, height, width) of a latent ``x`` [b c F Hl Wl]."""
@@ -399,7 +399,7 @@ class WanModel(nn.Module):
         context = self.embed_text(context)
 
         rope_dtype = torch.float64 if tokens.dtype in (torch.float32, torch.float64) else torch.float32
-        angles = rope_angles(self.rope_freqs, frame_index, h, w, cfg.rope_dims).to(rope_dtype)
+        angles = rope_angles(self.rope_table(x.device), frame_index, h, w, cfg.rope_dims).to(rope_dtype)
         cos, sin = torch.cos(angles), torch.sin(angles)
 
         first = int(frame_index[0]) if kv_cache is not None else int(frame_index.min())
