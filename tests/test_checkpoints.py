@@ -213,3 +213,40 @@ def test_sha256_streams_matches_hashlib_and_cache_tracks_changes(tmp_path, monke
     lines = f"blob.bin:{hashlib.sha256(data + b'x').hexdigest()}\nother.bin:{hashlib.sha256(b'abc').hexdigest()}\n"
     assert combined == hashlib.sha256(lines.encode()).hexdigest()
     assert ck.checkpoint_sha256([g]) == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_wan_model_state_dict_is_the_native_layout():
+    from toolkit.models.wan import WanConfig, WanModel
+
+    for cfg in (WanConfig(), WanConfig.from_dict(CFG_SMALL)):
+        with torch.device("meta"):
+            model = WanModel(cfg)
+        ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert ours == ck.native_param_shapes(cfg)
+
+
+def test_identical_model_outputs_through_every_format(tmp_path, weights):
+    from toolkit.models.wan import WanConfig, WanModel
+
+    cfg = WanConfig.from_dict(CFG_SMALL)
+    torch.manual_seed(0)
+    x = torch.randn(1, cfg.in_dim, 3, 4, 6)
+    t = torch.tensor([731.5])
+    context = torch.randn(1, 5, cfg.text_dim)
+    reference = WanModel(cfg).eval()
+    reference.load_state_dict(weights, strict=True)
+    with torch.no_grad():
+        want = reference(x, t, context)
+    paths = [
+        ck.save_self_forcing(weights, tmp_path / "sf.pt"),
+        ck.save_wan_native(weights, tmp_path / "native", cfg),
+        ck.save_wan_native(weights, tmp_path / "comfy", cfg, prefix=ck.COMFYUI_PREFIX),
+        ck.save_diffusers(weights, tmp_path / "df", cfg),
+        ck.save_diffusers(weights, tmp_path / "dfs", cfg, max_shard_bytes=30_000),
+    ]
+    for path in paths:
+        model = WanModel(cfg).eval()  # fresh random init, overwritten by the load
+        ck.load_into(model, path)
+        with torch.no_grad():
+            got = model(x, t, context)
+        assert torch.equal(got, want), path
