@@ -1,0 +1,111 @@
+"""The procedural sprite-video generator: determinism, prompt fidelity, prompt text/tensor round trips, motion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from toolkit import procedural as P
+from toolkit.errors import ToolkitError
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_render_is_deterministic_per_seed():
+    prompts = P.random_prompts(6, _gen(1))
+    a = P.render(prompts, _gen(7), frames=5, height=30, width=52)
+    b = P.render(prompts, _gen(7), frames=5, height=30, width=52)
+    c = P.render(prompts, _gen(8), frames=5, height=30, width=52)
+    assert a.shape == (6, 3, 5, 30, 52)
+    assert torch.equal(a, b)
+    assert (a - c).abs().amax() > 0.1
+    # the batch is not one clip repeated
+    assert (a[0] - a[1]).abs().amax() > 0.1
+    v1, ctx1, p1 = P.sample_batch(4, _gen(3), frames=4)
+    v2, ctx2, p2 = P.sample_batch(4, _gen(3), frames=4)
+    assert p1 == p2 and torch.equal(v1, v2) and torch.equal(ctx1, ctx2)
+
+
+@pytest.mark.parametrize("size", [(48, 80), (30, 52)])
+def test_clip_shows_exactly_the_prompted_colours(size):
+    height, width = size
+    prompts = P.random_prompts(48, _gen(11))
+    assert {len(p.sprites) for p in prompts} == set(range(1, P.MAX_SPRITES + 1))  # every count is exercised
+    video = P.render(prompts, _gen(12), frames=12, height=height, width=width)
+    assert 0.0 <= float(video.min()) and float(video.max()) <= 1.0
+    found = P.detect_colours(video)
+    for p, colours in zip(prompts, found):
+        assert colours == {s.colour for s in p.sprites}, str(p)
+        assert len(colours) == len(p.sprites)
+
+
+def test_detector_rejects_background_and_finds_a_painted_colour():
+    prompts = [P.parse_prompt("1 sprite: red circle")]
+    video = P.render(prompts, _gen(0))
+    red = P.colour_masks(video)[0, P.COLOUR_NAMES.index("red")]
+    # the red sprite covers roughly its area (r in [5, 8.5] px) in every frame, nothing else is red
+    area = red.flatten(1).sum(1).float()
+    assert bool((area > 0.8 * 3.14 * 4.5**2).all()) and bool((area < 3.15 * 9**2).all())
+    background_only = P.render(prompts, _gen(0)) * 0 + video[:, :, :, :4, :4].mean()
+    assert P.detect_colours(background_only) == [set()]
+
+
+def test_sprites_bounce_inside_the_frame_at_constant_speed():
+    low, high = torch.tensor(5.0), torch.tensor(40.0)
+    t = torch.arange(200.0)
+    for start, velocity in [(10.0, 2.3), (39.0, -1.7), (5.0, 0.9)]:
+        pos = P._bounce(torch.tensor(start), torch.tensor(velocity), low, high, t)
+        assert float(pos.min()) >= 5.0 - 1e-4 and float(pos.max()) <= 40.0 + 1e-4
+        step = pos.diff().abs()
+        # constant speed except across a wall, where the path folds back (|step| <= speed)
+        assert float(step.max()) <= abs(velocity) + 1e-4
+        assert float((step - abs(velocity)).abs().lt(1e-3).float().mean()) > 0.7
+        assert float(pos.max()) > 39.0 and float(pos.min()) < 6.0  # it reaches both walls
+
+
+def _column_shift(a: torch.Tensor, b: torch.Tensor, max_shift: int = 12) -> int:
+    """Horizontal shift s (pixels) that best maps frame a onto frame b: b[:, x] ≈ a[:, x - s].
+
+    Median error, so that the moving sprite (a minority of pixels) does not decide it."""
+    errs = {s: float((b[..., max_shift:-max_shift] - a.roll(s, -1)[..., max_shift:-max_shift]).abs().median())
+            for s in range(-max_shift, max_shift + 1)}
+    return min(errs, key=errs.get)
+
+
+def test_pan_scrolls_the_background():
+    # one small sprite so the background dominates the frame
+    shifts = {}
+    for pan in ("none", "left", "right"):
+        p = P.parse_prompt(f"1 sprite: white square; pan {pan}" if pan != "none" else "white square")
+        video = P.render([p], _gen(5), frames=6, height=48, width=80)[0]
+        shifts[pan] = _column_shift(video[:, 0], video[:, 5])
+    assert shifts["none"] == 0
+    assert shifts["left"] >= 4  # camera pans left -> the scene slides right (1..2 px per frame)
+    assert shifts["right"] <= -4
+
+
+def test_prompt_text_and_tensor_round_trip():
+    prompts = P.random_prompts(40, _gen(2), pan_prob=0.5)
+    assert any(p.pan != "none" for p in prompts)
+    for p in prompts:
+        assert P.parse_prompt(str(p)) == p
+    ctx = P.encode_prompts(prompts)
+    assert ctx.shape == (40, P.TEXT_LEN, P.TEXT_DIM)
+    assert P.decode_prompts(ctx) == prompts
+    # one token per sprite slot, empty slots are zero
+    for p, c in zip(prompts, ctx):
+        assert int((c.abs().sum(1) > 0).sum()) == 1 + len(p.sprites)
+
+
+def test_parse_prompt_forms_and_errors():
+    p = P.parse_prompt("  2 Sprites: Red circle,  blue square ; pan LEFT")
+    assert p == P.Prompt((P.Sprite("red", "circle"), P.Sprite("blue", "square")), "left")
+    assert P.parse_prompt("green ring").pan == "none"
+    assert P.parse_prompt("green ring; static").pan == "none"
+    for bad in ("3 sprites: red circle, blue square", "red circle, red square", "purple circle",
+                "red hexagon", "red circle; pan sideways", "5 sprites: red circle, blue square, green ring, "
+                "white diamond, cyan circle", "", "red big circle"):
+        with pytest.raises(ToolkitError):
+            P.parse_prompt(bad)

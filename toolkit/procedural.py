@@ -1,0 +1,334 @@
+"""Procedural sprite videos: the training data and the prompt space of the bundled model.
+
+A clip shows up to ``MAX_SPRITES`` textured sprites of distinct colours (shapes: circle, square, triangle, diamond,
+ring) moving with constant velocity and bouncing off the frame edges, drawn in prompt order (later sprites occlude
+earlier ones), over a textured background. An optional camera pan scrolls the background by a constant
+velocity (the sprites live in screen coordinates, so they keep bouncing inside the frame while the world slides).
+
+The "prompt" is what a caption would say: which sprites (colour + shape, in z-order) and which pan. Positions,
+velocities, sizes and textures are *not* in the prompt: the model has to invent them in the first chunk and keep them
+consistent afterwards, which is exactly the job of its causal self-attention.
+
+    Prompt  <->  "2 sprites: red circle, blue square; pan left"   (``parse_prompt`` / ``str(prompt)``)
+    Prompt  -->  context [L_txt = 1 + MAX_SPRITES, TEXT_DIM]      (``encode_prompts``: one global token, one token
+                                                                     per sprite slot, empty slots all zero)
+    Prompt  -->  video [3, frames, height, width] in [0, 1]        (``render``)
+
+Everything random is drawn from a CPU ``torch.Generator`` as a few small parameter tensors; rendering is then
+deterministic tensor math on any device, so a seed gives the same clip on CPU and GPU (up to float rounding) and a
+batch of 64 clips renders in milliseconds on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from toolkit.errors import ToolkitError
+
+# Saturated, bright colours; backgrounds stay dark and desaturated (channels in [0.1, 0.5]) so that
+# ``detect_colours`` can tell sprites from background. Values are RGB in [0, 1].
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.95, 0.20, 0.20),
+    "green": (0.20, 0.85, 0.25),
+    "blue": (0.25, 0.45, 1.00),
+    "yellow": (0.95, 0.90, 0.20),
+    "magenta": (0.90, 0.25, 0.90),
+    "cyan": (0.20, 0.90, 0.95),
+    "orange": (1.00, 0.55, 0.10),
+    "white": (0.95, 0.95, 0.95),
+}
+COLOUR_NAMES = tuple(COLOURS)
+SHAPES = ("circle", "square", "triangle", "diamond", "ring")
+PANS = ("none", "left", "right", "up", "down")
+MAX_SPRITES = 4
+TEXT_DIM = 32
+TEXT_LEN = 1 + MAX_SPRITES
+
+# Sprite brightness is colour * (SHADE_MIN + (1 - SHADE_MIN) * texture), texture in [0, 1].
+SHADE_MIN = 0.8
+
+# Layout of the prompt tokens (TEXT_DIM channels). Global token: flag, sprite count one-hot, pan one-hot.
+_G_FLAG, _G_COUNT, _G_PAN = 0, 1, 1 + MAX_SPRITES
+# Sprite token: flag, colour one-hot, shape one-hot, z-order one-hot.
+_S_FLAG = _G_PAN + len(PANS)
+_S_COLOUR = _S_FLAG + 1
+_S_SHAPE = _S_COLOUR + len(COLOURS)
+_S_Z = _S_SHAPE + len(SHAPES)
+assert _S_Z + MAX_SPRITES <= TEXT_DIM
+
+
+@dataclass(frozen=True)
+class Sprite:
+    colour: str
+    shape: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Sprites in z-order (the last one is drawn on top) and the camera pan."""
+
+    sprites: tuple[Sprite, ...]
+    pan: str = "none"
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.sprites) <= MAX_SPRITES:
+            raise ToolkitError(f"a prompt has 1..{MAX_SPRITES} sprites, got {len(self.sprites)}")
+        colours = [s.colour for s in self.sprites]
+        if len(set(colours)) != len(colours):
+            raise ToolkitError(f"sprite colours must be distinct, got {', '.join(colours)}")
+        for s in self.sprites:
+            if s.colour not in COLOURS:
+                raise ToolkitError(f"unknown colour {s.colour!r}; choose from {', '.join(COLOURS)}")
+            if s.shape not in SHAPES:
+                raise ToolkitError(f"unknown shape {s.shape!r}; choose from {', '.join(SHAPES)}")
+        if self.pan not in PANS:
+            raise ToolkitError(f"unknown pan {self.pan!r}; choose from {', '.join(PANS)}")
+
+    def __str__(self) -> str:
+        n = len(self.sprites)
+        text = f"{n} sprite{'s' if n > 1 else ''}: " + ", ".join(f"{s.colour} {s.shape}" for s in self.sprites)
+        return text + ("" if self.pan == "none" else f"; pan {self.pan}")
+
+
+def parse_prompt(text: str) -> Prompt:
+    """Parse e.g. ``"2 sprites: red circle, blue square; pan left"`` (count and pan optional, case-insensitive)."""
+    usage = (
+        f"expected e.g. '2 sprites: red circle, blue square; pan left' (colours: {', '.join(COLOURS)}; "
+        f"shapes: {', '.join(SHAPES)}; pan: {', '.join(PANS[1:])})"
+    )
+    parts = [p.strip() for p in text.lower().split(";")]
+    body, pan = parts[0], "none"
+    for extra in parts[1:]:
+        m = re.fullmatch(r"(?:pan\s+(\w+)|no pan|static)", extra)
+        if not m:
+            raise ToolkitError(f"cannot parse {extra!r} in prompt {text!r}; {usage}")
+        pan = m.group(1) or "none"
+    count = None
+    m = re.fullmatch(r"(\d+)\s+sprites?\s*:\s*(.*)", body)
+    if m:
+        count, body = int(m.group(1)), m.group(2)
+    sprites = []
+    for item in filter(None, (s.strip() for s in body.split(","))):
+        words = item.split()
+        if len(words) != 2:
+            raise ToolkitError(f"cannot parse sprite {item!r} in prompt {text!r}; {usage}")
+        sprites.append(Sprite(colour=words[0], shape=words[1]))
+    if count is not None and count != len(sprites):
+        raise ToolkitError(f"prompt {text!r} announces {count} sprites but lists {len(sprites)}")
+    return Prompt(tuple(sprites), pan)
+
+
+def random_prompts(n: int, generator: torch.Generator, pan_prob: float = 0.3) -> list[Prompt]:
+    """``n`` prompts: 1..MAX_SPRITES sprites of distinct colours, random shapes, a pan with probability ``pan_prob``."""
+    prompts = []
+    for _ in range(n):
+        count = int(torch.randint(1, MAX_SPRITES + 1, (), generator=generator))
+        colours = torch.randperm(len(COLOURS), generator=generator)[:count].tolist()
+        shapes = torch.randint(len(SHAPES), (count,), generator=generator).tolist()
+        pan = "none"
+        if float(torch.rand((), generator=generator)) < pan_prob:
+            pan = PANS[1 + int(torch.randint(len(PANS) - 1, (), generator=generator))]
+        sprites = tuple(Sprite(COLOUR_NAMES[c], SHAPES[s]) for c, s in zip(colours, shapes))
+        prompts.append(Prompt(sprites, pan))
+    return prompts
+
+
+def encode_prompts(prompts: list[Prompt]) -> torch.Tensor:
+    """Prompts -> context [b, TEXT_LEN, TEXT_DIM] (float32): global token, then one token per sprite slot."""
+    out = torch.zeros(len(prompts), TEXT_LEN, TEXT_DIM)
+    for i, p in enumerate(prompts):
+        out[i, 0, _G_FLAG] = 1
+        out[i, 0, _G_COUNT + len(p.sprites) - 1] = 1
+        out[i, 0, _G_PAN + PANS.index(p.pan)] = 1
+        for z, s in enumerate(p.sprites):
+            tok = out[i, 1 + z]
+            tok[_S_FLAG] = 1
+            tok[_S_COLOUR + COLOUR_NAMES.index(s.colour)] = 1
+            tok[_S_SHAPE + SHAPES.index(s.shape)] = 1
+            tok[_S_Z + z] = 1
+    return out
+
+
+def decode_prompts(context: torch.Tensor) -> list[Prompt]:
+    """Inverse of ``encode_prompts`` (context [b, TEXT_LEN, TEXT_DIM])."""
+    prompts = []
+    for c in context.float().cpu():
+        pan = PANS[int(c[0, _G_PAN : _G_PAN + len(PANS)].argmax())]
+        sprites = [
+            Sprite(
+                COLOUR_NAMES[int(tok[_S_COLOUR : _S_COLOUR + len(COLOURS)].argmax())],
+                SHAPES[int(tok[_S_SHAPE : _S_SHAPE + len(SHAPES)].argmax())],
+            )
+            for tok in c[1:]
+            if tok[_S_FLAG] > 0.5
+        ]
+        prompts.append(Prompt(tuple(sprites), pan))
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _shape_distance(shape: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Approximate signed distance (in radii; < 0 inside) of the sprite outline at offsets (u, v) = (dx, dy) / radius.
+
+    shape [...] integer index into SHAPES, broadcast against u, v. The triangle points up (v grows downwards)."""
+    u, v = torch.broadcast_tensors(u, v)
+    r = torch.sqrt(u * u + v * v)
+    triangle = torch.maximum(v - 0.75, (1.75 * u.abs() - (v + 1.0)) / math.hypot(1.75, 1.0))
+    candidates = torch.stack(
+        [
+            r - 1.0,  # circle
+            torch.maximum(u.abs(), v.abs()) - 0.85,  # square
+            triangle,
+            (u.abs() + v.abs() - 1.2) / math.sqrt(2.0),  # diamond
+            (r - 0.68).abs() - 0.32,  # ring
+        ]
+    )
+    index = shape.expand_as(u).unsqueeze(0)
+    return candidates.gather(0, index).squeeze(0)
+
+
+def _bounce(start: torch.Tensor, velocity: torch.Tensor, low: torch.Tensor, high: torch.Tensor, t: torch.Tensor):
+    """Position at times t of a point moving at constant velocity between walls low..high (elastic reflection)."""
+    span = (high - low).clamp_min(1e-6)
+    y = torch.remainder(start - low + velocity * t, 2 * span)
+    return low + span - (y - span).abs()
+
+
+def render(
+    prompts: list[Prompt],
+    generator: torch.Generator,
+    *,
+    frames: int = 12,
+    height: int = 48,
+    width: int = 80,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Render one clip per prompt: [b, 3, frames, height, width] float32 in [0, 1].
+
+    Scene parameters (positions, velocities, sizes, textures, background, pan speed) come from ``generator``
+    (a CPU generator), so the result depends only on the prompts and the generator state."""
+    b, k = len(prompts), MAX_SPRITES
+    g = generator
+    scale = min(height, width) / 48.0  # sizes and speeds are specified for a 48-pixel-high frame
+
+    # --- sprite parameters, b k ---
+    present = torch.zeros(b, k)
+    colour = torch.zeros(b, k, 3)
+    shape = torch.zeros(b, k, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        for z, s in enumerate(p.sprites):
+            present[i, z] = 1
+            colour[i, z] = torch.tensor(COLOURS[s.colour])
+            shape[i, z] = SHAPES.index(s.shape)
+    radius = scale * (5.0 + 3.5 * torch.rand(b, k, generator=g))
+    cy = radius + (height - 2 * radius) * torch.rand(b, k, generator=g)
+    cx = radius + (width - 2 * radius) * torch.rand(b, k, generator=g)
+    speed = scale * (1.0 + 1.5 * torch.rand(b, k, generator=g))  # pixels per frame
+    angle = 2 * math.pi * torch.rand(b, k, generator=g)
+    vy, vx = speed * torch.sin(angle), speed * torch.cos(angle)
+    tex_angle = math.pi * torch.rand(b, k, generator=g)
+    tex_freq = 2 * math.pi / (scale * (2.5 + 3.0 * torch.rand(b, k, generator=g)))  # stripe period 2.5-5.5 px
+    tex_phase = 2 * math.pi * torch.rand(b, k, generator=g)
+    tex_checker = torch.rand(b, k, generator=g) < 0.5  # stripes, or the product of two gratings (checks)
+
+    # --- background: two dark desaturated colours mixed by two oriented gratings, scrolled by the pan ---
+    grey = 0.15 + 0.2 * torch.rand(b, 1, generator=g)
+    bg_a = (grey + 0.08 * (torch.rand(b, 3, generator=g) - 0.5)).clamp(0.1, 0.5)
+    bg_b = (bg_a + 0.15 * (torch.rand(b, 3, generator=g) - 0.3)).clamp(0.1, 0.5)
+    bg_angle = math.pi * torch.rand(b, 2, generator=g)
+    bg_freq = 2 * math.pi / (scale * (6.0 + 14.0 * torch.rand(b, 2, generator=g)))
+    bg_phase = 2 * math.pi * torch.rand(b, 2, generator=g)
+    pan_speed = scale * (1.0 + 1.0 * torch.rand(b, generator=g))
+    pan_dir = {"none": (0.0, 0.0), "left": (0.0, 1.0), "right": (0.0, -1.0), "up": (1.0, 0.0), "down": (-1.0, 0.0)}
+    pan_v = torch.tensor([pan_dir[p.pan] for p in prompts]).view(b, 2) * pan_speed[:, None]  # (dy, dx) of the scene
+
+    params = [present, colour, shape, radius, cy, cx, vy, vx, tex_angle, tex_freq, tex_phase, tex_checker,
+              bg_a, bg_b, bg_angle, bg_freq, bg_phase, pan_v]
+    (present, colour, shape, radius, cy, cx, vy, vx, tex_angle, tex_freq, tex_phase, tex_checker,
+     bg_a, bg_b, bg_angle, bg_freq, bg_phase, pan_v) = (p.to(device) for p in params)  # fmt: skip
+
+    t = torch.arange(frames, device=device, dtype=torch.float32)
+    yy = torch.arange(height, device=device, dtype=torch.float32).view(1, 1, height, 1) + 0.5  # pixel centres
+    xx = torch.arange(width, device=device, dtype=torch.float32).view(1, 1, 1, width) + 0.5
+
+    # background [b, 3, frames, h, w]
+    wy = yy - pan_v[:, 0].view(b, 1, 1, 1) * t.view(1, frames, 1, 1)  # world coords seen by the camera: b f h w
+    wx = xx - pan_v[:, 1].view(b, 1, 1, 1) * t.view(1, frames, 1, 1)
+    mix = 0.0
+    for j in range(2):
+        c, s = torch.cos(bg_angle[:, j]).view(b, 1, 1, 1), torch.sin(bg_angle[:, j]).view(b, 1, 1, 1)
+        freq, phase = bg_freq[:, j].view(b, 1, 1, 1), bg_phase[:, j].view(b, 1, 1, 1)
+        mix = mix + 0.25 * (1 + torch.sin(freq * (c * wx + s * wy) + phase))
+    video = bg_a.view(b, 3, 1, 1, 1) + (bg_b - bg_a).view(b, 3, 1, 1, 1) * mix.unsqueeze(1)
+
+    # sprite centres over time: b k f
+    tt = t.view(1, 1, frames)
+    py = _bounce(cy[..., None], vy[..., None], radius[..., None], height - radius[..., None], tt)
+    px = _bounce(cx[..., None], vx[..., None], radius[..., None], width - radius[..., None], tt)
+    for z in range(k):  # z-order: later sprites drawn over earlier ones
+        dy = yy - py[:, z].view(b, frames, 1, 1)  # b f h w
+        dx = xx - px[:, z].view(b, frames, 1, 1)
+        r = radius[:, z].view(b, 1, 1, 1)
+        dist = _shape_distance(shape[:, z].view(b, 1, 1, 1), dx / r, dy / r) * r  # in pixels
+        alpha = (0.5 - dist).clamp(0, 1) * present[:, z].view(b, 1, 1, 1)  # one-pixel anti-aliased edge
+        c, s = torch.cos(tex_angle[:, z]).view(b, 1, 1, 1), torch.sin(tex_angle[:, z]).view(b, 1, 1, 1)
+        freq, phase = tex_freq[:, z].view(b, 1, 1, 1), tex_phase[:, z].view(b, 1, 1, 1)
+        g1 = 0.5 + 0.5 * torch.sin(freq * (c * dx + s * dy) + phase)
+        g2 = 0.5 + 0.5 * torch.sin(freq * (c * dy - s * dx) + phase)
+        texture = torch.where(tex_checker[:, z].view(b, 1, 1, 1), g1 * g2, g1)
+        shade = SHADE_MIN + (1 - SHADE_MIN) * texture
+        sprite = colour[:, z].view(b, 3, 1, 1, 1) * shade.unsqueeze(1)
+        alpha = alpha.unsqueeze(1)
+        video = video * (1 - alpha) + sprite * alpha
+    return video.clamp(0, 1)
+
+
+def sample_batch(
+    batch: int,
+    generator: torch.Generator,
+    *,
+    frames: int = 12,
+    height: int = 48,
+    width: int = 80,
+    device: torch.device | str = "cpu",
+    pan_prob: float = 0.3,
+) -> tuple[torch.Tensor, torch.Tensor, list[Prompt]]:
+    """Random prompts and their clips: (video [b 3 f h w] in [0, 1], context [b TEXT_LEN TEXT_DIM], prompts)."""
+    prompts = random_prompts(batch, generator, pan_prob)
+    video = render(prompts, generator, frames=frames, height=height, width=width, device=device)
+    return video, encode_prompts(prompts).to(device), prompts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading colours back (tests, and checking that a generated clip obeys its prompt)
+
+
+def colour_masks(video: torch.Tensor, tol: float = 0.06) -> torch.Tensor:
+    """Pixels showing each palette colour: [b, n_colours, frames, h, w] bool, video [b 3 f h w] in [0, 1].
+
+    A pixel shows colour c if it equals c * shade within ``tol`` (max-abs over RGB) for some shade in
+    [SHADE_MIN, 1], which is how ``render`` paints sprite interiors."""
+    pal = torch.tensor(list(COLOURS.values()), device=video.device, dtype=video.dtype)  # n 3
+    pix = video.unsqueeze(1)  # b 1 3 f h w
+    c = pal.view(1, -1, 3, 1, 1, 1)
+    shade = ((pix * c).sum(2, keepdim=True) / (c * c).sum(2, keepdim=True)).clamp(SHADE_MIN, 1.0)
+    return ((pix - shade * c).abs().amax(2) < tol)
+
+
+def detect_colours(video: torch.Tensor, min_pixels: int | None = None, tol: float = 0.06) -> list[set[str]]:
+    """Palette colours covering at least ``min_pixels`` pixels in some frame, per clip of ``video`` [b 3 f h w].
+
+    The default threshold (a quarter of the smallest sprite's area, scaled with the frame) ignores the thin
+    anti-aliased seams where two sprites meet, whose blended colour can pass for a third palette colour."""
+    if min_pixels is None:
+        h, w = video.shape[-2:]
+        min_pixels = max(4, round(0.25 * 40 * (min(h, w) / 48.0) ** 2))
+    counts = colour_masks(video, tol).flatten(-2).sum(-1).amax(-1)  # b n
+    return [{COLOUR_NAMES[j] for j in range(len(COLOURS)) if counts[i, j] >= min_pixels} for i in range(len(counts))]
