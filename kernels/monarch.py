@@ -1,0 +1,330 @@
+r"""Monarch attention forward (MonarchRT, T = 1 variational step), tiled, on raster-order q/k/v.
+
+Math (per batch and head; ``docs/monarchrt.md`` §3–4, notation of the paper). Query tile a, row i, column j;
+key tile f, row k, column l; s = scale. With the identity initialisation of L, one iteration is
+
+    R-step   R[a,f,k,j,l] = softmax_l( s · q[a,k,j]·k[f,k,l] )                  (query row k sees key row k)
+             α[a,f,j,k]   = Σ_l R · k[f,k,l]        c[a,f,j,k] = Σ_l R log R        Y[a,f,j,k] = Σ_l R · v[f,k,l]
+    L-step   L[a,j,i,(f,k)] = softmax_(f,k)( s · q[a,i,j]·α[a,f,j,k] − c[a,f,j,k] )
+    output   out[a,i,j]   = Σ_(f,k) L · Y[a,f,j,k]
+
+Block-causal: query tile a sees only the key tiles f < allowed[a] (a prefix; keys are frame-major); both
+softmaxes run over allowed tiles only. KV cache: queries of one chunk, keys of the whole window, no mask.
+
+Decomposition (two kernels, intermediates in HBM; ``kernels/NOTES.md`` explains why the fused one does not fit
+Triton's register model):
+
+* ``_monarch_rows_fwd`` — one program per (query tile a, key row k, block of columns j); loops over key tiles f
+  with q[a,k,·] held in registers. Per f it is a (b2 × b2) attention between query row k of tile a and key row
+  k of tile f, online softmax over l in blocks; writes α and Y in the input dtype and c (log2 units) in fp32,
+  laid out ``(b h) a j (f k) d`` so that the second kernel reads each column's keys as one contiguous block.
+* ``_monarch_cols_fwd`` — one program per (query tile a, column j, block of rows i): flash attention of the
+  b1 queries q[a,·,j] against the F·b1 "keys" α[a,·,j,·] with bias −c and "values" Y, online softmax in
+  base 2, fp32 accumulation; writes out in raster order.
+
+Query tiles are processed in chunks so that the intermediates stay under a memory budget.
+"""
+
+from __future__ import annotations
+
+import torch
+from toolkit.kernels._common import (
+    LOG2E,
+    TileGeometry,
+    autotune_enabled,
+    check_head_dim,
+    key_tiles_allowed,
+    mma,
+    pick_config,
+    pow2,
+    tile_token,
+    tl,
+    token_strides,
+    triton,
+    upcast_dots,
+)
+
+from toolkit.errors import ToolkitError
+
+# Intermediates budget (bytes) when the caller gives none: α + Y + c for this many bytes per query-tile chunk.
+DEFAULT_SCRATCH_BYTES = 1 << 30
+
+
+@triton.jit
+def _monarch_rows_fwd(
+    Q, K, V, ALPHA, Y, C, ALLOWED,
+    sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
+    n_heads, a_start, a_chunk, n_key_tiles, b1, b2, scale_log2,
+    q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
+    k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce,
+    D: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_L: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_kj = tl.program_id(0)
+    a_local = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    n_jb = tl.cdiv(b2, BLOCK_J)
+    row = pid_kj // n_jb  # the key row k (= query row k under the identity initialisation)
+    jb = pid_kj % n_jb
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    a = a_start + a_local
+
+    offs_j = jb * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, D)
+    mask_j = offs_j < b2
+
+    q_tok = tile_token(a, row, offs_j, q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce)
+    q_ptrs = Q + b.to(tl.int64) * sq_b + h * sq_h + q_tok.to(tl.int64)[:, None] * sq_n + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_j[:, None], other=0.0)  # [BLOCK_J, D]
+
+    n_allowed = tl.load(ALLOWED + a)
+    n_fk = n_key_tiles * b1
+    # intermediates: (bh, a_local, j, f*b1 + k, d) and c: (bh, a_local, j, f*b1 + k)
+    base_rows = ((pid_bh.to(tl.int64) * a_chunk + a_local) * b2 + offs_j) * n_fk + row  # [BLOCK_J]
+    for f in range(0, n_allowed):
+        m_i = tl.full([BLOCK_J], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_J], tl.float32)
+        t_i = tl.zeros([BLOCK_J], tl.float32)  # Σ p · x (x = logit in log2 units) for the entropy term
+        acc_k = tl.zeros([BLOCK_J, D], tl.float32)
+        acc_v = tl.zeros([BLOCK_J, D], tl.float32)
+        for l0 in range(0, b2, BLOCK_L):
+            cols = l0 + offs_l
+            mask_l = cols < b2
+            kv_tok = tile_token(f, row, cols, k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce)
+            kv_tok = kv_tok.to(tl.int64)
+            kk = tl.load(K + b.to(tl.int64) * sk_b + h * sk_h + kv_tok[:, None] * sk_n + offs_d[None, :],
+                         mask=mask_l[:, None], other=0.0)
+            vv = tl.load(V + b.to(tl.int64) * sv_b + h * sv_h + kv_tok[:, None] * sv_n + offs_d[None, :],
+                         mask=mask_l[:, None], other=0.0)
+            x = mma(q, tl.trans(kk), UPCAST) * scale_log2  # [BLOCK_J, BLOCK_L]
+            x = tl.where(mask_l[None, :], x, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(x, 1))
+            corr = tl.exp2(m_i - m_new)
+            p = tl.exp2(x - m_new[:, None])
+            l_i = l_i * corr + tl.sum(p, 1)
+            t_i = t_i * corr + tl.sum(tl.where(mask_l[None, :], p * x, 0.0), 1)
+            pc = p.to(kk.dtype)
+            acc_k = acc_k * corr[:, None] + mma(pc, kk, UPCAST)
+            acc_v = acc_v * corr[:, None] + mma(pc, vv, UPCAST)
+            m_i = m_new
+        inv = 1.0 / l_i
+        # Σ R log2 R = Σ p x / l − m − log2 l
+        c = t_i * inv - m_i - tl.log2(l_i)
+        rows = base_rows + f * b1
+        tl.store(ALPHA + rows[:, None] * D + offs_d[None, :], (acc_k * inv[:, None]).to(ALPHA.dtype.element_ty),
+                 mask=mask_j[:, None])
+        tl.store(Y + rows[:, None] * D + offs_d[None, :], (acc_v * inv[:, None]).to(Y.dtype.element_ty),
+                 mask=mask_j[:, None])
+        tl.store(C + rows, c, mask=mask_j)
+
+
+@triton.jit
+def _monarch_cols_fwd(
+    Q, ALPHA, Y, C, ALLOWED, OUT,
+    sq_b, sq_n, sq_h, so_b, so_n, so_h,
+    n_heads, a_start, a_chunk, n_key_tiles, b1, b2, scale_log2,
+    q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
+    D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_ij = tl.program_id(0)
+    a_local = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    n_ib = tl.cdiv(b1, BLOCK_I)
+    col = pid_ij // n_ib  # the column j
+    ib = pid_ij % n_ib
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    a = a_start + a_local
+
+    offs_i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_n = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, D)
+    mask_i = offs_i < b1
+    q_tok = tile_token(a, offs_i, col, q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce)
+    q_tok = q_tok.to(tl.int64)
+    q = tl.load(Q + b.to(tl.int64) * sq_b + h * sq_h + q_tok[:, None] * sq_n + offs_d[None, :],
+                mask=mask_i[:, None], other=0.0)  # [BLOCK_I, D]
+
+    n_fk = n_key_tiles * b1
+    n_keys = tl.load(ALLOWED + a) * b1
+    base = ((pid_bh.to(tl.int64) * a_chunk + a_local) * b2 + col) * n_fk
+    m_i = tl.full([BLOCK_I], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_I], tl.float32)
+    acc = tl.zeros([BLOCK_I, D], tl.float32)
+    for n0 in range(0, n_keys, BLOCK_K):
+        keys = n0 + offs_n
+        mask_n = keys < n_keys
+        rows = base + keys
+        al = tl.load(ALPHA + rows[:, None] * D + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        yy = tl.load(Y + rows[:, None] * D + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        cc = tl.load(C + rows, mask=mask_n, other=0.0)
+        z = mma(q, tl.trans(al), UPCAST) * scale_log2 - cc[None, :]
+        z = tl.where(mask_n[None, :], z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        corr = tl.exp2(m_i - m_new)
+        p = tl.exp2(z - m_new[:, None])
+        l_i = l_i * corr + tl.sum(p, 1)
+        acc = acc * corr[:, None] + mma(p.to(yy.dtype), yy, UPCAST)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(OUT + b.to(tl.int64) * so_b + h * so_h + q_tok[:, None] * so_n + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=mask_i[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launcher
+
+
+def _rows_default(b2: int, d: int) -> dict:
+    block = pow2(b2, 16, 128)
+    return {"BLOCK_J": block, "BLOCK_L": block, "num_warps": 4 if block * d <= 64 * 128 else 8, "num_stages": 2}
+
+
+def _rows_candidates(b2: int, d: int) -> list[dict]:
+    block = pow2(b2, 16, 128)
+    return [{"BLOCK_J": block, "BLOCK_L": block, "num_warps": w, "num_stages": s} for w in (4, 8) for s in (2, 3)]
+
+
+def _cols_default(b1: int, d: int) -> dict:
+    return {"BLOCK_I": pow2(b1, 16, 64), "BLOCK_K": 64, "num_warps": 4, "num_stages": 3 if d <= 128 else 2}
+
+
+def _cols_candidates(b1: int, d: int) -> list[dict]:
+    blocks_i = sorted({pow2(b1, 16, 64), pow2(b1, 16, 128)})
+    return [
+        {"BLOCK_I": bi, "BLOCK_K": bk, "num_warps": w, "num_stages": 3}
+        for bi in blocks_i for bk in (32, 64, 128) for w in (4, 8)
+    ]
+
+
+def monarch_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: tuple[int, int, int],
+    tiling: tuple[int, int, int] = (1, 1, 1),
+    *,
+    query_frames: tuple[int, int] | None = None,
+    key_frames: tuple[int, int] | None = None,
+    block_causal_frames: int | None = None,
+    scale: float | None = None,
+    scratch_bytes: int | None = None,
+    autotune: bool | None = None,
+) -> torch.Tensor:
+    """Monarch attention (T = 1) of raster-order ``q`` (``b i h d``, frames ``query_frames``) against ``k, v``
+    (``b j h d``, frames ``key_frames``) on the token ``grid`` (frames, height, width) with tiling
+    (f_tied, h_reduce, w_reduce). Same contract as ``toolkit.attention.monarch.monarch_attention`` (iters=1).
+
+    ``block_causal_frames``: queries in chunk c see key tiles up to the end of chunk c (training path).
+    ``scratch_bytes``: budget for the α/Y/c intermediates (query tiles are processed in chunks that fit).
+    ``autotune``: tune launch configs once per shape and cache them on disk (default: env
+    ``TOOLKIT_KERNEL_AUTOTUNE=1``; otherwise cached or heuristic configs).
+    Returns ``b i h d`` in q's dtype; accumulation is fp32, α and Y are kept in q's dtype.
+    """
+    grid = tuple(int(x) for x in grid)
+    tiling = tuple(int(x) for x in tiling)
+    query_frames = tuple(query_frames) if query_frames is not None else (0, grid[0])
+    key_frames = tuple(key_frames) if key_frames is not None else query_frames
+    gq = TileGeometry(grid, tiling, query_frames)
+    gk = TileGeometry(grid, tiling, key_frames)
+    B, n_q, H, D = q.shape
+    if n_q != gq.n_tokens or k.shape[1] != gk.n_tokens or v.shape[:3] != k.shape[:3] or k.shape[0] != B:
+        raise ToolkitError(
+            f"q {tuple(q.shape)} / k {tuple(k.shape)} / v {tuple(v.shape)} do not match frames "
+            f"{query_frames} / {key_frames} of grid {grid}"
+        )
+    check_head_dim(D)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or k.dtype != q.dtype:
+        raise ToolkitError(f"unsupported dtypes q {q.dtype}, k {k.dtype}")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    scale = D**-0.5 if scale is None else float(scale)
+    allowed = key_tiles_allowed(gq, gk, block_causal_frames).to(q.device)
+    b1, b2, A, F = gq.b1, gq.b2, gq.num_tiles, gk.num_tiles
+
+    # Intermediates per query tile: α and Y (dtype of q) and c (fp32), over all key tiles.
+    per_tile = B * H * b2 * F * b1 * (2 * D * q.element_size() + 4)
+    budget = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else int(scratch_bytes)
+    a_chunk = max(1, min(A, budget // per_tile))
+    alpha = torch.empty((B * H, a_chunk, b2, F * b1, D), dtype=q.dtype, device=q.device)
+    y = torch.empty_like(alpha)
+    c = torch.empty((B * H, a_chunk, b2, F * b1), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+
+    strides_q, strides_k, strides_v, strides_o = (token_strides(x) for x in (q, k, v, out))
+    scale_log2 = scale * LOG2E
+    tune = autotune_enabled(autotune)
+    upcast = upcast_dots(q.dtype)
+    key = f"B{B} H{H} D{D} {q.dtype} grid{grid} tiling{tiling} q{query_frames} k{key_frames} bc{block_causal_frames}"
+
+    def rows(cfg: dict, a0: int, n_a: int) -> None:
+        cfg = dict(cfg)
+        grid_r = (b1 * triton.cdiv(b2, cfg["BLOCK_J"]), n_a, B * H)
+        _monarch_rows_fwd[grid_r](
+            q, k, v, alpha, y, c, allowed, *strides_q, *strides_k, *strides_v,
+            H, a0, a_chunk, F, b1, b2, scale_log2, *gq.args(), *gk.args(), D=D, UPCAST=upcast, **cfg,
+        )
+
+    def cols(cfg: dict, a0: int, n_a: int) -> None:
+        cfg = dict(cfg)
+        grid_c = (b2 * triton.cdiv(b1, cfg["BLOCK_I"]), n_a, B * H)
+        _monarch_cols_fwd[grid_c](
+            q, alpha, y, c, allowed, out, *strides_q, *strides_o,
+            H, a0, a_chunk, F, b1, b2, scale_log2, *gq.args(), D=D, UPCAST=upcast, **cfg,
+        )
+
+    n_first = min(a_chunk, A)
+    cfg_r = pick_config(f"monarch rows {key}", _rows_default(b2, D), _rows_candidates(b2, D),
+                        lambda cfg: rows(cfg, 0, n_first), tune)
+    cfg_c = None
+    for a0 in range(0, A, a_chunk):
+        n_a = min(a_chunk, A - a0)
+        rows(cfg_r, a0, n_a)
+        if cfg_c is None:  # tuned on the first chunk, whose intermediates are now in place
+            cfg_c = pick_config(f"monarch cols {key}", _cols_default(b1, D), _cols_candidates(b1, D),
+                                lambda cfg: cols(cfg, 0, n_first), tune)
+        cols(cfg_c, a0, n_a)
+    return out
+
+
+def monarch_backend_triton(tiling: tuple[int, int, int] = (1, 1, 1), *, block_causal_frames: int = 3):
+    """Seam backend ``fn(q, k, v, ctx) -> out`` running :func:`monarch_attention_triton` with ``tiling``.
+
+    Bidirectional calls and KV-cache calls (queries of one chunk, keys = the cache up to its end) need no mask;
+    a call with ``ctx.attn_mask`` (the no-cache block-causal training path) runs block-causal with chunks of
+    ``block_causal_frames`` frames.
+    """
+    tiling = tuple(int(x) for x in tiling)
+
+    def monarch_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> torch.Tensor:
+        return monarch_attention_triton(
+            q, k, v, ctx.grid, tiling, query_frames=ctx.query_frames, key_frames=ctx.key_frames,
+            block_causal_frames=block_causal_frames if ctx.attn_mask is not None else None, scale=ctx.scale,
+        )
+
+    monarch_triton.__name__ = f"monarch_triton{tiling}"
+    return monarch_triton
+
+
+def monarch_flops(grid, tiling, query_frames=None, key_frames=None, heads: int = 12, head_dim: int = 128,
+                  batch: int = 1, block_causal_frames: int | None = None) -> float:
+    """FLOPs the two kernels execute (2 per multiply-add, no padding): 3·b2²·d per (a, f, k, j) row pair for the
+    R-step products, 2·b1·d per (a, f, k, j, i) for the L-step, summed over allowed tile pairs."""
+    query_frames = tuple(query_frames) if query_frames is not None else (0, grid[0])
+    key_frames = tuple(key_frames) if key_frames is not None else query_frames
+    gq = TileGeometry(tuple(grid), tuple(tiling), query_frames)
+    gk = TileGeometry(tuple(grid), tuple(tiling), key_frames)
+    pairs = int(key_tiles_allowed(gq, gk, block_causal_frames).sum())
+    per_pair = gq.b1 * gq.b2 * head_dim * (3 * gq.b2 + 2 * gq.b1)
+    return 2.0 * per_pair * pairs * heads * batch
+
+
+def dense_flops(n_q: int, n_k: int, heads: int = 12, head_dim: int = 128, batch: int = 1) -> float:
+    return 4.0 * n_q * n_k * head_dim * heads * batch
+
+
+def minimum_bytes(n_q: int, n_k: int, heads: int = 12, head_dim: int = 128, batch: int = 1,
+                  element_size: int = 2) -> float:
+    """Each of q, k, v read once and out written once."""
+    return float((2 * n_q + 2 * n_k) * heads * head_dim * batch * element_size)
+
