@@ -75,31 +75,49 @@ SAFETENSORS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 
 
-def _compile(pattern: str) -> re.Pattern[str]:
-    rx = re.escape(pattern).replace(r"\{N\}", r"(?P<N>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
-    return re.compile(rx + r"\Z")
+class KeyTable:
+    """Full-name rename rules ``(left, right)`` with ``{N}`` = an integer and ``{p}`` = weight|bias, usable both ways.
+
+    Also used for the T5 and VAE weights (text_encoder.py, vae.py)."""
+
+    def __init__(self, rows: tuple[tuple[str, str], ...]) -> None:
+        self.rows = rows
+        self._fwd = [(self._compile(a), b) for a, b in rows]
+        self._bwd = [(self._compile(b), a) for a, b in rows]
+
+    @staticmethod
+    def _compile(pattern: str) -> re.Pattern[str]:
+        rx = re.escape(pattern).replace(r"\{N\}", r"(?P<N>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+        return re.compile(rx + r"\Z")
+
+    @staticmethod
+    def _apply(name: str, rules: list[tuple[re.Pattern[str], str]]) -> str:
+        for rx, target in rules:
+            m = rx.match(name)
+            if m:
+                return target.format(**m.groupdict())
+        raise KeyError(f"no rename rule matches {name!r}")
+
+    def forward(self, name: str) -> str:
+        """left name -> right name (KeyError if no rule matches)."""
+        return self._apply(name, self._fwd)
+
+    def backward(self, name: str) -> str:
+        """right name -> left name (KeyError if no rule matches)."""
+        return self._apply(name, self._bwd)
 
 
-_NATIVE_RX = [(_compile(n), d) for n, d in KEY_TABLE]
-_DIFFUSERS_RX = [(_compile(d), n) for n, d in KEY_TABLE]
-
-
-def _translate(name: str, rules: list[tuple[re.Pattern[str], str]], what: str) -> str:
-    for rx, target in rules:
-        m = rx.match(name)
-        if m:
-            return target.format(**m.groupdict())
-    raise KeyError(f"no {what} name rule matches {name!r}")
+_WAN_DIFFUSERS = KeyTable(KEY_TABLE)
 
 
 def native_to_diffusers(name: str) -> str:
     """Native Wan parameter name -> diffusers ``WanTransformer3DModel`` name (KeyError if unknown)."""
-    return _translate(name, _NATIVE_RX, "native")
+    return _WAN_DIFFUSERS.forward(name)
 
 
 def diffusers_to_native(name: str) -> str:
     """diffusers ``WanTransformer3DModel`` parameter name -> native Wan name (KeyError if unknown)."""
-    return _translate(name, _DIFFUSERS_RX, "diffusers")
+    return _WAN_DIFFUSERS.backward(name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,7 +260,8 @@ def _read_error(path: Path, err: BaseException) -> CheckpointError:
     return CheckpointError(f"cannot read checkpoint file {path}: corrupt or truncated? ({type(err).__name__}: {first})")
 
 
-def _torch_load(path: Path) -> Any:
+def read_torch_file(path: Path) -> Any:
+    """``torch.load`` (weights only, memory-mapped where possible); any failure -> one-line ``CheckpointError``."""
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -254,7 +273,8 @@ def _torch_load(path: Path) -> Any:
         raise _read_error(path, err) from err
 
 
-def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; any failure -> one-line ``CheckpointError`` naming the file."""
     from safetensors.torch import load_file
 
     try:
@@ -344,15 +364,15 @@ def read_checkpoint(path: str | os.PathLike[str], *, use_ema: bool = True) -> Ch
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f"shard listed in the index is missing: {f}")
-            raw.update(_safetensors_load(f))
+            raw.update(read_safetensors(f))
         config = _read_config(path if path.is_dir() else path.parent)
     elif path.suffix == ".safetensors":
         files = [path]
-        raw = _safetensors_load(path)
+        raw = read_safetensors(path)
         config = _read_config(path.parent)
     else:
         files = [path]
-        obj = _torch_load(path)
+        obj = read_torch_file(path)
         raw, entry = _pick_entry(obj, path, use_ema)
         config = {}
     sd, naming = to_native_names(raw)
