@@ -1,1 +1,19 @@
+"""Capture: hooks at the attention seams -> one HDF5 file per run (q, k, v, lse, pooled views, provenance).
 
+    from toolkit.capture import capture, open_capture, Selection, RunLayout
+    layout = RunLayout.self_forcing(model.cfg, grid, self_forcing_timesteps())
+    with capture(model, select=Selection(layers="8"), out="run.h5", layout=layout) as rec:
+        self_forcing_rollout(model, noise, context)
+    cap = open_capture("run.h5"); rec = cap.record(step=3, chunk=6, layer=8)
+
+Modules: ``selection`` (what to record, validated before the model loads), ``recorder`` (the seam hook and the
+``capture`` context manager), ``store`` (file layout and the writer thread), ``reader`` (``open_capture``),
+``pooled`` (frame×frame and offset views), ``adapters`` (capture from other DiTs).
+"""
+
+from toolkit.capture.reader import Capture, Record, RecordKey, open_capture
+from toolkit.capture.recorder import Recorder, capture
+from toolkit.capture.selection import Plan, RunLayout, Selection, resolve
+
+__all__ = ["Capture", "Plan", "Record", "RecordKey", "Recorder", "RunLayout", "Selection", "capture",
+           "open_capture", "resolve"]

@@ -1,0 +1,90 @@
+"""Pooled attention views, computed exactly from q, k and the row LSE without keeping a map:
+
+* ``frame_mass[h, from_frame, to_frame]``: mean over the stored queries of ``from_frame`` of the attention mass
+  they put on the keys of ``to_frame`` (rows sum to 1 over the attended frames);
+* ``offset_t/h/w[h, Δ]``: mean over the stored queries of the mass at key − query offset Δ along frames, rows
+  and columns (marginals of the (Δt, Δh, Δw) profile; Δ runs from −(size−1) to size−1).
+
+One implementation serves the recorder (on the GPU, during the run) and the reader (recomputing from a file).
+Probability tiles come from ``toolkit.attention.exact.iter_query_blocks`` with bounded memory; the key axis is
+reduced separably per block (sum over (row, col) / (frame, col) / (frame, row)), so no ``i × j`` offset array is
+ever built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from toolkit.attention import exact
+from toolkit.grid import TokenGrid
+
+
+@dataclass
+class PooledSums:
+    """Sums over queries (divide by the counts for means). Shapes: frame_mass ``h F F``, counts ``F``;
+    offset_t ``h (2F-1)``, offset_h ``h (2H-1)``, offset_w ``h (2W-1)``; ``num_queries`` scalar."""
+
+    frame_mass: torch.Tensor
+    frame_counts: torch.Tensor
+    offset_t: torch.Tensor
+    offset_h: torch.Tensor
+    offset_w: torch.Tensor
+    num_queries: int
+
+    def means(self) -> dict[str, torch.Tensor]:
+        counts = self.frame_counts.clamp(min=1).to(self.frame_mass.dtype)
+        n = max(self.num_queries, 1)
+        return {
+            "frame_mass": self.frame_mass / counts[None, :, None],
+            "offset_t": self.offset_t / n,
+            "offset_h": self.offset_h / n,
+            "offset_w": self.offset_w / n,
+        }
+
+
+def pooled_sums(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    query_tokens: torch.Tensor,
+    key_frames: tuple[int, int],
+    grid: tuple[int, int, int],
+    *,
+    query_chunk: int = 256,
+) -> PooledSums:
+    """q ``h i d`` (stored queries, clip tokens ``query_tokens``), k ``h j d`` covering whole frames
+    ``key_frames`` in raster order, lse ``h i`` -> PooledSums (float32, on q's device)."""
+    tg = TokenGrid(*grid)
+    frames, height, width = grid
+    kf0, kf1 = key_frames
+    nkf = kf1 - kf0
+    if k.shape[-2] != nkf * tg.tokens_per_frame:
+        raise ValueError(f"keys ({k.shape[-2]}) do not cover frames {key_frames} of grid {grid}")
+    h, dev = q.shape[0], q.device
+    qf, qh, qw = (c.to(dev) for c in tg.coords(query_tokens.to(dev)))
+    frame_mass = torch.zeros(h, frames, frames, device=dev, dtype=torch.float32)
+    off_t = torch.zeros(h, 2 * frames - 1, device=dev, dtype=torch.float32)
+    off_h = torch.zeros(h, 2 * height - 1, device=dev, dtype=torch.float32)
+    off_w = torch.zeros(h, 2 * width - 1, device=dev, dtype=torch.float32)
+    key_frame_ids = torch.arange(kf0, kf1, device=dev)
+    rows, cols = torch.arange(height, device=dev), torch.arange(width, device=dev)
+
+    def scatter(target: torch.Tensor, sums: torch.Tensor, bins: torch.Tensor) -> None:
+        # sums h i n, bins i n -> target[h, bins] += sums
+        target.scatter_add_(1, bins.reshape(1, -1).expand(h, -1), sums.reshape(h, -1))
+
+    for sl, p in exact.iter_query_blocks(q, k, scale, lse, query_chunk=query_chunk):
+        p = p.float().view(h, -1, nkf, height, width)  # h i kf kh kw
+        s_fh = p.sum(-1)  # h i kf kh
+        s_f, s_h = s_fh.sum(-1), s_fh.sum(2)  # h i kf, h i kh
+        s_w = p.sum((2, 3))  # h i kw
+        bqf, bqh, bqw = qf[sl], qh[sl], qw[sl]
+        frame_mass[:, :, kf0:kf1].index_add_(1, bqf, s_f)
+        scatter(off_t, s_f, key_frame_ids[None, :] - bqf[:, None] + frames - 1)
+        scatter(off_h, s_h, rows[None, :] - bqh[:, None] + height - 1)
+        scatter(off_w, s_w, cols[None, :] - bqw[:, None] + width - 1)
+    counts = torch.bincount(qf, minlength=frames)
+    return PooledSums(frame_mass, counts, off_t, off_h, off_w, int(query_tokens.numel()))

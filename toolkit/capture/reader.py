@@ -1,0 +1,410 @@
+"""Reading a capture: ``open_capture(path)`` -> ``Capture`` with records, a lazy xarray view and exact maps.
+
+    cap = open_capture("run.h5")
+    rec = cap.record(step=3, chunk=6, layer=8)
+    q, k, lse = rec.q(), rec.k(), rec.lse()           # h i d, h j d, h i  (float32)
+    cap.rows(rec, head=0, queries=rec.query_tokens[:4])  # exact probability rows, labelled (query, key)
+    cap.tile(rec, head=0, q_range=(t0, t1), k_range=(u0, u1))
+    cap.pooled(rec)                                   # frame×frame mass and (Δt, Δh, Δw) profiles
+
+Attention probabilities are recomputed as ``exp(scale·q·k − lse)`` by ``toolkit.attention.exact`` on the GPU if
+one is present (else the CPU), one bounded tile at a time. A record's keys are reassembled from the per-step
+K/V slices: keys before the chunk come from the clean pass (``context_step``), the chunk's own from its step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from typing import NamedTuple
+
+import h5py
+import numpy as np
+import torch
+
+from toolkit.attention import exact
+from toolkit.capture.pooled import pooled_sums
+from toolkit.capture.selection import RunLayout, human_bytes
+from toolkit.capture.store import FORMAT_NAME, FORMAT_VERSION, from_storage
+from toolkit.errors import ToolkitError
+
+# Largest probability block rows()/tile() return (float32 entries): 2**27 = 512 MiB.
+MAX_TILE_ENTRIES = 2**27
+
+
+class RecordKey(NamedTuple):
+    step: int
+    chunk: int
+    layer: int
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Record:
+    """One self-attention call of the run; tensors are read (and decoded to float32) on request."""
+
+    def __init__(self, cap: Capture, key: RecordKey) -> None:
+        self.cap, self.key = cap, key
+        self.step, self.chunk, self.layer = key
+        lay = cap.layout
+        self._s = cap.step_index[self.step]
+        self._l = cap.layer_index[self.layer]
+        self.grid: tuple[int, int, int] = lay.grid
+        self.scale: float = cap.scale
+        self.is_clean: bool = self.step == lay.clean_step
+        self.timestep: float = float(cap.file["record_timestep"][self._s, self.chunk])
+        self.query_frames: tuple[int, int] = lay.chunk_frames(self.chunk)
+        self.key_frames: tuple[int, int] = (int(cap.file["record_key_start_frame"][self._s, self.chunk]),
+                                            self.query_frames[1])
+        self._qa, self._qb = cap.chunk_queries(self.chunk)
+
+    def __repr__(self) -> str:
+        return (f"Record(step={self.step}, chunk={self.chunk}, layer={self.layer}, timestep={self.timestep:g}, "
+                f"queries={self._qb - self._qa}, keys={len(self.key_tokens)}, heads={len(self.heads)})")
+
+    @property
+    def heads(self) -> list[int]:
+        return list(self.cap.heads)
+
+    @cached_property
+    def query_tokens(self) -> torch.Tensor:
+        """Clip raster indices of the stored queries of this record (``i``)."""
+        return self.cap.queries[self._qa:self._qb].clone()
+
+    @cached_property
+    def key_tokens(self) -> torch.Tensor:
+        """Clip raster indices of the attended keys (``j``), in the order of ``k()``."""
+        tpf = self.cap.layout.tokens_per_frame
+        return torch.arange(self.key_frames[0] * tpf, self.key_frames[1] * tpf)
+
+    def _head_positions(self, heads) -> list[int]:
+        if heads is None:
+            return list(range(len(self.cap.heads)))
+        heads = [heads] if isinstance(heads, int) else list(heads)
+        missing = [h for h in heads if h not in self.cap.head_index]
+        if missing:
+            raise ToolkitError(f"heads {missing} were not captured (stored heads: {self.cap.heads})")
+        return [self.cap.head_index[h] for h in heads]
+
+    def _read(self, name: str, index: tuple, heads) -> torch.Tensor:
+        if name not in self.cap.file:
+            raise ToolkitError(f"this capture did not store '{name}' (stored: {', '.join(self.cap.stored)})")
+        ds = self.cap.file[name]
+        pos = self._head_positions(heads)
+        order = np.argsort(pos)
+        data = ds[index[:2] + (sorted(pos),) + index[2:]]  # h5py needs increasing indices
+        data = data[np.argsort(order)] if len(pos) > 1 else data
+        return from_storage(data, str(ds.attrs.get("dtype_logical", "float32")))
+
+    def q(self, heads=None) -> torch.Tensor:
+        """Post-RoPE queries ``h i d`` of the stored query tokens."""
+        return self._read("q", (self._s, self._l, slice(self._qa, self._qb)), heads)
+
+    def lse(self, heads=None) -> torch.Tensor:
+        """Natural-log LSE of ``scale·q·k`` over the attended keys, ``h i``."""
+        return self._read("lse", (self._s, self._l, slice(self._qa, self._qb)), heads)
+
+    def _keys(self, name: str, heads) -> torch.Tensor:
+        cap, tpf = self.cap, self.cap.layout.tokens_per_frame
+        f0 = self.query_frames[0]
+        parts = []
+        if self.key_frames[0] < f0:  # earlier chunks: their clean-pass slices
+            ctx = cap.context_step
+            for c in range(cap.layout.num_chunks):
+                c0, c1 = cap.layout.chunk_frames(c)
+                if c1 > self.key_frames[0] and c0 < f0:
+                    cap.require_kv(ctx, c, self.layer, name)
+            parts.append(self._read(name, (cap.step_index[ctx], self._l,
+                                           slice(self.key_frames[0] * tpf, f0 * tpf)), heads))
+        cap.require_kv(self.step, self.chunk, self.layer, name)
+        parts.append(self._read(name, (self._s, self._l, slice(f0 * tpf, self.query_frames[1] * tpf)), heads))
+        return torch.cat(parts, dim=-2)
+
+    def k(self, heads=None) -> torch.Tensor:
+        """Post-RoPE keys ``h j d`` the record attended (``key_tokens``), reassembled from per-step slices."""
+        return self._keys("k", heads)
+
+    def v(self, heads=None) -> torch.Tensor:
+        """Values ``h j d`` the record attended."""
+        return self._keys("v", heads)
+
+
+class Capture:
+    """An opened capture file (read-only). Use as a context manager or call ``close()``."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        try:
+            self.file = h5py.File(self.path, "r")
+        except (OSError, FileNotFoundError) as err:
+            raise ToolkitError(f"cannot open {self.path}: {str(err).splitlines()[0]}") from None
+        a = self.file.attrs
+        if a.get("format") != FORMAT_NAME:
+            self.file.close()
+            raise ToolkitError(f"{self.path} is not a toolkit capture file")
+        if int(a["format_version"]) > FORMAT_VERSION:
+            self.file.close()
+            raise ToolkitError(f"{self.path} has format version {a['format_version']}; this toolkit reads "
+                               f"<= {FORMAT_VERSION} (upgrade toolkit)")
+        self.layout = RunLayout.from_attrs(json.loads(a["layout"]))
+        self.selection = json.loads(a["selection"])
+        self.context_step = int(a["context_step"])
+        self.scale = self.layout.softmax_scale
+        self.steps = [int(x) for x in self.file["step"][...]]
+        self.layers = [int(x) for x in self.file["layer"][...]]
+        self.heads = [int(x) for x in self.file["head"][...]]
+        self.step_index = {s: i for i, s in enumerate(self.steps)}
+        self.layer_index = {layer: i for i, layer in enumerate(self.layers)}
+        self.head_index = {h: i for i, h in enumerate(self.heads)}
+        self.queries = torch.from_numpy(self.file["query"][...].astype(np.int64))
+        self._record_flags = self.file["record_complete"][...]
+        self._kv_flags = self.file["kv_complete"][...]
+
+    def __enter__(self) -> Capture:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if "dataset" in self.__dict__:
+            self.__dict__.pop("dataset").close()
+        if self.file.id.valid:
+            self.file.close()
+
+    # -------------------------------------------------------------------------------------------- metadata
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return self.layout.grid
+
+    @property
+    def complete(self) -> bool:
+        return bool(int(self.file.attrs["complete"]))
+
+    @property
+    def stored(self) -> list[str]:
+        return [n for n in ("q", "k", "v", "lse", "maps", "frame_mass") if n in self.file]
+
+    @property
+    def attrs(self) -> dict:
+        """Global attributes (provenance) with JSON strings decoded."""
+        out = {}
+        for k, v in self.file.attrs.items():
+            if isinstance(v, bytes):
+                v = v.decode()
+            if isinstance(v, str) and v[:1] in "[{":
+                try:
+                    v = json.loads(v)
+                except ValueError:
+                    pass
+            out[k] = v.tolist() if isinstance(v, np.ndarray) else v
+        return out
+
+    @property
+    def records(self) -> list[RecordKey]:
+        """Records that were completely written, in (chunk, step, layer) order."""
+        found = [RecordKey(self.steps[s], int(c), self.layers[l]) for s, c, l in zip(*np.nonzero(self._record_flags))]
+        return sorted(found, key=lambda r: (r.chunk, r.step, r.layer))
+
+    def chunk_queries(self, chunk: int) -> tuple[int, int]:
+        t0, t1 = self.layout.chunk_tokens(chunk)
+        return int(torch.searchsorted(self.queries, t0)), int(torch.searchsorted(self.queries, t1))
+
+    def require_kv(self, step: int, chunk: int, layer: int, name: str) -> None:
+        if name not in self.file:
+            raise ToolkitError(f"this capture did not store '{name}' (stored: {', '.join(self.stored)})")
+        s = self.step_index.get(step)
+        if s is None or not self._kv_flags[s, chunk, self.layer_index[layer]]:
+            raise ToolkitError(f"{name} of chunk {chunk} at step {step}, layer {layer} is missing from {self.path} "
+                               "(interrupted capture?)")
+
+    def record(self, step: int, chunk: int, layer: int) -> Record:
+        key = RecordKey(int(step), int(chunk), int(layer))
+        s, l = self.step_index.get(key.step), self.layer_index.get(key.layer)
+        if s is None or l is None or not 0 <= key.chunk < self.layout.num_chunks or not self._record_flags[
+                s, key.chunk, l]:
+            raise ToolkitError(f"record step={step} chunk={chunk} layer={layer} is not in {self.path} "
+                               f"({len(self.records)} complete records: steps {self.steps}, layers {self.layers}, "
+                               f"chunks 0-{self.layout.num_chunks - 1})")
+        return Record(self, key)
+
+    def _as_record(self, record) -> Record:
+        return record if isinstance(record, Record) else self.record(*record)
+
+    @cached_property
+    def dataset(self):
+        """The whole file as a lazy xarray Dataset (h5netcdf engine, dask chunks = storage chunks)."""
+        import xarray as xr
+
+        return xr.open_dataset(self.path, engine="h5netcdf", chunks={})
+
+    # -------------------------------------------------------------------------------------------- exact maps
+    def _qk(self, rec: Record, head: int, device):
+        device = torch.device(device) if device is not None else _default_device()
+        return (rec.q(head)[0].to(device), rec.k(head)[0].to(device), rec.lse(head)[0].to(device))
+
+    def _labelled(self, p: torch.Tensor, rec: Record, head: int, q_tok: torch.Tensor, k_tok: torch.Tensor):
+        import xarray as xr
+
+        tpf, w = self.layout.tokens_per_frame, self.layout.grid[2]
+        h = self.layout.grid[1]
+        coords = {"query": q_tok.numpy(), "key": k_tok.numpy(),
+                  "query_frame": ("query", (q_tok // tpf).numpy()), "key_frame": ("key", (k_tok // tpf).numpy()),
+                  "query_row": ("query", ((q_tok // w) % h).numpy()), "key_row": ("key", ((k_tok // w) % h).numpy()),
+                  "query_col": ("query", (q_tok % w).numpy()), "key_col": ("key", (k_tok % w).numpy())}
+        return xr.DataArray(p.cpu().numpy(), dims=("query", "key"), coords=coords, name="probability", attrs={
+            "long_name": "attention probability", "units": "1", "step": rec.step, "chunk": rec.chunk,
+            "layer": rec.layer, "head": head, "timestep": rec.timestep})
+
+    @staticmethod
+    def _guard(rows: int, cols: int) -> None:
+        if rows * cols > MAX_TILE_ENTRIES:
+            raise ToolkitError(f"{rows} × {cols} probabilities ({human_bytes(rows * cols * 4)}) exceed the tile limit "
+                               f"of {MAX_TILE_ENTRIES} entries; ask for fewer queries or a smaller tile")
+
+    def rows(self, record, head: int, queries=None, *, device=None):
+        """Exact probability rows ``P[query, key]`` of stored ``queries`` (clip token ids; None = all) over all
+        attended keys, as a labelled ``xarray.DataArray``."""
+        rec = self._as_record(record)
+        q, k, lse = self._qk(rec, head, device)
+        q_tok = rec.query_tokens
+        if queries is not None:
+            want = torch.as_tensor(queries, dtype=torch.long).flatten()
+            pos = torch.searchsorted(q_tok, want).clamp(max=len(q_tok) - 1)
+            if len(q_tok) == 0 or not torch.equal(q_tok[pos], want):
+                raise ToolkitError("some requested queries were not stored for this record (see rec.query_tokens)")
+            q, lse, q_tok = q[pos.to(q.device)], lse[pos.to(q.device)], want
+        self._guard(len(q_tok), k.shape[0])
+        return self._labelled(exact.probs(q, k, lse, rec.scale), rec, head, q_tok, rec.key_tokens)
+
+    def tile(self, record, head: int, q_range: tuple[int, int], k_range: tuple[int, int], *, device=None):
+        """Exact probabilities of the stored queries with clip token in ``[q_range)`` on the attended keys in
+        ``[k_range)`` (clip token ids), labelled."""
+        rec = self._as_record(record)
+        q, k, lse = self._qk(rec, head, device)
+        q_tok, k_tok = rec.query_tokens, rec.key_tokens
+        qsel = (q_tok >= q_range[0]) & (q_tok < q_range[1])
+        ksel = (k_tok >= k_range[0]) & (k_tok < k_range[1])
+        self._guard(int(qsel.sum()), int(ksel.sum()))
+        qd, kd = qsel.to(q.device), ksel.to(k.device)
+        p = exact.probs(q[qd], k[kd], lse[qd], rec.scale)
+        return self._labelled(p, rec, head, q_tok[qsel], k_tok[ksel])
+
+    def pooled(self, record, heads=None, *, source: str = "auto", device=None):
+        """Frame×frame mass and (Δt, Δh, Δw) offset profiles of a record as an ``xarray.Dataset``.
+
+        ``source``: ``recompute`` from q/k/lse (exact, streamed), ``stored`` (pooled views written during
+        capture), ``auto`` = recompute when q, k and lse are stored, else stored."""
+        import xarray as xr
+
+        rec = self._as_record(record)
+        pos = rec._head_positions(heads)
+        head_ids = [self.heads[p] for p in pos]
+        can_recompute = all(n in self.file for n in ("q", "k", "lse"))
+        if source == "auto":
+            source = "recompute" if can_recompute else "stored"
+        f, h, w = self.grid
+        f0, f1 = rec.query_frames
+        if source == "recompute":
+            device = torch.device(device) if device is not None else _default_device()
+            q, k, lse = (t.to(device) for t in (rec.q(head_ids), rec.k(head_ids), rec.lse(head_ids)))
+            means = {n: t.cpu().numpy() for n, t in pooled_sums(
+                q, k, lse, rec.scale, rec.query_tokens, rec.key_frames, self.grid).means().items()}
+            means["frame_mass"] = means["frame_mass"][:, f0:f1]
+        elif source == "stored":
+            if "frame_mass" not in self.file:
+                raise ToolkitError("this capture stored no pooled views and no q/k/lse to recompute them")
+            sel = sorted(pos)
+            means = {"frame_mass": self.file["frame_mass"][rec._s, rec._l, sel, f0:f1]}
+            for axis in "thw":
+                means[f"offset_{axis}"] = self.file[f"offset_{axis}"][rec._s, rec.chunk, rec._l, sel]
+            head_ids = [self.heads[p] for p in sel]
+        else:
+            raise ToolkitError(f"pooled source '{source}' unknown (auto, recompute, stored)")
+        return xr.Dataset(
+            {"frame_mass": (("head", "from_frame", "to_frame"), means["frame_mass"],
+                            {"long_name": "mean attention mass of a query frame on a key frame", "units": "1"}),
+             "offset_t": (("head", "dt"), means["offset_t"], {"long_name": "mean mass at frame offset", "units": "1"}),
+             "offset_h": (("head", "dh"), means["offset_h"], {"long_name": "mean mass at row offset", "units": "1"}),
+             "offset_w": (("head", "dw"), means["offset_w"], {"long_name": "mean mass at column offset",
+                                                              "units": "1"})},
+            coords={"head": head_ids, "from_frame": np.arange(f0, f1), "to_frame": np.arange(f),
+                    "dt": np.arange(-(f - 1), f), "dh": np.arange(-(h - 1), h), "dw": np.arange(-(w - 1), w)},
+            attrs={"step": rec.step, "chunk": rec.chunk, "layer": rec.layer, "timestep": rec.timestep,
+                   "source": source})
+
+    # -------------------------------------------------------------------------------------------- summary
+    def summary(self) -> str:
+        """Human-readable description (``toolkit inspect``)."""
+        a = self.attrs
+        lay = self.layout
+        total = len(self.steps) and int(np.count_nonzero(self._record_flags))
+        sel = self.selection
+        lines = [f"{self.path}: toolkit capture format {a.get('format_version')}, "
+                 f"{'complete' if self.complete else 'INCOMPLETE (interrupted or still being written)'}"]
+        for key in ("model", "checkpoint", "checkpoint_sha256", "prompt", "seed", "sampler"):
+            if key in a:
+                lines.append(f"  {key:18s} {a[key]}")
+        kind = f"causal, {lay.num_chunks} chunks × {lay.frames_per_chunk} frames" if lay.causal else "bidirectional"
+        lines.append(f"  {'grid':18s} {lay.grid[0]} frames × {lay.grid[1]} × {lay.grid[2]} = {lay.num_tokens} tokens"
+                     f" ({kind})")
+        lines.append(f"  {'model shape':18s} {lay.num_layers} layers × {lay.num_heads} heads × {lay.head_dim} dims, "
+                     f"model dtype {a.get('model_dtype')}, stored as {a.get('storage_dtype')}")
+        lines.append(f"  {'timesteps':18s} " + ", ".join(f"{t:g}" for t in lay.timesteps)
+                     + (f" (step {lay.clean_step} = clean pass)" if lay.clean_step is not None else ""))
+        lines.append(f"  {'selection':18s} layers {_ranges(self.layers)}, heads {_ranges(self.heads)}, "
+                     f"steps {_ranges(self.steps)} (stored axis), queries {sel.get('queries')} "
+                     f"({len(self.queries)} of {lay.num_tokens}), store {','.join(sel.get('store', []))}")
+        n_expected = _expected_records(sel, lay)
+        lines.append(f"  {'records':18s} {total} complete of {n_expected} selected")
+        sizes = []
+        for name in ("q", "k", "v", "lse", "maps", "frame_mass", "offset_t"):
+            if name in self.file:
+                ds = self.file[name]
+                sizes.append(f"{name} {tuple(ds.shape)} {human_bytes(ds.id.get_storage_size())}")
+        lines.append(f"  {'datasets':18s} " + "; ".join(sizes))
+        lines.append(f"  {'file size':18s} {human_bytes(os.path.getsize(self.path))} apparent, "
+                     f"{human_bytes(_disk_usage(self.path))} on disk")
+        for key in ("toolkit_version", "torch_version", "date_created"):
+            if key in a:
+                lines.append(f"  {key:18s} {a[key]}")
+        return "\n".join(lines)
+
+
+def _expected_records(sel: dict, lay: RunLayout) -> int:
+    from toolkit.capture.selection import Selection, resolve
+
+    known = {k: v for k, v in sel.items() if k in Selection.__dataclass_fields__}
+    known["store"] = tuple(known.get("store", ()))
+    known["max_map_bytes"] = 1 << 62
+    try:
+        return len(resolve(Selection(**known), lay).records)
+    except ToolkitError:
+        return -1
+
+
+def _ranges(values: list[int]) -> str:
+    if not values:
+        return "-"
+    out, start, prev = [], values[0], values[0]
+    for v in values[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return ",".join(out)
+
+
+def _disk_usage(path: str) -> int:
+    st = os.stat(path)
+    return getattr(st, "st_blocks", 0) * 512 or st.st_size
+
+
+def open_capture(path: str | os.PathLike) -> Capture:
+    """Open a capture file for reading (see module docstring)."""
+    return Capture(path)

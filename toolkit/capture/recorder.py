@@ -1,0 +1,196 @@
+"""The recorder: a hook on the attention seams that writes the selected records while the sampler runs.
+
+    with capture(model, select=Selection(layers="8", steps="3"), out="run.h5", layout=layout) as rec:
+        self_forcing_rollout(model, noise, context)
+
+Hooks go only on the seams of selected layers and are removed on exit, so a model outside the ``with`` costs
+nothing (the seam checks an empty list). Install capture before ``torch.compile`` (hooks added to compiled modules
+may be ignored). Per call the hook slices the selected heads and stored queries on the device, computes the exact
+row LSE (``toolkit.attention.exact.logsumexp``, float32) and, if asked, pooled views and maps, then hands copies to
+the writer thread; the sampler keeps running while the file is written.
+
+Repeated calls of a record already written in this run (e.g. the unconditional half of classifier-free guidance
+with the same ``step``) are ignored: the first call of each (step, chunk, layer) is the one recorded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from toolkit.attention import exact
+from toolkit.capture.pooled import pooled_sums
+from toolkit.capture.selection import Plan, RunLayout, Selection, resolve
+from toolkit.capture.store import AsyncWriter, CaptureStore, CaptureWriteError, to_storage
+from toolkit.errors import ToolkitError
+from toolkit.models.seam import AttentionContext, seams
+
+
+class Recorder:
+    """State of one capture; ``hook`` is attached to the selected seams."""
+
+    def __init__(self, plan: Plan, store: CaptureStore, writer: AsyncWriter,
+                 done_records: set, done_kv: set) -> None:
+        self.plan, self.store, self.writer = plan, store, writer
+        self.pending = set(plan.records) - done_records
+        self.kv_pending = {(s, c, l) for (s, c) in plan.kv_cells for l in plan.layers} - done_kv
+        self.seen: set = set()
+        self._heads: dict[torch.device, torch.Tensor] = {}
+        self._queries: dict[torch.device, torch.Tensor] = {}
+
+    @property
+    def path(self) -> str:
+        return self.store.path
+
+    @property
+    def records_written(self) -> int:
+        return self.writer.records_written
+
+    @property
+    def bytes_written(self) -> int:
+        return self.writer.bytes_written
+
+    def _on(self, table: dict, device: torch.device, values: torch.Tensor) -> torch.Tensor:
+        if device not in table:
+            table[device] = values.to(device)
+        return table[device]
+
+    def _check(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> None:
+        lay = self.plan.layout
+        if tuple(ctx.grid) != tuple(lay.grid):
+            raise ToolkitError(f"capture layout has grid {lay.grid} but the model ran grid {tuple(ctx.grid)}")
+        if tuple(ctx.query_frames) != lay.chunk_frames(ctx.chunk):
+            raise ToolkitError(
+                f"chunk {ctx.chunk} queried frames {ctx.query_frames}, the capture layout expects "
+                f"{lay.chunk_frames(ctx.chunk)} (frames_per_chunk={lay.frames_per_chunk})")
+        if q.shape[2] != lay.num_heads or q.shape[3] != lay.head_dim:
+            raise ToolkitError(f"model has {q.shape[2]} heads × {q.shape[3]} dims, layout says "
+                               f"{lay.num_heads} × {lay.head_dim}")
+        if ctx.key_frames[1] != ctx.query_frames[1] or k.shape[1] != (
+                ctx.key_frames[1] - ctx.key_frames[0]) * ctx.tokens_per_frame:
+            raise ToolkitError(f"attended keys {ctx.key_frames} must end with the query chunk {ctx.query_frames}")
+        if abs(ctx.scale - lay.softmax_scale) > 1e-12 * lay.softmax_scale:
+            raise ToolkitError(f"seam softmax scale {ctx.scale} differs from the layout's {lay.softmax_scale}")
+        if self.plan.selection.batch_index >= q.shape[0]:
+            raise ToolkitError(f"batch index {self.plan.selection.batch_index} but the batch has {q.shape[0]}")
+
+    @torch.no_grad()
+    def hook(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             ctx: AttentionContext) -> None:
+        key = (ctx.step, ctx.chunk, ctx.layer)
+        want_kv = key in self.kv_pending
+        want_record = key in self.pending
+        if not (want_kv or want_record) or key in self.seen:
+            return
+        self.writer.check()
+        self._check(q, k, ctx)
+        self.seen.add(key)
+        plan, store, put = self.plan, self.store, self.writer.put
+        s_i, l_i = store.step_index[ctx.step], store.layer_index[ctx.layer]
+        b = plan.selection.batch_index
+        heads = self._on(self._heads, q.device, torch.tensor(plan.heads))
+        first = ctx.query_offset - ctx.key_offset  # position of the chunk's first token among the keys
+        n = q.shape[1]
+        t0 = ctx.query_offset
+
+        if want_kv:
+            for name, t in (("k", k), ("v", v)):
+                if name in plan.store:
+                    slab = t[b, first:first + n].index_select(1, heads).transpose(0, 1)  # h i d
+                    put(name, (s_i, l_i, slice(None), slice(t0, t0 + n)), to_storage(slab, store.storage))
+            self.writer.mark("kv_complete", (s_i, ctx.chunk, l_i))
+            self.kv_pending.discard(key)
+
+        if want_record:
+            qa, qb = plan.chunk_queries(ctx.chunk)
+            local = self._on(self._queries, q.device, plan.queries)[qa:qb] - t0
+            qs = q[b].index_select(0, local).index_select(1, heads).transpose(0, 1)  # h i d
+            if "q" in plan.store:
+                put("q", (s_i, l_i, slice(None), slice(qa, qb)), to_storage(qs, store.storage))
+            if {"lse", "maps", "pooled"} & plan.store:
+                ks = k[b].index_select(1, heads).transpose(0, 1)  # h j d, every attended key
+                lse = exact.logsumexp(qs, ks, ctx.scale)  # h i, float32
+                if "lse" in plan.store:
+                    put("lse", (s_i, l_i, slice(None), slice(qa, qb)), lse.float())
+                if "maps" in plan.store:
+                    k0 = ctx.key_offset
+                    for rows, p in exact.iter_query_blocks(qs, ks, ctx.scale, lse):
+                        put("maps", (s_i, l_i, slice(None), slice(qa + rows.start, qa + rows.stop),
+                                     slice(k0, k0 + ks.shape[1])), p.float())
+                if "pooled" in plan.store:
+                    self._pooled(qs, ks, lse, ctx, s_i, l_i, qa, qb)
+            put("record_timestep", (s_i, ctx.chunk), torch.tensor(ctx.timestep, dtype=torch.float64))
+            put("record_key_start_frame", (s_i, ctx.chunk), torch.tensor(ctx.key_frames[0], dtype=torch.int32))
+            self.writer.mark("record_complete", (s_i, ctx.chunk, l_i), record=True)
+            self.pending.discard(key)
+
+    def _pooled(self, qs, ks, lse, ctx, s_i, l_i, qa, qb) -> None:
+        sums = pooled_sums(qs, ks, lse, ctx.scale, self.plan.queries[qa:qb], ctx.key_frames, ctx.grid)
+        means = sums.means()
+        f0, f1 = ctx.query_frames
+        put = self.writer.put
+        put("frame_mass", (s_i, l_i, slice(None), slice(f0, f1)), means["frame_mass"][:, f0:f1])
+        for axis in ("t", "h", "w"):
+            put(f"offset_{axis}", (s_i, ctx.chunk, l_i), means[f"offset_{axis}"])
+
+
+@contextmanager
+def capture(
+    model: torch.nn.Module,
+    select: Selection | None = None,
+    out: str | os.PathLike = "run.h5",
+    *,
+    layout: RunLayout,
+    provenance: dict | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    max_inflight_bytes: int | None = None,
+) -> Iterator[Recorder]:
+    """Record attention of ``model`` (anything holding ``AttentionSeam``s) into ``out`` while the body runs.
+
+    ``layout`` says what the run looks like (``RunLayout.self_forcing(cfg, grid, timesteps)`` or
+    ``RunLayout.bidirectional``); the selection is checked against it before anything is written. ``out`` must
+    not exist unless ``resume`` (then it must be an interrupted capture of the same run: its finished records are
+    kept, missing ones written). The file is marked ``complete`` only if every selected record was written."""
+    plan = resolve(select or Selection(), layout)
+    found = seams(model)
+    if len(found) != layout.num_layers:
+        raise ToolkitError(f"model has {len(found)} attention seams, the capture layout says {layout.num_layers}")
+    path = os.fspath(out)
+    provenance = dict(provenance or {})
+    model_dtype = next((p.dtype for p in model.parameters()), None)
+    if resume and os.path.exists(path):
+        store, done, done_kv = CaptureStore.reopen(path, plan, provenance)
+    else:
+        if os.path.exists(path):
+            raise ToolkitError(f"{path} exists; pass --resume to continue it or choose a new --out")
+        store, done, done_kv = CaptureStore.create(path, plan, model_dtype, provenance), set(), set()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan.records), initial=len(done & set(plan.records)), desc="capture", unit="rec")
+    if max_inflight_bytes is None:
+        on_gpu = any(p.is_cuda for p in model.parameters())
+        max_inflight_bytes = (2 << 30) if on_gpu else (256 << 20)
+    writer = AsyncWriter(store, max_inflight_bytes=max_inflight_bytes, progress=bar)
+    recorder = Recorder(plan, store, writer, done, done_kv)
+    hooked = [s for s in found if s.layer in set(plan.layers)]
+    for s in hooked:
+        s.hooks.append(recorder.hook)
+    ok = False
+    try:
+        yield recorder
+        ok = True
+    finally:
+        for s in hooked:
+            s.hooks.remove(recorder.hook)
+        try:
+            writer.close(complete=ok and not recorder.pending)
+        except CaptureWriteError:
+            if ok:
+                raise
+            # the body already failed; its exception is the one to report (the writer error is usually its cause)

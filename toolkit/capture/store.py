@@ -1,0 +1,435 @@
+"""The capture file: one HDF5 file per run, written by one background thread.
+
+Layout (all variables share dimension scales, so ``xarray.open_dataset(path, engine="h5netcdf")`` shows named dims)::
+
+    q      (step, layer, head, query, dim)   post-RoPE queries of the stored query tokens
+    k, v   (step, layer, head, key, dim)     post-RoPE K / raw V of each chunk's *new* tokens at that step
+    lse    (step, layer, head, query)        natural-log softmax normaliser of scale·q·k over the attended keys
+    maps   (step, layer, head, query, key)   probabilities (only under the size guard; 0 = not attended)
+    frame_mass (step, layer, head, from_frame, to_frame); offset_t/h/w (step, chunk, layer, head, dt|dh|dw)
+    record_complete, kv_complete (step, chunk, layer) uint8 flags; record_timestep, record_key_start_frame (step, chunk)
+
+``key`` indexes every clip token (raster order) and ``query`` the stored query tokens, so each token's K/V at a step
+is stored once: a record's attended keys are reassembled by reference (see ``reader.Record.k``). The ``step``,
+``layer`` and ``head`` axes hold only the selected (and context) values; their coordinates give the true ids.
+
+**Measured choices** (this 2-core CPU box, h5py 3.16 / HDF5 2.0, 4 × 12 × 4680 × 128 bf16-bits blocks of
+Gaussian data with per-channel scales, write to page cache):
+
+=================  =======  ============  ==========
+codec              ratio    write MB/s    read MB/s
+=================  =======  ============  ==========
+none               1.00     420–2500      380–690
+gzip-1 + shuffle   1.37     24–39         170–220
+gzip-4 + shuffle   1.39     19–26         180–190
+lzf + shuffle      1.19     80–93         160–270
+=================  =======  ============  ==========
+
+Capturing one full-size layer at generation speed needs ≈ 0.3–1 GB/s, so the default is **uncompressed** (opens
+everywhere); ``gzip`` (portable, 1.37× smaller for bf16) and ``lzf`` (h5py-only readers) are opt-in for archives.
+Storage chunks are one frame of one head, ``(1, 1, 1, height·width, dim)`` (390 KiB at 480p, inside h5py's
+10 KiB–1 MiB advice): analyses read one head at a time, and a record's keys are whole frames.
+
+**Crash safety.** Uncompressed datasets are allocated when created (``H5D_ALLOC_TIME_EARLY``, fill never: sparse
+on disk until written), so after the file is set up no HDF5 metadata changes until the final ``complete``
+attribute: a record is raw data plus one flag byte, flushed in that order. A killed run leaves a file that opens,
+has ``complete = 0`` and whose flagged records are intact. Compressed datasets allocate chunks as they are written
+(metadata changes), so their crash safety is best-effort (flush after every record).
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import json
+import queue
+import threading
+from dataclasses import asdict
+
+import h5py
+import numpy as np
+import torch
+
+import toolkit
+from toolkit.capture.selection import Plan, resolve_storage_dtype
+from toolkit.errors import ToolkitError
+
+FORMAT_NAME = "toolkit-capture"
+FORMAT_VERSION = 1
+BF16_DECODE = "float32 bits = uint32(x) << 16"
+
+
+class CaptureWriteError(ToolkitError):
+    """Writing the capture file failed (disk full, permissions, ...)."""
+
+
+def describe_os_error(err: BaseException, path: str) -> str:
+    """One line for the user from an OSError raised by HDF5 or the OS."""
+    code = getattr(err, "errno", None)
+    text = str(err)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text:
+        return f"disk full while writing {path}"
+    if code == errno.EFBIG or "File too large" in text:
+        return f"file size limit reached while writing {path}"
+    if code in (errno.EACCES, errno.EPERM) or "ermission denied" in text:
+        return f"permission denied: cannot write {path}"
+    if code == errno.ENOENT or "No such file" in text:
+        return f"directory does not exist for {path}"
+    return f"cannot write {path}: {text.splitlines()[0] if text else type(err).__name__}"
+
+
+def _attr(value):
+    """Attribute values: str/int/float/1-D numeric arrays only (CF advice); everything else as JSON."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str):
+        return str(value)  # plain str: h5py cannot store str subclasses such as torch's TorchVersion
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return value
+    return json.dumps(value, default=str)
+
+
+def storage_numpy_dtype(storage: str) -> np.dtype:
+    return {"bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}[storage]
+
+
+def to_storage(x: torch.Tensor, storage: str) -> torch.Tensor:
+    """Cast to the storage representation (bf16 -> its raw bits as int16, viewed as uint16 on disk)."""
+    if storage == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.int16)
+    return x.to(torch.float16 if storage == "float16" else torch.float32)
+
+
+def from_storage(arr: np.ndarray, dtype_logical: str) -> torch.Tensor:
+    """Decode stored values to float32 (bf16 bits are shifted into the high half of a float32)."""
+    if dtype_logical == "bfloat16":
+        bits = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16))
+        return bits.view(torch.bfloat16).float()
+    return torch.from_numpy(np.ascontiguousarray(arr)).float()
+
+
+class CaptureStore:
+    """Creates (or reopens for ``--resume``) the file and performs writes; used only from the writer thread
+    after construction."""
+
+    def __init__(self, path: str, plan: Plan, file: h5py.File, storage: str) -> None:
+        self.path, self.plan, self.file, self.storage = path, plan, file, storage
+        self.step_index = {s: i for i, s in enumerate(plan.stored_steps)}
+        self.layer_index = {layer: i for i, layer in enumerate(plan.layers)}
+
+    # ------------------------------------------------------------------------------------------------ creation
+    @classmethod
+    def create(cls, path: str, plan: Plan, model_dtype: torch.dtype | None, provenance: dict) -> CaptureStore:
+        storage = resolve_storage_dtype(plan.selection.dtype, model_dtype)
+        try:
+            f = h5py.File(path, "w-", track_order=True)
+        except (OSError, ValueError) as err:
+            raise CaptureWriteError(describe_os_error(err, path)) from None
+        try:
+            store = cls(path, plan, f, storage)
+            store._build(model_dtype, provenance)
+            f.flush()
+        except OSError as err:
+            f.close()
+            raise CaptureWriteError(describe_os_error(err, path)) from None
+        return store
+
+    @classmethod
+    def reopen(cls, path: str, plan: Plan, provenance: dict) -> tuple[CaptureStore, set, set]:
+        """Reopen an interrupted capture to fill in missing records; refuses a file from a different run."""
+        try:
+            f = h5py.File(path, "r+")
+        except OSError as err:
+            raise CaptureWriteError(describe_os_error(err, path)) from None
+        try:
+            if f.attrs.get("format") != FORMAT_NAME:
+                raise ToolkitError(f"{path} is not a toolkit capture file; refusing to resume into it")
+            expected = {"layout": _attr(plan.layout.to_attrs()), "selection": _attr(_selection_attrs(plan))}
+            expected.update({k: _attr(v) for k, v in provenance.items() if k in RESUME_KEYS})
+            for key, value in expected.items():
+                if str(f.attrs.get(key)) != str(value):
+                    raise ToolkitError(
+                        f"{path} was captured with a different {key}; --resume needs the same run "
+                        "(use a new --out instead)")
+            store = cls(path, plan, f, str(f.attrs["storage_dtype"]))
+            done = {_key(store, idx) for idx in zip(*np.nonzero(f["record_complete"][...]))}
+            kv = {_key(store, idx) for idx in zip(*np.nonzero(f["kv_complete"][...]))}
+            f.attrs["complete"] = 0
+            f.attrs["history"] = str(f.attrs.get("history", "")) + f"\n{_now()}: resumed"
+            f.flush()
+        except BaseException:
+            f.close()
+            raise
+        return store, done, kv
+
+    def _build(self, model_dtype: torch.dtype | None, provenance: dict) -> None:
+        plan, lay, f = self.plan, self.plan.layout, self.file
+        frames, height, width = lay.grid
+        tpf = lay.tokens_per_frame
+        f.attrs.update({
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": 0,
+            "Conventions": "CF-1.11",
+            "title": "attention capture (post-RoPE q/k, v, softmax LSE) of a video diffusion transformer",
+            "references": "arXiv 2602.12271 (MonarchRT); github.com/guandeh17/Self-Forcing",
+            "comment": ("Any attention probability is exp(sm_scale * q.k - lse). Keys attended by record (step s, "
+                        "chunk c): tokens from record_key_start_frame up to chunk c's start at step context_step "
+                        "(the clean pass), then chunk c's own tokens at step s. Records are valid where "
+                        "record_complete == 1."),
+            "date_created": _now(), "history": f"{_now()}: created by toolkit {toolkit.__version__}",
+            "toolkit_version": toolkit.__version__, "torch_version": str(torch.__version__),
+            "h5py_version": h5py.version.version, "hdf5_version": h5py.version.hdf5_version,
+            "layout": _attr(lay.to_attrs()), "selection": _attr(_selection_attrs(plan)),
+            "storage_dtype": self.storage, "model_dtype": str(model_dtype).replace("torch.", ""),
+            "context_step": lay.clean_step if lay.clean_step is not None else lay.num_steps - 1,
+            "grid": np.array(lay.grid, dtype=np.int64), "batch_index": plan.selection.batch_index,
+            "sm_scale": lay.softmax_scale,
+        })
+        for key, value in provenance.items():
+            f.attrs[key] = _attr(value)
+
+        steps = np.array(plan.stored_steps, dtype=np.int64)
+        queries = plan.queries.numpy().astype(np.int64)
+        keys = np.arange(lay.num_tokens, dtype=np.int64)
+        qf, qh, qw = queries // tpf, (queries // width) % height, queries % width
+        kf, kh, kw = keys // tpf, (keys // width) % height, keys % width
+        fpc = lay.frames_per_chunk or frames
+        scales = {
+            "step": (steps, "denoising step (last = clean-context pass for causal models)", "1"),
+            "chunk": (np.arange(lay.num_chunks), "autoregressive chunk", "1"),
+            "layer": (np.array(plan.layers), "transformer block", "1"),
+            "head": (np.array(plan.heads), "attention head", "1"),
+            "dim": (np.arange(lay.head_dim), "head channel", "1"),
+            "query": (queries, "clip raster token index of a stored query", "1"),
+            "key": (keys, "clip raster token index of a key", "1"),
+        }
+        if "pooled" in plan.store:
+            scales.update({
+                "from_frame": (np.arange(frames), "query frame", "1"),
+                "to_frame": (np.arange(frames), "key frame", "1"),
+                "dt": (np.arange(-(frames - 1), frames), "key frame minus query frame", "1"),
+                "dh": (np.arange(-(height - 1), height), "key row minus query row", "1"),
+                "dw": (np.arange(-(width - 1), width), "key column minus query column", "1"),
+            })
+        for name, (values, long_name, units) in scales.items():
+            ds = f.create_dataset(name, data=values)
+            ds.make_scale(name)
+            ds.attrs.update({"long_name": long_name, "units": units})
+        aux = {
+            "timestep": (("step",), np.array([lay.timesteps[s] for s in plan.stored_steps]), "flow-matching timestep"),
+            "is_clean": (("step",), np.array([int(s == lay.clean_step) for s in plan.stored_steps], dtype=np.int8),
+                         "1 for the clean-context pass"),
+            "chunk_start_frame": (("chunk",), np.array([lay.chunk_frames(c)[0] for c in range(lay.num_chunks)]),
+                                  "first query frame of the chunk"),
+            "query_frame": (("query",), qf, "frame of the query token"),
+            "query_row": (("query",), qh, "latent row of the query token"),
+            "query_col": (("query",), qw, "latent column of the query token"),
+            "query_chunk": (("query",), np.minimum(qf // fpc, lay.num_chunks - 1), "chunk of the query token"),
+            "key_frame": (("key",), kf, "frame of the key token"),
+            "key_row": (("key",), kh, "latent row of the key token"),
+            "key_col": (("key",), kw, "latent column of the key token"),
+        }
+        for name, (dims, values, long_name) in aux.items():
+            self._var(name, dims, data=values, long_name=long_name, units="1", early=False)
+
+        nsteps, nl, nh, nq, d = len(steps), len(plan.layers), len(plan.heads), len(queries), lay.head_dim
+        nchunk = lay.num_chunks
+        flag_dims = ("step", "chunk", "layer")
+        self._var("record_complete", flag_dims, shape=(nsteps, nchunk, nl), dtype=np.uint8,
+                  long_name="1 where the record (step, chunk, layer) is fully written", units="1", fill=0)
+        self._var("kv_complete", flag_dims, shape=(nsteps, nchunk, nl), dtype=np.uint8,
+                  long_name="1 where the K/V slice of the chunk's new tokens at this step is written", units="1",
+                  fill=0)
+        self._var("record_timestep", ("step", "chunk"), shape=(nsteps, nchunk), dtype=np.float64,
+                  long_name="timestep seen by the seam", units="1", fill=np.nan)
+        self._var("record_key_start_frame", ("step", "chunk"), shape=(nsteps, nchunk), dtype=np.int32,
+                  long_name="first attended key frame", units="1", fill=-1)
+
+        sdt = storage_numpy_dtype(self.storage)
+        codec = plan.selection.compression
+        tensor_attrs = dict(units="1", dtype_logical=self.storage, storage_dtype=self.storage,
+                            model_dtype=str(model_dtype).replace("torch.", ""))
+        if self.storage == "bfloat16":
+            tensor_attrs["decode"] = BF16_DECODE
+        qcoords = "timestep query_frame query_row query_col query_chunk"
+        kcoords = "timestep key_frame key_row key_col"
+        q_chunk_rows = max(1, min(nq, tpf))
+        if "q" in plan.store:
+            self._var("q", ("step", "layer", "head", "query", "dim"), shape=(nsteps, nl, nh, nq, d), dtype=sdt,
+                      chunks=(1, 1, 1, q_chunk_rows, d), codec=codec, long_name="post-RoPE query",
+                      post_rope=1, coordinates=qcoords, **tensor_attrs)
+        for name, long_name, post in (("k", "post-RoPE key", 1), ("v", "value", 0)):
+            if name in plan.store:
+                self._var(name, ("step", "layer", "head", "key", "dim"), shape=(nsteps, nl, nh, lay.num_tokens, d),
+                          dtype=sdt, chunks=(1, 1, 1, tpf, d), codec=codec, long_name=long_name, post_rope=post,
+                          coordinates=kcoords, **tensor_attrs)
+        if "lse" in plan.store:
+            self._var("lse", ("step", "layer", "head", "query"), shape=(nsteps, nl, nh, nq), dtype=np.float32,
+                      chunks=(1, 1, nh, max(1, min(nq, 16 * tpf))), codec=codec,
+                      long_name="log-sum-exp of sm_scale*q.k over the attended keys", units="1", lse_base="e",
+                      coordinates=qcoords)
+        if "maps" in plan.store:
+            self._var("maps", ("step", "layer", "head", "query", "key"), shape=(nsteps, nl, nh, nq, lay.num_tokens),
+                      dtype=np.float32, chunks=(1, 1, 1, max(1, min(nq, 64)), max(1, min(lay.num_tokens, 4096))),
+                      codec=codec, long_name="attention probability (0 where not attended)", units="1",
+                      coordinates="timestep")
+        if "pooled" in plan.store:
+            self._var("frame_mass", ("step", "layer", "head", "from_frame", "to_frame"),
+                      shape=(nsteps, nl, nh, frames, frames), dtype=np.float32, codec=codec,
+                      long_name="mean attention mass of a query frame's stored queries on a key frame", units="1",
+                      coordinates="timestep")
+            for axis, size in (("t", frames), ("h", height), ("w", width)):
+                self._var(f"offset_{axis}", ("step", "chunk", "layer", "head", f"d{axis}"),
+                          shape=(nsteps, nchunk, nl, nh, 2 * size - 1), dtype=np.float32, codec=codec,
+                          long_name=f"mean attention mass at key-query offset d{axis}", units="1",
+                          coordinates="timestep")
+
+    def _var(self, name, dims, *, data=None, shape=None, dtype=None, chunks=None, codec="none", early=True,
+             fill=None, **attrs) -> h5py.Dataset:
+        kw: dict = {}
+        if data is None:
+            kw["chunks"] = tuple(chunks) if chunks else True
+            if codec == "gzip":
+                kw.update(compression="gzip", compression_opts=1, shuffle=True)
+            elif codec == "lzf":
+                kw.update(compression="lzf", shuffle=True)
+            elif early:
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                kw["dcpl"] = dcpl
+                if fill is None:
+                    kw["fill_time"] = "never"  # sparse on disk; validity comes from the flags
+            if fill is not None:
+                kw["fillvalue"] = fill
+            ds = self.file.create_dataset(name, shape=shape, dtype=dtype, **kw)
+        else:
+            ds = self.file.create_dataset(name, data=data)
+        for i, dim in enumerate(dims):
+            ds.dims[i].attach_scale(self.file[dim])
+        ds.attrs.update({k: _attr(v) for k, v in attrs.items()})
+        return ds
+
+    # ------------------------------------------------------------------------------------------------ writes
+    def write(self, name: str, index: tuple, array: np.ndarray) -> None:
+        self.file[name][index] = array
+
+    def close(self, complete: bool) -> None:
+        if not self.file.id.valid:
+            return
+        try:
+            self.file.attrs["complete"] = int(complete)
+            self.file.flush()
+        finally:
+            self.file.close()
+
+
+def _key(store: CaptureStore, idx) -> tuple[int, int, int]:
+    s, c, l = (int(x) for x in idx)
+    return store.plan.stored_steps[s], c, store.plan.layers[l]
+
+
+RESUME_KEYS = ("model", "checkpoint_sha256", "prompt", "seed", "sampler")
+
+
+def _selection_attrs(plan: Plan) -> dict:
+    sel = asdict(plan.selection)
+    sel["store"] = sorted(plan.store)
+    return sel
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class AsyncWriter:
+    """One writer thread behind a queue bounded in bytes (h5py serialises HDF5 calls behind one lock anyway).
+
+    ``put`` copies a tensor into a host buffer — pinned and non-blocking on CUDA, ordered on the current stream
+    so later in-place writes to the KV cache cannot race it — and returns; the thread waits for the copy's event
+    and writes. ``mark`` sets a flag and flushes the file, after every write queued before it. A write error is
+    kept and re-raised (one line) by the next ``put``/``mark``/``close`` in the main thread."""
+
+    def __init__(self, store: CaptureStore, *, max_inflight_bytes: int = 2 << 30, progress=None) -> None:
+        self.store = store
+        self.max_inflight = max_inflight_bytes
+        self.inflight = 0
+        self.cond = threading.Condition()
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: str | None = None
+        self.bytes_written = 0
+        self.records_written = 0
+        self.progress = progress
+        self.thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
+        self.thread.start()
+
+    def check(self) -> None:
+        if self.error:
+            raise CaptureWriteError(self.error)
+
+    def put(self, name: str, index: tuple, tensor: torch.Tensor) -> None:
+        self.check()
+        nbytes = tensor.numel() * tensor.element_size()
+        with self.cond:
+            while self.inflight and self.inflight + nbytes > self.max_inflight and not self.error:
+                self.cond.wait()
+            self.inflight += nbytes
+        if tensor.is_cuda:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype)
+            host.copy_(tensor)  # a copy: the KV cache slot may be overwritten by the next forward
+            event = None
+        self.queue.put(("data", name, index, host, event, nbytes))
+
+    def mark(self, name: str, index: tuple, record: bool = False) -> None:
+        self.check()
+        self.queue.put(("mark", name, index, record))
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            try:
+                if self.error:
+                    continue
+                if item[0] == "data":
+                    _, name, index, host, event, _ = item
+                    if event is not None:
+                        event.synchronize()
+                    arr = host.numpy()
+                    if arr.dtype == np.int16:
+                        arr = arr.view(np.uint16)
+                    self.store.write(name, index, arr)
+                    self.bytes_written += arr.nbytes
+                else:
+                    _, name, index, record = item
+                    self.store.write(name, index, np.uint8(1))
+                    self.store.file.flush()
+                    if record:
+                        self.records_written += 1
+                        if self.progress is not None:
+                            self.progress.update(1)
+                            self.progress.set_postfix_str(f"{self.bytes_written / 1e9:.2f} GB", refresh=False)
+            except Exception as err:  # noqa: BLE001 - reported to the main thread as one line
+                self.error = describe_os_error(err, self.store.path) if isinstance(err, OSError) else (
+                    f"writing {self.store.path} failed: {type(err).__name__}: {err}")
+            finally:
+                if item[0] == "data":
+                    with self.cond:
+                        self.inflight -= item[5]
+                        self.cond.notify_all()
+
+    def close(self, complete: bool) -> None:
+        """Drain the queue, set the ``complete`` attribute (only if nothing failed) and close the file."""
+        self.queue.put(None)
+        self.thread.join()
+        try:
+            self.store.close(complete and self.error is None)
+        except OSError as err:
+            self.error = self.error or describe_os_error(err, self.store.path)
+        if self.progress is not None:
+            self.progress.close()
+        self.check()
