@@ -108,3 +108,12 @@ def test_missing_vae_weights_list_paths_and_download(tmp_path, monkeypatch):
     pytest.importorskip("diffusers", reason="diffusers ([video] extra) not installed")
     with pytest.raises(WeightsNotFound, match=r"huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B Wan2.1_VAE.pth"):
         wv.load_vae()
+
+
+def test_decode_to_mp4_without_the_extra_raises_naming_it(tmp_path, monkeypatch):
+    from toolkit.errors import ToolkitError
+
+    monkeypatch.setattr(wv, "have_video_extra", lambda: False)
+    with pytest.raises(ToolkitError, match=r"toolkit\[video\]"):
+        wv.decode_to_mp4(torch.zeros(1, 16, 1, 2, 2), tmp_path / "x.mp4")
+    assert not (tmp_path / "x.mp4").exists()

@@ -177,16 +177,25 @@ def save_latents(latents: torch.Tensor, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def decode_to_mp4(latents: torch.Tensor, path: str | os.PathLike[str], *, fps: int = 16, vae: Any = None) -> Path:
+    """Decode one clip's latents ``[1, 16, F, h, w]`` and write it as mp4. Raises ``ToolkitError`` without the
+    ``[video]`` extra and ``WeightsNotFound`` without ``Wan2.1_VAE.pth`` (the caller keeps the latents)."""
+    if latents.shape[0] != 1:
+        raise ValueError(f"decode_to_mp4 takes one clip, got a batch of {latents.shape[0]}")
+    vae = vae or load_vae(device=latents.device)
+    return write_mp4(decode_latents(vae, latents)[0], path, fps=fps)
+
+
 def save_video(latents: torch.Tensor, out: str | os.PathLike[str], *, vae: Any = None, fps: int = 16,
                device: torch.device | str = "cpu") -> tuple[list[Path], str]:
-    """Decode ``[B, 16, F, h, w]`` latents and write ``out`` (``out_1.mp4``... for B > 1), or, without the
+    """Decode ``[B, 16, F, h, w]`` latents and write ``out`` (``out_0.mp4``... for B > 1), or, without the
     ``[video]`` extra, save the latents next to it. Returns (paths written, a one-line message for the user)."""
     out = Path(out)
     if vae is None and not have_video_extra():
         path = save_latents(latents, out.with_suffix(".latents.safetensors"))
         return [path], f"diffusers not installed: saved latents to {path}; to get mp4 install the extra: {VIDEO_EXTRA}"
     vae = vae or load_vae(device=device)
-    video = decode_latents(vae, latents)
-    names = [out] if len(video) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(video))]
-    paths = [write_mp4(v, p, fps=fps) for v, p in zip(video, names)]
+    b = latents.shape[0]
+    names = [out] if b == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(b)]
+    paths = [decode_to_mp4(latents[i : i + 1], p, fps=fps, vae=vae) for i, p in enumerate(names)]
     return paths, f"wrote {', '.join(map(str, paths))}"
