@@ -164,3 +164,14 @@ def test_load_model_bundled_reads_the_shipped_folder(clean_env, monkeypatch):
     monkeypatch.setattr(bundled, "DEFAULT_DIR", clean_env / "empty")
     with pytest.raises(WeightsNotFound, match="bundled with the toolkit"):
         registry.load_model("bundled")
+
+
+def test_finds_the_diffusers_repo_transformer_folder(clean_env):
+    weights = ck.random_state_dict(CFG_SMALL, seed=6)
+    snap = _snapshot(clean_env / "hf" / "hub", registry.WAN_DIFFUSERS_REPO)
+    ck.save_diffusers(weights, snap / "transformer", CFG_SMALL, max_shard_bytes=40_000)
+    assert registry.find_weights("wan2.1-t2v-1.3b") == snap / "transformer"
+    model, info = registry.load_model("wan2.1-t2v-1.3b", sha256=False)
+    assert info.format == "diffusers" and model.cfg.num_heads == CFG_SMALL.num_heads
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k

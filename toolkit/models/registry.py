@@ -118,7 +118,9 @@ def _self_forcing_locations() -> list[Location]:
 
 def _wan_locations() -> list[Location]:
     pattern, found = hf_snapshot_candidates(WAN_REPO, ck.SAFETENSORS_NAME)
-    dpattern, dfound = hf_snapshot_candidates(WAN_DIFFUSERS_REPO, f"transformer/{ck.SAFETENSORS_INDEX_NAME}")
+    # the diffusers repo's transformer/ may hold one file or shards
+    dpattern, dfound = hf_snapshot_candidates(WAN_DIFFUSERS_REPO, "transformer")
+    dfound = [p for p in dfound if _is_dit_dir(p)]
     env = _env(WAN_ENV, _wan_dit_dir)
     if env.found and not _is_dit_dir(env.found):
         env = Location(env.label, env.pattern, env.found / "transformer")
@@ -126,7 +128,7 @@ def _wan_locations() -> list[Location]:
     return [
         env,
         Location("Hugging Face cache", pattern, found[0].parent if found else None),
-        Location("Hugging Face cache (diffusers)", dpattern, dfound[0].parent if dfound else None),
+        Location("Hugging Face cache (diffusers)", dpattern, dfound[0] if dfound else None),
         Location("local", str(local), local if _is_dit_dir(local) else None),
     ]
 
