@@ -177,13 +177,16 @@ def _monarch_cols_fwd(
 
 
 def _rows_default(b2: int, d: int) -> dict:
-    block = pow2(b2, 16, 128)
-    return {"BLOCK_J": block, "BLOCK_L": block, "num_warps": 4 if block * d <= 64 * 128 else 8, "num_stages": 2}
+    # Two fp32 accumulators (α, Y) of BLOCK_J × d: 8 warps keep them at ≤ 64 registers per thread for d = 128.
+    return {"BLOCK_J": pow2(b2, 16, 64), "BLOCK_L": pow2(b2, 16, 128), "num_warps": 8 if d >= 128 else 4,
+            "num_stages": 2}
 
 
 def _rows_candidates(b2: int, d: int) -> list[dict]:
-    block = pow2(b2, 16, 128)
-    return [{"BLOCK_J": block, "BLOCK_L": block, "num_warps": w, "num_stages": s} for w in (4, 8) for s in (2, 3)]
+    return [
+        {"BLOCK_J": bj, "BLOCK_L": pow2(b2, 16, 128), "num_warps": w, "num_stages": s}
+        for bj in sorted({pow2(b2, 16, 32), pow2(b2, 16, 64)}) for w in (4, 8) for s in (2, 3)
+    ]
 
 
 def _cols_default(b1: int, d: int) -> dict:
