@@ -17,6 +17,9 @@ from toolkit.errors import ToolkitError
 COMMANDS = (
     "models",
     "generate",
+    "capture",
+    "inspect",
+    "train",
 )
 
 
