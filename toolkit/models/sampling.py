@@ -11,6 +11,7 @@ That is 5 forwards per chunk (35 for 7 chunks). The seam sees ``step`` 0..3 and 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -105,6 +106,78 @@ def self_forcing_rollout(
     return out
 
 
+def wan_sigmas(steps: int, shift: float = 5.0, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Wan2.1's sampling schedule: ``steps`` values from σ_max = 1 − 1/1000 to 0 (exclusive), shifted, then σ = 0
+    appended (``final_sigmas_type = "zero"``). float64, length steps + 1."""
+    sigma_max = 1.0 - 1.0 / num_train_timesteps
+    sigmas = torch.linspace(sigma_max, 0.0, steps + 1, dtype=torch.float64)[:-1]
+    return torch.cat([shift_sigma(sigmas, shift), torch.zeros(1, dtype=torch.float64)])
+
+
+class UniPC:
+    """UniPC-bh2 multistep solver for flow matching (Wan2.1's default ``FlowUniPCMultistepScheduler``: order 2,
+    x0-prediction, corrector on every step, first and last steps first order).
+
+    With λ = log((1 − σ)/σ) and h = λ_next − λ, the predictor from σ to σ' with x0 estimates m0 (now) and m1
+    (previous step) is
+        x' = (σ'/σ)·x − (1 − σ')·(e^{−h} − 1)·m0 − (1 − σ')·(e^{−h} − 1)·½·(m1 − m0)/r,   r = (λ_prev − λ)/h
+    (the last term only at order 2). The corrector re-does the step that produced x once the model has been
+    evaluated there, with weights from the 2×2 system of UniC. Sample arithmetic runs in float32.
+    """
+
+    def __init__(self, sigmas: torch.Tensor) -> None:
+        self.sigmas = sigmas
+        self.lambdas = torch.log1p(-sigmas) - torch.log(sigmas)  # +inf at σ = 0
+        self.x0s: list[torch.Tensor] = []  # x0 estimates of the last two steps, oldest first
+        self.last_x: torch.Tensor | None = None
+        self.last_order = 0
+
+    def _coefficients(self, i: int, j: int) -> tuple[float, float, float]:
+        """Step σ_i -> σ_j: (σ_j/σ_i, α_j·(e^{−h} − 1), B(h) = e^{−h} − 1) with h = λ_j − λ_i, in float64."""
+        hh = -float(self.lambdas[j] - self.lambdas[i])
+        phi1 = math.expm1(hh)
+        alpha_j = 1.0 - float(self.sigmas[j])
+        return float(self.sigmas[j] / self.sigmas[i]), alpha_j * phi1, phi1
+
+    def step(self, i: int, x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        """Given the model's flow at step i (sample x at σ_i), return the sample at σ_{i+1}."""
+        x, flow = x.float(), flow.float()
+        x0 = x - float(self.sigmas[i]) * flow
+        if i > 0:  # UniC: redo the step i-1 -> i with the new x0 at σ_i
+            x = self._correct(i, x0)
+        self.x0s = (self.x0s + [x0])[-2:]
+        order = min(2, len(self.sigmas) - 1 - i, len(self.x0s))
+        self.last_x, self.last_order = x, order
+        ratio, a_phi, b_h = self._coefficients(i, i + 1)
+        m0 = self.x0s[-1]
+        out = ratio * x - a_phi * m0
+        if order == 2:
+            r = float((self.lambdas[i - 1] - self.lambdas[i]) / (self.lambdas[i + 1] - self.lambdas[i]))
+            alpha = 1.0 - float(self.sigmas[i + 1])
+            out = out - alpha * b_h * 0.5 * (self.x0s[-2] - m0) / r
+        return out
+
+    def _correct(self, i: int, x0_now: torch.Tensor) -> torch.Tensor:
+        ratio, a_phi, b_h = self._coefficients(i - 1, i)
+        m0 = self.x0s[-1]  # x0 at σ_{i-1}
+        alpha = 1.0 - float(self.sigmas[i])
+        base = ratio * self.last_x - a_phi * m0
+        d_now = x0_now - m0
+        if self.last_order == 1:
+            return base - alpha * b_h * 0.5 * d_now
+        h = float(self.lambdas[i] - self.lambdas[i - 1])
+        hh = -h
+        r = float(self.lambdas[i - 2] - self.lambdas[i - 1]) / h
+        phi_k = b_h / hh - 1  # h·φ_2 / h terms of UniC's b vector, as in the UniPC paper
+        b1 = phi_k / b_h
+        phi_k = phi_k / hh - 0.5
+        b2 = phi_k * 2 / b_h
+        rho = torch.linalg.solve(torch.tensor([[1.0, 1.0], [r, 1.0]], dtype=torch.float64),
+                                 torch.tensor([b1, b2], dtype=torch.float64))
+        d_prev = (self.x0s[-2] - m0) / r
+        return base - alpha * b_h * (float(rho[0]) * d_prev + float(rho[1]) * d_now)
+
+
 def wan_sample(
     model: WanModel,
     noise: torch.Tensor,
@@ -114,16 +187,18 @@ def wan_sample(
     steps: int = 50,
     shift: float = 5.0,
     guidance_scale: float = 5.0,
+    solver: str = "unipc",
     progress: bool = False,
 ) -> torch.Tensor:
-    """Bidirectional Wan2.1 sampling: shift-5 flow-matching schedule, classifier-free guidance (two forwards a
-    step when ``negative_context`` is given and ``guidance_scale != 1``), first-order (Euler) flow integration.
-
-    Wan's own default solver is UniPC (multistep, order 2) over the same shifted σ schedule; Euler on the same
-    schedule needs more steps for the same quality but visits the same timesteps, which is what attention
-    analyses index by. The seam sees ``step`` = sampler step, ``chunk`` = 0."""
-    sigmas = shift_sigma(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
-    x = noise
+    """Bidirectional Wan2.1 sampling as Wan's defaults: shift-5 schedule (``wan_sigmas``), UniPC (``solver="euler"``
+    for first-order flow integration on the same schedule), classifier-free guidance with two forwards a step when
+    ``negative_context`` is given and ``guidance_scale != 1``. The model sees integer timesteps ⌊1000·σ⌋ as in Wan.
+    The seam sees ``step`` = sampler step, ``chunk`` = 0."""
+    sigmas = wan_sigmas(steps, shift)
+    unipc = UniPC(sigmas) if solver == "unipc" else None
+    if solver not in ("unipc", "euler"):
+        raise ValueError(f"unknown solver {solver!r}")
+    x = noise.float()
     b = noise.shape[0]
     cfg_on = negative_context is not None and guidance_scale != 1.0
     iterator = range(steps)
@@ -133,10 +208,14 @@ def wan_sample(
         iterator = tqdm(iterator, desc="wan", unit="step")
     with torch.no_grad():
         for s in iterator:
-            t = torch.full((b,), float(sigmas[s]) * 1000, device=noise.device)
-            flow = model(x, t, context, step=s)
+            t = torch.full((b,), float(math.floor(float(sigmas[s]) * 1000)), device=noise.device)
+            x_in = x.to(noise.dtype)
+            flow = model(x_in, t, context, step=s).float()
             if cfg_on:
-                uncond = model(x, t, negative_context, step=s)
+                uncond = model(x_in, t, negative_context, step=s).float()
                 flow = uncond + guidance_scale * (flow - uncond)
-            x = (x.double() + float(sigmas[s + 1] - sigmas[s]) * flow.double()).to(noise.dtype)
-    return x
+            if unipc:
+                x = unipc.step(s, x, flow)
+            else:
+                x = x + float(sigmas[s + 1] - sigmas[s]) * flow
+    return x.to(noise.dtype)
