@@ -1,0 +1,343 @@
+"""Monarch approximation error sweeps: how well can (tiled, aligned or misaligned) Monarch maps represent a head?
+
+For one attention record (q, k, v, lse of one layer / step / chunk) and a list of Monarch layouts
+(``toolkit.grid.MonarchLayout``) this measures, per head and layout:
+
+* **projection** — the Frobenius-optimal Monarch map (exact projection, monarchrt.md §8): the best any Monarch
+  map of that layout can do on the map, a lower bound for the variational one;
+* **variational** — MonarchAttention after T = 1 … N iterations (§4; T = 1 is what the kernels run), plus
+  ``variational_kl``: the mean over queries of KL(M_row ‖ P_row) = lse − (⟨M_row, S_row⟩ + H(M_row)), i.e. how far
+  the variational objective is from its dense optimum;
+* **topk** — oracle top-k keeping the same number of parameters per query row, i.e. at sparsity = the layout's
+  effective sparsity 1 − (b1+b2)/(b1·b2) (``toolkit.analysis.topk``, both its variants).
+
+Errors against the exact map P (rows over the attended keys): map MSE per entry Σ(P − M)²/(N_q·N_k), relative
+Frobenius ‖P − M‖_F/‖P‖_F and output relative L2 ‖(P − M)V‖_F/‖PV‖_F.
+
+Monarch tiles need every query of a tile, so records must hold whole frames of queries (capture without query
+stride). Entry points: :func:`monarch_sweep` (plain tensors, no model) and :func:`analyze_capture` (records of a
+capture, used by ``toolkit analyze monarch``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+
+import torch
+import xarray as xr
+
+from toolkit.analysis import topk
+from toolkit.attention import exact
+from toolkit.attention.monarch import allowed_tiles, exact_projection, map_errors, variational
+from toolkit.errors import SelectionError, ToolkitError
+from toolkit.grid import ALIGNED_BASES, MonarchLayout, TokenGrid, as_grid
+
+# The paper's tilings of the fh,w base (monarchrt.md §5) and the other aligned bases at 3 tied frames.
+FH_W_TILINGS = ((1, 1, 1), (1, 2, 1), (1, 2, 4), (3, 1, 1), (3, 2, 1), (3, 6, 2))
+CHUNK_FRAMES = 3
+
+METRICS = {  # short name -> (long_name, units)
+    "map_mse": ("map MSE per entry", "1"),
+    "rel_fro": ("relative Frobenius error of the map", "1"),
+    "out_rel_l2": ("relative L2 error of the attention output", "1"),
+}
+
+
+# ---- which layouts --------------------------------------------------------------------------------------------
+def _misaligned_block(tile_tokens: int, width: int) -> tuple[int, int] | None:
+    """Contiguous (b1, b2) with b1·b2 = tile_tokens, b2 ≈ √tile_tokens, b2 neither a multiple nor a divisor of
+    the row width (so tiles cut rows between i and l: MonarchAttention's misaligned layout)."""
+    divisors = [b for b in range(2, tile_tokens) if tile_tokens % b == 0 and b % width and width % b]
+    if not divisors:
+        return None
+    b2 = min(divisors, key=lambda b: abs(math.log(b) - 0.5 * math.log(tile_tokens)))
+    return tile_tokens // b2, b2
+
+
+def default_layouts(grid, query_frames=None, key_frames=None, block_causal_frames=None) -> list[MonarchLayout]:
+    """The paper's fh,w tilings, the six aligned bases at (3,1,1) and untiled, and misaligned contiguous
+    controls (one chunk or one frame per tile); only those valid for the given frame ranges."""
+    grid = as_grid(grid)
+    candidates = []
+    for tiling in FH_W_TILINGS:
+        candidates.append(lambda t=tiling: MonarchLayout.aligned(grid, "fh,w", t))
+    for base in ALIGNED_BASES:
+        for tiling in ((CHUNK_FRAMES, 1, 1), (grid.frames, 1, 1)):
+            if not (base == "fh,w" and tiling == (CHUNK_FRAMES, 1, 1)):
+                candidates.append(lambda b=base, t=tiling: MonarchLayout.aligned(grid, b, t))
+    for frames in (CHUNK_FRAMES, 1):
+        block = _misaligned_block(frames * grid.tokens_per_frame, grid.width)
+        if block:
+            candidates.append(lambda b=block: MonarchLayout.contiguous(grid, *b))
+    layouts, seen = [], set()
+    for make in candidates:
+        try:
+            lay = make()
+            _check_layout(lay, query_frames, key_frames, block_causal_frames)
+        except ToolkitError:
+            continue
+        if lay.name not in seen and min(lay.b1, lay.b2) > 1:
+            seen.add(lay.name)
+            layouts.append(lay)
+    return layouts
+
+
+def _check_layout(layout: MonarchLayout, query_frames, key_frames, block_causal_frames) -> None:
+    qf = (0, layout.grid.frames) if query_frames is None else query_frames
+    kf = (0, layout.grid.frames) if key_frames is None else key_frames
+    allowed_tiles(layout, qf, kf, block_causal_frames)
+
+
+def parse_layout(spec: str, grid) -> MonarchLayout:
+    """``fh,w:1,2,1`` (aligned base : tiling) or ``contiguous:18x20`` (b1 x b2)."""
+    name, _, params = spec.partition(":")
+    try:
+        if name == "contiguous":
+            b1, b2 = (int(x) for x in params.split("x"))
+            return MonarchLayout.contiguous(grid, b1, b2)
+        tiling = tuple(int(x) for x in params.split(",")) if params else (1, 1, 1)
+        if len(tiling) != 3:
+            raise ValueError
+    except ValueError:
+        raise ToolkitError(f"bad Monarch layout {spec!r}: use e.g. fh,w:1,2,1 or contiguous:18x20") from None
+    return MonarchLayout.aligned(grid, name, tiling)
+
+
+# ---- the sweep ------------------------------------------------------------------------------------------------
+def _layout_coords(layouts: Sequence[MonarchLayout]) -> dict:
+    return dict(
+        config=[lay.name for lay in layouts],
+        base=("config", [lay.base or "contiguous" for lay in layouts]),
+        tiling=("config", [",".join(map(str, lay.tiling)) if lay.tiling else "" for lay in layouts]),
+        b1=("config", [lay.b1 for lay in layouts]),
+        b2=("config", [lay.b2 for lay in layouts]),
+        aligned=("config", [lay.base is not None for lay in layouts]),
+        effective_sparsity=("config", [lay.effective_sparsity for lay in layouts]),
+        flop_ratio=("config", [lay.flop_ratio(1) for lay in layouts]),
+    )
+
+
+def _rank1_method(method: str, device: torch.device) -> str:
+    if method == "auto":
+        return "power" if device.type == "cuda" else "eigh"
+    return method
+
+
+def monarch_sweep(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None,
+    lse: torch.Tensor | None,
+    query_tokens: torch.Tensor,
+    key_tokens: torch.Tensor,
+    grid,
+    scale: float,
+    *,
+    layouts: Sequence[MonarchLayout] | None = None,
+    iters: int = 3,
+    projection: bool = True,
+    topk_baseline: bool = True,
+    block_causal_frames: int | None = None,
+    heads: Sequence[int] | None = None,
+    rank1: str = "auto",
+    device: torch.device | str | None = None,
+) -> xr.Dataset:
+    """Monarch error sweep of one record: q ``h i d``, k/v ``h j d``, lse ``h i`` (over the attended keys;
+    computed when None), clip raster ``query_tokens``/``key_tokens`` (whole frames), ``grid`` of the clip.
+
+    Returns a Dataset with dims ``head, config`` (+ ``iters`` for the variational, ``variant`` for top-k);
+    ``iters=0`` skips the variational fit. ``heads`` labels the leading dim (default 0..h-1)."""
+    grid = as_grid(grid)
+    qf, kf = grid.frame_range(query_tokens), grid.frame_range(key_tokens)
+    device = torch.device(device) if device is not None else q.device
+    layouts = list(default_layouts(grid, qf, kf, block_causal_frames) if layouts is None else layouts)
+    if not layouts:
+        raise ToolkitError(f"no Monarch layout fits queries of frames {qf} and keys of frames {kf}")
+    for lay in layouts:
+        if tuple(lay.grid) != tuple(grid):
+            raise ToolkitError(f"layout {lay.name} is for grid {tuple(lay.grid)}, not {tuple(grid)}")
+        _check_layout(lay, qf, kf, block_causal_frames)
+    n_heads = q.shape[0]
+    heads = list(range(n_heads)) if heads is None else list(heads)
+    method = _rank1_method(rank1, device)
+    nan = float("nan")
+    shape_c, shape_t = (n_heads, len(layouts)), (n_heads, len(layouts), max(iters, 0))
+    res = {f"projection_{m}": torch.full(shape_c, nan, dtype=torch.float64) for m in METRICS}
+    res.update({f"variational_{m}": torch.full(shape_t, nan, dtype=torch.float64) for m in METRICS})
+    res["variational_kl"] = torch.full(shape_t, nan, dtype=torch.float64)
+    for h in range(n_heads):
+        qh, kh = q[h].to(device), k[h].to(device)
+        vh = None if v is None else v[h].to(device)
+        lh = None if lse is None else lse[h].to(device)
+        if lh is None:
+            if block_causal_frames is not None:
+                raise ToolkitError("block-causal sweeps need the record's lse (over the allowed keys)")
+            lh = exact.logsumexp(qh, kh, scale)
+        for c, lay in enumerate(layouts):
+            common = dict(lse=lh, v=vh, block_causal_frames=block_causal_frames, scale=scale)
+            if projection:
+                err, _ = exact_projection(qh, kh, lay, query_frames=qf, key_frames=kf, method=method, **common)
+                _store(res, "projection", err, (h, c))
+            if iters > 0:
+                trace = _variational_trace(qh, kh, vh, lay, qf, kf, iters, lse=lh, scale=scale,
+                                           block_causal_frames=block_causal_frames)
+                for t, (err, kl) in enumerate(trace):
+                    _store(res, "variational", err, (h, c, t))
+                    res["variational_kl"][h, c, t] = float(kl)
+    ds = xr.Dataset(coords=dict(head=heads, **_layout_coords(layouts)))
+    for name, val in res.items():
+        dims = ("head", "config") if val.dim() == 2 else ("head", "config", "iters")
+        ds[name] = (dims, val.numpy())
+    if iters > 0:
+        ds = ds.assign_coords(iters=list(range(1, iters + 1)))
+    else:
+        ds = ds.drop_vars([n for n in ds.data_vars if n.startswith("variational")])
+    if not projection:
+        ds = ds.drop_vars([n for n in ds.data_vars if n.startswith("projection")])
+    if topk_baseline and block_causal_frames is None:  # top-k ranks all keys of a row: no block-causal mask
+        ds = ds.merge(_topk_at_monarch_budget(q, k, v, lse, scale, layouts, heads, device))
+    _label(ds)
+    ds.attrs.update(
+        grid=list(grid), query_frames=list(qf), key_frames=list(kf), scale=float(scale),
+        block_causal_frames=-1 if block_causal_frames is None else int(block_causal_frames),
+        n_queries=int(q.shape[-2]), n_keys=int(k.shape[-2]), rank1_method=method,
+        description="Monarch approximation errors vs the exact attention map (toolkit.analysis.monarch)",
+    )
+    return ds
+
+
+def _variational_trace(q, k, v, layout, query_frames, key_frames, iters, *, lse, scale, block_causal_frames):
+    """(errors, mean KL(M_row ‖ P_row)) after each of ``iters`` iterations (one run: iteration t of a T-run is the
+    t-run)."""
+    common = dict(lse=lse, v=v, block_causal_frames=block_causal_frames, scale=scale)
+    trace = []
+
+    def on_iteration(fac):
+        kl = (lse.double().sum() - fac.objective(q, k, scale).double()) / q.shape[-2]
+        trace.append((map_errors(q, k, fac, **common), kl))
+
+    variational(q, k, v if v is not None else k[..., :1], layout, query_frames=query_frames, key_frames=key_frames,
+                block_causal_frames=block_causal_frames, iters=iters, scale=scale, on_iteration=on_iteration)
+    return trace
+
+
+def _store(res: dict, prefix: str, err, index: tuple) -> None:
+    res[f"{prefix}_map_mse"][index] = float(err.map_mse)
+    res[f"{prefix}_rel_fro"][index] = float(err.rel_frobenius)
+    if err.out_rel_l2 is not None:
+        res[f"{prefix}_out_rel_l2"][index] = float(err.out_rel_l2)
+
+
+def _topk_at_monarch_budget(q, k, v, lse, scale, layouts, heads, device) -> xr.Dataset:
+    """Oracle top-k at each layout's parameter count (sparsity = effective sparsity); NaN where that is < 0."""
+    levels = sorted({lay.effective_sparsity for lay in layouts if lay.effective_sparsity >= 0})
+    nan = torch.full((len(heads), len(layouts), len(topk.VARIANTS)), float("nan"), dtype=torch.float64)
+    out = {"topk_map_mse": nan.clone(), "topk_rel_fro": nan.clone(), "topk_out_rel_l2": nan.clone()}
+    if levels:
+        dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+        res = topk.topk_tensors(dev(q), dev(k), dev(v), scale, dev(lse), masses=(0.95,), sparsities=tuple(levels))
+        for c, lay in enumerate(layouts):
+            if lay.effective_sparsity >= 0:
+                lvl = levels.index(lay.effective_sparsity)
+                out["topk_map_mse"][:, c] = res["map_mse"][:, lvl]
+                out["topk_rel_fro"][:, c] = res["map_rel_fro"][:, lvl]
+                if "output_rel_l2" in res:
+                    out["topk_out_rel_l2"][:, c] = res["output_rel_l2"][:, lvl]
+    ds = xr.Dataset(coords=dict(head=heads, config=[lay.name for lay in layouts], variant=list(topk.VARIANTS)))
+    for name, val in out.items():
+        ds[name] = (("head", "config", "variant"), val.numpy())
+    return ds
+
+
+def _label(ds: xr.Dataset) -> None:
+    kinds = {"projection": "exact Monarch projection", "variational": "variational MonarchAttention",
+             "topk": "oracle top-k at the Monarch parameter count"}
+    for name in ds.data_vars:
+        kind, _, metric = name.partition("_")
+        if metric in METRICS:
+            ds[name].attrs.update(long_name=f"{kinds[kind]}: {METRICS[metric][0]}", units=METRICS[metric][1])
+    if "variational_kl" in ds:
+        ds["variational_kl"].attrs.update(long_name="variational MonarchAttention: mean KL(M_row || P_row)",
+                                          units="nat")
+    ds["effective_sparsity"].attrs.update(long_name="1 - (b1+b2)/(b1*b2)", units="1")
+    ds["flop_ratio"].attrs.update(long_name="Monarch / dense attention FLOPs at T = 1", units="1")
+    if "iters" in ds.coords:
+        ds["iters"].attrs.update(long_name="MonarchAttention iterations T")
+
+
+# ---- capture entry points (toolkit analyze monarch) ------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``toolkit analyze monarch`` (record selection options are added only if not present)."""
+    have = set(parser._option_string_actions)  # shared selection options may come from analyze.py
+    sel = [("--steps", "denoising steps (default: all stored)"), ("--chunks", "chunks (default: all stored)"),
+           ("--layers", "layers (default: all stored)"), ("--heads", "heads (default: all stored)")]
+    for flag, text in sel:
+        if flag not in have:
+            parser.add_argument(flag, type=_int_list, default=None, metavar="I,J,...", help=text)
+    g = parser.add_argument_group("Monarch")
+    g.add_argument("--layout", action="append", default=None, metavar="SPEC",
+                   help="Monarch layout, repeatable: BASE:F,H,W (bases fh,w w,fh f,hw hw,f fw,h h,fw; tiling "
+                        "f_tied,h_reduce,w_reduce) or contiguous:B1xB2 (misaligned control); default: the paper's "
+                        "tilings, all aligned bases and two contiguous controls that fit the records")
+    g.add_argument("--iters", type=int, default=3, help="variational MonarchAttention iterations T=1..N (0: skip)")
+    g.add_argument("--no-projection", action="store_true", help="skip the exact Frobenius projection")
+    g.add_argument("--no-topk", action="store_true", help="skip the oracle top-k baseline")
+    g.add_argument("--rank1", choices=("auto", "eigh", "power"), default="auto",
+                   help="rank-1 solver of the projection (auto: power iteration on GPU, eigh on CPU)")
+    if "--device" not in have:
+        parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+
+
+def _select(values: list[int], wanted: list[int] | None, what: str) -> list[int]:
+    if wanted is None:
+        return values
+    missing = sorted(set(wanted) - set(values))
+    if missing:
+        raise SelectionError(f"{what} {missing} not stored (stored: {sorted(set(values))})")
+    return [x for x in values if x in set(wanted)]
+
+
+def analyze_capture(cap, args: argparse.Namespace) -> xr.Dataset:
+    """Monarch sweep over the selected records of an open capture; dims ``record, head, config, ...`` with
+    ``step, chunk, layer, timestep`` coordinates along ``record``. Needs q, k and lse (v for output errors)."""
+    keys = list(cap.records)
+    steps = set(_select(sorted({r.step for r in keys}), getattr(args, "steps", None), "steps"))
+    chunks = set(_select(sorted({r.chunk for r in keys}), getattr(args, "chunks", None), "chunks"))
+    layers = set(_select(sorted({r.layer for r in keys}), getattr(args, "layers", None), "layers"))
+    records = [cap.record(*r) for r in keys if r.step in steps and r.chunk in chunks and r.layer in layers]
+    if not records:
+        raise SelectionError("no stored record matches the selection")
+    grid = TokenGrid(*cap.grid)
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    if getattr(args, "layout", None):
+        layouts = [parse_layout(spec, grid) for spec in args.layout]
+    else:  # the defaults that fit every selected record, so that records stack along one config dim
+        layouts = default_layouts(grid, records[0].query_frames, records[0].key_frames)
+        for rec in records[1:]:
+            fit = {lay.name for lay in default_layouts(grid, rec.query_frames, rec.key_frames)}
+            layouts = [lay for lay in layouts if lay.name in fit]
+    parts = []
+    for rec in records:
+        heads = _select(rec.heads, getattr(args, "heads", None), "heads")
+        try:
+            v = rec.v(heads)
+        except ToolkitError:
+            v = None  # V not stored: map errors only
+        ds = monarch_sweep(
+            rec.q(heads), rec.k(heads), v, rec.lse(heads), rec.query_tokens, rec.key_tokens, grid, rec.scale,
+            layouts=layouts, iters=getattr(args, "iters", 3), projection=not getattr(args, "no_projection", False),
+            topk_baseline=not getattr(args, "no_topk", False), heads=heads, rank1=getattr(args, "rank1", "auto"),
+            device=device,
+        )
+        parts.append(ds.expand_dims(record=[len(parts)]).assign_coords(
+            step=("record", [rec.step]), chunk=("record", [rec.chunk]), layer=("record", [rec.layer]),
+            timestep=("record", [rec.timestep])))
+    out = xr.concat(parts, dim="record", combine_attrs="drop_conflicts")
+    out.attrs.update(source=str(getattr(cap, "path", "")))
+    return out
