@@ -137,6 +137,21 @@ class Recorder:
             put(f"offset_{axis}", (s_i, ctx.chunk, l_i), means[f"offset_{axis}"])
 
 
+def check_free_space(path: str, needed: int) -> None:
+    """Refuse up front when the file system cannot hold the planned capture (one line, no traceback)."""
+    import shutil
+
+    from toolkit.capture.selection import human_bytes
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ToolkitError(f"directory does not exist for {path}")
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise ToolkitError(f"this capture needs about {human_bytes(needed)} but {folder} has {human_bytes(free)} "
+                           "free; select less (--layers/--heads/--steps/--chunks/--queries) or write elsewhere")
+
+
 @contextmanager
 def capture(
     model: torch.nn.Module,
@@ -167,6 +182,7 @@ def capture(
     else:
         if os.path.exists(path):
             raise ToolkitError(f"{path} exists; pass --resume to continue it or choose a new --out")
+        check_free_space(path, sum(plan.estimate_bytes().values()))
         store, done, done_kv = CaptureStore.create(path, plan, model_dtype, provenance), set(), set()
     bar = None
     if progress:

@@ -131,8 +131,8 @@ class Selection:
 def parse_indices(spec: str | int | list, size: int, what: str, plural: str, aliases: dict | None = None) -> list:
     """``"all"``, ``"0,3,8-10"`` (inclusive ranges), an int or a list -> sorted unique ints in ``range(size)``."""
     valid = f"valid: 0-{size - 1}" if size > 1 else "valid: 0"
-    if aliases:
-        valid += ", " + ", ".join(aliases)
+    if aliases and any(v is not None for v in aliases.values()):
+        valid += ", " + ", ".join(k for k, v in aliases.items() if v is not None)
     if isinstance(spec, int):
         parts = [str(spec)]
     elif isinstance(spec, (list, tuple)):

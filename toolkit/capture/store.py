@@ -42,7 +42,9 @@ from __future__ import annotations
 import datetime
 import errno
 import json
+import os
 import queue
+import re
 import threading
 from dataclasses import asdict
 
@@ -67,6 +69,9 @@ def describe_os_error(err: BaseException, path: str) -> str:
     """One line for the user from an OSError raised by HDF5 or the OS."""
     code = getattr(err, "errno", None)
     text = str(err)
+    m = re.search(r"errno = (\d+)", text)  # HDF5 reports failed writes as RuntimeError text with the errno
+    if code is None and m:
+        code = int(m.group(1))
     if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text:
         return f"disk full while writing {path}"
     if code == errno.EFBIG or "File too large" in text:
@@ -129,8 +134,12 @@ class CaptureStore:
             store = cls(path, plan, f, storage)
             store._build(model_dtype, provenance)
             f.flush()
-        except OSError as err:
-            f.close()
+        except (OSError, RuntimeError) as err:
+            try:
+                f.close()
+            except (OSError, RuntimeError):
+                pass
+            os.remove(path)  # our own half-created file: nothing in it is usable
             raise CaptureWriteError(describe_os_error(err, path)) from None
         return store
 
@@ -414,8 +423,8 @@ class AsyncWriter:
                             self.progress.update(1)
                             self.progress.set_postfix_str(f"{self.bytes_written / 1e9:.2f} GB", refresh=False)
             except Exception as err:  # noqa: BLE001 - reported to the main thread as one line
-                self.error = describe_os_error(err, self.store.path) if isinstance(err, OSError) else (
-                    f"writing {self.store.path} failed: {type(err).__name__}: {err}")
+                self.error = describe_os_error(err, self.store.path) if isinstance(err, (OSError, RuntimeError)) \
+                    else f"writing {self.store.path} failed: {type(err).__name__}: {err}"
             finally:
                 if item[0] == "data":
                     with self.cond:
@@ -428,7 +437,7 @@ class AsyncWriter:
         self.thread.join()
         try:
             self.store.close(complete and self.error is None)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:
             self.error = self.error or describe_os_error(err, self.store.path)
         if self.progress is not None:
             self.progress.close()
