@@ -117,13 +117,14 @@ def test_round_trip_wan_native_and_comfyui(tmp_path, weights):
 
 @pytest.mark.parametrize("shard_bytes", [None, 20_000])
 def test_round_trip_diffusers(tmp_path, weights, shard_bytes):
-    folder = ck.save_diffusers(weights, tmp_path / "df", CFG_SMALL, max_shard_bytes=shard_bytes)
+    folder = ck.save_diffusers(weights, tmp_path / "transformer", CFG_SMALL, max_shard_bytes=shard_bytes)
     if shard_bytes:
         index = json.loads((folder / ck.SAFETENSORS_INDEX_NAME).read_text())
         assert len(set(index["weight_map"].values())) > 2
         assert not (folder / ck.SAFETENSORS_NAME).exists()
     got = ck.load_checkpoint(folder, CFG_SMALL)
     assert got.format == "diffusers"
+    assert ck.read_checkpoint(tmp_path).path == folder  # a pipeline root with transformer/ inside
     assert {k: got.config[k] for k in got.config} == {k: CFG_SMALL[k] for k in got.config}
     assert set(got.config) >= {"dim", "num_heads", "ffn_dim", "num_layers", "in_dim", "out_dim", "patch_size"}
     _assert_same(got.state_dict, weights)

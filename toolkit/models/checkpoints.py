@@ -358,6 +358,8 @@ def read_checkpoint(path: str | os.PathLike[str], *, use_ema: bool = True) -> Ch
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     entry = None
+    if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "transformer").is_dir():
+        path = path / "transformer"  # root of a diffusers pipeline folder
     if path.is_dir() or path.name.endswith(".json"):
         files = _safetensors_files(path)
         raw: dict[str, torch.Tensor] = {}
