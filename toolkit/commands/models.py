@@ -43,11 +43,12 @@ def describe() -> list[dict[str, Any]]:
             entry["params"] = ck.param_count(cfg)
             entry["bf16_bytes"] = 2 * entry["params"]
             entry["locations"] = [{"where": loc.label, "path": loc.pattern,
-                                   "found": str(loc.found) if loc.found else None} for loc in spec.find()]
+                                   "found": str(loc.found) if loc.found else None} for loc in spec.locations()]
         except ToolkitError as err:
             entry["error"] = str(err)
             entry["locations"] = []
         entry["download"] = spec.download()
+        entry["checkpoint_accepts"] = spec.accepts
         if name != "bundled":
             assets = {}
             for what, rel in registry.WAN_ASSETS.items():
@@ -74,10 +75,11 @@ def run(args: argparse.Namespace) -> int:
         kind = "causal" if m["causal"] else "bidirectional"
         print(f"{m['name']}{' (default)' if m['default'] else ''}: {kind}, {size}")
         print(f"  {m['description']}")
-        print("  weights, first found is used (--checkpoint PATH overrides):")
+        print("  weights, looked for in this order (the first found is used):")
         for loc in m["locations"]:
             mark = "found" if loc["found"] else "-----"
             print(f"    [{mark}] {loc['where']}: {loc['found'] or loc['path']}")
+        print(f"  --checkpoint PATH overrides them: {m['checkpoint_accepts']}")
         if not any(loc["found"] for loc in m["locations"]):
             print("  download: " + " && ".join(m["download"]))
         assets = m.get("wan_assets", {})

@@ -88,9 +88,6 @@ class ModelSpec:
     download: Callable[[], list[str]]
     accepts: str  # what a --checkpoint for this model may be
 
-    def find(self) -> list[Location]:
-        return self.locations()
-
 
 def _env(var: str, is_valid: Callable[[Path], bool]) -> Location:
     value = os.environ.get(var)
@@ -249,7 +246,7 @@ def find_weights(name: str, checkpoint: str | os.PathLike[str] | None = None) ->
         if path.exists():
             return path
         raise _not_found(f"checkpoint for {name}", [f"--checkpoint {path}"], spec.download())
-    locations = spec.find()
+    locations = spec.locations()
     for loc in locations:
         if loc.found is not None:
             return loc.found
