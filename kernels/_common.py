@@ -135,6 +135,27 @@ def key_tiles_allowed(
     return allowed.to(torch.int32)
 
 
+# Tests set this to NaN-fill kernel scratch buffers, so that an intermediate no program wrote cannot pass.
+POISON_SCRATCH = False
+
+
+def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    buf = torch.empty(shape, dtype=dtype, device=device)
+    return buf.fill_(float("nan")) if POISON_SCRATCH else buf
+
+
+def output_buffer(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """``out`` (checked) or a fresh tensor; callers may pass a NaN-filled ``out`` to catch unwritten elements."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != torch.device(device):
+        raise ToolkitError(f"out must be {tuple(shape)} {dtype} on {device}, got {tuple(out.shape)} {out.dtype}")
+    if out.stride(-1) != 1:
+        raise ToolkitError("out needs a contiguous last dim")
+    return out
+
+
 def pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
     p = max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
     return min(p, hi) if hi is not None else p

@@ -170,7 +170,7 @@ def _monarch_compare_fwd(
 
 
 @dataclass
-class MonarchErrors:
+class RowErrors:
     """Per query row (each ``b i h``, float32): Σ(A − M)², ΣA², ‖(A − M)V‖, ‖AV‖, ΣM."""
 
     map_sq_err: torch.Tensor
@@ -192,12 +192,13 @@ def monarch_compare(
     block_causal_frames: int | None = None,
     scale: float | None = None,
     factors: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> MonarchErrors:
+) -> RowErrors:
     """Per-row errors of a Monarch map against dense softmax attention, streaming (see the module docstring).
 
     q ``b i h d`` (frames ``query_frames``), k, v ``b j h d`` (frames ``key_frames``), raster order, as at the
     seam. ``factors=None``: M is the T = 1 variational map from q, k; ``factors=(L, R)``: explicit factors in the
-    ``kernels.explicit`` layouts. With ``block_causal_frames`` both A and M range over the allowed key tiles.
+    ``kernels.explicit`` layouts (a ``MonarchFactors`` is accepted too). With ``block_causal_frames`` both A
+    and M range over the allowed key tiles.
     The key-tile width b2 must be ≤ 128 (true for every aligned (fh, w) tiling of the Wan grids).
     """
     grid = tuple(int(x) for x in grid)
@@ -216,13 +217,14 @@ def monarch_compare(
     allowed = key_tiles_allowed(gq, gk, block_causal_frames).to(q.device)
     explicit = factors is not None
     if explicit:
-        lf, rf = (x.contiguous() for x in factors)
+        lf, rf = (factors.L, factors.R) if hasattr(factors, "L") else factors
+        lf, rf = lf.contiguous(), rf.contiguous()
         l_shape, r_shape = factor_shapes(B, H, gq, gk)
         if tuple(lf.shape) != l_shape or tuple(rf.shape) != r_shape:
             raise ToolkitError(f"factors L {tuple(lf.shape)} / R {tuple(rf.shape)}, expected {l_shape} / {r_shape}")
     else:
         lf = rf = q  # unused
-    err = torch.empty((5, B, H, n_q), dtype=torch.float32, device=q.device)
+    err = torch.full((5, B, H, n_q), float("nan"), dtype=torch.float32, device=q.device)  # unwritten rows stay NaN
     block_i = pow2(gq.b1, 16, 32)
     grid_c = (gq.b2 * triton.cdiv(gq.b1, block_i), gq.num_tiles, B * H)
     _monarch_compare_fwd[grid_c](
@@ -232,4 +234,4 @@ def monarch_compare(
         PRECISION="ieee" if interpreted() else "tf32x3", num_warps=4,
     )
     err = err.permute(0, 1, 3, 2)  # (5, b, i, h)
-    return MonarchErrors(*(err[n] for n in range(5)))
+    return RowErrors(*(err[n] for n in range(5)))

@@ -20,7 +20,17 @@ L's row block with them. All products in fp32 (IEEE, not tf32): this is an analy
 from __future__ import annotations
 
 import torch
-from toolkit.kernels._common import TileGeometry, check_head_dim, pow2, tile_token, tl, token_strides, triton
+from toolkit.kernels._common import (
+    TileGeometry,
+    check_head_dim,
+    output_buffer,
+    pow2,
+    scratch,
+    tile_token,
+    tl,
+    token_strides,
+    triton,
+)
 
 from toolkit.errors import ToolkitError
 
@@ -129,11 +139,14 @@ def monarch_factors_apply(
     query_frames: tuple[int, int] | None = None,
     key_frames: tuple[int, int] | None = None,
     scratch_bytes: int | None = None,
+    out: torch.Tensor | None = None,
+    row_sums: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """M·V and the row sums of M for explicit factors (layouts in the module docstring).
 
     ``v``: ``b j h d`` raster order over ``key_frames``. Returns ``out`` (``b i h d``, float32, raster order over
-    ``query_frames``) and ``row_sums`` (``b i h``, float32).
+    ``query_frames``) and ``row_sums`` (``b i h``, float32), written into ``out`` / ``row_sums`` if given.
+    For a ``toolkit.attention.monarch.MonarchFactors`` use :func:`apply_factors`.
     """
     grid = tuple(int(x) for x in grid)
     tiling = tuple(int(x) for x in tiling)
@@ -154,10 +167,10 @@ def monarch_factors_apply(
     per_tile = B * H * b2 * F * b1 * (D + 1) * 4
     budget = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else int(scratch_bytes)
     a_chunk = max(1, min(A, budget // per_tile))
-    y = torch.empty((B * H, a_chunk, b2, F * b1, D), dtype=torch.float32, device=v.device)
-    s = torch.empty((B * H, a_chunk, b2, F * b1), dtype=torch.float32, device=v.device)
-    out = torch.empty((B, gq.n_tokens, H, D), dtype=torch.float32, device=v.device)
-    row_sums = torch.empty((B, gq.n_tokens, H), dtype=torch.float32, device=v.device)
+    y = scratch((B * H, a_chunk, b2, F * b1, D), torch.float32, v.device)
+    s = scratch((B * H, a_chunk, b2, F * b1), torch.float32, v.device)
+    out = output_buffer(out, (B, gq.n_tokens, H, D), torch.float32, v.device)
+    row_sums = output_buffer(row_sums, (B, gq.n_tokens, H), torch.float32, v.device)
     block_j, block_l = pow2(b2, 16, 64), pow2(b2, 16, 128)
     block_i = pow2(b1, 16, 64)
     for a0 in range(0, A, a_chunk):
@@ -172,3 +185,15 @@ def monarch_factors_apply(
             D=D, BLOCK_I=block_i, BLOCK_K=32, num_warps=4,
         )
     return out, row_sums
+
+
+def apply_factors(factors, v: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`monarch_factors_apply` for a ``toolkit.attention.monarch.MonarchFactors`` (``fh,w`` aligned layout;
+    head-leading factors ``b h ...`` as ``monarch_attention`` / ``exact_projection`` on ``b h`` inputs return)."""
+    layout = factors.layout
+    if layout.base != "fh,w" or layout.tiling is None:
+        raise ToolkitError(f"the kernels implement the fh,w base with a tiling, not {layout.name}")
+    return monarch_factors_apply(
+        factors.L, factors.R, v, tuple(layout.grid), layout.tiling, query_frames=factors.query_frames,
+        key_frames=factors.key_frames, **kwargs,
+    )

@@ -35,8 +35,10 @@ from toolkit.kernels._common import (
     check_head_dim,
     key_tiles_allowed,
     mma,
+    output_buffer,
     pick_config,
     pow2,
+    scratch,
     tile_token,
     tl,
     token_strides,
@@ -214,6 +216,8 @@ def monarch_attention_triton(
     scale: float | None = None,
     scratch_bytes: int | None = None,
     autotune: bool | None = None,
+    configs: tuple[dict, dict] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Monarch attention (T = 1) of raster-order ``q`` (``b i h d``, frames ``query_frames``) against ``k, v``
     (``b j h d``, frames ``key_frames``) on the token ``grid`` (frames, height, width) with tiling
@@ -222,7 +226,8 @@ def monarch_attention_triton(
     ``block_causal_frames``: queries in chunk c see key tiles up to the end of chunk c (training path).
     ``scratch_bytes``: budget for the α/Y/c intermediates (query tiles are processed in chunks that fit).
     ``autotune``: tune launch configs once per shape and cache them on disk (default: env
-    ``TOOLKIT_KERNEL_AUTOTUNE=1``; otherwise cached or heuristic configs).
+    ``TOOLKIT_KERNEL_AUTOTUNE=1``; otherwise cached or heuristic configs). ``configs``: explicit launch configs
+    (rows kernel, cols kernel) instead, e.g. small blocks in tests. ``out``: buffer to write (``b i h d``).
     Returns ``b i h d`` in q's dtype; accumulation is fp32, α and Y are kept in q's dtype.
     """
     grid = tuple(int(x) for x in grid)
@@ -249,10 +254,10 @@ def monarch_attention_triton(
     per_tile = B * H * b2 * F * b1 * (2 * D * q.element_size() + 4)
     budget = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else int(scratch_bytes)
     a_chunk = max(1, min(A, budget // per_tile))
-    alpha = torch.empty((B * H, a_chunk, b2, F * b1, D), dtype=q.dtype, device=q.device)
-    y = torch.empty_like(alpha)
-    c = torch.empty((B * H, a_chunk, b2, F * b1), dtype=torch.float32, device=q.device)
-    out = torch.empty_like(q)
+    alpha = scratch((B * H, a_chunk, b2, F * b1, D), q.dtype, q.device)
+    y = scratch((B * H, a_chunk, b2, F * b1, D), q.dtype, q.device)
+    c = scratch((B * H, a_chunk, b2, F * b1), torch.float32, q.device)
+    out = output_buffer(out, tuple(q.shape), q.dtype, q.device)
 
     strides_q, strides_k, strides_v, strides_o = (token_strides(x) for x in (q, k, v, out))
     scale_log2 = scale * LOG2E
@@ -277,9 +282,12 @@ def monarch_attention_triton(
         )
 
     n_first = min(a_chunk, A)
-    cfg_r = pick_config(f"monarch rows {key}", _rows_default(b2, D), _rows_candidates(b2, D),
-                        lambda cfg: rows(cfg, 0, n_first), tune)
-    cfg_c = None
+    if configs is not None:
+        cfg_r, cfg_c = configs
+    else:
+        cfg_r = pick_config(f"monarch rows {key}", _rows_default(b2, D), _rows_candidates(b2, D),
+                            lambda cfg: rows(cfg, 0, n_first), tune)
+        cfg_c = None
     for a0 in range(0, A, a_chunk):
         n_a = min(a_chunk, A - a0)
         rows(cfg_r, a0, n_a)
@@ -294,18 +302,25 @@ def monarch_backend_triton(tiling: tuple[int, int, int] = (1, 1, 1), *, block_ca
     """Seam backend ``fn(q, k, v, ctx) -> out`` running :func:`monarch_attention_triton` with ``tiling``.
 
     Bidirectional calls and KV-cache calls (queries of one chunk, keys = the cache up to its end) need no mask;
-    a call with ``ctx.attn_mask`` (the no-cache block-causal training path) runs block-causal with chunks of
-    ``block_causal_frames`` frames.
+    a call with ``ctx.attn_mask`` (the no-cache training path) must carry the ``block_causal_frames``
+    block-causal mask (checked as in ``toolkit.attention.monarch.monarch_backend``) and runs block-causal.
     """
+    from toolkit.attention.monarch import _check_block_causal_mask
+    from toolkit.grid import as_grid
+
     tiling = tuple(int(x) for x in tiling)
 
     def monarch_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> torch.Tensor:
+        causal = None
+        if ctx.attn_mask is not None:
+            _check_block_causal_mask(ctx.attn_mask, as_grid(ctx.grid), block_causal_frames, ctx)
+            causal = block_causal_frames
         return monarch_attention_triton(
             q, k, v, ctx.grid, tiling, query_frames=ctx.query_frames, key_frames=ctx.key_frames,
-            block_causal_frames=block_causal_frames if ctx.attn_mask is not None else None, scale=ctx.scale,
+            block_causal_frames=causal, scale=ctx.scale,
         )
 
-    monarch_triton.__name__ = f"monarch_triton{tiling}"
+    monarch_triton.__name__ = f"monarch_triton_{'_'.join(map(str, tiling))}"
     return monarch_triton
 
 

@@ -1,0 +1,177 @@
+"""Triton kernels vs the float64 PyTorch reference (toolkit.attention.monarch), on the CPU through the interpreter.
+
+Triton reads TRITON_INTERPRET when a kernel is *decorated*, i.e. when toolkit.kernels is first imported, so the
+variable is set here before that import (toolkit.kernels also defaults it to 1 when there is no CUDA device).
+Shapes are tiny but awkward: widths/heights that are not powers of two, several tiles, blocks smaller than the
+tile (forced configs) so the column/row/key loops run more than once, chunk boundaries, a partly filled cache.
+Outputs and kernel scratch are NaN-poisoned before launch so an unwritten element fails.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import toolkit.kernels._common as kcommon  # noqa: E402
+import torch  # noqa: E402
+from toolkit.kernels import apply_factors, monarch_attention_triton, monarch_backend_triton, monarch_compare  # noqa: E402
+
+from toolkit.attention.monarch import exact_projection, monarch_attention, monarch_backend  # noqa: E402
+from toolkit.grid import MonarchLayout  # noqa: E402
+from toolkit.models.seam import AttentionContext  # noqa: E402
+
+# ‖out − ref‖/‖ref‖ bounds: fp32 products are exact in the interpreter; fp16/bf16 round q/k/v (before the
+# reference sees them too), P and the α/Y intermediates (MonarchRT keeps them in the input dtype).
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def poison_scratch(monkeypatch):
+    monkeypatch.setattr(kcommon, "POISON_SCRATCH", True)
+
+
+def _inputs(grid, query_frames, key_frames, heads=2, dim=16, dtype=torch.float32, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tpf = grid[1] * grid[2]
+    n_q, n_k = (query_frames[1] - query_frames[0]) * tpf, (key_frames[1] - key_frames[0]) * tpf
+    q, k, v = (torch.randn(batch, n, heads, dim, generator=g, dtype=torch.float64) for n in (n_q, n_k, n_k))
+    # round to the kernel dtype first so the float64 reference sees exactly the kernel's inputs
+    return tuple(x.to(dtype) for x in (q, k, v))
+
+
+def _rel(x, ref):
+    assert torch.isfinite(x).all(), "unwritten (NaN-poisoned) or non-finite elements"
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _nan_like(q):
+    return torch.full_like(q, float("nan"))
+
+
+# grid, tiling, query_frames, key_frames, block_causal_frames, configs (None = launcher defaults), scratch
+FORWARD_CASES = {
+    "bidirectional-111": ((2, 3, 5), (1, 1, 1), (0, 2), (0, 2), None, None, None),
+    "bidirectional-121-small-blocks": (
+        (2, 4, 20), (1, 2, 1), (0, 2), (0, 2), None,
+        ({"BLOCK_J": 16, "BLOCK_L": 16}, {"BLOCK_I": 16, "BLOCK_K": 16}), None,
+    ),
+    "bidirectional-112-chunked": ((2, 3, 10), (1, 1, 2), (0, 2), (0, 2), None, None, 1),
+    "block-causal-311": ((6, 3, 5), (3, 1, 1), (0, 6), (0, 6), 3, None, None),
+    "block-causal-121-chunked": ((6, 2, 5), (1, 2, 1), (0, 6), (0, 6), 3, None, 50_000),
+    "kv-cache-partly-filled": (
+        (9, 3, 7), (1, 1, 1), (3, 6), (0, 6), None,
+        ({"BLOCK_J": 16, "BLOCK_L": 16}, {"BLOCK_I": 16, "BLOCK_K": 16}), None,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES)
+def test_monarch_forward_matches_reference(case):
+    grid, tiling, qf, kf, bc, configs, scratch = FORWARD_CASES[case]
+    q, k, v = _inputs(grid, qf, kf, batch=2 if case == "bidirectional-111" else 1)
+    out = monarch_attention_triton(
+        q, k, v, grid, tiling, query_frames=qf, key_frames=kf, block_causal_frames=bc, configs=configs,
+        scratch_bytes=scratch, out=_nan_like(q),
+    )
+    ref = monarch_attention(q.double(), k.double(), v.double(), grid, tiling, query_frames=qf, key_frames=kf,
+                            block_causal_frames=bc)
+    assert _rel(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_monarch_forward_half_precision(dtype, dim):
+    grid, tiling, qf, kf = (3, 2, 6), (1, 1, 1), (0, 3), (0, 3)
+    q, k, v = _inputs(grid, qf, kf, heads=1, dim=dim, dtype=dtype, seed=dim)
+    out = monarch_attention_triton(q, k, v, grid, tiling, out=_nan_like(q))
+    assert out.dtype == dtype
+    ref = monarch_attention(q.double(), k.double(), v.double(), grid, tiling)
+    assert _rel(out, ref) < TOL[dtype]
+
+
+def test_seam_backend_matches_reference_backend():
+    grid = (6, 2, 5)
+    tpf = grid[1] * grid[2]
+    # KV-cache call: queries of chunk 1 against the cache up to its end
+    q, k, v = _inputs(grid, (3, 6), (0, 6), seed=3)
+    ctx = AttentionContext(layer=0, step=0, chunk=1, is_clean=False, timestep=500.0, scale=0.3, grid=grid,
+                           query_frames=(3, 6), key_frames=(0, 6))
+    got = monarch_backend_triton((1, 2, 1))(q, k, v, ctx)
+    want = monarch_backend((1, 2, 1))(q.double(), k.double(), v.double(), ctx)
+    assert _rel(got, want) < TOL[torch.float32]
+    # no-cache training call with the 3-frame block-causal mask
+    q, k, v = _inputs(grid, (0, 6), (0, 6), seed=4)
+    frame = torch.arange(6 * tpf) // tpf
+    mask = (frame[None, :] // 3) <= (frame[:, None] // 3)
+    ctx = AttentionContext(layer=0, step=0, chunk=0, is_clean=False, timestep=500.0, scale=0.25, grid=grid,
+                           query_frames=(0, 6), key_frames=(0, 6), attn_mask=mask)
+    got = monarch_backend_triton((3, 1, 1))(q, k, v, ctx)
+    want = monarch_backend((3, 1, 1))(q.double(), k.double(), v.double(), ctx)
+    assert _rel(got, want) < TOL[torch.float32]
+
+
+def _head_leading(*xs):
+    return tuple(x.transpose(1, 2).double() for x in xs)
+
+
+@pytest.mark.parametrize("source", ["exact-projection", "variational-kv-cache"])
+def test_explicit_factors_apply(source):
+    if source == "exact-projection":
+        grid, tiling, qf, kf = (2, 4, 6), (1, 2, 1), (0, 2), (0, 2)
+    else:
+        grid, tiling, qf, kf = (6, 3, 5), (1, 1, 1), (3, 6), (0, 6)
+    q, k, v = _inputs(grid, qf, kf, seed=5)
+    qh, kh, vh = _head_leading(q, k, v)
+    layout = MonarchLayout.aligned(grid, "fh,w", tiling)
+    if source == "exact-projection":
+        _, factors = exact_projection(qh, kh, layout, query_frames=qf, key_frames=kf, return_factors=True)
+    else:
+        _, factors = monarch_attention(q.double(), k.double(), v.double(), grid, tiling, query_frames=qf,
+                                       key_frames=kf, return_factors=True)
+    out, row_sums = apply_factors(factors, v, out=torch.full(q.shape, float("nan")),
+                                  row_sums=torch.full(q.shape[:3], float("nan")))
+    dense = factors.dense()  # b h i j
+    assert _rel(out, torch.einsum("bhij,bjhd->bihd", dense, v.double())) < TOL[torch.float32]
+    assert _rel(row_sums, dense.sum(-1).transpose(1, 2)) < TOL[torch.float32]
+
+
+def _dense_probs(q, k, grid, qf, kf, bc, scale):
+    logits = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) * scale
+    if bc is not None:
+        tpf = grid[1] * grid[2]
+        q_frame = qf[0] + torch.arange(q.shape[1]) // tpf
+        k_frame = kf[0] + torch.arange(k.shape[1]) // tpf
+        logits = logits.masked_fill((k_frame[None, :] // bc) > (q_frame[:, None] // bc), float("-inf"))
+    return torch.softmax(logits, -1)
+
+
+@pytest.mark.parametrize("mode", ["implicit-block-causal", "explicit-kv-cache"])
+def test_streaming_comparison(mode):
+    if mode == "implicit-block-causal":
+        grid, tiling, qf, kf, bc = (6, 2, 5), (3, 1, 1), (0, 6), (0, 6), 3
+    else:
+        grid, tiling, qf, kf, bc = (4, 3, 5), (1, 1, 1), (2, 4), (0, 4), None
+    q, k, v = _inputs(grid, qf, kf, heads=1, seed=6)
+    scale = q.shape[-1] ** -0.5
+    _, factors = monarch_attention(q.double(), k.double(), v.double(), grid, tiling, query_frames=qf,
+                                   key_frames=kf, block_causal_frames=bc, return_factors=True)
+    if mode == "explicit-kv-cache":
+        layout = MonarchLayout.aligned(grid, "fh,w", tiling)
+        _, factors = exact_projection(*_head_leading(q, k), layout, query_frames=qf, key_frames=kf,
+                                      return_factors=True)
+        got = monarch_compare(q, k, v, grid, tiling, query_frames=qf, key_frames=kf, factors=factors)
+    else:
+        got = monarch_compare(q, k, v, grid, tiling, query_frames=qf, key_frames=kf, block_causal_frames=bc)
+    A = _dense_probs(q, k, grid, qf, kf, bc, scale)  # b h i j
+    M = factors.dense()
+    av, mv = (torch.einsum("bhij,bjhd->bihd", x, v.double()) for x in (A, M))
+    want = {
+        "map_sq_err": (A - M).square().sum(-1).transpose(1, 2),
+        "map_sq_norm": A.square().sum(-1).transpose(1, 2),
+        "out_err": (av - mv).norm(dim=-1),
+        "out_norm": av.norm(dim=-1),
+        "monarch_row_sum": M.sum(-1).transpose(1, 2),
+    }
+    assert want["map_sq_err"].min() > 0  # the comparison is not trivially zero
+    for name, ref in want.items():
+        assert _rel(getattr(got, name), ref) < 1e-4, name
