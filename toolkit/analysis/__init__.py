@@ -1,1 +1,178 @@
+"""Analyses of captured attention: ``periodic`` (positional kernel, spikes, spectra, head types), ``topk`` (mass
+coverage, oracle top-k error), ``monarch`` (Monarch approximation error).
 
+Each analysis module works on plain tensors (q ``h i d``, k/v ``h j d``, lse ``h i``, query_tokens, key_tokens,
+grid, scale) and returns an ``xarray.Dataset``. For ``toolkit analyze NAME`` it also exposes the two functions of
+the CLI plug-in protocol:
+
+    add_arguments(parser)            # its own options (argparse)
+    analyze_capture(cap, args) -> xr.Dataset   # every selected record of an opened capture, dim ``record``
+
+`analyze_records` below does the record loop for them: selection (``--layers/--heads/--steps/--chunks``),
+input checks, device, progress bar, and stacking per-record datasets along ``record`` with coordinates
+``step, chunk, layer, timestep, is_clean``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from toolkit.errors import SelectionError, ToolkitError
+
+if TYPE_CHECKING:
+    import argparse
+
+    import xarray as xr
+
+# Attributes that describe one record; when they differ between records they become ``record`` coordinates.
+RECORD_FIELDS = ("step", "chunk", "layer", "timestep", "is_clean")
+
+
+def index_list(text: str) -> list[int] | None:
+    """argparse type of ``--steps/--chunks/--layers/--heads``: ``"all"`` -> None, ``"0,3,8-10"`` -> ints."""
+    import argparse
+
+    text = str(text).strip()
+    if text == "all":
+        return None
+    out: set[int] = set()
+    try:
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            lo, _, hi = part.partition("-")
+            lo_i, hi_i = int(lo), int(hi or lo)
+            if hi_i < lo_i or lo_i < 0:
+                raise ValueError
+            out.update(range(lo_i, hi_i + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not 'all' or a list like 0,3,8-10") from None
+    if not out:
+        raise argparse.ArgumentTypeError("empty selection")
+    return sorted(out)
+
+
+def _pick(available: list[int], wanted: list[int] | None, what: str, path: str) -> list[int]:
+    if wanted is None:
+        return list(available)
+    missing = sorted(set(wanted) - set(available))
+    if missing:
+        raise SelectionError(f"{what} {missing} not captured in {path} (captured: {sorted(set(available))})")
+    return [x for x in available if x in set(wanted)]
+
+
+def select_records(cap: Any, args: argparse.Namespace) -> list:
+    """The capture's complete records matching ``args.steps/chunks/layers`` (None = all; lists of ints).
+
+    Raises `ToolkitError` for an incomplete capture (unless ``args.allow_incomplete``) and `SelectionError` when
+    an asked step / chunk / layer has no complete record.
+    """
+    if not cap.complete and not getattr(args, "allow_incomplete", False):
+        raise ToolkitError(f"{cap.path} is incomplete (interrupted or still being written); "
+                           "pass --allow-incomplete to analyse its complete records")
+    keys = list(cap.records)
+    if not keys:
+        raise ToolkitError(f"{cap.path} holds no complete record")
+    steps = _pick(sorted({r.step for r in keys}), getattr(args, "steps", None), "steps", cap.path)
+    chunks = _pick(sorted({r.chunk for r in keys}), getattr(args, "chunks", None), "chunks", cap.path)
+    layers = _pick(sorted({r.layer for r in keys}), getattr(args, "layers", None), "layers", cap.path)
+    records = [r for r in keys if r.step in steps and r.chunk in chunks and r.layer in layers]
+    if not records:
+        raise SelectionError(f"no complete record of {cap.path} has steps {steps}, chunks {chunks}, layers {layers}")
+    return records
+
+
+def select_heads(cap: Any, args: argparse.Namespace) -> list[int]:
+    """Heads asked by ``args.heads`` (None = every stored head); each must have been captured."""
+    return _pick(list(cap.heads), getattr(args, "heads", None), "heads", cap.path)
+
+
+def require_stored(cap: Any, names: tuple[str, ...], analysis: str) -> None:
+    """One-line error when the capture lacks tensors the analysis recomputes attention from."""
+    missing = [n for n in names if n not in cap.stored]
+    if missing:
+        raise ToolkitError(f"{cap.path} has no {'/'.join(missing)} (stored: {', '.join(cap.stored) or 'nothing'}); "
+                           f"'{analysis}' needs {'/'.join(names)} — capture with --store q,k,v,lse")
+
+
+def resolve_device(name: str | None):
+    """``auto`` (GPU when present), ``cpu``, ``cuda``, ``cuda:N``."""
+    import torch
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ToolkitError(f"device {name} asked but no CUDA GPU is available")
+    return dev
+
+
+def _netcdf_attr(value: Any) -> Any:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple, str)) for v in value):
+        return json.dumps(list(value))
+    return value
+
+
+def stack_records(datasets: list[xr.Dataset], fields: tuple[str, ...] = RECORD_FIELDS) -> xr.Dataset:
+    """Concatenate per-record datasets along a new ``record`` dim.
+
+    Dims whose length varies (e.g. ``query`` between chunks) are padded (NaN; ``query_token`` −1 becomes NaN).
+    ``fields`` and any attribute whose value differs between records become ``record`` coordinates.
+    """
+    import numpy as np
+    import xarray as xr
+
+    if not datasets:
+        raise ToolkitError("no records to stack")
+    keys = set().union(*(d.attrs for d in datasets))
+    varying = [k for k in sorted(keys) if k in fields or len({repr(d.attrs.get(k)) for d in datasets}) > 1]
+    parts = []
+    for ds in datasets:
+        ds = ds.reset_coords([c for c in ds.coords if c not in ds.dims])  # per-record coordinates -> variables
+        record_coords = {k: ("record", [ds.attrs.get(k, np.nan)]) for k in varying}
+        parts.append(ds.expand_dims("record").assign_coords(record_coords))
+    out = xr.concat(parts, dim="record", join="outer", combine_attrs="drop_conflicts")
+    out.attrs = {k: _netcdf_attr(v) for k, v in datasets[0].attrs.items() if k not in varying}
+    for k in varying:
+        if out[k].dtype == bool:
+            out = out.assign_coords({k: out[k].astype(np.int8)})
+    return out
+
+
+def analyze_records(
+    cap: Any,
+    args: argparse.Namespace,
+    one: Callable[[Any, list[int], Any], xr.Dataset],
+    *,
+    needs: tuple[str, ...],
+    name: str,
+) -> xr.Dataset:
+    """Run ``one(record, heads, device) -> Dataset`` over the selected records of ``cap`` with a progress bar.
+
+    ``needs``: stored tensors the analysis reads (checked up front, one-line error). ``args`` carries the
+    common options of ``toolkit analyze`` (steps, chunks, layers, heads, device, progress, allow_incomplete).
+    """
+    import os
+
+    from tqdm.auto import tqdm
+
+    require_stored(cap, needs, name)
+    records = select_records(cap, args)
+    heads = select_heads(cap, args)
+    device = resolve_device(getattr(args, "device", "auto"))
+    out = []
+    bar = tqdm(records, desc=f"{name} {os.path.basename(cap.path)}", unit="record",
+               disable=not getattr(args, "progress", True), position=getattr(args, "progress_position", None),
+               leave=True)
+    for key in bar:
+        rec = cap.record(*key)
+        bar.set_postfix(step=rec.step, chunk=rec.chunk, layer=rec.layer)
+        ds = one(rec, heads, device)
+        ds.attrs.update(step=rec.step, chunk=rec.chunk, layer=rec.layer, timestep=float(rec.timestep),
+                        is_clean=bool(rec.is_clean))
+        out.append(ds)
+    return stack_records(out)

@@ -30,11 +30,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from toolkit.attention import exact
 from toolkit.errors import ToolkitError
+
+if TYPE_CHECKING:
+    import argparse
+
+    import xarray as xr
 
 COVERAGE_MASSES = (0.5, 0.9, 0.95, 0.99)
 SPARSITIES = (0.0, 0.5, 0.75, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99)
@@ -273,3 +279,122 @@ def topk_tensors(
                                 / sums["out_sq"][:, None, None]).sqrt()
         res["output_cosine"] = (sums["cosine"] / n_q)[..., None].expand(-1, -1, n_var).clone()
     return res
+
+
+def topk_dataset(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None,
+    scale: float,
+    lse: torch.Tensor | None = None,
+    query_tokens: torch.Tensor | None = None,
+    key_tokens: torch.Tensor | None = None,
+    grid: tuple[int, int, int] | None = None,
+    *,
+    heads: list[int] | None = None,
+    masses: tuple[float, ...] = COVERAGE_MASSES,
+    sparsities: tuple[float, ...] = SPARSITIES,
+    query_chunk: int | None = None,
+    method: str = "auto",
+) -> xr.Dataset:
+    """`topk_tensors` as a labelled ``xarray.Dataset``: dims ``head, query, mass, sparsity, variant``.
+
+    ``key_tokens`` and ``grid`` are not needed (top-k ignores positions) and only recorded in the attributes.
+    """
+    import numpy as np
+    import xarray as xr
+
+    t = topk_tensors(q, k, v, scale, lse, masses=masses, sparsities=sparsities, query_chunk=query_chunk,
+                     method=method)
+    n_heads, n_q, n_k = q.shape[0], q.shape[-2], k.shape[-2]
+    fraction = t["coverage_keys"].double() / n_k
+    quantiles = (0.1, 0.25, 0.5, 0.75, 0.9)
+    cover_q = torch.quantile(fraction.transpose(1, 2), torch.tensor(quantiles, dtype=torch.float64), dim=-1)
+    one = "1"
+    data = {
+        "coverage_fraction": (("head", "query", "mass"), fraction.numpy(), {
+            "long_name": "fraction of keys whose largest weights reach the mass p of the query's row", "units": one}),
+        "coverage_keys": (("head", "query", "mass"), t["coverage_keys"].numpy(), {
+            "long_name": "number of keys whose largest weights reach the mass p", "units": "keys"}),
+        "coverage_mean": (("head", "mass"), fraction.mean(1).numpy(), {
+            "long_name": "mean over queries of coverage_fraction", "units": one}),
+        "coverage_quantile": (("quantile", "head", "mass"), cover_q.numpy(), {
+            "long_name": "quantiles over queries of coverage_fraction", "units": one}),
+        "kept_mass": (("head", "query", "sparsity"), t["kept_mass"].numpy(), {
+            "long_name": "attention mass of the kept (largest) keys: the sorted mass curve at 1 - sparsity",
+            "units": one}),
+        "map_mse": (("head", "sparsity", "variant"), t["map_mse"].numpy(), {
+            "long_name": "mean over all map entries of (A - A_topk)^2", "units": one}),
+        "map_rel_fro": (("head", "sparsity", "variant"), t["map_rel_fro"].numpy(), {
+            "long_name": "|A - A_topk|_F / |A|_F", "units": one}),
+    }
+    if v is not None:
+        data["output_rel_l2"] = (("head", "sparsity", "variant"), t["output_rel_l2"].numpy(), {
+            "long_name": "|(A - A_topk) V|_F / |A V|_F", "units": one})
+        data["output_cosine"] = (("head", "sparsity", "variant"), t["output_cosine"].numpy(), {
+            "long_name": "mean over queries of cos(A V, A_topk V)", "units": one})
+    keep = keep_counts(n_k, sparsities)
+    coords = {
+        "head": list(range(n_heads)) if heads is None else list(heads),
+        "query": np.arange(n_q),
+        "mass": ("mass", np.asarray(masses, dtype=np.float64), {"long_name": "covered attention mass p"}),
+        "sparsity": ("sparsity", np.asarray(sparsities, dtype=np.float64), {
+            "long_name": "fraction of keys dropped per query row (asked)", "units": one}),
+        "kept_keys": ("sparsity", np.asarray(keep, dtype=np.int64), {"long_name": "keys kept per row"}),
+        "actual_sparsity": ("sparsity", 1 - np.asarray(keep, dtype=np.float64) / n_k, {"units": one}),
+        "variant": list(VARIANTS),
+        "quantile": np.asarray(quantiles),
+    }
+    if query_tokens is not None:
+        coords["query_token"] = ("query", np.asarray(query_tokens, dtype=np.int64))
+    attrs = {
+        "analysis": "topk", "n_keys": n_k, "n_queries": n_q, "scale": float(scale),
+        "renormalized": "softmax over the kept logits (the paper's oracle top-k baseline)",
+        "truncated": "kept entries of the exact map, not renormalised",
+        "kept_rule": "kept = max(1, round((1 - sparsity) * n_keys)); ties at the threshold shared equally",
+    }
+    if grid is not None:
+        attrs["grid"] = list(grid)
+    return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+# ------------------------------------------------------------------------------------------------ CLI plug-in
+def _float_list(text: str) -> tuple[float, ...]:
+    import argparse
+
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma list of numbers") from None
+    if not values:
+        raise argparse.ArgumentTypeError("empty list")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``toolkit analyze topk``."""
+    g = parser.add_argument_group("topk")
+    g.add_argument("--masses", type=_float_list, default=COVERAGE_MASSES, metavar="P,P,...",
+                   help="coverage masses, each in (0, 1) (default 0.5,0.9,0.95,0.99)")
+    g.add_argument("--sparsities", type=_float_list, default=SPARSITIES, metavar="S,S,...",
+                   help="fractions of keys dropped, each in [0, 1) (default " + ",".join(map(str, SPARSITIES)) + ")")
+    g.add_argument("--method", choices=("auto", "radix", "sort"), default="auto",
+                   help="row threshold search: radix (histogram + exact refinement, float32) or full sort")
+
+
+def analyze_capture(cap, args: argparse.Namespace) -> xr.Dataset:
+    """Coverage and oracle top-k errors for every selected record of an opened capture, along ``record``."""
+    from toolkit.analysis import analyze_records
+
+    masses, sparsities = tuple(args.masses), tuple(args.sparsities)
+    check_levels(masses, sparsities)
+    with_v = "v" in cap.stored
+
+    def one(rec, heads, device):
+        q, k, lse = (x.to(device) for x in (rec.q(heads), rec.k(heads), rec.lse(heads)))
+        v = rec.v(heads).to(device) if with_v else None
+        return topk_dataset(q, k, v, rec.scale, lse, rec.query_tokens, rec.key_tokens, rec.grid, heads=heads,
+                            masses=masses, sparsities=sparsities, query_chunk=getattr(args, "query_chunk", None),
+                            method=args.method)
+
+    return analyze_records(cap, args, one, needs=("q", "k", "lse"), name="topk")
