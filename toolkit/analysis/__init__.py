@@ -117,6 +117,14 @@ def _netcdf_attr(value: Any) -> Any:
     return value
 
 
+def netcdf_attrs(ds: xr.Dataset) -> xr.Dataset:
+    """Make every attribute of ``ds`` and its variables storable in NetCDF (bools -> int, dicts / nested or
+    string lists -> JSON), in place; returns ``ds``."""
+    for obj in [ds, *ds.variables.values()]:
+        obj.attrs = {k: _netcdf_attr(v) for k, v in obj.attrs.items() if v is not None}
+    return ds
+
+
 def stack_records(datasets: list[xr.Dataset], fields: tuple[str, ...] = RECORD_FIELDS) -> xr.Dataset:
     """Concatenate per-record datasets along a new ``record`` dim.
 

@@ -1,0 +1,161 @@
+"""`toolkit analyze periodic|topk` end to end on a tiny captured Self-Forcing rollout: results equal float64
+brute force on the probabilities the seam saw; several runs through dask; one-line errors for bad inputs."""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from toolkit.analysis import topk
+from toolkit.capture import RunLayout, Selection, capture, open_capture
+from toolkit.cli import main
+from toolkit.models.sampling import self_forcing_rollout, self_forcing_timesteps
+from toolkit.models.seam import seams
+from toolkit.models.wan import WanConfig, WanModel
+
+FPC = 2
+CFG = WanConfig(dim=48, ffn_dim=64, num_heads=3, num_layers=2, text_dim=16, text_len=6, freq_dim=16)
+NOISE_SHAPE = (1, 16, 6, 6, 10)  # token grid (6, 3, 5): 3 chunks of 2 frames
+
+
+def rollout(path, store, reference=None):
+    torch.manual_seed(0)
+    model = WanModel(CFG).eval()
+    with torch.no_grad():  # sharpen the random init so maps are far from uniform
+        for block in model.blocks:
+            block.self_attn.norm_q.weight.mul_(4.0)
+    g = torch.Generator().manual_seed(1)
+    noise, context = torch.randn(NOISE_SHAPE, generator=g), torch.randn(1, 4, CFG.text_dim, generator=g)
+
+    def spy(q, k, v, out, ctx):
+        logits = ctx.scale * q[0].double().transpose(0, 1) @ k[0].double().transpose(0, 1).transpose(-1, -2)
+        reference[(ctx.step, ctx.chunk, ctx.layer)] = (torch.softmax(logits, -1), v[0].double().transpose(0, 1))
+
+    if reference is not None:
+        for s in seams(model):
+            s.hooks.append(spy)
+    layout = RunLayout.self_forcing(model.cfg, model.grid_size(noise), self_forcing_timesteps(), FPC)
+    with capture(model, Selection(store=store), path, layout=layout, progress=False):
+        self_forcing_rollout(model, noise, context, frames_per_chunk=FPC, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def run_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cap") / "run.h5"
+    ref: dict = {}
+    rollout(path, ("q", "k", "v", "lse"), ref)
+    return path, ref
+
+
+def analyze(*argv):
+    return main(["analyze", *map(str, argv), "--no-progress"])
+
+
+def test_topk_cli_equals_brute_force_on_seam_probabilities(run_file, tmp_path):
+    path, ref = run_file
+    out = tmp_path / "topk.nc"
+    sparsities = (0.0, 0.3, 0.5, 0.9)
+    assert analyze("topk", path, "--out", out, "--layers", "1", "--chunks", "1-2", "--steps", "0,4",
+                   "--sparsities", ",".join(map(str, sparsities)), "--query-chunk", "7") == 0
+    ds = xr.open_dataset(out, engine="h5netcdf")
+    assert ds.sizes["record"] == 4 and set(ds["layer"].values) == {1}
+    assert ds.sizes["head"] == 3 and list(ds["sparsity"].values) == list(sparsities)
+    for r in range(ds.sizes["record"]):
+        key = (int(ds["step"][r]), int(ds["chunk"][r]), int(ds["layer"][r]))
+        a, v = ref[key]  # what the seam computed, float64: h i j, h j e
+        n = a.shape[-1]
+        desc = torch.sort(a, dim=-1, descending=True).values
+        cover = (desc.cumsum(-1) < torch.tensor([0.5, 0.9, 0.95, 0.99])[:, None, None, None]).sum(-1) + 1
+        got = ds["coverage_keys"].isel(record=r).values  # head query mass
+        assert np.abs(got - cover.permute(1, 2, 0).numpy()).max() <= 1  # float32 capture vs float64 seam
+        for s, kept in enumerate(topk.keep_counts(n, sparsities)):
+            mask = a >= desc[..., kept - 1 : kept]
+            trunc = a * mask
+            mse = (a - trunc).square().mean((-1, -2)).numpy()
+            np.testing.assert_allclose(ds["map_mse"].isel(record=r, sparsity=s).sel(variant="truncated"), mse,
+                                       rtol=1e-3, atol=1e-12)
+            renorm = trunc / trunc.sum(-1, keepdim=True)
+            rel = ((a - renorm) @ v).norm(dim=(-1, -2)) / (a @ v).norm(dim=(-1, -2))
+            np.testing.assert_allclose(ds["output_rel_l2"].isel(record=r, sparsity=s).sel(variant="renormalized"),
+                                       rel.numpy(), rtol=1e-3, atol=1e-6)
+
+
+def test_periodic_cli_matches_capture_pooled_view(run_file, tmp_path):
+    path, _ = run_file
+    out = tmp_path / "periodic.nc"
+    assert analyze("periodic", path, "--out", out, "--layers", "0", "--steps", "3", "--heads", "0,2") == 0
+    ds = xr.open_dataset(out, engine="h5netcdf")
+    assert ds.sizes["record"] == 3 and list(ds["head"].values) == [0, 2]  # 3 chunks
+    assert ds["profile"].dims == ("record", "head", "dt", "dh", "dw")
+    with open_capture(path) as cap:
+        for r in range(3):
+            rec = cap.record(int(ds["step"][r]), int(ds["chunk"][r]), int(ds["layer"][r]))
+            pooled = cap.pooled(rec, heads=[0, 2])
+            f0, f1 = rec.query_frames
+            mine = ds["frame_mass"].isel(record=r).sel(from_frame=slice(f0, f1 - 1))
+            np.testing.assert_allclose(mine.values, pooled["frame_mass"].values, rtol=1e-4, atol=1e-6)
+    assert set(ds["head_type"].values.ravel()) <= {"spatial", "temporal", "global"}
+
+
+def test_several_runs_through_dask(run_file, tmp_path):
+    path, _ = run_file
+    second = tmp_path / "second.h5"
+    shutil.copy(path, second)
+    single, both = tmp_path / "one.nc", tmp_path / "both.nc"
+    common = ("--layers", "0", "--steps", "4", "--chunks", "2", "--sparsities", "0,0.5")
+    assert analyze("topk", path, "--out", single, *common) == 0
+    assert analyze("topk", path, second, "--out", both, *common, "--workers", "2") == 0
+    one, two = xr.open_dataset(single, engine="h5netcdf"), xr.open_dataset(both, engine="h5netcdf")
+    assert two.sizes["record"] == 2 and list(two["run"].values) == ["run.h5", "second.h5"]
+    for r in range(2):
+        np.testing.assert_array_equal(two["map_mse"].isel(record=r).values, one["map_mse"].isel(record=0).values)
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("toolkit analyze: error:"), err
+    return err[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--masses", "0.5,1.5"), "impossible"),
+    (("--sparsities", "0.5,1"), "impossible"),
+    (("--layers", "7"), "not captured"),
+    (("--heads", "5"), "not captured"),
+])
+def test_bad_selections_one_line(run_file, tmp_path, capsys, extra, message):
+    path, _ = run_file
+    assert analyze("topk", path, "--out", tmp_path / "x.nc", *extra) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "x.nc").exists()
+
+
+def test_capture_without_qk_one_line(tmp_path, capsys):
+    path = tmp_path / "pooled_only.h5"
+    rollout(path, ("pooled",))
+    for name in ("topk", "periodic"):
+        assert analyze(name, path, "--out", tmp_path / "x.nc") == 2
+        assert "has no q/k" in one_error_line(capsys)
+
+
+def test_incomplete_file_one_line(run_file, tmp_path, capsys):
+    path, _ = run_file
+    broken = tmp_path / "broken.h5"
+    shutil.copy(path, broken)
+    with h5py.File(broken, "r+") as f:
+        f.attrs["complete"] = 0
+    assert analyze("topk", broken, "--out", tmp_path / "x.nc") == 2
+    assert "incomplete" in one_error_line(capsys)
+    # ... and with --allow-incomplete the complete records are analysed
+    assert analyze("topk", broken, "--out", tmp_path / "x.nc", "--layers", "0", "--steps", "0", "--chunks", "0",
+                   "--allow-incomplete") == 0
+
+
+def test_missing_file_one_line(tmp_path, capsys):
+    assert analyze("periodic", tmp_path / "nope.h5", "--out", tmp_path / "x.nc") == 2
+    assert "no such capture file" in one_error_line(capsys)
