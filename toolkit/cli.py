@@ -19,6 +19,7 @@ COMMANDS = (
     "generate",
     "capture",
     "inspect",
+    "analyze",
     "train",
 )
 
