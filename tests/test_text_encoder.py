@@ -8,17 +8,16 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="transformers ([text] extra) not installed")
-
-from toolkit.errors import CheckpointError, ToolkitError  # noqa: E402
-from toolkit.models import text_encoder as te  # noqa: E402
+from toolkit.errors import CheckpointError, ToolkitError
+from toolkit.models import text_encoder as te
 
 TINY = dict(vocab_size=37, d_model=24, d_kv=6, d_ff=40, num_layers=2, num_heads=4,
             relative_attention_num_buckets=10, relative_attention_max_distance=12)
 
 
 def _random_hf_encoder(seed=0):
-    from transformers import UMT5EncoderModel
+    transformers = pytest.importorskip("transformers", reason="transformers ([text] extra) not installed")
+    UMT5EncoderModel = transformers.UMT5EncoderModel
 
     torch.manual_seed(seed)
     model = UMT5EncoderModel(te.umt5_config(**TINY)).double().eval()
