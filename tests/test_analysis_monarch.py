@@ -73,7 +73,7 @@ def test_sweep_values_match_direct_computation():
         torch.testing.assert_close(torch.from_numpy(ds.topk_map_mse.values[:, c]), ref["map_mse"][:, c])
         torch.testing.assert_close(torch.from_numpy(ds.topk_out_rel_l2.values[:, c]), ref["output_rel_l2"][:, c])
     assert ds.projection_rel_fro.attrs["units"] == "1" and "long_name" in ds.topk_rel_fro.attrs
-    assert ds.attrs["query_frames"] == [3, 6] and ds.attrs["n_keys"] == 6 * TPF
+    assert (ds.attrs["query_start_frame"], ds.attrs["query_end_frame"]) == (3, 6) and ds.attrs["n_keys"] == 6 * TPF
 
 
 def test_sweep_separable_record_aligned_vs_misaligned():
@@ -132,14 +132,17 @@ def test_default_layouts_and_parse():
 
 
 class FakeRecord:
+    """The parts of ``toolkit.capture.reader.Record`` the analysis reads (no V stored)."""
+
     def __init__(self, step, chunk, layer, seed):
         self.step, self.chunk, self.layer, self.timestep, self.scale = step, chunk, layer, 500.0, 0.5
-        self.heads = [0, 3]
+        self.is_clean, self.heads = False, [0, 3]
         self.query_frames, self.key_frames = (3 * chunk, 3 * chunk + 3), (0, 3 * chunk + 3)
         self.query_tokens = torch.arange(3 * chunk * TPF, (3 * chunk + 3) * TPF)
         self.key_tokens = torch.arange((3 * chunk + 3) * TPF)
+        self.grid = tuple(GRID)
         n_q, n_k = len(self.query_tokens), len(self.key_tokens)
-        self._t = dict(q=rand(2, n_q, 4, seed=seed), k=rand(2, n_k, 4, seed=seed + 1), v=rand(2, n_k, 4, seed=seed + 2))
+        self._t = dict(q=rand(2, n_q, 4, seed=seed), k=rand(2, n_k, 4, seed=seed + 1))
 
     def _get(self, name, heads):
         return self._t[name][[self.heads.index(h) for h in (heads or self.heads)]].float()
@@ -150,24 +153,28 @@ class FakeRecord:
     def k(self, heads=None):
         return self._get("k", heads)
 
-    def v(self, heads=None):
-        raise ToolkitError("this capture did not store 'v'")
-
     def lse(self, heads=None):
         return torch.logsumexp(self.q(heads) @ self.k(heads).transpose(-1, -2) * self.scale, -1)
 
 
-def test_analyze_capture_stacks_records():
+def fake_capture():
     recs = {(s, c, 2): FakeRecord(s, c, 2, seed=10 * s + c) for s in (0, 1) for c in (0, 1)}
-    cap = SimpleNamespace(records=[RecordKey(*key) for key in recs], grid=tuple(GRID),
-                          record=lambda s, c, l: recs[(s, c, l)], path="x.h5")
+    return SimpleNamespace(records=[RecordKey(*key) for key in recs], grid=tuple(GRID), heads=[0, 3],
+                           stored=["q", "k", "lse"], complete=True, path="x.h5",
+                           record=lambda s, c, l: recs[(s, c, l)]), recs
+
+
+def test_analyze_capture_stacks_records():
+    cap, recs = fake_capture()
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--steps", "1", "--heads", "3", "--iters", "2", "--layout", "fh,w:1,2,1",
                               "--layout", "contiguous:12x15", "--device", "cpu"])
+    args.progress = False
     ds = analyze_capture(cap, args)
     assert dict(ds.sizes) == {"record": 2, "head": 1, "config": 2, "iters": 2, "variant": 2}
     assert ds["step"].values.tolist() == [1, 1] and ds["chunk"].values.tolist() == [0, 1]
+    assert ds["query_start_frame"].values.tolist() == [0, 3]  # differs between records: a record coordinate
     assert ds["head"].values.tolist() == [3]
     rec = recs[(1, 1, 2)]
     one = monarch_sweep(rec.q([3]), rec.k([3]), None, rec.lse([3]), rec.query_tokens, rec.key_tokens, GRID, 0.5,
@@ -176,7 +183,10 @@ def test_analyze_capture_stacks_records():
     assert ds.isel(record=1).projection_rel_fro.values.tolist() == one.projection_rel_fro.values.tolist()
     # defaults: only layouts that fit every selected record (chunk 0 and chunk 1)
     args = parser.parse_args(["--chunks", "0,1", "--steps", "0", "--heads", "0", "--iters", "0", "--no-topk"])
+    args.progress = False
     ds = analyze_capture(cap, args)
     assert "fh,w (1,1,1)" in ds.config.values and "variational_map_mse" not in ds
+    args = parser.parse_args(["--layers", "5"])
+    args.progress = False
     with pytest.raises(SelectionError):
-        analyze_capture(cap, parser.parse_args(["--layers", "5"]))
+        analyze_capture(cap, args)

@@ -31,7 +31,7 @@ import xarray as xr
 from toolkit.analysis import topk
 from toolkit.attention import exact
 from toolkit.attention.monarch import allowed_tiles, exact_projection, map_errors, variational
-from toolkit.errors import SelectionError, ToolkitError
+from toolkit.errors import ToolkitError
 from toolkit.grid import ALIGNED_BASES, MonarchLayout, TokenGrid, as_grid
 
 # The paper's tilings of the fh,w base (monarchrt.md §5) and the other aligned bases at 3 tied frames.
@@ -57,24 +57,22 @@ def _misaligned_block(tile_tokens: int, width: int) -> tuple[int, int] | None:
 
 
 def default_layouts(grid, query_frames=None, key_frames=None, block_causal_frames=None) -> list[MonarchLayout]:
-    """The paper's fh,w tilings, the six aligned bases at (3,1,1) and untiled, and misaligned contiguous
-    controls (one chunk or one frame per tile); only those valid for the given frame ranges."""
+    """The paper's fh,w tilings; every aligned base framewise, per chunk and untiled; and misaligned contiguous
+    controls (one chunk or one frame per tile). Only layouts valid for the given frame ranges, b1, b2 ≥ 2."""
     grid = as_grid(grid)
-    candidates = []
-    for tiling in FH_W_TILINGS:
-        candidates.append(lambda t=tiling: MonarchLayout.aligned(grid, "fh,w", t))
+    chunk = CHUNK_FRAMES if query_frames is None else query_frames[1] - query_frames[0]
+    candidates = [("fh,w", tiling) for tiling in FH_W_TILINGS]
     for base in ALIGNED_BASES:
-        for tiling in ((CHUNK_FRAMES, 1, 1), (grid.frames, 1, 1)):
-            if not (base == "fh,w" and tiling == (CHUNK_FRAMES, 1, 1)):
-                candidates.append(lambda b=base, t=tiling: MonarchLayout.aligned(grid, b, t))
-    for frames in (CHUNK_FRAMES, 1):
+        candidates += [(base, (f_t, 1, 1)) for f_t in sorted({1, CHUNK_FRAMES, chunk, grid.frames})]
+    for frames in sorted({chunk, CHUNK_FRAMES, 1}, reverse=True):
         block = _misaligned_block(frames * grid.tokens_per_frame, grid.width)
         if block:
-            candidates.append(lambda b=block: MonarchLayout.contiguous(grid, *b))
+            candidates.append(("contiguous", block))
     layouts, seen = [], set()
-    for make in candidates:
+    for kind, params in candidates:
         try:
-            lay = make()
+            lay = MonarchLayout.contiguous(grid, *params) if kind == "contiguous" else MonarchLayout.aligned(
+                grid, kind, params)
             _check_layout(lay, query_frames, key_frames, block_causal_frames)
         except ToolkitError:
             continue
@@ -200,7 +198,8 @@ def monarch_sweep(
         ds = ds.merge(_topk_at_monarch_budget(q, k, v, lse, scale, layouts, heads, device))
     _label(ds)
     ds.attrs.update(
-        grid=list(grid), query_frames=list(qf), key_frames=list(kf), scale=float(scale),
+        grid=list(grid), query_start_frame=qf[0], query_end_frame=qf[1], key_start_frame=kf[0],
+        key_end_frame=kf[1], scale=float(scale),
         block_causal_frames=-1 if block_causal_frames is None else int(block_causal_frames),
         n_queries=int(q.shape[-2]), n_keys=int(k.shape[-2]), rank1_method=method,
         description="Monarch approximation errors vs the exact attention map (toolkit.analysis.monarch)",
@@ -268,18 +267,14 @@ def _label(ds: xr.Dataset) -> None:
 
 
 # ---- capture entry points (toolkit analyze monarch) ------------------------------------------------------------
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``toolkit analyze monarch`` (record selection options are added only if not present)."""
-    have = set(parser._option_string_actions)  # shared selection options may come from analyze.py
-    sel = [("--steps", "denoising steps (default: all stored)"), ("--chunks", "chunks (default: all stored)"),
-           ("--layers", "layers (default: all stored)"), ("--heads", "heads (default: all stored)")]
-    for flag, text in sel:
+    from toolkit.analysis import index_list
+
+    have = set(parser._option_string_actions)  # toolkit analyze adds the shared selection options itself
+    for flag in ("--steps", "--chunks", "--layers", "--heads"):
         if flag not in have:
-            parser.add_argument(flag, type=_int_list, default=None, metavar="I,J,...", help=text)
+            parser.add_argument(flag, type=index_list, default=None, metavar="LIST", help="'all' or e.g. 0,3,8-10")
     g = parser.add_argument_group("Monarch")
     g.add_argument("--layout", action="append", default=None, metavar="SPEC",
                    help="Monarch layout, repeatable: BASE:F,H,W (bases fh,w w,fh f,hw hw,f fw,h h,fw; tiling "
@@ -294,50 +289,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
 
 
-def _select(values: list[int], wanted: list[int] | None, what: str) -> list[int]:
-    if wanted is None:
-        return values
-    missing = sorted(set(wanted) - set(values))
-    if missing:
-        raise SelectionError(f"{what} {missing} not stored (stored: {sorted(set(values))})")
-    return [x for x in values if x in set(wanted)]
-
-
 def analyze_capture(cap, args: argparse.Namespace) -> xr.Dataset:
-    """Monarch sweep over the selected records of an open capture; dims ``record, head, config, ...`` with
-    ``step, chunk, layer, timestep`` coordinates along ``record``. Needs q, k and lse (v for output errors)."""
-    keys = list(cap.records)
-    steps = set(_select(sorted({r.step for r in keys}), getattr(args, "steps", None), "steps"))
-    chunks = set(_select(sorted({r.chunk for r in keys}), getattr(args, "chunks", None), "chunks"))
-    layers = set(_select(sorted({r.layer for r in keys}), getattr(args, "layers", None), "layers"))
-    records = [cap.record(*r) for r in keys if r.step in steps and r.chunk in chunks and r.layer in layers]
-    if not records:
-        raise SelectionError("no stored record matches the selection")
+    """Monarch sweep over the selected records of an open capture, stacked along ``record`` (coordinates
+    ``step, chunk, layer, timestep, is_clean`` and the frame ranges). Needs q, k, lse (v for output errors)."""
+    from toolkit.analysis import analyze_records, select_records
+
     grid = TokenGrid(*cap.grid)
-    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     if getattr(args, "layout", None):
         layouts = [parse_layout(spec, grid) for spec in args.layout]
     else:  # the defaults that fit every selected record, so that records stack along one config dim
+        records = [cap.record(*key) for key in select_records(cap, args)]
         layouts = default_layouts(grid, records[0].query_frames, records[0].key_frames)
         for rec in records[1:]:
             fit = {lay.name for lay in default_layouts(grid, rec.query_frames, rec.key_frames)}
             layouts = [lay for lay in layouts if lay.name in fit]
-    parts = []
-    for rec in records:
-        heads = _select(rec.heads, getattr(args, "heads", None), "heads")
-        try:
-            v = rec.v(heads)
-        except ToolkitError:
-            v = None  # V not stored: map errors only
-        ds = monarch_sweep(
-            rec.q(heads), rec.k(heads), v, rec.lse(heads), rec.query_tokens, rec.key_tokens, grid, rec.scale,
-            layouts=layouts, iters=getattr(args, "iters", 3), projection=not getattr(args, "no_projection", False),
-            topk_baseline=not getattr(args, "no_topk", False), heads=heads, rank1=getattr(args, "rank1", "auto"),
-            device=device,
+    with_v = "v" in cap.stored
+
+    def one(rec, heads, device):
+        return monarch_sweep(
+            rec.q(heads), rec.k(heads), rec.v(heads) if with_v else None, rec.lse(heads), rec.query_tokens,
+            rec.key_tokens, grid, rec.scale, layouts=layouts, iters=getattr(args, "iters", 3),
+            projection=not getattr(args, "no_projection", False), topk_baseline=not getattr(args, "no_topk", False),
+            heads=heads, rank1=getattr(args, "rank1", "auto"), device=device,
         )
-        parts.append(ds.expand_dims(record=[len(parts)]).assign_coords(
-            step=("record", [rec.step]), chunk=("record", [rec.chunk]), layer=("record", [rec.layer]),
-            timestep=("record", [rec.timestep])))
-    out = xr.concat(parts, dim="record", combine_attrs="drop_conflicts")
-    out.attrs.update(source=str(getattr(cap, "path", "")))
-    return out
+
+    return analyze_records(cap, args, one, needs=("q", "k", "lse"), name="monarch")
