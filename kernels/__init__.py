@@ -9,15 +9,21 @@ Without a CUDA device the kernels run through Triton's interpreter (slow; for te
 byte counts and measured times: ``kernels/NOTES.md``; benchmark: ``toolkit bench`` / ``benchmarks/bench_kernels.py``.
 """
 
-from toolkit.kernels.compare import RowErrors, monarch_compare
-from toolkit.kernels.explicit import apply_factors, monarch_factors_apply
-from toolkit.kernels.monarch import monarch_attention_triton, monarch_backend_triton
+import importlib
 
-__all__ = [
-    "RowErrors",
-    "apply_factors",
-    "monarch_attention_triton",
-    "monarch_backend_triton",
-    "monarch_compare",
-    "monarch_factors_apply",
-]
+# Lazy exports: importing toolkit.kernels (e.g. for `toolkit bench --help`) does not load torch or Triton.
+_EXPORTS = {
+    "RowErrors": "compare",
+    "monarch_compare": "compare",
+    "apply_factors": "explicit",
+    "monarch_factors_apply": "explicit",
+    "monarch_attention_triton": "monarch",
+    "monarch_backend_triton": "monarch",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"toolkit.kernels.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'toolkit.kernels' has no attribute {name!r}")

@@ -114,6 +114,19 @@ class TileGeometry:
         return (self.grid[1], self.grid[2], self.h_in, self.w_in, *self.tiling)
 
 
+_ALLOWED_ON_DEVICE: dict = {}
+
+
+def key_tiles_allowed_on(
+    device: torch.device, queries: TileGeometry, keys: TileGeometry, block_causal_frames: int | None
+) -> torch.Tensor:
+    """:func:`key_tiles_allowed` on ``device``, memoised (no host-to-device copy per call)."""
+    key = (str(device), queries, keys, block_causal_frames)
+    if key not in _ALLOWED_ON_DEVICE:
+        _ALLOWED_ON_DEVICE[key] = key_tiles_allowed(queries, keys, block_causal_frames).to(device)
+    return _ALLOWED_ON_DEVICE[key]
+
+
 def key_tiles_allowed(
     queries: TileGeometry, keys: TileGeometry, block_causal_frames: int | None
 ) -> torch.Tensor:
@@ -204,6 +217,8 @@ def _store_cache(key: str, value: dict) -> None:
         pass  # a read-only home only costs re-tuning
 
 
+_PICKED: dict[str, dict] = {}
+
 # What the last `pick_config` call did, for the benchmark: {"key", "source": cached|tuned|default, "seconds"}.
 TUNING_LOG: list[dict] = []
 
@@ -219,15 +234,18 @@ def pick_config(
 ) -> dict:
     """The cached config for ``key``; else, with ``autotune``, time ``candidates`` (compile excluded) and cache
     the fastest; else ``default``. ``run(config)`` launches the kernel once with that config."""
+    if key in _PICKED:  # decided earlier in this process: no disk read, no log entry
+        return _PICKED[key]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     full_key = f"{device}|triton {triton.__version__}|{key}"
     cached = _load_cache().get(full_key)
     if cached is not None:
         TUNING_LOG.append({"key": key, "source": "cached", "seconds": 0.0, "config": cached})
+        _PICKED[key] = cached
         return cached
     if not autotune or interpreted() or not torch.cuda.is_available():
         TUNING_LOG.append({"key": key, "source": "default", "seconds": 0.0, "config": default})
-        return default
+        return default  # not memoised: a later call may ask to tune
     t0 = time.perf_counter()
     best, best_ms = default, float("inf")
     for cfg in [default, *[c for c in candidates if c != default]]:
@@ -240,6 +258,7 @@ def pick_config(
         if ms < best_ms:
             best, best_ms = cfg, ms
     _store_cache(full_key, best)
+    _PICKED[key] = best
     TUNING_LOG.append({"key": key, "source": "tuned", "seconds": time.perf_counter() - t0, "config": best})
     return best
 

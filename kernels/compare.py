@@ -28,7 +28,7 @@ from toolkit.kernels._common import (
     TileGeometry,
     check_head_dim,
     interpreted,
-    key_tiles_allowed,
+    key_tiles_allowed_on,
     pow2,
     tile_token,
     tl,
@@ -214,7 +214,7 @@ def monarch_compare(
         raise ToolkitError(f"monarch_compare needs tile width b2 <= 128, got {gq.b2}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     scale = D**-0.5 if scale is None else float(scale)
-    allowed = key_tiles_allowed(gq, gk, block_causal_frames).to(q.device)
+    allowed = key_tiles_allowed_on(q.device, gq, gk, block_causal_frames)
     explicit = factors is not None
     if explicit:
         lf, rf = (factors.L, factors.R) if hasattr(factors, "L") else factors

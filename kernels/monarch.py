@@ -34,6 +34,7 @@ from toolkit.kernels._common import (
     autotune_enabled,
     check_head_dim,
     key_tiles_allowed,
+    key_tiles_allowed_on,
     mma,
     output_buffer,
     pick_config,
@@ -247,7 +248,7 @@ def monarch_attention_triton(
         raise ToolkitError(f"unsupported dtypes q {q.dtype}, k {k.dtype}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     scale = D**-0.5 if scale is None else float(scale)
-    allowed = key_tiles_allowed(gq, gk, block_causal_frames).to(q.device)
+    allowed = key_tiles_allowed_on(q.device, gq, gk, block_causal_frames)
     b1, b2, A, F = gq.b1, gq.b2, gq.num_tiles, gk.num_tiles
 
     # Intermediates per query tile: α and Y (dtype of q) and c (fp32), over all key tiles.
