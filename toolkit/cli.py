@@ -20,7 +20,9 @@ COMMANDS = (
     "capture",
     "inspect",
     "analyze",
+    "figures",
     "train",
+    "bench",
 )
 
 
