@@ -11,9 +11,10 @@ Modules: ``selection`` (what to record, validated before the model loads), ``rec
 ``pooled`` (frame×frame and offset views), ``adapters`` (capture from other DiTs).
 """
 
+from toolkit.capture.adapters import SDPAAdapter
 from toolkit.capture.reader import Capture, Record, RecordKey, open_capture
 from toolkit.capture.recorder import Recorder, capture
 from toolkit.capture.selection import Plan, RunLayout, Selection, resolve
 
-__all__ = ["Capture", "Plan", "Record", "RecordKey", "Recorder", "RunLayout", "Selection", "capture",
+__all__ = ["Capture", "Plan", "Record", "RecordKey", "Recorder", "RunLayout", "SDPAAdapter", "Selection", "capture",
            "open_capture", "resolve"]

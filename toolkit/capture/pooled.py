@@ -56,7 +56,9 @@ def pooled_sums(
     query_chunk: int = 256,
 ) -> PooledSums:
     """q ``h i d`` (stored queries, clip tokens ``query_tokens``), k ``h j d`` covering whole frames
-    ``key_frames`` in raster order, lse ``h i`` -> PooledSums (float32, on q's device)."""
+    ``key_frames`` in raster order, lse ``h i`` -> PooledSums (float32, on q's device).
+
+    Pass ``query_tokens`` on q's device to keep the GPU queue running (a host tensor costs a synchronous copy)."""
     tg = TokenGrid(*grid)
     frames, height, width = grid
     kf0, kf1 = key_frames
@@ -86,5 +88,5 @@ def pooled_sums(
         scatter(off_t, s_f, key_frame_ids[None, :] - bqf[:, None] + frames - 1)
         scatter(off_h, s_h, rows[None, :] - bqh[:, None] + height - 1)
         scatter(off_w, s_w, cols[None, :] - bqw[:, None] + width - 1)
-    counts = torch.bincount(qf, minlength=frames)
+    counts = torch.zeros(frames, device=dev, dtype=torch.long).index_add_(0, qf, torch.ones_like(qf))  # no host sync
     return PooledSums(frame_mass, counts, off_t, off_h, off_w, int(query_tokens.numel()))

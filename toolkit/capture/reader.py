@@ -273,7 +273,7 @@ class Capture:
         q_tok = rec.query_tokens
         if queries is not None:
             want = torch.as_tensor(queries, dtype=torch.long).flatten()
-            pos = torch.searchsorted(q_tok, want).clamp(max=len(q_tok) - 1)
+            pos = torch.searchsorted(q_tok, want.contiguous()).clamp(max=len(q_tok) - 1)
             if len(q_tok) == 0 or not torch.equal(q_tok[pos], want):
                 raise ToolkitError("some requested queries were not stored for this record (see rec.query_tokens)")
             q, lse, q_tok = q[pos.to(q.device)], lse[pos.to(q.device)], want

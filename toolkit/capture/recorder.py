@@ -38,6 +38,7 @@ class Recorder:
         self.pending = set(plan.records) - done_records
         self.kv_pending = {(s, c, l) for (s, c) in plan.kv_cells for l in plan.layers} - done_kv
         self.seen: set = set()
+        self.all_heads = plan.heads == list(range(plan.layout.num_heads))
         self._heads: dict[torch.device, torch.Tensor] = {}
         self._queries: dict[torch.device, torch.Tensor] = {}
 
@@ -111,7 +112,7 @@ class Recorder:
             if "q" in plan.store:
                 put("q", (s_i, l_i, slice(None), slice(qa, qb)), to_storage(qs, store.storage))
             if {"lse", "maps", "pooled"} & plan.store:
-                ks = k[b].index_select(1, heads).transpose(0, 1)  # h j d, every attended key
+                ks = (k[b] if self.all_heads else k[b].index_select(1, heads)).transpose(0, 1)  # h j d, all keys
                 lse = exact.logsumexp(qs, ks, ctx.scale)  # h i, float32
                 if "lse" in plan.store:
                     put("lse", (s_i, l_i, slice(None), slice(qa, qb)), lse.float())
@@ -121,14 +122,14 @@ class Recorder:
                         put("maps", (s_i, l_i, slice(None), slice(qa + rows.start, qa + rows.stop),
                                      slice(k0, k0 + ks.shape[1])), p.float())
                 if "pooled" in plan.store:
-                    self._pooled(qs, ks, lse, ctx, s_i, l_i, qa, qb)
+                    self._pooled(qs, ks, lse, ctx, s_i, l_i, local + t0)
             put("record_timestep", (s_i, ctx.chunk), torch.tensor(ctx.timestep, dtype=torch.float64))
             put("record_key_start_frame", (s_i, ctx.chunk), torch.tensor(ctx.key_frames[0], dtype=torch.int32))
             self.writer.mark("record_complete", (s_i, ctx.chunk, l_i), record=True)
             self.pending.discard(key)
 
-    def _pooled(self, qs, ks, lse, ctx, s_i, l_i, qa, qb) -> None:
-        sums = pooled_sums(qs, ks, lse, ctx.scale, self.plan.queries[qa:qb], ctx.key_frames, ctx.grid)
+    def _pooled(self, qs, ks, lse, ctx, s_i, l_i, query_tokens) -> None:
+        sums = pooled_sums(qs, ks, lse, ctx.scale, query_tokens, ctx.key_frames, ctx.grid)
         means = sums.means()
         f0, f1 = ctx.query_frames
         put = self.writer.put
