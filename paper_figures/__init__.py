@@ -1,1 +1,124 @@
-"""Paper figure scripts (imported as ``toolkit.paper_figures``)."""
+"""Paper figures (imported as ``toolkit.paper_figures``): one small module per figure, a shared style, and
+``make_figures`` behind ``toolkit figures RUN.h5 --out figs/``.
+
+    from toolkit.paper_figures import FigureSettings, make_figures
+    manifest = make_figures("run.h5", "figs/", FigureSettings(figures=("fig1", "coverage")))
+
+Figures only plot Datasets returned by the analyses (``toolkit.analysis.periodic/topk/monarch``), which run on
+demand and are cached as ``analysis_*.nc`` in the output folder (``results.py``). ``manifest.json`` records the
+input file's SHA-256, the toolkit version, the resolved settings and every file written.
+
+Modules (each: ``NAME``, ``TITLE``, ``check``, ``data``, ``plot``; see ``common.py``):
+``fig1_mse_sparsity`` (Fig. 1), ``fig2_structure`` (Fig. 2), ``coverage``, ``alignment``, ``kernel_tables``,
+``offsets``, ``spectra``, ``head_types``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from toolkit.paper_figures.common import Context, FigureSettings, default_focus, default_pairs
+
+from toolkit.errors import ToolkitError
+
+# short name -> module, in the order figures are made
+FIGURES = {
+    "fig1": "fig1_mse_sparsity",
+    "fig2": "fig2_structure",
+    "coverage": "coverage",
+    "alignment": "alignment",
+    "offsets": "offsets",
+    "spectra": "spectra",
+    "head-types": "head_types",
+    "kernels": "kernel_tables",
+}
+# Figures that need no capture data: part of "all" only when their input is given.
+OPTIONAL = {"kernels": lambda s: bool(s.bench)}
+
+__all__ = ["FIGURES", "FigureSettings", "figure_module", "make_figures", "resolve_figures"]
+
+
+def figure_module(name: str):
+    return importlib.import_module(f"toolkit.paper_figures.{FIGURES[name]}")
+
+
+def resolve_figures(settings: FigureSettings) -> list[str]:
+    """Short names of the figures to make, in order (``all`` = every capture figure, plus the optional ones whose
+    input was given)."""
+    asked = [x.strip() for item in settings.figures for x in item.split(",") if x.strip()]
+    by_module = {module: short for short, module in FIGURES.items()}
+    names = []
+    for x in asked:
+        if x == "all":
+            names += [n for n in FIGURES if n not in OPTIONAL or OPTIONAL[n](settings)]
+        elif x in FIGURES or x in by_module:
+            names.append(by_module.get(x, x))
+        else:
+            raise ToolkitError(f"unknown figure '{x}' (choose from all, {', '.join(FIGURES)})")
+    return [n for n in FIGURES if n in set(names)]
+
+
+def _versions() -> dict[str, str]:
+    import matplotlib
+    import numpy
+    import torch
+    import xarray
+
+    from toolkit import __version__
+
+    return {"toolkit": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+            "numpy": numpy.__version__, "xarray": xarray.__version__, "matplotlib": matplotlib.__version__}
+
+
+def make_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, settings: FigureSettings | None = None,
+                 *, log=print, progress: bool = True) -> dict[str, Any]:
+    """Make the selected figures of one capture into ``out_dir``; returns the manifest (also written as
+    ``manifest.json``). Every figure's requirements are checked before any analysis runs."""
+    from toolkit.paper_figures.results import ResultCache, file_sha256
+
+    from toolkit.capture import open_capture
+
+    settings = settings or FigureSettings()
+    names = resolve_figures(settings)
+    out = Path(out_dir)
+    with open_capture(capture_path) as cap:
+        focus = default_focus(cap)
+        step = settings.step if settings.step is not None else focus[0]
+        chunk = settings.chunk if settings.chunk is not None else focus[1]
+        pairs = [tuple(p) for p in settings.pairs] if settings.pairs else default_pairs(cap)
+        sha = file_sha256(cap.path)
+        results = ResultCache(cap, out, sha, log=log, progress=progress, device=settings.device)
+        ctx = Context(cap, results, settings, step, chunk, pairs, log)
+        modules = {n: figure_module(n) for n in names}
+        for module in modules.values():  # refuse before spending any time
+            module.check(ctx)
+        out.mkdir(parents=True, exist_ok=True)
+        log(f"figures of {cap.path} -> {out}/ (step {step}, chunk {chunk}, pairs "
+            f"{', '.join(f'L{a}H{b}' for a, b in pairs)})")
+        made = {}
+        for i, module in enumerate(modules.values(), 1):
+            log(f"[{i}/{len(modules)}] {module.NAME}: {module.TITLE}")
+            module.plot(module.data(ctx), out)
+            files = sorted(p.name for p in out.glob(f"{module.NAME}.*"))
+            made[module.NAME] = {"title": module.TITLE, "files": files}
+        manifest = {
+            "input": {"path": os.path.abspath(cap.path), "sha256": sha, "bytes": os.path.getsize(cap.path),
+                      "provenance": {k: v for k, v in cap.attrs.items()
+                                     if k in ("model", "checkpoint", "checkpoint_sha256", "prompt", "seed",
+                                              "sampler", "toolkit_version", "date_created")}},
+            "versions": _versions(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "settings": {**settings.to_dict(), "figures": names, "step": step, "chunk": chunk,
+                         "pairs": [list(p) for p in pairs]},
+            "figures": made,
+            "analyses": results.used,
+        }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+    log(f"wrote {sum(len(m['files']) for m in made.values())} files and manifest.json to {out}/")
+    return manifest

@@ -1,0 +1,98 @@
+"""Coverage: how many keys a query needs for 95 % of its attention mass, per head, across layers and steps —
+the paper's "48–84 % of tokens" statistic (reported by a secondary source, monarchrt.md §2).
+
+(a) per head (grouped by layer) the distribution over every stored query of every selected step and chunk of
+``coverage_fraction`` at mass p (``toolkit.analysis.topk``): box = quartiles, whiskers = 5–95 %; (b) its median
+as a layer × head map; (c) the median per layer at each step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from toolkit.paper_figures import style
+from toolkit.paper_figures.common import Context, require_stored
+
+from toolkit.analysis.topk import COVERAGE_MASSES
+
+NAME = "coverage"
+TITLE = "fraction of keys for 95 % of the attention mass, per head, across layers and steps"
+PAPER_RANGE = (0.48, 0.84)  # secondary report (ZH), heads/steps unknown
+
+
+def check(ctx: Context) -> None:
+    require_stored(ctx.cap, NAME, ("q", "k", "lse"))
+
+
+def coverage_selection(ctx: Context) -> dict:
+    s = ctx.settings
+    return dict(steps=s.steps, chunks=s.chunks, layers=s.layers, heads=None,
+                masses=tuple(sorted(set(COVERAGE_MASSES) | {s.mass})))
+
+
+def data(ctx: Context) -> dict:
+    tk = ctx.results.get("topk", **coverage_selection(ctx))
+    return dict(topk=tk, mass=ctx.settings.mass)
+
+
+def pooled(tk, mass: float, *, layer: int, head: int, step: int | None = None) -> np.ndarray:
+    """All finite coverage fractions of ``head`` in the records of ``layer`` (and ``step``): the values one box
+    of panel (a) summarises."""
+    sel = tk["layer"].values == layer
+    if step is not None:
+        sel &= tk["step"].values == step
+    cf = tk["coverage_fraction"].sel(mass=mass, head=head).isel(record=np.nonzero(sel)[0]).values
+    return cf[np.isfinite(cf)]
+
+
+@style.use_style
+def plot(d: dict, out_dir: str | Path) -> dict:
+    tk, mass = d["topk"], d["mass"]
+    layers = sorted({int(x) for x in tk["layer"].values})
+    heads = [int(h) for h in tk["head"].values]
+    steps = sorted({int(x) for x in tk["step"].values})
+    fig = matplotlib.pyplot.figure(figsize=(max(6.5, 0.16 * len(layers) * len(heads) + 1.5), 5.6),
+                                   constrained_layout=True)
+    grid = fig.add_gridspec(2, 2)
+    a, b, c = fig.add_subplot(grid[0, :]), fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
+    values, positions, colors = [], [], []
+    median = np.full((len(layers), len(heads)), np.nan)
+    for li, layer in enumerate(layers):
+        for hi, head in enumerate(heads):
+            v = pooled(tk, mass, layer=layer, head=head)
+            values.append(v if v.size else np.array([np.nan]))
+            positions.append(li * (len(heads) + 1) + hi)
+            colors.append(style.CYCLE[li % 2 * 5])  # alternate blue / sky blue by layer
+            median[li, hi] = np.median(v) if v.size else np.nan
+    box = a.boxplot(values, positions=positions, widths=0.7, whis=(5, 95), showfliers=False, patch_artist=True,
+                    medianprops={"color": style.OKABE_ITO["black"]})
+    for patch, color in zip(box["boxes"], colors):
+        patch.set(facecolor=color, alpha=0.6)
+    a.axhspan(*PAPER_RANGE, color=style.COLORS["topk"], alpha=0.12, lw=0,
+              label="48–84 % (reported for some Self-Forcing heads)")
+    centres = [li * (len(heads) + 1) + (len(heads) - 1) / 2 for li in range(len(layers))]
+    a.set_xticks(centres, [f"L{layer}" for layer in layers])
+    a.set(ylim=(0, 1), xlabel="layer (one box per head, heads left to right)",
+          ylabel=f"fraction of keys for {mass:.0%} mass", title=f"(a) coverage per head, steps {steps}")
+    a.legend(loc="upper right")
+    im = b.imshow(median, cmap=style.SEQUENTIAL, vmin=0, vmax=max(1e-3, float(np.nanmax(median))), aspect="auto",
+                  origin="lower")
+    b.set(xlabel="head", ylabel="layer", xticks=range(len(heads)), xticklabels=heads, yticks=range(len(layers)),
+          yticklabels=layers, title="(b) median coverage")
+    b.grid(False)
+    fig.colorbar(im, ax=b, shrink=0.8, label="fraction of keys")
+    per_step = np.full((len(layers), len(steps)), np.nan)
+    cmap = matplotlib.colormaps[style.SEQUENTIAL]
+    for li, layer in enumerate(layers):
+        for si, step in enumerate(steps):
+            v = np.concatenate([pooled(tk, mass, layer=layer, head=h, step=step) for h in heads])
+            per_step[li, si] = np.median(v) if v.size else np.nan
+        c.plot(steps, per_step[li], marker="o", ms=3, color=cmap(li / max(1, len(layers) - 1)), label=f"L{layer}")
+    c.set(xlabel="step", ylabel="median fraction of keys", xticks=steps, title="(c) median over heads, per layer")
+    if len(layers) <= 10:
+        c.legend(fontsize=6, ncol=2)
+    style.save(fig, out_dir, NAME)
+    return {"median": median, "per_step": per_step, "layers": np.array(layers), "heads": np.array(heads),
+            "steps": np.array(steps)}

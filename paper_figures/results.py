@@ -1,0 +1,117 @@
+"""Analysis results for the figures: run ``toolkit.analysis.<name>.analyze_capture`` once, cache it as NetCDF.
+
+The figures never compute attention statistics themselves; they plot the Datasets returned here. A cached file
+``<out>/analysis_<name>.nc`` is reused when its ``figures_cache_key`` attribute matches the input file's SHA-256,
+the analysis name and its arguments; otherwise the analysis runs again (with its own progress bars) and the file
+is replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+
+ANALYSES = ("periodic", "topk", "monarch")
+
+
+def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def analysis_args(name: str, capture_path: str, **selection: Any) -> argparse.Namespace:
+    """The arguments ``toolkit analyze NAME RUN.h5`` would get (its parser's defaults, so every option the
+    analysis reads exists), with the record selection (``steps``, ``chunks``, ``layers``, ``heads``: int lists,
+    None = all stored) and any analysis option (e.g. ``iters=1``) replaced."""
+    from toolkit.commands.analyze import _load, build_parser
+
+    args = build_parser(name, _load(name)).parse_args([str(capture_path), "--out", "unused.nc"])
+    for key, value in selection.items():
+        setattr(args, key, value)
+    return args
+
+
+def _jsonable(args: argparse.Namespace) -> dict:
+    return {k: v if isinstance(v, (int, float, str, bool, type(None))) else list(v) if isinstance(
+        v, (list, tuple)) else repr(v) for k, v in sorted(vars(args).items())}
+
+
+class ResultCache:
+    """Analysis Datasets of one capture, cached in ``out_dir`` (see module docstring)."""
+
+    def __init__(self, cap, out_dir: str | os.PathLike, input_sha256: str, *, log=print, progress: bool = True,
+                 device: str | None = None) -> None:
+        self.cap, self.out_dir, self.sha = cap, Path(out_dir), input_sha256
+        self.log, self.progress, self.device = log, progress, device
+        self.used: dict[str, dict] = {}  # name -> {"file", "cache_key", "args", "reused"} for the manifest
+
+    def get(self, name: str, *, tag: str = "", **selection: Any) -> xr.Dataset:
+        """Dataset of analysis ``name`` on the selected records (cached in ``analysis_<name>[_<tag>].nc``; a tag
+        keeps differently-selected runs of one analysis apart). ``selection``: attributes of the ``toolkit
+        analyze`` arguments (``steps=[3]``, ``layers=[0, 8]``, ``iters=1``, ...)."""
+        if self.device is not None:
+            selection.setdefault("device", self.device)
+        args = analysis_args(name, self.cap.path, progress=self.progress, **selection)
+        settings = _jsonable(args)
+        settings.pop("runs", None), settings.pop("out", None), settings.pop("progress", None)
+        key = hashlib.sha256(json.dumps([self.sha, name, settings], sort_keys=True).encode()).hexdigest()[:16]
+        label = f"{name}_{tag}" if tag else name
+        path = self.out_dir / f"analysis_{label}.nc"
+        if path.is_file():
+            with xr.open_dataset(path, engine="h5netcdf") as cached:
+                if cached.attrs.get("figures_cache_key") == key:
+                    self.log(f"  {label}: reusing {path.name}")
+                    self.used[label] = dict(file=path.name, cache_key=key, args=settings, reused=True)
+                    return cached.load()
+        self.log(f"  {label}: running toolkit.analysis.{name} on {self._describe(selection)}")
+        from toolkit.analysis import netcdf_attrs
+
+        module = importlib.import_module(f"toolkit.analysis.{name}")
+        ds = module.analyze_capture(self.cap, args)
+        ds.attrs.update(analysis=name, figures_cache_key=key, figures_analysis_args=json.dumps(settings))
+        netcdf_attrs(ds)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".nc.tmp")
+        ds.to_netcdf(tmp, engine="h5netcdf")
+        os.replace(tmp, path)  # a crash mid-write never leaves a half file that looks cached
+        self.used[label] = dict(file=path.name, cache_key=key, args=settings, reused=False)
+        return ds
+
+    @staticmethod
+    def _describe(selection: dict) -> str:
+        parts = [f"{k} {','.join(map(str, v))}" for k, v in selection.items()
+                 if k in ("layers", "heads", "steps", "chunks") and v is not None]
+        return "; ".join(parts) or "all stored records"
+
+
+def record_of(ds: xr.Dataset, *, step: int, chunk: int, layer: int) -> xr.Dataset:
+    """The one record ``(step, chunk, layer)`` of a Dataset stacked along ``record`` (coords step/chunk/layer)."""
+    if "record" not in ds.dims:
+        return ds
+    mask = (ds["step"] == step) & (ds["chunk"] == chunk) & (ds["layer"] == layer)
+    idx = [int(i) for i in mask.values.nonzero()[0]]
+    if not idx:
+        raise KeyError(f"record step={step} chunk={chunk} layer={layer} not in the analysis result")
+    return ds.isel(record=idx[0])
+
+
+def layer_head_table(ds: xr.Dataset, var: str, *, step: int, chunk: int) -> xr.DataArray:
+    """``var`` (a per-head scalar) of every layer's record at (step, chunk) as a ``layer × head`` DataArray."""
+    mask = (ds["step"] == step) & (ds["chunk"] == chunk)
+    idx = [int(i) for i in mask.values.nonzero()[0]]
+    if not idx:
+        raise KeyError(f"no record at step={step} chunk={chunk} in the analysis result")
+    sub = ds[var].isel(record=idx)
+    layers = ds["layer"].values[idx]
+    order = layers.argsort()
+    return sub.isel(record=order).assign_coords(layer=("record", layers[order])).swap_dims(record="layer")

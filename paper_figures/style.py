@@ -1,0 +1,126 @@
+"""One look for every figure: Okabe–Ito colours (colour-blind safe), viridis/cividis maps, labelled axes, PNG + PDF.
+
+    from toolkit.paper_figures import style
+    fig, ax = style.subplots(1, 2)
+    ax[0].plot(x, y, color=style.COLORS["monarch"])
+    style.save(fig, out_dir, "fig1_mse_vs_sparsity")   # -> fig1_mse_vs_sparsity.png and .pdf
+
+Colours have fixed meanings across figures (``COLORS``), so "Monarch" is the same blue everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files; never open a window (CI, SSH, notebooks call plt.show themselves)
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Okabe & Ito (2008), "Color Universal Design".
+OKABE_ITO = {
+    "black": "#000000",
+    "orange": "#E69F00",
+    "sky_blue": "#56B4E9",
+    "bluish_green": "#009E73",
+    "yellow": "#F0E442",
+    "blue": "#0072B2",
+    "vermillion": "#D55E00",
+    "reddish_purple": "#CC79A7",
+}
+CYCLE = [OKABE_ITO[c] for c in ("blue", "orange", "bluish_green", "vermillion", "reddish_purple", "sky_blue",
+                                "yellow", "black")]
+# Meaning -> colour, shared by all figures (the paper's Fig. 1 draws Monarch blue and top-k orange).
+COLORS = {
+    "monarch": OKABE_ITO["blue"],  # exact projection onto Monarch
+    "variational": OKABE_ITO["sky_blue"],  # MonarchAttention, T iterations
+    "topk": OKABE_ITO["orange"],  # oracle top-k
+    "misaligned": OKABE_ITO["vermillion"],
+    "tiled": OKABE_ITO["bluish_green"],
+    "spike": OKABE_ITO["vermillion"],
+    "reference": OKABE_ITO["black"],
+}
+SEQUENTIAL = "viridis"  # magnitudes (attention mass, power)
+SEQUENTIAL_ALT = "cividis"  # a second sequential map where two magnitudes sit side by side
+HEAD_TYPE_COLORS = {"spatial": OKABE_ITO["blue"], "temporal": OKABE_ITO["orange"], "global": OKABE_ITO["bluish_green"],
+                    "dense": OKABE_ITO["bluish_green"], "mixed": OKABE_ITO["reddish_purple"],
+                    "other": OKABE_ITO["sky_blue"]}
+FORMATS = ("png", "pdf")
+
+RC = {
+    "figure.dpi": 100,
+    "savefig.dpi": 200,
+    "savefig.bbox": "tight",
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.prop_cycle": matplotlib.cycler(color=CYCLE),
+    "image.cmap": SEQUENTIAL,
+    "pdf.fonttype": 42,  # embed TrueType: text stays editable in Illustrator/Inkscape
+    "ps.fonttype": 42,
+}
+
+
+@contextmanager
+def styled():
+    """Apply the toolkit style inside a ``with`` block (leaves the caller's rcParams alone)."""
+    with plt.rc_context(RC):
+        yield
+
+
+def use_style(plot):
+    """Decorator: run a figure's ``plot`` function inside the toolkit style (rcParams apply when artists are made)."""
+
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        with styled():
+            return plot(*args, **kwargs)
+
+    return wrapper
+
+
+def subplots(nrows: int = 1, ncols: int = 1, *, width: float = 3.2, height: float = 2.6, **kw):
+    """``plt.subplots`` in the toolkit style; ``width``/``height`` are per panel, in inches."""
+    return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False,
+                        constrained_layout=True, **kw)
+
+
+def save(fig, out_dir: str | Path, name: str, *, close: bool = True) -> list[Path]:
+    """Write ``name.png`` and ``name.pdf`` into ``out_dir``; returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with styled():
+        for ext in FORMATS:
+            path = out_dir / f"{name}.{ext}"
+            fig.savefig(path, metadata={"Creator": "toolkit figures"} if ext == "pdf" else None)
+            paths.append(path)
+    if close:
+        plt.close(fig)
+    return paths
+
+
+def log_norm(values, dynamic_range: float = 1e4):
+    """LogNorm over the positive finite ``values``, clipped to ``dynamic_range`` below the maximum (None if none)."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    if not v.size:
+        return None
+    return LogNorm(vmin=max(v.min(), v.max() / dynamic_range), vmax=v.max())
+
+
+def head_label(layer: int, head: int) -> str:
+    """The paper's naming: ``L8H7``."""
+    return f"L{layer}H{head}"
