@@ -361,3 +361,44 @@ def test_interrupted_capture_is_incomplete_then_resume_completes_it(tmp_path):
             assert torch.equal(ra.q(), rb.q()) and torch.equal(ra.k(), rb.k()) and torch.equal(ra.lse(), rb.lse())
     with pytest.raises(ToolkitError, match="different seed"):
         run(model, select, path, resume=True, provenance={"seed": 2})
+
+
+def test_bidirectional_sampler_with_guidance_records_the_conditional_pass(tmp_path):
+    from toolkit.models.sampling import shift_sigma, wan_sample
+
+    model = make_model(8)
+    noise, context = inputs(3)
+    negative = torch.randn_like(context)
+    steps = 2
+    sig = shift_sigma(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), 5.0)
+    layout = RunLayout.bidirectional(CFG, model.grid_size(noise), (sig[:-1] * 1000).tolist())
+    first_calls: dict = {}
+
+    def spy(q, k, v, out, ctx):  # the first call of each (step, layer) is the conditional half of CFG
+        first_calls.setdefault((ctx.step, ctx.layer), (q[0].clone(), k[0].clone(), ctx))
+
+    for s in seams(model):
+        s.hooks.append(spy)
+    path = tmp_path / "bidi.h5"
+    with capture(model, Selection(layers="0,2"), path, layout=layout, progress=False):
+        wan_sample(model, noise, context, negative_context=negative, steps=steps, guidance_scale=3.0)
+    with open_capture(path) as cap:
+        assert cap.complete and cap.records == [(s, 0, l) for s in range(steps) for l in (0, 2)]
+        for key in cap.records:
+            rec = cap.record(*key)
+            q, k, ctx = first_calls[(key.step, key.layer)]
+            assert rec.key_frames == (0, 6) and torch.equal(rec.key_tokens, torch.arange(90))
+            assert rec.timestep == pytest.approx(ctx.timestep) and not rec.is_clean
+            assert torch.equal(rec.q(), q.transpose(0, 1)) and torch.equal(rec.k(), k.transpose(0, 1))
+            expected = torch.softmax(ctx.scale * q.double().transpose(0, 1) @ k.double().permute(1, 2, 0), -1)
+            torch.testing.assert_close(torch.from_numpy(cap.rows(rec, 1).values).double(), expected[1],
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_hooks_only_on_selected_layers_and_removed_on_exit(tmp_path):
+    model = make_model(9)
+    with capture(model, Selection(layers="1"), tmp_path / "h.h5", layout=layout_for(model), progress=False):
+        assert [len(s.hooks) for s in seams(model)] == [0, 1, 0]
+    assert [len(s.hooks) for s in seams(model)] == [0, 0, 0]
+    with open_capture(tmp_path / "h.h5") as cap:
+        assert not cap.complete and cap.records == []  # nothing ran inside the block

@@ -61,6 +61,9 @@ class Recorder:
 
     def _check(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> None:
         lay = self.plan.layout
+        if ctx.attn_mask is not None:
+            raise ToolkitError("capture does not record masked attention (the no-cache training path); "
+                               "capture a KV-cache rollout instead")
         if tuple(ctx.grid) != tuple(lay.grid):
             raise ToolkitError(f"capture layout has grid {lay.grid} but the model ran grid {tuple(ctx.grid)}")
         if tuple(ctx.query_frames) != lay.chunk_frames(ctx.chunk):
@@ -183,7 +186,7 @@ def capture(
     else:
         if os.path.exists(path):
             raise ToolkitError(f"{path} exists; pass --resume to continue it or choose a new --out")
-        check_free_space(path, sum(plan.estimate_bytes().values()))
+        check_free_space(path, sum(plan.estimate_bytes(model_dtype).values()))
         store, done, done_kv = CaptureStore.create(path, plan, model_dtype, provenance), set(), set()
     bar = None
     if progress:

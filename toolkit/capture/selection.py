@@ -227,10 +227,11 @@ class Plan:
         t0, t1 = self.layout.chunk_tokens(chunk)
         return int(torch.searchsorted(self.queries, t0)), int(torch.searchsorted(self.queries, t1))
 
-    def estimate_bytes(self) -> dict[str, int]:
-        """Bytes each variable will occupy when every record is written (computed from shapes)."""
+    def estimate_bytes(self, model_dtype: torch.dtype | None = None) -> dict[str, int]:
+        """Bytes each variable will occupy when every record is written (computed from shapes; q/k/v at 2 bytes
+        unless float32 storage is chosen or ``auto`` meets a float32 model)."""
         lay, nh = self.layout, len(self.heads)
-        item = {"float32": 4}.get(resolve_storage_dtype(self.selection.dtype, None), 2)
+        item = {"float32": 4}.get(resolve_storage_dtype(self.selection.dtype, model_dtype), 2)
         out: dict[str, int] = {}
         nq = {c: self.chunk_queries(c) for c in self.chunks}
         qrows = sum(len(self.steps) * (b - a) for c, (a, b) in nq.items()) * len(self.layers) * nh
