@@ -77,9 +77,10 @@ def _versions() -> dict[str, str]:
 
 
 def make_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, settings: FigureSettings | None = None,
-                 *, log=print, progress: bool = True) -> dict[str, Any]:
+                 *, log=print, progress: bool = True, plotted: dict | None = None) -> dict[str, Any]:
     """Make the selected figures of one capture into ``out_dir``; returns the manifest (also written as
-    ``manifest.json``). Every figure's requirements are checked before any analysis runs."""
+    ``manifest.json``). Every figure's requirements are checked before any analysis runs. ``plotted``, if given,
+    receives each figure's plotted arrays (``{NAME: {label: array}}``) for checks against the analyses."""
     from toolkit.paper_figures.results import ResultCache, file_sha256
 
     from toolkit.capture import open_capture
@@ -104,7 +105,9 @@ def make_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, se
         made = {}
         for i, module in enumerate(modules.values(), 1):
             log(f"[{i}/{len(modules)}] {module.NAME}: {module.TITLE}")
-            module.plot(module.data(ctx), out)
+            arrays = module.plot(module.data(ctx), out)
+            if plotted is not None:
+                plotted[module.NAME] = arrays
             files = sorted(p.name for p in out.glob(f"{module.NAME}.*"))
             made[module.NAME] = {"title": module.TITLE, "files": files}
         manifest = {

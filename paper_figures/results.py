@@ -54,6 +54,7 @@ class ResultCache:
         self.cap, self.out_dir, self.sha = cap, Path(out_dir), input_sha256
         self.log, self.progress, self.device = log, progress, device
         self.used: dict[str, dict] = {}  # name -> {"file", "cache_key", "args", "reused"} for the manifest
+        self._memo: dict[str, xr.Dataset] = {}  # cache key -> Dataset already loaded in this run
 
     def get(self, name: str, *, tag: str = "", **selection: Any) -> xr.Dataset:
         """Dataset of analysis ``name`` on the selected records (cached in ``analysis_<name>[_<tag>].nc``; a tag
@@ -66,13 +67,16 @@ class ResultCache:
         settings.pop("runs", None), settings.pop("out", None), settings.pop("progress", None)
         key = hashlib.sha256(json.dumps([self.sha, name, settings], sort_keys=True).encode()).hexdigest()[:16]
         label = f"{name}_{tag}" if tag else name
+        if key in self._memo:
+            return self._memo[key]
         path = self.out_dir / f"analysis_{label}.nc"
         if path.is_file():
             with xr.open_dataset(path, engine="h5netcdf") as cached:
                 if cached.attrs.get("figures_cache_key") == key:
                     self.log(f"  {label}: reusing {path.name}")
                     self.used[label] = dict(file=path.name, cache_key=key, args=settings, reused=True)
-                    return cached.load()
+                    self._memo[key] = cached.load()
+                    return self._memo[key]
         self.log(f"  {label}: running toolkit.analysis.{name} on {self._describe(selection)}")
         from toolkit.analysis import netcdf_attrs
 
@@ -85,6 +89,7 @@ class ResultCache:
         ds.to_netcdf(tmp, engine="h5netcdf")
         os.replace(tmp, path)  # a crash mid-write never leaves a half file that looks cached
         self.used[label] = dict(file=path.name, cache_key=key, args=settings, reused=False)
+        self._memo[key] = ds
         return ds
 
     @staticmethod

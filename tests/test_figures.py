@@ -1,0 +1,246 @@
+"""`toolkit figures` on a small capture of the bundled architecture (random weights, 6 × 6 × 10 token grid, two
+3-frame chunks): every figure writes non-empty PNG + PDF, each plotted number equals the analysis result it
+claims to show (recomputed here directly from the record's tensors), the manifest is right, cached analyses are
+reused, and captures that lack what a figure needs are refused in one line naming the capture option."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from toolkit.paper_figures import FIGURES, FigureSettings, figure_module, make_figures
+
+from toolkit import __version__
+from toolkit.analysis.monarch import monarch_sweep
+from toolkit.analysis.periodic import periodic_dataset
+from toolkit.analysis.topk import topk_dataset
+from toolkit.capture import RunLayout, Selection, capture, open_capture
+from toolkit.cli import main
+from toolkit.grid import MonarchLayout
+from toolkit.models import bundled
+from toolkit.models.checkpoints import random_state_dict, save_wan_native
+from toolkit.models.registry import load_model
+from toolkit.models.sampling import self_forcing_rollout, self_forcing_timesteps
+
+NOISE_SHAPE = (1, 3, 6, 24, 40)  # pixels; patch (1, 4, 4) -> token grid (6, 6, 10)
+SETTINGS = dict(layers=[0, 1], steps=[2, 3])  # coverage over two steps keeps the test short
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # 2-core CI shared with other jobs: one torch thread is faster than oversubscribing
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    cfg = bundled.bundled_config(dim=32, ffn_dim=48, num_heads=2, num_layers=2)
+    folder = tmp_path_factory.mktemp("ckpt")
+    save_wan_native(random_state_dict(cfg, seed=3), folder, cfg)
+    net, _ = load_model("bundled", str(folder), sha256=False)
+    return net
+
+
+def record_run(model, path, selection: Selection) -> str:
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(NOISE_SHAPE, generator=g)
+    context = bundled.encode_prompt("2 sprites: red circle, blue square; pan left")
+    layout = RunLayout.self_forcing(model.cfg, model.grid_size(noise), self_forcing_timesteps(), 3)
+    with capture(model, selection, str(path), layout=layout, progress=False,
+                 provenance={"model": "bundled", "prompt": "test"}):
+        self_forcing_rollout(model, noise, context, frames_per_chunk=3, generator=g)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def run_h5(model, tmp_path_factory):
+    return record_run(model, tmp_path_factory.mktemp("cap") / "run.h5", Selection())
+
+
+def bench_json(path) -> dict:
+    from toolkit.kernels.bench import Row
+
+    rows = []
+    for shape, times in (("ar-111", (1.83, 1.13)), ("full-121", (11.15, 11.91))):
+        for variant, ms in zip(("sdpa-cudnn", f"monarch{(1, 1, 1) if shape == 'ar-111' else (1, 2, 1)}"), times):
+            r = Row(shape, variant, ok=True, median_ms=[ms])
+            rows.append(r.__dict__ | {"ms": r.ms})
+    rows.append(Row("full-121", "sdpa-flash", ok=False, error="OOM").__dict__ | {"ms": None})
+    result = {"environment": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11", "triton": "3.6"}, "shapes": {},
+              "rows": rows}
+    path.write_text(json.dumps(result))
+    return result
+
+
+@pytest.fixture(scope="module")
+def figs(run_h5, tmp_path_factory):
+    out = tmp_path_factory.mktemp("figs")
+    bench = bench_json(out / "bench_kernels.json")
+    plotted: dict = {}
+    manifest = make_figures(run_h5, out, FigureSettings(bench=(str(out / "bench_kernels.json"),), **SETTINGS),
+                            log=lambda *a: None, progress=False, plotted=plotted)
+    return dict(out=out, manifest=manifest, plotted=plotted, bench=bench)
+
+
+@pytest.fixture(scope="module")
+def direct(run_h5):
+    """Analyses computed here straight from the focus records' tensors (not through the figures' cache)."""
+    cap = open_capture(run_h5)
+    out = {}
+    for layer in (0, 1):
+        rec = cap.record(3, 1, layer)
+        q, k, v, lse = rec.q(), rec.k(), rec.v(), rec.lse()
+        out[("periodic", layer)] = periodic_dataset(q, k, rec.scale, lse, rec.query_tokens, rec.key_tokens,
+                                                    rec.grid, heads=rec.heads)
+        out[("topk", layer)] = topk_dataset(q, k, v, rec.scale, lse, rec.query_tokens, heads=rec.heads)
+    yield cap, out
+    cap.close()
+
+
+def test_every_figure_writes_png_and_pdf(figs):
+    names = {figure_module(n).NAME for n in FIGURES}
+    assert set(figs["manifest"]["figures"]) == names
+    for name in names:
+        png, pdf = figs["out"] / f"{name}.png", figs["out"] / f"{name}.pdf"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
+        assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 2000, name
+        import matplotlib.image
+
+        h, w = matplotlib.image.imread(png).shape[:2]
+        assert h > 200 and w > 200
+
+
+def test_manifest_records_input_hash_version_settings(figs, run_h5):
+    m = json.loads((figs["out"] / "manifest.json").read_text())
+    with open(run_h5, "rb") as f:
+        assert m["input"]["sha256"] == hashlib.sha256(f.read()).hexdigest()
+    assert m["versions"]["toolkit"] == __version__
+    assert m["settings"]["pairs"] == [[0, 0], [0, 1]] and (m["settings"]["step"], m["settings"]["chunk"]) == (3, 1)
+    assert m["settings"]["layers"] == SETTINGS["layers"]
+    assert {"periodic", "topk", "monarch", "topk_pairs"} <= set(m["analyses"])
+    for entry in m["analyses"].values():
+        assert (figs["out"] / entry["file"]).is_file()
+
+
+def test_fig1_plots_topk_and_monarch_errors(figs, direct, run_h5):
+    cap, res = direct
+    p = figs["plotted"]["fig1_mse_vs_sparsity"]
+    for head in (0, 1):
+        want = res[("topk", 0)]["map_mse"].sel(head=head, variant="renormalized")
+        np.testing.assert_allclose(p[f"L0H{head}/topk_sparsity"], want["sparsity"].values)
+        np.testing.assert_allclose(p[f"L0H{head}/topk_mse"], want.values, rtol=1e-6)
+    # one Monarch point: the framewise fh,w layout, exact projection, from the Monarch analysis on this record
+    rec = cap.record(3, 1, 0)
+    lay = MonarchLayout.aligned(cap.grid, "fh,w", (1, 1, 1))
+    m = monarch_sweep(rec.q(), rec.k(), rec.v(), rec.lse(), rec.query_tokens, rec.key_tokens, cap.grid, rec.scale,
+                      layouts=[lay], iters=1, topk_baseline=False)
+    x = p["L0H1/monarch_sparsity"]
+    i = int(np.argmin(abs(x - lay.effective_sparsity)))
+    assert x[i] == pytest.approx(lay.effective_sparsity)
+    assert p["L0H1/projection_mse"][i] == pytest.approx(float(m["projection_map_mse"].sel(head=1)[0]), rel=1e-6)
+    assert p["L0H1/variational_mse"][i] == pytest.approx(
+        float(m["variational_map_mse"].sel(head=1, iters=1)[0]), rel=1e-6)
+
+
+def test_fig2_plots_frame_mass_tile_and_spikes(figs, direct):
+    cap, res = direct
+    p = figs["plotted"]["fig2_structure"]
+    per = res[("periodic", 0)].sel(head=0)
+    np.testing.assert_allclose(p["frame_mass"][3:6], per["frame_mass"].values[3:6], rtol=1e-6)
+    np.testing.assert_allclose(p["d_w"], per["d_w"].values, rtol=1e-6)
+    tpf = 60
+    tile = cap.tile(cap.record(3, 1, 0), 0, q_range=(3 * tpf, 4 * tpf), k_range=(3 * tpf, 4 * tpf))
+    np.testing.assert_allclose(p["tile"], tile.values)
+    # every marked spike is one the analysis found for that query, inside frame pair (3, 3)
+    spikes = {(int(qt) % tpf, int(kt) % tpf) for qt, keys in zip(per["query_token"].values, per["spike_key"].values)
+              for kt in keys if kt >= 0 and qt // tpf == 3 and kt // tpf == 3}
+    assert set(zip(p["spike_rows"].tolist(), p["spike_cols"].tolist())) == spikes
+
+
+def test_coverage_plots_the_topk_coverage_fraction(figs, run_h5):
+    p = figs["plotted"]["coverage"]
+    cap = open_capture(run_h5)
+    values = []
+    for key in cap.records:
+        if key.layer == 1 and key.step in SETTINGS["steps"]:
+            rec = cap.record(*key)
+            ds = topk_dataset(rec.q(0), rec.k(0), None, rec.scale, rec.lse(0), masses=(0.95,), sparsities=(0.5,))
+            values.append(ds["coverage_fraction"].sel(mass=0.95).values.ravel())
+    cap.close()
+    assert list(p["layers"]) == [0, 1] and list(p["steps"]) == SETTINGS["steps"]
+    assert p["median"][1, 0] == pytest.approx(float(np.median(np.concatenate(values))))
+
+
+def test_alignment_plots_median_projection_error_over_heads(figs, direct):
+    cap, _ = direct
+    p = figs["plotted"]["alignment_tiling"]
+    rec = cap.record(3, 1, 0)
+    lay = MonarchLayout.aligned(cap.grid, "fh,w", (1, 2, 1))
+    m = monarch_sweep(rec.q(), rec.k(), None, rec.lse(), rec.query_tokens, rec.key_tokens, cap.grid, rec.scale,
+                      layouts=[lay], iters=0, topk_baseline=False)
+    i = list(p["config"]).index(lay.name)
+    assert p["sparsity"][i] == pytest.approx(lay.effective_sparsity)
+    assert p["projection_median"][i] == pytest.approx(float(np.median(m["projection_rel_fro"].values)), rel=1e-6)
+
+
+def test_offsets_spectra_and_head_types_plot_the_periodic_analysis(figs, direct):
+    _, res = direct
+    off, spec, types = (figs["plotted"][n] for n in ("offset_profiles", "spectra", "head_types"))
+    per0 = res[("periodic", 0)]
+    np.testing.assert_allclose(off["L0H1/dh_dw"], per0["profile"].sel(head=1, dt=0).values, rtol=1e-6)
+    np.testing.assert_allclose(spec["L0H0/power"], per0["power"].sel(head=0).values[1:], rtol=1e-6)
+    for layer in (0, 1):
+        per = res[("periodic", layer)]
+        np.testing.assert_allclose(spec["frame_periodicity"][layer], per["frame_periodicity"].values, rtol=1e-6)
+        assert list(types["head_type"][layer]) == [str(x) for x in per["head_type"].values]
+
+
+def test_kernel_tables_show_benchmark_medians_and_card(figs):
+    ms = figs["plotted"]["kernel_tables"]["0/ms"]  # shapes (ar-111, full-121) × variants in order of appearance
+    rows = figs["bench"]["rows"]
+    assert ms[0, 0] == pytest.approx(rows[0]["ms"]) and ms[1, 2] == pytest.approx(rows[3]["ms"])
+    assert np.isnan(ms[1, 3]) and np.isnan(ms[1, 1])  # failed / not run: a gap, not a number
+    md = (figs["out"] / "kernel_tables.md").read_text()
+    assert "NVIDIA H100 80GB HBM3" in md and "1.62×" in md  # 1.83 / 1.13
+
+
+def test_cached_analyses_are_reused(figs, run_h5):
+    m = make_figures(run_h5, figs["out"], FigureSettings(figures=("head-types",), **SETTINGS), log=lambda *a: None,
+                     progress=False)
+    assert m["analyses"]["periodic"]["reused"] is True
+    assert m["analyses"]["periodic"]["cache_key"] == figs["manifest"]["analyses"]["periodic"]["cache_key"]
+
+
+def refusal(argv, capsys) -> str:
+    assert main(["figures", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_refuses_strided_queries_for_monarch_figures(model, tmp_path, capsys):
+    path = record_run(model, tmp_path / "strided.h5", Selection(queries="stride:7", steps="3", store=("q", "k", "lse")))
+    err = refusal([path, "--out", str(tmp_path / "f"), "--figures", "fig1"], capsys)
+    assert "fig1_mse_vs_sparsity" in err and "--queries all" in err
+    assert not list((tmp_path / "f").glob("*"))  # refused before any analysis ran
+
+
+def test_refuses_pooled_only_capture_naming_store_option(model, tmp_path, capsys):
+    path = record_run(model, tmp_path / "pooled.h5", Selection(steps="3", store=("pooled",)))
+    err = refusal([path, "--out", str(tmp_path / "f"), "--figures", "coverage"], capsys)
+    assert "--store q,k,lse" in err
+
+
+def test_refuses_uncaptured_pair_and_missing_bench(run_h5, tmp_path, capsys):
+    err = refusal([run_h5, "--out", str(tmp_path / "f"), "--figures", "fig1", "--pairs", "5:0"], capsys)
+    assert "--layers" in err and "[5]" in err
+    err = refusal([run_h5, "--out", str(tmp_path / "f"), "--figures", "kernels"], capsys)
+    assert "--bench" in err
+    err = refusal([run_h5, "--out", str(tmp_path / "f"), "--figures", "fig9"], capsys)
+    assert "unknown figure" in err
