@@ -99,6 +99,8 @@ def test_periodic_cli_matches_capture_pooled_view(run_file, tmp_path):
             f0, f1 = rec.query_frames
             mine = ds["frame_mass"].isel(record=r).sel(from_frame=slice(f0, f1 - 1))
             np.testing.assert_allclose(mine.values, pooled["frame_mass"].values, rtol=1e-4, atol=1e-6)
+            others = ds["frame_mass"].isel(record=r).drop_sel(from_frame=range(f0, f1))
+            assert others.isnull().all()  # no stored query in those frames
     assert set(ds["head_type"].values.ravel()) <= {"spatial", "temporal", "global"}
 
 

@@ -33,7 +33,7 @@ def brute_force(a, query_tokens, key_tokens, grid):
         profile = total / count
     qf, qh, qw = (x.numpy() for x in tg.coords(query_tokens))
     kf, kh, kw = (x.numpy() for x in tg.coords(key_tokens))
-    frame_mass = np.zeros((h, f, f))
+    frame_mass = np.full((h, f, f), np.nan)  # NaN: no stored query in the frame
     for fq in range(f):
         rows = qf == fq
         for fk in range(f):

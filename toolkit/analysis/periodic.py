@@ -8,7 +8,8 @@ is exact (tiles from `toolkit.attention.exact`), streamed over query blocks, per
 * **Offset profile** ``profile[Δt, Δh, Δw]``: mean attention weight over all (query, key) pairs with that offset
   (sum of weights / number of such pairs; NaN where no pair has it), plus ``pair_count``.
 * **Frame × frame mass** ``frame_mass[from_frame, to_frame]``: mean over the queries of a frame of their mass on
-  each key frame (rows sum to 1; equals ``Capture.pooled``'s ``frame_mass``).
+  each key frame (rows sum to 1; NaN for frames without stored queries; equals ``Capture.pooled``'s
+  ``frame_mass``).
 * **Separable fit** of the profile, weighted by pair counts (so it fits the map entries, not the sparse offsets
   at the grid's edges): rank-1 alternating least squares for ``d_f(Δt) d_h(Δh) d_w(Δw)`` (``d_h``, ``d_w`` scaled
   to peak 1), refitted (``robust_refits``, default 1) on the map with entries above kernel + spike threshold
@@ -256,8 +257,10 @@ def periodic_tensors(
     row_share, row_flat = _harmonic_share(power, n_k, width)
     q_per_frame = torch.bincount(qf.cpu(), minlength=frames).to(f64)
     return {
-        "profile": profile, "pair_count": counts.view(shape), "frame_mass": frame_mass.cpu() / q_per_frame.clamp(
-            min=1)[None, :, None], "queries_per_frame": q_per_frame,
+        "profile": profile, "pair_count": counts.view(shape),
+        "frame_mass": (frame_mass.cpu() / q_per_frame[None, :, None]).masked_fill(q_per_frame[None, :, None] == 0,
+                                                                                float("nan")),
+        "queries_per_frame": q_per_frame,
         "d_f": d_f, "d_h": d_h, "d_w": d_w, "profile_r2": profile_r2,
         "explained_mass": (overlap / mass).cpu(), "map_r2": (1 - sq_res / sq_map).cpu(),
         "spike_count": spike_count, "spike_mass": spike_mass, "spike_value": top_value, "spike_key": top_key,
