@@ -195,6 +195,7 @@ def test_xarray_view_has_named_dims_coordinates_and_attributes(full_capture):
         assert ds.attrs["format"] == "toolkit-capture" and ds.attrs["format_version"] == 1
         assert ds.attrs["model"] == "tiny-random" and ds.attrs["prompt"] == "a test" and ds.attrs["seed"] == 1
         assert ds.attrs["complete"] == 1 and "torch_version" in ds.attrs and "toolkit_version" in ds.attrs
+        assert ds.attrs["attention_backend"] == "dense_attention" and ds.attrs["device"] == "cpu"
         # a lazily indexed record equals the reader's
         with open_capture(path) as cap:
             rec = cap.record(step=2, chunk=1, layer=1)

@@ -141,6 +141,37 @@ class Recorder:
             put(f"offset_{axis}", (s_i, ctx.chunk, l_i), means[f"offset_{axis}"])
 
 
+def runtime_provenance(model: torch.nn.Module) -> dict:
+    """What the environment contributes to a capture's provenance (the caller's dict wins on conflicts)."""
+    import subprocess
+
+    import h5py
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    found = seams(model)
+    backends = sorted({getattr(s.backend, "__name__", repr(s.backend)) if s.backend else "dense_attention"
+                       for s in found})
+    out = {"attention_backend": ",".join(backends), "device": str(device), "torch_version": str(torch.__version__),
+           "cuda_version": str(torch.version.cuda or ""), "h5py_version": h5py.version.version}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out["cudnn_version"] = str(torch.backends.cudnn.version())
+    try:
+        import triton
+
+        out["triton_version"] = triton.__version__
+    except ImportError:
+        pass
+    try:  # toolkit git commit when running from a checkout
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            out["toolkit_git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
 def check_free_space(path: str, needed: int) -> None:
     """Refuse up front when the file system cannot hold the planned capture (one line, no traceback)."""
     import shutil
@@ -179,7 +210,7 @@ def capture(
     if len(found) != layout.num_layers:
         raise ToolkitError(f"model has {len(found)} attention seams, the capture layout says {layout.num_layers}")
     path = os.fspath(out)
-    provenance = dict(provenance or {})
+    provenance = {**runtime_provenance(model), **(provenance or {})}
     model_dtype = next((p.dtype for p in model.parameters()), None)
     if resume and os.path.exists(path):
         store, done, done_kv = CaptureStore.reopen(path, plan, provenance)
@@ -199,15 +230,17 @@ def capture(
     writer = AsyncWriter(store, max_inflight_bytes=max_inflight_bytes, progress=bar)
     recorder = Recorder(plan, store, writer, done, done_kv)
     hooked = [s for s in found if s.layer in set(plan.layers)]
+    # Keep the hook out of compiled graphs (it does host-side bookkeeping and queues writes).
+    hook = torch.compiler.disable(recorder.hook) if hasattr(torch, "compiler") else recorder.hook
     for s in hooked:
-        s.hooks.append(recorder.hook)
+        s.hooks.append(hook)
     ok = False
     try:
         yield recorder
         ok = True
     finally:
         for s in hooked:
-            s.hooks.remove(recorder.hook)
+            s.hooks.remove(hook)
         try:
             writer.close(complete=ok and not recorder.pending)
         except CaptureWriteError:
