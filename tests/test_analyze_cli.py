@@ -161,3 +161,17 @@ def test_incomplete_file_one_line(run_file, tmp_path, capsys):
 def test_missing_file_one_line(tmp_path, capsys):
     assert analyze("periodic", tmp_path / "nope.h5", "--out", tmp_path / "x.nc") == 2
     assert "no such capture file" in one_error_line(capsys)
+
+
+def test_capture_with_only_q_and_k(run_file, tmp_path):
+    """No v: map metrics only; no lse: recomputed by a streaming pass, same results as with the stored one."""
+    path, _ = run_file
+    qk_only = tmp_path / "qk.h5"
+    rollout(qk_only, ("q", "k"))
+    common = ("--layers", "1", "--steps", "2", "--chunks", "2", "--sparsities", "0,0.5,0.9")
+    assert analyze("topk", qk_only, "--out", tmp_path / "a.nc", *common) == 0
+    assert analyze("topk", path, "--out", tmp_path / "b.nc", *common) == 0
+    a, b = (xr.open_dataset(tmp_path / n, engine="h5netcdf") for n in ("a.nc", "b.nc"))
+    assert "output_rel_l2" not in a and "output_rel_l2" in b
+    np.testing.assert_allclose(a["map_mse"].values, b["map_mse"].values, rtol=1e-4)
+    assert np.abs(a["coverage_keys"].values - b["coverage_keys"].values).max() <= 1

@@ -369,11 +369,14 @@ def analyze_capture(cap, args: argparse.Namespace) -> xr.Dataset:
     """Periodic analysis of every selected record of an opened capture, stacked along ``record``."""
     from toolkit.analysis import analyze_records
 
+    with_lse = "lse" in cap.stored
+
     def one(rec, heads, device):
-        q, k, lse = (x.to(device) for x in (rec.q(heads), rec.k(heads), rec.lse(heads)))
+        q, k = rec.q(heads).to(device), rec.k(heads).to(device)
+        lse = rec.lse(heads).to(device) if with_lse else None  # else recomputed by a streaming pass
         return periodic_dataset(
             q, k, rec.scale, lse, rec.query_tokens, rec.key_tokens, rec.grid, heads=heads or rec.heads,
             spike_factor=args.spike_factor, n_spikes=args.n_spikes, spatial_threshold=args.spatial_threshold,
             temporal_threshold=args.temporal_threshold, query_chunk=getattr(args, "query_chunk", None))
 
-    return analyze_records(cap, args, one, needs=("q", "k", "lse"), name="periodic")
+    return analyze_records(cap, args, one, needs=("q", "k"), name="periodic")

@@ -388,13 +388,14 @@ def analyze_capture(cap, args: argparse.Namespace) -> xr.Dataset:
 
     masses, sparsities = tuple(args.masses), tuple(args.sparsities)
     check_levels(masses, sparsities)
-    with_v = "v" in cap.stored
+    with_v, with_lse = "v" in cap.stored, "lse" in cap.stored
 
     def one(rec, heads, device):
-        q, k, lse = (x.to(device) for x in (rec.q(heads), rec.k(heads), rec.lse(heads)))
+        q, k = rec.q(heads).to(device), rec.k(heads).to(device)
+        lse = rec.lse(heads).to(device) if with_lse else None  # else recomputed by a streaming pass
         v = rec.v(heads).to(device) if with_v else None
         return topk_dataset(q, k, v, rec.scale, lse, rec.query_tokens, rec.key_tokens, rec.grid, heads=heads,
                             masses=masses, sparsities=sparsities, query_chunk=getattr(args, "query_chunk", None),
                             method=args.method)
 
-    return analyze_records(cap, args, one, needs=("q", "k", "lse"), name="topk")
+    return analyze_records(cap, args, one, needs=("q", "k"), name="topk")
