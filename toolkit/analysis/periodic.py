@@ -69,12 +69,13 @@ def _linear(coords: tuple[torch.Tensor, torch.Tensor, torch.Tensor], strides: tu
 
 
 def fit_separable(
-    profile: torch.Tensor, counts: torch.Tensor, iters: int = 100
+    profile: torch.Tensor, counts: torch.Tensor, iters: int = 100, tol: float = 1e-9
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-1 fit ``profile ≈ d_f ⊗ d_h ⊗ d_w`` minimising ``Σ counts · (profile − D)²`` (per head).
 
     profile ``h T H W`` (NaN where counts = 0), counts ``T H W``. Alternating least squares in float64, started
-    from the count-weighted marginals (non-negative data stays non-negative). Returns ``h T``, ``h H``, ``h W``
+    from the count-weighted marginals (non-negative data stays non-negative), at most ``iters`` sweeps, stopping
+    once the shapes of ``d_h`` and ``d_w`` move less than ``tol``. Returns ``h T``, ``h H``, ``h W``
     with ``d_h`` and ``d_w`` scaled to a maximum of 1.
     """
     w = counts.to(torch.float64)
@@ -85,15 +86,23 @@ def fit_separable(
         return wm.sum(dims) / w.sum([d - 1 for d in dims]).clamp(min=1e-300)
 
     d_h, d_w = marginal((1, 3)), marginal((1, 2))
-    d_f = torch.zeros(m.shape[:2], dtype=torch.float64)
+    d_f = torch.zeros(m.shape[:2], dtype=torch.float64, device=m.device)
     tiny = 1e-300
+
+    def shape_of(d: torch.Tensor) -> torch.Tensor:
+        return d / d.abs().amax(-1, keepdim=True).clamp(min=tiny)
+
     for _ in range(iters):
+        before = (shape_of(d_h), shape_of(d_w))
         d_f = torch.einsum("xabc,xb,xc->xa", wm, d_h, d_w) / torch.einsum(
             "abc,xb,xc->xa", w, d_h**2, d_w**2).clamp(min=tiny)
         d_h = torch.einsum("xabc,xa,xc->xb", wm, d_f, d_w) / torch.einsum(
             "abc,xa,xc->xb", w, d_f**2, d_w**2).clamp(min=tiny)
         d_w = torch.einsum("xabc,xa,xb->xc", wm, d_f, d_h) / torch.einsum(
             "abc,xa,xb->xc", w, d_f**2, d_h**2).clamp(min=tiny)
+        change = max(float((shape_of(d_h) - before[0]).abs().max()), float((shape_of(d_w) - before[1]).abs().max()))
+        if change < tol:
+            break
     s_h = d_h.abs().amax(-1, keepdim=True).clamp(min=tiny)
     s_w = d_w.abs().amax(-1, keepdim=True).clamp(min=tiny)
     factors = [d_f * s_h * s_w, d_h / s_h, d_w / s_w]
@@ -203,9 +212,10 @@ def periodic_tensors(
             n_heads, *shape)
 
     def fit(target: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        d_f, d_h, d_w = fit_separable(target, counts.view(shape), iters=fit_iters)
+        # on q's device: at 480p the offset cube is 41 × 59 × 103 per head
+        d_f, d_h, d_w = fit_separable(target.to(dev), counts.view(shape).to(dev), iters=fit_iters)
         kernel = torch.nan_to_num(torch.einsum("xa,xb,xc->xabc", d_f, d_h, d_w))  # 0 where undetermined
-        return d_f, d_h, d_w, kernel.reshape(n_heads, n_bins).to(dev, dt)
+        return d_f.cpu(), d_h.cpu(), d_w.cpu(), kernel.reshape(n_heads, n_bins).to(dt)
 
     profile = mean_profile(off_sum)
     d_f, d_h, d_w, kernel_flat = fit(profile)
