@@ -159,6 +159,8 @@ def main() -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--rep-ms", type=float, default=4000, help="do_bench time budget per measurement (ms)")
     ap.add_argument("--skip-naive", action="store_true", help="do not time the naive baseline")
+    ap.add_argument("--with-periodic", action="store_true",
+                    help="also time toolkit.analysis.periodic on the same record (one call, wall clock)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -231,6 +233,24 @@ def main() -> int:
                                                                           floor=1e-3)
         except Exception:
             result["errors"]["naive"] = traceback.format_exc()
+
+    if args.with_periodic:  # informative only: no goal; grid (21, 30, 52) with the last 3 frames as queries
+        from toolkit.analysis import periodic
+
+        grid = (21, 30, 52)
+        tpf = grid[1] * grid[2]
+        if args.keys == grid[0] * tpf and args.queries == 3 * tpf:
+            try:
+                key_tokens = torch.arange(args.keys)
+                query_tokens = torch.arange(args.keys - args.queries, args.keys)
+                sync(device)
+                t0 = time.perf_counter()
+                periodic.periodic_tensors(q, k, scale, lse, query_tokens, key_tokens, grid)
+                sync(device)
+                result["timings"]["periodic_one_call"] = {"median_ms": 1e3 * (time.perf_counter() - t0),
+                                                          "first_call_s": time.perf_counter() - t0}
+            except Exception:
+                result["errors"]["periodic"] = traceback.format_exc()
 
     # ---- report
     t = result["timings"]
