@@ -100,13 +100,13 @@ def test_diffusers_wan_transformer(tmp_path):
         text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32).eval()
     latents, text = torch.randn(1, 4, 3, 4, 6), torch.randn(1, 5, 16)
-    grid = (3, 2, 3)
     seen = {}
 
     def spy(q, k, v, out, ctx):
         seen[(ctx.step, ctx.layer)] = (q[0].transpose(0, 1).clone(), k[0].transpose(0, 1).clone())
 
-    adapter = SDPAAdapter([b.attn1 for b in model.blocks], grid, root=model)
+    adapter = SDPAAdapter.for_diffusers(model, latents.shape)
+    assert adapter.grid == (3, 2, 3)
     for s in adapter.seams:
         s.hooks.append(spy)
     out = tmp_path / "wan_diffusers.h5"
@@ -127,3 +127,8 @@ def test_diffusers_wan_transformer(tmp_path):
             expected = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 4, -1)
             torch.testing.assert_close(torch.from_numpy(cap.rows(rec, 1).values).double(), expected[1],
                                        rtol=1e-5, atol=1e-6)
+    model.blocks[1].attn1.processor._attention_backend = "flex"  # a kernel that never calls SDPA
+    from toolkit.errors import ToolkitError
+
+    with pytest.raises(ToolkitError, match="set_attention_backend"):
+        SDPAAdapter.for_diffusers(model, latents.shape)

@@ -70,6 +70,25 @@ class SDPAAdapter(nn.Module):
         self.num_heads: int | None = None
         self.head_dim: int | None = None
 
+    @classmethod
+    def for_diffusers(cls, transformer: nn.Module, latent_shape: Sequence[int]) -> SDPAAdapter:
+        """Adapter for a diffusers video transformer with ``blocks[i].attn1`` self-attention (``WanTransformer3DModel``
+        and relatives); the token grid is ``latent_shape`` ``(b, c, F, H, W)`` divided by ``config.patch_size``.
+        Refuses non-native attention backends, whose kernels never call SDPA."""
+        from toolkit.errors import ToolkitError
+
+        blocks = getattr(transformer, "blocks", None)
+        if blocks is None or not all(hasattr(b, "attn1") for b in blocks):
+            raise ToolkitError(f"{type(transformer).__name__} has no blocks[i].attn1; pass the modules to SDPAAdapter")
+        for b in blocks:
+            backend = getattr(getattr(b.attn1, "processor", None), "_attention_backend", None)
+            if backend is not None and "native" not in str(backend).lower():
+                raise ToolkitError(f"attention backend {backend} does not go through SDPA; call "
+                                   "transformer.set_attention_backend('native') while capturing")
+        pt, ph, pw = transformer.config.patch_size
+        _, _, f, h, w = latent_shape
+        return cls([b.attn1 for b in blocks], (f // pt, h // ph, w // pw), root=transformer)
+
     @property
     def num_tokens(self) -> int:
         f, h, w = self.grid
