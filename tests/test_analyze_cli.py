@@ -175,3 +175,20 @@ def test_capture_with_only_q_and_k(run_file, tmp_path):
     assert "output_rel_l2" not in a and "output_rel_l2" in b
     np.testing.assert_allclose(a["map_mse"].values, b["map_mse"].values, rtol=1e-4)
     assert np.abs(a["coverage_keys"].values - b["coverage_keys"].values).max() <= 1
+
+
+def test_scheduler_address(run_file, tmp_path):
+    """--scheduler ADDRESS sends the per-file tasks to a dask.distributed cluster (in-process one here)."""
+    distributed = pytest.importorskip("distributed")
+    path, _ = run_file
+    second = tmp_path / "second.h5"
+    shutil.copy(path, second)
+    out, local = tmp_path / "cluster.nc", tmp_path / "local.nc"
+    common = ("--layers", "0", "--steps", "4", "--chunks", "2", "--sparsities", "0,0.5")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster:
+        assert analyze("topk", path, second, "--out", out, *common, "--scheduler", cluster.scheduler_address) == 0
+    assert analyze("topk", path, second, "--out", local, *common) == 0
+    a, b = xr.open_dataset(out, engine="h5netcdf"), xr.open_dataset(local, engine="h5netcdf")
+    assert list(a["run"].values) == ["run.h5", "second.h5"]
+    np.testing.assert_array_equal(a["coverage_keys"].values, b["coverage_keys"].values)
