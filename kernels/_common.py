@@ -148,6 +148,22 @@ def key_tiles_allowed(
     return allowed.to(torch.int32)
 
 
+# fp32-accurate tensor-core products (3×tf32) for the analysis kernels; IEEE fp32 under the interpreter, or after
+# a Triton rejects tf32x3 once.
+_FP32_PRECISION = ["ieee" if interpreted() else "tf32x3"]
+
+
+def run_with_precision(launch: Callable[[str], None]) -> None:
+    """``launch(precision)`` with the fp32 dot precision mode, falling back to IEEE if tf32x3 fails to compile."""
+    try:
+        launch(_FP32_PRECISION[0])
+    except Exception:  # noqa: BLE001 - compile-time rejection of the precision mode
+        if _FP32_PRECISION[0] == "ieee":
+            raise
+        _FP32_PRECISION[0] = "ieee"
+        launch("ieee")
+
+
 # Tests set this to NaN-fill kernel scratch buffers, so that an intermediate no program wrote cannot pass.
 POISON_SCRATCH = False
 

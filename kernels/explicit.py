@@ -14,7 +14,8 @@ sums are reported, not assumed to be 1. Factor layouts (contiguous, any float dt
 
 Two kernels, as in ``kernels.monarch``: ``_factor_rows_fwd`` (per (a, f, k): the b2 × b2 block of R times the key
 row's values) writes Y and s as ``(b h) a j (f k)``; ``_factor_cols_fwd`` (per (a, j, block of i)) contracts
-L's row block with them. All products in fp32 (IEEE, not tf32): this is an analysis path.
+L's row block with them. Products at fp32 accuracy (3×tf32 on the tensor cores; IEEE fp32 under the interpreter or
+where a Triton lacks tf32x3): this is an analysis path.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from toolkit.kernels._common import (
     check_head_dim,
     output_buffer,
     pow2,
+    run_with_precision,
     scratch,
     tile_token,
     tl,
@@ -43,7 +45,7 @@ def _factor_rows_fwd(
     sv_b, sv_n, sv_h,
     n_heads, n_query_tiles, a_start, a_chunk, n_key_tiles, b1, b2,
     k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce,
-    D: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_L: tl.constexpr,
+    D: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_L: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_fkj = tl.program_id(0)
     a_local = tl.program_id(1)
@@ -72,7 +74,7 @@ def _factor_rows_fwd(
                      mask=mask_l[:, None], other=0.0).to(tl.float32)
         rr = tl.load(r_block + offs_j[:, None] * b2 + cols[None, :], mask=mask_j[:, None] & mask_l[None, :],
                      other=0.0).to(tl.float32)
-        acc += tl.dot(rr, vv, input_precision="ieee")
+        acc += tl.dot(rr, vv, input_precision=PRECISION)
         s += tl.sum(rr, 1)
     rows = ((pid_bh.to(tl.int64) * a_chunk + a_local) * b2 + offs_j) * (n_key_tiles * b1) + fk
     tl.store(Y + rows[:, None] * D + offs_d[None, :], acc, mask=mask_j[:, None])
@@ -85,7 +87,7 @@ def _factor_cols_fwd(
     so_b, so_n, so_h, sr_b, sr_n, sr_h,
     n_heads, n_query_tiles, a_start, a_chunk, n_key_tiles, b1, b2,
     q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
-    D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+    D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_ij = tl.program_id(0)
     a_local = tl.program_id(1)
@@ -114,7 +116,7 @@ def _factor_cols_fwd(
                      other=0.0).to(tl.float32)
         yy = tl.load(Y + (y_base + keys)[:, None] * D + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         ss = tl.load(S + y_base + keys, mask=mask_n, other=0.0)
-        acc += tl.dot(ll, yy, input_precision="ieee")
+        acc += tl.dot(ll, yy, input_precision=PRECISION)
         rsum += tl.sum(ll * ss[None, :], 1)
     tok = tile_token(a, offs_i, col, q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce)
     tok = tok.to(tl.int64)
@@ -171,19 +173,22 @@ def monarch_factors_apply(
     s = scratch((B * H, a_chunk, b2, F * b1), torch.float32, v.device)
     out = output_buffer(out, (B, gq.n_tokens, H, D), torch.float32, v.device)
     row_sums = output_buffer(row_sums, (B, gq.n_tokens, H), torch.float32, v.device)
-    block_j, block_l = pow2(b2, 16, 64), pow2(b2, 16, 128)
-    block_i = pow2(b1, 16, 64)
-    for a0 in range(0, A, a_chunk):
-        n_a = min(a_chunk, A - a0)
+    block_j, block_l = pow2(b2, 16, 64), pow2(b2, 16, 64)
+    block_i = pow2(b1, 16, 32)
+
+    def launch(precision: str, a0: int, n_a: int) -> None:
         _factor_rows_fwd[(F * b1 * triton.cdiv(b2, block_j), n_a, B * H)](
             R, v, y, s, *token_strides(v), H, A, a0, a_chunk, F, b1, b2, *gk.args(),
-            D=D, BLOCK_J=block_j, BLOCK_L=block_l, num_warps=4,
+            D=D, BLOCK_J=block_j, BLOCK_L=block_l, PRECISION=precision, num_warps=8,
         )
         _factor_cols_fwd[(b2 * triton.cdiv(b1, block_i), n_a, B * H)](
             L, y, s, out, row_sums, *token_strides(out), row_sums.stride(0), row_sums.stride(1),
             row_sums.stride(2), H, A, a0, a_chunk, F, b1, b2, *gq.args(),
-            D=D, BLOCK_I=block_i, BLOCK_K=32, num_warps=4,
+            D=D, BLOCK_I=block_i, BLOCK_K=32, PRECISION=precision, num_warps=4,
         )
+
+    for a0 in range(0, A, a_chunk):
+        run_with_precision(lambda precision, a0=a0: launch(precision, a0, min(a_chunk, A - a0)))
     return out, row_sums
 
 

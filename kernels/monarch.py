@@ -76,30 +76,32 @@ def _monarch_rows_fwd(
     offs_l = tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, D)
     mask_j = offs_j < b2
-
-    q_tok = tile_token(a, row, offs_j, q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce)
-    q_ptrs = Q + b.to(tl.int64) * sq_b + h * sq_h + q_tok.to(tl.int64)[:, None] * sq_n + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=mask_j[:, None], other=0.0)  # [BLOCK_J, D]
+    # 64-bit scalar bases, 32-bit vector offsets: 2-D int64 offset tensors cost registers (spills)
+    q_row0 = tile_token(a, row, 0, q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce)
+    q_base = Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + q_row0.to(tl.int64) * sq_n
+    q = tl.load(q_base + offs_j[:, None] * sq_n + offs_d[None, :], mask=mask_j[:, None], other=0.0)  # [BJ, D]
+    k_base = K + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
+    v_base = V + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
+    kv_offs = offs_l[:, None] * sk_n + offs_d[None, :]
+    vv_offs = offs_l[:, None] * sv_n + offs_d[None, :]
 
     n_allowed = tl.load(ALLOWED + a)
     n_fk = n_key_tiles * b1
     # intermediates: (bh, a_local, j, f*b1 + k, d) and c: (bh, a_local, j, f*b1 + k)
-    base_rows = ((pid_bh.to(tl.int64) * a_chunk + a_local) * b2 + offs_j) * n_fk + row  # [BLOCK_J]
+    slab = (pid_bh.to(tl.int64) * a_chunk + a_local) * b2 * n_fk
+    out_rows = offs_j * n_fk + row  # [BJ], + f*b1 per key tile
     for f in range(0, n_allowed):
+        k_row0 = tile_token(f, row, 0, k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce)
+        k_row0 = k_row0.to(tl.int64)
         m_i = tl.full([BLOCK_J], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_J], tl.float32)
         t_i = tl.zeros([BLOCK_J], tl.float32)  # Σ p · x (x = logit in log2 units) for the entropy term
         acc_k = tl.zeros([BLOCK_J, D], tl.float32)
         acc_v = tl.zeros([BLOCK_J, D], tl.float32)
         for l0 in range(0, b2, BLOCK_L):
-            cols = l0 + offs_l
-            mask_l = cols < b2
-            kv_tok = tile_token(f, row, cols, k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce)
-            kv_tok = kv_tok.to(tl.int64)
-            kk = tl.load(K + b.to(tl.int64) * sk_b + h * sk_h + kv_tok[:, None] * sk_n + offs_d[None, :],
-                         mask=mask_l[:, None], other=0.0)
-            vv = tl.load(V + b.to(tl.int64) * sv_b + h * sv_h + kv_tok[:, None] * sv_n + offs_d[None, :],
-                         mask=mask_l[:, None], other=0.0)
+            mask_l = (l0 + offs_l) < b2
+            kk = tl.load(k_base + (k_row0 + l0) * sk_n + kv_offs, mask=mask_l[:, None], other=0.0)
+            vv = tl.load(v_base + (k_row0 + l0) * sv_n + vv_offs, mask=mask_l[:, None], other=0.0)
             x = mma(q, tl.trans(kk), UPCAST) * scale_log2  # [BLOCK_J, BLOCK_L]
             x = tl.where(mask_l[None, :], x, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(x, 1))
@@ -114,12 +116,12 @@ def _monarch_rows_fwd(
         inv = 1.0 / l_i
         # Σ R log2 R = Σ p x / l − m − log2 l
         c = t_i * inv - m_i - tl.log2(l_i)
-        rows = base_rows + f * b1
-        tl.store(ALPHA + rows[:, None] * D + offs_d[None, :], (acc_k * inv[:, None]).to(ALPHA.dtype.element_ty),
+        rows = out_rows + f * b1
+        tile_offs = rows[:, None] * D + offs_d[None, :]
+        tl.store(ALPHA + slab * D + tile_offs, (acc_k * inv[:, None]).to(ALPHA.dtype.element_ty),
                  mask=mask_j[:, None])
-        tl.store(Y + rows[:, None] * D + offs_d[None, :], (acc_v * inv[:, None]).to(Y.dtype.element_ty),
-                 mask=mask_j[:, None])
-        tl.store(C + rows, c, mask=mask_j)
+        tl.store(Y + slab * D + tile_offs, (acc_v * inv[:, None]).to(Y.dtype.element_ty), mask=mask_j[:, None])
+        tl.store(C + slab + rows, c, mask=mask_j)
 
 
 @triton.jit
@@ -145,23 +147,23 @@ def _monarch_cols_fwd(
     offs_d = tl.arange(0, D)
     mask_i = offs_i < b1
     q_tok = tile_token(a, offs_i, col, q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce)
-    q_tok = q_tok.to(tl.int64)
-    q = tl.load(Q + b.to(tl.int64) * sq_b + h * sq_h + q_tok[:, None] * sq_n + offs_d[None, :],
-                mask=mask_i[:, None], other=0.0)  # [BLOCK_I, D]
+    q_base = Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
+    q = tl.load(q_base + q_tok[:, None] * sq_n + offs_d[None, :], mask=mask_i[:, None], other=0.0)  # [BI, D]
 
     n_fk = n_key_tiles * b1
     n_keys = tl.load(ALLOWED + a) * b1
-    base = ((pid_bh.to(tl.int64) * a_chunk + a_local) * b2 + col) * n_fk
+    col_base = ((pid_bh.to(tl.int64) * a_chunk + a_local) * b2 + col) * n_fk  # this column's (f k) slab
+    al_ptrs = ALPHA + col_base * D + offs_n[:, None] * D + offs_d[None, :]
+    y_ptrs = Y + col_base * D + offs_n[:, None] * D + offs_d[None, :]
+    c_ptrs = C + col_base + offs_n
     m_i = tl.full([BLOCK_I], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_I], tl.float32)
     acc = tl.zeros([BLOCK_I, D], tl.float32)
     for n0 in range(0, n_keys, BLOCK_K):
-        keys = n0 + offs_n
-        mask_n = keys < n_keys
-        rows = base + keys
-        al = tl.load(ALPHA + rows[:, None] * D + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        yy = tl.load(Y + rows[:, None] * D + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        cc = tl.load(C + rows, mask=mask_n, other=0.0)
+        mask_n = (n0 + offs_n) < n_keys
+        al = tl.load(al_ptrs, mask=mask_n[:, None], other=0.0)
+        yy = tl.load(y_ptrs, mask=mask_n[:, None], other=0.0)
+        cc = tl.load(c_ptrs, mask=mask_n, other=0.0)
         z = mma(q, tl.trans(al), UPCAST) * scale_log2 - cc[None, :]
         z = tl.where(mask_n[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
@@ -170,9 +172,12 @@ def _monarch_cols_fwd(
         l_i = l_i * corr + tl.sum(p, 1)
         acc = acc * corr[:, None] + mma(p.to(yy.dtype), yy, UPCAST)
         m_i = m_new
+        al_ptrs += BLOCK_K * D
+        y_ptrs += BLOCK_K * D
+        c_ptrs += BLOCK_K
     out = acc / l_i[:, None]
-    tl.store(OUT + b.to(tl.int64) * so_b + h * so_h + q_tok[:, None] * so_n + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=mask_i[:, None])
+    o_base = OUT + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
+    tl.store(o_base + q_tok[:, None] * so_n + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=mask_i[:, None])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,15 +186,15 @@ def _monarch_cols_fwd(
 
 def _rows_default(b2: int, d: int) -> dict:
     # Two fp32 accumulators (α, Y) of BLOCK_J × d: 8 warps keep them at ≤ 64 registers per thread for d = 128.
-    return {"BLOCK_J": pow2(b2, 16, 64), "BLOCK_L": pow2(b2, 16, 128), "num_warps": 8 if d >= 128 else 4,
+    # BLOCK_L ≤ 64: (64, 128) blocks spill at d = 128 (sm_90 resource report, kernels/NOTES.md)
+    return {"BLOCK_J": pow2(b2, 16, 64), "BLOCK_L": pow2(b2, 16, 64), "num_warps": 8 if d >= 128 else 4,
             "num_stages": 2}
 
 
 def _rows_candidates(b2: int, d: int) -> list[dict]:
-    block_l = pow2(b2, 16, 128)
     return [
-        {"BLOCK_J": bj, "BLOCK_L": block_l, "num_warps": w, "num_stages": 2}
-        for bj in sorted({pow2(b2, 16, 32), pow2(b2, 16, 64)}) for w in (4, 8)
+        {"BLOCK_J": bj, "BLOCK_L": bl, "num_warps": 8, "num_stages": 2}
+        for bj in sorted({pow2(b2, 16, 32), pow2(b2, 16, 64)}) for bl in sorted({pow2(b2, 16, 64), pow2(b2, 16, 128)})
     ]
 
 
@@ -200,9 +205,7 @@ def _cols_default(b1: int, d: int) -> dict:
 def _cols_candidates(b1: int, d: int) -> list[dict]:
     # about 8 compiles per shape in all (rows + cols): tuning stays well under 30 s
     bi = pow2(b1, 16, 64)
-    return [{"BLOCK_I": bi, "BLOCK_K": bk, "num_warps": 4, "num_stages": 3} for bk in (32, 64, 128)] + [
-        {"BLOCK_I": bi, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
-    ]
+    return [{"BLOCK_I": bi, "BLOCK_K": bk, "num_warps": w, "num_stages": 3} for bk in (32, 64) for w in (4, 8)]
 
 
 def monarch_attention_triton(
