@@ -35,6 +35,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive integer")
+    return value
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every analysis shares (record selection, device, output, parallelism)."""
     from toolkit.analysis import index_list
@@ -48,11 +58,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                      help="analyse the complete records of an interrupted capture")
     run_opts = parser.add_argument_group("execution")
     run_opts.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    run_opts.add_argument("--query-chunk", type=int, default=None, metavar="N",
+    run_opts.add_argument("--query-chunk", type=positive_int, default=None, metavar="N",
                           help="query rows per exact-attention block (default: sized to a fixed memory budget)")
     run_opts.add_argument("--scheduler", default=None, metavar="ADDRESS",
                           help="dask.distributed scheduler for several RUN files (default: local threads)")
-    run_opts.add_argument("--workers", type=int, default=None, help="local dask threads (default: #RUN files, ≤ 4)")
+    run_opts.add_argument("--workers", type=positive_int, default=None,
+                          help="local dask threads (default: #RUN files, ≤ 4)")
     run_opts.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
