@@ -132,6 +132,26 @@ def compare(got: dict, ref: dict, rtol: float, cover_slack: float, floor: float 
     return res
 
 
+def block_stages(q, k, v, lse, scale, device) -> dict:
+    """Per-stage cost (ms) of one query block as topk_tensors sizes it, to show where the time goes."""
+    n_heads, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
+    rows = exact.default_query_chunk(n_k, n_heads, topk.BLOCK_ENTRIES)
+    qb, lb = q[:, :rows], lse[:, :rows]
+    keep = topk.keep_counts(n_k, SPARSITIES)
+    pb = exact.probs(qb, k, lb, scale)
+    selb = topk.select_radix(pb, keep, MASSES)
+    stages = {
+        "probs": lambda: exact.probs(qb, k, lb, scale),
+        "select_radix": lambda: topk.select_radix(pb, keep, MASSES),
+        "select_sort": lambda: topk.select_sort(pb, keep, MASSES),
+        "metrics": lambda: topk._block_metrics(pb, v, selb, keep),
+    }
+    out = {"rows": rows, "blocks": -(-n_q // rows)}
+    for name, fn in stages.items():
+        out[f"{name}_ms"] = timed(fn, device, 200)[1]
+    return out
+
+
 def environment(device: torch.device) -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(), "toolkit": toolkit.__version__,
            "device": str(device)}
@@ -200,6 +220,11 @@ def main() -> int:
         del p, a, b
     except Exception:
         result["errors"]["full_radix_equals_sort"] = traceback.format_exc()
+
+    try:
+        result["block_stages"] = block_stages(q, k, v, lse, scale, device)
+    except Exception:
+        result["errors"]["block_stages"] = traceback.format_exc()
 
     def lse_pass():
         return exact.logsumexp(q, k, scale)
@@ -271,6 +296,9 @@ def main() -> int:
         speed = row.get("speedup_vs_naive")
         print(f"{name:<16}{row['median_ms']:>12.1f}{row['first_call_s']:>14.2f}"
               f"{'' if peak is None else f'{peak:.1f}':>10}{'' if speed is None else f'{speed:.1f}x':>9}")
+    if "block_stages" in result:
+        print("one query block:", ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in result["block_stages"].items()))
     for name, check in result["checks"].items():
         print(f"check {name}: {check}")
     for name in result["errors"]:

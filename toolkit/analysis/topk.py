@@ -310,6 +310,7 @@ def topk_dataset(
     fraction = t["coverage_keys"].double() / n_k
     quantiles = (0.1, 0.25, 0.5, 0.75, 0.9)
     cover_q = torch.quantile(fraction.transpose(1, 2), torch.tensor(quantiles, dtype=torch.float64), dim=-1)
+    cover_q = cover_q.permute(1, 2, 0)  # head mass quantile
     one = "1"
     data = {
         "coverage_fraction": (("head", "query", "mass"), fraction.numpy(), {
@@ -318,7 +319,7 @@ def topk_dataset(
             "long_name": "number of keys whose largest weights reach the mass p", "units": "keys"}),
         "coverage_mean": (("head", "mass"), fraction.mean(1).numpy(), {
             "long_name": "mean over queries of coverage_fraction", "units": one}),
-        "coverage_quantile": (("quantile", "head", "mass"), cover_q.numpy(), {
+        "coverage_quantile": (("head", "mass", "quantile"), cover_q.numpy(), {
             "long_name": "quantiles over queries of coverage_fraction", "units": one}),
         "kept_mass": (("head", "query", "sparsity"), t["kept_mass"].numpy(), {
             "long_name": "attention mass of the kept (largest) keys: the sorted mass curve at 1 - sparsity",
