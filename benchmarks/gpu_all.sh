@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run GPU benchmarks in one device call; logs + JSON land in $OUT/results.tgz.
+#   bash benchmarks/gpu_all.sh kernels analysis monarch sweep capture generate gputests
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-out}
+R=/tmp/results
+mkdir -p "$R" "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation -e . > /tmp/pip.log 2>&1 || { echo PIPFAIL; tail -5 /tmp/pip.log; }
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+step() {  # step NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name"
+  local t0=$SECONDS
+  timeout "$secs" "$@" > "$R/$name.log" 2>&1
+  echo "rc=$? (${name}: $((SECONDS - t0)) s)"
+  tail -n 30 "$R/$name.log"
+}
+for what in "$@"; do
+  case $what in
+    kernels)  step kernels 230 python3 benchmarks/bench_kernels.py --out "$R" ;;
+    analysis) step analysis 90 python3 benchmarks/bench_analysis.py --out "$R" ;;
+    monarch)  step monarch_analysis 90 python3 benchmarks/bench_monarch_analysis.py --out "$R" ;;
+    sweep)    step sweep 60 python3 benchmarks/bundled_sampler_sweep.py --out "$R" ;;
+    capture)  step capture 200 python3 benchmarks/bench_capture.py --out "$R" ;;
+    generate) step generate 150 python3 benchmarks/bench_generate.py --out "$R" --workdir /tmp ;;
+    gputests) step gputests 120 python3 -m pytest -q -x -m gpu tests/ ;;
+  esac
+  tar czf "$OUT/results.tgz" -C /tmp results
+done
