@@ -335,6 +335,17 @@ def _markdown(result: dict) -> str:
               + "; tiled configs faster than dense; extra memory ≤ 2× size(q); tuning ≤ 30 s per shape.",
               "first call = compile + tuning (cold start), excluded from the medians. "
               "'cached' = launch configs read from the on-disk tuning cache."]
+    if result.get("resources"):
+        lines += ["", "## Compiled resources (default configs)", "",
+                  "| kernel | blocks | warps | registers | spill ld/st | shared KB | HGMMA | HMMA |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in result["resources"]:
+            if "error" in r:
+                lines.append(f"| {r.get('kernel', '?')} | error: {r['error']} | | | | | | |")
+                continue
+            blocks = ", ".join(f"{k}={v}" for k, v in r.items() if k.startswith("BLOCK") or k == "EXPLICIT")
+            lines.append(f"| {r['kernel']} | {blocks} | {r['num_warps']} | {r['registers']} | {r['spill_loads']}/"
+                         f"{r['spill_stores']} | {r['shared_bytes'] / 1024:.0f} | {r['HGMMA']} | {r['HMMA']} |")
     if result.get("analysis"):
         lines += ["", "## Analysis kernels", "", "| kernel | shape | median ms | check rel err | status |",
                   "|---|---|---|---|---|"]
@@ -409,6 +420,25 @@ def run_analysis(args) -> list[dict]:
     return results
 
 
+def _resources() -> list[dict]:
+    """Registers / spills / wgmma use of the default configs, compiled ahead of time (kernels/resources.py)."""
+    import torch
+
+    try:
+        from toolkit.kernels.resources import compile_report, default_kernels
+
+        cap = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+        reports = []
+        for fn, ptrs, consts, warps, stages in default_kernels(128):
+            try:
+                reports.append(compile_report(fn, ptrs, consts, warps, stages, cap[0] * 10 + cap[1]))
+            except Exception as err:  # noqa: BLE001
+                reports.append({"kernel": fn.__name__, "error": f"{type(err).__name__}: {err}"[:200]})
+        return reports
+    except Exception as err:  # noqa: BLE001 - Triton internals differ between versions
+        return [{"error": f"{type(err).__name__}: {err}"[:200]}]
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="bench_kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="directory for bench_kernels.json / bench_kernels.md")
@@ -441,6 +471,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
             result["analysis"] = run_analysis(args)
         except Exception as err:  # noqa: BLE001
             result["analysis"] = [{"kernel": "analysis", "shape": "-", "error": f"{type(err).__name__}: {err}"}]
+    if not args.tiny:
+        result["resources"] = _resources()
     result["wall_s"] = time.perf_counter() - t0
     result["tuning_cache"] = {"path": str(_kernel_cache_path()), "exists": _kernel_cache_path().exists()}
     with open(os.path.join(args.out, "bench_kernels.json"), "w") as fh:

@@ -1,0 +1,119 @@
+"""Resource report of the kernels compiled for a GPU target *without a GPU*: registers, spills, shared memory and
+whether the matrix products became Hopper wgmma (SASS ``HGMMA``) or mma.sync (``HMMA``).
+
+    TRITON_INTERPRET=0 python -m toolkit.kernels.resources [--arch 90] [--dim 128]
+
+Uses Triton's ahead-of-time path (``triton.compile`` on an ``ASTSource``) and the ``cuobjdump`` shipped with the
+Triton wheel. Integer arguments that the JIT would specialise as multiples of 16 (strides, pointers) get the same
+``tt.divisibility`` hint, otherwise loads are not vectorised and the report is needlessly pessimistic. The JSON
+printed last is what ``kernels/NOTES.md`` quotes. Relies on Triton internals (tested with 3.9); on failure it says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+os.environ.setdefault("TRITON_INTERPRET", "0")
+
+STRIDES = ("sq_b", "sq_n", "sq_h", "sk_b", "sk_n", "sk_h", "sv_b", "sv_n", "sv_h", "so_b", "so_n", "so_h",
+           "sr_b", "sr_n", "sr_h")
+
+
+def compile_report(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+        elif name == "scale_log2":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in pointers or n in STRIDES}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as fh:
+        fh.write(kernel.asm["cubin"])
+    try:
+        usage = subprocess.run([cuobjdump, "-res-usage", fh.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", fh.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(fh.name)
+    fields = {}
+    for line in usage.splitlines():
+        for part in line.replace(",", " ").split():
+            if ":" in part and part.split(":")[0] in ("REG", "STACK"):
+                key, value = part.split(":", 1)
+                fields[key.lower()] = int(value)
+    return {
+        "kernel": fn.__name__, **{k: v for k, v in constexprs.items() if k.isupper()}, "num_warps": num_warps,
+        "num_stages": num_stages, "registers": fields.get("reg"), "stack_bytes": fields.get("stack"),
+        "spill_loads": sass.count("LDL"), "spill_stores": sass.count("STL"), "shared_bytes": kernel.metadata.shared,
+        "HGMMA": sass.count("HGMMA"), "HMMA": sass.count("HMMA"),
+    }
+
+
+def default_kernels(dim: int) -> list[tuple]:
+    """(kernel, pointer types, constexprs, warps, stages) for the configs the launchers use at the paper's shapes."""
+    from toolkit.kernels import compare, explicit, monarch
+
+    bf, f32, i32 = "*bf16", "*fp32", "*i32"
+    rows_ptrs = dict(Q=bf, K=bf, V=bf, ALPHA=bf, Y=bf, C=f32, ALLOWED=i32)
+    cols_ptrs = dict(Q=bf, ALPHA=bf, Y=bf, C=f32, ALLOWED=i32, OUT=bf)
+    out = []
+    for b2 in (52, 80):
+        cfg = monarch._rows_default(b2, dim)
+        out.append((monarch._monarch_rows_fwd, rows_ptrs,
+                    dict(D=dim, BLOCK_J=cfg["BLOCK_J"], BLOCK_L=cfg["BLOCK_L"], UPCAST=False),
+                    cfg["num_warps"], cfg["num_stages"]))
+    for b1 in (15, 30, 90):
+        cfg = monarch._cols_default(b1, dim)
+        out.append((monarch._monarch_cols_fwd, cols_ptrs,
+                    dict(D=dim, BLOCK_I=cfg["BLOCK_I"], BLOCK_K=cfg["BLOCK_K"], UPCAST=False),
+                    cfg["num_warps"], cfg["num_stages"]))
+    out.append((explicit._factor_rows_fwd, dict(R=f32, V=bf, Y=f32, S=f32),
+                dict(D=dim, BLOCK_J=64, BLOCK_L=64, PRECISION="tf32x3"), 8, 2))
+    out.append((explicit._factor_cols_fwd, dict(L=f32, Y=f32, S=f32, OUT=f32, ROWS=f32),
+                dict(D=dim, BLOCK_I=32, BLOCK_K=32, PRECISION="tf32x3"), 4, 2))
+    for explicit_factors in (False, True):
+        out.append((compare._monarch_compare_fwd, dict(Q=bf, K=bf, V=bf, LF=f32, RF=f32, ALLOWED=i32, ERR=f32),
+                    dict(D=dim, BLOCK_I=16, BLOCK_L=64, EXPLICIT=explicit_factors, PRECISION="tf32x3"), 8, 2))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m toolkit.kernels.resources", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = Hopper)")
+    p.add_argument("--dim", type=int, default=128, help="head dim")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET (kernels must be compiled, not interpreted)", file=sys.stderr)
+        return 2
+    reports = []
+    for fn, ptrs, consts, warps, stages in default_kernels(args.dim):
+        try:
+            r = compile_report(fn, ptrs, consts, warps, stages, args.arch)
+        except Exception as err:  # noqa: BLE001 - report and continue
+            r = {"kernel": fn.__name__, **consts, "error": f"{type(err).__name__}: {err}".splitlines()[0][:200]}
+        reports.append(r)
+        print(r, flush=True)
+    print(json.dumps(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
