@@ -123,11 +123,11 @@ def select_radix(p: torch.Tensor, keep: list[int], masses: tuple[float, ...]) ->
     mass_le = mass.cumsum(-1)
     total = mass_le[:, -1:]
 
-    # Bin of the keep-th largest entry: the lowest bin b with (entries in bins >= b) >= keep.
+    # Bin of the keep-th largest entry: the highest bin b with (entries in bins >= b) >= keep.
     keep_t = torch.tensor(keep, device=dev).expand(m, -1)
     b_keep = torch.searchsorted(count_le, (n - keep_t).contiguous(), right=True).clamp_(max=nb - 1)
     rank_in_bin = keep_t - (n - count_le.gather(1, b_keep))  # 1 = largest entry of the bin
-    # Bin where the descending cumulative mass crosses p · total.
+    # Bin where the descending cumulative mass crosses p · total: the highest b with (mass in bins >= b) >= target.
     target = total * torch.tensor(masses, dtype=torch.float64, device=dev)
     b_cov = torch.searchsorted(mass_le, (total - target).contiguous(), right=True).clamp_(max=nb - 1)
     need = target - (total - mass_le.gather(1, b_cov))  # mass still needed from inside bin b_cov
