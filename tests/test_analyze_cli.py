@@ -192,3 +192,21 @@ def test_scheduler_address(run_file, tmp_path):
     a, b = xr.open_dataset(out, engine="h5netcdf"), xr.open_dataset(local, engine="h5netcdf")
     assert list(a["run"].values) == ["run.h5", "second.h5"]
     np.testing.assert_array_equal(a["coverage_keys"].values, b["coverage_keys"].values)
+
+
+def test_stack_records_pads_varying_query_counts():
+    from toolkit.analysis import stack_records
+
+    g = torch.Generator().manual_seed(0)
+    parts = []
+    for n_q, n_k, step in ((5, 40, 0), (9, 60, 1)):
+        q, k = torch.randn(2, n_q, 8, generator=g), torch.randn(2, n_k, 8, generator=g)
+        ds = topk.topk_dataset(q, k, None, 0.3, query_tokens=torch.arange(n_q) + 100 * step, sparsities=(0.0, 0.5))
+        ds.attrs.update(step=step, chunk=0, layer=0, timestep=1.0, is_clean=False)
+        parts.append(ds)
+    out = stack_records(parts)
+    assert out.sizes["record"] == 2 and out.sizes["query"] == 9
+    assert list(out["step"].values) == [0, 1] and list(out["n_keys"].values) == [40, 60]
+    assert out["coverage_fraction"].isel(record=0, query=slice(5, None)).isnull().all()
+    np.testing.assert_array_equal(out["query_token"].isel(record=1).values, np.arange(9) + 100)
+    np.testing.assert_array_equal(out["kept_keys"].values, [[40, 20], [60, 30]])
