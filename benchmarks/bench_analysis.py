@@ -166,6 +166,14 @@ def environment(device: torch.device) -> dict:
         env["cuda"] = torch.version.cuda
         env["cudnn"] = torch.backends.cudnn.version()
         env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+        try:  # record, never change, clocks and power limit
+            import subprocess
+
+            env["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,mig.mode.current",
+                 "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["nvidia_smi"] = None
     return env
 
 
