@@ -54,6 +54,22 @@ DEFAULT_SCRATCH_BYTES = 1 << 30
 
 
 @triton.jit
+def _row_block(q, kk, vv, mask_l, m_i, l_i, t_i, acc_k, acc_v, scale_log2, UPCAST: tl.constexpr):
+    """One block of key columns l of the R-step: online softmax of s·q·k over l, accumulating R·k and R·v."""
+    x = mma(q, tl.trans(kk), UPCAST) * scale_log2  # [BLOCK_J, BLOCK_L], log2 units
+    x = tl.where(mask_l[None, :], x, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(x, 1))
+    corr = tl.exp2(m_i - m_new)
+    p = tl.exp2(x - m_new[:, None])
+    l_i = l_i * corr + tl.sum(p, 1)
+    t_i = t_i * corr + tl.sum(tl.where(mask_l[None, :], p * x, 0.0), 1)
+    pc = p.to(kk.dtype)
+    acc_k = acc_k * corr[:, None] + mma(pc, kk, UPCAST)
+    acc_v = acc_v * corr[:, None] + mma(pc, vv, UPCAST)
+    return m_new, l_i, t_i, acc_k, acc_v
+
+
+@triton.jit
 def _monarch_rows_fwd(
     Q, K, V, ALPHA, Y, C, ALLOWED,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
@@ -61,6 +77,7 @@ def _monarch_rows_fwd(
     q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
     k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce,
     D: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_L: tl.constexpr, UPCAST: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
 ):
     pid_kj = tl.program_id(0)
     a_local = tl.program_id(1)
@@ -98,21 +115,19 @@ def _monarch_rows_fwd(
         t_i = tl.zeros([BLOCK_J], tl.float32)  # Σ p · x (x = logit in log2 units) for the entropy term
         acc_k = tl.zeros([BLOCK_J, D], tl.float32)
         acc_v = tl.zeros([BLOCK_J, D], tl.float32)
-        for l0 in range(0, b2, BLOCK_L):
-            mask_l = (l0 + offs_l) < b2
-            kk = tl.load(k_base + (k_row0 + l0) * sk_n + kv_offs, mask=mask_l[:, None], other=0.0)
-            vv = tl.load(v_base + (k_row0 + l0) * sv_n + vv_offs, mask=mask_l[:, None], other=0.0)
-            x = mma(q, tl.trans(kk), UPCAST) * scale_log2  # [BLOCK_J, BLOCK_L]
-            x = tl.where(mask_l[None, :], x, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(x, 1))
-            corr = tl.exp2(m_i - m_new)
-            p = tl.exp2(x - m_new[:, None])
-            l_i = l_i * corr + tl.sum(p, 1)
-            t_i = t_i * corr + tl.sum(tl.where(mask_l[None, :], p * x, 0.0), 1)
-            pc = p.to(kk.dtype)
-            acc_k = acc_k * corr[:, None] + mma(pc, kk, UPCAST)
-            acc_v = acc_v * corr[:, None] + mma(pc, vv, UPCAST)
-            m_i = m_new
+        if SINGLE_BLOCK:  # b2 <= BLOCK_L: no inner loop, so Triton pipelines the K/V loads across key tiles f
+            mask_l = offs_l < b2
+            kk = tl.load(k_base + k_row0 * sk_n + kv_offs, mask=mask_l[:, None], other=0.0)
+            vv = tl.load(v_base + k_row0 * sv_n + vv_offs, mask=mask_l[:, None], other=0.0)
+            m_i, l_i, t_i, acc_k, acc_v = _row_block(q, kk, vv, mask_l, m_i, l_i, t_i, acc_k, acc_v, scale_log2,
+                                                     UPCAST)
+        else:
+            for l0 in range(0, b2, BLOCK_L):
+                mask_l = (l0 + offs_l) < b2
+                kk = tl.load(k_base + (k_row0 + l0) * sk_n + kv_offs, mask=mask_l[:, None], other=0.0)
+                vv = tl.load(v_base + (k_row0 + l0) * sv_n + vv_offs, mask=mask_l[:, None], other=0.0)
+                m_i, l_i, t_i, acc_k, acc_v = _row_block(q, kk, vv, mask_l, m_i, l_i, t_i, acc_k, acc_v,
+                                                         scale_log2, UPCAST)
         inv = 1.0 / l_i
         # Σ R log2 R = Σ p x / l − m − log2 l
         c = t_i * inv - m_i - tl.log2(l_i)
@@ -192,9 +207,10 @@ def _rows_default(b2: int, d: int) -> dict:
 
 
 def _rows_candidates(b2: int, d: int) -> list[dict]:
+    blocks_j, blocks_l = sorted({pow2(b2, 16, 32), pow2(b2, 16, 64)}), sorted({pow2(b2, 16, 64), pow2(b2, 16, 128)})
     return [
-        {"BLOCK_J": bj, "BLOCK_L": bl, "num_warps": 8, "num_stages": 2}
-        for bj in sorted({pow2(b2, 16, 32), pow2(b2, 16, 64)}) for bl in sorted({pow2(b2, 16, 64), pow2(b2, 16, 128)})
+        {"BLOCK_J": bj, "BLOCK_L": bl, "num_warps": 8, "num_stages": st}
+        for bj in blocks_j for bl in blocks_l for st in ((2, 3) if bl >= b2 else (2,))
     ]
 
 
@@ -275,7 +291,8 @@ def monarch_attention_triton(
         grid_r = (b1 * triton.cdiv(b2, cfg["BLOCK_J"]), n_a, B * H)
         _monarch_rows_fwd[grid_r](
             q, k, v, alpha, y, c, allowed, *strides_q, *strides_k, *strides_v,
-            H, a0, a_chunk, F, b1, b2, scale_log2, *gq.args(), *gk.args(), D=D, UPCAST=upcast, **cfg,
+            H, a0, a_chunk, F, b1, b2, scale_log2, *gq.args(), *gk.args(), D=D, UPCAST=upcast,
+            SINGLE_BLOCK=b2 <= cfg["BLOCK_L"], **cfg,
         )
 
     def cols(cfg: dict, a0: int, n_a: int) -> None:

@@ -64,6 +64,7 @@ def compile_report(fn, pointers: dict, constexprs: dict, num_warps: int, num_sta
         "num_stages": num_stages, "registers": fields.get("reg"), "stack_bytes": fields.get("stack"),
         "spill_loads": sass.count("LDL"), "spill_stores": sass.count("STL"), "shared_bytes": kernel.metadata.shared,
         "HGMMA": sass.count("HGMMA"), "HMMA": sass.count("HMMA"),
+        "async_copies": sass.count("LDGSTS") + sass.count("UTMALDG"),  # pipelined (cp.async / TMA) loads
     }
 
 
@@ -78,7 +79,8 @@ def default_kernels(dim: int) -> list[tuple]:
     for b2 in (52, 80):
         cfg = monarch._rows_default(b2, dim)
         out.append((monarch._monarch_rows_fwd, rows_ptrs,
-                    dict(D=dim, BLOCK_J=cfg["BLOCK_J"], BLOCK_L=cfg["BLOCK_L"], UPCAST=False),
+                    dict(D=dim, BLOCK_J=cfg["BLOCK_J"], BLOCK_L=cfg["BLOCK_L"], UPCAST=False,
+                         SINGLE_BLOCK=b2 <= cfg["BLOCK_L"]),
                     cfg["num_warps"], cfg["num_stages"]))
     for b1 in (15, 30, 90):
         cfg = monarch._cols_default(b1, dim)
