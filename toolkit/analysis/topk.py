@@ -112,11 +112,14 @@ def select_radix(p: torch.Tensor, keep: list[int], masses: tuple[float, ...]) ->
     pf = p.reshape(-1, n)
     m = pf.shape[0]
     rows = torch.arange(m, device=dev)
-    coarse = (pf.view(torch.int32) >> _RADIX_SHIFT).long()
-    cmin = int(coarse.min())
-    nb = int(coarse.max()) - cmin + 1
-    idx = (coarse - cmin).add_(rows[:, None] * nb).view(-1)  # flat (row, bin) of every entry
-    del coarse
+    coarse = pf.view(torch.int32) >> _RADIX_SHIFT
+    lo, hi = (int(x) for x in torch.aminmax(coarse))
+    nb = hi - lo + 1
+    if m * nb < 2**31:  # int32 arithmetic, one conversion for bincount / indexing
+        idx = coarse.sub_(lo).add_(rows[:, None].to(torch.int32) * nb).view(-1).long()
+    else:
+        idx = coarse.long().sub_(lo).add_(rows[:, None] * nb).view(-1)
+    del coarse  # idx: flat (row, bin) of every entry
     counts = torch.bincount(idx, minlength=m * nb).view(m, nb)
     mass = torch.bincount(idx, weights=pf.reshape(-1).double(), minlength=m * nb).view(m, nb)
     count_le = counts.cumsum(-1)  # entries in bins <= b
