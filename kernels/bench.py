@@ -65,6 +65,7 @@ class Row:
     peak_extra_over_q: float | None = None
     first_call_s: float | None = None
     tuning: list[dict] = field(default_factory=list)
+    stage_ms: dict | None = None  # Monarch: median ms of the rows (R-step) and cols (L-step) kernels alone
 
     @property
     def ms(self) -> float | None:
@@ -97,6 +98,11 @@ def _environment() -> dict:
         except (OSError, subprocess.SubprocessError) as err:
             env["nvidia_smi"] = f"unavailable: {err}"
     env["kernel_cache"] = str(_kernel_cache_path())
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = None
     return env
 
 
@@ -113,7 +119,7 @@ def _time(fn, rounds_out: list[float], cuda: bool) -> tuple[float, float, float]
 
         try:
             times = sorted(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all"))
-        except (TypeError, ValueError):  # older/newer do_bench without "all"
+        except (TypeError, ValueError, AssertionError):  # a do_bench without return_mode="all"
             med = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
             times = [med]
     else:
@@ -214,9 +220,10 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
             variants[f"sdpa-{backend}"] = (_dense_fn(backend, qh, kh, vh, scale),
                                            lambda out: _rel(out[0][:, sample], ref_rows), dflops)
 
-    def monarch_fn(scratch_bytes=None):
+    def monarch_fn(scratch_bytes=None, stages="both"):
         return lambda: monarch_attention_triton(q, k, v, grid, tiling, query_frames=qf, key_frames=kf, scale=scale,
-                                                autotune=not args.no_autotune, scratch_bytes=scratch_bytes)
+                                                autotune=not args.no_autotune, scratch_bytes=scratch_bytes,
+                                                stages=stages)
 
     def monarch_check(out):
         hs = slice(0, args.check_heads)
@@ -266,6 +273,12 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
             except Exception as err:  # noqa: BLE001
                 row.error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
                 row.ok = False
+    for vname, (row, _) in live.items():
+        if row.ok and vname.startswith("monarch") and not vname.endswith("lowmem"):
+            try:  # per-stage split (configs are cached by now)
+                row.stage_ms = {st: round(_time(monarch_fn(stages=st), [], cuda)[0], 4) for st in ("rows", "cols")}
+            except Exception as err:  # noqa: BLE001
+                row.stage_ms = {"error": f"{type(err).__name__}: {err}"[:200]}
     for row, _ in live.values():
         if row.ok and row.ms:
             row.real_tflops = row.flops / (row.ms * 1e-3) / 1e12
@@ -302,6 +315,8 @@ def _fmt_row(r: Row) -> str:
 
     tuning = ", ".join(f"{t['source']} {t['seconds']:.1f}s" for t in r.tuning) or "–"
     status = "ok" if r.ok else (r.error or "not run")
+    if r.stage_ms and "rows" in r.stage_ms:
+        status += f" (rows {r.stage_ms['rows']:.3f} + cols {r.stage_ms['cols']:.3f} ms)"
     spread = f"{r.p20_ms:.3f}–{r.p80_ms:.3f}" if r.p20_ms is not None else "–"
     rounds = "/".join(f"{m:.3f}" for m in r.median_ms) or "–"
     return (f"| {r.shape} | {r.variant} | {f(r.ms, '.3f')} | {rounds} | {spread} | {f(r.real_tflops, '.0f')} | "

@@ -239,6 +239,7 @@ def monarch_attention_triton(
     autotune: bool | None = None,
     configs: tuple[dict, dict] | None = None,
     out: torch.Tensor | None = None,
+    stages: str = "both",
 ) -> torch.Tensor:
     """Monarch attention (T = 1) of raster-order ``q`` (``b i h d``, frames ``query_frames``) against ``k, v``
     (``b j h d``, frames ``key_frames``) on the token ``grid`` (frames, height, width) with tiling
@@ -249,6 +250,8 @@ def monarch_attention_triton(
     ``autotune``: tune launch configs once per shape and cache them on disk (default: env
     ``TOOLKIT_KERNEL_AUTOTUNE=1``; otherwise cached or heuristic configs). ``configs``: explicit launch configs
     (rows kernel, cols kernel) instead, e.g. small blocks in tests. ``out``: buffer to write (``b i h d``).
+    ``stages``: "both"; "rows" or "cols" launch only that kernel (per-stage timing in the benchmark; the
+    result is then not the attention output).
     Returns ``b i h d`` in q's dtype; accumulation is fp32, α and Y are kept in q's dtype.
     """
     grid = tuple(int(x) for x in grid)
@@ -266,6 +269,8 @@ def monarch_attention_triton(
     check_head_dim(D)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or k.dtype != q.dtype:
         raise ToolkitError(f"unsupported dtypes q {q.dtype}, k {k.dtype}")
+    if stages not in ("both", "rows", "cols"):
+        raise ToolkitError(f"stages must be both, rows or cols, not {stages!r}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     scale = D**-0.5 if scale is None else float(scale)
     allowed = key_tiles_allowed_on(q.device, gq, gk, block_causal_frames)
@@ -312,7 +317,10 @@ def monarch_attention_triton(
         cfg_c = None
     for a0 in range(0, A, a_chunk):
         n_a = min(a_chunk, A - a0)
-        rows(cfg_r, a0, n_a)
+        if stages != "cols":
+            rows(cfg_r, a0, n_a)
+        if stages == "rows":
+            continue
         if cfg_c is None:  # tuned on the first chunk, whose intermediates are now in place
             cfg_c = pick_config(f"monarch cols {key}", _cols_default(b1, D), _cols_candidates(b1, D),
                                 lambda cfg: cols(cfg, 0, n_first), tune)
