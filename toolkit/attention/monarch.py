@@ -165,10 +165,6 @@ def _resolve_layout(grid, tiling, layout: MonarchLayout | None) -> MonarchLayout
     return MonarchLayout.aligned(grid, "fh,w", tiling)
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 # ---- variational MonarchAttention ----------------------------------------------------------------------------
 def variational(
     q: torch.Tensor,
@@ -189,7 +185,7 @@ def variational(
         raise ToolkitError("MonarchAttention needs iters >= 1")
     qf, kf = _frames(query_frames, layout.grid), _frames(key_frames, layout.grid)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    dt = _compute_dtype(q, k, v)
+    dt = exact.compute_dtype(q, k, v)
     allowed = allowed_tiles(layout, qf, kf, block_causal_frames).to(q.device)
     qt = layout.permute(q.to(dt), dim=-2, frames=qf) * math.sqrt(scale)  # ... a i j d
     kt = layout.permute(k.to(dt), dim=-2, frames=kf) * math.sqrt(scale)  # ... f k l d
@@ -248,8 +244,9 @@ def monarch_attention(
     return (out, factors) if return_factors else out
 
 
-def _check_block_causal_mask(mask: torch.Tensor, grid: TokenGrid, chunk_frames: int, ctx) -> None:
-    """The training path's mask must be the block-causal one (checked on each frame's first query row)."""
+def check_block_causal_mask(mask: torch.Tensor, grid: TokenGrid, chunk_frames: int, ctx) -> None:
+    """Raise unless ``mask`` (``i j`` or ``b h i j``, True = attend) of the no-cache training path is the
+    ``chunk_frames`` block-causal mask (checked on each query frame's first row)."""
     tpf = grid.tokens_per_frame
     q0, k0 = ctx.query_offset, ctx.key_offset
     q_frames = torch.arange(*ctx.query_frames, device=mask.device)
@@ -278,7 +275,7 @@ def monarch_backend(
         layout = MonarchLayout.aligned(grid, base, tiling)
         causal = None
         if ctx.attn_mask is not None:
-            _check_block_causal_mask(ctx.attn_mask, grid, block_causal_frames, ctx)
+            check_block_causal_mask(ctx.attn_mask, grid, block_causal_frames, ctx)
             causal = block_causal_frames
         return monarch_attention(
             q, k, v, grid, layout=layout, query_frames=ctx.query_frames, key_frames=ctx.key_frames,
@@ -287,6 +284,9 @@ def monarch_backend(
 
     backend.__name__ = f"monarch_{base.replace(',', '_')}_{'_'.join(map(str, tiling))}_T{iters}"
     return backend
+
+
+_check_block_causal_mask = check_block_causal_mask  # older name, imported by toolkit.kernels.monarch
 
 
 # ---- exact projection --------------------------------------------------------------------------------------
@@ -359,7 +359,7 @@ def _setup(q, k, v, lse, layout, query_frames, key_frames, block_causal_frames, 
     qf, kf = _frames(query_frames, layout.grid), _frames(key_frames, layout.grid)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     allowed = allowed_tiles(layout, qf, kf, block_causal_frames)
-    dt = _compute_dtype(q, k, *(() if v is None else (v,)))
+    dt = exact.compute_dtype(q, k, *(() if v is None else (v,)))
     if lse is None:
         if block_causal_frames is not None:
             raise ToolkitError("pass lse (over the allowed keys) for block-causal exact maps")
@@ -413,7 +413,8 @@ def exact_projection(
         if v is not None:
             v_sel = vt[..., keys, :, :, :]  # ... f k l d
             out_p = torch.einsum("...gjfkil,...fkld->...gijd", slices, v_sel)
-            out_m = torch.einsum("...gjfki,...gjfkl,...fkld->...gijd", a, b, v_sel)
+            y = torch.einsum("...gjfkl,...fkld->...gjfkd", b, v_sel)  # Σ_l r v, as the kernels' Y
+            out_m = torch.einsum("...gjfki,...gjfkd->...gijd", a, y)
             out_err = out_err + (out_p - out_m).square().sum((-1, -2, -3, -4))
             out_sq = out_sq + out_p.square().sum((-1, -2, -3, -4))
         if return_factors:
@@ -455,13 +456,15 @@ def map_errors(
         keys = torch.nonzero(allowed[tiles[0]]).flatten()
         p = _exact_tiles(qt, kt, lse_t, tiles, keys, scale)  # ... g i j f k l
         sel = slice(int(tiles[0]), int(tiles[-1]) + 1)
-        m = torch.einsum("...ajifk,...afkjl->...aijfkl", L[..., sel, :, :, keys, :], R[..., sel, keys, :, :, :])
+        L_g, R_g = L[..., sel, :, :, keys, :], R[..., sel, keys, :, :, :]  # ... a j i f k ; ... a f k j l
+        m = torch.einsum("...ajifk,...afkjl->...aijfkl", L_g, R_g)
         sq_error = sq_error + (p - m).square().sum((-1, -2, -3, -4, -5, -6))
         p_sq = p_sq + p.square().sum((-1, -2, -3, -4, -5, -6))
         if v is not None:
             v_sel = vt[..., keys, :, :, :]
             out_p = torch.einsum("...aijfkl,...fkld->...aijd", p, v_sel)
-            out_m = torch.einsum("...aijfkl,...fkld->...aijd", m, v_sel)
+            y = torch.einsum("...afkjl,...fkld->...afjkd", R_g, v_sel)
+            out_m = torch.einsum("...ajifk,...afjkd->...aijd", L_g, y)
             out_err = out_err + (out_p - out_m).square().sum((-1, -2, -3, -4))
             out_sq = out_sq + out_p.square().sum((-1, -2, -3, -4))
     n_entries = int(allowed.sum()) * (layout.b1 * layout.b2) ** 2
