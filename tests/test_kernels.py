@@ -15,8 +15,14 @@ import pytest  # noqa: E402
 import toolkit.kernels._common as kcommon  # noqa: E402
 import torch  # noqa: E402
 from toolkit.kernels import apply_factors, monarch_attention_triton, monarch_backend_triton, monarch_compare  # noqa: E402
+from toolkit.kernels.monarch import dense_flops, monarch_flops  # noqa: E402
 
-from toolkit.attention.monarch import exact_projection, monarch_attention, monarch_backend  # noqa: E402
+from toolkit.attention.monarch import (  # noqa: E402
+    allowed_tiles,
+    exact_projection,
+    monarch_attention,
+    monarch_backend,
+)
 from toolkit.grid import MonarchLayout  # noqa: E402
 from toolkit.models.seam import AttentionContext  # noqa: E402
 
@@ -175,3 +181,17 @@ def test_streaming_comparison(mode):
     assert want["map_sq_err"].min() > 0  # the comparison is not trivially zero
     for name, ref in want.items():
         assert _rel(getattr(got, name), ref) < 1e-4, name
+
+
+@pytest.mark.parametrize("tiling,qf,kf,bc", [((1, 2, 1), (0, 6), (0, 6), 3), ((3, 1, 1), (3, 6), (0, 6), None),
+                                             ((1, 1, 2), (0, 6), (0, 6), None)])
+def test_key_tiles_and_flops_match_the_reference_accounting(tiling, qf, kf, bc):
+    grid = (6, 4, 10)
+    gq, gk = kcommon.TileGeometry(grid, tiling, qf), kcommon.TileGeometry(grid, tiling, kf)
+    layout = MonarchLayout.aligned(grid, "fh,w", tiling)
+    allowed = allowed_tiles(layout, qf, kf, bc)  # bool A × F, a prefix of key tiles per query tile
+    assert torch.equal(kcommon.key_tiles_allowed(gq, gk, bc), allowed.sum(1).to(torch.int32))
+    assert torch.equal(allowed, torch.arange(gk.num_tiles)[None, :] < allowed.sum(1, keepdim=True))
+    ratio = monarch_flops(grid, tiling, qf, kf, heads=1, head_dim=64, block_causal_frames=bc) / dense_flops(
+        gq.n_tokens, gk.n_tokens, heads=1, head_dim=64)
+    assert ratio == pytest.approx(layout.flop_ratio(1) * allowed.float().mean().item(), rel=1e-12)
