@@ -403,3 +403,17 @@ def test_hooks_only_on_selected_layers_and_removed_on_exit(tmp_path):
     assert [len(s.hooks) for s in seams(model)] == [0, 0, 0]
     with open_capture(tmp_path / "h.h5") as cap:
         assert not cap.complete and cap.records == []  # nothing ran inside the block
+
+
+def test_gzip_and_lzf_compression_round_trip(tmp_path):
+    model = make_model(10)
+    for codec in ("gzip", "lzf"):
+        ref: dict = {}
+        path = tmp_path / f"{codec}.h5"
+        run(model, Selection(layers="1", chunks="0,2", compression=codec), path, reference=ref)
+        with open_capture(path) as cap:
+            assert cap.file["k"].compression == codec and cap.file["k"].shuffle
+            for key in cap.records:
+                rec, seen = cap.record(*key), ref[tuple(key)]
+                assert torch.equal(rec.q(), seen["q"].transpose(0, 1))
+                assert torch.equal(rec.k(), seen["k"].transpose(0, 1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,6 +43,12 @@ CHILD = textwrap.dedent("""
 
     def killer(q, k, v, o, ctx):
         if (ctx.step, ctx.chunk, ctx.layer) == target:
+            if os.environ.get("INSPECT_INSTEAD"):  # read the live file from another process, then go on
+                import subprocess
+                r = subprocess.run([sys.executable, "-m", "toolkit.cli", "inspect", out], capture_output=True,
+                                   text=True)
+                print("INSPECT", r.returncode, r.stdout, r.stderr)
+                return
             os.kill(os.getpid(), signal.SIGKILL)
 
     try:
@@ -57,11 +64,11 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def child(tmp_path, out, kill_at="none", fsize=0):
+def child(tmp_path, out, kill_at="none", fsize=0, env=None):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     return subprocess.run([sys.executable, str(script), str(out), kill_at, str(fsize)], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +106,19 @@ def test_sigkill_leaves_openable_incomplete_file_with_intact_records(tmp_path, r
         assert ds.attrs["complete"] == 0 and int(ds.record_complete.sum()) == len(done)
     summary = subprocess.run([sys.executable, "-m", "toolkit.cli", "inspect", str(out)], capture_output=True,
                              text=True, timeout=60)
-    assert summary.returncode == 0 and "INCOMPLETE" in summary.stdout
+    assert summary.returncode == 0 and "INCOMPLETE (interrupted)" in summary.stdout
     assert f"{len(done)} complete of 45 selected" in summary.stdout
+
+
+def test_a_capture_being_written_can_be_inspected_from_another_process(tmp_path):
+    out = tmp_path / "live.h5"
+    proc = child(tmp_path, out, "0,2,0", env={"INSPECT_INSTEAD": "1"})
+    assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stderr
+    assert "INSPECT 0" in proc.stdout and "being written (open in another process)" in proc.stdout
+    done = int(re.search(r"records\s+(\d+) complete of 45 selected", proc.stdout).group(1))
+    assert done < 45  # chunk 2 was still running
+    with open_capture(out) as cap:
+        assert cap.complete and len(cap.records) == 45
 
 
 def test_file_size_limit_is_one_line_and_leaves_no_file(tmp_path):

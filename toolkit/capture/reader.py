@@ -137,10 +137,19 @@ class Capture:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
+        self.live = False  # opened while a capture is still writing it
         try:
             self.file = h5py.File(self.path, "r")
-        except (OSError, FileNotFoundError) as err:
-            raise ToolkitError(f"cannot open {self.path}: {str(err).splitlines()[0]}") from None
+        except OSError as err:
+            if "lock" not in str(err) or not os.path.exists(self.path):
+                raise ToolkitError(f"cannot open {self.path}: {str(err).splitlines()[0]}") from None
+            # A running capture holds the write lock. Its HDF5 metadata is fixed once created (uncompressed
+            # files), so reading without the lock is safe; records appear as their flags are flushed.
+            try:
+                self.file = h5py.File(self.path, "r", locking=False)
+            except OSError as err2:
+                raise ToolkitError(f"cannot open {self.path}: {str(err2).splitlines()[0]}") from None
+            self.live = True
         a = self.file.attrs
         if a.get("format") != FORMAT_NAME:
             self.file.close()
@@ -343,8 +352,9 @@ class Capture:
         lay = self.layout
         total = len(self.steps) and int(np.count_nonzero(self._record_flags))
         sel = self.selection
-        lines = [f"{self.path}: toolkit capture format {a.get('format_version')}, "
-                 f"{'complete' if self.complete else 'INCOMPLETE (interrupted or still being written)'}"]
+        state = "complete" if self.complete else (
+            "being written (open in another process)" if self.live else "INCOMPLETE (interrupted)")
+        lines = [f"{self.path}: toolkit capture format {a.get('format_version')}, {state}"]
         for key in ("model", "checkpoint", "checkpoint_sha256", "prompt", "seed", "sampler"):
             if key in a:
                 lines.append(f"  {key:18s} {a[key]}")
