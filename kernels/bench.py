@@ -287,7 +287,8 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
     return info
 
 
-def run_benchmark(args) -> dict:
+def run_benchmark(args, save=None) -> dict:
+    """All shapes; ``save(result)`` is called after each shape so a run cut short keeps what it measured."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -305,7 +306,13 @@ def run_benchmark(args) -> dict:
             traceback.print_exc()
         if cuda:
             torch.cuda.empty_cache()
-    return {"environment": env, "shapes": shape_info, "goals_ms": GOALS_MS,
+        if save is not None:
+            save(_result(env, shape_info, rows))
+    return _result(env, shape_info, rows)
+
+
+def _result(env: dict, shape_info: dict, rows: list[Row]) -> dict:
+    return {"environment": env, "shapes": dict(shape_info), "goals_ms": GOALS_MS,
             "rows": [r.__dict__ | {"ms": r.ms} for r in rows], "analysis": None}
 
 
@@ -480,7 +487,14 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         os.environ.setdefault("TRITON_INTERPRET", "1")
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
-    result = run_benchmark(args)
+
+    def save(result: dict) -> None:
+        with open(os.path.join(args.out, "bench_kernels.json"), "w") as fh:
+            json.dump(result, fh, indent=1, default=str)
+        with open(os.path.join(args.out, "bench_kernels.md"), "w") as fh:
+            fh.write(_markdown(result))
+
+    result = run_benchmark(args, save)
     if args.analysis:
         try:
             result["analysis"] = run_analysis(args)
@@ -490,12 +504,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         result["resources"] = _resources()
     result["wall_s"] = time.perf_counter() - t0
     result["tuning_cache"] = {"path": str(_kernel_cache_path()), "exists": _kernel_cache_path().exists()}
-    with open(os.path.join(args.out, "bench_kernels.json"), "w") as fh:
-        json.dump(result, fh, indent=1, default=str)
-    md = _markdown(result)
-    with open(os.path.join(args.out, "bench_kernels.md"), "w") as fh:
-        fh.write(md)
-    print(md)
+    save(result)
+    print(_markdown(result))
     failed = [r for r in result["rows"] if not r["ok"]]
     print(f"{len(result['rows']) - len(failed)} variants ok, {len(failed)} failed; wall {result['wall_s']:.0f} s",
           file=sys.stderr)
