@@ -41,7 +41,7 @@ def test_capture_then_inspect(checkpoint, tmp_path):
         a = cap.attrs
         assert a["model"] == "bundled" and a["seed"] == 5 and a["prompt"].startswith("2 sprites")
         assert len(a["checkpoint_sha256"]) == 64 and a["sampler"]["frames_per_chunk"] == 3
-        assert "--layers 1" in a["history_command"]
+        assert "--layers 1" in a["history_command"] and a["history"].endswith(a["history_command"])
         rec = cap.record(step=2, chunk=3, layer=1)
         assert rec.k().shape == (4, 12 * 240, 16) and len(rec.query_tokens) == 3 * 4
         rows = cap.rows(rec, 3)

@@ -184,7 +184,9 @@ class CaptureStore:
                         "chunk c): tokens from record_key_start_frame up to chunk c's start at step context_step "
                         "(the clean pass), then chunk c's own tokens at step s. Records are valid where "
                         "record_complete == 1."),
-            "date_created": _now(), "history": f"{_now()}: created by toolkit {toolkit.__version__}",
+            "date_created": _now(),
+            "history": f"{_now()}: " + str(provenance.get("history_command",
+                                                          f"created by toolkit {toolkit.__version__}")),
             "toolkit_version": toolkit.__version__, "torch_version": str(torch.__version__),
             "h5py_version": h5py.version.version, "hdf5_version": h5py.version.hdf5_version,
             "layout": _attr(lay.to_attrs()), "selection": _attr(_selection_attrs(plan)),
