@@ -30,12 +30,12 @@ if TYPE_CHECKING:
     import torch
 
 # name -> (grid, tiling, query_frames, key_frames); None tiling = dense baselines only
-SHAPES = {
+SHAPES = {  # the goal shapes first
     "full-111": ((21, 30, 52), (1, 1, 1), (0, 21), (0, 21)),
-    "full-121": ((21, 30, 52), (1, 2, 1), (0, 21), (0, 21)),
-    "full-311": ((21, 30, 52), (3, 1, 1), (0, 21), (0, 21)),
     "ar-111": ((21, 30, 52), (1, 1, 1), (18, 21), (0, 21)),
+    "full-121": ((21, 30, 52), (1, 2, 1), (0, 21), (0, 21)),
     "ar-121": ((21, 30, 52), (1, 2, 1), (18, 21), (0, 21)),
+    "full-311": ((21, 30, 52), (3, 1, 1), (0, 21), (0, 21)),
     "720p-311": ((21, 45, 80), (3, 1, 1), (0, 21), (0, 21)),
 }
 # Tiny shapes for a CPU smoke run through the Triton interpreter (--tiny): same code paths, no timing value.

@@ -315,8 +315,10 @@ def monarch_attention_triton(
         cfg_r = pick_config(f"monarch rows {key}", _rows_default(b2, D), _rows_candidates(b2, D),
                             lambda cfg: rows(cfg, 0, n_first), tune)
         cfg_c = None
-    for a0 in range(0, A, a_chunk):
-        n_a = min(a_chunk, A - a0)
+    n_chunks = -(-A // a_chunk)
+    bounds = [A * c // n_chunks for c in range(n_chunks + 1)]  # balanced chunks (no small last one)
+    for a0, a1 in zip(bounds[:-1], bounds[1:]):
+        n_a = a1 - a0
         if stages != "cols":
             rows(cfg_r, a0, n_a)
         if stages == "rows":
