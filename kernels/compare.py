@@ -171,13 +171,26 @@ def _monarch_compare_fwd(
 
 @dataclass
 class RowErrors:
-    """Per query row (each ``b i h``, float32): Σ(A − M)², ΣA², ‖(A − M)V‖, ‖AV‖, ΣM."""
+    """Per query row (each ``b i h``, float32): Σ(A − M)², ΣA², ‖(A − M)V‖, ‖AV‖, ΣM; ``n_entries`` = attended
+    map entries (query rows × allowed keys)."""
 
     map_sq_err: torch.Tensor
     map_sq_norm: torch.Tensor
     out_err: torch.Tensor
     out_norm: torch.Tensor
     monarch_row_sum: torch.Tensor
+    n_entries: int = 0
+
+    def per_head(self):
+        """Sums over query rows as ``toolkit.attention.monarch.MonarchErrors`` with ``b h`` leading dims (the
+        same numbers as its ``map_errors`` / ``exact_projection``, float64)."""
+        from toolkit.attention.monarch import MonarchErrors
+
+        def total(x: torch.Tensor) -> torch.Tensor:
+            return x.double().sum(1)  # b i h -> b h
+
+        return MonarchErrors(total(self.map_sq_err), total(self.map_sq_norm), self.n_entries,
+                             total(self.out_err.double().square()), total(self.out_norm.double().square()))
 
 
 def monarch_compare(
@@ -237,4 +250,5 @@ def monarch_compare(
 
     run_with_precision(launch)
     err = err.permute(0, 1, 3, 2)  # (5, b, i, h)
-    return RowErrors(*(err[n] for n in range(5)))
+    n_entries = int(allowed.sum()) * (gq.b1 * gq.b2) ** 2
+    return RowErrors(*(err[n] for n in range(5)), n_entries=n_entries)

@@ -20,6 +20,7 @@ from toolkit.kernels.monarch import dense_flops, monarch_flops  # noqa: E402
 from toolkit.attention.monarch import (  # noqa: E402
     allowed_tiles,
     exact_projection,
+    map_errors,
     monarch_attention,
     monarch_backend,
 )
@@ -181,6 +182,13 @@ def test_streaming_comparison(mode):
     assert want["map_sq_err"].min() > 0  # the comparison is not trivially zero
     for name, ref in want.items():
         assert _rel(getattr(got, name), ref) < 1e-4, name
+    # per-head sums in the reference's MonarchErrors form, as its map_errors computes them
+    if bc is None:
+        ref_errors = map_errors(*_head_leading(q, k), factors, v=v.transpose(1, 2).double())
+        heads = got.per_head()
+        assert heads.n_entries == ref_errors.n_entries
+        assert _rel(heads.sq_error, ref_errors.sq_error) < 1e-4
+        assert _rel(heads.out_sq_error, ref_errors.out_sq_error) < 1e-4
 
 
 @pytest.mark.parametrize("tiling,qf,kf,bc", [((1, 2, 1), (0, 6), (0, 6), 3), ((3, 1, 1), (3, 6), (0, 6), None),
