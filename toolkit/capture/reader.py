@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from toolkit.attention import exact
-from toolkit.capture.pooled import pooled_sums
+from toolkit.capture.pooled import pooled_sums, tf32_for_bf16_values
 from toolkit.capture.selection import RunLayout, human_bytes
 from toolkit.capture.store import FORMAT_NAME, FORMAT_VERSION, from_storage
 from toolkit.errors import ToolkitError
@@ -268,6 +268,10 @@ class Capture:
             "long_name": "attention probability", "units": "1", "step": rec.step, "chunk": rec.chunk,
             "layer": rec.layer, "head": head, "timestep": rec.timestep})
 
+    def _bf16_on_gpu(self, t: torch.Tensor) -> bool:
+        """Stored values are bf16 (exact in TF32) and we compute on a GPU."""
+        return t.is_cuda and self.file.attrs.get("storage_dtype") == "bfloat16"
+
     @staticmethod
     def _guard(rows: int, cols: int) -> None:
         if rows * cols > MAX_TILE_ENTRIES:
@@ -287,7 +291,9 @@ class Capture:
                 raise ToolkitError("some requested queries were not stored for this record (see rec.query_tokens)")
             q, lse, q_tok = q[pos.to(q.device)], lse[pos.to(q.device)], want
         self._guard(len(q_tok), k.shape[0])
-        return self._labelled(exact.probs(q, k, lse, rec.scale), rec, head, q_tok, rec.key_tokens)
+        with tf32_for_bf16_values(self._bf16_on_gpu(q)):
+            p = exact.probs(q, k, lse, rec.scale)
+        return self._labelled(p, rec, head, q_tok, rec.key_tokens)
 
     def tile(self, record, head: int, q_range: tuple[int, int], k_range: tuple[int, int], *, device=None):
         """Exact probabilities of the stored queries with clip token in ``[q_range)`` on the attended keys in
@@ -299,7 +305,8 @@ class Capture:
         ksel = (k_tok >= k_range[0]) & (k_tok < k_range[1])
         self._guard(int(qsel.sum()), int(ksel.sum()))
         qd, kd = qsel.to(q.device), ksel.to(k.device)
-        p = exact.probs(q[qd], k[kd], lse[qd], rec.scale)
+        with tf32_for_bf16_values(self._bf16_on_gpu(q)):
+            p = exact.probs(q[qd], k[kd], lse[qd], rec.scale)
         return self._labelled(p, rec, head, q_tok[qsel], k_tok[ksel])
 
     def pooled(self, record, heads=None, *, source: str = "auto", device=None):
@@ -320,8 +327,9 @@ class Capture:
         if source == "recompute":
             device = torch.device(device) if device is not None else _default_device()
             q, k, lse = (t.to(device) for t in (rec.q(head_ids), rec.k(head_ids), rec.lse(head_ids)))
-            means = {n: t.cpu().numpy() for n, t in pooled_sums(
-                q, k, lse, rec.scale, rec.query_tokens, rec.key_frames, self.grid).means().items()}
+            with tf32_for_bf16_values(self._bf16_on_gpu(q)):
+                sums = pooled_sums(q, k, lse, rec.scale, rec.query_tokens.to(device), rec.key_frames, self.grid)
+            means = {n: t.cpu().numpy() for n, t in sums.means().items()}
             means["frame_mass"] = means["frame_mass"][:, f0:f1]
         elif source == "stored":
             if "frame_mass" not in self.file:

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 
 from toolkit.attention import exact
-from toolkit.capture.pooled import pooled_sums
+from toolkit.capture.pooled import pooled_sums, tf32_for_bf16_values
 from toolkit.capture.selection import Plan, RunLayout, Selection, resolve
 from toolkit.capture.store import AsyncWriter, CaptureStore, CaptureWriteError, to_storage
 from toolkit.errors import ToolkitError
@@ -116,16 +116,17 @@ class Recorder:
                 put("q", (s_i, l_i, slice(None), slice(qa, qb)), to_storage(qs, store.storage))
             if {"lse", "maps", "pooled"} & plan.store:
                 ks = (k[b] if self.all_heads else k[b].index_select(1, heads)).transpose(0, 1)  # h j d, all keys
-                lse = exact.logsumexp(qs, ks, ctx.scale)  # h i, float32
-                if "lse" in plan.store:
-                    put("lse", (s_i, l_i, slice(None), slice(qa, qb)), lse.float())
-                if "maps" in plan.store:
-                    k0 = ctx.key_offset
-                    for rows, p in exact.iter_query_blocks(qs, ks, ctx.scale, lse):
-                        put("maps", (s_i, l_i, slice(None), slice(qa + rows.start, qa + rows.stop),
-                                     slice(k0, k0 + ks.shape[1])), p.float())
-                if "pooled" in plan.store:
-                    self._pooled(qs, ks, lse, ctx, s_i, l_i, local + t0)
+                with tf32_for_bf16_values(q.is_cuda and q.dtype == torch.bfloat16):
+                    lse = exact.logsumexp(qs, ks, ctx.scale)  # h i, float32
+                    if "lse" in plan.store:
+                        put("lse", (s_i, l_i, slice(None), slice(qa, qb)), lse.float())
+                    if "maps" in plan.store:
+                        k0 = ctx.key_offset
+                        for rows, p in exact.iter_query_blocks(qs, ks, ctx.scale, lse):
+                            put("maps", (s_i, l_i, slice(None), slice(qa + rows.start, qa + rows.stop),
+                                         slice(k0, k0 + ks.shape[1])), p.float())
+                    if "pooled" in plan.store:
+                        self._pooled(qs, ks, lse, ctx, s_i, l_i, local + t0)
             put("record_timestep", (s_i, ctx.chunk), torch.tensor(ctx.timestep, dtype=torch.float64))
             put("record_key_start_frame", (s_i, ctx.chunk), torch.tensor(ctx.key_frames[0], dtype=torch.int32))
             self.writer.mark("record_complete", (s_i, ctx.chunk, l_i), record=True)
