@@ -99,6 +99,7 @@ def test_keys_values_queries_and_lse_match_the_seam(full_capture):
             assert torch.equal(rec.query_tokens, torch.arange(start, start + seen["q"].shape[0]))
             assert torch.equal(rec.q(), seen["q"].transpose(0, 1))
             torch.testing.assert_close(rec.lse().double(), seen["lse"], rtol=0, atol=2e-5)
+            assert torch.equal(rec.k(heads=[2, 0]), seen["k"][:, [2, 0]].transpose(0, 1))  # any head order
 
 
 def test_maps_recomputed_from_capture_equal_model_probabilities(full_capture):
