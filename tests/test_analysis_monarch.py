@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from toolkit.analysis import topk
-from toolkit.analysis.monarch import add_arguments, analyze_capture, default_layouts, monarch_sweep, parse_layout
+from toolkit.analysis.monarch import (
+    add_arguments,
+    analyze_capture,
+    default_layouts,
+    monarch_sweep,
+    parse_layout,
+    resolve_layouts,
+    tiling_sweep_layouts,
+)
 from toolkit.attention.monarch import variational
 from toolkit.capture.reader import RecordKey
 from toolkit.errors import SelectionError, ToolkitError
@@ -129,6 +137,23 @@ def test_default_layouts_and_parse():
     for bad in ("fh,w:1,2", "contiguous:12", "fh,w:1,4,1", "hwf:1,1,1"):
         with pytest.raises(ToolkitError):
             parse_layout(bad, GRID)
+
+
+def test_layout_presets():
+    """fh,w:all at 480p (last chunk vs the whole cache) holds monarchrt.md §5's Fig. 1 sweep points."""
+    lays = tiling_sweep_layouts((21, 30, 52), (18, 21), (0, 21))
+    shapes = {(lay.b1, lay.b2) for lay in lays}
+    for point in [(2, 2), (5, 4), (15, 4), (6, 13), (15, 13), (30, 13), (15, 26), (30, 26), (30, 52), (90, 26),
+                  (45, 52), (90, 52)]:
+        assert point in shapes
+    sparsity = [lay.effective_sparsity for lay in lays]
+    assert sparsity == sorted(sparsity) and min(lay.tiling[0] for lay in lays) == 1
+    assert all(lay.tiling[0] in (1, 3) for lay in lays)  # tiles never straddle the 3-frame query chunk
+    both = resolve_layouts(["fh,w:1,2,1", "default", "fh,w:all"], GRID, (3, 6), (0, 6))
+    names = [lay.name for lay in both]
+    assert names[0] == "fh,w (1,2,1)" and len(names) == len(set(names))
+    assert set(names) == {lay.name for lay in default_layouts(GRID, (3, 6), (0, 6))} | {
+        lay.name for lay in tiling_sweep_layouts(GRID, (3, 6), (0, 6))}
 
 
 class FakeRecord:

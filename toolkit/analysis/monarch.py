@@ -103,6 +103,47 @@ def parse_layout(spec: str, grid) -> MonarchLayout:
     return MonarchLayout.aligned(grid, name, tiling)
 
 
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def tiling_sweep_layouts(grid, query_frames=None, key_frames=None) -> list[MonarchLayout]:
+    """Every ``fh,w`` tiling (f_tied dividing the query frames or 3, any h_reduce | height, w_reduce | width) with
+    b1, b2 ≥ 2, by effective sparsity: the points of a Fig. 1-style error-vs-sparsity curve (at 480p these
+    include all of monarchrt.md §5's sweep points, from (2,2) at 0 % to (90,52) at 97 %)."""
+    grid = as_grid(grid)
+    chunk = CHUNK_FRAMES if query_frames is None else query_frames[1] - query_frames[0]
+    f_ts = sorted(set(_divisors(chunk)) | ({CHUNK_FRAMES} if grid.frames % CHUNK_FRAMES == 0 else set()))
+    layouts = []
+    for f_t in f_ts:
+        for c_h in _divisors(grid.height):
+            for c_w in _divisors(grid.width):
+                if f_t * grid.height // c_h < 2 or grid.width // c_w < 2 or grid.frames % f_t:
+                    continue
+                lay = MonarchLayout.aligned(grid, "fh,w", (f_t, c_h, c_w))
+                try:
+                    _check_layout(lay, query_frames, key_frames, None)
+                except ToolkitError:
+                    continue
+                layouts.append(lay)
+    return sorted(layouts, key=lambda lay: (lay.effective_sparsity, lay.name))
+
+
+def resolve_layouts(specs: Sequence[str], grid, query_frames=None, key_frames=None) -> list[MonarchLayout]:
+    """Layout specs -> layouts: ``default`` (:func:`default_layouts`), ``fh,w:all`` (:func:`tiling_sweep_layouts`),
+    or single layouts as in :func:`parse_layout`; duplicates dropped, order kept."""
+    out: dict[str, MonarchLayout] = {}
+    for spec in specs:
+        if spec == "default":
+            found = default_layouts(grid, query_frames, key_frames)
+        elif spec == "fh,w:all":
+            found = tiling_sweep_layouts(grid, query_frames, key_frames)
+        else:
+            found = [parse_layout(spec, grid)]
+        out.update((lay.name, lay) for lay in found if lay.name not in out)
+    return list(out.values())
+
+
 # ---- the sweep ------------------------------------------------------------------------------------------------
 def _layout_coords(layouts: Sequence[MonarchLayout]) -> dict:
     return dict(
@@ -277,8 +318,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Monarch")
     g.add_argument("--layout", action="append", default=None, metavar="SPEC",
                    help="Monarch layout, repeatable: BASE:F,H,W (bases fh,w w,fh f,hw hw,f fw,h h,fw; tiling "
-                        "f_tied,h_reduce,w_reduce) or contiguous:B1xB2 (misaligned control); default: the paper's "
-                        "tilings, all aligned bases and two contiguous controls that fit the records")
+                        "f_tied,h_reduce,w_reduce), contiguous:B1xB2 (misaligned control), or a preset: 'default' "
+                        "(the paper's tilings, all aligned bases, two contiguous controls) or 'fh,w:all' (every "
+                        "fh,w tiling: error-vs-sparsity curves); presets keep what fits the records")
     g.add_argument("--iters", type=int, default=3, help="variational MonarchAttention iterations T=1..N (0: skip)")
     g.add_argument("--no-projection", action="store_true", help="skip the exact Frobenius projection")
     g.add_argument("--no-topk", action="store_true", help="skip the oracle top-k baseline")
@@ -295,14 +337,13 @@ def analyze_capture(cap, args: argparse.Namespace) -> xr.Dataset:
     from toolkit.analysis import analyze_records, select_records
 
     grid = TokenGrid(*cap.grid)
-    if getattr(args, "layout", None):
-        layouts = [parse_layout(spec, grid) for spec in args.layout]
-    else:  # the defaults that fit every selected record, so that records stack along one config dim
-        records = [cap.record(*key) for key in select_records(cap, args)]
-        layouts = default_layouts(grid, records[0].query_frames, records[0].key_frames)
-        for rec in records[1:]:
-            fit = {lay.name for lay in default_layouts(grid, rec.query_frames, rec.key_frames)}
-            layouts = [lay for lay in layouts if lay.name in fit]
+    specs = getattr(args, "layout", None) or ["default"]
+    # presets keep the layouts that fit every selected record, so that records stack along one config dim
+    records = [cap.record(*key) for key in select_records(cap, args)]
+    layouts = resolve_layouts(specs, grid, records[0].query_frames, records[0].key_frames)
+    for rec in records[1:]:
+        fit = {lay.name for lay in resolve_layouts(specs, grid, rec.query_frames, rec.key_frames)}
+        layouts = [lay for lay in layouts if lay.name in fit]
     with_v = "v" in cap.stored
 
     def one(rec, heads, device):
