@@ -145,22 +145,29 @@ def main() -> None:
 
     def spy(q, k, v, out, ctx):
         if ctx.chunk == layout.num_chunks - 1 and ctx.step == 3 and ctx.layer == args.layer:
-            seen["q"], seen["k"] = q[0, ::stride].clone(), k[0].clone()  # a few query rows, every key
+            seen["q"], seen["k"], seen["offset"] = q[0].clone(), k[0].clone(), ctx.query_offset
 
     def check(path: Path, mode: str) -> dict:
         with open_capture(path) as cap:
             assert cap.complete, "capture file not complete"
             out = {"complete": cap.complete, "records": len(cap.records)}
-            if mode != "a":
-                return out
             rec = cap.record(step=3, chunk=layout.num_chunks - 1, layer=args.layer)
-            qs = seen["q"].float().transpose(0, 1)  # h i d
-            ks = seen["k"].float().transpose(0, 1)
-            direct = torch.softmax(layout.softmax_scale * qs @ ks.transpose(-1, -2), -1)  # fp32 reference
-            rows = torch.tensor(cap.rows(rec, 0, rec.query_tokens[::stride]).values, device=dev)
-            k_file = rec.k(0).to(dev)
-            out.update(max_abs_prob_err=float((rows - direct[0]).abs().max()),
-                       keys_equal=bool(torch.equal(k_file[0], ks[0])), n_keys=int(ks.shape[1]))
+            ks = seen["k"].float().transpose(0, 1)  # h j d, every attended key
+            local = (rec.query_tokens[::stride] if mode == "a" else rec.query_tokens) - seen["offset"]
+            qs = seen["q"][local.to(dev)].float().transpose(0, 1)  # h i d
+            direct = torch.softmax(layout.softmax_scale * qs @ ks.transpose(-1, -2), -1)  # fp32, no TF32
+            if mode == "a":
+                rows = torch.tensor(cap.rows(rec, 0, rec.query_tokens[::stride]).values, device=dev)
+                k_file = rec.k(0).to(dev)
+                out.update(max_abs_prob_err=float((rows - direct[0]).abs().max()),
+                           keys_equal=bool(torch.equal(k_file[0], ks[0])), n_keys=int(ks.shape[1]))
+            else:  # stored frame x frame mass against the dense map of the same queries
+                tpf = layout.tokens_per_frame
+                per_frame = direct.view(direct.shape[0], direct.shape[1], -1, tpf).sum(-1)  # h i key_frame
+                qf = rec.query_tokens // tpf
+                stored = torch.tensor(cap.pooled(rec, source="stored").frame_mass.values, device=dev)
+                ref = torch.stack([per_frame[:, (qf == f).to(dev)].mean(1) for f in range(*rec.query_frames)], 1)
+                out.update(max_abs_frame_mass_err=float((stored - ref).abs().max()), queries=len(qf))
             return out
 
     layer_seam = seams(model)[args.layer]
@@ -209,7 +216,8 @@ def main() -> None:
         extra = (f"{human_bytes(s['bytes_written'])} | {s['write_GBps']:.2f}" if m != "none" else "- | -")
         print(f"| {m} | {s['median_gpu_s']:.3f} | {s['median_total_s']:.3f} | {s['overhead_gpu']:.2f}× / "
               f"{s['overhead_total']:.2f}× | {extra} | {goal} |")
-    print(f"GPU: {result['gpu']}; check: {json.dumps(warm.get('a', {}).get('check'))}")
+    print(f"GPU: {result['gpu']}; checks: " + "; ".join(f"{m}: {json.dumps(w.get('check'))}"
+                                                         for m, w in warm.items() if m != "none"))
     for name, s in result["readme_sizes"].items():
         print(f"capture of this run, {name} selection: {human_bytes(s['total_bytes'])} "
               f"({', '.join(f'{k} {human_bytes(v)}' for k, v in s['by_variable'].items())})")
