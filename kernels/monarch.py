@@ -330,19 +330,26 @@ def monarch_attention_triton(
     return out
 
 
-def monarch_backend_triton(tiling: tuple[int, int, int] = (1, 1, 1), *, block_causal_frames: int = 3):
+def monarch_backend_triton(
+    tiling: tuple[int, int, int] = (1, 1, 1), *, block_causal_frames: int = 3, cpu_fallback: bool = True
+):
     """Seam backend ``fn(q, k, v, ctx) -> out`` running :func:`monarch_attention_triton` with ``tiling``.
 
     Bidirectional calls and KV-cache calls (queries of one chunk, keys = the cache up to its end) need no mask;
     a call with ``ctx.attn_mask`` (the no-cache training path) must carry the ``block_causal_frames``
     block-causal mask (checked as in ``toolkit.attention.monarch.monarch_backend``) and runs block-causal.
+    With ``cpu_fallback`` CPU tensors go to that PyTorch reference backend instead (same function, tested
+    equal; the Triton interpreter is far too slow for a model).
     """
-    from toolkit.attention.monarch import _check_block_causal_mask
+    from toolkit.attention.monarch import _check_block_causal_mask, monarch_backend
     from toolkit.grid import as_grid
 
     tiling = tuple(int(x) for x in tiling)
+    reference = monarch_backend(tiling, block_causal_frames=block_causal_frames)
 
     def monarch_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> torch.Tensor:
+        if cpu_fallback and not q.is_cuda:
+            return reference(q, k, v, ctx)
         causal = None
         if ctx.attn_mask is not None:
             _check_block_causal_mask(ctx.attn_mask, as_grid(ctx.grid), block_causal_frames, ctx)

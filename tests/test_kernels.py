@@ -96,25 +96,24 @@ def test_monarch_forward_half_precision(dtype, dim):
     assert _rel(out, ref) < TOL[dtype]
 
 
-def test_seam_backend_matches_reference_backend():
+@pytest.mark.parametrize("mode", ["kv-cache", "block-causal-mask"])
+def test_seam_calls_match_reference_backend(mode):
+    """The backend's Triton path (what runs on CUDA tensors) against the reference backend, for the two seam
+    call shapes of a causal model; on CPU tensors the backend itself delegates to that reference."""
     grid = (6, 2, 5)
     tpf = grid[1] * grid[2]
-    # KV-cache call: queries of chunk 1 against the cache up to its end
-    q, k, v = _inputs(grid, (3, 6), (0, 6), seed=3)
-    ctx = AttentionContext(layer=0, step=0, chunk=1, is_clean=False, timestep=500.0, scale=0.3, grid=grid,
-                           query_frames=(3, 6), key_frames=(0, 6))
-    got = monarch_backend_triton((1, 2, 1))(q, k, v, ctx)
-    want = monarch_backend((1, 2, 1))(q.double(), k.double(), v.double(), ctx)
+    if mode == "kv-cache":  # queries of chunk 1 against the cache up to its end
+        tiling, qf, mask, seed = (1, 2, 1), (3, 6), None, 3
+    else:  # no-cache training call with the 3-frame block-causal mask
+        frame = torch.arange(6 * tpf) // tpf
+        tiling, qf, mask, seed = (3, 1, 1), (0, 6), (frame[None, :] // 3) <= (frame[:, None] // 3), 4
+    q, k, v = _inputs(grid, qf, (0, 6), seed=seed)
+    ctx = AttentionContext(layer=0, step=0, chunk=qf[0] // 3, is_clean=False, timestep=500.0, scale=0.3, grid=grid,
+                           query_frames=qf, key_frames=(0, 6), attn_mask=mask)
+    want = monarch_backend(tiling)(q.double(), k.double(), v.double(), ctx)
+    got = monarch_backend_triton(tiling, cpu_fallback=False)(q, k, v, ctx)  # the Triton path, interpreted
     assert _rel(got, want) < TOL[torch.float32]
-    # no-cache training call with the 3-frame block-causal mask
-    q, k, v = _inputs(grid, (0, 6), (0, 6), seed=4)
-    frame = torch.arange(6 * tpf) // tpf
-    mask = (frame[None, :] // 3) <= (frame[:, None] // 3)
-    ctx = AttentionContext(layer=0, step=0, chunk=0, is_clean=False, timestep=500.0, scale=0.25, grid=grid,
-                           query_frames=(0, 6), key_frames=(0, 6), attn_mask=mask)
-    got = monarch_backend_triton((3, 1, 1))(q, k, v, ctx)
-    want = monarch_backend((3, 1, 1))(q.double(), k.double(), v.double(), ctx)
-    assert _rel(got, want) < TOL[torch.float32]
+    assert _rel(monarch_backend_triton(tiling)(q, k, v, ctx), want) < TOL[torch.float32]
 
 
 def _head_leading(*xs):
