@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from toolkit.attention.monarch import (
+    _tile_groups,
     exact_projection,
     map_errors,
     monarch_attention,
@@ -319,6 +320,20 @@ def test_tiling_never_increases_projection_error(base):
     for coarse, fine in zip(errors, errors[1:]):
         assert (fine <= coarse * (1 + 1e-10)).all()
     assert (errors[-1] < errors[0]).all()
+
+
+def test_tile_groups_respect_the_memory_budget():
+    causal = torch.arange(7)[None, :] // 3 <= torch.arange(7)[:, None] // 3  # 7 tiles, chunks of 3
+    for allowed in (torch.ones(5, 21, dtype=torch.bool), causal):
+        for tile_tokens, budget in ((10, 1), (10, 2500), (12, 10**5), (3, 10**9)):
+            groups = list(_tile_groups(allowed, tile_tokens, budget))
+            assert torch.equal(torch.cat(groups), torch.arange(allowed.shape[0]))
+            for g in groups:
+                assert (allowed[g] == allowed[g[0]]).all()
+                entries = len(g) * tile_tokens * int(allowed[g[0]].sum()) * tile_tokens
+                assert len(g) == 1 or entries <= budget
+            if budget == 10**9:  # a generous budget merges every run of identical rows
+                assert len(groups) == len({tuple(r.tolist()) for r in allowed})
 
 
 def test_factor_sizes_match_accounting():

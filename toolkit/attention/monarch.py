@@ -334,12 +334,13 @@ def rank1(
     return (u, other) if m <= n else (other, u)
 
 
-def _tile_groups(allowed: torch.Tensor, tile_entries: int, block_entries: int) -> Iterator[torch.Tensor]:
-    """Runs of consecutive query tiles with the same visible key tiles, each ≤ ``block_entries`` map entries."""
+def _tile_groups(allowed: torch.Tensor, tile_tokens: int, block_entries: int) -> Iterator[torch.Tensor]:
+    """Runs of consecutive query tiles with the same visible key tiles, each ≤ ``block_entries`` map entries
+    (at least one tile): a tile's block is tile_tokens query rows × (visible key tiles · tile_tokens) keys."""
     a = 0
     while a < allowed.shape[0]:
-        width = int(allowed[a].sum()) * tile_entries
-        per_block = max(1, block_entries // max(1, width))
+        tile_block = tile_tokens * int(allowed[a].sum()) * tile_tokens
+        per_block = max(1, block_entries // max(1, tile_block))
         b = a + 1
         while b < allowed.shape[0] and b - a < per_block and torch.equal(allowed[b], allowed[a]):
             b += 1
