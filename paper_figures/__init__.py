@@ -92,7 +92,14 @@ def make_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, se
         focus = default_focus(cap)
         step = settings.step if settings.step is not None else focus[0]
         chunk = settings.chunk if settings.chunk is not None else focus[1]
-        pairs = [tuple(p) for p in settings.pairs] if settings.pairs else default_pairs(cap)
+        pairs = ([tuple(p) for p in settings.pairs] if settings.pairs
+                 else default_pairs(cap, settings.heads, settings.layers))
+        if settings.heads is not None and any(h not in settings.heads for _, h in pairs):
+            raise ToolkitError(f"the pairs' heads {sorted({h for _, h in pairs})} must be among the analysed heads "
+                               f"{settings.heads} (--heads)")
+        if settings.layers is not None and any(layer not in settings.layers for layer, _ in pairs):
+            raise ToolkitError(f"the pairs' layers {sorted({a for a, _ in pairs})} must be among the analysed "
+                               f"layers {settings.layers} (--layers)")
         sha = file_sha256(cap.path)
         results = ResultCache(cap, out, sha, log=log, progress=progress, device=settings.device)
         ctx = Context(cap, results, settings, step, chunk, pairs, log)

@@ -28,11 +28,13 @@ class FigureSettings:
     step: int | None = None  # focus record of the single-record figures
     chunk: int | None = None
     layers: list[int] | None = None  # records of the across-layers figures (coverage); None = all stored
+    heads: list[int] | None = None  # heads analysed (None = all stored); must include the pairs' heads
     steps: list[int] | None = None
     chunks: list[int] | None = None
     mass: float = 0.95  # coverage level
     frame_pair: tuple[int, int] | None = None  # Fig. 2 zoom (query frame, key frame)
     bench: tuple[str, ...] = ()  # benchmark JSON files for the kernel tables
+    layouts: tuple[str, ...] | None = None  # Monarch layouts (``fh,w:1,2,1``, ``contiguous:30x24``); None = default
     device: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,11 +118,12 @@ def default_focus(cap) -> tuple[int, int]:
     return (noisy or steps)[-1], chunk
 
 
-def default_pairs(cap) -> list[tuple[int, int]]:
+def default_pairs(cap, heads: list[int] | None = None, layers: list[int] | None = None) -> list[tuple[int, int]]:
     """L0H0 and L8H7 (the paper's) when stored; otherwise the analogues at the same relative depth and head
-    position among the stored layers/heads: the first head of the first layer and the head ~7/11 through the
+    position among the stored (and asked) layers/heads: the first head of the first layer and the head ~7/11 through the
     heads of the layer ~8/29 deep."""
-    layers, heads = cap.layers, cap.heads
+    layers = [x for x in cap.layers if layers is None or x in layers] or cap.layers
+    heads = [h for h in cap.heads if heads is None or h in heads] or cap.heads
     if all(layer in layers and head in heads for layer, head in PAPER_PAIRS):
         return list(PAPER_PAIRS)
     n_layers = cap.layout.num_layers

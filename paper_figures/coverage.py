@@ -28,7 +28,7 @@ def check(ctx: Context) -> None:
 
 def coverage_selection(ctx: Context) -> dict:
     s = ctx.settings
-    return dict(steps=s.steps, chunks=s.chunks, layers=s.layers, heads=None,
+    return dict(steps=s.steps, chunks=s.chunks, layers=s.layers, heads=s.heads,
                 masses=tuple(sorted(set(COVERAGE_MASSES) | {s.mass})))
 
 

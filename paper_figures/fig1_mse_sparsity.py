@@ -29,9 +29,12 @@ def check(ctx: Context) -> None:
 
 
 def monarch_selection(ctx: Context) -> dict:
-    """Monarch sweep shared with the alignment figure: the pair layers at the focus record, every stored head,
-    T = 1 (the kernels' and the paper's iteration count)."""
-    return dict(steps=[ctx.step], chunks=[ctx.chunk], layers=ctx.pair_layers(), heads=None, iters=1)
+    """Monarch sweep shared with the alignment figure: the pair layers at the focus record, the analysed heads,
+    T = 1 (the kernels' and the paper's iteration count), the analysis' default layouts unless chosen."""
+    sel = dict(steps=[ctx.step], chunks=[ctx.chunk], layers=ctx.pair_layers(), heads=ctx.settings.heads, iters=1)
+    if ctx.settings.layouts:
+        sel["layout"] = list(ctx.settings.layouts)
+    return sel
 
 
 def data(ctx: Context) -> dict:

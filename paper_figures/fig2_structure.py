@@ -33,7 +33,7 @@ def check(ctx: Context) -> None:
 def periodic_selection(ctx: Context) -> dict:
     """Periodic analysis records shared by Fig. 2, offsets, spectra and head types: every stored chunk and
     layer at the focus step."""
-    return dict(steps=[ctx.step], layers=ctx.settings.layers)
+    return dict(steps=[ctx.step], layers=ctx.settings.layers, heads=ctx.settings.heads)
 
 
 def default_frame_pair(query_frames: tuple[int, int]) -> tuple[int, int]:

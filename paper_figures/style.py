@@ -15,9 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")  # figures are files; never open a window (CI, SSH, notebooks call plt.show themselves)
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 # Okabe & Ito (2008), "Color Universal Design".
 OKABE_ITO = {

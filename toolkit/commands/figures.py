@@ -55,9 +55,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Fig. 2 zoom: query frame, key frame (default: the chunk's first frame with itself)")
     p.add_argument("--layers", type=_ints, default=None, metavar="LIST",
                    help="layers of the across-layer figures (coverage, spectra, head types; default all stored)")
+    p.add_argument("--heads", type=_ints, default=None, metavar="LIST",
+                   help="heads analysed by every figure (default all stored; must include the pairs' heads)")
     p.add_argument("--steps", type=_ints, default=None, metavar="LIST", help="steps of the coverage figure")
     p.add_argument("--chunks", type=_ints, default=None, metavar="LIST", help="chunks of the coverage figure")
     p.add_argument("--mass", type=float, default=0.95, help="coverage mass (default 0.95)")
+    p.add_argument("--layout", action="append", default=None, metavar="SPEC",
+                   help="Monarch layout of Fig. 1 / alignment, repeatable: BASE:F,H,W (e.g. fh,w:1,2,1) or "
+                        "contiguous:B1xB2 (default: the analysis' paper tilings, aligned bases and controls)")
     p.add_argument("--bench", nargs="+", default=(), metavar="JSON", help="bench_kernels.json file(s) (toolkit bench)")
     p.add_argument("--device", default=None, help="device of the analyses (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -65,11 +70,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never open a window (SSH, CI); notebooks keep their inline backend
     from toolkit.paper_figures import FigureSettings, make_figures, resolve_figures
 
     settings = FigureSettings(figures=(args.figures,), pairs=args.pairs, step=args.step, chunk=args.chunk,
-                              layers=args.layers, steps=args.steps, chunks=args.chunks, mass=args.mass,
-                              frame_pair=args.frame_pair, bench=tuple(args.bench), device=args.device)
+                              layers=args.layers, heads=args.heads, steps=args.steps, chunks=args.chunks,
+                              mass=args.mass,
+                              frame_pair=args.frame_pair, bench=tuple(args.bench), device=args.device,
+                              layouts=tuple(args.layout) if args.layout else None)
     resolve_figures(settings)  # unknown names fail before the capture is opened
     make_figures(args.run, args.out, settings, log=(lambda *a, **k: None) if args.quiet else print,
                  progress=not args.quiet)
