@@ -234,7 +234,7 @@ def _store_cache(key: str, value: dict) -> None:
         pass  # a read-only home only costs re-tuning
 
 
-_PICKED: dict[str, dict] = {}
+_PICKED: dict[tuple[str, bool], dict] = {}
 
 # What the last `pick_config` call did, for the benchmark: {"key", "source": cached|tuned|default, "seconds"}.
 TUNING_LOG: list[dict] = []
@@ -251,18 +251,19 @@ def pick_config(
 ) -> dict:
     """The cached config for ``key``; else, with ``autotune``, time ``candidates`` (compile excluded) and cache
     the fastest; else ``default``. ``run(config)`` launches the kernel once with that config."""
-    if key in _PICKED:  # decided earlier in this process: no disk read, no log entry
-        return _PICKED[key]
+    if (key, autotune) in _PICKED:  # decided earlier in this process: no disk read, no log entry
+        return _PICKED[key, autotune]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     full_key = f"{device}|triton {triton.__version__}|{key}"
     cached = _load_cache().get(full_key)
     if cached is not None:
         TUNING_LOG.append({"key": key, "source": "cached", "seconds": 0.0, "config": cached})
-        _PICKED[key] = cached
+        _PICKED[key, autotune] = cached
         return cached
     if not autotune or interpreted() or not torch.cuda.is_available():
         TUNING_LOG.append({"key": key, "source": "default", "seconds": 0.0, "config": default})
-        return default  # not memoised: a later call may ask to tune
+        _PICKED[key, autotune] = default  # a later call with autotune=True still tunes
+        return default
     t0 = time.perf_counter()
     best, best_ms = default, float("inf")
     for cfg in [default, *[c for c in candidates if c != default]]:
@@ -275,7 +276,8 @@ def pick_config(
         if ms < best_ms:
             best, best_ms = cfg, ms
     _store_cache(full_key, best)
-    _PICKED[key] = best
+    _PICKED[key, autotune] = best
+    _PICKED[key, False] = best
     TUNING_LOG.append({"key": key, "source": "tuned", "seconds": time.perf_counter() - t0, "config": best})
     return best
 

@@ -66,6 +66,7 @@ class Row:
     first_call_s: float | None = None
     tuning: list[dict] = field(default_factory=list)
     stage_ms: dict | None = None  # Monarch: median ms of the rows (R-step) and cols (L-step) kernels alone
+    reload_from_disk: str | None = None  # Monarch: where configs came from after forgetting them in memory
 
     @property
     def ms(self) -> float | None:
@@ -273,8 +274,15 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
             except Exception as err:  # noqa: BLE001
                 row.error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
                 row.ok = False
-    for vname, (row, _) in live.items():
+    for vname, (row, fn) in live.items():
         if row.ok and vname.startswith("monarch") and not vname.endswith("lowmem"):
+            try:  # would a new process re-tune? forget the in-memory choice and look again
+                _common._PICKED.clear()
+                n_log = len(_common.TUNING_LOG)
+                fn()
+                row.reload_from_disk = ", ".join(t["source"] for t in _common.TUNING_LOG[n_log:])
+            except Exception as err:  # noqa: BLE001
+                row.reload_from_disk = f"{type(err).__name__}: {err}"[:200]
             try:  # per-stage split (configs are cached by now)
                 row.stage_ms = {st: round(_time(monarch_fn(stages=st), [], cuda)[0], 4) for st in ("rows", "cols")}
             except Exception as err:  # noqa: BLE001
@@ -321,6 +329,8 @@ def _fmt_row(r: Row) -> str:
         return "–" if x is None else format(x, spec)
 
     tuning = ", ".join(f"{t['source']} {t['seconds']:.1f}s" for t in r.tuning) or "–"
+    if r.reload_from_disk:
+        tuning += f"; next process: {r.reload_from_disk}"
     status = "ok" if r.ok else (r.error or "not run")
     if r.stage_ms and "rows" in r.stage_ms:
         status += f" (rows {r.stage_ms['rows']:.3f} + cols {r.stage_ms['cols']:.3f} ms)"
