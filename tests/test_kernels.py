@@ -59,7 +59,7 @@ def _nan_like(q):
 FORWARD_CASES = {
     "bidirectional-111": ((2, 3, 5), (1, 1, 1), (0, 2), (0, 2), None, None, None),
     "bidirectional-121-small-blocks": (
-        (2, 4, 20), (1, 2, 1), (0, 2), (0, 2), None,
+        (2, 4, 18), (1, 2, 1), (0, 2), (0, 2), None,
         ({"BLOCK_J": 16, "BLOCK_L": 16}, {"BLOCK_I": 16, "BLOCK_K": 16}), None,
     ),
     "bidirectional-112-chunked": ((2, 3, 10), (1, 1, 2), (0, 2), (0, 2), None, None, 1),
@@ -75,7 +75,9 @@ FORWARD_CASES = {
 @pytest.mark.parametrize("case", FORWARD_CASES)
 def test_monarch_forward_matches_reference(case):
     grid, tiling, qf, kf, bc, configs, scratch = FORWARD_CASES[case]
-    q, k, v = _inputs(grid, qf, kf, batch=2 if case == "bidirectional-111" else 1)
+    # batch 2 × 2 heads once; one head elsewhere keeps the interpreter fast
+    q, k, v = _inputs(grid, qf, kf, batch=2 if case == "bidirectional-111" else 1,
+                      heads=2 if case == "bidirectional-111" else 1)
     out = monarch_attention_triton(
         q, k, v, grid, tiling, query_frames=qf, key_frames=kf, block_causal_frames=bc, configs=configs,
         scratch_bytes=scratch, out=_nan_like(q),
