@@ -271,8 +271,12 @@ def monarch_attention_triton(
             f"{query_frames} / {key_frames} of grid {grid}"
         )
     check_head_dim(D)
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or k.dtype != q.dtype:
-        raise ToolkitError(f"unsupported dtypes q {q.dtype}, k {k.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or {k.dtype, v.dtype} != {q.dtype}:
+        raise ToolkitError(f"unsupported dtypes q {q.dtype}, k {k.dtype}, v {v.dtype} (one of bf16, fp16, fp32)")
+    if q.is_cuda and q.dtype == torch.float64:
+        raise ToolkitError("float64 runs only under the Triton interpreter (CPU tests); use fp32/bf16 on the GPU")
+    if not (q.device == k.device == v.device):
+        raise ToolkitError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
     if stages not in ("both", "rows", "cols"):
         raise ToolkitError(f"stages must be both, rows or cols, not {stages!r}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
