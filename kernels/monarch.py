@@ -294,6 +294,9 @@ def monarch_attention_triton(
     out = output_buffer(out, tuple(q.shape), q.dtype, q.device)
 
     strides_q, strides_k, strides_v, strides_o = (token_strides(x) for x in (q, k, v, out))
+    # vector offsets in the kernels are 32-bit (per batch-head tensor / per column slab); bases are 64-bit
+    if max(n_q * strides_q[1], k.shape[1] * max(strides_k[1], strides_v[1]), b2 * F * b1 * D) >= 2**31:
+        raise ToolkitError("a single batch/head tensor exceeds 2**31 elements; split the call")
     scale_log2 = scale * LOG2E
     tune = autotune_enabled(autotune)
     upcast = upcast_dots(q.dtype)
