@@ -240,6 +240,7 @@ def monarch_compare(
     err = torch.full((5, B, H, n_q), float("nan"), dtype=torch.float32, device=q.device)  # unwritten rows stay NaN
     block_i = 16
     grid_c = (gq.b2 * triton.cdiv(gq.b1, block_i), gq.num_tiles, B * H)
+
     def launch(precision: str) -> None:
         _monarch_compare_fwd[grid_c](
             q, k, v, lf, rf, allowed, err, *token_strides(q), *token_strides(k), *token_strides(v),
