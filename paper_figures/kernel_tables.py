@@ -3,7 +3,8 @@ card that produced them named.
 
 Per benchmark file: median ms of every variant (Monarch Triton kernels, SDPA cuDNN / flash / efficient) at every
 shape, the Monarch kernel's speedup over the fastest dense backend at that shape, and a bar chart of the same
-numbers. Also writes ``kernel_tables.md``. Input: ``kernels/bench.py``'s ``bench_kernels.json`` (``environment``
+numbers. Also writes ``kernel_tables.md``. Each shape's Monarch tiling is part of the shape's name (``ar-121``), so
+all ``monarch(...)`` variants share one column. Input: ``kernels/bench.py``'s ``bench_kernels.json`` (``environment``
 with ``gpu``/``torch``/``triton``; ``shapes``; ``rows`` of ``shape, variant, ok, ms, error``).
 """
 
@@ -48,18 +49,26 @@ def load(path: str | Path) -> dict:
     return result
 
 
+def column(variant: str) -> str:
+    """Table column of a benchmark variant: each shape has one Monarch tiling (named in the shape), so
+    ``monarch(1, 2, 1)`` and ``monarch(3, 1, 1)`` share the column ``monarch`` (likewise ``-lowmem``)."""
+    if variant.startswith("monarch"):
+        return "monarch-lowmem" if variant.endswith("lowmem") else "monarch"
+    return variant
+
+
 def table(result: dict) -> tuple[list[str], list[str], np.ndarray, list[str]]:
-    """(shapes, variants, ms[shape, variant] with NaN for failed / missing, speedup text per shape)."""
+    """(shapes, columns, ms[shape, column] with NaN for failed / missing, speedup text per shape)."""
     rows = [r for r in result["rows"] if r.get("variant") != "(shape)"]
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    variants = list(dict.fromkeys(column(r["variant"]) for r in rows))
     ms = np.full((len(shapes), len(variants)), np.nan)
     for r in rows:
         if r.get("ok") and r.get("ms") is not None:
-            ms[shapes.index(r["shape"]), variants.index(r["variant"])] = float(r["ms"])
+            ms[shapes.index(r["shape"]), variants.index(column(r["variant"]))] = float(r["ms"])
     speedups = []
     dense = [j for j, v in enumerate(variants) if v.startswith("sdpa")]
-    monarch = [j for j, v in enumerate(variants) if v.startswith("monarch") and not v.endswith("lowmem")]
+    monarch = [j for j, v in enumerate(variants) if v == "monarch"]
     for i in range(len(shapes)):
         best_dense = np.nanmin(ms[i, dense]) if dense and np.isfinite(ms[i, dense]).any() else np.nan
         best_monarch = np.nanmin(ms[i, monarch]) if monarch and np.isfinite(ms[i, monarch]).any() else np.nan
@@ -104,10 +113,12 @@ def plot(d: dict, out_dir: str | Path) -> dict:
         tab.scale(1.0, 1.3)
         t.set_title(f"median ms on {card_name(result)}", fontsize=8)
         width = 0.8 / max(1, len(variants))
+        others = iter(c for c in style.CYCLE if c not in (style.COLORS["monarch"], style.COLORS["variational"]))
         for j, variant in enumerate(variants):
-            color = style.COLORS["monarch"] if variant.startswith("monarch") else style.CYCLE[(j + 1) % 8]
+            color = {"monarch": style.COLORS["monarch"], "monarch-lowmem": style.COLORS["variational"]}.get(
+                variant) or next(others)
             b.bar(np.arange(len(shapes)) + (j - (len(variants) - 1) / 2) * width, ms[:, j], width, label=variant,
-                  color=color, alpha=1.0 if variant.startswith("monarch") else 0.75)
+                  color=color)
         b.set_xticks(range(len(shapes)), shapes, rotation=20)
         b.set(ylabel="median latency (ms)", yscale="log", title=Path(path).name)
         b.legend(fontsize=6)

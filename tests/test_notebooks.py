@@ -12,6 +12,8 @@ from nbclient import NotebookClient
 
 from toolkit.models import bundled
 
+pytestmark = pytest.mark.slow  # five notebooks, each under a minute on 2 CPU cores
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
