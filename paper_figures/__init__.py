@@ -89,6 +89,9 @@ def make_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, se
     names = resolve_figures(settings)
     out = Path(out_dir)
     with open_capture(capture_path) as cap:
+        if not cap.complete:
+            raise ToolkitError(f"{cap.path} is incomplete (interrupted capture): finish it with `toolkit capture "
+                               "--resume` and the same options, then make the figures")
         focus = default_focus(cap)
         step = settings.step if settings.step is not None else focus[0]
         chunk = settings.chunk if settings.chunk is not None else focus[1]

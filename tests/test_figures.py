@@ -244,3 +244,16 @@ def test_refuses_uncaptured_pair_and_missing_bench(run_h5, tmp_path, capsys):
     assert "--bench" in err
     err = refusal([run_h5, "--out", str(tmp_path / "f"), "--figures", "fig9"], capsys)
     assert "unknown figure" in err
+
+
+def test_refuses_incomplete_capture(run_h5, tmp_path, capsys):
+    import shutil
+
+    import h5py
+
+    path = tmp_path / "interrupted.h5"
+    shutil.copy(run_h5, path)
+    with h5py.File(path, "r+") as f:  # what an interrupted capture leaves: complete = 0
+        f.attrs["complete"] = 0
+    err = refusal([str(path), "--out", str(tmp_path / "f"), "--figures", "head-types"], capsys)
+    assert "incomplete" in err and "--resume" in err
