@@ -116,8 +116,9 @@ def prepare_run(
     spec = registry.get_spec(model)  # unknown names fail here, before anything loads
     dev = resolve_device(device)
     prompt = prompt or default_prompt(model)
+    registry.find_weights(model, checkpoint)  # missing weights: fail in seconds, before loading anything
     if model != "bundled" and not prompt_embeds:
-        registry.wan_file(registry.T5_FILE)  # fail in seconds, not after loading 3 GB of DiT weights
+        registry.wan_file(registry.T5_FILE)  # likewise the text encoder, before loading 3 GB of DiT weights
     net, info = registry.load_model(model, checkpoint, device=dev, dtype=DTYPES[dtype])
     from toolkit.attention_backends import install_backend
 
