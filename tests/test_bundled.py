@@ -12,8 +12,18 @@ from PIL import Image
 from toolkit import procedural
 from toolkit.errors import CheckpointError, WeightsNotFound
 from toolkit.models import bundled
+from toolkit.models.seam import seams
 from toolkit.models.wan import KVCache, WanModel
-from toolkit.train import flow_matching_loss, heldout_loss, heldout_set, sample_sigma, teacher_forcing_mask, train
+from toolkit.train import (
+    attention_backend,
+    chunked_attention,
+    flow_matching_loss,
+    heldout_loss,
+    heldout_set,
+    sample_sigma,
+    teacher_forcing_mask,
+    train,
+)
 
 TINY = dict(dim=64, ffn_dim=96, num_heads=2, num_layers=2)
 SHIPPED = bundled.DEFAULT_DIR / bundled.WEIGHTS_FILE
@@ -68,6 +78,35 @@ def test_teacher_forcing_equals_the_kv_cache_path_chunk_by_chunk():
     torch.testing.assert_close(loss, (seq[:, :, frames:] - (noise - x0)).pow(2).mean().float(), rtol=1e-5, atol=0)
 
 
+@torch.no_grad()
+def test_chunked_attention_equals_the_masked_dense_path():
+    """The training backend (one SDPA per chunk over its allowed keys) == dense SDPA under the mask, float64,
+    on a grid whose chunks (3 frames x 15 tokens) cut nothing into powers of two; cached calls fall through."""
+    model = _tiny_model(clip=(9, 12, 20))
+    g = torch.Generator().manual_seed(1)
+    b, frames = 2, 9
+    x0 = torch.randn(b, 3, frames, 12, 20, generator=g, dtype=torch.float64)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    context = procedural.encode_prompts(procedural.random_prompts(b, g)).double()
+    sigma = sample_sigma(b, frames, 3, g, sampler_frac=0.5).double()
+    mask = teacher_forcing_mask(frames, 15, 3)
+    dense = flow_matching_loss(model, x0, context, noise, sigma, mask, per_sample=True)
+    calls = []
+
+    def spy(q, k, v, ctx):
+        calls.append(q.shape[1])
+        return chunked(q, k, v, ctx)
+
+    chunked = chunked_attention(frames, 15, 3)
+    with attention_backend(model, spy):
+        fast = flow_matching_loss(model, x0, context, noise, sigma, mask, per_sample=True)
+        video = bundled.generate(model.float(), "white ring", seed=0)  # KV-cache calls: dense fallback
+        model.double()
+    torch.testing.assert_close(fast, dense, rtol=1e-10, atol=0)
+    assert calls[:2] == [2 * frames * 15] * 2 and video.shape == (1, 3, 9, 12, 20)
+    assert all(seam.backend is None for seam in seams(model))  # restored
+
+
 def test_sigma_follows_the_shift5_warp_per_chunk():
     sigma = sample_sigma(4000, 12, 3, torch.Generator().manual_seed(1))
     assert sigma.shape == (4000, 12)
@@ -76,6 +115,12 @@ def test_sigma_follows_the_shift5_warp_per_chunk():
     flat = sigma[:, 0::3].flatten()
     assert abs(float((flat <= 0.625).float().mean()) - 0.25) < 0.02
     assert abs(float((flat <= 0.9375).float().mean()) - 0.75) < 0.02
+    # with sampler_frac, that share of chunks sits exactly on the sampler's four timesteps, equally often
+    mixed = sample_sigma(4000, 12, 3, torch.Generator().manual_seed(2), sampler_frac=0.5)[:, 0::3].flatten()
+    table = torch.tensor([1000, 937.5, 2500 / 3, 625]) / 1000
+    on_table = (mixed[:, None] - table[None]).abs().lt(1e-6)
+    assert abs(float(on_table.any(1).float().mean()) - 0.5) < 0.03
+    assert float(on_table.float().mean(0).min()) > 0.1
 
 
 def test_a_few_training_steps_lower_the_heldout_loss(tmp_path):

@@ -227,7 +227,7 @@ def render(
             present[i, z] = 1
             colour[i, z] = torch.tensor(COLOURS[s.colour])
             shape[i, z] = SHAPES.index(s.shape)
-    radius = scale * (5.0 + 3.5 * torch.rand(b, k, generator=g))
+    radius = scale * (6.0 + 4.0 * torch.rand(b, k, generator=g))  # 6-10 px: each sprite covers 3-8 % of a frame
     cy = radius + (height - 2 * radius) * torch.rand(b, k, generator=g)
     cx = radius + (width - 2 * radius) * torch.rand(b, k, generator=g)
     speed = scale * (1.0 + 1.5 * torch.rand(b, k, generator=g))  # pixels per frame

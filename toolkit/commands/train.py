@@ -12,8 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="fixed step count, e.g. to reproduce a run "
                         "(overrides --minutes; the model card records the count)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=24, help="clips per step (default 24)")
-    parser.add_argument("--lr", type=float, default=6e-4, help="peak AdamW learning rate (default 6e-4)")
+    parser.add_argument("--batch", type=int, default=16, help="clips per step (default 16)")
+    parser.add_argument("--lr", type=float, default=8e-4, help="peak AdamW learning rate (default 8e-4)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--eval-clips", type=int, default=64, help="held-out clips for the loss at init / end")
     parser.add_argument("--tiny", action="store_true", help="tiny model and clip: CPU smoke test only")

@@ -15,8 +15,16 @@ Design choices (see ``data/bundled/MODEL_CARD.md`` for the trained numbers):
 * **Prompt = structured toy caption.** ``procedural.encode_prompts`` gives 5 tokens × 32 channels (a global
   token with sprite count and camera pan, one token per sprite with colour, shape, z-order), fed through Wan's
   text MLP and cross-attention exactly like umT5 embeddings (``text_len = 5``, so no padding rows).
-* **Size.** 8 layers, width 256, 4 heads of 64 (RoPE split (24, 20, 20)), FFN 1024: about 9 M parameters,
-  stored as float16 safetensors (< 25 MB).
+* **Sampling.** The same Self-Forcing loop as the 1.3B model (``sampling.self_forcing_rollout``): per chunk, predict
+  x0, re-noise with fresh noise to the next timestep, and a clean pass. With Self-Forcing's 4 steps the loop's
+  output is x0 predicted at t = 625, which is sharp only for a *distilled* generator (Self-Forcing's DMD stage).
+  The bundled model is a flow-matching model trained in the same causal regime (the teacher side of that recipe),
+  so its x0 predictions are posterior means: 4-step rollouts are blurry where the clip is uncertain (where the
+  sprites start), and more steps of the same loop (``MANY_STEPS``, ending at t = 208) give sharper clips. Attention
+  analyses use the 4-step loop by default, like Self-Forcing; both are shown in ``data/bundled/rollout.png``.
+* **Size.** 8 layers, width 256, 4 heads of 64 (RoPE split (24, 20, 20)), FFN 768: 8.0 M parameters,
+  stored as float16 safetensors of 16 MB (the issue allows 25 MB; 16 MiB is what one file may weigh coming back
+  from the GPU machine that trains it).
 """
 
 from __future__ import annotations
@@ -34,13 +42,15 @@ FRAMES, HEIGHT, WIDTH = 12, 48, 80  # pixel clip = latent clip (no VAE); token g
 FRAMES_PER_CHUNK = 3  # Self-Forcing chunk: 4 chunks of 3 frames
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "data" / "bundled"
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+SELF_FORCING_STEPS = (1000, 750, 500, 250)  # warped to t = 1000, 937.5, 833.3, 625 (the released Self-Forcing)
+MANY_STEPS = tuple(range(1000, 0, -50))  # 20 steps, warped down to t = 208: same loop, sharper clips
 
 
 def bundled_config(**overrides) -> WanConfig:
     """The bundled architecture (``overrides`` e.g. ``dim=64, num_layers=2`` for tiny CPU smoke tests)."""
     kwargs = dict(
         dim=256,
-        ffn_dim=1024,
+        ffn_dim=768,
         num_heads=4,
         num_layers=8,
         in_dim=3,
@@ -122,12 +132,15 @@ def generate(
     prompts: str | procedural.Prompt | list,
     *,
     seed: int = 0,
+    denoising_steps: tuple[int, ...] = SELF_FORCING_STEPS,
     progress: bool = False,
 ) -> torch.Tensor:
     """Self-Forcing rollout of the bundled model: prompts -> video [b, 3, frames, height, width] in [0, 1].
 
-    Noise and re-noising noise come from one generator seeded with ``seed`` on the model's device."""
-    from toolkit.models.sampling import self_forcing_rollout
+    ``denoising_steps`` go through the shift-5 warp as in Self-Forcing (default: its 4 steps; ``MANY_STEPS`` for
+    sharper clips, see the module docstring). Noise and re-noising noise come from one generator seeded with
+    ``seed`` on the model's device."""
+    from toolkit.models.sampling import self_forcing_rollout, self_forcing_timesteps
 
     device = next(model.parameters()).device
     context = encode_prompt(prompts).to(device)
@@ -136,7 +149,10 @@ def generate(
     noise = torch.randn(context.shape[0], model.cfg.in_dim, frames, height, width, generator=g, device=device)
     noise = noise.to(model.dtype)
     chunk = model.cfg.extra.get("frames_per_chunk", FRAMES_PER_CHUNK)
-    x = self_forcing_rollout(model, noise, context, frames_per_chunk=chunk, generator=g, progress=progress)
+    timesteps = self_forcing_timesteps(denoising_steps=denoising_steps)
+    x = self_forcing_rollout(
+        model, noise, context, frames_per_chunk=chunk, timesteps=timesteps, generator=g, progress=progress
+    )
     return to_pixels(x)
 
 
