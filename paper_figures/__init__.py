@@ -87,6 +87,8 @@ def make_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, se
 
     settings = settings or FigureSettings()
     names = resolve_figures(settings)
+    if not 0.0 < settings.mass < 1.0:
+        raise ToolkitError(f"coverage mass {settings.mass} is impossible: it must lie strictly between 0 and 1")
     out = Path(out_dir)
     with open_capture(capture_path) as cap:
         if not cap.complete:

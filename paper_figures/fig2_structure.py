@@ -19,6 +19,8 @@ from toolkit.paper_figures import style
 from toolkit.paper_figures.common import Context, require_all_queries, require_records, require_stored
 from toolkit.paper_figures.results import record_of
 
+from toolkit.errors import ToolkitError
+
 NAME = "fig2_structure"
 TITLE = "3-D attention structure: frame blocks, frame-pair zoom, spikes, separable kernel"
 
@@ -28,6 +30,12 @@ def check(ctx: Context) -> None:
     require_all_queries(ctx.cap, NAME)
     layer, head = ctx.pairs[0]
     require_records(ctx.cap, NAME, layers=[layer], heads=[head], **ctx.focus)
+    if ctx.settings.frame_pair is not None:
+        rec = ctx.cap.record(ctx.step, ctx.chunk, layer)
+        qf, kf = ctx.settings.frame_pair
+        if not (rec.query_frames[0] <= qf < rec.query_frames[1] and rec.key_frames[0] <= kf < rec.key_frames[1]):
+            raise ToolkitError(f"--frame-pair {qf},{kf}: chunk {ctx.chunk} has query frames {rec.query_frames[0]}-"
+                               f"{rec.query_frames[1] - 1} and key frames {rec.key_frames[0]}-{rec.key_frames[1] - 1}")
 
 
 def periodic_selection(ctx: Context) -> dict:

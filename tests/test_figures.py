@@ -244,6 +244,9 @@ def test_refuses_uncaptured_pair_and_missing_bench(run_h5, tmp_path, capsys):
     assert "--bench" in err
     err = refusal([run_h5, "--out", str(tmp_path / "f"), "--figures", "fig9"], capsys)
     assert "unknown figure" in err
+    err = refusal([run_h5, "--out", str(tmp_path / "f"), "--figures", "fig2", "--frame-pair", "1,0"], capsys)
+    assert "query frames 3-5" in err
+    assert not (tmp_path / "f").exists()
 
 
 def test_refuses_incomplete_capture(run_h5, tmp_path, capsys):
