@@ -53,7 +53,7 @@ def plot(d: dict, out_dir: str | Path) -> dict:
     layers = sorted({int(x) for x in tk["layer"].values})
     heads = [int(h) for h in tk["head"].values]
     steps = sorted({int(x) for x in tk["step"].values})
-    fig = matplotlib.pyplot.figure(figsize=(max(6.5, 0.16 * len(layers) * len(heads) + 1.5), 5.6),
+    fig = matplotlib.pyplot.figure(figsize=(min(24.0, max(6.5, 0.16 * len(layers) * len(heads) + 1.5)), 5.6),
                                    constrained_layout=True)
     grid = fig.add_gridspec(2, 2)
     a, b, c = fig.add_subplot(grid[0, :]), fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
@@ -77,8 +77,7 @@ def plot(d: dict, out_dir: str | Path) -> dict:
     a.set(ylim=(0, 1), xlabel="layer (one box per head, heads left to right)",
           ylabel=f"fraction of keys for {mass:.0%} mass", title=f"(a) coverage per head, steps {steps}")
     a.legend(loc="upper right")
-    im = b.imshow(median, cmap=style.SEQUENTIAL, vmin=0, vmax=max(1e-3, float(np.nanmax(median))), aspect="auto",
-                  origin="lower")
+    im = b.imshow(median, cmap=style.SEQUENTIAL, aspect="auto", origin="lower")  # colour range = data range
     b.set(xlabel="head", ylabel="layer", xticks=range(len(heads)), xticklabels=heads, yticks=range(len(layers)),
           yticklabels=layers, title="(b) median coverage")
     b.grid(False)
@@ -93,6 +92,9 @@ def plot(d: dict, out_dir: str | Path) -> dict:
     c.set(xlabel="step", ylabel="median fraction of keys", xticks=steps, title="(c) median over heads, per layer")
     if len(layers) <= 10:
         c.legend(fontsize=6, ncol=2)
+    else:  # too many lines for a legend: a layer colour bar
+        sm = matplotlib.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(layers[0], layers[-1]))
+        fig.colorbar(sm, ax=c, shrink=0.8, label="layer")
     style.save(fig, out_dir, NAME)
     return {"median": median, "per_step": per_step, "layers": np.array(layers), "heads": np.array(heads),
             "steps": np.array(steps)}
