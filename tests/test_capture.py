@@ -210,7 +210,8 @@ def test_partial_selection_stores_only_what_is_needed(tmp_path):
     model = make_model(3)
     ref: dict = {}
     path = tmp_path / "sub.h5"
-    run(model, Selection(layers="1", heads="0,2", steps="3", chunks="2", queries="stride:4"), path, reference=ref)
+    run(model, Selection(layers="1", heads="0,2", steps="3", chunks="2", queries="stride:4",
+                         store=("q", "k", "v", "lse", "pooled")), path, reference=ref)
     with open_capture(path) as cap:
         assert cap.records == [(3, 2, 1)]
         assert cap.steps == [3, 4]  # step 3 records + the clean pass (context of chunk 2)
@@ -226,6 +227,16 @@ def test_partial_selection_stores_only_what_is_needed(tmp_path):
                                    seen["probs"][0][rec.query_tokens - 60], rtol=1e-5, atol=1e-6)
         with pytest.raises(ToolkitError, match="not in"):
             cap.record(step=2, chunk=2, layer=1)
+        # pooled views over the strided queries of the selected heads
+        probs = seen["probs"][[0, 2]][:, rec.query_tokens - 60]
+        brute = pooled_reference(probs, rec.query_tokens, rec.key_tokens, cap.grid)
+        for source in ("stored", "recompute"):
+            pooled = cap.pooled(rec, source=source)
+            assert list(pooled["head"].values) == [0, 2]
+            for name in ("frame_mass", "offset_t", "offset_h", "offset_w"):
+                torch.testing.assert_close(torch.from_numpy(pooled[name].values).double(), brute[name], rtol=1e-5,
+                                           atol=1e-6)
+        assert list(cap.pooled(rec, heads=[2], source="stored")["head"].values) == [2]
         kv = cap.file["kv_complete"][...]
         assert kv.sum() == 3  # clean slices of chunks 0, 1 + step 3 of chunk 2, layer 1 only
         # the file stores no more than the plan estimated
