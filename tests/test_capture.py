@@ -369,6 +369,7 @@ def test_interrupted_capture_is_incomplete_then_resume_completes_it(tmp_path):
     run(model, select, fresh, provenance={"seed": 1})
     with open_capture(path) as a, open_capture(fresh) as b:
         assert a.complete and a.records == b.records and len(a.records) == 2 * 3 * 2
+        assert a.attrs["history"].splitlines()[-1].endswith("resumed, complete=1")
         for key in a.records:
             ra, rb = a.record(*key), b.record(*key)
             assert torch.equal(ra.q(), rb.q()) and torch.equal(ra.k(), rb.k()) and torch.equal(ra.lse(), rb.lse())

@@ -119,6 +119,7 @@ class CaptureStore:
 
     def __init__(self, path: str, plan: Plan, file: h5py.File, storage: str) -> None:
         self.path, self.plan, self.file, self.storage = path, plan, file, storage
+        self.resumed = False
         self.step_index = {s: i for i, s in enumerate(plan.stored_steps)}
         self.layer_index = {layer: i for i, layer in enumerate(plan.layers)}
 
@@ -163,9 +164,9 @@ class CaptureStore:
             store = cls(path, plan, f, str(f.attrs["storage_dtype"]))
             done = {_key(store, idx) for idx in zip(*np.nonzero(f["record_complete"][...]))}
             kv = {_key(store, idx) for idx in zip(*np.nonzero(f["kv_complete"][...]))}
-            f.attrs["complete"] = 0
-            f.attrs["history"] = str(f.attrs.get("history", "")) + f"\n{_now()}: resumed"
-            f.flush()
+            # No metadata is touched here (an interrupted file already says complete = 0): a kill while
+            # resuming cannot damage the records already in the file. History is appended on close.
+            store.resumed = True
         except BaseException:
             f.close()
             raise
@@ -327,7 +328,11 @@ class CaptureStore:
         if not self.file.id.valid:
             return
         try:
-            self.file.attrs["complete"] = int(complete)
+            if self.resumed:
+                history = str(self.file.attrs.get("history", ""))
+                self.file.attrs["history"] = history + f"\n{_now()}: resumed, complete={int(complete)}"
+            if int(self.file.attrs["complete"]) != int(complete):
+                self.file.attrs["complete"] = int(complete)
             self.file.flush()
         finally:
             self.file.close()
