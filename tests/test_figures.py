@@ -260,3 +260,19 @@ def test_refuses_incomplete_capture(run_h5, tmp_path, capsys):
         f.attrs["complete"] = 0
     err = refusal([str(path), "--out", str(tmp_path / "f"), "--figures", "head-types"], capsys)
     assert "incomplete" in err and "--resume" in err
+
+
+def test_cli_makes_figures_reusing_a_cached_analysis(figs, run_h5, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "cli"
+    out.mkdir()
+    shutil.copy(figs["out"] / "analysis_periodic.nc", out)  # same capture, same selection: reused, not rerun
+    argv = ["figures", run_h5, "--out", str(out), "--figures", "spectra,head-types", "--pairs", "L1H1",
+            "--layers", "0,1"]
+    assert main(argv) == 0
+    log = capsys.readouterr().out
+    assert "periodic: reusing analysis_periodic.nc" in log and "running" not in log
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["settings"]["pairs"] == [[1, 1]] and set(m["figures"]) == {"spectra", "head_types"}
+    assert all((out / f).stat().st_size > 0 for entry in m["figures"].values() for f in entry["files"])
