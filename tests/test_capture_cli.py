@@ -75,7 +75,7 @@ def test_refused_before_the_model_loads(args, message, capsys, tmp_path):
 
 
 def test_dry_run_prints_the_plan_without_loading(capsys):
-    assert main(["capture", "--model", "self-forcing", "--dry-run", "--layers", "8"]) == 0
+    assert main(["capture", "--model", "self-forcing", "--dry-run", "--layers", "8", "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
     # one layer of Self-Forcing 480p: 35 records; q, k, v: 35 forwards × 4680 tokens × 12 heads × 128 × 2 B each
     assert "35 records" in out and f"q {35 * 4680 * 12 * 128 * 2 / 1e6:.1f} MB" in out
@@ -89,3 +89,9 @@ def test_inspect_rejects_other_files(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "other.h5")]) == 2
     assert "not a toolkit capture file" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "missing.h5")]) == 2
+
+
+def test_dry_run_estimate_follows_the_compute_dtype(capsys):
+    """float32 runs (the CPU default) store q/k/v at 4 bytes: the plan must say so, not assume bf16."""
+    assert main(["capture", "--model", "self-forcing", "--dry-run", "--layers", "8", "--dtype", "float32"]) == 0
+    assert f"q {35 * 4680 * 12 * 128 * 4 / 1e9:.1f} GB" in capsys.readouterr().out

@@ -76,10 +76,10 @@ def layout_for(model: str):
     return RunLayout.bidirectional(cfg, grid, (sig[:-1] * 1000).tolist())
 
 
-def describe_plan(plan) -> str:
+def describe_plan(plan, model_dtype=None) -> str:
     from toolkit.capture.selection import human_bytes
 
-    est = plan.estimate_bytes()
+    est = plan.estimate_bytes(model_dtype)
     parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in est.items())
     return (f"{len(plan.records)} records ({len(plan.steps)} steps × {len(plan.chunks)} chunks × "
             f"{len(plan.layers)} layers × {len(plan.heads)} heads, {len(plan.queries)} query rows of "
@@ -102,13 +102,19 @@ def run(args: argparse.Namespace) -> int:
     layout = layout_for(args.model)
     plan = resolve(select, layout)  # refuses bad selections before any weights load
     say = (lambda *a: None) if args.quiet else print
-    say(f"capture plan: {describe_plan(plan)}")
+    from toolkit.models.registry import default_dtype
+    from toolkit.pipeline import DTYPES, resolve_device
+
+    model_dtype = DTYPES[args.dtype] or default_dtype(resolve_device(args.device))
+    say(f"capture plan: {describe_plan(plan, model_dtype)}")
     if args.dry_run:
         return 0
     import os
 
     if os.path.exists(args.out) and not args.resume:
         raise ToolkitError(f"{args.out} exists; pass --resume to continue it or choose a new --out")
+    if os.path.dirname(args.out):
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)  # like any writer: `--out runs/x.h5` just works
 
     from toolkit.pipeline import prepare_run, sample
 
