@@ -18,7 +18,11 @@ step() {  # step NAME SECONDS CMD...
 }
 for what in "$@"; do
   case $what in
-    kernels)  step kernels 230 python3 benchmarks/bench_kernels.py --out "$R" ;;
+    kernels)  export TOOLKIT_KERNEL_CACHE=/tmp/kcache
+              step kernels 330 python3 benchmarks/bench_kernels.py --out "$R/kernels" --analysis --low-memory
+              # a second process: launch configs must now come from the on-disk tuning cache
+              step kernels_cached 120 python3 benchmarks/bench_kernels.py --out "$R/kernels_cached" \
+                --shapes full-111 ar-111 ;;
     analysis) step analysis 90 python3 benchmarks/bench_analysis.py --out "$R" ;;
     monarch)  step monarch_analysis 90 python3 benchmarks/bench_monarch_analysis.py --out "$R" ;;
     sweep)    step sweep 60 python3 benchmarks/bundled_sampler_sweep.py --out "$R" ;;
