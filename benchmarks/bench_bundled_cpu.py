@@ -31,10 +31,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--videos", type=int, default=3, help="timed rollouts after one warm-up rollout")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", default="1,2", help="torch CPU thread counts to time, comma-separated (default 1,2)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     try:
         model, info = bundled.load_bundled("cpu", torch.float32)
@@ -61,39 +59,51 @@ def main() -> None:
         end = time.perf_counter()
         return end - marks[0], [b - a for a, b in zip(marks, marks[1:])]
 
-    warm_s, _ = one_rollout(0)
-    runs = [one_rollout(1 + i) for i in range(args.videos)]
-    totals = [r[0] for r in runs]
-    median = statistics.median(totals)
-    per_chunk = [statistics.median(r[1][c] for r in runs) for c in range(len(runs[0][1]))]
     frames, height, width = bundled.clip_shape(model.cfg)
     result = dict(
         benchmark="bundled full rollout on CPU",
         goal_s=GOAL_S,
-        median_s=round(median, 3),
-        meets_goal=median <= GOAL_S,
-        runs_s=[round(t, 3) for t in totals],
-        warmup_s=round(warm_s, 3),
-        per_chunk_median_s=[round(t, 3) for t in per_chunk],
-        forwards=len(per_chunk) * 5,
+        prompt=prompt,
         clip=dict(frames=frames, height=height, width=width),
         token_grid=list(model.grid_size(torch.empty(1, 3, frames, height, width))),
+        forwards_per_rollout=0,
         params=model.num_parameters(),
         weights=weights,
         dtype="float32",
-        threads=torch.get_num_threads(),
         cpu_count=os.cpu_count(),
         cpu=platform.processor() or platform.machine(),
         torch=torch.__version__,
         toolkit=toolkit.__version__,
         python=platform.python_version(),
+        by_threads={},
     )
-    label = f"rollout (median of {len(totals)})"
-    print(f"{label:<28} {median:8.2f} s   goal <= {GOAL_S:.0f} s")
-    print(f"{'warm-up rollout':<28} {warm_s:8.2f} s")
-    for c, t in enumerate(per_chunk):
-        print(f"  chunk {c} (5 forwards)       {t:8.2f} s")
-    print(f"threads {result['threads']}, grid {result['token_grid']}, {result['params'] / 1e6:.2f} M params, {weights}")
+    # With other processes on the cores, 2 OpenMP threads can be several times slower than 1 (spin-waiting),
+    # so both are timed and the machine's load is recorded with each.
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        load_before = os.getloadavg()[0]
+        warm_s, _ = one_rollout(0)
+        runs = [one_rollout(1 + i) for i in range(args.videos)]
+        totals = [r[0] for r in runs]
+        median = statistics.median(totals)
+        per_chunk = [statistics.median(r[1][c] for r in runs) for c in range(len(runs[0][1]))]
+        result["forwards_per_rollout"] = len(per_chunk) * 5
+        result["by_threads"][str(threads)] = dict(
+            median_s=round(median, 3),
+            meets_goal=median <= GOAL_S,
+            runs_s=[round(t, 3) for t in totals],
+            warmup_s=round(warm_s, 3),
+            per_chunk_median_s=[round(t, 3) for t in per_chunk],
+            load_average_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
+        )
+        label = f"{threads} thread(s): rollout, median of {len(totals)}"
+        print(f"{label:<36} {median:8.2f} s   goal <= {GOAL_S:.0f} s   (warm-up {warm_s:.2f} s, "
+              f"1-min load {load_before:.1f} -> {os.getloadavg()[0]:.1f})")
+        for c, t in enumerate(per_chunk):
+            print(f"    chunk {c} (5 forwards)             {t:8.2f} s")
+    result["best_median_s"] = min(v["median_s"] for v in result["by_threads"].values())
+    result["meets_goal"] = result["best_median_s"] <= GOAL_S
+    print(f"grid {result['token_grid']}, {result['params'] / 1e6:.2f} M params, {weights}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "bench_bundled_cpu.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -22,6 +22,7 @@ from toolkit.train import (
     heldout_set,
     sample_sigma,
     teacher_forcing_mask,
+    teacher_ode_x0,
     train,
 )
 
@@ -105,6 +106,36 @@ def test_chunked_attention_equals_the_masked_dense_path():
     torch.testing.assert_close(fast, dense, rtol=1e-10, atol=0)
     assert calls[:2] == [2 * frames * 15] * 2 and video.shape == (1, 3, 9, 12, 20)
     assert all(seam.backend is None for seam in seams(model))  # restored
+
+
+class _PointMassFlow(torch.nn.Module):
+    """The exact flow of data concentrated on one clip ``target``: v = (x_t − target) / σ (straight paths)."""
+
+    def __init__(self, target: torch.Tensor) -> None:
+        super().__init__()
+        self.target = target
+
+    def forward(self, x, t, context, *, frame_index, attn_mask):
+        frames = self.target.shape[2]
+        sigma = (t[:, frames:] / 1000).view(x.shape[0], 1, frames, 1, 1)
+        noisy = x[:, :, frames:]
+        return torch.cat([torch.zeros_like(noisy), (noisy - self.target) / sigma], dim=2)
+
+
+def test_teacher_ode_reaches_the_data_on_straight_paths():
+    """Euler on the shift-warped grid from each chunk's own σ lands exactly on the data when paths are straight."""
+    g = torch.Generator().manual_seed(4)
+    target = torch.randn(2, 3, 6, 4, 5, generator=g, dtype=torch.float64)
+    x0 = torch.randn(target.shape, generator=g, dtype=torch.float64)  # clean context: ignored by this flow
+    sigma = torch.tensor([[1.0] * 3 + [0.625] * 3, [0.9375] * 3 + [0.3] * 3], dtype=torch.float64)
+    s = sigma.view(2, 1, 6, 1, 1)
+    x_t = (1 - s) * target + s * torch.randn(target.shape, generator=g, dtype=torch.float64)
+    for steps in (1, 3, 8):
+        out = teacher_ode_x0(_PointMassFlow(target), x0, x_t, None, sigma, mask=None, steps=steps)
+        torch.testing.assert_close(out, target, rtol=0, atol=1e-9)
+    # a wrong flow (twice too fast) does not
+    bad = teacher_ode_x0(_PointMassFlow(target * 0), x0, x_t, None, sigma, mask=None, steps=3)
+    assert (bad - target).abs().amax() > 0.1
 
 
 def test_sigma_follows_the_shift5_warp_per_chunk():
@@ -200,9 +231,12 @@ def test_shipped_model_beats_random_weights_on_heldout_flow_matching_loss():
     torch.manual_seed(0)  # the initialisation the training run started from (seed 0)
     random = WanModel(model.cfg).eval()
     data = heldout_set(4, model.cfg)
-    trained_loss, random_loss = heldout_loss(model, data, batch=2), heldout_loss(random, data, batch=2)
+    chunked = chunked_attention(12, 12 * 20, 3)  # same numbers as the masked path (tested above), 3x faster
+    with attention_backend(model, chunked), attention_backend(random, chunked):
+        trained_loss, random_loss = heldout_loss(model, data, batch=2), heldout_loss(random, data, batch=2)
     recorded = info["training"]["heldout_loss_init"] / info["training"]["heldout_loss_end"]
     ratio = random_loss / trained_loss
-    # a wide margin in absolute terms, and the 64-clip ratio recorded at training time reproduced on 4 clips
-    assert ratio > 3.0, (random_loss, trained_loss)
+    # Measured for the first shipped weights (H100, 917 steps): 1.577 / 0.0374 = 42 on these 4 clips, 46.7 on the
+    # 64 clips at training time. Asserted: a wide margin in absolute terms, and the recorded ratio within 1.5x.
+    assert ratio > 10.0, (random_loss, trained_loss)
     assert ratio > recorded / 1.5, (ratio, recorded)

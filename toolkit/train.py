@@ -144,13 +144,45 @@ def flow_matching_loss(
     ``teacher_forcing_mask``. Returns the mean (or [b] with ``per_sample``), float32."""
     b, _, frames = x0.shape[:3]
     s = sigma.view(b, 1, frames, 1, 1).to(x0.dtype)
-    x_t = (1 - s) * x0 + s * noise
-    x_in = torch.cat([x0, x_t], dim=2)
-    t_in = torch.cat([torch.zeros_like(sigma), 1000 * sigma], dim=1)
-    frame_index = torch.arange(frames, device=x0.device).repeat(2)
-    pred = model(x_in, t_in, context, frame_index=frame_index, attn_mask=mask)[:, :, frames:]
+    pred = teacher_forced_flow(model, x0, (1 - s) * x0 + s * noise, context, sigma, mask)
     err = (pred.float() - (noise - x0).float()).pow(2)
     return err.flatten(1).mean(1) if per_sample else err.mean()
+
+
+def teacher_forced_flow(
+    model: WanModel, x0: torch.Tensor, x_t: torch.Tensor, context: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Flow prediction for every chunk of ``x_t`` (noise level ``sigma`` [b F]) given the clean clip ``x0`` as the
+    context of earlier chunks: one forward over [x0 | x_t] (2F frames) under ``mask``; returns the noisy half."""
+    frames = x0.shape[2]
+    t_in = torch.cat([torch.zeros_like(sigma), 1000 * sigma], dim=1)
+    frame_index = torch.arange(frames, device=x0.device).repeat(2)
+    out = model(torch.cat([x0, x_t], dim=2), t_in, context, frame_index=frame_index, attn_mask=mask)
+    return out[:, :, frames:]
+
+
+@torch.no_grad()
+def teacher_ode_x0(
+    teacher: WanModel,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    context: torch.Tensor,
+    sigma: torch.Tensor,
+    mask: torch.Tensor,
+    steps: int,
+    shift: float = 5.0,
+) -> torch.Tensor:
+    """Endpoint of the teacher's flow ODE dx/dσ = v from each chunk's ``sigma`` [b F] down to 0 (Euler, ``steps``
+    steps spaced by the shift warp), all chunks at once, clean context ``x0``: a sharp sample near ``x_t``."""
+    b, _, frames = x0.shape[:3]
+    u0 = sigma.double() / (shift - (shift - 1) * sigma.double())  # inverse of the shift warp
+    x = x_t
+    for k in range(steps):
+        s_now = shift_sigma(u0 * (1 - k / steps), shift).to(x_t.dtype)
+        s_next = shift_sigma(u0 * (1 - (k + 1) / steps), shift).to(x_t.dtype)
+        v = teacher_forced_flow(teacher, x0, x, context, s_now, mask).to(x_t.dtype)  # bf16 under autocast
+        x = x + (s_next - s_now).view(b, 1, frames, 1, 1) * v
+    return x
 
 
 def heldout_set(n: int, cfg: WanConfig, seed: int = HELDOUT_SEED) -> dict:
@@ -221,6 +253,9 @@ def train(
     weight_decay: float = 0.01,
     ema_decay: float = 0.998,
     sampler_frac: float = 0.25,
+    distill_minutes: float = 0.0,
+    distill_steps: int | None = None,
+    ode_steps: int = 8,
     grad_clip: float = 1.0,
     eval_clips: int = 64,
     log_every: int = 25,
@@ -358,6 +393,14 @@ def train(
     say(f"held-out loss: init {loss_init:.4f} -> end {loss_end:.4f} (float16 {shipped}; raw {loss_raw:.4f}, "
         f"ema {loss_ema:.4f})")
 
+    distill = {}
+    if distill_minutes or distill_steps:
+        distill = _distill(model, cfg, mask, batch, data_gen, noise_gen, distill_minutes, distill_steps, ode_steps,
+                           say)
+        if distill["shipped_stage"] == "distilled":
+            loss_end = heldout_loss(model, heldout)
+            distill["heldout_loss_distilled"] = round(loss_end, 5)
+
     summary = dict(
         seed=seed,
         steps=step,
@@ -383,12 +426,89 @@ def train(
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__,
         precision="bf16 autocast" if dev.type == "cuda" else "float32",
-        command=f"python -m toolkit.train --out {out} --steps {step} --seed {seed} --batch {batch} --lr {lr}",
+        command=f"python -m toolkit.train --out {out} --steps {step} --seed {seed} --batch {batch} --lr {lr}"
+        + (f" --distill-steps {distill['distill_steps']}" if distill else ""),
+        **distill,
     )
     if write_artifacts:
         _write_artifacts(out, model, cfg, summary, history, heldout, say, t_start)
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     return summary
+
+
+def _distill(model: WanModel, cfg: WanConfig, mask, batch, data_gen, noise_gen, minutes, steps, ode_steps, say):
+    """Few-step distillation for Self-Forcing's 4-step loop (optional second stage).
+
+    The loop's x0 at each of its timesteps is, for a flow-matching model, a posterior mean (blurry where the clip
+    is uncertain). Here the model (student, initialised from the trained teacher) learns to predict instead the
+    endpoint of the teacher's flow ODE started at x_t (``teacher_ode_x0``): a deterministic function of x_t, so
+    regression on it stays sharp. x_t = (1 − σ)·x0 + σ·ε with σ one of the sampler's 4 timesteps per chunk, clean
+    ground-truth context as in stage 1; loss = MSE in x0 space; AdamW 1e-4, constant after 20 warm-up steps (so
+    ``--distill-steps N`` reproduces a time-boxed run). The student is shipped only if its 4-step rollouts match
+    their prompts' colours more often than the teacher's (32 prompts, ``procedural.detect_colours``)."""
+    import copy
+
+    dev = mask.device
+    frames, height, width = bundled.clip_shape(cfg)
+    chunk = cfg.extra["frames_per_chunk"]
+    table = (self_forcing_timesteps() / 1000).float()
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
+    g_eval = torch.Generator().manual_seed(HELDOUT_SEED + 2)
+    prompts = procedural.random_prompts(32, g_eval)
+
+    def colour_match(m: WanModel) -> float:
+        found = procedural.detect_colours(bundled.generate(m, prompts, seed=HELDOUT_SEED))
+        return sum(f == {s.colour for s in p.sprites} for p, f in zip(prompts, found)) / len(prompts)
+
+    before = colour_match(teacher)
+    t0 = time.perf_counter()
+    deadline = t0 + 60 * minutes if minutes else None
+    step, losses = 0, []
+    model.train()
+    while (steps is not None and step < steps) or (steps is None and time.perf_counter() < deadline):
+        video, context, _ = procedural.sample_batch(
+            batch, data_gen, frames=frames, height=height, width=width, device=dev
+        )
+        x0 = bundled.to_model_space(video)
+        pick = torch.randint(len(table), (batch, frames // chunk), generator=data_gen)
+        sigma = table[pick].repeat_interleave(chunk, 1).to(dev)
+        s = sigma.view(batch, 1, frames, 1, 1)
+        x_t = (1 - s) * x0 + s * torch.randn(x0.shape, generator=noise_gen, device=dev)
+        with _autocast(dev):
+            target = teacher_ode_x0(teacher, x0, x_t, context, sigma, mask, ode_steps)
+            pred = x_t - s * teacher_forced_flow(model, x0, x_t, context, sigma, mask).float()
+            loss = (pred.float() - target.float()).pow(2).mean()
+        for group in opt.param_groups:
+            group["lr"] = 1e-4 * min(1.0, (step + 1) / 20)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.detach())
+        step += 1
+        if step % 25 == 0:
+            say(f"distill step {step:5d} | x0 loss {float(torch.stack(losses[-25:]).mean()):.4f}")
+    seconds = time.perf_counter() - t0
+    model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    after = colour_match(model)
+    shipped = "distilled" if after > before else "teacher"
+    if shipped == "teacher":
+        model.load_state_dict(teacher.state_dict())
+    say(f"distillation: {step} steps in {seconds:.0f} s; 4-step colour match {before:.0%} (teacher) -> "
+        f"{after:.0%} (student); shipping the {shipped}")
+    return dict(
+        distill_steps=step,
+        distill_seconds=round(seconds, 1),
+        distill_ode_steps=ode_steps,
+        distill_x0_loss_end=round(float(torch.stack(losses[-25:]).mean()), 5) if losses else None,
+        colour_match_4_steps_teacher=round(before, 3),
+        colour_match_4_steps_student=round(after, 3),
+        shipped_stage=shipped,
+    )
 
 
 def _fitting_batch(model: WanModel, batch: int, cfg: WanConfig, mask: torch.Tensor, say) -> int:
@@ -563,6 +683,9 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         device=args.device,
         eval_clips=args.eval_clips,
+        distill_minutes=args.distill_minutes,
+        distill_steps=args.distill_steps,
+        ode_steps=args.ode_steps,
         **(tiny if args.tiny else {}),
     )
     print(json.dumps(summary, indent=1))

@@ -11,6 +11,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=6.0, help="wall budget of the whole run (default 6)")
     parser.add_argument("--steps", type=int, default=None, help="fixed step count, e.g. to reproduce a run "
                         "(overrides --minutes; the model card records the count)")
+    parser.add_argument("--distill-minutes", type=float, default=0.0, help="optional second stage: few-step "
+                        "distillation for the 4-step Self-Forcing loop, time box in minutes (default 0 = off)")
+    parser.add_argument("--distill-steps", type=int, default=None, help="fixed distillation step count (reproduction)")
+    parser.add_argument("--ode-steps", type=int, default=8, help="teacher ODE steps per distillation target")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=16, help="clips per step (default 16)")
     parser.add_argument("--lr", type=float, default=8e-4, help="peak AdamW learning rate (default 8e-4)")
