@@ -623,6 +623,14 @@ def _plot_loss(path: Path, history, summary: dict) -> None:
 def _write_card(out: Path, cfg: WanConfig, s: dict, model: WanModel, dev) -> None:
     frames, height, width = bundled.clip_shape(cfg)
     per_t = ", ".join(f"t={k}: {v}" for k, v in s["heldout_loss_at_sampler_timesteps"].items())
+    distill = ""
+    if "shipped_stage" in s:
+        distill = (
+            f"Few-step distillation stage: {s['distill_steps']} steps in {s['distill_seconds']:.0f} s "
+            f"({s['distill_ode_steps']} teacher ODE steps per target); 4-step colour match "
+            f"{s['colour_match_4_steps_teacher']:.0%} (teacher) -> {s['colour_match_4_steps_student']:.0%} "
+            f"(student); shipped: the {s['shipped_stage']}.\n\n"
+        )
     text = f"""# Bundled model card
 
 A {cfg.num_layers}-layer Wan DiT (width {cfg.dim}, {cfg.num_heads} heads x {cfg.head_dim}, FFN {cfg.ffn_dim},
@@ -655,7 +663,7 @@ Held-out flow-matching loss ({s['heldout_clips']} clips, seed {s['heldout_seed']
 **{s['heldout_loss_init']:.4f} at initialisation -> {s['heldout_loss_end']:.4f} after training**
 (x{s['heldout_loss_init'] / s['heldout_loss_end']:.1f}). At the sampler's timesteps: {per_t}.
 
-Rollouts whose visible palette colours equal the prompt's (32 random prompts, `procedural.detect_colours`):
+{distill}Rollouts whose visible palette colours equal the prompt's (32 random prompts, `procedural.detect_colours`):
 {s['rollout_colour_match']:.0%} with Self-Forcing's 4 steps, {s['rollout_colour_match_many_steps']:.0%} with
 {len(bundled.MANY_STEPS)} steps of the same loop. (Ground-truth clips: 100 %.) Why 4 steps are blurry for this model:
 see the `toolkit/models/bundled.py` docstring ("Sampling").
