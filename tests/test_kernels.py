@@ -204,3 +204,43 @@ def test_key_tiles_and_flops_match_the_reference_accounting(tiling, qf, kf, bc):
     ratio = monarch_flops(grid, tiling, qf, kf, heads=1, head_dim=64, block_causal_frames=bc) / dense_flops(
         gq.n_tokens, gk.n_tokens, heads=1, head_dim=64)
     assert ratio == pytest.approx(layout.flop_ratio(1) * allowed.float().mean().item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["kv-cache", "block-causal-no-v"])
+def test_monarch_sweep_kernel_comparison_matches_reference(mode, monkeypatch):
+    """``toolkit.analysis.monarch.monarch_sweep`` with the streaming Triton comparison (what ``compare='auto'``
+    picks on CUDA) gives the same variational errors as its PyTorch ``map_errors`` path."""
+    import toolkit.analysis.monarch as analysis
+
+    grid = (6, 3, 5)  # b1 = 3 rows, b2 = 5 columns per tile at (1, 1, 1)
+    tpf = grid[1] * grid[2]
+    if mode == "kv-cache":  # queries of chunk 1 against keys of frames 0..6
+        qf, bc, iters, tilings = (3, 6), None, 1, ((1, 1, 1), (3, 1, 1))
+    else:  # two iterations: the trace compares each iteration's factors
+        qf, bc, iters, tilings = (0, 6), 3, 2, ((3, 1, 1),)
+    layouts = [MonarchLayout.aligned(grid, "fh,w", t) for t in tilings]
+    q, k, v = _head_leading(*_inputs(grid, qf, (0, 6), heads=1, seed=7))
+    q, k, v = q[0], k[0], v[0]  # h i d
+    scale = 0.4
+    logits = q @ k.transpose(-1, -2) * scale  # h i j
+    if bc is not None:
+        q_frame, k_frame = qf[0] + torch.arange(q.shape[1]) // tpf, torch.arange(k.shape[1]) // tpf
+        logits = logits.masked_fill((k_frame[None, :] // bc) > (q_frame[:, None] // bc), float("-inf"))
+    lse = torch.logsumexp(logits, -1)  # the record's lse over the attended keys
+    common = dict(layouts=layouts, iters=iters, projection=False, topk_baseline=False, block_causal_frames=bc)
+    q_tok, k_tok = torch.arange(qf[0] * tpf, qf[1] * tpf), torch.arange(6 * tpf)
+    v_in = None if mode == "block-causal-no-v" else v
+    want = analysis.monarch_sweep(q, k, v_in, lse, q_tok, k_tok, grid, scale, compare="reference", **common)
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the Triton path must not call the reference map_errors")
+
+    monkeypatch.setattr(analysis, "map_errors", no_reference)
+    got = analysis.monarch_sweep(q, k, v_in, lse, q_tok, k_tok, grid, scale, compare="triton", **common)
+    assert set(got.data_vars) == set(want.data_vars)
+    measured = ["variational_map_mse", "variational_rel_fro"] + (["variational_out_rel_l2"] if v_in is not None else [])
+    for name in measured:  # errors of a real approximation: finite and not zero
+        assert (torch.from_numpy(want[name].values) > 0).all(), name
+    for name in want.data_vars:  # fp32 streaming sums vs float64 reference sums
+        torch.testing.assert_close(torch.from_numpy(got[name].values), torch.from_numpy(want[name].values),
+                                   rtol=2e-5, atol=0, equal_nan=True, msg=name)

@@ -30,7 +30,7 @@ import xarray as xr
 
 from toolkit.analysis import topk
 from toolkit.attention import exact
-from toolkit.attention.monarch import allowed_tiles, exact_projection, map_errors, variational
+from toolkit.attention.monarch import MonarchErrors, allowed_tiles, exact_projection, map_errors, variational
 from toolkit.errors import ToolkitError
 from toolkit.grid import ALIGNED_BASES, MonarchLayout, TokenGrid, as_grid
 
@@ -181,12 +181,17 @@ def monarch_sweep(
     heads: Sequence[int] | None = None,
     rank1: str = "auto",
     device: torch.device | str | None = None,
+    compare: str = "auto",
 ) -> xr.Dataset:
     """Monarch error sweep of one record: q ``h i d``, k/v ``h j d``, lse ``h i`` (over the attended keys;
     computed when None), clip raster ``query_tokens``/``key_tokens`` (whole frames), ``grid`` of the clip.
 
     Returns a Dataset with dims ``head, config`` (+ ``iters`` for the variational, ``variant`` for top-k);
-    ``iters=0`` skips the variational fit. ``heads`` labels the leading dim (default 0..h-1)."""
+    ``iters=0`` skips the variational fit. ``heads`` labels the leading dim (default 0..h-1).
+    ``compare``: how the variational maps are compared with the exact map — ``reference`` (PyTorch
+    ``map_errors``, exact tiles in memory group by group), ``triton`` (the streaming kernel
+    ``toolkit.kernels.monarch_compare``, which recomputes the dense LSE itself) or ``auto``: the kernel on CUDA
+    for the layouts it supports (:func:`kernel_supports`), the reference otherwise."""
     grid = as_grid(grid)
     qf, kf = grid.frame_range(query_tokens), grid.frame_range(key_tokens)
     device = torch.device(device) if device is not None else q.device
@@ -200,6 +205,8 @@ def monarch_sweep(
     n_heads = q.shape[0]
     heads = list(range(n_heads)) if heads is None else list(heads)
     method = _rank1_method(rank1, device)
+    if compare not in ("auto", "reference", "triton"):
+        raise ToolkitError(f"compare must be auto, reference or triton, not {compare!r}")
     nan = float("nan")
     shape_c, shape_t = (n_heads, len(layouts)), (n_heads, len(layouts), max(iters, 0))
     res = {f"projection_{m}": torch.full(shape_c, nan, dtype=torch.float64) for m in METRICS}
@@ -219,8 +226,12 @@ def monarch_sweep(
                 err, _ = exact_projection(qh, kh, lay, query_frames=qf, key_frames=kf, method=method, **common)
                 _store(res, "projection", err, (h, c))
             if iters > 0:
+                use_kernel = compare == "triton" or (compare == "auto" and qh.is_cuda and kernel_supports(lay, qh))
+                if use_kernel and not kernel_supports(lay, qh):
+                    raise ToolkitError(f"the Triton comparison does not support layout {lay.name} with head dim "
+                                       f"{qh.shape[-1]} {qh.dtype} on {qh.device}; use compare='reference'")
                 trace = _variational_trace(qh, kh, vh, lay, qf, kf, iters, lse=lh, scale=scale,
-                                           block_causal_frames=block_causal_frames)
+                                           block_causal_frames=block_causal_frames, use_kernel=use_kernel)
                 for t, (err, kl) in enumerate(trace):
                     _store(res, "variational", err, (h, c, t))
                     res["variational_kl"][h, c, t] = float(kl)
@@ -247,15 +258,46 @@ def monarch_sweep(
     return ds
 
 
-def _variational_trace(q, k, v, layout, query_frames, key_frames, iters, *, lse, scale, block_causal_frames):
+def kernel_supports(layout: MonarchLayout, q: torch.Tensor) -> bool:
+    """Whether the streaming Triton comparison handles this layout and these queries (``... i d``): the kernels'
+    aligned ``fh,w`` base (tiles located by stride arithmetic), tile width b2 ≤ 128, a power-of-two head dim
+    ≥ 16, and no float64 on the GPU (only the CPU interpreter takes it)."""
+    d = q.shape[-1]
+    return (layout.base == "fh,w" and layout.b2 <= 128 and d >= 16 and d & (d - 1) == 0
+            and not (q.is_cuda and q.dtype == torch.float64))
+
+
+def _kernel_map_errors(q, k, v, factors, *, block_causal_frames, scale) -> MonarchErrors:
+    """``map_errors`` of one head (q ``i d``, k/v ``j d``) through ``toolkit.kernels.monarch_compare``: the same
+    sums, streamed per query row in fp32 (nothing N×N in memory)."""
+    from toolkit.kernels import monarch_compare
+
+    lay = factors.layout
+    seam = lambda t: t[None, :, None, :]  # noqa: E731 - i d -> b i h d (one batch, one head)
+    lf, rf = factors.L[None, None], factors.R[None, None]  # b h a j i f k ; b h a f k j l
+    rows = monarch_compare(seam(q), seam(k), seam(k if v is None else v), tuple(lay.grid), lay.tiling,
+                           query_frames=factors.query_frames, key_frames=factors.key_frames,
+                           block_causal_frames=block_causal_frames, scale=scale, factors=(lf, rf))
+    e = rows.per_head()
+    if v is None:  # the kernel needs values; without a stored v there is no output error
+        return MonarchErrors(e.sq_error[0, 0], e.p_sq[0, 0], e.n_entries)
+    return MonarchErrors(e.sq_error[0, 0], e.p_sq[0, 0], e.n_entries, e.out_sq_error[0, 0], e.out_sq[0, 0])
+
+
+def _variational_trace(q, k, v, layout, query_frames, key_frames, iters, *, lse, scale, block_causal_frames,
+                       use_kernel=False):
     """(errors, mean KL(M_row ‖ P_row)) after each of ``iters`` iterations (one run: iteration t of a T-run is the
-    t-run)."""
-    common = dict(lse=lse, v=v, block_causal_frames=block_causal_frames, scale=scale)
+    t-run). ``use_kernel``: errors from the streaming Triton comparison instead of ``map_errors``."""
+    common = dict(block_causal_frames=block_causal_frames, scale=scale)
     trace = []
 
     def on_iteration(fac):
         kl = (lse.double().sum() - fac.objective(q, k, scale).double()) / q.shape[-2]
-        trace.append((map_errors(q, k, fac, **common), kl))
+        if use_kernel:
+            err = _kernel_map_errors(q, k, v, fac, **common)
+        else:
+            err = map_errors(q, k, fac, lse=lse, v=v, **common)
+        trace.append((err, kl))
 
     variational(q, k, v if v is not None else k[..., :1], layout, query_frames=query_frames, key_frames=key_frames,
                 block_causal_frames=block_causal_frames, iters=iters, scale=scale, on_iteration=on_iteration)
