@@ -119,11 +119,13 @@ def plot(d: dict, out_dir: str | Path) -> dict:
     c.plot(d_h["dh"], d_h.values, marker=".", label="d_h(Δh)")
     c.plot(d_w["dw"], d_w.values, marker=".", label="d_w(Δw)")
     c.set(xlabel="row / column offset (tokens)", ylabel="kernel factor (max 1)", title="(c) separable kernel")
-    c.text(0.02, 0.02, f"explained mass {float(focus['explained_mass']):.2f}", transform=c.transAxes, fontsize=7)
+    c.text(0.02, 0.98, f"explained mass {float(focus['explained_mass']):.2f}", transform=c.transAxes, fontsize=7,
+           va="top", bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
     c.legend()
     e.plot(d_f["dt"], d_f.values, marker="o", color=style.COLORS["reference"])
     e.set(xlabel="frame offset Δt", ylabel="d_f(Δt)", title="(d) temporal factor")
-    e.text(0.02, 0.02, f"map R² {float(focus['map_r2']):.2f}", transform=e.transAxes, fontsize=7)
+    e.text(0.02, 0.98, f"map R² {float(focus['map_r2']):.2f}", transform=e.transAxes, fontsize=7, va="top",
+           bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
     style.save(fig, out_dir, NAME)
     return {"frame_mass": fm, "tile": p, "spike_rows": rows, "spike_cols": cols, "d_h": d_h.values,
             "d_w": d_w.values, "d_f": d_f.values}
