@@ -67,6 +67,7 @@ class Row:
     tuning: list[dict] = field(default_factory=list)
     stage_ms: dict | None = None  # Monarch: median ms of the rows (R-step) and cols (L-step) kernels alone
     reload_from_disk: str | None = None  # Monarch: where configs came from after forgetting them in memory
+    version: str | None = None  # Monarch: R-step kernel version (kernels/monarch.py VERSIONS)
 
     @property
     def ms(self) -> float | None:
@@ -195,7 +196,15 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
     """Check and time every variant at one shape; appends to ``rows``, returns the shape's accounting."""
     import torch
     from toolkit.kernels import _common
-    from toolkit.kernels.monarch import dense_flops, minimum_bytes, monarch_attention_triton, monarch_flops
+    from toolkit.kernels.monarch import (
+        VERSIONS,
+        default_version,
+        dense_flops,
+        minimum_bytes,
+        monarch_attention_triton,
+        monarch_flops,
+        rows_v2_supported,
+    )
 
     from toolkit.attention.monarch import monarch_attention
 
@@ -221,10 +230,10 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
             variants[f"sdpa-{backend}"] = (_dense_fn(backend, qh, kh, vh, scale),
                                            lambda out: _rel(out[0][:, sample], ref_rows), dflops)
 
-    def monarch_fn(scratch_bytes=None, stages="both"):
+    def monarch_fn(scratch_bytes=None, stages="both", version=None):
         return lambda: monarch_attention_triton(q, k, v, grid, tiling, query_frames=qf, key_frames=kf, scale=scale,
                                                 autotune=not args.no_autotune, scratch_bytes=scratch_bytes,
-                                                stages=stages)
+                                                stages=stages, version=version)
 
     def monarch_check(out):
         hs = slice(0, args.check_heads)
@@ -232,15 +241,28 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
                                 query_frames=qf, key_frames=kf, scale=scale)
         return _rel(out[:, :, hs], ref)
 
-    variants[f"monarch{tiling}"] = (monarch_fn(), monarch_check, mflops)
+    # the default R-step version as "monarch(...)", the other versions as "monarch(...)-vN" rows of their own
+    # (listed first, so that a table keeping one Monarch column per shape keeps the default's row)
+    b2 = grid[2] // tiling[2]
+    default = default_version() if rows_v2_supported(b2) else "v1"
+    versions = {}
+    if rows_v2_supported(b2):
+        for ver in VERSIONS:
+            if ver != default:
+                variants[f"monarch{tiling}-{ver}"] = (monarch_fn(version=ver), monarch_check, mflops)
+                versions[f"monarch{tiling}-{ver}"] = ver
+    variants[f"monarch{tiling}"] = (monarch_fn(version=default), monarch_check, mflops)
+    versions[f"monarch{tiling}"] = default
     if args.low_memory:
-        variants[f"monarch{tiling}-lowmem"] = (monarch_fn(scratch_bytes=2 * q_bytes), monarch_check, mflops)
+        variants[f"monarch{tiling}-lowmem"] = (monarch_fn(scratch_bytes=2 * q_bytes, version=default), monarch_check,
+                                               mflops)
+        versions[f"monarch{tiling}-lowmem"] = default
 
     # check + cold start per variant, then interleaved timing rounds
     live = {}
     bound = 3e-2 if dtype == torch.bfloat16 else 5e-3
     for vname, (fn, check, flops) in variants.items():
-        row = Row(name, vname, flops=flops)
+        row = Row(name, vname, flops=flops, version=versions.get(vname))
         rows.append(row)
         try:
             n_log = len(_common.TUNING_LOG)
@@ -284,7 +306,8 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
             except Exception as err:  # noqa: BLE001
                 row.reload_from_disk = f"{type(err).__name__}: {err}"[:200]
             try:  # per-stage split (configs are cached by now)
-                row.stage_ms = {st: round(_time(monarch_fn(stages=st), [], cuda)[0], 4) for st in ("rows", "cols")}
+                row.stage_ms = {st: round(_time(monarch_fn(stages=st, version=row.version), [], cuda)[0], 4)
+                                for st in ("rows", "cols")}
             except Exception as err:  # noqa: BLE001
                 row.stage_ms = {"error": f"{type(err).__name__}: {err}"[:200]}
     for row, _ in live.values():
@@ -332,6 +355,8 @@ def _fmt_row(r: Row) -> str:
     if r.reload_from_disk:
         tuning += f"; next process: {r.reload_from_disk}"
     status = "ok" if r.ok else (r.error or "not run")
+    if r.version:
+        status += f" {r.version}"
     if r.stage_ms and "rows" in r.stage_ms:
         status += f" (rows {r.stage_ms['rows']:.3f} + cols {r.stage_ms['cols']:.3f} ms)"
     spread = f"{r.p20_ms:.3f}–{r.p80_ms:.3f}" if r.p20_ms is not None else "–"

@@ -27,6 +27,8 @@ Query tiles are processed in chunks so that the intermediates stay under a memor
 
 from __future__ import annotations
 
+import os
+
 import torch
 from toolkit.kernels._common import (
     LOG2E,
@@ -51,6 +53,9 @@ from toolkit.errors import ToolkitError
 
 # Intermediates budget (bytes) when the caller gives none: α + Y + c for this many bytes per query-tile chunk.
 DEFAULT_SCRATCH_BYTES = 1 << 30
+# R-step kernel versions (kernels/NOTES.md): v1 = _monarch_rows_fwd, v2 = _monarch_rows_fwd_v2 (b2 <= 128).
+VERSIONS = ("v1", "v2")
+DEFAULT_VERSION = "v2"
 
 
 @triton.jit
@@ -140,6 +145,75 @@ def _monarch_rows_fwd(
 
 
 @triton.jit
+def _monarch_rows_fwd_v2(
+    Q, K, V, ALPHA, Y, C, ALLOWED,
+    sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
+    n_heads, a_start, a_chunk, n_a, tiles_per_prog, n_key_tiles, f_per_prog, n_f_split, b1, b2, scale_log2,
+    q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
+    k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """v2 of the R-step (b2 ≤ BLOCK_L): the BLOCK_M rows of a program are (query tile, column j) pairs of
+    ``tiles_per_prog`` consecutive query tiles at the same row k, so each K/V row block loaded serves all of
+    them (one M = BLOCK_M product instead of one per tile); the key tiles are split over ``n_f_split``
+    programs (parallelism at the AR chunk). R is normalised before the products (no rescaling of the
+    accumulators) and α, Y are formed and stored one after the other (one accumulator live)."""
+    row = tl.program_id(0)  # the key row k (= query row k under the identity initialisation)
+    pid_af = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    ag = pid_af // n_f_split
+    fs = pid_af % n_f_split
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    a_first = ag * tiles_per_prog  # first query tile of this program, relative to a_start
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, D)
+    t_m = offs_m // b2  # tile of each program row, relative to a_first
+    j_m = offs_m % b2  # column of each program row
+    mask_m = (t_m < tiles_per_prog) & (a_first + t_m < n_a)
+    mask_l = offs_l < b2
+    a_m = a_start + a_first + t_m
+    allowed_m = tl.load(ALLOWED + a_m, mask=mask_m, other=0)  # key tiles each row's query tile sees
+    q_tok = tile_token(a_m, row, j_m, q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce)
+    q_base = Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
+    q = tl.load(q_base + q_tok[:, None] * sq_n + offs_d[None, :], mask=mask_m[:, None], other=0.0)  # [BM, D]
+    k_base = K + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
+    v_base = V + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
+    kv_offs = offs_l[:, None] * sk_n + offs_d[None, :]
+    vv_offs = offs_l[:, None] * sv_n + offs_d[None, :]
+
+    n_fk = n_key_tiles * b1
+    # intermediates (bh, a_local, j, f*b1 + k, d): program row m = t*b2 + j sits at slab + m*n_fk + f*b1 + k
+    slab = (pid_bh.to(tl.int64) * a_chunk + a_first) * b2 * n_fk
+    out_rows = offs_m * n_fk + row
+    f_lo = fs * f_per_prog
+    f_hi = tl.minimum(f_lo + f_per_prog, tl.max(allowed_m, 0))  # allowed is non-decreasing in a
+    for f in range(f_lo, f_hi):
+        k_row0 = tile_token(f, row, 0, k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce)
+        k_row0 = k_row0.to(tl.int64)
+        kk = tl.load(k_base + k_row0 * sk_n + kv_offs, mask=mask_l[:, None], other=0.0)
+        vv = tl.load(v_base + k_row0 * sv_n + vv_offs, mask=mask_l[:, None], other=0.0)
+        x = mma(q, tl.trans(kk), UPCAST) * scale_log2  # [BM, BL], log2 units
+        x = tl.where(mask_l[None, :], x, float("-inf"))
+        xs = x - tl.max(x, 1)[:, None]
+        p = tl.exp2(xs)
+        l_i = tl.sum(p, 1)
+        inv = 1.0 / l_i
+        # Σ R log2 R = Σ p (x − m) / l − log2 l: one log per row, the logits are already in registers
+        c = tl.sum(tl.where(mask_l[None, :], p * xs, 0.0), 1) * inv - tl.log2(l_i)
+        r = (p * inv[:, None]).to(kk.dtype)
+        # Rows of tiles that do not see key tile f (block-causal, f >= allowed) are stored too: those slots exist
+        # and the L-step never reads them; a per-f mask would cost ~50 registers (sm_90 report, NOTES.md).
+        rows = out_rows + f * b1
+        tile_offs = rows[:, None] * D + offs_d[None, :]
+        tl.store(ALPHA + slab * D + tile_offs, mma(r, kk, UPCAST).to(ALPHA.dtype.element_ty), mask=mask_m[:, None])
+        tl.store(Y + slab * D + tile_offs, mma(r, vv, UPCAST).to(Y.dtype.element_ty), mask=mask_m[:, None])
+        tl.store(C + slab + rows, c, mask=mask_m)
+
+
+@triton.jit
 def _monarch_cols_fwd(
     Q, ALPHA, Y, C, ALLOWED, OUT,
     sq_b, sq_n, sq_h, so_b, so_n, so_h,
@@ -214,6 +288,32 @@ def _rows_candidates(b2: int, d: int) -> list[dict]:
     ]
 
 
+def default_version() -> str:
+    """R-step version used when the caller names none: env ``TOOLKIT_MONARCH_VERSION``, else ``DEFAULT_VERSION``."""
+    return os.environ.get("TOOLKIT_MONARCH_VERSION") or DEFAULT_VERSION
+
+
+def rows_v2_supported(b2: int) -> bool:
+    """The v2 R-step holds a whole key row in one block: b2 ≤ BLOCK_L = 64 (128 spills at d = 128)."""
+    return b2 <= 64
+
+
+def _rows_v2_default(b2: int, d: int, n_query_tiles: int) -> dict:
+    # Full clip: two query tiles per program (M = 128, 8 warps, 179 registers): each K/V row block serves both.
+    # AR chunk (3 query tiles): one tile per program at 4 warps (255 registers, no spills: 2 CTAs per SM) and
+    # the 21 key tiles split over 3 programs, for enough independent programs.
+    if n_query_tiles >= 8:
+        return {"BLOCK_M": 128, "F_SPLIT": 1, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 64, "F_SPLIT": 3, "num_warps": 4, "num_stages": 2}
+
+
+def _rows_v2_candidates(b2: int, d: int, n_query_tiles: int) -> list[dict]:
+    # F_SPLIT is a launch-grid choice only (no recompile): 6 compiles per shape
+    splits = (1, 3) if n_query_tiles < 8 else (1, 2)
+    return [{"BLOCK_M": bm, "F_SPLIT": sp, "num_warps": w, "num_stages": st}
+            for bm, w in ((64, 4), (64, 8), (128, 8)) for st in (2, 3) for sp in splits]
+
+
 def _cols_default(b1: int, d: int) -> dict:
     return {"BLOCK_I": pow2(b1, 16, 64), "BLOCK_K": 64, "num_warps": 4, "num_stages": 3 if d <= 128 else 2}
 
@@ -244,6 +344,7 @@ def monarch_attention_triton(
     configs: tuple[dict, dict] | None = None,
     out: torch.Tensor | None = None,
     stages: str = "both",
+    version: str | None = None,
 ) -> torch.Tensor:
     """Monarch attention (T = 1) of raster-order ``q`` (``b i h d``, frames ``query_frames``) against ``k, v``
     (``b j h d``, frames ``key_frames``) on the token ``grid`` (frames, height, width) with tiling
@@ -253,9 +354,14 @@ def monarch_attention_triton(
     ``scratch_bytes``: budget for the α/Y/c intermediates (query tiles are processed in chunks that fit).
     ``autotune``: tune launch configs once per shape and cache them on disk (default: env
     ``TOOLKIT_KERNEL_AUTOTUNE=1``; otherwise cached or heuristic configs). ``configs``: explicit launch configs
-    (rows kernel, cols kernel) instead, e.g. small blocks in tests. ``out``: buffer to write (``b i h d``).
+    (rows kernel, cols kernel) instead, e.g. small blocks in tests (a rows config with BLOCK_M is v2's, one with
+    BLOCK_J v1's). ``out``: buffer to write (``b i h d``).
     ``stages``: "both"; "rows" or "cols" launch only that kernel (per-stage timing in the benchmark; the
     result is then not the attention output).
+    ``version``: R-step kernel, ``v2`` (default where supported: several query tiles per program, key tiles
+    split over programs) or ``v1`` (the first version, one query tile per program); default from env
+    ``TOOLKIT_MONARCH_VERSION``, else ``DEFAULT_VERSION``. Both give the same result (tested); the benchmark
+    times both.
     Returns ``b i h d`` in q's dtype; accumulation is fp32, α and Y are kept in q's dtype.
     """
     grid = tuple(int(x) for x in grid)
@@ -279,10 +385,15 @@ def monarch_attention_triton(
         raise ToolkitError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
     if stages not in ("both", "rows", "cols"):
         raise ToolkitError(f"stages must be both, rows or cols, not {stages!r}")
+    version = version or default_version()
+    if version not in VERSIONS:
+        raise ToolkitError(f"version must be one of {', '.join(VERSIONS)}, not {version!r}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     scale = D**-0.5 if scale is None else float(scale)
     allowed = key_tiles_allowed_on(q.device, gq, gk, block_causal_frames)
     b1, b2, A, F = gq.b1, gq.b2, gq.num_tiles, gk.num_tiles
+    if version == "v2" and not rows_v2_supported(b2):
+        version = "v1"
 
     # Intermediates per query tile: α and Y (dtype of q) and c (fp32), over all key tiles.
     per_tile = B * H * b2 * F * b1 * (2 * D * q.element_size() + 4)
@@ -295,7 +406,7 @@ def monarch_attention_triton(
 
     strides_q, strides_k, strides_v, strides_o = (token_strides(x) for x in (q, k, v, out))
     # vector offsets in the kernels are 32-bit (per batch-head tensor / per column slab); bases are 64-bit
-    if max(n_q * strides_q[1], k.shape[1] * max(strides_k[1], strides_v[1]), b2 * F * b1 * D) >= 2**31:
+    if max(n_q * strides_q[1], k.shape[1] * max(strides_k[1], strides_v[1]), 2 * b2 * F * b1 * D) >= 2**31:
         raise ToolkitError("a single batch/head tensor exceeds 2**31 elements; split the call")
     scale_log2 = scale * LOG2E
     tune = autotune_enabled(autotune)
@@ -311,6 +422,20 @@ def monarch_attention_triton(
             SINGLE_BLOCK=b2 <= cfg["BLOCK_L"], **cfg,
         )
 
+    def rows_v2(cfg: dict, a0: int, n_a: int) -> None:
+        cfg = dict(cfg)
+        tiles = cfg["BLOCK_M"] // b2  # query tiles per program
+        if tiles < 1:
+            raise ToolkitError(f"v2 rows config BLOCK_M={cfg['BLOCK_M']} is smaller than the tile width {b2}")
+        f_per = triton.cdiv(F, cfg.pop("F_SPLIT", 1))
+        n_split = triton.cdiv(F, f_per)
+        grid_r = (b1, triton.cdiv(n_a, tiles) * n_split, B * H)
+        _monarch_rows_fwd_v2[grid_r](
+            q, k, v, alpha, y, c, allowed, *strides_q, *strides_k, *strides_v,
+            H, a0, a_chunk, n_a, tiles, F, f_per, n_split, b1, b2, scale_log2, *gq.args(), *gk.args(), D=D,
+            BLOCK_L=pow2(b2, 16), UPCAST=upcast, **cfg,
+        )
+
     def cols(cfg: dict, a0: int, n_a: int) -> None:
         cfg = dict(cfg)
         grid_c = (b2 * triton.cdiv(b1, cfg["BLOCK_I"]), n_a, B * H)
@@ -322,16 +447,22 @@ def monarch_attention_triton(
     n_first = min(a_chunk, A)
     if configs is not None:
         cfg_r, cfg_c = configs
+        version = "v2" if "BLOCK_M" in cfg_r else "v1"  # the rows config names its kernel's blocks
+    elif version == "v2":
+        cfg_r = pick_config(f"monarch rows v2 {key}", _rows_v2_default(b2, D, A), _rows_v2_candidates(b2, D, A),
+                            lambda cfg: rows_v2(cfg, 0, n_first), tune)
+        cfg_c = None
     else:
         cfg_r = pick_config(f"monarch rows {key}", _rows_default(b2, D), _rows_candidates(b2, D),
                             lambda cfg: rows(cfg, 0, n_first), tune)
         cfg_c = None
+    rows_fn = rows_v2 if version == "v2" else rows
     n_chunks = -(-A // a_chunk)
     bounds = [A * c // n_chunks for c in range(n_chunks + 1)]  # balanced chunks (no small last one)
     for a0, a1 in zip(bounds[:-1], bounds[1:]):
         n_a = a1 - a0
         if stages != "cols":
-            rows(cfg_r, a0, n_a)
+            rows_fn(cfg_r, a0, n_a)
         if stages == "rows":
             continue
         if cfg_c is None:  # tuned on the first chunk, whose intermediates are now in place

@@ -82,6 +82,9 @@ def default_kernels(dim: int) -> list[tuple]:
                     dict(D=dim, BLOCK_J=cfg["BLOCK_J"], BLOCK_L=cfg["BLOCK_L"], UPCAST=False,
                          SINGLE_BLOCK=b2 <= cfg["BLOCK_L"]),
                     cfg["num_warps"], cfg["num_stages"]))
+    for b2, bm, warps, stages in ((52, 128, 8, 2), (52, 64, 4, 2), (52, 64, 8, 2)):
+        out.append((monarch._monarch_rows_fwd_v2, rows_ptrs,
+                    dict(D=dim, BLOCK_M=bm, BLOCK_L=monarch.pow2(b2, 16), UPCAST=False), warps, stages))
     for b1 in (15, 30, 90):
         cfg = monarch._cols_default(b1, dim)
         out.append((monarch._monarch_cols_fwd, cols_ptrs,

@@ -69,18 +69,37 @@ FORWARD_CASES = {
         (9, 3, 7), (1, 1, 1), (3, 6), (0, 6), None,
         ({"BLOCK_J": 16, "BLOCK_L": 16}, {"BLOCK_I": 16, "BLOCK_K": 16}), None,
     ),
+    # v2 R-step: 3 query tiles of width 5 per 16-row program (the last group of the 2 tiles is partial), key
+    # tiles split over 2 programs
+    "bidirectional-111-v2-packed": (
+        (2, 3, 5), (1, 1, 1), (0, 2), (0, 2), None,
+        ({"BLOCK_M": 16, "F_SPLIT": 2}, {"BLOCK_I": 16, "BLOCK_K": 16}), None,
+    ),
+    # v2: one program holds query tiles of two chunks (different numbers of visible key tiles); 3 key-tile splits
+    "block-causal-111-v2-packed-split": (
+        (6, 2, 5), (1, 1, 1), (0, 6), (0, 6), 3,
+        ({"BLOCK_M": 32, "F_SPLIT": 3}, {"BLOCK_I": 16, "BLOCK_K": 16}), None,
+    ),
+    # v2 with scratch chunks of 2 query tiles (program groups of 4 tiles cut to 2) against a partly filled cache
+    "kv-cache-v2-chunked": (
+        (9, 3, 7), (1, 1, 1), (3, 9), (0, 9), None,
+        ({"BLOCK_M": 32, "F_SPLIT": 1}, {"BLOCK_I": 16, "BLOCK_K": 16}), 2 * 7 * 9 * 3 * (2 * 16 * 4 + 4),
+    ),
 }
+# cases with launcher-default configs run with both R-step versions; explicit configs name their version
+FORWARD_RUNS = [(case, version) for case, spec in FORWARD_CASES.items()
+                for version in (("v1", "v2") if spec[5] is None else (None,))]
 
 
-@pytest.mark.parametrize("case", FORWARD_CASES)
-def test_monarch_forward_matches_reference(case):
+@pytest.mark.parametrize("case,version", FORWARD_RUNS)
+def test_monarch_forward_matches_reference(case, version):
     grid, tiling, qf, kf, bc, configs, scratch = FORWARD_CASES[case]
     # batch 2 × 2 heads once; one head elsewhere keeps the interpreter fast
     q, k, v = _inputs(grid, qf, kf, batch=2 if case == "bidirectional-111" else 1,
                       heads=2 if case == "bidirectional-111" else 1)
     out = monarch_attention_triton(
         q, k, v, grid, tiling, query_frames=qf, key_frames=kf, block_causal_frames=bc, configs=configs,
-        scratch_bytes=scratch, out=_nan_like(q),
+        scratch_bytes=scratch, out=_nan_like(q), version=version,
     )
     ref = monarch_attention(q.double(), k.double(), v.double(), grid, tiling, query_frames=qf, key_frames=kf,
                             block_causal_frames=bc)
