@@ -299,17 +299,18 @@ def rows_v2_supported(b2: int) -> bool:
 
 
 def _rows_v2_default(b2: int, d: int, n_query_tiles: int) -> dict:
+    """``n_query_tiles``: query tiles per launch (the scratch chunk)."""
     # Full clip: two query tiles per program (M = 128, 8 warps, 179 registers): each K/V row block serves both.
-    # AR chunk (3 query tiles): one tile per program at 4 warps (255 registers, no spills: 2 CTAs per SM) and
-    # the 21 key tiles split over 3 programs, for enough independent programs.
-    if n_query_tiles >= 8:
+    # AR chunk (3 query tiles) or low-memory chunks: one tile per program at 4 warps (255 registers, no spills:
+    # 2 CTAs per SM) and the key tiles split over 3 programs, for enough independent programs.
+    if n_query_tiles >= 4:
         return {"BLOCK_M": 128, "F_SPLIT": 1, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_M": 64, "F_SPLIT": 3, "num_warps": 4, "num_stages": 2}
 
 
 def _rows_v2_candidates(b2: int, d: int, n_query_tiles: int) -> list[dict]:
     # F_SPLIT is a launch-grid choice only (no recompile): 6 compiles per shape
-    splits = (1, 3) if n_query_tiles < 8 else (1, 2)
+    splits = (1, 3) if n_query_tiles < 4 else (1, 2)
     return [{"BLOCK_M": bm, "F_SPLIT": sp, "num_warps": w, "num_stages": st}
             for bm, w in ((64, 4), (64, 8), (128, 8)) for st in (2, 3) for sp in splits]
 
@@ -406,7 +407,8 @@ def monarch_attention_triton(
 
     strides_q, strides_k, strides_v, strides_o = (token_strides(x) for x in (q, k, v, out))
     # vector offsets in the kernels are 32-bit (per batch-head tensor / per column slab); bases are 64-bit
-    if max(n_q * strides_q[1], k.shape[1] * max(strides_k[1], strides_v[1]), 2 * b2 * F * b1 * D) >= 2**31:
+    # (v2 programs address up to 128 rows (query tile, column) of F·b1 slots each from one base)
+    if max(n_q * strides_q[1], k.shape[1] * max(strides_k[1], strides_v[1]), max(b2, 128) * F * b1 * D) >= 2**31:
         raise ToolkitError("a single batch/head tensor exceeds 2**31 elements; split the call")
     scale_log2 = scale * LOG2E
     tune = autotune_enabled(autotune)
@@ -449,8 +451,9 @@ def monarch_attention_triton(
         cfg_r, cfg_c = configs
         version = "v2" if "BLOCK_M" in cfg_r else "v1"  # the rows config names its kernel's blocks
     elif version == "v2":
-        cfg_r = pick_config(f"monarch rows v2 {key}", _rows_v2_default(b2, D, A), _rows_v2_candidates(b2, D, A),
-                            lambda cfg: rows_v2(cfg, 0, n_first), tune)
+        # the grid depends on the query tiles per launch, so the scratch chunk is part of the key
+        cfg_r = pick_config(f"monarch rows v2 {key} achunk{a_chunk}", _rows_v2_default(b2, D, n_first),
+                            _rows_v2_candidates(b2, D, n_first), lambda cfg: rows_v2(cfg, 0, n_first), tune)
         cfg_c = None
     else:
         cfg_r = pick_config(f"monarch rows {key}", _rows_default(b2, D), _rows_candidates(b2, D),
