@@ -436,7 +436,9 @@ def train(
     return summary
 
 
-def _distill(model: WanModel, cfg: WanConfig, mask, batch, data_gen, noise_gen, minutes, steps, ode_steps, say):
+def _distill(
+    model: WanModel, cfg: WanConfig, mask, batch, data_gen, noise_gen, minutes, steps, ode_steps, say, eval_prompts=32
+):
     """Few-step distillation for Self-Forcing's 4-step loop (optional second stage).
 
     The loop's x0 at each of its timesteps is, for a flow-matching model, a posterior mean (blurry where the clip
@@ -455,7 +457,7 @@ def _distill(model: WanModel, cfg: WanConfig, mask, batch, data_gen, noise_gen, 
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
     g_eval = torch.Generator().manual_seed(HELDOUT_SEED + 2)
-    prompts = procedural.random_prompts(32, g_eval)
+    prompts = procedural.random_prompts(eval_prompts, g_eval)
 
     def colour_match(m: WanModel) -> float:
         found = procedural.detect_colours(bundled.generate(m, prompts, seed=HELDOUT_SEED))
