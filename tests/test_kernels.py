@@ -69,10 +69,10 @@ FORWARD_CASES = {
         (9, 3, 7), (1, 1, 1), (3, 6), (0, 6), None,
         ({"BLOCK_J": 16, "BLOCK_L": 16}, {"BLOCK_I": 16, "BLOCK_K": 16}), None,
     ),
-    # v2 R-step: 3 query tiles of width 5 per 16-row program (the last group of the 2 tiles is partial), key
-    # tiles split over 2 programs
+    # v2 R-step: 3 query tiles of width 5 per 16-row program, 7 tiles = program groups {0,1,2}, {3,4,5}, {6};
+    # key tiles split over 2 programs
     "bidirectional-111-v2-packed": (
-        (2, 3, 5), (1, 1, 1), (0, 2), (0, 2), None,
+        (7, 2, 5), (1, 1, 1), (0, 7), (0, 7), None,
         ({"BLOCK_M": 16, "F_SPLIT": 2}, {"BLOCK_I": 16, "BLOCK_K": 16}), None,
     ),
     # v2: one program holds query tiles of two chunks (different numbers of visible key tiles); 3 key-tile splits
@@ -80,10 +80,11 @@ FORWARD_CASES = {
         (6, 2, 5), (1, 1, 1), (0, 6), (0, 6), 3,
         ({"BLOCK_M": 32, "F_SPLIT": 3}, {"BLOCK_I": 16, "BLOCK_K": 16}), None,
     ),
-    # v2 with scratch chunks of 2 query tiles (program groups of 4 tiles cut to 2) against a partly filled cache
+    # v2 with scratch chunks of 3 query tiles, i.e. program groups {0,1}, {2} per chunk (2 tiles of width 7 per
+    # 16 rows), against a partly filled cache
     "kv-cache-v2-chunked": (
         (9, 3, 7), (1, 1, 1), (3, 9), (0, 9), None,
-        ({"BLOCK_M": 32, "F_SPLIT": 1}, {"BLOCK_I": 16, "BLOCK_K": 16}), 2 * 7 * 9 * 3 * (2 * 16 * 4 + 4),
+        ({"BLOCK_M": 16, "F_SPLIT": 1}, {"BLOCK_I": 16, "BLOCK_K": 16}), 3 * 7 * 9 * 3 * (2 * 16 * 4 + 4),
     ),
 }
 # cases with launcher-default configs run with both R-step versions; explicit configs name their version
