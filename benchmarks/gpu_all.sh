@@ -27,6 +27,8 @@ for what in "$@"; do
     monarch)  step monarch_analysis 90 python3 benchmarks/bench_monarch_analysis.py --out "$R" ;;
     sweep)    step sweep 60 python3 benchmarks/bundled_sampler_sweep.py --out "$R" ;;
     capture)  step capture 200 python3 benchmarks/bench_capture.py --out "$R" ;;
+    figpairs) step figures_pairs 220 python3 benchmarks/bench_figures.py --out "$R/figures_pairs" --parts pairs --workdir /tmp/figwork ;;
+    figall)   step figures_all 200 python3 benchmarks/bench_figures.py --out "$R/figures_all" --parts all --workdir /tmp/figwork ;;
     generate) step generate 150 python3 benchmarks/bench_generate.py --out "$R" --workdir /tmp ;;
     gputests) step gputests 120 python3 -m pytest -q -x -m gpu tests/ ;;
   esac
