@@ -198,8 +198,10 @@ class KVCache:
 # Attention and the block
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: WanConfig, layer: int) -> None:
+class Attention(nn.Module):
+    """Projections shared by self- and cross-attention: q, k, v, o (with bias) and RMSNorm on q and k."""
+
+    def __init__(self, cfg: WanConfig) -> None:
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.q = nn.Linear(cfg.dim, cfg.dim)
@@ -208,6 +210,11 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(cfg.dim, cfg.dim)
         self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+
+class SelfAttention(Attention):
+    def __init__(self, cfg: WanConfig, layer: int) -> None:
+        super().__init__(cfg)
         self.seam = AttentionSeam(layer)  # hook point blocks.{layer}.self_attn.seam
         self.layer = layer
 
@@ -229,17 +236,7 @@ class SelfAttention(nn.Module):
         return self.o(out.flatten(-2))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, cfg: WanConfig) -> None:
-        super().__init__()
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q = nn.Linear(cfg.dim, cfg.dim)
-        self.k = nn.Linear(cfg.dim, cfg.dim)
-        self.v = nn.Linear(cfg.dim, cfg.dim)
-        self.o = nn.Linear(cfg.dim, cfg.dim)
-        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-
+class CrossAttention(Attention):
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         heads = (self.num_heads, self.head_dim)
         return self.norm_k(self.k(context)).unflatten(-1, heads), self.v(context).unflatten(-1, heads)
