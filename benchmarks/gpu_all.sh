@@ -24,6 +24,14 @@ for what in "$@"; do
               step kernels_cached 120 python3 benchmarks/bench_kernels.py --out "$R/kernels_cached" \
                 --shapes full-111 ar-111 ;;
     analysis) step analysis 90 python3 benchmarks/bench_analysis.py --out "$R" ;;
+    kernels_quick) export TOOLKIT_KERNEL_CACHE=/tmp/kcache
+              step kernels 150 python3 benchmarks/bench_kernels.py --out "$R/kernels" \
+                --shapes full-111 ar-111 full-121 ar-121 full-311 ;;
+    monarch_generate)  # the --attention integration on a GPU: bundled model, dense vs Triton Monarch
+              step generate_dense 60 toolkit generate --attention dense --out "$R/gen_dense" --quiet
+              step generate_monarch 90 toolkit generate --attention monarch:1,1,1 --out "$R/gen_monarch" --quiet ;;
+    capture_pooled) step capture 170 python3 benchmarks/bench_capture.py --out "$R" --videos 2 \
+                --pooled-queries random:16 ;;
     monarch)  step monarch_analysis 90 python3 benchmarks/bench_monarch_analysis.py --out "$R" ;;
     sweep)    step sweep 60 python3 benchmarks/bundled_sampler_sweep.py --out "$R" ;;
     capture)  step capture 200 python3 benchmarks/bench_capture.py --out "$R" ;;
