@@ -28,8 +28,8 @@ for what in "$@"; do
               step kernels 150 python3 benchmarks/bench_kernels.py --out "$R/kernels" \
                 --shapes full-111 ar-111 full-121 ar-121 full-311 ;;
     monarch_generate)  # the --attention integration on a GPU: bundled model, dense vs Triton Monarch
-              step generate_dense 60 toolkit generate --attention dense --out "$R/gen_dense" --quiet
-              step generate_monarch 90 toolkit generate --attention monarch:1,1,1 --out "$R/gen_monarch" --quiet ;;
+              step generate_dense 60 python3 -m toolkit.cli generate --attention dense --out "$R/gen_dense" --quiet
+              step generate_monarch 90 python3 -m toolkit.cli generate --attention monarch:1,1,1 --out "$R/gen_monarch" --quiet ;;
     capture_pooled) step capture 170 python3 benchmarks/bench_capture.py --out "$R" --videos 2 \
                 --pooled-queries random:16 ;;
     monarch)  step monarch_analysis 90 python3 benchmarks/bench_monarch_analysis.py --out "$R" ;;
