@@ -5,10 +5,13 @@
 * ``offset_t/h/w[h, Δ]``: mean over the stored queries of the mass at key − query offset Δ along frames, rows
   and columns (marginals of the (Δt, Δh, Δw) profile; Δ runs from −(size−1) to size−1).
 
-One implementation serves the recorder (on the GPU, during the run) and the reader (recomputing from a file).
-Probability tiles come from ``toolkit.attention.exact.iter_query_blocks`` with bounded memory; the key axis is
-reduced separably per block (sum over (row, col) / (frame, col) / (frame, row)), so no ``i × j`` offset array is
-ever built.
+`pooled_sums` is the reference (used on the CPU and by the reader, recomputing from a file). Probability tiles
+come from ``toolkit.attention.exact.iter_query_blocks`` with bounded memory; the key axis is reduced separably
+per block (sum over (row, col) / (frame, col) / (frame, row)), so no ``i × j`` offset array is ever built.
+The recorder calls `accumulate_pooled`, which on CUDA runs the fused Triton kernel ``toolkit.kernels.pooled``
+(same sums, two launches per record instead of dozens of small ops) and adds into *packed* per-head bins
+(`packed_bins` floats per head: ``[frame_mass F·F | offset_t 2F−1 | offset_h 2H−1 | offset_w 2W−1]``) that
+the recorder keeps on the device for a whole (step, chunk) and writes once.
 """
 
 from __future__ import annotations
@@ -110,3 +113,43 @@ def pooled_sums(
         scatter(off_w, s_w, cols[None, :] - bqw[:, None] + width - 1)
     counts = torch.zeros(frames, device=dev, dtype=torch.long).index_add_(0, qf, torch.ones_like(qf))  # no host sync
     return PooledSums(frame_mass, counts, off_t, off_h, off_w, int(query_tokens.numel()))
+
+
+def packed_bins(grid: tuple[int, int, int]) -> int:
+    """Floats per head of the packed sums: ``F·F + (2F−1) + (2H−1) + (2W−1)``."""
+    frames, height, width = grid
+    return frames * frames + 2 * frames - 1 + 2 * height - 1 + 2 * width - 1
+
+
+def unpack(bins: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
+    """Views of packed sums ``... n`` -> (frame_mass ``... F F``, offset_t, offset_h, offset_w ``... 2S−1``)."""
+    frames, height, width = grid
+    sizes = (frames * frames, 2 * frames - 1, 2 * height - 1, 2 * width - 1)
+    fm, off_t, off_h, off_w = bins.split(sizes, dim=-1)
+    return fm.unflatten(-1, (frames, frames)), off_t, off_h, off_w
+
+
+def accumulate_pooled(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    query_tokens: torch.Tensor,
+    key_frames: tuple[int, int],
+    grid: tuple[int, int, int],
+    bins: torch.Tensor,
+) -> torch.Tensor:
+    """Add the pooled sums of q ``h i d`` (clip tokens ``query_tokens``, on q's device) over k ``h j d`` (whole
+    frames ``key_frames``) into packed ``bins`` (``h packed_bins(grid)`` float32); return the row LSE ``h i``
+    (float32, natural log). The fused Triton kernel on CUDA (no host sync), `pooled_sums` elsewhere."""
+    if q.is_cuda:
+        from toolkit.kernels import pooled as kernel  # imports Triton: only for GPU captures
+
+        if q.dtype in kernel.SUPPORTED_DTYPES and k.dtype == q.dtype:
+            lse, _ = kernel.pooled_lse_and_sums(q, k, scale, query_tokens, key_frames, grid, bins=bins)
+            return lse
+    with tf32_for_bf16_values(q.is_cuda and q.dtype == torch.bfloat16):
+        lse = exact.logsumexp(q, k, scale)
+        sums = pooled_sums(q, k, lse, scale, query_tokens, key_frames, grid)
+    for target, part in zip(unpack(bins, grid), (sums.frame_mass, sums.offset_t, sums.offset_h, sums.offset_w)):
+        target += part
+    return lse
