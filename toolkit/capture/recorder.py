@@ -9,6 +9,12 @@ may be ignored). Per call the hook slices the selected heads and stored queries 
 row LSE (``toolkit.attention.exact.logsumexp``, float32) and, if asked, pooled views and maps, then hands copies to
 the writer thread; the sampler keeps running while the file is written.
 
+Pooled views are the one selection recorded for every layer at once, so their per-record host cost decides the
+overhead: on CUDA one fused Triton kernel per record (``toolkit.kernels.pooled``, which also returns the row LSE)
+adds the sums into a device buffer of the whole (step, chunk), ``layer head bins``; when the last selected layer
+of that (step, chunk) is done the buffer is turned into means and written with one ``put`` per variable, and the
+records' ``record_complete`` flags follow (a record counts as written only once its pooled views are).
+
 Repeated calls of a record already written in this run (e.g. the unconditional half of classifier-free guidance
 with the same ``step``) are ignored: the first call of each (step, chunk, layer) is the one recorded.
 """
@@ -18,11 +24,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
 from toolkit.attention import exact
-from toolkit.capture.pooled import pooled_sums, tf32_for_bf16_values
+from toolkit.capture.pooled import accumulate_pooled, packed_bins, tf32_for_bf16_values, unpack
 from toolkit.capture.selection import Plan, RunLayout, Selection, resolve
 from toolkit.capture.store import AsyncWriter, CaptureStore, CaptureWriteError, to_storage
 from toolkit.errors import ToolkitError
@@ -41,6 +48,13 @@ class Recorder:
         self.all_heads = plan.heads == list(range(plan.layout.num_heads))
         self._heads: dict[torch.device, torch.Tensor] = {}
         self._queries: dict[torch.device, torch.Tensor] = {}
+        self._chunk_queries: dict[int, tuple[int, int]] = {}
+        self._local: dict[tuple, torch.Tensor] = {}  # (device, chunk, query offset) -> chunk-local query rows
+        self._inv_counts: dict[torch.device, torch.Tensor] = {}
+        self.cells: dict[tuple[int, int], _Cell] = {}  # (step, chunk) -> records waiting to be written
+        self._cell_layers: dict[tuple[int, int], int] = {}
+        for s, c, _ in self.pending:
+            self._cell_layers[s, c] = self._cell_layers.get((s, c), 0) + 1
 
     @property
     def path(self) -> str:
@@ -54,9 +68,10 @@ class Recorder:
     def bytes_written(self) -> int:
         return self.writer.bytes_written
 
-    def _on(self, table: dict, device: torch.device, values: torch.Tensor) -> torch.Tensor:
+    def _on(self, table: dict, device: torch.device, make) -> torch.Tensor:
+        """``make()`` moved to ``device`` once (a host-to-device copy synchronises, so never per record)."""
         if device not in table:
-            table[device] = values.to(device)
+            table[device] = make().to(device)
         return table[device]
 
     def _check(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> None:
@@ -81,6 +96,30 @@ class Recorder:
         if self.plan.selection.batch_index >= q.shape[0]:
             raise ToolkitError(f"batch index {self.plan.selection.batch_index} but the batch has {q.shape[0]}")
 
+    def _queries_of(self, chunk: int, device: torch.device, t0: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        """(qa, qb, tokens, rows): the chunk's stored queries are ``plan.queries[qa:qb]`` (clip tokens, on
+        ``device``), ``rows`` the same relative to token t0 (cached: no per-record ops)."""
+        if chunk not in self._chunk_queries:
+            self._chunk_queries[chunk] = self.plan.chunk_queries(chunk)
+        qa, qb = self._chunk_queries[chunk]
+        tokens = self._on(self._queries, device, lambda: self.plan.queries)[qa:qb]
+        key = (device, chunk, t0)
+        if key not in self._local:
+            self._local[key] = tokens - t0
+        return qa, qb, tokens, self._local[key]
+
+    def _cell(self, ctx: AttentionContext, s_i: int, device: torch.device) -> _Cell:
+        key = (ctx.step, ctx.chunk)
+        cell = self.cells.get(key)
+        if cell is None:
+            bins = None
+            if "pooled" in self.plan.store:
+                shape = (len(self.plan.layers), len(self.plan.heads), packed_bins(ctx.grid))
+                bins = torch.zeros(shape, dtype=torch.float32, device=device)
+            cell = self.cells[key] = _Cell(s_i, ctx.chunk, tuple(ctx.query_frames), tuple(ctx.grid),
+                                           ctx.timestep, ctx.key_frames[0], self._cell_layers.get(key, 0), bins)
+        return cell
+
     @torch.no_grad()
     def hook(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              ctx: AttentionContext) -> None:
@@ -95,7 +134,7 @@ class Recorder:
         plan, store, put = self.plan, self.store, self.writer.put
         s_i, l_i = store.step_index[ctx.step], store.layer_index[ctx.layer]
         b = plan.selection.batch_index
-        heads = self._on(self._heads, q.device, torch.tensor(plan.heads))
+        heads = self._on(self._heads, q.device, lambda: torch.tensor(plan.heads))
         first = ctx.query_offset - ctx.key_offset  # position of the chunk's first token among the keys
         n = q.shape[1]
         t0 = ctx.query_offset
@@ -109,37 +148,86 @@ class Recorder:
             self.kv_pending.discard(key)
 
         if want_record:
-            qa, qb = plan.chunk_queries(ctx.chunk)
-            local = self._on(self._queries, q.device, plan.queries)[qa:qb] - t0
-            qs = q[b].index_select(0, local).index_select(1, heads).transpose(0, 1)  # h i d
+            qa, qb, tokens, local = self._queries_of(ctx.chunk, q.device, t0)
+            qs = q[b].index_select(0, local)
+            qs = (qs if self.all_heads else qs.index_select(1, heads)).transpose(0, 1)  # h i d
             if "q" in plan.store:
                 put("q", (s_i, l_i, slice(None), slice(qa, qb)), to_storage(qs, store.storage))
+            cell = self._cell(ctx, s_i, q.device)
             if {"lse", "maps", "pooled"} & plan.store:
                 ks = (k[b] if self.all_heads else k[b].index_select(1, heads)).transpose(0, 1)  # h j d, all keys
-                with tf32_for_bf16_values(q.is_cuda and q.dtype == torch.bfloat16):
-                    lse = exact.logsumexp(qs, ks, ctx.scale)  # h i, float32
-                    if "lse" in plan.store:
-                        put("lse", (s_i, l_i, slice(None), slice(qa, qb)), lse.float())
-                    if "maps" in plan.store:
-                        k0 = ctx.key_offset
+                if "pooled" in plan.store:  # the pooled kernel's pass 1 is the row LSE
+                    lse = accumulate_pooled(qs, ks, ctx.scale, tokens, ctx.key_frames, ctx.grid, cell.bins[l_i])
+                else:
+                    with tf32_for_bf16_values(q.is_cuda and q.dtype == torch.bfloat16):
+                        lse = exact.logsumexp(qs, ks, ctx.scale)  # h i, float32
+                if "lse" in plan.store:
+                    put("lse", (s_i, l_i, slice(None), slice(qa, qb)), lse.float())
+                if "maps" in plan.store:
+                    k0 = ctx.key_offset
+                    with tf32_for_bf16_values(q.is_cuda and q.dtype == torch.bfloat16):
                         for rows, p in exact.iter_query_blocks(qs, ks, ctx.scale, lse):
                             put("maps", (s_i, l_i, slice(None), slice(qa + rows.start, qa + rows.stop),
                                          slice(k0, k0 + ks.shape[1])), p.float())
-                    if "pooled" in plan.store:
-                        self._pooled(qs, ks, lse, ctx, s_i, l_i, local + t0)
-            put("record_timestep", (s_i, ctx.chunk), torch.tensor(ctx.timestep, dtype=torch.float64))
-            put("record_key_start_frame", (s_i, ctx.chunk), torch.tensor(ctx.key_frames[0], dtype=torch.int32))
-            self.writer.mark("record_complete", (s_i, ctx.chunk, l_i), record=True)
-            self.pending.discard(key)
+            cell.layers.append(l_i)
+            if len(cell.layers) >= cell.expected:
+                self._write_cell((ctx.step, ctx.chunk))
 
-    def _pooled(self, qs, ks, lse, ctx, s_i, l_i, query_tokens) -> None:
-        sums = pooled_sums(qs, ks, lse, ctx.scale, query_tokens, ctx.key_frames, ctx.grid)
-        means = sums.means()
-        f0, f1 = ctx.query_frames
-        put = self.writer.put
-        put("frame_mass", (s_i, l_i, slice(None), slice(f0, f1)), means["frame_mass"][:, f0:f1])
-        for axis in ("t", "h", "w"):
-            put(f"offset_{axis}", (s_i, ctx.chunk, l_i), means[f"offset_{axis}"])
+    def _write_cell(self, key: tuple[int, int]) -> None:
+        """Queue a (step, chunk)'s pooled means, its timestep and key start, then its records' flags."""
+        cell = self.cells.pop(key)
+        if not cell.layers:
+            return
+        put, s_i, chunk = self.writer.put, cell.s_i, cell.chunk
+        if cell.bins is not None:
+            f0, f1 = cell.query_frames
+            qa, qb = self._chunk_queries[chunk]
+            inv = self._inverse_frame_counts(cell.bins.device, cell.grid)
+            frame_mass, off_t, off_h, off_w = unpack(cell.bins, cell.grid)  # layer head ...
+            frame_mass = frame_mass[:, :, f0:f1] * inv[f0:f1, None]
+            offsets = dict(zip("thw", unpack(cell.bins * (1.0 / max(qb - qa, 1)), cell.grid)[1:]))
+            layers = sorted(cell.layers)
+            runs = [slice(layers[0], layers[-1] + 1)] if layers == list(range(layers[0], layers[-1] + 1)) \
+                else layers  # a resumed run may miss layers: then one layer at a time
+            for sel in runs:
+                put("frame_mass", (s_i, sel, slice(None), slice(f0, f1)), frame_mass[sel])
+                for axis, values in offsets.items():
+                    put(f"offset_{axis}", (s_i, chunk, sel), values[sel])
+        put("record_timestep", (s_i, chunk), torch.tensor(cell.timestep, dtype=torch.float64))
+        put("record_key_start_frame", (s_i, chunk), torch.tensor(cell.key_start_frame, dtype=torch.int32))
+        step = self.plan.stored_steps[s_i]
+        for l_i in cell.layers:
+            self.writer.mark("record_complete", (s_i, chunk, l_i), record=True)
+            self.pending.discard((step, chunk, self.plan.layers[l_i]))
+
+    def _inverse_frame_counts(self, device: torch.device, grid: tuple[int, int, int]) -> torch.Tensor:
+        """1 / (stored queries in each frame), 1 where a frame has none: ``F`` float32 on ``device``."""
+        if device not in self._inv_counts:
+            frames = self._on(self._queries, device, lambda: self.plan.queries) // (grid[1] * grid[2])
+            ones = torch.ones_like(frames, dtype=torch.float32)
+            counts = torch.zeros(grid[0], device=device).index_add_(0, frames, ones)
+            self._inv_counts[device] = 1.0 / counts.clamp(min=1)  # index_add_, not bincount: no host sync
+        return self._inv_counts[device]
+
+    def flush(self) -> None:
+        """Write every (step, chunk) still collecting layers (the run stopped early); called on exit."""
+        for key in list(self.cells):
+            self._write_cell(key)
+
+
+@dataclass
+class _Cell:
+    """Records of one (step, chunk) computed but not yet written; ``bins``: ``layer head packed_bins`` sums."""
+
+    s_i: int
+    chunk: int
+    query_frames: tuple[int, int]
+    grid: tuple[int, int, int]
+    timestep: float
+    key_start_frame: int
+    expected: int  # selected layers still to record in this (step, chunk)
+    bins: torch.Tensor | None
+    layers: list[int] = field(default_factory=list)  # store indices of the layers recorded so far
 
 
 def runtime_provenance(model: torch.nn.Module) -> dict:
@@ -242,9 +330,16 @@ def capture(
     finally:
         for s in hooked:
             s.hooks.remove(hook)
+        flush_error = None
         try:
-            writer.close(complete=ok and not recorder.pending)
+            recorder.flush()  # records finished before an early stop are kept
+        except Exception as err:  # noqa: BLE001 - reported below unless the body's own exception is
+            flush_error = err
+        try:
+            writer.close(complete=ok and flush_error is None and not recorder.pending)
         except CaptureWriteError:
             if ok:
                 raise
             # the body already failed; its exception is the one to report (the writer error is usually its cause)
+        if ok and flush_error is not None:
+            raise flush_error
