@@ -67,7 +67,8 @@ def _load_queries(Q, h, qb, n_q, sq_h, sq_i, d, BLOCK_M: tl.constexpr, D: tl.con
     return q, offs_m, mask_m, offs_d, mask_d
 
 
-@triton.jit
+# Integers that change from chunk to chunk are not specialised (one compile per launch config, not per chunk).
+@triton.jit(do_not_specialize=["n_q", "n_key_frames", "frames_per_split"])
 def _pooled_lse_partial(
     Q, K, M_PART, L_PART,
     sq_h, sq_i, sk_h, sk_j, n_q, d, height, width, n_key_frames, frames_per_split, scale_log2,
@@ -98,7 +99,7 @@ def _pooled_lse_partial(
     tl.store(L_PART + part, l)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_q", "key_frame0", "n_key_frames", "frames_per_split", "n_splits"])
 def _pooled_sums_fwd(
     Q, K, TOK, M_PART, L_PART, LSE, BINS,
     sq_h, sq_i, sk_h, sk_j, s_lse, s_bins, n_q, d, frames, height, width, key_frame0, n_key_frames,

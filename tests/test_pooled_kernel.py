@@ -112,3 +112,41 @@ def test_kernel_refuses_keys_that_are_not_whole_frames():
     q, k, tokens = _case(grid, (1, 2), (0, 2), 4)
     with pytest.raises(Exception, match="do not cover frames"):
         kpooled.pooled_lse_and_sums(q, k[:, :-1], 0.25, tokens, (0, 2), grid)
+
+
+def test_recorder_kernel_path_writes_the_same_capture_as_the_torch_path(tmp_path, monkeypatch):
+    """A tiny causal rollout captured twice: pooled views and LSE through the kernel (forced on the CPU) equal the
+    torch reference path's, record for record (several chunks, a head and layer subset, random queries)."""
+    import toolkit.capture.pooled as cpooled
+    from toolkit.capture import RunLayout, Selection, capture, open_capture
+    from toolkit.models.sampling import self_forcing_rollout, self_forcing_timesteps
+    from toolkit.models.wan import WanConfig, WanModel
+
+    cfg = WanConfig(dim=48, ffn_dim=64, num_heads=3, num_layers=3, text_dim=16, text_len=6, freq_dim=16)
+    torch.manual_seed(0)
+    model = WanModel(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    noise, context = torch.randn(1, 16, 6, 6, 10, generator=g), torch.randn(1, 4, 16, generator=g)  # grid 6×3×5
+    layout = RunLayout.self_forcing(cfg, model.grid_size(noise), self_forcing_timesteps(), 2)
+    select = Selection(layers="0,2", heads="0,2", steps="1,3", queries="random:3", store=("lse", "pooled"))
+    launches = []
+    real = kpooled.pooled_lse_and_sums
+    monkeypatch.setattr(kpooled, "pooled_lse_and_sums", lambda *a, **kw: launches.append(1) or real(*a, **kw))
+    paths = {}
+    for mode in ("auto", "always"):
+        monkeypatch.setattr(cpooled, "KERNEL", mode)
+        paths[mode] = tmp_path / f"{mode}.h5"
+        with capture(model, select, paths[mode], layout=layout, progress=False) as rec:
+            self_forcing_rollout(model, noise, context, frames_per_chunk=2, generator=torch.Generator().manual_seed(2))
+        assert rec.records_written == 2 * 2 * 3
+        assert len(launches) == (12 if mode == "always" else 0)  # one kernel call per record, CUDA or forced
+    with open_capture(paths["auto"]) as ref, open_capture(paths["always"]) as cap:
+        assert cap.complete and cap.records == ref.records and len(cap.records) == 12
+        for key in cap.records:
+            a, b = cap.record(*key), ref.record(*key)
+            torch.testing.assert_close(a.lse(), b.lse(), rtol=1e-6, atol=1e-5)
+            pa, pb = cap.pooled(a, source="stored"), ref.pooled(b, source="stored")
+            for name in ("frame_mass", "offset_t", "offset_h", "offset_w"):
+                torch.testing.assert_close(torch.from_numpy(pa[name].values), torch.from_numpy(pb[name].values),
+                                           rtol=1e-5, atol=1e-6)
+            assert float(pa["offset_w"].sum()) > 0.99 * len(pa["head"])  # written (means sum to 1 per head)

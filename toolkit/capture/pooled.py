@@ -129,6 +129,11 @@ def unpack(bins: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor
     return fm.unflatten(-1, (frames, frames)), off_t, off_h, off_w
 
 
+# Where `accumulate_pooled` runs the Triton kernel: "auto" = for CUDA tensors; "always" = also on the CPU through
+# Triton's interpreter (tests of the recorder's kernel path).
+KERNEL = "auto"
+
+
 def accumulate_pooled(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -141,7 +146,7 @@ def accumulate_pooled(
     """Add the pooled sums of q ``h i d`` (clip tokens ``query_tokens``, on q's device) over k ``h j d`` (whole
     frames ``key_frames``) into packed ``bins`` (``h packed_bins(grid)`` float32); return the row LSE ``h i``
     (float32, natural log). The fused Triton kernel on CUDA (no host sync), `pooled_sums` elsewhere."""
-    if q.is_cuda:
+    if q.is_cuda or KERNEL == "always":
         from toolkit.kernels import pooled as kernel  # imports Triton: only for GPU captures
 
         if q.dtype in kernel.SUPPORTED_DTYPES and k.dtype == q.dtype:
