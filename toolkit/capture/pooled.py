@@ -16,6 +16,7 @@ the recorder keeps on the device for a whole (step, chunk) and writes once.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -132,6 +133,10 @@ def unpack(bins: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor
 # Where `accumulate_pooled` runs the Triton kernel: "auto" = for CUDA tensors; "always" = also on the CPU through
 # Triton's interpreter (tests of the recorder's kernel path).
 KERNEL = "auto"
+# Why the kernel could not be used on CUDA (its first launch failed, e.g. an older Triton rejecting it): the
+# captures of this process then take the torch path, with a warning. None while it works or was never tried.
+KERNEL_UNAVAILABLE: str | None = None
+_kernel_ran = False
 
 
 def accumulate_pooled(
@@ -146,12 +151,23 @@ def accumulate_pooled(
     """Add the pooled sums of q ``h i d`` (clip tokens ``query_tokens``, on q's device) over k ``h j d`` (whole
     frames ``key_frames``) into packed ``bins`` (``h packed_bins(grid)`` float32); return the row LSE ``h i``
     (float32, natural log). The fused Triton kernel on CUDA (no host sync), `pooled_sums` elsewhere."""
-    if q.is_cuda or KERNEL == "always":
+    global KERNEL_UNAVAILABLE, _kernel_ran
+    if (q.is_cuda and KERNEL_UNAVAILABLE is None) or KERNEL == "always":
         from toolkit.kernels import pooled as kernel  # imports Triton: only for GPU captures
 
         if q.dtype in kernel.SUPPORTED_DTYPES and k.dtype == q.dtype:
-            lse, _ = kernel.pooled_lse_and_sums(q, k, scale, query_tokens, key_frames, grid, bins=bins)
-            return lse
+            try:
+                lse, _ = kernel.pooled_lse_and_sums(q, k, scale, query_tokens, key_frames, grid, bins=bins)
+            except Exception as err:
+                if _kernel_ran or KERNEL == "always":
+                    raise
+                # first launch: nothing was added to bins yet, so the torch path below can take over
+                KERNEL_UNAVAILABLE = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+                warnings.warn(f"pooled-views Triton kernel unavailable, using the slower torch path: "
+                              f"{KERNEL_UNAVAILABLE}", RuntimeWarning, stacklevel=2)
+            else:
+                _kernel_ran = True
+                return lse
     with tf32_for_bf16_values(q.is_cuda and q.dtype == torch.bfloat16):
         lse = exact.logsumexp(q, k, scale)
         sums = pooled_sums(q, k, lse, scale, query_tokens, key_frames, grid)
