@@ -43,11 +43,14 @@ TARGET_PROGRAMS = 256
 
 
 @triton.jit
-def _scores(q, K, k_row, offs_c, mask_c, offs_d, mask_d, sk_j, scale_log2,
-            UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _scores(q, K, k_row, offs_c, mask_c, offs_d, d, sk_j, scale_log2,
+            EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """z = s·log2(e)·q kᵀ for the keys k_row + c of one latent row (masked columns −inf): BLOCK_M × BLOCK_W."""
-    kk = tl.load(K + (k_row + offs_c).to(tl.int64)[:, None] * sk_j + offs_d[None, :],
-                 mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+    ptr = K + (k_row + offs_c).to(tl.int64)[:, None] * sk_j + offs_d[None, :]
+    if EVEN_D:  # a head-dim mask keeps Triton from pipelining this load (cp.async): only when d is padded
+        kk = tl.load(ptr, mask=mask_c[:, None], other=0.0)
+    else:
+        kk = tl.load(ptr, mask=mask_c[:, None] & (offs_d < d)[None, :], other=0.0)
     if UPCAST:  # the interpreter multiplies bf16 bit patterns; bf16 products are exact in fp32
         kk = kk.to(tl.float32)
     z = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * scale_log2
@@ -64,7 +67,7 @@ def _load_queries(Q, h, qb, n_q, sq_h, sq_i, d, BLOCK_M: tl.constexpr, D: tl.con
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    return q, offs_m, mask_m, offs_d, mask_d
+    return q, offs_m, mask_m, offs_d
 
 
 # Integers that change from chunk to chunk are not specialised (one compile per launch config, not per chunk).
@@ -72,13 +75,14 @@ def _load_queries(Q, h, qb, n_q, sq_h, sq_i, d, BLOCK_M: tl.constexpr, D: tl.con
 def _pooled_lse_partial(
     Q, K, M_PART, L_PART,
     sq_h, sq_i, sk_h, sk_j, n_q, d, height, width, n_key_frames, frames_per_split, scale_log2,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Pass 1: running max and sum (log2 units) of each query row over the key frames of split ``program_id(0)``."""
     split = tl.program_id(0)
     qb = tl.program_id(1)
     h = tl.program_id(2)
-    q, offs_m, mask_m, offs_d, mask_d = _load_queries(Q, h, qb, n_q, sq_h, sq_i, d, BLOCK_M, D, UPCAST)
+    q, offs_m, mask_m, offs_d = _load_queries(Q, h, qb, n_q, sq_h, sq_i, d, BLOCK_M, D, UPCAST)
     offs_c = tl.arange(0, BLOCK_W)
     mask_c = offs_c < width
     K = K + h.to(tl.int64) * sk_h
@@ -86,13 +90,11 @@ def _pooled_lse_partial(
     l = tl.zeros([BLOCK_M], tl.float32)
     f_lo = split * frames_per_split
     f_hi = tl.minimum(f_lo + frames_per_split, n_key_frames)
-    for f in range(f_lo, f_hi):
-        for r in range(0, height):
-            z = _scores(q, K, (f * height + r) * width, offs_c, mask_c, offs_d, mask_d, sk_j, scale_log2,
-                        UPCAST, PRECISION)
-            m_new = tl.maximum(m, tl.max(z, 1))
-            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), 1)
-            m = m_new
+    for t in range(f_lo * height, f_hi * height):  # key rows (frame, row) of the split, one loop: pipelined
+        z = _scores(q, K, t * width, offs_c, mask_c, offs_d, d, sk_j, scale_log2, EVEN_D, UPCAST, PRECISION)
+        m_new = tl.maximum(m, tl.max(z, 1))
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), 1)
+        m = m_new
     # partials: (h, query block, split, BLOCK_M); padded rows are written too (never read as results)
     part = ((h * tl.num_programs(1) + qb) * tl.num_programs(0) + split).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     tl.store(M_PART + part, m)
@@ -105,13 +107,13 @@ def _pooled_sums_fwd(
     sq_h, sq_i, sk_h, sk_j, s_lse, s_bins, n_q, d, frames, height, width, key_frame0, n_key_frames,
     frames_per_split, n_splits, scale_log2,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Pass 2: combine the partials into lse2 (split 0 stores lse), then P per key row and the pooled sums."""
     split = tl.program_id(0)
     qb = tl.program_id(1)
     h = tl.program_id(2)
-    q, offs_m, mask_m, offs_d, mask_d = _load_queries(Q, h, qb, n_q, sq_h, sq_i, d, BLOCK_M, D, UPCAST)
+    q, offs_m, mask_m, offs_d = _load_queries(Q, h, qb, n_q, sq_h, sq_i, d, BLOCK_M, D, UPCAST)
 
     offs_s = tl.arange(0, BLOCK_S)
     part = ((h * tl.num_programs(1) + qb) * n_splits + offs_s[None, :]).to(tl.int64) * BLOCK_M \
@@ -144,8 +146,8 @@ def _pooled_sums_fwd(
     for f in range(f_lo, f_hi):
         tot = tl.zeros([BLOCK_M], tl.float32)
         for r in range(0, height):
-            z = _scores(q, K, (f * height + r) * width, offs_c, mask_c, offs_d, mask_d, sk_j, scale_log2,
-                        UPCAST, PRECISION)
+            z = _scores(q, K, (f * height + r) * width, offs_c, mask_c, offs_d, d, sk_j, scale_log2,
+                        EVEN_D, UPCAST, PRECISION)
             p = tl.exp2(z - lse2[:, None])  # masked columns: 2^−inf = 0
             acc_w += p
             row_sum = tl.sum(p, 1)
@@ -216,20 +218,21 @@ def pooled_lse_and_sums(
     l_part = scratch((h * cfg["n_qb"] * n_splits * block_m,), torch.float32, q.device)
     launch_grid = (n_splits, cfg["n_qb"], h)
     upcast = interpreted() and q.dtype != torch.float32
-    common = dict(D=pow2(d, 16), BLOCK_M=block_m, BLOCK_W=pow2(width, 16), UPCAST=upcast, num_stages=2)
-    # sm_90 at d = 128, W = 52 (BLOCK_W 64), BLOCK_M 64: pass 1 110 registers at 4 warps; pass 2 (acc_w, acc_h
-    # and the scores live at once) 174 at 8 warps, no spills, but spills at 4 warps (255 + 144 B stack).
+    common = dict(D=pow2(d, 16), EVEN_D=pow2(d, 16) == d, BLOCK_M=block_m, BLOCK_W=pow2(width, 16), UPCAST=upcast)
+    # sm_90 (Triton 3.9 AOT, d = 128, W = 52 -> BLOCK_W 64, BLOCK_M 64), both K loads pipelined (cp.async):
+    # pass 1 80 registers at 4 warps / 3 stages; pass 2 (acc_w, acc_h and the scores live at once) 209 at
+    # 8 warps / 2 stages, no spills (4 warps spill: 255 + 64 B stack).
     scale_log2 = float(scale) * LOG2E
 
     def launch(precision: str) -> None:
         _pooled_lse_partial[launch_grid](
             q, k, m_part, l_part, q.stride(0), q.stride(1), k.stride(0), k.stride(1), n_q, d, height,
-            width, n_kf, fps, scale_log2, PRECISION=precision, num_warps=4, **common)
+            width, n_kf, fps, scale_log2, PRECISION=precision, num_warps=4, num_stages=3, **common)
         _pooled_sums_fwd[launch_grid](
             q, k, query_tokens, m_part, l_part, lse, bins, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             lse.stride(0), bins.stride(0), n_q, d, frames, height, width, kf0, n_kf, fps, n_splits, scale_log2,
             BLOCK_H=pow2(height, 1), BLOCK_S=pow2(n_splits, 2), PRECISION=precision,
-            num_warps=8 if block_m >= 64 else 4, **common)
+            num_warps=8 if block_m >= 64 else 4, num_stages=2, **common)
 
     if q.dtype == torch.float32 and not interpreted():
         run_with_precision(launch)  # fp32 data: 3×tf32 (fp32-accurate) products, IEEE if that fails to compile
