@@ -203,8 +203,6 @@ def pooled_lse_and_sums(
                            f"{tuple(q.shape)}")
     if query_tokens.shape != (n_q,) or query_tokens.device != q.device:
         raise ToolkitError(f"query_tokens must be {n_q} token indices on {q.device}")
-    if n_q == 0:
-        raise ToolkitError("pooled kernel needs at least one query row")
     q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
     n_bins = packed_bins(grid)
     if bins is None:
@@ -212,6 +210,8 @@ def pooled_lse_and_sums(
     elif tuple(bins.shape) != (h, n_bins) or bins.dtype != torch.float32 or bins.stride(-1) != 1:
         raise ToolkitError(f"bins must be ({h}, {n_bins}) float32 with a contiguous last dim")
     lse = output_buffer(lse_out, (h, n_q), torch.float32, q.device)
+    if n_q == 0:  # a chunk without stored queries adds nothing
+        return lse, bins
     cfg = launch_config(n_q, h, n_kf)
     block_m, n_splits, fps = cfg["BLOCK_M"], cfg["n_splits"], cfg["frames_per_split"]
     m_part = scratch((h * cfg["n_qb"] * n_splits * block_m,), torch.float32, q.device)

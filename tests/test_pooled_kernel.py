@@ -150,3 +150,12 @@ def test_recorder_kernel_path_writes_the_same_capture_as_the_torch_path(tmp_path
                 torch.testing.assert_close(torch.from_numpy(pa[name].values), torch.from_numpy(pb[name].values),
                                            rtol=1e-5, atol=1e-6)
             assert float(pa["offset_w"].sum()) > 0.99 * len(pa["head"])  # written (means sum to 1 per head)
+
+
+def test_kernel_with_no_query_rows_adds_nothing():
+    grid = (4, 3, 5)
+    q, k, tokens = _case(grid, (1, 2), (0, 2), 0)
+    bins = torch.rand(2, packed_bins(grid))
+    before = bins.clone()
+    lse, out = kpooled.pooled_lse_and_sums(q, k, 0.25, tokens, (0, 2), grid, bins=bins)
+    assert lse.shape == (2, 0) and out is bins and torch.equal(bins, before)

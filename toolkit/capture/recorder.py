@@ -183,8 +183,7 @@ class Recorder:
             f0, f1 = cell.query_frames
             qa, qb = self._chunk_queries[chunk]
             inv = self._inverse_frame_counts(cell.bins.device, cell.grid)
-            frame_mass, off_t, off_h, off_w = unpack(cell.bins, cell.grid)  # layer head ...
-            frame_mass = frame_mass[:, :, f0:f1] * inv[f0:f1, None]
+            frame_mass = unpack(cell.bins, cell.grid)[0][:, :, f0:f1] * inv[f0:f1, None]  # layer head from to
             offsets = dict(zip("thw", unpack(cell.bins * (1.0 / max(qb - qa, 1)), cell.grid)[1:]))
             layers = sorted(cell.layers)
             runs = [slice(layers[0], layers[-1] + 1)] if layers == list(range(layers[0], layers[-1] + 1)) \
