@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the captures and figures (default: delete captures)")
     args = p.parse_args(argv)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     workdir = Path(args.workdir) if args.workdir else out / "bench_figures_work"
     workdir.mkdir(parents=True, exist_ok=True)
     recipes = TINY if args.tiny else RECIPE

@@ -30,6 +30,7 @@ for what in "$@"; do
     monarch_generate)  # the --attention integration on a GPU: bundled model, dense vs Triton Monarch
               step generate_dense 60 python3 -m toolkit.cli generate --attention dense --out "$R/gen_dense" --quiet
               step generate_monarch 90 python3 -m toolkit.cli generate --attention monarch:1,1,1 --out "$R/gen_monarch" --quiet ;;
+    pooled_kernel) step pooled_kernel 90 python3 benchmarks/bench_pooled_kernel.py --out "$R" ;;
     capture_pooled) step capture 170 python3 benchmarks/bench_capture.py --out "$R" --videos 2 \
                 --pooled-queries random:16 ;;
     monarch)  step monarch_analysis 90 python3 benchmarks/bench_monarch_analysis.py --out "$R" ;;
