@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 import traceback
 from pathlib import Path
 
 import torch
+from timing import median_ms, sync
 
 import toolkit
 from toolkit.analysis import topk
@@ -42,33 +42,13 @@ SPARSITIES = (0.0, 0.5, 0.75, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99)  # 10 lev
 MASSES = (0.5, 0.9, 0.95, 0.99)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device, rep_ms: float) -> tuple[float, float]:
     """(first call s, median ms of later calls): do_bench on CUDA, else wall clock."""
     sync(device)
     t0 = time.perf_counter()
     fn()
     sync(device)
-    first = time.perf_counter() - t0
-    if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-
-            return first, float(do_bench(fn, warmup=1, rep=rep_ms, return_mode="median"))
-        except ImportError:
-            pass
-    times = []
-    for _ in range(3):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(1e3 * (time.perf_counter() - t0))
-    return first, statistics.median(times)
+    return time.perf_counter() - t0, median_ms(fn, device, rep_ms)
 
 
 def naive(q, k, v, scale, masses=MASSES, sparsities=SPARSITIES) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import median_ms, sync
 
 import toolkit
 from toolkit.attention.monarch import exact_projection, map_errors, variational
@@ -36,28 +37,9 @@ from toolkit.grid import MonarchLayout, TokenGrid
 GOAL_S = 10.0
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench_ms(fn, device: torch.device) -> float:
     """Median ms of fn: triton.testing.do_bench on CUDA, else the median of 3 timed calls."""
-    if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-
-            return float(do_bench(fn, warmup=1, rep=1, return_mode="median"))
-        except ImportError:
-            pass
-    times = []
-    for _ in range(3):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    return median_ms(fn, device, rep_ms=1)
 
 
 def run_projection(q, k, v, lse, layout, qf, kf, scale, rank1):

@@ -1,0 +1,34 @@
+"""Timing shared by the benchmarks (imported as ``timing``; scripts run as ``python benchmarks/x.py``)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, rep_ms: float = 100) -> float:
+    """Median ms of ``fn``: ``triton.testing.do_bench(..., return_mode="median")`` on CUDA (L2 flushed, warm-up
+    excluded), else the median of 3 wall-clock calls with synchronisation."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=1, rep=rep_ms, return_mode="median"))
+        except ImportError:
+            pass
+    times = []
+    for _ in range(3):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
