@@ -64,7 +64,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                           help="dask.distributed scheduler for several RUN files (default: local threads)")
     run_opts.add_argument("--workers", type=positive_int, default=None,
                           help="local dask threads (default: #RUN files, ≤ 4)")
-    run_opts.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    run_opts.add_argument("--quiet", "--no-progress", dest="progress", action="store_false",
+                          help="no progress bars (as `toolkit capture --quiet`)")
 
 
 def build_parser(name: str, module) -> argparse.ArgumentParser:
