@@ -430,3 +430,10 @@ def test_gzip_and_lzf_compression_round_trip(tmp_path):
                 rec, seen = cap.record(*key), ref[tuple(key)]
                 assert torch.equal(rec.q(), seen["q"].transpose(0, 1))
                 assert torch.equal(rec.k(), seen["k"].transpose(0, 1))
+
+
+def test_open_capture_is_reachable_from_the_package_root():
+    import toolkit
+    from toolkit.capture import open_capture
+
+    assert toolkit.open_capture is open_capture
