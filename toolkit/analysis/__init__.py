@@ -151,6 +151,22 @@ def stack_records(datasets: list[xr.Dataset], fields: tuple[str, ...] = RECORD_F
     return out
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc only).
+
+    Each record allocates key-sized temporaries whose sizes change from chunk to chunk; glibc keeps the freed blocks,
+    so without a trim the process's resident memory grew with the number of records (measured: 1.9 GB for 40
+    bundled records, 5.0 GB for 160, for a 68 MB result; with the trim 0.8 GB and 1.0 GB, same run time)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to do
+            pass
+
+
 def analyze_records(
     cap: Any,
     args: argparse.Namespace,
@@ -183,4 +199,5 @@ def analyze_records(
         ds.attrs.update(step=rec.step, chunk=rec.chunk, layer=rec.layer, timestep=float(rec.timestep),
                         is_clean=bool(rec.is_clean))
         out.append(ds)
+        release_freed_memory()
     return stack_records(out)
