@@ -106,6 +106,12 @@ def require_records(cap, figure: str, *, layers, heads=(), step: int, chunk: int
                            f"with --steps {step} --chunks {chunk} (or choose stored ones with --step/--chunk)")
 
 
+def require_pair_records(ctx: Context, figure: str) -> None:
+    """The focus step/chunk records of every (layer, head) pair in ``ctx.pairs`` are stored."""
+    layers, heads = zip(*ctx.pairs)
+    require_records(ctx.cap, figure, layers=layers, heads=heads, **ctx.focus)
+
+
 def default_focus(cap) -> tuple[int, int]:
     """The last chunk at its last denoising step (not the clean pass) among the stored records."""
     keys = cap.records

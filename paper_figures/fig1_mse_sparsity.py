@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from toolkit.paper_figures import style
-from toolkit.paper_figures.common import Context, require_all_queries, require_records, require_stored
+from toolkit.paper_figures.common import Context, require_all_queries, require_pair_records, require_stored
 from toolkit.paper_figures.results import record_of
 
 NAME = "fig1_mse_vs_sparsity"
@@ -24,8 +24,7 @@ TOPK_VARIANT = "renormalized"
 def check(ctx: Context) -> None:
     require_stored(ctx.cap, NAME, ("q", "k", "lse"))
     require_all_queries(ctx.cap, NAME)
-    layers, heads = zip(*ctx.pairs)
-    require_records(ctx.cap, NAME, layers=layers, heads=heads, **ctx.focus)
+    require_pair_records(ctx, NAME)
 
 
 def monarch_selection(ctx: Context) -> dict:

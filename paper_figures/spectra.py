@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from toolkit.paper_figures import style
-from toolkit.paper_figures.common import Context, require_records, require_stored
+from toolkit.paper_figures.common import Context, require_pair_records, require_stored
 from toolkit.paper_figures.fig2_structure import periodic_selection
 from toolkit.paper_figures.results import layer_head_table, record_of
 
@@ -22,8 +22,7 @@ TITLE = "attention-row power spectra and periodicity scores"
 
 def check(ctx: Context) -> None:
     require_stored(ctx.cap, NAME, ("q", "k", "lse"))
-    layers, heads = zip(*ctx.pairs)
-    require_records(ctx.cap, NAME, layers=layers, heads=heads, **ctx.focus)
+    require_pair_records(ctx, NAME)
 
 
 def data(ctx: Context) -> dict:
