@@ -13,6 +13,10 @@ writer thread to drain and close the file, i.e. until the capture file is comple
                 random:64 per frame = 1 % and 4 % of the rows);
 * ``b_all``   — the same with every query row (``--with-all-queries``; an exact fp32 re-computation of every map).
 
+``--attribute`` adds, for the first ``b`` mode, the same capture with the HDF5 writes switched off ("no hdf5") and
+with the pooled kernel switched off ("no kernel"), reports the main thread's time inside the capture hook per
+record, and profiles one video of ``none`` and ``b`` (top GPU kernels, GPU busy time): where the overhead goes.
+
 Modes run interleaved (none, a, b, none, a, b, ...) after one warm-up video per mode; medians over ``--videos``.
 Goals (issue 4): a ≤ 1.3×, b ≤ 1.15× the uncaptured time. Also reported: bytes written, write throughput, and a
 correctness check (rows recomputed from the file vs softmax of what the model attended, for the last chunk).
@@ -22,6 +26,7 @@ Capture files go to ``--workdir`` (default: a temp dir next to --out) and are de
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -51,6 +56,26 @@ def readme_sizes(layout: RunLayout) -> dict:
     return out
 
 
+def profile_modes(modes: list[str], one) -> dict:
+    """One video per mode under torch.profiler: wall time, summed GPU kernel time and the top kernels by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for mode in modes:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            one(mode, "profile")
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+        per_kernel: dict[str, float] = {}
+        for evt in prof.events():
+            if evt.device_type == torch.autograd.DeviceType.CUDA:
+                per_kernel[evt.name] = per_kernel.get(evt.name, 0.0) + evt.device_time / 1e6
+        top = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12])
+        out[mode] = {"wall_s": wall, "kernel_s": sum(per_kernel.values()), "top": top}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("results"))
@@ -59,6 +84,8 @@ def main() -> None:
     p.add_argument("--pooled-queries", default="random:16,random:64",
                    help="comma list: one mode b per query selection (default random:16,random:64)")
     p.add_argument("--with-all-queries", action="store_true", help="also time mode b_all (pooled, every row)")
+    p.add_argument("--attribute", action="store_true",
+                   help="also time b without HDF5 writes / without the pooled kernel, and profile none vs b")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--tiny", action="store_true", help="smoke-test the script on a tiny model (CPU allowed)")
     args = p.parse_args()
@@ -118,23 +145,60 @@ def main() -> None:
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 1e3
 
+    first_b = next(m for m in modes if m.startswith("b "))
+    switched_off = {}
+    if args.attribute:
+        switched_off = {f"{first_b} (no hdf5)": "hdf5", f"{first_b} (no kernel)": "kernel"}
+        modes.update({m: modes[first_b] for m in switched_off})
+    hook_s = {"s": 0.0, "calls": 0}
+
+    @contextlib.contextmanager
+    def attribution(mode: str):
+        """Time the main thread inside the capture hook; switch HDF5 writes or the pooled kernel off."""
+        import toolkit.capture.recorder as recorder_mod
+        import toolkit.capture.store as store_mod
+
+        saved = (recorder_mod.Recorder.hook, store_mod.CaptureStore.write, recorder_mod.accumulate_pooled)
+        inner = saved[0]
+
+        def timed_hook(self, *a, **kw):
+            t = time.perf_counter()
+            try:
+                return inner(self, *a, **kw)
+            finally:
+                hook_s["s"] += time.perf_counter() - t
+                hook_s["calls"] += 1
+
+        recorder_mod.Recorder.hook = timed_hook
+        if switched_off.get(mode) == "hdf5":
+            store_mod.CaptureStore.write = lambda self, name, index, array: None
+        if switched_off.get(mode) == "kernel":
+            recorder_mod.accumulate_pooled = lambda q, *a, **kw: q.new_empty(q.shape[:2], dtype=torch.float32)
+        try:
+            yield
+        finally:
+            recorder_mod.Recorder.hook, store_mod.CaptureStore.write, recorder_mod.accumulate_pooled = saved
+
     def one(mode: str, tag: str) -> dict:
         sel = modes[mode]
-        path = workdir / f"{mode}_{tag}.h5"
+        path = workdir / f"{mode}_{tag}.h5".replace(" ", "_").replace("(", "").replace(")", "")
         sync()
+        hook_s.update(s=0.0, calls=0)
         wall0 = time.perf_counter()
         if sel is None:
             gpu_s = timed(rollout)
             rec = None
         else:
-            with capture(model, sel, path, layout=layout, progress=False) as rec:
+            with attribution(mode), capture(model, sel, path, layout=layout, progress=False) as rec:
                 gpu_s = timed(rollout)
         total_s = time.perf_counter() - wall0
         row = {"mode": mode, "gpu_s": gpu_s, "total_s": total_s}
+        if sel is not None:
+            row["hook_host_ms_per_call"] = 1e3 * hook_s["s"] / max(hook_s["calls"], 1)
         if rec is not None:
             row.update(bytes_written=rec.bytes_written, file_bytes=os.path.getsize(path),
                        records=rec.records_written)
-            if tag == "check":
+            if tag == "check" and mode not in switched_off:
                 row["check"] = check(path, mode)
             path.unlink()
         return row
@@ -180,6 +244,7 @@ def main() -> None:
     for i in range(args.videos):
         for m in modes:
             runs.append(one(m, str(i)))
+    profile = profile_modes(["none", first_b], one) if args.attribute and dev.type == "cuda" else None
     shutil.rmtree(workdir, ignore_errors=True)
 
     def med(mode: str, key: str) -> float:
@@ -189,6 +254,8 @@ def main() -> None:
     summary = {}
     for m in modes:
         s = {"median_gpu_s": med(m, "gpu_s"), "median_total_s": med(m, "total_s")}
+        if m != "none":
+            s["hook_host_ms_per_call"] = med(m, "hook_host_ms_per_call")
         s["overhead_gpu"] = s["median_gpu_s"] / base
         s["overhead_total"] = s["median_total_s"] / base
         if m != "none":
@@ -206,7 +273,7 @@ def main() -> None:
         "toolkit": toolkit.__version__, "tiny": args.tiny, "latent_shape": list(latent), "layer": args.layer,
         "pooled_queries": args.pooled_queries,
         "load_s": load_s, "warmup_s": warm_s, "warmup_and_check": warm, "runs": runs, "summary": summary,
-        "goals": {"a": 1.3, "b": 1.15}, "readme_sizes": readme_sizes(layout),
+        "goals": {"a": 1.3, "b": 1.15}, "readme_sizes": readme_sizes(layout), "profile": profile,
     }
     (args.out / "bench_capture.json").write_text(json.dumps(result, indent=2))
     print("| mode | median GPU s | median total s | overhead (GPU / total) | bytes | write GB/s | goal |")
@@ -218,6 +285,12 @@ def main() -> None:
               f"{s['overhead_total']:.2f}× | {extra} | {goal} |")
     print(f"GPU: {result['gpu']}; checks: " + "; ".join(f"{m}: {json.dumps(w.get('check'))}"
                                                          for m, w in warm.items() if m != "none"))
+    for m, s in summary.items():
+        if m != "none":
+            print(f"{m}: main-thread time in the capture hook {s['hook_host_ms_per_call']:.3f} ms per call")
+    for m, prof in (profile or {}).items():
+        print(f"profile {m}: wall {prof['wall_s']:.3f} s, GPU kernels {prof['kernel_s']:.3f} s; top kernels (s): "
+              + "; ".join(f"{k[:60]} {v:.3f}" for k, v in prof["top"].items()))
     for name, s in result["readme_sizes"].items():
         print(f"capture of this run, {name} selection: {human_bytes(s['total_bytes'])} "
               f"({', '.join(f'{k} {human_bytes(v)}' for k, v in s['by_variable'].items())})")

@@ -179,24 +179,27 @@ class Recorder:
         if not cell.layers:
             return
         put, s_i, chunk = self.writer.put, cell.s_i, cell.chunk
+        layers = sorted(cell.layers)
+        runs = [slice(layers[0], layers[-1] + 1)] if layers == list(range(layers[0], layers[-1] + 1)) \
+            else layers  # a resumed run may miss layers: then one layer at a time
         if cell.bins is not None:
             f0, f1 = cell.query_frames
             qa, qb = self._chunk_queries[chunk]
             inv = self._inverse_frame_counts(cell.bins.device, cell.grid)
             frame_mass = unpack(cell.bins, cell.grid)[0][:, :, f0:f1] * inv[f0:f1, None]  # layer head from to
             offsets = dict(zip("thw", unpack(cell.bins * (1.0 / max(qb - qa, 1)), cell.grid)[1:]))
-            layers = sorted(cell.layers)
-            runs = [slice(layers[0], layers[-1] + 1)] if layers == list(range(layers[0], layers[-1] + 1)) \
-                else layers  # a resumed run may miss layers: then one layer at a time
             for sel in runs:
                 put("frame_mass", (s_i, sel, slice(None), slice(f0, f1)), frame_mass[sel])
                 for axis, values in offsets.items():
                     put(f"offset_{axis}", (s_i, chunk, sel), values[sel])
         put("record_timestep", (s_i, chunk), torch.tensor(cell.timestep, dtype=torch.float64))
         put("record_key_start_frame", (s_i, chunk), torch.tensor(cell.key_start_frame, dtype=torch.int32))
+        # one flag write and one flush per run of layers, not per record (the writer thread holds the GIL in h5py)
+        for sel in runs:
+            n = sel.stop - sel.start if isinstance(sel, slice) else 1
+            self.writer.mark("record_complete", (s_i, chunk, sel), records=n)
         step = self.plan.stored_steps[s_i]
         for l_i in cell.layers:
-            self.writer.mark("record_complete", (s_i, chunk, l_i), record=True)
             self.pending.discard((step, chunk, self.plan.layers[l_i]))
 
     def _inverse_frame_counts(self, device: torch.device, grid: tuple[int, int, int]) -> torch.Tensor:

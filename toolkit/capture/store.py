@@ -361,7 +361,8 @@ class AsyncWriter:
 
     ``put`` copies a tensor into a host buffer — pinned and non-blocking on CUDA, ordered on the current stream
     so later in-place writes to the KV cache cannot race it — and returns; the thread waits for the copy's event
-    and writes. ``mark`` sets a flag and flushes the file, after every write queued before it. A write error is
+    and writes. ``mark`` sets flags (one index, or a slice: one HDF5 write and one flush for a whole (step, chunk)
+    of records) and flushes the file, after every write queued before it. A write error is
     kept and re-raised (one line) by the next ``put``/``mark``/``close`` in the main thread."""
 
     def __init__(self, store: CaptureStore, *, max_inflight_bytes: int = 2 << 30, progress=None) -> None:
@@ -399,9 +400,11 @@ class AsyncWriter:
             event = None
         self.queue.put(("data", name, index, host, event, nbytes))
 
-    def mark(self, name: str, index: tuple, record: bool = False) -> None:
+    def mark(self, name: str, index: tuple, records: int = 0) -> None:
+        """Set ``name[index] = 1`` once every earlier write is done, then flush; ``records`` = how many records
+        these flags complete (progress and ``records_written``)."""
         self.check()
-        self.queue.put(("mark", name, index, record))
+        self.queue.put(("mark", name, index, records))
 
     def _run(self) -> None:
         while True:
@@ -421,13 +424,13 @@ class AsyncWriter:
                     self.store.write(name, index, arr)
                     self.bytes_written += arr.nbytes
                 else:
-                    _, name, index, record = item
+                    _, name, index, records = item
                     self.store.write(name, index, np.uint8(1))
                     self.store.file.flush()
-                    if record:
-                        self.records_written += 1
+                    if records:
+                        self.records_written += records
                         if self.progress is not None:
-                            self.progress.update(1)
+                            self.progress.update(records)
                             self.progress.set_postfix_str(f"{self.bytes_written / 1e9:.2f} GB", refresh=False)
             except Exception as err:  # noqa: BLE001 - reported to the main thread as one line
                 self.error = describe_os_error(err, self.store.path) if isinstance(err, (OSError, RuntimeError)) \
