@@ -281,6 +281,8 @@ def main() -> None:
     for m, s in summary.items():
         goal = {"a": "≤ 1.3×", "b": "≤ 1.15×"}.get(m.split()[0], "")
         extra = (f"{human_bytes(s['bytes_written'])} | {s['write_GBps']:.2f}" if m != "none" else "- | -")
+        if switched_off.get(m) == "hdf5":
+            extra = "(not written) | -"
         print(f"| {m} | {s['median_gpu_s']:.3f} | {s['median_total_s']:.3f} | {s['overhead_gpu']:.2f}× / "
               f"{s['overhead_total']:.2f}× | {extra} | {goal} |")
     print(f"GPU: {result['gpu']}; checks: " + "; ".join(f"{m}: {json.dumps(w.get('check'))}"

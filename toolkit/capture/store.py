@@ -32,9 +32,11 @@ Storage chunks are one frame of one head, ``(1, 1, 1, height·width, dim)`` (390
 
 **Crash safety.** Uncompressed datasets are allocated when created (``H5D_ALLOC_TIME_EARLY``, fill never: sparse
 on disk until written), so after the file is set up no HDF5 metadata changes until the final ``complete``
-attribute: a record is raw data plus one flag byte, flushed in that order. A killed run leaves a file that opens,
-has ``complete = 0`` and whose flagged records are intact. Compressed datasets allocate chunks as they are written
-(metadata changes), so their crash safety is best-effort (flush after every record).
+attribute: a record is raw data plus one flag byte, flushed in that order (the flags of one (step, chunk) are set
+and flushed together: per-record flushes made pooled captures of all layers 1.24× slower on the H100, one per
+(step, chunk) 1.05×). A killed run leaves a file that opens, has ``complete = 0`` and whose flagged records are
+intact. Compressed datasets allocate chunks as they are written (metadata changes), so their crash safety is
+best-effort (a flush after every (step, chunk)).
 """
 
 from __future__ import annotations
