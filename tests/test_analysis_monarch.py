@@ -169,17 +169,17 @@ class FakeRecord:
         n_q, n_k = len(self.query_tokens), len(self.key_tokens)
         self._t = dict(q=rand(2, n_q, 4, seed=seed), k=rand(2, n_k, 4, seed=seed + 1))
 
-    def _get(self, name, heads):
-        return self._t[name][[self.heads.index(h) for h in (heads or self.heads)]].float()
+    def _get(self, name, heads, device):
+        return self._t[name][[self.heads.index(h) for h in (heads or self.heads)]].float().to(device)
 
-    def q(self, heads=None):
-        return self._get("q", heads)
+    def q(self, heads=None, device=None):
+        return self._get("q", heads, device)
 
-    def k(self, heads=None):
-        return self._get("k", heads)
+    def k(self, heads=None, device=None):
+        return self._get("k", heads, device)
 
-    def lse(self, heads=None):
-        return torch.logsumexp(self.q(heads) @ self.k(heads).transpose(-1, -2) * self.scale, -1)
+    def lse(self, heads=None, device=None):
+        return torch.logsumexp(self.q(heads, device) @ self.k(heads, device).transpose(-1, -2) * self.scale, -1)
 
 
 def fake_capture():

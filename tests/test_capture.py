@@ -266,6 +266,9 @@ def test_bfloat16_model_is_stored_losslessly_as_bits(tmp_path):
             assert torch.equal(rec.q(), seen["q"].float().transpose(0, 1))
             assert torch.equal(rec.k(), seen["k"].float().transpose(0, 1))
             torch.testing.assert_close(rec.lse().double(), seen["lse"], rtol=0, atol=1e-4)
+            # decoding where the analysis runs (bits travel, the device widens them) gives the same floats
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            assert torch.equal(rec.v([1, 0], device=device).cpu(), seen["v"][:, [1, 0]].float().transpose(0, 1))
 
 
 def test_float16_storage_option_records_original_dtype(tmp_path):

@@ -390,7 +390,8 @@ def analyze_capture(cap, args: argparse.Namespace) -> xr.Dataset:
 
     def one(rec, heads, device):
         return monarch_sweep(
-            rec.q(heads), rec.k(heads), rec.v(heads) if with_v else None, rec.lse(heads), rec.query_tokens,
+            rec.q(heads, device), rec.k(heads, device), rec.v(heads, device) if with_v else None,
+            rec.lse(heads, device), rec.query_tokens,
             rec.key_tokens, grid, rec.scale, layouts=layouts, iters=getattr(args, "iters", 3),
             projection=not getattr(args, "no_projection", False), topk_baseline=not getattr(args, "no_topk", False),
             heads=heads, rank1=getattr(args, "rank1", "auto"), device=device,

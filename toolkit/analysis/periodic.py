@@ -382,8 +382,8 @@ def analyze_capture(cap, args: argparse.Namespace) -> xr.Dataset:
     with_lse = "lse" in cap.stored
 
     def one(rec, heads, device):
-        q, k = rec.q(heads).to(device), rec.k(heads).to(device)
-        lse = rec.lse(heads).to(device) if with_lse else None  # else recomputed by a streaming pass
+        q, k = rec.q(heads, device), rec.k(heads, device)
+        lse = rec.lse(heads, device) if with_lse else None  # else recomputed by a streaming pass
         return periodic_dataset(
             q, k, rec.scale, lse, rec.query_tokens, rec.key_tokens, rec.grid, heads=heads or rec.heads,
             spike_factor=args.spike_factor, n_spikes=args.n_spikes, spatial_threshold=args.spatial_threshold,

@@ -396,9 +396,9 @@ def analyze_capture(cap, args: argparse.Namespace) -> xr.Dataset:
     with_v, with_lse = "v" in cap.stored, "lse" in cap.stored
 
     def one(rec, heads, device):
-        q, k = rec.q(heads).to(device), rec.k(heads).to(device)
-        lse = rec.lse(heads).to(device) if with_lse else None  # else recomputed by a streaming pass
-        v = rec.v(heads).to(device) if with_v else None
+        q, k = rec.q(heads, device), rec.k(heads, device)
+        lse = rec.lse(heads, device) if with_lse else None  # else recomputed by a streaming pass
+        v = rec.v(heads, device) if with_v else None
         return topk_dataset(q, k, v, rec.scale, lse, rec.query_tokens, rec.key_tokens, rec.grid, heads=heads,
                             masses=masses, sparsities=sparsities, query_chunk=getattr(args, "query_chunk", None),
                             method=args.method)

@@ -89,7 +89,7 @@ class Record:
             raise ToolkitError(f"heads {missing} were not captured (stored heads: {self.cap.heads})")
         return [self.cap.head_index[h] for h in heads]
 
-    def _read(self, name: str, index: tuple, heads) -> torch.Tensor:
+    def _read(self, name: str, index: tuple, heads, device=None) -> torch.Tensor:
         if name not in self.cap.file:
             raise ToolkitError(f"this capture did not store '{name}' (stored: {', '.join(self.cap.stored)})")
         ds = self.cap.file[name]
@@ -97,17 +97,17 @@ class Record:
         order = np.argsort(pos)
         data = ds[index[:2] + (sorted(pos),) + index[2:]]  # h5py needs increasing indices
         data = data[np.argsort(order)] if len(pos) > 1 else data
-        return from_storage(data, str(ds.attrs.get("dtype_logical", "float32")))
+        return from_storage(data, str(ds.attrs.get("dtype_logical", "float32")), device)
 
-    def q(self, heads=None) -> torch.Tensor:
-        """Post-RoPE queries ``h i d`` of the stored query tokens."""
-        return self._read("q", (self._s, self._l, slice(self._qa, self._qb)), heads)
+    def q(self, heads=None, device=None) -> torch.Tensor:
+        """Post-RoPE queries ``h i d`` of the stored query tokens (float32, on ``device``, default CPU)."""
+        return self._read("q", (self._s, self._l, slice(self._qa, self._qb)), heads, device)
 
-    def lse(self, heads=None) -> torch.Tensor:
+    def lse(self, heads=None, device=None) -> torch.Tensor:
         """Natural-log LSE of ``scale·q·k`` over the attended keys, ``h i``."""
-        return self._read("lse", (self._s, self._l, slice(self._qa, self._qb)), heads)
+        return self._read("lse", (self._s, self._l, slice(self._qa, self._qb)), heads, device)
 
-    def _keys(self, name: str, heads) -> torch.Tensor:
+    def _keys(self, name: str, heads, device) -> torch.Tensor:
         cap, tpf = self.cap, self.cap.layout.tokens_per_frame
         f0 = self.query_frames[0]
         parts = []
@@ -118,18 +118,19 @@ class Record:
                 if c1 > self.key_frames[0] and c0 < f0:
                     cap.require_kv(ctx, c, self.layer, name)
             parts.append(self._read(name, (cap.step_index[ctx], self._l,
-                                           slice(self.key_frames[0] * tpf, f0 * tpf)), heads))
+                                           slice(self.key_frames[0] * tpf, f0 * tpf)), heads, device))
         cap.require_kv(self.step, self.chunk, self.layer, name)
-        parts.append(self._read(name, (self._s, self._l, slice(f0 * tpf, self.query_frames[1] * tpf)), heads))
+        parts.append(self._read(name, (self._s, self._l, slice(f0 * tpf, self.query_frames[1] * tpf)), heads,
+                                device))
         return torch.cat(parts, dim=-2)
 
-    def k(self, heads=None) -> torch.Tensor:
+    def k(self, heads=None, device=None) -> torch.Tensor:
         """Post-RoPE keys ``h j d`` the record attended (``key_tokens``), reassembled from per-step slices."""
-        return self._keys("k", heads)
+        return self._keys("k", heads, device)
 
-    def v(self, heads=None) -> torch.Tensor:
+    def v(self, heads=None, device=None) -> torch.Tensor:
         """Values ``h j d`` the record attended."""
-        return self._keys("v", heads)
+        return self._keys("v", heads, device)
 
 
 class Capture:
@@ -253,7 +254,7 @@ class Capture:
     # -------------------------------------------------------------------------------------------- exact maps
     def _qk(self, rec: Record, head: int, device):
         device = torch.device(device) if device is not None else _default_device()
-        return (rec.q(head)[0].to(device), rec.k(head)[0].to(device), rec.lse(head)[0].to(device))
+        return rec.q(head, device)[0], rec.k(head, device)[0], rec.lse(head, device)[0]
 
     def _labelled(self, p: torch.Tensor, rec: Record, head: int, q_tok: torch.Tensor, k_tok: torch.Tensor):
         import xarray as xr
@@ -326,7 +327,7 @@ class Capture:
         f0, f1 = rec.query_frames
         if source == "recompute":
             device = torch.device(device) if device is not None else _default_device()
-            q, k, lse = (t.to(device) for t in (rec.q(head_ids), rec.k(head_ids), rec.lse(head_ids)))
+            q, k, lse = rec.q(head_ids, device), rec.k(head_ids, device), rec.lse(head_ids, device)
             with tf32_for_bf16_values(self._bf16_on_gpu(q)):
                 sums = pooled_sums(q, k, lse, rec.scale, rec.query_tokens.to(device), rec.key_frames, self.grid)
             means = {n: t.cpu().numpy() for n, t in sums.means().items()}
