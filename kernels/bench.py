@@ -230,10 +230,10 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
             variants[f"sdpa-{backend}"] = (_dense_fn(backend, qh, kh, vh, scale),
                                            lambda out: _rel(out[0][:, sample], ref_rows), dflops)
 
-    def monarch_fn(scratch_bytes=None, stages="both", version=None):
+    def monarch_fn(scratch_bytes=None, stages="both", version=None, streams=1):
         return lambda: monarch_attention_triton(q, k, v, grid, tiling, query_frames=qf, key_frames=kf, scale=scale,
                                                 autotune=not args.no_autotune, scratch_bytes=scratch_bytes,
-                                                stages=stages, version=version)
+                                                stages=stages, version=version, streams=streams)
 
     def monarch_check(out):
         hs = slice(0, args.check_heads)
@@ -253,10 +253,16 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
                 versions[f"monarch{tiling}-{ver}"] = ver
     variants[f"monarch{tiling}"] = (monarch_fn(version=default), monarch_check, mflops)
     versions[f"monarch{tiling}"] = default
-    if args.low_memory:
-        variants[f"monarch{tiling}-lowmem"] = (monarch_fn(scratch_bytes=2 * q_bytes, version=default), monarch_check,
-                                               mflops)
-        versions[f"monarch{tiling}-lowmem"] = default
+    extra = {}
+    if args.streams:  # R-step of chunk c + 1 beside the L-step of chunk c, default scratch budget
+        extra["2streams"] = dict(streams=2)
+    if args.low_memory:  # scratch ≤ size(q) (head groups of one query tile): with the output, extra ≤ 2 × size(q)
+        extra["lowmem"] = dict(scratch_bytes=q_bytes)
+        if args.streams:
+            extra["lowmem-2streams"] = dict(scratch_bytes=q_bytes, streams=2)
+    for tag, kw in extra.items():
+        variants[f"monarch{tiling}-{tag}"] = (monarch_fn(version=default, **kw), monarch_check, mflops)
+        versions[f"monarch{tiling}-{tag}"] = default
 
     # check + cold start per variant, then interleaved timing rounds
     live = {}
@@ -297,7 +303,7 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
                 row.error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
                 row.ok = False
     for vname, (row, fn) in live.items():
-        if row.ok and vname.startswith("monarch") and not vname.endswith("lowmem"):
+        if row.ok and vname.startswith("monarch") and not any(vname.endswith(f"-{tag}") for tag in extra):
             try:  # would a new process re-tune? forget the in-memory choice and look again
                 _common._PICKED.clear()
                 n_log = len(_common.TUNING_LOG)
@@ -509,7 +515,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--no-autotune", action="store_true", help="use cached or heuristic launch configs only")
     p.add_argument("--no-dense", action="store_true", help="skip the SDPA baselines")
     p.add_argument("--low-memory", action="store_true",
-                   help="also time Monarch with intermediates limited to 2x size(q) (more, smaller launches)")
+                   help="also time Monarch with intermediates limited to size(q), i.e. extra memory with the output "
+                        "≤ 2x size(q) (one query tile of a head group per launch: more, smaller launches)")
+    p.add_argument("--streams", action="store_true",
+                   help="also time the two-stream pipeline (streams=2) at the default and low-memory budgets")
     p.add_argument("--analysis", action="store_true",
                    help="also check and time apply_factors and monarch_compare at the last AR chunk")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test through the interpreter)")

@@ -35,6 +35,7 @@ from toolkit.kernels._common import (
     TileGeometry,
     autotune_enabled,
     check_head_dim,
+    interpreted,
     key_tiles_allowed,
     key_tiles_allowed_on,
     mma,
@@ -347,13 +348,18 @@ def monarch_attention_triton(
     out: torch.Tensor | None = None,
     stages: str = "both",
     version: str | None = None,
+    streams: int = 1,
 ) -> torch.Tensor:
     """Monarch attention (T = 1) of raster-order ``q`` (``b i h d``, frames ``query_frames``) against ``k, v``
     (``b j h d``, frames ``key_frames``) on the token ``grid`` (frames, height, width) with tiling
     (f_tied, h_reduce, w_reduce). Same contract as ``toolkit.attention.monarch.monarch_attention`` (iters=1).
 
     ``block_causal_frames``: queries in chunk c see key tiles up to the end of chunk c (training path).
-    ``scratch_bytes``: budget for the α/Y/c intermediates (query tiles are processed in chunks that fit).
+    ``scratch_bytes``: budget for the α/Y/c intermediates. Work is processed in chunks that fit: several query
+    tiles of all heads, or, when one query tile of all heads is over budget, one query tile of a group of heads
+    (at the full 480p clip one tile of one head is 16.9 MB against 100 MB for q). ``streams=2`` (CUDA): two
+    scratch buffers of half the budget, the L-step of chunk c on a side stream while the R-step of chunk c + 1
+    runs (fills the GPU when chunks are small).
     ``autotune``: tune launch configs once per shape and cache them on disk (default: env
     ``TOOLKIT_KERNEL_AUTOTUNE=1``; otherwise cached or heuristic configs). ``configs``: explicit launch configs
     (rows kernel, cols kernel) instead, e.g. small blocks in tests (a rows config with BLOCK_M is v2's, one with
@@ -397,13 +403,16 @@ def monarch_attention_triton(
     if version == "v2" and not rows_v2_supported(b2):
         version = "v1"
 
-    # Intermediates per query tile: α and Y (dtype of q) and c (fp32), over all key tiles.
-    per_tile = B * H * b2 * F * b1 * (2 * D * q.element_size() + 4)
+    if streams not in (1, 2):
+        raise ToolkitError(f"streams must be 1 or 2, not {streams}")
+    pipelined = streams == 2 and q.is_cuda and not interpreted() and stages == "both"
+    # Intermediates per (batch·head, query tile): α and Y (dtype of q) and c (fp32), over all key tiles.
+    per_unit = b2 * F * b1 * (2 * D * q.element_size() + 4)
     budget = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else int(scratch_bytes)
-    a_chunk = max(1, min(A, budget // per_tile))
-    alpha = scratch((B * H, a_chunk, b2, F * b1, D), q.dtype, q.device)
-    y = scratch((B * H, a_chunk, b2, F * b1, D), q.dtype, q.device)
-    c = scratch((B * H, a_chunk, b2, F * b1), torch.float32, q.device)
+    h_chunk, a_chunk = scratch_chunk(B, H, A, per_unit, budget // (2 if pipelined else 1))
+    buffers = [tuple(scratch(shape, dt, q.device) for shape, dt in (
+        ((B * h_chunk, a_chunk, b2, F * b1, D), q.dtype), ((B * h_chunk, a_chunk, b2, F * b1, D), q.dtype),
+        ((B * h_chunk, a_chunk, b2, F * b1), torch.float32))) for _ in range(2 if pipelined else 1)]
     out = output_buffer(out, tuple(q.shape), q.dtype, q.device)
 
     strides_q, strides_k, strides_v, strides_o = (token_strides(x) for x in (q, k, v, out))
@@ -415,65 +424,108 @@ def monarch_attention_triton(
     tune = autotune_enabled(autotune)
     upcast = upcast_dots(q.dtype)
     key = f"B{B} H{H} D{D} {q.dtype} grid{grid} tiling{tiling} q{query_frames} k{key_frames} bc{block_causal_frames}"
+    # Scratch chunks (h0, h1, a0, a1), head groups outermost so K/V of the group stay in L2 across its tiles;
+    # balanced query-tile groups (no small last one). The kernels see the head group through views of q, k, v,
+    # out (same strides, shifted base) and H = h1 − h0.
+    n_hg, n_ag = -(-H // h_chunk), -(-A // a_chunk)
+    h_bounds = [H * g // n_hg for g in range(n_hg + 1)]
+    a_bounds = [A * g // n_ag for g in range(n_ag + 1)]
+    chunks = [(h0, h1, a0, a1) for h0, h1 in zip(h_bounds[:-1], h_bounds[1:])
+              for a0, a1 in zip(a_bounds[:-1], a_bounds[1:])]
 
-    def rows(cfg: dict, a0: int, n_a: int) -> None:
-        cfg = dict(cfg)
-        grid_r = (b1 * triton.cdiv(b2, cfg["BLOCK_J"]), n_a, B * H)
+    def heads_of(x: torch.Tensor, h0: int, h1: int) -> torch.Tensor:
+        return x if (h0, h1) == (0, H) else x[:, :, h0:h1]
+
+    def rows(cfg: dict, chunk: tuple, buf: tuple) -> None:
+        cfg, (h0, h1, a0, a1), (alpha, y, c) = dict(cfg), chunk, buf
+        grid_r = (b1 * triton.cdiv(b2, cfg["BLOCK_J"]), a1 - a0, B * (h1 - h0))
         _monarch_rows_fwd[grid_r](
-            q, k, v, alpha, y, c, allowed, *strides_q, *strides_k, *strides_v,
-            H, a0, a_chunk, F, b1, b2, scale_log2, *gq.args(), *gk.args(), D=D, UPCAST=upcast,
+            *(heads_of(x, h0, h1) for x in (q, k, v)), alpha, y, c, allowed, *strides_q, *strides_k, *strides_v,
+            h1 - h0, a0, a_chunk, F, b1, b2, scale_log2, *gq.args(), *gk.args(), D=D, UPCAST=upcast,
             SINGLE_BLOCK=b2 <= cfg["BLOCK_L"], **cfg,
         )
 
-    def rows_v2(cfg: dict, a0: int, n_a: int) -> None:
-        cfg = dict(cfg)
+    def rows_v2(cfg: dict, chunk: tuple, buf: tuple) -> None:
+        cfg, (h0, h1, a0, a1), (alpha, y, c) = dict(cfg), chunk, buf
         tiles = cfg["BLOCK_M"] // b2  # query tiles per program
         if tiles < 1:
             raise ToolkitError(f"v2 rows config BLOCK_M={cfg['BLOCK_M']} is smaller than the tile width {b2}")
         f_per = triton.cdiv(F, cfg.pop("F_SPLIT", 1))
         n_split = triton.cdiv(F, f_per)
-        grid_r = (b1, triton.cdiv(n_a, tiles) * n_split, B * H)
+        grid_r = (b1, triton.cdiv(a1 - a0, tiles) * n_split, B * (h1 - h0))
         _monarch_rows_fwd_v2[grid_r](
-            q, k, v, alpha, y, c, allowed, *strides_q, *strides_k, *strides_v,
-            H, a0, a_chunk, n_a, tiles, F, f_per, n_split, b1, b2, scale_log2, *gq.args(), *gk.args(), D=D,
-            BLOCK_L=pow2(b2, 16), UPCAST=upcast, **cfg,
+            *(heads_of(x, h0, h1) for x in (q, k, v)), alpha, y, c, allowed, *strides_q, *strides_k, *strides_v,
+            h1 - h0, a0, a_chunk, a1 - a0, tiles, F, f_per, n_split, b1, b2, scale_log2, *gq.args(), *gk.args(),
+            D=D, BLOCK_L=pow2(b2, 16), UPCAST=upcast, **cfg,
         )
 
-    def cols(cfg: dict, a0: int, n_a: int) -> None:
-        cfg = dict(cfg)
-        grid_c = (b2 * triton.cdiv(b1, cfg["BLOCK_I"]), n_a, B * H)
+    def cols(cfg: dict, chunk: tuple, buf: tuple) -> None:
+        cfg, (h0, h1, a0, a1), (alpha, y, c) = dict(cfg), chunk, buf
+        grid_c = (b2 * triton.cdiv(b1, cfg["BLOCK_I"]), a1 - a0, B * (h1 - h0))
         _monarch_cols_fwd[grid_c](
-            q, alpha, y, c, allowed, out, *strides_q, *strides_o,
-            H, a0, a_chunk, F, b1, b2, scale_log2, *gq.args(), D=D, UPCAST=upcast, **cfg,
+            heads_of(q, h0, h1), alpha, y, c, allowed, heads_of(out, h0, h1), *strides_q, *strides_o,
+            h1 - h0, a0, a_chunk, F, b1, b2, scale_log2, *gq.args(), D=D, UPCAST=upcast, **cfg,
         )
 
-    n_first = min(a_chunk, A)
+    first = chunks[0]
     if configs is not None:
         cfg_r, cfg_c = configs
         version = "v2" if "BLOCK_M" in cfg_r else "v1"  # the rows config names its kernel's blocks
     elif version == "v2":
-        # the grid depends on the query tiles per launch, so the scratch chunk is part of the key
-        cfg_r = pick_config(f"monarch rows v2 {key} achunk{a_chunk}", _rows_v2_default(b2, D, n_first),
-                            _rows_v2_candidates(b2, D, n_first), lambda cfg: rows_v2(cfg, 0, n_first), tune)
+        # the grid depends on the work per launch, so the scratch chunk is part of the key
+        chunk_key = f"achunk{a_chunk}" + (f" hchunk{h_chunk}" if h_chunk < H else "")
+        cfg_r = pick_config(f"monarch rows v2 {key} {chunk_key}", _rows_v2_default(b2, D, first[3] - first[2]),
+                            _rows_v2_candidates(b2, D, first[3] - first[2]),
+                            lambda cfg: rows_v2(cfg, first, buffers[0]), tune)
         cfg_c = None
     else:
         cfg_r = pick_config(f"monarch rows {key}", _rows_default(b2, D), _rows_candidates(b2, D),
-                            lambda cfg: rows(cfg, 0, n_first), tune)
+                            lambda cfg: rows(cfg, first, buffers[0]), tune)
         cfg_c = None
     rows_fn = rows_v2 if version == "v2" else rows
-    n_chunks = -(-A // a_chunk)
-    bounds = [A * c // n_chunks for c in range(n_chunks + 1)]  # balanced chunks (no small last one)
-    for a0, a1 in zip(bounds[:-1], bounds[1:]):
-        n_a = a1 - a0
-        if stages != "cols":
-            rows_fn(cfg_r, a0, n_a)
-        if stages == "rows":
-            continue
-        if cfg_c is None:  # tuned on the first chunk, whose intermediates are now in place
+
+    def cols_config() -> dict:  # tuned (if at all) after the first R-step launch: its intermediates are in place
+        nonlocal cfg_c
+        if cfg_c is None:
             cfg_c = pick_config(f"monarch cols {key}", _cols_default(b1, D), _cols_candidates(b1, D),
-                                lambda cfg: cols(cfg, 0, n_first), tune)
-        cols(cfg_c, a0, n_a)
+                                lambda cfg: cols(cfg, first, buffers[0]), tune)
+        return cfg_c
+
+    if not pipelined:
+        for chunk in chunks:
+            if stages != "cols":
+                rows_fn(cfg_r, chunk, buffers[0])
+            if stages != "rows":
+                cols(cols_config(), chunk, buffers[0])
+        return out
+    # Two buffers: R-step of chunk i on the caller's stream, its L-step on a side stream; the R-step of chunk
+    # i + 2 waits until the L-step of chunk i has read buffer i % 2.
+    main, side = torch.cuda.current_stream(q.device), torch.cuda.Stream(q.device)
+    read_done: list = []
+    for i, chunk in enumerate(chunks):
+        buf = buffers[i % 2]
+        if i >= 2:
+            main.wait_event(read_done[i - 2])
+        rows_fn(cfg_r, chunk, buf)
+        cfg = cols_config()
+        written = main.record_event()
+        with torch.cuda.stream(side):
+            side.wait_event(written)  # also orders the side stream after the inputs and any tuning launches
+            cols(cfg, chunk, buf)
+            read_done.append(side.record_event())
+    main.wait_stream(side)
+    for t in (*buffers[0], *buffers[1], out):
+        t.record_stream(side)  # the allocator must not hand these to the caller's stream before the side is done
     return out
+
+
+def scratch_chunk(B: int, H: int, A: int, per_unit: int, budget: int) -> tuple[int, int]:
+    """(heads, query tiles) per scratch chunk: as many query tiles of all heads as fit ``budget``; if not even
+    one fits, one query tile of as many heads as fit (at least one: the minimum the algorithm needs)."""
+    per_tile = B * H * per_unit
+    if budget >= per_tile:
+        return H, max(1, min(A, budget // per_tile))
+    return max(1, min(H, budget // (B * per_unit))), 1
 
 
 def monarch_backend_triton(
