@@ -266,19 +266,23 @@ def pick_config(
         return default
     t0 = time.perf_counter()
     best, best_ms = default, float("inf")
+    timings = []  # (config, median ms or the error): what the benchmark reports as the tuning table
     for cfg in [default, *[c for c in candidates if c != default]]:
         try:
             run(cfg)  # compile + warm
             torch.cuda.synchronize()
             ms = triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=20, return_mode="median")
-        except Exception:  # noqa: BLE001 - a config that does not compile (resources) is just skipped
+        except Exception as err:  # noqa: BLE001 - a config that does not compile (resources) is just skipped
+            timings.append((cfg, f"{type(err).__name__}"))
             continue
+        timings.append((cfg, round(ms, 4)))
         if ms < best_ms:
             best, best_ms = cfg, ms
     _store_cache(full_key, best)
     _PICKED[key, autotune] = best
     _PICKED[key, False] = best
-    TUNING_LOG.append({"key": key, "source": "tuned", "seconds": time.perf_counter() - t0, "config": best})
+    TUNING_LOG.append({"key": key, "source": "tuned", "seconds": time.perf_counter() - t0, "config": best,
+                       "timings": timings})
     return best
 
 

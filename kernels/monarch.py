@@ -153,12 +153,16 @@ def _monarch_rows_fwd_v2(
     q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
     k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT_D: tl.constexpr = False,
 ):
     """v2 of the R-step (b2 ≤ BLOCK_L): the BLOCK_M rows of a program are (query tile, column j) pairs of
     ``tiles_per_prog`` consecutive query tiles at the same row k, so each K/V row block loaded serves all of
     them (one M = BLOCK_M product instead of one per tile); the key tiles are split over ``n_f_split``
     programs (parallelism at the AR chunk). R is normalised before the products (no rescaling of the
-    accumulators) and α, Y are formed and stored one after the other (one accumulator live)."""
+    accumulators) and α, Y are formed and stored one after the other (one accumulator live).
+    ``SPLIT_D``: q, K, V handled as two halves of the head dim (S = q₀K₀ᵀ + q₁K₁ᵀ; α, Y formed and stored half
+    by half), so the live accumulator is BLOCK_M × D/2: fewer registers, more programs per SM (the kernel is
+    latency-bound at one 8-warp program per SM, Nsight Compute, NOTES.md)."""
     row = tl.program_id(0)  # the key row k (= query row k under the identity initialisation)
     pid_af = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -179,9 +183,14 @@ def _monarch_rows_fwd_v2(
     allowed_m = tl.load(ALLOWED + a_m, mask=mask_m, other=0)  # key tiles each row's query tile sees
     q_tok = tile_token(a_m, row, j_m, q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce)
     q_base = Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
-    q = tl.load(q_base + q_tok[:, None] * sq_n + offs_d[None, :], mask=mask_m[:, None], other=0.0)  # [BM, D]
     k_base = K + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
     v_base = V + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
+    if SPLIT_D:
+        offs_d = tl.arange(0, D // 2)  # one half; the other is offs_d + D // 2
+    q_offs = q_tok[:, None] * sq_n + offs_d[None, :]
+    q = tl.load(q_base + q_offs, mask=mask_m[:, None], other=0.0)  # [BM, D] (first half with SPLIT_D)
+    if SPLIT_D:
+        q1 = tl.load(q_base + q_offs + D // 2, mask=mask_m[:, None], other=0.0)
     kv_offs = offs_l[:, None] * sk_n + offs_d[None, :]
     vv_offs = offs_l[:, None] * sv_n + offs_d[None, :]
 
@@ -196,7 +205,12 @@ def _monarch_rows_fwd_v2(
         k_row0 = k_row0.to(tl.int64)
         kk = tl.load(k_base + k_row0 * sk_n + kv_offs, mask=mask_l[:, None], other=0.0)
         vv = tl.load(v_base + k_row0 * sv_n + vv_offs, mask=mask_l[:, None], other=0.0)
-        x = mma(q, tl.trans(kk), UPCAST) * scale_log2  # [BM, BL], log2 units
+        if SPLIT_D:
+            kk1 = tl.load(k_base + k_row0 * sk_n + kv_offs + D // 2, mask=mask_l[:, None], other=0.0)
+            vv1 = tl.load(v_base + k_row0 * sv_n + vv_offs + D // 2, mask=mask_l[:, None], other=0.0)
+            x = (mma(q, tl.trans(kk), UPCAST) + mma(q1, tl.trans(kk1), UPCAST)) * scale_log2
+        else:
+            x = mma(q, tl.trans(kk), UPCAST) * scale_log2  # [BM, BL], log2 units
         x = tl.where(mask_l[None, :], x, float("-inf"))
         xs = x - tl.max(x, 1)[:, None]
         p = tl.exp2(xs)
@@ -210,7 +224,13 @@ def _monarch_rows_fwd_v2(
         rows = out_rows + f * b1
         tile_offs = rows[:, None] * D + offs_d[None, :]
         tl.store(ALPHA + slab * D + tile_offs, mma(r, kk, UPCAST).to(ALPHA.dtype.element_ty), mask=mask_m[:, None])
+        if SPLIT_D:
+            tl.store(ALPHA + slab * D + tile_offs + D // 2, mma(r, kk1, UPCAST).to(ALPHA.dtype.element_ty),
+                     mask=mask_m[:, None])
         tl.store(Y + slab * D + tile_offs, mma(r, vv, UPCAST).to(Y.dtype.element_ty), mask=mask_m[:, None])
+        if SPLIT_D:
+            tl.store(Y + slab * D + tile_offs + D // 2, mma(r, vv1, UPCAST).to(Y.dtype.element_ty),
+                     mask=mask_m[:, None])
         tl.store(C + slab + rows, c, mask=mask_m)
 
 
@@ -310,11 +330,16 @@ def _rows_v2_default(b2: int, d: int, n_query_tiles: int) -> dict:
 
 
 def _rows_v2_candidates(b2: int, d: int, n_query_tiles: int) -> list[dict]:
-    # F_SPLIT is a launch-grid choice only (no recompile): 4 compiles per shape. M = 64 at 8 warps (1 CTA per
-    # SM, one tile per program) is v1's arrangement and left out.
+    # F_SPLIT is a launch-grid choice only (no recompile): 6 compiles per shape. M = 64 at 8 warps (1 CTA per
+    # SM, one tile per program) is v1's arrangement and left out. The last two are the low-register configs
+    # (head dim in halves, K/V loads not pipelined, ≤ 128 registers: sm_90 AOT 128 / 126, no spills): 16 warps
+    # per SM instead of 8, since Nsight Compute shows the kernel latency-bound (73 % of cycles with no eligible
+    # warp, DRAM at 55 %).
     splits = (1, 3) if n_query_tiles < 4 else (1, 2)
-    return [{"BLOCK_M": bm, "F_SPLIT": sp, "num_warps": w, "num_stages": st}
-            for bm, w in ((64, 4), (128, 8)) for st in (2, 3) for sp in splits]
+    low_reg = {"SPLIT_D": True, "num_stages": 1, "maxnreg": 128}
+    configs = [{"BLOCK_M": bm, "num_warps": w, "num_stages": st} for bm, w in ((64, 4), (128, 8)) for st in (2, 3)]
+    configs += [{"BLOCK_M": 128, "num_warps": 8, **low_reg}, {"BLOCK_M": 64, "num_warps": 4, **low_reg}]
+    return [{**cfg, "F_SPLIT": sp} for cfg in configs for sp in splits]
 
 
 def _cols_default(b1: int, d: int) -> dict:

@@ -125,6 +125,19 @@ def test_head_chunked_scratch_matches_reference(version):
     assert _rel(out, ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("dtype,dim", [(torch.float32, 32), (torch.bfloat16, 64)])
+def test_rows_v2_split_head_dim_matches_reference(dtype, dim):
+    """v2 R-step with the head dim in two halves (SPLIT_D, the low-register configs; maxnreg is a compile
+    option the interpreter ignores): block-causal, 2 tiles per program, key tiles split over 2 programs."""
+    grid, tiling, qf, kf = (6, 2, 5), (1, 1, 1), (0, 6), (0, 6)
+    q, k, v = _inputs(grid, qf, kf, heads=1, dim=dim, dtype=dtype, seed=dim)
+    cfg_r = {"BLOCK_M": 16, "F_SPLIT": 2, "SPLIT_D": True, "num_warps": 4, "num_stages": 1, "maxnreg": 128}
+    out = monarch_attention_triton(q, k, v, grid, tiling, block_causal_frames=3, out=_nan_like(q),
+                                   configs=(cfg_r, {"BLOCK_I": 16, "BLOCK_K": 16}))
+    ref = monarch_attention(q.double(), k.double(), v.double(), grid, tiling, block_causal_frames=3)
+    assert _rel(out, ref) < TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_monarch_forward_half_precision(dtype, dim):
