@@ -435,6 +435,15 @@ def monarch_attention_triton(
     per_unit = b2 * F * b1 * (2 * D * q.element_size() + 4)
     budget = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else int(scratch_bytes)
     h_chunk, a_chunk = scratch_chunk(B, H, A, per_unit, budget // (2 if pipelined else 1))
+    # Scratch chunks (h0, h1, a0, a1), head groups outermost so K/V of the group stay in L2 across its tiles;
+    # balanced groups (no small last one), the buffers sized for the largest. The kernels see a head group
+    # through views of q, k, v, out (same strides, shifted base) and H = h1 − h0.
+    n_hg, n_ag = -(-H // h_chunk), -(-A // a_chunk)
+    h_chunk, a_chunk = -(-H // n_hg), -(-A // n_ag)
+    h_bounds = [H * g // n_hg for g in range(n_hg + 1)]
+    a_bounds = [A * g // n_ag for g in range(n_ag + 1)]
+    chunks = [(h0, h1, a0, a1) for h0, h1 in zip(h_bounds[:-1], h_bounds[1:])
+              for a0, a1 in zip(a_bounds[:-1], a_bounds[1:])]
     buffers = [tuple(scratch(shape, dt, q.device) for shape, dt in (
         ((B * h_chunk, a_chunk, b2, F * b1, D), q.dtype), ((B * h_chunk, a_chunk, b2, F * b1, D), q.dtype),
         ((B * h_chunk, a_chunk, b2, F * b1), torch.float32))) for _ in range(2 if pipelined else 1)]
@@ -449,15 +458,6 @@ def monarch_attention_triton(
     tune = autotune_enabled(autotune)
     upcast = upcast_dots(q.dtype)
     key = f"B{B} H{H} D{D} {q.dtype} grid{grid} tiling{tiling} q{query_frames} k{key_frames} bc{block_causal_frames}"
-    # Scratch chunks (h0, h1, a0, a1), head groups outermost so K/V of the group stay in L2 across its tiles;
-    # balanced query-tile groups (no small last one). The kernels see the head group through views of q, k, v,
-    # out (same strides, shifted base) and H = h1 − h0.
-    n_hg, n_ag = -(-H // h_chunk), -(-A // a_chunk)
-    h_bounds = [H * g // n_hg for g in range(n_hg + 1)]
-    a_bounds = [A * g // n_ag for g in range(n_ag + 1)]
-    chunks = [(h0, h1, a0, a1) for h0, h1 in zip(h_bounds[:-1], h_bounds[1:])
-              for a0, a1 in zip(a_bounds[:-1], a_bounds[1:])]
-
     def heads_of(x: torch.Tensor, h0: int, h1: int) -> torch.Tensor:
         return x if (h0, h1) == (0, H) else x[:, :, h0:h1]
 
