@@ -384,7 +384,8 @@ def monarch_attention_triton(
     tiles of all heads, or, when one query tile of all heads is over budget, one query tile of a group of heads
     (at the full 480p clip one tile of one head is 16.9 MB against 100 MB for q). ``streams=2`` (CUDA): two
     scratch buffers of half the budget, the L-step of chunk c on a side stream while the R-step of chunk c + 1
-    runs (fills the GPU when chunks are small).
+    runs; measured slower on the H100 at the paper's shapes (both stages share HBM; NOTES.md), kept for
+    experiments.
     ``autotune``: tune launch configs once per shape and cache them on disk (default: env
     ``TOOLKIT_KERNEL_AUTOTUNE=1``; otherwise cached or heuristic configs). ``configs``: explicit launch configs
     (rows kernel, cols kernel) instead, e.g. small blocks in tests (a rows config with BLOCK_M is v2's, one with
@@ -458,6 +459,7 @@ def monarch_attention_triton(
     tune = autotune_enabled(autotune)
     upcast = upcast_dots(q.dtype)
     key = f"B{B} H{H} D{D} {q.dtype} grid{grid} tiling{tiling} q{query_frames} k{key_frames} bc{block_causal_frames}"
+
     def heads_of(x: torch.Tensor, h0: int, h1: int) -> torch.Tensor:
         return x if (h0, h1) == (0, H) else x[:, :, h0:h1]
 
