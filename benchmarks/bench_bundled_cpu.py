@@ -1,5 +1,5 @@
-"""CPU time of one full bundled-model rollout: 4 chunks x (4 denoising steps + clean pass) = 20 DiT forwards over a
-12 x 12 x 20 token grid (48 x 80 pixels, 12 frames), float32, with the Self-Forcing KV cache.
+"""CPU time of one full bundled-model rollout: 4 chunks x (4 denoising steps + clean pass) = 20 DiT forwards over the
+bundled token grid, float32, with the Self-Forcing KV cache.
 
     python benchmarks/bench_bundled_cpu.py --out benchmarks/results/          # goal (issue 3): <= 20 s on 2 cores
 
@@ -43,19 +43,19 @@ def main() -> None:
     prompt = "2 sprites: red circle, blue square; pan left"
 
     def one_rollout(seed: int) -> tuple[float, list[float]]:
-        from toolkit.models import sampling
+        from toolkit.models.bundled import model as bundled_model
 
         marks = [time.perf_counter()]
-        real = sampling.self_forcing_rollout
+        real = bundled_model.self_forcing_rollout
 
         def timed(*a, **kw):
             return real(*a, **kw, on_chunk=lambda c, _: marks.append(time.perf_counter()))
 
-        sampling.self_forcing_rollout = timed
+        bundled_model.self_forcing_rollout = timed
         try:
             bundled.generate(model, prompt, seed=seed)
         finally:
-            sampling.self_forcing_rollout = real
+            bundled_model.self_forcing_rollout = real
         end = time.perf_counter()
         return end - marks[0], [b - a for a, b in zip(marks, marks[1:])]
 

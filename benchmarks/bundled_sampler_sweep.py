@@ -4,7 +4,7 @@ The bundled model is trained by plain (teacher-forced) flow matching, not distil
 last x0 estimate in the released 4-step schedule comes from σ = 0.625, where a non-distilled model's posterior mean is
 blurry. This sweep rolls out the same prompts under several timestep lists of the same Self-Forcing loop and scores:
 
-* colour match: fraction of clips whose visible palette colours equal the prompt's (``procedural.detect_colours``);
+* colour match: fraction of clips whose visible palette colours equal the prompt's (``evaluate.detect_colours``);
 * sharpness: mean |spatial Laplacian| of the rollout over that of procedural ground truth with the same prompts.
 
     python benchmarks/bundled_sampler_sweep.py --out results/      # GPU: seconds; CPU: minutes
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from toolkit import procedural
 from toolkit.models import bundled
+from toolkit.models.bundled import data as procedural
+from toolkit.models.bundled import evaluate
 from toolkit.models.sampling import self_forcing_rollout, self_forcing_timesteps
 
 VARIANTS = {
@@ -57,7 +58,7 @@ def main() -> None:
         g = torch.Generator(dev).manual_seed(0)
         noise = torch.randn(args.clips, 3, frames, height, width, generator=g, device=dev)
         video = bundled.to_pixels(self_forcing_rollout(model, noise, context, timesteps=ts, generator=g)).cpu()
-        found = procedural.detect_colours(video)
+        found = evaluate.detect_colours(video)
         match = sum(f == {s.colour for s in q.sprites} for q, f in zip(prompts, found)) / len(prompts)
         sharp = float(laplacian_energy(video).mean()) / sharp_truth
         results.append(dict(variant=name, shift=shift, denoising_steps=list(steps),

@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# Train the shipped bundled model on one GPU (about 6 minutes on an H100) and leave its 8 artifacts in
-# ${OUT:-data}/bundled: model.safetensors (< 16 MiB), config.json, train_log.json, loss.png, rollout.png,
-# rollout.gif, MODEL_CARD.md, train_stdout.log. On the device machine:
-#     bash benchmarks/train_bundled.sh            # then copy $OUT/bundled/* into data/bundled/ and commit
-# Reproduce a finished run exactly: STEPS=<steps from its MODEL_CARD.md> bash benchmarks/train_bundled.sh
+# The shipped bundled model on one GPU, as two processes (a command on the lent GPU machine may run 10 minutes):
+#     PART=teacher bash benchmarks/train_bundled.sh      # probe the stages, then stage (a)
+#     PART=student bash benchmarks/train_bundled.sh      # stages (b) and (c), evaluation, artifacts
+# with DEST (default ${OUT:-data}/bundled) carried from the first call to the second. On one machine without
+# that limit, `toolkit train --out DIR` runs everything in one go. Step counts: TEACHER_STEPS, ODE_STEPS, SF_STEPS.
 set -euo pipefail
-DEST="${OUT:-data}/bundled"
+DEST="${DEST:-${OUT:-data}/bundled}"
 mkdir -p "$DEST"
-export PYTHONUNBUFFERED=1
-if [[ -n "${STEPS:-}" ]]; then budget=(--steps "$STEPS"); else budget=(--minutes "${MINUTES:-6}"); fi
-python3 -m toolkit.train --out "$DEST" "${budget[@]}" --seed "${SEED:-0}" 2>&1 | tee "$DEST/train_stdout.log"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+cli=(python3 -m toolkit.commands.train --out "$DEST" --seed "${SEED:-0}")
+if [[ "${PART:-teacher}" == teacher ]]; then
+  python3 benchmarks/bench_train_stages.py --out "$DEST/train_stages.json" --budget teacher=330,ode=150,sf=200
+  steps="${TEACHER_STEPS:-$(python3 -c "import json;print(json.load(open('$DEST/train_stages.json'))['steps_in_budget']['teacher'])")}"
+  "${cli[@]}" --stages teacher --teacher-steps "$steps" 2>&1 | tee "$DEST/train_teacher.log"
+else
+  "${cli[@]}" --stages ode_init,self_forcing --ode-pairs "${ODE_PAIRS:-1024}" --ode-steps "${ODE_STEPS:-600}" \
+    --sf-steps "${SF_STEPS:-100}" \
+    2>&1 | tee "$DEST/train_student.log"
+fi

@@ -11,6 +11,9 @@ input file's SHA-256, the toolkit version, the resolved settings and every file 
 Modules (each: ``NAME``, ``TITLE``, ``check``, ``data``, ``plot``; see ``common.py``):
 ``fig1_mse_sparsity`` (Fig. 1), ``fig2_structure`` (Fig. 2), ``coverage``, ``alignment``, ``kernel_tables``,
 ``offsets``, ``spectra``, ``head_types``.
+
+``semantic`` is the one figure made from a model instead of a capture (it needs the bundled model's ground-truth
+sprite masks): ``semantic.make(model, out_dir, prompt=..., seed=...)`` or ``toolkit figures --figures semantic``.
 """
 
 from __future__ import annotations

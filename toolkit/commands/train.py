@@ -1,44 +1,112 @@
-"""`toolkit train`: train the bundled model on procedural videos (one GPU, minutes) and write its artifacts."""
+"""`toolkit train`: train the bundled model with Self-Forcing's recipe (teacher → ODE init → Self-Forcing/DMD)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from dataclasses import replace
+
+from toolkit.models.bundled import DEFAULT_DIR, tiny_config
+from toolkit.models.bundled.recipe import STAGES, Recipe, train_bundled
+from toolkit.models.bundled.teacher import TeacherSettings
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments shared by ``toolkit train`` and ``python -m toolkit.train``."""
-    parser.add_argument("--out", default=None, help="output folder (default: data/bundled of the repository)")
-    parser.add_argument("--minutes", type=float, default=6.0, help="wall budget of the whole run (default 6)")
-    parser.add_argument("--steps", type=int, default=None, help="fixed step count, e.g. to reproduce a run "
-                        "(overrides --minutes; the model card records the count)")
-    parser.add_argument("--distill-minutes", type=float, default=0.0, help="optional second stage: few-step "
-                        "distillation for the 4-step Self-Forcing loop, time box in minutes (default 0 = off)")
-    parser.add_argument("--distill-steps", type=int, default=None, help="fixed distillation step count (reproduction)")
-    parser.add_argument("--ode-steps", type=int, default=8, help="teacher ODE steps per distillation target")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=16, help="clips per step (default 16)")
-    parser.add_argument("--lr", type=float, default=8e-4, help="peak AdamW learning rate (default 8e-4)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--eval-clips", type=int, default=64, help="held-out clips for the loss at init / end")
-    parser.add_argument("--tiny", action="store_true", help="tiny model and clip: CPU smoke test only")
+def _stages(text: str) -> tuple[str, ...]:
+    stages = tuple(s.strip().replace("-", "_") for s in text.split(",") if s.strip())
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages:
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {', '.join(bad) or '(none)'}; choose from "
+                                         f"{', '.join(STAGES)}")
+    return stages
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    defaults = Recipe()
     p = subparsers.add_parser(
         "train",
-        help="train the bundled model on procedural sprite videos (reproduces data/bundled)",
-        description=(
-            "Train the bundled Wan DiT on procedural sprite videos with teacher-forced, block-causal flow matching "
-            "(the regime the Self-Forcing sampler runs in), then write model.safetensors, config.json, loss.png, "
-            "rollout.png/gif, train_log.json and MODEL_CARD.md. The shipped weights: "
-            "`toolkit train --out data/bundled --minutes 6 --seed 0` on one H100."
-        ),
+        help="train the bundled model (reproduces data/bundled; one GPU, about 20 minutes)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"""Train the bundled Wan DiT on procedural sprite videos the way Self-Forcing was made:
+  (a) teacher       block-causal flow matching, sampled with 40 Euler steps
+  (b) ode_init      the causal 4-step student regresses the teacher's ODE solutions
+  (c) self_forcing  the student rolls itself out with the KV cache; DMD against the teacher
+then evaluate (b) and (b)+(c) on held-out prompts and ship the better one: model.safetensors, config.json,
+MODEL_CARD.md, train_log.json, curves.png, rollout.png/gif, stages/*.safetensors.
+
+Refuses to write into a folder that already holds a model unless --force.
+
+examples:
+  toolkit train --out runs/bundled                       all three stages (what data/bundled ships)
+  toolkit train --out runs/bundled --stages teacher      then: --stages ode_init,self_forcing
+  toolkit train --tiny --out /tmp/tiny                   a CPU smoke run of every stage (seconds)
+
+defaults: teacher {defaults.teacher.steps} steps x {defaults.teacher.batch}; ODE pool {defaults.ode_init.pairs}
+pairs, {defaults.ode_init.steps} x {defaults.ode_init.batch}; Self-Forcing {defaults.self_forcing.steps} generator
+updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.critic_ratio}).""",
     )
-    add_arguments(p)
-    p.set_defaults(func=_run)
+    p.add_argument("--out", default=str(DEFAULT_DIR), help="output folder (default: data/bundled of the repository)")
+    p.add_argument("--stages", type=_stages, default=STAGES, metavar="LIST",
+                   help="comma-separated stages to run, in order (default: all); later stages load earlier ones "
+                        "from --out/stages/")
+    p.add_argument("--force", action="store_true", help="replace a model already in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-steps", type=int, default=defaults.teacher.steps)
+    p.add_argument("--teacher-batch", type=int, default=defaults.teacher.batch)
+    p.add_argument("--teacher-lr", type=float, default=defaults.teacher.lr)
+    p.add_argument("--ode-pairs", type=int, default=defaults.ode_init.pairs, help="teacher ODE trajectories")
+    p.add_argument("--ode-steps", type=int, default=defaults.ode_init.steps)
+    p.add_argument("--ode-batch", type=int, default=defaults.ode_init.batch)
+    p.add_argument("--sf-steps", type=int, default=defaults.self_forcing.steps, help="Self-Forcing generator updates")
+    p.add_argument("--sf-batch", type=int, default=defaults.self_forcing.batch)
+    p.add_argument("--sf-lr", type=float, default=defaults.self_forcing.lr)
+    p.add_argument("--sf-critic-lr", type=float, default=defaults.self_forcing.critic_lr)
+    p.add_argument("--sf-guidance", type=float, default=defaults.self_forcing.guidance,
+                   help="classifier-free guidance of the teacher's score")
+    p.add_argument("--eval-prompts", type=int, default=defaults.eval_prompts)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny model, clip and step counts: CPU smoke run only")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from toolkit.train import run
+def recipe_from(args: argparse.Namespace) -> Recipe:
+    r = Recipe()
+    recipe = Recipe(
+        teacher=replace(r.teacher, steps=args.teacher_steps, batch=args.teacher_batch, lr=args.teacher_lr),
+        ode_init=replace(r.ode_init, pairs=args.ode_pairs, steps=args.ode_steps, batch=args.ode_batch),
+        self_forcing=replace(r.self_forcing, steps=args.sf_steps, batch=args.sf_batch, lr=args.sf_lr,
+                             critic_lr=args.sf_critic_lr, guidance=args.sf_guidance),
+        seed=args.seed,
+        eval_prompts=args.eval_prompts,
+    )
+    if args.tiny:
+        recipe = Recipe(
+            teacher=TeacherSettings(steps=6, batch=2, warmup=2),
+            ode_init=replace(r.ode_init, pairs=4, pair_batch=4, steps=4, batch=2, warmup=2),
+            self_forcing=replace(r.self_forcing, steps=2, batch=2, critic_ratio=1),
+            seed=args.seed,
+            eval_prompts=4,
+        )
+    return recipe
 
-    return run(args)
+
+def run(args: argparse.Namespace) -> int:
+    record = train_bundled(
+        args.out, recipe_from(args), stages=args.stages, cfg=tiny_config() if args.tiny else None,
+        device=args.device, force=args.force, log=(lambda *_: None) if args.quiet else (lambda m: print(m, flush=True)),
+    )
+    print(json.dumps({k: record[k] for k in ("shipped", "evaluation") if k in record}, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m toolkit.commands.train``: the same as ``toolkit train`` without loading the other commands."""
+    parser = argparse.ArgumentParser(prog="toolkit")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -136,7 +136,7 @@ def _wan_1p3b_config() -> Any:
     return WanConfig()
 
 
-# The bundled model (toolkit/models/bundled.py, bundled engineer): ``DEFAULT_DIR`` holding ``WEIGHTS_FILE``
+# The bundled model (toolkit/models/bundled/): ``DEFAULT_DIR`` holding ``WEIGHTS_FILE``
 # (native names) and ``CONFIG_FILE`` (WanConfig.to_dict() + training notes); ``bundled_config()`` as fallback.
 def _bundled() -> Any:
     try:
@@ -198,7 +198,7 @@ MODELS: dict[str, ModelSpec] = {
         config=_bundled_config,
         sampler=_bundled_sampler,
         locations=_bundled_locations,
-        download=lambda: ["python -m toolkit.train --out data/bundled --minutes 6 --seed 0  (normally shipped)"],
+        download=lambda: ["toolkit train --out data/bundled  (one GPU, about 20 minutes; normally shipped)"],
         accepts="a checkpoint of the bundled architecture (any supported layout)",
     ),
     "self-forcing": ModelSpec(

@@ -54,13 +54,28 @@ def self_forcing_rollout(
     frames_per_chunk: int = 3,
     timesteps: torch.Tensor | Sequence[float] | None = None,
     generator: torch.Generator | None = None,
+    solver: str = "renoise",
+    exit_step: int | None = None,
     progress: bool = False,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
     on_chunk: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Generate a clip autoregressively, chunk by chunk, with the KV cache. noise [b c F Hl Wl] -> latents, same shape.
 
-    ``generator`` drives the fresh re-noising noise (seed it for reproducible videos). ``on_chunk(chunk, x0)`` is
-    called after each chunk (streaming consumers, progress)."""
+    ``solver``: ``"renoise"`` is Self-Forcing's loop (x0 re-noised to the next timestep with fresh noise from
+    ``generator``); ``"euler"`` integrates the flow ODE deterministically (x += (σ' − σ)·v), the many-step sampler
+    of a flow-matching teacher. Both end each chunk with the x0 predicted at the last timestep.
+
+    ``exit_step`` (training, Self-Forcing's stochastic truncation): every chunk stops at that step and returns its
+    x0 prediction; that one forward per chunk runs with autograd on, everything else (earlier steps, clean passes)
+    without, so gradients reach the model through exactly one forward per chunk and never through the cache (the
+    prompt's cross-attention K/V, cached by the first forward, carry gradient only when that forward is the exit
+    step, as in Self-Forcing's training rollout).
+
+    ``on_step(chunk, step, x)`` sees each model input before its forward (ODE trajectories); ``on_chunk(chunk, x0)``
+    each finished chunk (streaming consumers, progress)."""
+    if solver not in ("renoise", "euler"):
+        raise ValueError(f"unknown solver {solver!r}: renoise or euler")
     timesteps = self_forcing_timesteps() if timesteps is None else torch.as_tensor(timesteps, dtype=torch.float64)
     b, _, frames, _, _ = noise.shape
     pt = model.cfg.patch_size[0]
@@ -69,41 +84,48 @@ def self_forcing_rollout(
         raise ValueError(f"{frames} latent frames do not split into chunks of {latent_per_chunk}")
     grid = model.grid_size(noise)
     cache = KVCache(model.cfg, b, grid[0] * grid[1] * grid[2], noise.device, model.dtype)
-    out = torch.empty_like(noise)
     num_chunks = frames // latent_per_chunk
-    steps = len(timesteps)
+    steps = len(timesteps) if exit_step is None else exit_step + 1
+    outputs = []
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_chunks * (steps + 1), desc="self-forcing", unit="fwd")
-    with torch.no_grad():
-        for chunk in range(num_chunks):
-            sl = slice(chunk * latent_per_chunk, (chunk + 1) * latent_per_chunk)
-            x = noise[:, :, sl]
-            token_frame = chunk * frames_per_chunk
-            common = dict(kv_cache=cache, start_frame=token_frame, chunk=chunk, clip_frames=grid[0])
-            for s in range(steps):
-                t = torch.full((b, frames_per_chunk), float(timesteps[s]), device=noise.device)
+    for chunk in range(num_chunks):
+        sl = slice(chunk * latent_per_chunk, (chunk + 1) * latent_per_chunk)
+        x = noise[:, :, sl]
+        token_frame = chunk * frames_per_chunk
+        common = dict(kv_cache=cache, start_frame=token_frame, chunk=chunk, clip_frames=grid[0])
+        for s in range(steps):
+            if on_step:
+                on_step(chunk, s, x)
+            t = torch.full((b, frames_per_chunk), float(timesteps[s]), device=noise.device)
+            with torch.set_grad_enabled(s == exit_step and torch.is_grad_enabled()):
                 flow = model(x, t, context, step=s, **common)
                 x0 = flow_to_x0(x, flow, float(timesteps[s]))
-                if s < steps - 1:
-                    sigma_next = float(timesteps[s + 1]) / 1000
-                    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-                    x = (1 - sigma_next) * x0 + sigma_next * eps
-                if bar:
-                    bar.update()
-            out[:, :, sl] = x0
-            t0 = torch.zeros(b, frames_per_chunk, device=noise.device)
-            model(x0, t0, context, step=steps, is_clean=True, **common)  # rewrites this chunk's K/V; output unused
+            if s < steps - 1:
+                with torch.no_grad():
+                    sigma, sigma_next = float(timesteps[s]) / 1000, float(timesteps[s + 1]) / 1000
+                    if solver == "euler":
+                        x = (x.double() + (sigma_next - sigma) * flow.double()).to(x.dtype)
+                    else:
+                        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                        x = (1 - sigma_next) * x0 + sigma_next * eps
             if bar:
                 bar.update()
-            if on_chunk:
-                on_chunk(chunk, x0)
+        outputs.append(x0)
+        with torch.no_grad():  # rewrites this chunk's K/V with clean ones; output unused
+            t0 = torch.zeros(b, frames_per_chunk, device=noise.device)
+            model(x0.detach(), t0, context, step=len(timesteps), is_clean=True, **common)
+        if bar:
+            bar.update()
+        if on_chunk:
+            on_chunk(chunk, x0)
     if bar:
         bar.close()
-    return out
+    return torch.cat(outputs, dim=2)
 
 
 def wan_sigmas(steps: int, shift: float = 5.0, num_train_timesteps: int = 1000) -> torch.Tensor:

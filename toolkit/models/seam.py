@@ -17,7 +17,8 @@ out ``b i h d``. Token order is raster order over the (frames, height, width) la
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -100,3 +101,21 @@ def seams(model: nn.Module) -> list[AttentionSeam]:
     """All seams of a model, in layer order."""
     found = [m for m in model.modules() if isinstance(m, AttentionSeam)]
     return sorted(found, key=lambda s: s.layer)
+
+
+def set_backend(model: nn.Module, backend: Backend | None) -> None:
+    """Give every seam of ``model`` the attention ``backend`` (``None``: dense)."""
+    for seam in seams(model):
+        seam.backend = backend
+
+
+@contextmanager
+def use_backend(model: nn.Module, backend: Backend | None) -> Iterator[nn.Module]:
+    """Every seam of ``model`` computes attention with ``backend`` inside the block; the previous backends after."""
+    previous = [(seam, seam.backend) for seam in seams(model)]
+    set_backend(model, backend)
+    try:
+        yield model
+    finally:
+        for seam, old in previous:
+            seam.backend = old

@@ -181,12 +181,18 @@ class KVCache:
         self.max_tokens = max_tokens
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new K/V at token ``start`` and return the attended slice [0, start + new)."""
+        """Store new K/V at token ``start`` and return the attended keys and values [0, start + new).
+
+        Under autograd (a training rollout) the cache keeps detached copies and the returned K/V are the cached past
+        joined with the live new K/V: gradients reach this chunk's projections, and a later in-place write (the
+        clean pass) cannot invalidate a tensor the backward pass needs."""
         end = start + k.shape[1]
         if end > self.max_tokens:
             raise ValueError(f"KV cache holds {self.max_tokens} tokens; chunk would end at {end}")
-        self.k[layer][:, start:end] = k
-        self.v[layer][:, start:end] = v
+        self.k[layer][:, start:end] = k.detach()
+        self.v[layer][:, start:end] = v.detach()
+        if k.requires_grad or v.requires_grad:
+            return (torch.cat([self.k[layer][:, :start], k], dim=1), torch.cat([self.v[layer][:, :start], v], dim=1))
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
     def reset(self) -> None:

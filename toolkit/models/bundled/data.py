@@ -1,4 +1,4 @@
-"""Procedural sprite videos: the training data and the prompt space of the bundled model.
+"""Procedural sprite videos: the training data, the prompt space and the ground truth of the bundled model.
 
 A clip shows up to ``MAX_SPRITES`` textured sprites of distinct colours (shapes: circle, square, triangle, diamond,
 ring) moving with constant velocity and bouncing off the frame edges, drawn in prompt order (later sprites occlude
@@ -12,7 +12,8 @@ consistent afterwards, which is exactly the job of its causal self-attention.
     Prompt  <->  "2 sprites: red circle, blue square; pan left"   (``parse_prompt`` / ``str(prompt)``)
     Prompt  -->  context [L_txt = 1 + MAX_SPRITES, TEXT_DIM]      (``encode_prompts``: one global token, one token
                                                                      per sprite slot, empty slots all zero)
-    Prompt  -->  video [3, frames, height, width] in [0, 1]        (``render``)
+    Prompt  -->  video [3, frames, height, width] in [0, 1]        (``render``; ``with_truth=True`` also gives each
+                                                                     sprite's visible mask and centre per frame)
 
 Everything random is drawn from a CPU ``torch.Generator`` as a few small parameter tensors; rendering is then
 deterministic tensor math on any device, so a seed gives the same clip on CPU and GPU (up to float rounding) and a
@@ -29,8 +30,8 @@ import torch
 
 from toolkit.errors import ToolkitError
 
-# Saturated, bright colours; backgrounds stay dark and desaturated (channels in [0.1, 0.5]) so that
-# ``detect_colours`` can tell sprites from background. Values are RGB in [0, 1].
+# Saturated, bright colours; backgrounds stay dark and desaturated (channels in [0.1, 0.5]) so that the sprite
+# evaluator (``evaluate.py``) can tell sprites from background. Values are RGB in [0, 1].
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.95, 0.20, 0.20),
     "green": (0.20, 0.85, 0.25),
@@ -201,16 +202,30 @@ def _bounce(start: torch.Tensor, velocity: torch.Tensor, low: torch.Tensor, high
     return low + span - (y - span).abs()
 
 
+@dataclass
+class Truth:
+    """What the renderer knows about a batch of clips (sprite slots in prompt order, z-order).
+
+    ``masks`` [b, MAX_SPRITES, frames, h, w] bool: the pixels where each sprite is *visible* (coverage > 1/2 after
+    the sprites drawn over it); ``centres`` [b, MAX_SPRITES, frames, 2] float32 (y, x) in pixels, the sprite's
+    geometric centre (also when occluded); ``present`` [b, MAX_SPRITES] bool: the slot holds a sprite."""
+
+    masks: torch.Tensor
+    centres: torch.Tensor
+    present: torch.Tensor
+
+
 def render(
     prompts: list[Prompt],
     generator: torch.Generator,
     *,
-    frames: int = 12,
-    height: int = 48,
-    width: int = 80,
+    frames: int,
+    height: int,
+    width: int,
     device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Render one clip per prompt: [b, 3, frames, height, width] float32 in [0, 1].
+    with_truth: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, Truth]:
+    """Render one clip per prompt: [b, 3, frames, height, width] float32 in [0, 1] (and its ``Truth``).
 
     Scene parameters (positions, velocities, sizes, textures, background, pan speed) come from ``generator``
     (a CPU generator), so the result depends only on the prompts and the generator state."""
@@ -272,6 +287,7 @@ def render(
     tt = t.view(1, 1, frames)
     py = _bounce(cy[..., None], vy[..., None], radius[..., None], height - radius[..., None], tt)
     px = _bounce(cx[..., None], vx[..., None], radius[..., None], width - radius[..., None], tt)
+    coverage = []
     for z in range(k):  # z-order: later sprites drawn over earlier ones
         dy = yy - py[:, z].view(b, frames, 1, 1)  # b f h w
         dx = xx - px[:, z].view(b, frames, 1, 1)
@@ -287,16 +303,22 @@ def render(
         sprite = colour[:, z].view(b, 3, 1, 1, 1) * shade.unsqueeze(1)
         alpha = alpha.unsqueeze(1)
         video = video * (1 - alpha) + sprite * alpha
-    return video.clamp(0, 1)
+        if with_truth:
+            coverage = [c * (1 - alpha[:, 0]) for c in coverage] + [alpha[:, 0]]
+    video = video.clamp(0, 1)
+    if not with_truth:
+        return video
+    masks = torch.stack(coverage, dim=1) > 0.5  # b k f h w
+    return video, Truth(masks=masks, centres=torch.stack([py, px], dim=-1), present=present.bool())
 
 
 def sample_batch(
     batch: int,
     generator: torch.Generator,
     *,
-    frames: int = 12,
-    height: int = 48,
-    width: int = 80,
+    frames: int,
+    height: int,
+    width: int,
     device: torch.device | str = "cpu",
     pan_prob: float = 0.3,
 ) -> tuple[torch.Tensor, torch.Tensor, list[Prompt]]:
@@ -304,31 +326,3 @@ def sample_batch(
     prompts = random_prompts(batch, generator, pan_prob)
     video = render(prompts, generator, frames=frames, height=height, width=width, device=device)
     return video, encode_prompts(prompts).to(device), prompts
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading colours back (tests, and checking that a generated clip obeys its prompt)
-
-
-def colour_masks(video: torch.Tensor, tol: float = 0.06) -> torch.Tensor:
-    """Pixels showing each palette colour: [b, n_colours, frames, h, w] bool, video [b 3 f h w] in [0, 1].
-
-    A pixel shows colour c if it equals c * shade within ``tol`` (max-abs over RGB) for some shade in
-    [SHADE_MIN, 1], which is how ``render`` paints sprite interiors."""
-    pal = torch.tensor(list(COLOURS.values()), device=video.device, dtype=video.dtype)  # n 3
-    pix = video.unsqueeze(1)  # b 1 3 f h w
-    c = pal.view(1, -1, 3, 1, 1, 1)
-    shade = ((pix * c).sum(2, keepdim=True) / (c * c).sum(2, keepdim=True)).clamp(SHADE_MIN, 1.0)
-    return ((pix - shade * c).abs().amax(2) < tol)
-
-
-def detect_colours(video: torch.Tensor, min_pixels: int | None = None, tol: float = 0.06) -> list[set[str]]:
-    """Palette colours covering at least ``min_pixels`` pixels in some frame, per clip of ``video`` [b 3 f h w].
-
-    The default threshold (a quarter of the smallest sprite's area, scaled with the frame) ignores the thin
-    anti-aliased seams where two sprites meet, whose blended colour can pass for a third palette colour."""
-    if min_pixels is None:
-        h, w = video.shape[-2:]
-        min_pixels = max(4, round(0.25 * 40 * (min(h, w) / 48.0) ** 2))
-    counts = colour_masks(video, tol).flatten(-2).sum(-1).amax(-1)  # b n
-    return [{COLOUR_NAMES[j] for j in range(len(COLOURS)) if counts[i, j] >= min_pixels} for i in range(len(counts))]

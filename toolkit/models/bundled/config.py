@@ -1,0 +1,77 @@
+"""The bundled model's facts: architecture, clip and token grid, sampler timesteps, where its files live.
+
+Why this grid (12 frames × 80 × 128 pixels, patch (1, 4, 4) → token grid **12 × 20 × 32**, 7,680 tokens):
+
+* **The paper's regime.** Aligned Monarch tilings reach ≥ 95 % effective sparsity only when b1·b2/(b1 + b2) ≥ 20;
+  with the ``fh,w`` base a 3-frame chunk tile has b1 = 3·20 = 60, b2 = 32, so tiling (3, 1, 1) is at
+  1 − 92/1920 = 95.2 % and the Fig. 1 sweep spans 0.90–0.95 ((3,4,1) 90.2 %, (1,1,1) 91.9 %, (3,2,1) 93.5 %).
+  The 12 × 12 × 20 grid the toolkit shipped before stopped at 92 %.
+* **Awkward on purpose.** Height 20 is not a power of two, height ≠ width, and 12 frames are 4 chunks of 3 (as
+  Self-Forcing's 21 latent frames are 7 chunks of 3), so aligned and misaligned layouts differ and chunk
+  boundaries fall inside every analysis.
+* **Pixel space, no autoencoder.** A token is a literal 4 × 4 pixel patch, so an attention map can be read against
+  the pixels and against the renderer's sprite masks; one trained network instead of two.
+* **Laptop-sized.** Self-attention is ~70 % of a CPU rollout (20 DiT forwards over up to 7,680 keys), and on the
+  CPU its cost per call hardly depends on the head dim (the softmax dominates), so depth sets the time: measured
+  on 2 cores, 6 layers of width 160 (4 heads × 40) roll out in about 17 s, 8 layers of width 128 in 22 s and
+  8 of width 256 in 33 s, against a 20 s budget (``benchmarks/bench_bundled_cpu.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from toolkit.models.bundled import data
+from toolkit.models.wan import WanConfig
+
+FRAMES, HEIGHT, WIDTH = 12, 80, 128  # pixels = latents (no VAE)
+PATCH = (1, 4, 4)  # token grid 12 x 20 x 32
+FRAMES_PER_CHUNK = 3  # Self-Forcing chunk: 4 chunks of 3 frames
+DEFAULT_DIR = Path(__file__).resolve().parents[3] / "data" / "bundled"
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+SELF_FORCING_STEPS = (1000, 750, 500, 250)  # warped to t = 1000, 937.5, 833.3, 625 (the released Self-Forcing)
+MANY_STEPS = tuple(range(1000, 0, -25))  # 40 steps: the teacher's ODE grid, which contains SELF_FORCING_STEPS
+
+
+def bundled_config(**overrides) -> WanConfig:
+    """The bundled architecture (``overrides`` e.g. ``dim=64, num_layers=2`` for tiny CPU tests)."""
+    kwargs = dict(
+        dim=160,  # 4 heads x 40
+        ffn_dim=640,
+        num_heads=4,
+        num_layers=6,  # CPU attention costs per call almost regardless of head dim: depth sets the rollout time
+        in_dim=3,
+        out_dim=3,
+        patch_size=PATCH,
+        text_dim=data.TEXT_DIM,
+        text_len=data.TEXT_LEN,
+        freq_dim=256,
+        eps=1e-6,
+        extra=dict(
+            model="bundled",
+            space="pixels",
+            pixel_range=[-1.0, 1.0],
+            clip=dict(frames=FRAMES, height=HEIGHT, width=WIDTH),
+            frames_per_chunk=FRAMES_PER_CHUNK,
+            prompt_encoding="toolkit.models.bundled.data.encode_prompts",
+        ),
+    )
+    kwargs.update(overrides)
+    return WanConfig(**kwargs)
+
+
+def tiny_config(clip: tuple[int, int, int] = (6, 16, 24)) -> WanConfig:
+    """A few-thousand-parameter config of the same family, for CPU tests and ``toolkit train --tiny``."""
+    cfg = bundled_config(dim=64, ffn_dim=128, num_heads=2, num_layers=2)
+    cfg.extra["clip"] = dict(frames=clip[0], height=clip[1], width=clip[2])
+    return cfg
+
+
+def clip_shape(cfg: WanConfig) -> tuple[int, int, int]:
+    """(frames, height, width) in pixels of the clips a bundled config generates."""
+    clip = cfg.extra.get("clip", {})
+    return clip.get("frames", FRAMES), clip.get("height", HEIGHT), clip.get("width", WIDTH)
+
+
+def frames_per_chunk(cfg: WanConfig) -> int:
+    return cfg.extra.get("frames_per_chunk", FRAMES_PER_CHUNK)

@@ -1,0 +1,126 @@
+"""Loading, prompting and sampling the bundled model (a config of the one Wan DiT, ``toolkit.models.wan``).
+
+It is not a fork: same blocks, 3-D RoPE, per-frame modulation, cross-attention to the prompt, sampled by the same
+Self-Forcing loop (3-frame chunks, 4 steps + clean pass, KV cache) as Self-Forcing on Wan2.1-T2V-1.3B. The prompt is
+a structured toy caption (``data.encode_prompts``: 5 tokens × 32 channels) fed through Wan's text MLP and
+cross-attention exactly like umT5 embeddings. Why the grid and size: ``config.py``; how it was trained:
+``recipe.py`` and ``data/bundled/MODEL_CARD.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from toolkit.errors import CheckpointError, WeightsNotFound
+from toolkit.models.bundled import data
+from toolkit.models.bundled.config import (
+    CONFIG_FILE,
+    DEFAULT_DIR,
+    SELF_FORCING_STEPS,
+    WEIGHTS_FILE,
+    bundled_config,
+    clip_shape,
+    frames_per_chunk,
+)
+from toolkit.models.sampling import self_forcing_rollout, self_forcing_timesteps
+from toolkit.models.wan import WanConfig, WanModel
+
+
+def load_bundled(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, path: str | Path | None = None
+) -> tuple[WanModel, dict]:
+    """Load the shipped model from ``path`` (default ``data/bundled``), strictly: every tensor present and of the
+    right shape. Returns ``(model in eval mode, info)``; info holds the config dict and the training summary."""
+    folder = Path(path) if path is not None else DEFAULT_DIR
+    weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+    if not weights.is_file():
+        raise WeightsNotFound(
+            f"bundled weights not found at {weights}; train them with `toolkit train --out {folder}` "
+            "(one GPU, about 20 minutes) or pass the folder that has them"
+        )
+    # config.json = WanConfig.to_dict() plus a "training" summary (ignored by WanConfig.from_dict)
+    meta = json.loads(config.read_text()) if config.is_file() else {}
+    cfg = WanConfig.from_dict(meta) if meta else bundled_config()
+    model = load_weights(weights, cfg, device, dtype)
+    info = dict(name="bundled", path=str(weights), config=cfg.to_dict(), training=meta.get("training", {}))
+    return model, info
+
+
+def load_weights(
+    path: str | Path, cfg: WanConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> WanModel:
+    """``WanModel(cfg)`` with the safetensors weights at ``path``, strictly (every tensor, right shapes), eval mode."""
+    from safetensors.torch import load_file
+
+    model = WanModel(cfg)
+    state = load_file(str(path))
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError as err:  # missing / unexpected / mis-shaped tensors
+        first = str(err).strip().splitlines()
+        raise CheckpointError(f"{path} does not match the bundled config: {' '.join(first[:3])[:400]}") from None
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_weights(model: WanModel, path: str | Path, **metadata: str) -> Path:
+    """float16 safetensors (the shipped precision), written to a temporary name and renamed: complete or absent."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "model": "bundled", **metadata})
+    tmp.replace(path)
+    return path
+
+
+def encode_prompt(prompts: str | data.Prompt | list) -> torch.Tensor:
+    """Text (``"2 sprites: red circle, blue square; pan left"``), Prompt, or a list of either -> context
+    [b, TEXT_LEN, TEXT_DIM] float32."""
+    if not isinstance(prompts, list):
+        prompts = [prompts]
+    parsed = [data.parse_prompt(p) if isinstance(p, str) else p for p in prompts]
+    return data.encode_prompts(parsed)
+
+
+def to_model_space(video: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] -> model space [-1, 1]."""
+    return video * 2 - 1
+
+
+def to_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Model space -> pixels in [0, 1] (clamped), float32."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def generate(
+    model: WanModel,
+    prompts: str | data.Prompt | list,
+    *,
+    seed: int = 0,
+    denoising_steps: tuple[int, ...] = SELF_FORCING_STEPS,
+    solver: str = "renoise",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Self-Forcing rollout of the bundled model: prompts -> video [b, 3, frames, height, width] in [0, 1].
+
+    ``denoising_steps`` go through the shift-5 warp as in Self-Forcing (default: its 4 steps). The teacher of the
+    training recipe is sampled with ``MANY_STEPS`` and ``solver="euler"`` (its flow ODE, chunk by chunk). Noise
+    and re-noising noise come from one generator seeded with ``seed`` on the model's device."""
+    device = next(model.parameters()).device
+    context = encode_prompt(prompts).to(device)
+    frames, height, width = clip_shape(model.cfg)
+    g = torch.Generator(device).manual_seed(seed)
+    noise = torch.randn(context.shape[0], model.cfg.in_dim, frames, height, width, generator=g, device=device)
+    noise = noise.to(model.dtype)
+    chunk = frames_per_chunk(model.cfg)
+    timesteps = self_forcing_timesteps(denoising_steps=denoising_steps)
+    x = self_forcing_rollout(
+        model, noise, context, frames_per_chunk=chunk, timesteps=timesteps, generator=g, solver=solver,
+        progress=progress,
+    )
+    return to_pixels(x)

@@ -1,0 +1,174 @@
+"""Stage (b) of the bundled recipe: **ODE-regression initialisation** of the causal 4-step student (Self-Forcing's
+``ode_init``, the CausVid stage).
+
+ODE pairs: from pure noise, the teacher's many-step sampler — ``self_forcing_rollout(solver="euler")`` over
+``MANY_STEPS`` (40 shift-5 steps), chunk by chunk with the KV cache and a clean pass after each chunk — and its
+trajectory states kept at the four warped timesteps the student samples with (1000, 937.5, 833.3, 625), which the
+40-step grid contains exactly (uniform steps 1000, 750, 500, 250 before the warp). One shift (5) throughout, unlike
+the released Self-Forcing script (pairs at shift 8, student at shift 5).
+
+Regression: per chunk a random k ∈ {0..3} (independent across chunks); the chunk's input is its trajectory state k
+at t_k, the earlier chunks' context is the clean ODE output (teacher forcing over [x0 | x_t], which is the KV-cache
+rollout's attention exactly: ``teacher.teacher_forced_flow``); the target is the ODE output x0 and the loss
+‖x̂0 − x0‖² with x̂0 = x_t − σ_k·v. Because the teacher is block-causal, each chunk's ODE solution is a function of
+the student's inputs (earlier clean chunks, this chunk's state), so the regression has a sharp target.
+
+The pairs are drawn once into a pool (``ODESettings.pairs``) and the student samples batches from it, as
+Self-Forcing trains from a fixed LMDB of pairs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from toolkit.models.bundled import data
+from toolkit.models.bundled.config import MANY_STEPS, SELF_FORCING_STEPS
+from toolkit.models.bundled.teacher import (
+    ClipSetup,
+    Log,
+    adamw,
+    autocast,
+    synchronize,
+    teacher_forced_flow,
+    warped_timesteps,
+)
+from toolkit.models.sampling import self_forcing_rollout
+from toolkit.models.wan import WanModel
+
+
+@torch.no_grad()
+def ode_pairs(
+    teacher: WanModel,
+    context: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    frames_per_chunk: int,
+    ode_steps: Sequence[int] = MANY_STEPS,
+    keep: Sequence[int] = SELF_FORCING_STEPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher ODE trajectories from ``noise`` [b c F H W]: (states [len(keep), b, c, F, H, W] — each chunk's sampler
+    input at the warped timesteps of ``keep`` —, x0 [b c F H W] the sampler's output). ``keep`` ⊂ ``ode_steps``."""
+    missing = [k for k in keep if k not in ode_steps]
+    if missing:
+        raise ValueError(f"steps {missing} are not on the ODE grid")
+    slots = {list(ode_steps).index(k): i for i, k in enumerate(keep)}
+    states = torch.empty((len(keep), *noise.shape), dtype=noise.dtype, device=noise.device)
+
+    def record(chunk: int, step: int, x: torch.Tensor) -> None:
+        if step in slots:
+            sl = slice(chunk * frames_per_chunk, (chunk + 1) * frames_per_chunk)
+            states[slots[step], :, :, sl] = x
+
+    x0 = self_forcing_rollout(
+        teacher, noise, context, frames_per_chunk=frames_per_chunk, timesteps=warped_timesteps(ode_steps),
+        solver="euler", on_step=record,
+    )
+    return states, x0
+
+
+@dataclass(frozen=True)
+class ODESettings:
+    pairs: int = 1024  # teacher trajectories in the pool
+    pair_batch: int = 64  # trajectories generated per teacher rollout
+    steps: int = 600
+    batch: int = 32
+    lr: float = 2e-4
+    warmup: int = 20
+    grad_clip: float = 1.0
+
+
+def make_pool(teacher: WanModel, settings: ODESettings, *, seed: int, log: Log = print) -> dict:
+    """Draw ``settings.pairs`` prompts and noises and solve the teacher ODE for each (states, x0, context on the
+    teacher's device; states and x0 in bfloat16 on CUDA to halve the pool)."""
+    device = next(teacher.parameters()).device
+    setup = ClipSetup.of(teacher.cfg, device)
+    g = torch.Generator().manual_seed(seed)
+    store = torch.bfloat16 if device.type == "cuda" else torch.float32
+    states, x0s, contexts = [], [], []
+    start = time.perf_counter()
+    for i in range(0, settings.pairs, settings.pair_batch):
+        n = min(settings.pair_batch, settings.pairs - i)
+        context = data.encode_prompts(data.random_prompts(n, g)).to(device)
+        noise = torch.randn(n, teacher.cfg.in_dim, setup.frames, setup.height, setup.width, generator=g).to(device)
+        with autocast(device):
+            s, x0 = ode_pairs(teacher, context, noise, frames_per_chunk=setup.chunk)
+        states.append(s.to(store))
+        x0s.append(x0.to(store))
+        contexts.append(context)
+        log(f"ode pairs {i + n}/{settings.pairs} ({time.perf_counter() - start:.0f} s)")
+    synchronize(device)
+    return dict(states=torch.cat(states, 1), x0=torch.cat(x0s), context=torch.cat(contexts),
+                seconds=time.perf_counter() - start)
+
+
+def ode_regression_loss(
+    student: WanModel, pool: dict, index: torch.Tensor, generator: torch.Generator, setup: ClipSetup
+) -> torch.Tensor:
+    """‖x̂0 − x0‖² for the pool entries ``index``, one random trajectory state per chunk (see module docstring)."""
+    device = next(student.parameters()).device
+    b = len(index)
+    chunks = setup.frames // setup.chunk
+    k = torch.randint(pool["states"].shape[0], (b, chunks), generator=generator).repeat_interleave(setup.chunk, 1)
+    idx = index.to(pool["states"].device)
+    frames = torch.arange(setup.frames)
+    # x_t [b c F H W]: per (clip, frame) the state k of that frame's chunk
+    x_t = pool["states"][k.to(idx.device), idx[:, None], :, frames[None, :].to(idx.device)]  # b F c H W
+    x_t = x_t.permute(0, 2, 1, 3, 4).to(device).float()
+    x0 = pool["x0"][idx].to(device).float()
+    table = torch.tensor(warped_timesteps(SELF_FORCING_STEPS), dtype=torch.float32)
+    sigma = (table[k] / 1000).to(device)  # b F
+    flow = teacher_forced_flow(student, x0, x_t, pool["context"][idx].to(device), sigma, setup.mask)
+    pred = x_t - sigma.view(b, 1, setup.frames, 1, 1) * flow.float()
+    return (pred - x0).pow(2).mean()
+
+
+def train_ode_init(
+    student: WanModel, teacher: WanModel, settings: ODESettings, *, seed: int = 0, log: Log = print, every: int = 50
+) -> dict:
+    """Stage (b): fill the ODE pool from ``teacher`` and regress ``student`` (in place) onto it."""
+    device = next(student.parameters()).device
+    setup = ClipSetup.of(student.cfg, device)
+    pool = make_pool(teacher, settings, seed=seed + 11, log=log)
+    heldout = make_pool(teacher, ODESettings(pairs=16, pair_batch=16), seed=seed + 12, log=lambda *_: None)
+    g = torch.Generator().manual_seed(seed + 13)
+    g_eval = torch.Generator().manual_seed(seed + 14)
+
+    def heldout_loss() -> float:
+        with torch.no_grad(), autocast(device):
+            return float(ode_regression_loss(student, heldout, torch.arange(16), g_eval.manual_seed(0), setup))
+
+    loss_init = heldout_loss()
+    opt = adamw(student, settings.lr, (0.9, 0.99), 0.0)
+    curve, pending = [], []
+    student.train()
+    start = time.perf_counter()
+    for step in range(settings.steps):
+        index = torch.randint(settings.pairs, (settings.batch,), generator=g)
+        for group in opt.param_groups:
+            group["lr"] = settings.lr * min(1.0, (step + 1) / settings.warmup)
+        with autocast(device):
+            loss = ode_regression_loss(student, pool, index, g, setup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), settings.grad_clip)
+        opt.step()
+        pending.append(loss.detach())
+        if (step + 1) % every == 0 or step + 1 == settings.steps:
+            mean = float(torch.stack(pending).mean())
+            curve.append((step + 1, mean))
+            pending = []
+            log(f"ode-init step {step + 1}/{settings.steps} | x0 loss {mean:.4f}")
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    student.eval()
+    loss_end = heldout_loss()
+    log(f"ode-init: pool {pool['seconds']:.0f} s, {settings.steps} steps in {seconds:.0f} s; held-out x0 loss "
+        f"{loss_init:.4f} -> {loss_end:.4f}")
+    return dict(
+        stage="ode_init", settings=asdict(settings), pool_seconds=round(pool["seconds"], 1), seconds=round(seconds, 1),
+        curve=curve, heldout_loss_init=round(loss_init, 5), heldout_loss_end=round(loss_end, 5),
+    )

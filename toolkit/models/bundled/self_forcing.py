@@ -1,0 +1,170 @@
+"""Stage (c) of the bundled recipe: **Self-Forcing** — the student rolls itself out with the KV cache exactly as it
+samples (``self_forcing_rollout``) and is trained by distribution matching (DMD) against the teacher.
+
+Per generator update (Self-Forcing ``model/dmd.py``, ``pipeline/self_forcing_training.py``):
+
+1. Rollout: noise → 4 chunks, each denoised with the 4-step loop (fresh re-noising), a clean pass after each
+   chunk; one exit step s ~ U{0..3} shared by all chunks; only the exit-step forward of each chunk carries
+   gradient (``self_forcing_rollout(exit_step=s)``). The video x is the exit steps' x0 predictions.
+2. Noise levels: u ~ U(0, 1) per clip, σ = shift-5 warp of u clamped to [0.02, 0.98]; x_t = (1 − σ)·x + σ·ε.
+3. Scores: x̂0_real from the frozen teacher with classifier-free guidance (null prompt),
+   x̂0_real = x̂0_u + g·(x̂0_c − x̂0_u); x̂0_fake from the critic (conditional). Both teacher-forced on the video's
+   own clean chunks ([sg(x) | x_t]): for a block-causal teacher that is the score of each chunk's conditional
+   given the earlier chunks, so matching it matches the rollout's chunk-by-chunk distribution.
+4. Gradient: grad = (x̂0_fake − x̂0_real) / mean|x − x̂0_real| (per clip, DMD's normaliser);
+   L_G = ½·‖x − sg(x − grad)‖² (its gradient with respect to x is grad / N).
+
+The critic ("fake score", initialised from the teacher) learns the student's current distribution with the
+flow-matching loss on fresh no-grad rollouts, ``critic_ratio`` updates per generator update (two time-scale rule).
+β1 = 0 for both optimisers and an EMA of the generator, as Self-Forcing.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from toolkit.models.bundled import data
+from toolkit.models.bundled.config import SELF_FORCING_STEPS
+from toolkit.models.bundled.teacher import (
+    SHIFT,
+    ClipSetup,
+    Log,
+    adamw,
+    autocast,
+    flow_matching_loss,
+    synchronize,
+    teacher_forced_flow,
+    warped_timesteps,
+)
+from toolkit.models.sampling import self_forcing_rollout, shift_sigma
+from toolkit.models.seam import use_backend
+from toolkit.models.wan import WanModel
+
+
+@dataclass(frozen=True)
+class SelfForcingSettings:
+    steps: int = 100  # generator updates
+    batch: int = 16
+    critic_ratio: int = 5  # critic updates per generator update
+    lr: float = 2e-5
+    critic_lr: float = 2e-5
+    guidance: float = 2.0  # CFG weight g of the real score (x̂0_u + g·(x̂0_c − x̂0_u))
+    sigma_range: tuple[float, float] = (0.02, 0.98)
+    grad_clip: float = 10.0
+    ema_decay: float = 0.99
+
+
+def student_rollout(
+    student: WanModel, context: torch.Tensor, noise: torch.Tensor, setup: ClipSetup, generator: torch.Generator,
+    exit_step: int,
+) -> torch.Tensor:
+    """The sampler's rollout with the stochastic exit step (gradient through one forward per chunk)."""
+    return self_forcing_rollout(
+        student, noise, context, frames_per_chunk=setup.chunk, timesteps=warped_timesteps(SELF_FORCING_STEPS),
+        generator=generator, exit_step=exit_step,
+    )
+
+
+def _dmd_sigma(batch: int, frames: int, settings: SelfForcingSettings, g: torch.Generator) -> torch.Tensor:
+    sigma = shift_sigma(torch.rand(batch, generator=g, dtype=torch.float64), SHIFT).clamp(*settings.sigma_range)
+    return sigma.float()[:, None].expand(batch, frames).contiguous()
+
+
+def dmd_gradient(
+    x: torch.Tensor, context: torch.Tensor, real: WanModel, fake: WanModel, setup: ClipSetup,
+    settings: SelfForcingSettings, generator: torch.Generator,
+) -> torch.Tensor:
+    """DMD's gradient direction for videos ``x`` [b c F H W] (detached; see the module docstring, items 2–4)."""
+    b = x.shape[0]
+    sigma = _dmd_sigma(b, setup.frames, settings, generator).to(x.device)  # b F
+    s = sigma.view(b, 1, setup.frames, 1, 1)
+    eps = torch.randn(x.shape, generator=generator).to(x.device)
+    x = x.detach().float()
+    x_t = (1 - s) * x + s * eps
+    with torch.no_grad():
+        flow_c = teacher_forced_flow(real, x, x_t, context, sigma, setup.mask).float()
+        if settings.guidance != 1.0:
+            flow_u = teacher_forced_flow(real, x, x_t, torch.zeros_like(context), sigma, setup.mask).float()
+            flow_c = flow_u + settings.guidance * (flow_c - flow_u)
+        x0_real = x_t - s * flow_c
+        x0_fake = x_t - s * teacher_forced_flow(fake, x, x_t, context, sigma, setup.mask).float()
+        norm = (x - x0_real).abs().flatten(1).mean(1).clamp_min(1e-6).view(b, 1, 1, 1, 1)
+        return torch.nan_to_num((x0_fake - x0_real) / norm)
+
+
+def train_self_forcing(
+    student: WanModel, teacher: WanModel, settings: SelfForcingSettings, *, seed: int = 0, log: Log = print,
+    every: int = 5,
+) -> dict:
+    """Stage (c): train ``student`` in place (ending with its EMA weights); ``teacher`` is the real score and the
+    critic's initialisation."""
+    device = next(student.parameters()).device
+    setup = ClipSetup.of(student.cfg, device)
+    critic = copy.deepcopy(teacher).train().requires_grad_(True)
+    teacher = teacher.eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(seed + 21)
+    g_dev = torch.Generator(device).manual_seed(seed + 22)
+    opt_g = adamw(student, settings.lr, (0.0, 0.999), 0.01)
+    opt_c = adamw(critic, settings.critic_lr, (0.0, 0.999), 0.01)
+    ema = [p.detach().clone() for p in student.parameters()]
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        context = data.encode_prompts(data.random_prompts(settings.batch, g)).to(device)
+        noise = torch.randn(settings.batch, student.cfg.in_dim, setup.frames, setup.height, setup.width, generator=g)
+        return context, noise.to(device)
+
+    def exit_step() -> int:
+        return int(torch.randint(len(SELF_FORCING_STEPS), (), generator=g))
+
+    curve, critic_losses, grad_norms = [], [], []
+    start = time.perf_counter()
+    with use_backend(student, setup.backend), use_backend(critic, setup.backend), use_backend(teacher, setup.backend):
+        for step in range(settings.steps):
+            # critic: flow matching on the student's current rollouts (no gradient into the student)
+            student.eval()
+            for _ in range(settings.critic_ratio):
+                context, noise = batch()
+                with torch.no_grad(), autocast(device):
+                    x = student_rollout(student, context, noise, setup, g_dev, exit_step()).float()
+                sigma = _dmd_sigma(settings.batch, setup.frames, settings, g).to(device)
+                eps = torch.randn(x.shape, generator=g).to(device)
+                with autocast(device):
+                    loss_c = flow_matching_loss(critic, x, context, eps, sigma, setup.mask)
+                opt_c.zero_grad(set_to_none=True)
+                loss_c.backward()
+                torch.nn.utils.clip_grad_norm_(critic.parameters(), settings.grad_clip)
+                opt_c.step()
+                critic_losses.append(loss_c.detach())
+            # generator: DMD through the exit-step forwards of its own rollout
+            student.train()
+            context, noise = batch()
+            with autocast(device):
+                x = student_rollout(student, context, noise, setup, g_dev, exit_step()).float()
+                grad = dmd_gradient(x, context, teacher, critic, setup, settings, g)
+            loss_g = 0.5 * (x - (x - grad).detach()).pow(2).mean()
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), settings.grad_clip)
+            opt_g.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in student.parameters()], 1 - settings.ema_decay)
+            grad_norms.append(grad.pow(2).mean().sqrt().detach())
+            if (step + 1) % every == 0 or step + 1 == settings.steps:
+                c = float(torch.stack(critic_losses[-settings.critic_ratio * every:]).mean())
+                gn = float(torch.stack(grad_norms[-every:]).mean())
+                curve.append((step + 1, c, gn))
+                rate = (step + 1) / (time.perf_counter() - start)
+                log(f"self-forcing step {step + 1}/{settings.steps} | critic loss {c:.4f} | dmd grad rms {gn:.4f} | "
+                    f"{rate:.2f} it/s")
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        for p, e in zip(student.parameters(), ema):
+            p.copy_(e)
+    student.eval()
+    log(f"self-forcing: {settings.steps} generator updates in {seconds:.0f} s")
+    return dict(stage="self_forcing", settings=asdict(settings), seconds=round(seconds, 1), curve=curve)

@@ -1,0 +1,288 @@
+"""Stage (a) of the bundled recipe: the **teacher**, a block-causal flow-matching model sampled with many steps.
+
+Objective: flow matching, x_t = (1 − σ)·x0 + σ·ε, target v = ε − x0, with σ from the shift-5 warp
+σ = 5u / (1 + 4u), u ~ U(0, 1), drawn independently per 3-frame chunk. Teacher forcing on clean context: the model
+sees the clean clip and its noisy copy in one sequence of 2F frames,
+
+    frames   [clean 0 .. F−1 | noisy 0 .. F−1]     RoPE frame_index = [0 .. F−1, 0 .. F−1]   t = [0 .. 0 | 1000·σ]
+
+under a block-causal mask (3-frame chunks): clean chunk c attends clean chunks ≤ c; noisy chunk c attends clean
+chunks < c and itself. That is exactly what a query sees in ``self_forcing_rollout`` (clean-pass K/V of earlier
+chunks in the cache, then the current chunk), so one forward trains every chunk's denoiser as the sampler calls it
+(tested equal in ``tests/test_bundled.py``). ``chunked_attention`` computes the masked attention chunk by chunk over
+the allowed keys only (about 30 % of the pairs, unmasked flash kernels).
+
+Why block-causal rather than bidirectional: the next stage regresses a causal student onto the teacher's ODE
+solutions. A bidirectional teacher's solution for chunk c depends on the noise of later chunks, which the causal
+student never sees, so the regression target is not a function of the student's inputs and the student learns
+their average (blur). A block-causal teacher sampled chunk by chunk (``MANY_STEPS``, Euler, KV cache) makes the
+solution of chunk c a deterministic function of the earlier clean chunks and chunk c's noise — exactly the
+student's inputs.
+
+A fraction ``cond_dropout`` of the clips is trained with the null prompt (all-zero context), so the teacher can
+also give the unconditional flow for classifier-free guidance in stage (c).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from toolkit.models.bundled import data
+from toolkit.models.bundled.config import clip_shape, frames_per_chunk
+from toolkit.models.bundled.model import to_model_space
+from toolkit.models.sampling import self_forcing_timesteps, shift_sigma
+from toolkit.models.seam import AttentionContext, Backend, dense_attention
+from toolkit.models.wan import WanConfig, WanModel
+
+SHIFT = 5.0  # one shift everywhere: the sampler's warp, σ sampling in every stage, the DMD noise levels
+HELDOUT_SEED = 1_000_003  # held-out clips, noise and σ; training seeds are seed + small offsets
+Log = Callable[[str], None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Teacher forcing: one forward over [clean | noisy] = every chunk's KV-cache denoising step
+
+
+def teacher_forcing_mask(frames: int, tokens_per_frame: int, frames_per_chunk: int, device=None) -> torch.Tensor:
+    """Bool [2L, 2L] (True = attend), L = frames·tokens_per_frame, over the sequence [clean clip | noisy clip].
+
+    Clean chunk c attends clean chunks ≤ c (as the clean pass at inference); noisy chunk c attends clean
+    chunks < c and noisy chunk c (as a denoising step at inference)."""
+    chunk = torch.arange(frames, device=device) // frames_per_chunk
+    cq, ck = chunk[:, None], chunk[None, :]
+    no = torch.zeros_like(ck <= cq)
+    frame_mask = torch.cat([torch.cat([ck <= cq, no], 1), torch.cat([ck < cq, ck == cq], 1)], 0)
+    return frame_mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+def chunked_attention(frames: int, tokens_per_frame: int, frames_per_chunk: int) -> Backend:
+    """Seam backend that computes exactly the ``teacher_forcing_mask`` attention without a mask: per chunk, one
+    dense SDPA call over the keys that chunk may see (contiguous clean prefix, plus the noisy chunk itself for
+    noisy queries). Calls of any other shape (the KV-cache sampler) fall through to ``dense_attention``."""
+    n = frames * tokens_per_frame  # tokens of one copy of the clip
+    size = frames_per_chunk * tokens_per_frame
+
+    def backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        if ctx.attn_mask is None or q.shape[1] != 2 * n or k.shape[1] != 2 * n:
+            return dense_attention(q, k, v, ctx)
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # b h l d
+        clean, noisy = [], []
+        for start in range(0, n, size):
+            end = min(start + size, n)
+            clean.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end],
+                                                        scale=ctx.scale))
+            keys = torch.cat([k[:, :, :start], k[:, :, n + start : n + end]], dim=2)
+            values = torch.cat([v[:, :, :start], v[:, :, n + start : n + end]], dim=2)
+            noisy.append(F.scaled_dot_product_attention(q[:, :, n + start : n + end], keys, values, scale=ctx.scale))
+        return torch.cat(clean + noisy, dim=2).transpose(1, 2)
+
+    backend.__name__ = "chunked_teacher_forcing_attention"
+    return backend
+
+
+@dataclass(frozen=True)
+class ClipSetup:
+    """Shapes every stage shares: the clip, its chunking, the teacher-forcing mask and its chunked backend."""
+
+    frames: int
+    height: int
+    width: int
+    chunk: int
+    mask: torch.Tensor
+    backend: Backend
+
+    @classmethod
+    def of(cls, cfg: WanConfig, device: torch.device | str) -> ClipSetup:
+        frames, height, width = clip_shape(cfg)
+        chunk = frames_per_chunk(cfg)
+        per_frame = (height // cfg.patch_size[1]) * (width // cfg.patch_size[2])
+        mask = teacher_forcing_mask(frames, per_frame, chunk, device)
+        return cls(frames, height, width, chunk, mask, chunked_attention(frames, per_frame, chunk))
+
+    def sample(self, batch: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Procedural clips in model space: (x0 [b c F H W], context [b L D], prompts)."""
+        video, context, prompts = data.sample_batch(
+            batch, generator, frames=self.frames, height=self.height, width=self.width, device=device
+        )
+        return to_model_space(video), context, prompts
+
+
+def sample_sigma(
+    batch: int, frames: int, frames_per_chunk: int, generator: torch.Generator, shift: float = SHIFT
+) -> torch.Tensor:
+    """σ [batch, frames] (CPU generator, float32): the shift warp of U(0, 1), one value per chunk."""
+    chunks = frames // frames_per_chunk
+    sigma = shift_sigma(torch.rand(batch, chunks, generator=generator, dtype=torch.float64), shift)
+    return sigma.float().repeat_interleave(frames_per_chunk, 1)
+
+
+def teacher_forced_flow(
+    model: WanModel, x0: torch.Tensor, x_t: torch.Tensor, context: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Flow prediction for every chunk of ``x_t`` (noise level ``sigma`` [b F]) given the clean clip ``x0`` as the
+    context of earlier chunks: one forward over [x0 | x_t] (2F frames) under ``mask``; returns the noisy half."""
+    frames = x0.shape[2]
+    t_in = torch.cat([torch.zeros_like(sigma), 1000 * sigma], dim=1)
+    frame_index = torch.arange(frames, device=x0.device).repeat(2)
+    out = model(torch.cat([x0, x_t], dim=2), t_in, context, frame_index=frame_index, attn_mask=mask)
+    return out[:, :, frames:]
+
+
+def flow_matching_loss(
+    model: WanModel,
+    x0: torch.Tensor,
+    context: torch.Tensor,
+    noise: torch.Tensor,
+    sigma: torch.Tensor,
+    mask: torch.Tensor,
+    per_sample: bool = False,
+) -> torch.Tensor:
+    """Teacher-forced flow-matching MSE on the noisy half. x0, noise [b c F H W]; sigma [b F]; mask from
+    ``teacher_forcing_mask``. Returns the mean (or [b] with ``per_sample``), float32."""
+    b, _, frames = x0.shape[:3]
+    s = sigma.view(b, 1, frames, 1, 1).to(x0.dtype)
+    pred = teacher_forced_flow(model, x0, (1 - s) * x0 + s * noise, context, sigma, mask)
+    err = (pred.float() - (noise - x0).float()).pow(2)
+    return err.flatten(1).mean(1) if per_sample else err.mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Held-out loss, schedules, precision
+
+
+def heldout_set(n: int, cfg: WanConfig, seed: int = HELDOUT_SEED) -> dict:
+    """Fixed held-out clips, prompts, noise and per-chunk σ (CPU, float32), from ``seed`` only."""
+    frames, height, width = clip_shape(cfg)
+    g = torch.Generator().manual_seed(seed)
+    video, context, prompts = data.sample_batch(n, g, frames=frames, height=height, width=width)
+    x0 = to_model_space(video)
+    noise = torch.randn(x0.shape, generator=g)
+    sigma = sample_sigma(n, frames, frames_per_chunk(cfg), g)
+    return dict(x0=x0, context=context, noise=noise, sigma=sigma, prompts=prompts)
+
+
+@torch.no_grad()
+def heldout_loss(model: WanModel, heldout: dict, batch: int = 16) -> float:
+    """Mean teacher-forced flow-matching loss of ``model`` on a ``heldout_set``."""
+    device = next(model.parameters()).device
+    setup = ClipSetup.of(model.cfg, device)
+    total, n = 0.0, heldout["x0"].shape[0]
+    for i in range(0, n, batch):
+        part = {k: v[i : i + batch].to(device) for k, v in heldout.items() if torch.is_tensor(v)}
+        with autocast(device):
+            loss = flow_matching_loss(model, part["x0"], part["context"], part["noise"], part["sigma"], setup.mask,
+                                      per_sample=True)
+        total += float(loss.sum())
+    return total / n
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int, final_frac: float = 0.05) -> float:
+    """Linear warm-up for ``warmup`` steps, then cosine from ``lr`` to ``final_frac·lr`` at ``total``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def autocast(device: torch.device | str):
+    """bf16 autocast on CUDA (training and sampling there), full precision elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def adamw(model: WanModel, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms, modulation vectors)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2 and p.requires_grad]
+    rest = [p for p in model.parameters() if p.dim() < 2 and p.requires_grad]
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **fused)
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    steps: int = 2000
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    cond_dropout: float = 0.1  # null prompt for this fraction of clips: the unconditional flow for CFG
+    ema_decay: float = 0.999
+
+
+def train_teacher(
+    model: WanModel, settings: TeacherSettings, *, seed: int = 0, log: Log = print, every: int = 50
+) -> dict:
+    """Train ``model`` in place as the stage-(a) teacher; returns the stage record (settings, time, loss curve,
+    held-out loss before and after). The shipped-to-next-stage weights are the EMA (exponential moving average)."""
+    device = next(model.parameters()).device
+    setup = ClipSetup.of(model.cfg, device)
+    data_gen = torch.Generator().manual_seed(seed + 1)
+    noise_gen = torch.Generator(device).manual_seed(seed + 2)
+    opt = adamw(model, settings.lr, (0.9, 0.99), settings.weight_decay)
+    ema = [p.detach().clone() for p in model.parameters()]
+    heldout = heldout_set(32, model.cfg)
+    loss_init = heldout_loss(model, heldout)
+    curve: list[tuple[int, float]] = []
+    pending: list[torch.Tensor] = []
+    model.train()
+    start = time.perf_counter()
+    for step in range(settings.steps):
+        x0, context, _ = setup.sample(settings.batch, data_gen, device)
+        drop = torch.rand(settings.batch, generator=data_gen) < settings.cond_dropout
+        context = torch.where(drop.to(device).view(-1, 1, 1), torch.zeros_like(context), context)
+        noise = torch.randn(x0.shape, generator=noise_gen, device=device)
+        sigma = sample_sigma(settings.batch, setup.frames, setup.chunk, data_gen).to(device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, settings.steps, settings.lr, settings.warmup)
+        with autocast(device):
+            loss = flow_matching_loss(model, x0, context, noise, sigma, setup.mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        opt.step()
+        decay = min(settings.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - decay)
+        pending.append(loss.detach())
+        if (step + 1) % every == 0 or step + 1 == settings.steps:
+            mean = float(torch.stack(pending).mean())
+            curve.append((step + 1, mean))
+            pending = []
+            rate = (step + 1) / (time.perf_counter() - start)
+            log(f"teacher step {step + 1}/{settings.steps} | flow loss {mean:.4f} | {rate:.2f} it/s")
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        for p, e in zip(model.parameters(), ema):
+            p.copy_(e)
+    model.eval()
+    loss_end = heldout_loss(model, heldout)
+    log(f"teacher: {settings.steps} steps in {seconds:.0f} s; held-out flow loss {loss_init:.4f} -> {loss_end:.4f}")
+    return dict(
+        stage="teacher", settings=asdict(settings), seconds=round(seconds, 1), curve=curve,
+        heldout_loss_init=round(loss_init, 5), heldout_loss_end=round(loss_end, 5),
+    )
+
+
+def warped_timesteps(denoising_steps) -> list[float]:
+    """The sampler's timesteps for a list of denoising steps (shift-5 warp)."""
+    return self_forcing_timesteps(SHIFT, denoising_steps).tolist()
