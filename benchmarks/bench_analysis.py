@@ -8,7 +8,7 @@ The record is the last Self-Forcing chunk at 480p: 4,680 queries against 32,760 
 * ``naive``: the obvious PyTorch version — per head materialise softmax(s·q·kᵀ), ``torch.sort`` every row,
   cumsum for coverage, and for every sparsity build the masked / renormalised map and multiply by V.
 
-Goal (issue 5): all 12 heads, 4 coverage masses and 10 sparsities (both variants, map + output errors) in
+Target: all 12 heads, 4 coverage masses and 10 sparsities (both variants, map + output errors) in
 <= 2 s on an H100; the speedup over ``naive`` is reported from the same run.
 
     python benchmarks/bench_analysis.py --out benchmarks/results/

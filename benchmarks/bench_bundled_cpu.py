@@ -1,7 +1,7 @@
 """CPU time of one full bundled-model rollout: 4 chunks x (4 denoising steps + clean pass) = 20 DiT forwards over the
 bundled token grid, float32, with the Self-Forcing KV cache.
 
-    python benchmarks/bench_bundled_cpu.py --out benchmarks/results/          # goal (issue 3): <= 20 s on 2 cores
+    python benchmarks/bench_bundled_cpu.py --out benchmarks/results/          # target: <= 20 s on 2 cores
 
 Uses the shipped weights (data/bundled) when present, else random weights of the same config (same cost).
 Reports the median over --videos timed rollouts after one warm-up rollout, per-chunk times, and writes JSON.

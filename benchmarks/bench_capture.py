@@ -18,7 +18,7 @@ with the pooled kernel switched off ("no kernel"), reports the main thread's tim
 record, and profiles one video of ``none`` and ``b`` (top GPU kernels, GPU busy time): where the overhead goes.
 
 Modes run interleaved (none, a, b, none, a, b, ...) after one warm-up video per mode; medians over ``--videos``.
-Goals (issue 4): a ≤ 1.3×, b ≤ 1.15× the uncaptured time. Also reported: bytes written, write throughput, and a
+Targets: a ≤ 1.3×, b ≤ 1.15× the uncaptured time. Also reported: bytes written, write throughput, and a
 correctness check (rows recomputed from the file vs softmax of what the model attended, for the last chunk).
 Capture files go to ``--workdir`` (default: a temp dir next to --out) and are deleted after each run.
 """
@@ -39,10 +39,11 @@ from pathlib import Path
 import torch
 
 import toolkit
-from toolkit.capture import RunLayout, Selection, capture, open_capture, resolve
+from toolkit.capture import Selection, capture, open_capture, resolve
 from toolkit.capture.selection import human_bytes
 from toolkit.models.checkpoints import random_state_dict
-from toolkit.models.sampling import self_forcing_rollout, self_forcing_timesteps
+from toolkit.models.layout import RunLayout
+from toolkit.models.sampling import SelfForcingSampler
 from toolkit.models.seam import seams
 from toolkit.models.wan import WanConfig, WanModel
 
@@ -115,8 +116,8 @@ def main() -> None:
     noise = torch.randn(latent, generator=g, device=dev, dtype=torch.bfloat16)
     context = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g, device=dev, dtype=torch.bfloat16)
     context[:, 40:] = 0  # a 40-token prompt, zero-padded like the umT5 encoder output
-    timesteps = self_forcing_timesteps()
-    layout = RunLayout.self_forcing(cfg, model.grid_size(noise), timesteps.tolist(), 3)
+    sampler = SelfForcingSampler()  # Self-Forcing's loop; its layout is what the seams will see
+    layout = sampler.layout(cfg, model.grid_size(noise))
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     modes = {
@@ -129,8 +130,7 @@ def main() -> None:
         modes["b_all"] = Selection(store=("pooled",), queries="all")
 
     def rollout():
-        return self_forcing_rollout(model, noise, context, timesteps=timesteps,
-                                    generator=torch.Generator(device=dev).manual_seed(1))
+        return sampler.sample(model, noise, context, generator=torch.Generator(device=dev).manual_seed(1))
 
     def timed(fn) -> float:
         """Seconds of ``fn`` by CUDA events on the GPU (host clock on the CPU smoke test)."""

@@ -5,7 +5,8 @@ through the toolkit's checkpoint loader.
     python benchmarks/bench_generate.py --out results/            # on a GPU; ~1 min plus writing 5.7 GB of weights
 
 Reports wall time per video (median over --videos runs after one warm-up video), per-chunk times, peak GPU memory,
-and writes JSON. Goal from the issue: <= 3.7 s per video on an H100 (the paper's FlashAttention figure is 3.66 s).
+and writes JSON. Target: <= 3.7 s per video on an H100, i.e. on par with the paper's FlashAttention figure
+(3.66 s).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ and (1,2,1)) it computes, per head, with ``toolkit.attention.monarch``:
 * the exact Frobenius projection (map MSE, relative Frobenius, output relative L2), tile group by tile group;
 * variational MonarchAttention with T = 1 and the same errors against the exact map.
 
-    python benchmarks/bench_monarch_analysis.py --out benchmarks/results/      # goal (issue 6): <= 10 s, 12 heads
+    python benchmarks/bench_monarch_analysis.py --out benchmarks/results/      # target: <= 10 s, 12 heads
 
 Before timing it checks a small case on the device in float32 against float64 on the CPU (the projection
 against the float64 SVD of every slice, the variational output against the float64 reference), and at full

@@ -14,26 +14,25 @@ from __future__ import annotations
 import argparse
 
 import torch
-from toolkit.kernels import monarch_attention_triton
 from toolkit.kernels.bench import SHAPES, _inputs
+from toolkit.kernels.monarch import _forward
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="*", choices=sorted(SHAPES), default=["full-111", "ar-111"])
     p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--streams", type=int, default=1)
     args = p.parse_args()
     assert torch.cuda.is_available(), "needs a GPU"
     for name in args.shapes:
         grid, tiling, qf, kf = SHAPES[name]
         q, k, v = _inputs(grid, qf, kf, args.heads, 128, torch.bfloat16, torch.device("cuda"))
 
-        kw = dict(query_frames=qf, key_frames=kf, autotune=True, streams=args.streams)
-        monarch_attention_triton(q, k, v, grid, tiling, **kw)  # compile + tune (outside the profiled range)
+        kw = dict(query_frames=qf, key_frames=kf, autotune=True)
+        _forward(q, k, v, grid, tiling, **kw)  # compile + tune (outside the profiled range)
         torch.cuda.synchronize()
         torch.cuda.nvtx.range_push("profile")
-        monarch_attention_triton(q, k, v, grid, tiling, **kw)
+        _forward(q, k, v, grid, tiling, **kw)
         torch.cuda.synchronize()
         torch.cuda.nvtx.range_pop()
         print(f"{name}: profiled one call", flush=True)

@@ -1,6 +1,6 @@
 """Shared pieces of the Monarch kernels: tile geometry on raster-order tensors, launch configs, disk-cached tuning.
 
-Geometry (MonarchRT §3, aligned base ``fh,w``; ``docs/monarchrt.md``). A frame range ``[start, end)`` of the
+Geometry (aligned base ``fh,w``; ``docs/monarch.md`` "Layouts"). A frame range ``[start, end)`` of the
 token grid (frames, height, width) with tiling (f_tied, h_reduce, w_reduce) has
 ``((end - start) / f_tied) · h_reduce · w_reduce`` tiles of ``b1 = f_tied · H'`` rows by ``b2 = W'`` columns
 (H' = height / h_reduce, W' = width / w_reduce). Tile t = (α · h_reduce + γ) · w_reduce + ε, row i, column j
@@ -133,8 +133,9 @@ def key_tiles_allowed(
 ) -> torch.Tensor:
     """Number of key tiles (a prefix, keys are frame-major) each query tile attends: int32 ``num_query_tiles``.
 
-    Block-causal (MonarchRT §6): a query tile in chunk c = frame // block_causal_frames sees the key tiles that
-    start before the end of chunk c; both softmaxes (R over columns, L over (tile, row)) see only those.
+    Block-causal (``docs/monarch.md`` "Block-causal and KV-cache modes"): a query tile in chunk
+    c = frame // block_causal_frames sees the key tiles that start before the end of chunk c; both softmaxes
+    (R over columns, L over (tile, row)) see only those.
     """
     n_q = queries.num_tiles
     if block_causal_frames is None:
@@ -256,6 +257,8 @@ def pick_config(
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     full_key = f"{device}|triton {triton.__version__}|{key}"
     cached = _load_cache().get(full_key)
+    if cached is not None and cached != default and cached not in candidates:
+        cached = None  # chosen among candidates that no longer exist (an older tuner's): decide afresh
     if cached is not None:
         TUNING_LOG.append({"key": key, "source": "cached", "seconds": 0.0, "config": cached})
         _PICKED[key, autotune] = cached

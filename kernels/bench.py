@@ -44,7 +44,7 @@ TINY_SHAPES = {
     "tiny-ar-121": ((6, 4, 5), (1, 2, 1), (3, 6), (0, 6)),
 }
 DENSE_BACKENDS = ("cudnn", "flash", "efficient")
-# Goals (issue 7; H100, bf16, B=1, 12 heads, d=128)
+# Target times in ms, checked by the benchmark (H100, bf16, B=1, 12 heads, d=128)
 GOALS_MS = {"full-111": 3.1, "ar-111": 0.56}
 
 
@@ -67,11 +67,36 @@ class Row:
     tuning: list[dict] = field(default_factory=list)
     stage_ms: dict | None = None  # Monarch: median ms of the rows (R-step) and cols (L-step) kernels alone
     reload_from_disk: str | None = None  # Monarch: where configs came from after forgetting them in memory
-    version: str | None = None  # Monarch: R-step kernel version (kernels/monarch.py VERSIONS)
+    version: str | None = None  # Monarch: R-step kernel version (kernels/monarch.py _VERSIONS)
 
     @property
     def ms(self) -> float | None:
         return sorted(self.median_ms)[len(self.median_ms) // 2] if self.median_ms else None
+
+
+def monarch_flops(grid, tiling, query_frames=None, key_frames=None, heads: int = 12, head_dim: int = 128,
+                  batch: int = 1, block_causal_frames: int | None = None) -> float:
+    """FLOPs the two Monarch kernels execute (2 per multiply-add, no padding): 3·b2²·d per (a, f, k, j) row pair
+    for the R-step products, 2·b1·d per (a, f, k, j, i) for the L-step, summed over allowed tile pairs."""
+    from toolkit.kernels._common import TileGeometry, key_tiles_allowed
+
+    query_frames = tuple(query_frames) if query_frames is not None else (0, grid[0])
+    key_frames = tuple(key_frames) if key_frames is not None else query_frames
+    gq = TileGeometry(tuple(grid), tuple(tiling), query_frames)
+    gk = TileGeometry(tuple(grid), tuple(tiling), key_frames)
+    pairs = int(key_tiles_allowed(gq, gk, block_causal_frames).sum())
+    per_pair = gq.b1 * gq.b2 * head_dim * (3 * gq.b2 + 2 * gq.b1)
+    return 2.0 * per_pair * pairs * heads * batch
+
+
+def dense_flops(n_q: int, n_k: int, heads: int = 12, head_dim: int = 128, batch: int = 1) -> float:
+    return 4.0 * n_q * n_k * head_dim * heads * batch
+
+
+def minimum_bytes(n_q: int, n_k: int, heads: int = 12, head_dim: int = 128, batch: int = 1,
+                  element_size: int = 2) -> float:
+    """Each of q, k, v read once and out written once."""
+    return float((2 * n_q + 2 * n_k) * heads * head_dim * batch * element_size)
 
 
 def _environment() -> dict:
@@ -196,15 +221,7 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
     """Check and time every variant at one shape; appends to ``rows``, returns the shape's accounting."""
     import torch
     from toolkit.kernels import _common
-    from toolkit.kernels.monarch import (
-        VERSIONS,
-        default_version,
-        dense_flops,
-        minimum_bytes,
-        monarch_attention_triton,
-        monarch_flops,
-        rows_v2_supported,
-    )
+    from toolkit.kernels.monarch import _VERSIONS, _default_version, _forward
 
     from toolkit.attention.monarch import monarch_attention
 
@@ -230,10 +247,10 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
             variants[f"sdpa-{backend}"] = (_dense_fn(backend, qh, kh, vh, scale),
                                            lambda out: _rel(out[0][:, sample], ref_rows), dflops)
 
-    def monarch_fn(scratch_bytes=None, stages="both", version=None, streams=1):
-        return lambda: monarch_attention_triton(q, k, v, grid, tiling, query_frames=qf, key_frames=kf, scale=scale,
-                                                autotune=not args.no_autotune, scratch_bytes=scratch_bytes,
-                                                stages=stages, version=version, streams=streams)
+    def monarch_fn(scratch_bytes=None, stages="both", version=None):
+        return lambda: _forward(q, k, v, grid, tiling, query_frames=qf, key_frames=kf, scale=scale,
+                                autotune=not args.no_autotune, scratch_bytes=scratch_bytes, stages=stages,
+                                version=version)
 
     def monarch_check(out):
         hs = slice(0, args.check_heads)
@@ -243,23 +260,18 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
 
     # the default R-step version as "monarch(...)", the other versions as "monarch(...)-vN" rows of their own
     # (listed first, so that a table keeping one Monarch column per shape keeps the default's row)
-    b2 = grid[2] // tiling[2]
-    default = default_version() if rows_v2_supported(b2) else "v1"
+    default = _default_version(grid[2] // tiling[2])
     versions = {}
-    if rows_v2_supported(b2):
-        for ver in VERSIONS:
+    if default == "v2":  # v1 also runs every shape; v2 only those with b2 <= 64
+        for ver in _VERSIONS:
             if ver != default:
                 variants[f"monarch{tiling}-{ver}"] = (monarch_fn(version=ver), monarch_check, mflops)
                 versions[f"monarch{tiling}-{ver}"] = ver
     variants[f"monarch{tiling}"] = (monarch_fn(version=default), monarch_check, mflops)
     versions[f"monarch{tiling}"] = default
     extra = {}
-    if args.streams:  # R-step of chunk c + 1 beside the L-step of chunk c, default scratch budget
-        extra["2streams"] = dict(streams=2)
     if args.low_memory:  # scratch ≤ size(q) (head groups of one query tile): with the output, extra ≤ 2 × size(q)
         extra["lowmem"] = dict(scratch_bytes=q_bytes)
-        if args.streams:
-            extra["lowmem-2streams"] = dict(scratch_bytes=q_bytes, streams=2)
     for tag, kw in extra.items():
         variants[f"monarch{tiling}-{tag}"] = (monarch_fn(version=default, **kw), monarch_check, mflops)
         versions[f"monarch{tiling}-{tag}"] = default
@@ -517,8 +529,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--low-memory", action="store_true",
                    help="also time Monarch with intermediates limited to size(q), i.e. extra memory with the output "
                         "≤ 2x size(q) (one query tile of a head group per launch: more, smaller launches)")
-    p.add_argument("--streams", action="store_true",
-                   help="also time the two-stream pipeline (streams=2) at the default and low-memory budgets")
     p.add_argument("--analysis", action="store_true",
                    help="also check and time apply_factors and monarch_compare at the last AR chunk")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test through the interpreter)")

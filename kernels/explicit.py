@@ -1,6 +1,6 @@
 r"""Explicit-factor Monarch evaluation: M·V and the row sums of M from given factors (L, R), at full scale.
 
-Math (per batch and head; tiled (fh, w) layout of ``kernels._common``; ``docs/monarchrt.md`` §3):
+Math (per batch and head; tiled (fh, w) layout of ``kernels._common``; ``docs/monarch.md`` "The Monarch matrix"):
 
     M[(a,i,j), (f,k,l)] = L[a,j,i,f,k] · R[a,f,k,j,l]
     Y[a,f,j,k]   = Σ_l R[a,f,k,j,l] · v[f,k,l]          s[a,f,j,k] = Σ_l R[a,f,k,j,l]

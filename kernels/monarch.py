@@ -1,7 +1,7 @@
 r"""Monarch attention forward (MonarchRT, T = 1 variational step), tiled, on raster-order q/k/v.
 
-Math (per batch and head; ``docs/monarchrt.md`` §3–4, notation of the paper). Query tile a, row i, column j;
-key tile f, row k, column l; s = scale. With the identity initialisation of L, one iteration is
+Math (per batch and head; ``docs/monarch.md`` "The Monarch matrix" and "MonarchAttention (variational)"). Query tile a,
+row i, column j; key tile f, row k, column l; s = scale. With the identity initialisation of L, one iteration is
 
     R-step   R[a,f,k,j,l] = softmax_l( s · q[a,k,j]·k[f,k,l] )                  (query row k sees key row k)
              α[a,f,j,k]   = Σ_l R · k[f,k,l]        c[a,f,j,k] = Σ_l R log R        Y[a,f,j,k] = Σ_l R · v[f,k,l]
@@ -23,11 +23,16 @@ Triton's register model):
   base 2, fp32 accumulation; writes out in raster order.
 
 Query tiles are processed in chunks so that the intermediates stay under a memory budget.
+
+Layout of this module (the shape of Triton's fused-attention tutorial): the math above, the kernels, then a
+short launcher, :func:`monarch_attention_triton`, that checks its constraints and calls the custom op
+``toolkit::monarch_attention`` (``torch.library``, with a fake implementation for shapes and dtypes), so a model
+whose seam uses this kernel traces under ``torch.compile``. Benchmark switches (R-step version, launch configs,
+one stage alone, an output buffer) exist only on the private :func:`_forward`, which ``kernels/bench.py`` calls;
+FLOP and byte accounting lives in the benchmark too.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from toolkit.kernels._common import (
@@ -35,8 +40,6 @@ from toolkit.kernels._common import (
     TileGeometry,
     autotune_enabled,
     check_head_dim,
-    interpreted,
-    key_tiles_allowed,
     key_tiles_allowed_on,
     mma,
     output_buffer,
@@ -54,9 +57,9 @@ from toolkit.errors import ToolkitError
 
 # Intermediates budget (bytes) when the caller gives none: α + Y + c for this many bytes per query-tile chunk.
 DEFAULT_SCRATCH_BYTES = 1 << 30
-# R-step kernel versions (kernels/NOTES.md): v1 = _monarch_rows_fwd, v2 = _monarch_rows_fwd_v2 (b2 <= 128).
-VERSIONS = ("v1", "v2")
-DEFAULT_VERSION = "v2"
+# R-step kernel versions (kernels/NOTES.md): v1 = _monarch_rows_fwd (any b2), v2 = _monarch_rows_fwd_v2
+# (b2 ≤ 64, faster at every measured shape: used wherever it applies). Only the benchmark picks one explicitly.
+_VERSIONS = ("v1", "v2")
 
 
 @triton.jit
@@ -153,16 +156,12 @@ def _monarch_rows_fwd_v2(
     q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
     k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, UPCAST: tl.constexpr,
-    SPLIT_D: tl.constexpr = False,
 ):
     """v2 of the R-step (b2 ≤ BLOCK_L): the BLOCK_M rows of a program are (query tile, column j) pairs of
     ``tiles_per_prog`` consecutive query tiles at the same row k, so each K/V row block loaded serves all of
     them (one M = BLOCK_M product instead of one per tile); the key tiles are split over ``n_f_split``
     programs (parallelism at the AR chunk). R is normalised before the products (no rescaling of the
-    accumulators) and α, Y are formed and stored one after the other (one accumulator live).
-    ``SPLIT_D``: q, K, V handled as two halves of the head dim (S = q₀K₀ᵀ + q₁K₁ᵀ; α, Y formed and stored half
-    by half), so the live accumulator is BLOCK_M × D/2: fewer registers, more programs per SM (the kernel is
-    latency-bound at one 8-warp program per SM, Nsight Compute, NOTES.md)."""
+    accumulators) and α, Y are formed and stored one after the other (one accumulator live)."""
     row = tl.program_id(0)  # the key row k (= query row k under the identity initialisation)
     pid_af = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -185,12 +184,7 @@ def _monarch_rows_fwd_v2(
     q_base = Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
     k_base = K + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
     v_base = V + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
-    if SPLIT_D:
-        offs_d = tl.arange(0, D // 2)  # one half; the other is offs_d + D // 2
-    q_offs = q_tok[:, None] * sq_n + offs_d[None, :]
-    q = tl.load(q_base + q_offs, mask=mask_m[:, None], other=0.0)  # [BM, D] (first half with SPLIT_D)
-    if SPLIT_D:
-        q1 = tl.load(q_base + q_offs + D // 2, mask=mask_m[:, None], other=0.0)
+    q = tl.load(q_base + q_tok[:, None] * sq_n + offs_d[None, :], mask=mask_m[:, None], other=0.0)  # [BM, D]
     kv_offs = offs_l[:, None] * sk_n + offs_d[None, :]
     vv_offs = offs_l[:, None] * sv_n + offs_d[None, :]
 
@@ -205,12 +199,7 @@ def _monarch_rows_fwd_v2(
         k_row0 = k_row0.to(tl.int64)
         kk = tl.load(k_base + k_row0 * sk_n + kv_offs, mask=mask_l[:, None], other=0.0)
         vv = tl.load(v_base + k_row0 * sv_n + vv_offs, mask=mask_l[:, None], other=0.0)
-        if SPLIT_D:
-            kk1 = tl.load(k_base + k_row0 * sk_n + kv_offs + D // 2, mask=mask_l[:, None], other=0.0)
-            vv1 = tl.load(v_base + k_row0 * sv_n + vv_offs + D // 2, mask=mask_l[:, None], other=0.0)
-            x = (mma(q, tl.trans(kk), UPCAST) + mma(q1, tl.trans(kk1), UPCAST)) * scale_log2
-        else:
-            x = mma(q, tl.trans(kk), UPCAST) * scale_log2  # [BM, BL], log2 units
+        x = mma(q, tl.trans(kk), UPCAST) * scale_log2  # [BM, BL], log2 units
         x = tl.where(mask_l[None, :], x, float("-inf"))
         xs = x - tl.max(x, 1)[:, None]
         p = tl.exp2(xs)
@@ -224,13 +213,7 @@ def _monarch_rows_fwd_v2(
         rows = out_rows + f * b1
         tile_offs = rows[:, None] * D + offs_d[None, :]
         tl.store(ALPHA + slab * D + tile_offs, mma(r, kk, UPCAST).to(ALPHA.dtype.element_ty), mask=mask_m[:, None])
-        if SPLIT_D:
-            tl.store(ALPHA + slab * D + tile_offs + D // 2, mma(r, kk1, UPCAST).to(ALPHA.dtype.element_ty),
-                     mask=mask_m[:, None])
         tl.store(Y + slab * D + tile_offs, mma(r, vv, UPCAST).to(Y.dtype.element_ty), mask=mask_m[:, None])
-        if SPLIT_D:
-            tl.store(Y + slab * D + tile_offs + D // 2, mma(r, vv1, UPCAST).to(Y.dtype.element_ty),
-                     mask=mask_m[:, None])
         tl.store(C + slab + rows, c, mask=mask_m)
 
 
@@ -309,14 +292,10 @@ def _rows_candidates(b2: int, d: int) -> list[dict]:
     ]
 
 
-def default_version() -> str:
-    """R-step version used when the caller names none: env ``TOOLKIT_MONARCH_VERSION``, else ``DEFAULT_VERSION``."""
-    return os.environ.get("TOOLKIT_MONARCH_VERSION") or DEFAULT_VERSION
-
-
-def rows_v2_supported(b2: int) -> bool:
-    """The v2 R-step holds a whole key row in one block: b2 ≤ BLOCK_L = 64 (128 spills at d = 128)."""
-    return b2 <= 64
+def _default_version(b2: int) -> str:
+    """The R-step version for tile width ``b2``: v2 holds a whole key row in one block, so b2 ≤ BLOCK_L = 64
+    (128 spills at d = 128); v1 otherwise (720p's b2 = 80)."""
+    return "v2" if b2 <= 64 else "v1"
 
 
 def _rows_v2_default(b2: int, d: int, n_query_tiles: int) -> dict:
@@ -330,15 +309,11 @@ def _rows_v2_default(b2: int, d: int, n_query_tiles: int) -> dict:
 
 
 def _rows_v2_candidates(b2: int, d: int, n_query_tiles: int) -> list[dict]:
-    # F_SPLIT is a launch-grid choice only (no recompile): 6 compiles per shape. M = 64 at 8 warps (1 CTA per
-    # SM, one tile per program) is v1's arrangement and left out. The last two are the low-register configs
-    # (head dim in halves, K/V loads not pipelined, ≤ 128 registers: sm_90 AOT 128 / 126, no spills): 16 warps
-    # per SM instead of 8, since Nsight Compute shows the kernel latency-bound (73 % of cycles with no eligible
-    # warp, DRAM at 55 %).
+    # F_SPLIT is a launch-grid choice only (no recompile): 4 compiles per shape. M = 64 at 8 warps (1 CTA per
+    # SM, one tile per program) is v1's arrangement and left out; low-register configs (head dim in halves,
+    # ≤ 128 registers) measured slower at every shape (kernels/NOTES.md) and are not candidates.
     splits = (1, 3) if n_query_tiles < 4 else (1, 2)
-    low_reg = {"SPLIT_D": True, "num_stages": 1, "maxnreg": 128}
     configs = [{"BLOCK_M": bm, "num_warps": w, "num_stages": st} for bm, w in ((64, 4), (128, 8)) for st in (2, 3)]
-    configs += [{"BLOCK_M": 128, "num_warps": 8, **low_reg}, {"BLOCK_M": 64, "num_warps": 4, **low_reg}]
     return [{**cfg, "F_SPLIT": sp} for cfg in configs for sp in splits]
 
 
@@ -356,6 +331,23 @@ def _cols_candidates(b1: int, d: int) -> list[dict]:
     return out
 
 
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gq: TileGeometry, gk: TileGeometry) -> None:
+    """The launcher's constraints (also checked on fake tensors while ``torch.compile`` traces)."""
+    B, n_q, H, D = q.shape
+    if n_q != gq.n_tokens or k.shape[1] != gk.n_tokens or v.shape[:3] != k.shape[:3] or k.shape[0] != B:
+        raise ToolkitError(
+            f"q {tuple(q.shape)} / k {tuple(k.shape)} / v {tuple(v.shape)} do not match frames "
+            f"{gq.frames} / {gk.frames} of grid {gq.grid}"
+        )
+    check_head_dim(D)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or {k.dtype, v.dtype} != {q.dtype}:
+        raise ToolkitError(f"unsupported dtypes q {q.dtype}, k {k.dtype}, v {v.dtype} (one of bf16, fp16, fp32)")
+    if q.is_cuda and q.dtype == torch.float64:
+        raise ToolkitError("float64 runs only under the Triton interpreter (CPU tests); use fp32/bf16 on the GPU")
+    if not (q.device == k.device == v.device):
+        raise ToolkitError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+
+
 def monarch_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -368,74 +360,101 @@ def monarch_attention_triton(
     block_causal_frames: int | None = None,
     scale: float | None = None,
     scratch_bytes: int | None = None,
+) -> torch.Tensor:
+    """Monarch attention (T = 1) of raster-order ``q`` (``b i h d``, frames ``query_frames``, default the whole
+    grid) against ``k, v`` (``b j h d``, frames ``key_frames``, default ``query_frames``) on the token ``grid``
+    (frames, height, width) with tiling (f_tied, h_reduce, w_reduce). Same contract as
+    ``toolkit.attention.monarch.monarch_attention`` (iters=1).
+
+    ``block_causal_frames``: queries in chunk c see key tiles up to the end of chunk c (training path).
+    ``scale``: logit scale, default d**-0.5. ``scratch_bytes``: budget for the α/Y/c intermediates (default
+    ``DEFAULT_SCRATCH_BYTES``); work runs in chunks that fit: several query tiles of all heads, or, when one query
+    tile of all heads is over budget, one query tile of a group of heads.
+    Launch configs: cached on disk or heuristic; env ``TOOLKIT_KERNEL_AUTOTUNE=1`` tunes them once per shape.
+    Returns ``b i h d`` in q's dtype; accumulation is fp32, α and Y are kept in q's dtype. Runs as the custom op
+    ``torch.ops.toolkit.monarch_attention`` (usable under ``torch.compile``).
+    """
+    grid = tuple(int(x) for x in grid)
+    tiling = tuple(int(x) for x in tiling)
+    query_frames = tuple(int(x) for x in query_frames) if query_frames is not None else (0, grid[0])
+    key_frames = tuple(int(x) for x in key_frames) if key_frames is not None else query_frames
+    _check_inputs(q, k, v, TileGeometry(grid, tiling, query_frames), TileGeometry(grid, tiling, key_frames))
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _monarch_attention_op(
+        q, k, v, list(grid), list(tiling), list(query_frames), list(key_frames),
+        None if block_causal_frames is None else int(block_causal_frames), scale,
+        None if scratch_bytes is None else int(scratch_bytes),
+    )
+
+
+@torch.library.custom_op("toolkit::monarch_attention", mutates_args=())
+def _monarch_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int], tiling: list[int],
+    query_frames: list[int], key_frames: list[int], block_causal_frames: int | None, scale: float,
+    scratch_bytes: int | None,
+) -> torch.Tensor:
+    """The forward as a ``torch.library`` op (arguments resolved by :func:`monarch_attention_triton`)."""
+    return _forward(q, k, v, grid, tiling, query_frames=query_frames, key_frames=key_frames,
+                    block_causal_frames=block_causal_frames, scale=scale, scratch_bytes=scratch_bytes)
+
+
+@_monarch_attention_op.register_fake
+def _(q, k, v, grid, tiling, query_frames, key_frames, block_causal_frames, scale, scratch_bytes):
+    return q.new_empty(q.shape)  # out: b i h d, q's dtype and device, contiguous (as _forward allocates it)
+
+
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid,
+    tiling,
+    *,
+    query_frames=None,
+    key_frames=None,
+    block_causal_frames: int | None = None,
+    scale: float | None = None,
+    scratch_bytes: int | None = None,
     autotune: bool | None = None,
     configs: tuple[dict, dict] | None = None,
     out: torch.Tensor | None = None,
     stages: str = "both",
     version: str | None = None,
-    streams: int = 1,
 ) -> torch.Tensor:
-    """Monarch attention (T = 1) of raster-order ``q`` (``b i h d``, frames ``query_frames``) against ``k, v``
-    (``b j h d``, frames ``key_frames``) on the token ``grid`` (frames, height, width) with tiling
-    (f_tied, h_reduce, w_reduce). Same contract as ``toolkit.attention.monarch.monarch_attention`` (iters=1).
+    """The launcher behind the op, with the benchmark's and the tests' switches (not part of the public API).
 
-    ``block_causal_frames``: queries in chunk c see key tiles up to the end of chunk c (training path).
-    ``scratch_bytes``: budget for the α/Y/c intermediates. Work is processed in chunks that fit: several query
-    tiles of all heads, or, when one query tile of all heads is over budget, one query tile of a group of heads
-    (at the full 480p clip one tile of one head is 16.9 MB against 100 MB for q). ``streams=2`` (CUDA): two
-    scratch buffers of half the budget, the L-step of chunk c on a side stream while the R-step of chunk c + 1
-    runs; measured slower on the H100 at the paper's shapes (both stages share HBM; NOTES.md), kept for
-    experiments.
     ``autotune``: tune launch configs once per shape and cache them on disk (default: env
     ``TOOLKIT_KERNEL_AUTOTUNE=1``; otherwise cached or heuristic configs). ``configs``: explicit launch configs
-    (rows kernel, cols kernel) instead, e.g. small blocks in tests (a rows config with BLOCK_M is v2's, one with
-    BLOCK_J v1's). ``out``: buffer to write (``b i h d``).
-    ``stages``: "both"; "rows" or "cols" launch only that kernel (per-stage timing in the benchmark; the
-    result is then not the attention output).
-    ``version``: R-step kernel, ``v2`` (default where supported: several query tiles per program, key tiles
-    split over programs) or ``v1`` (the first version, one query tile per program); default from env
-    ``TOOLKIT_MONARCH_VERSION``, else ``DEFAULT_VERSION``. Both give the same result (tested); the benchmark
-    times both.
-    Returns ``b i h d`` in q's dtype; accumulation is fp32, α and Y are kept in q's dtype.
+    (rows kernel, cols kernel), e.g. small blocks in tests (a rows config with BLOCK_M is v2's, one with
+    BLOCK_J v1's). ``out``: buffer to write (``b i h d``, e.g. NaN-filled in tests). ``stages``: "both"; "rows"
+    or "cols" launch only that kernel (per-stage timing; the result is then not the attention output).
+    ``version``: R-step kernel ``v1`` or ``v2`` (default :func:`_default_version`; v2 falls back to v1 where b2
+    > 64). Both give the same result (tested).
     """
     grid = tuple(int(x) for x in grid)
     tiling = tuple(int(x) for x in tiling)
-    query_frames = tuple(query_frames) if query_frames is not None else (0, grid[0])
-    key_frames = tuple(key_frames) if key_frames is not None else query_frames
+    query_frames = tuple(int(x) for x in query_frames) if query_frames is not None else (0, grid[0])
+    key_frames = tuple(int(x) for x in key_frames) if key_frames is not None else query_frames
     gq = TileGeometry(grid, tiling, query_frames)
     gk = TileGeometry(grid, tiling, key_frames)
+    _check_inputs(q, k, v, gq, gk)
     B, n_q, H, D = q.shape
-    if n_q != gq.n_tokens or k.shape[1] != gk.n_tokens or v.shape[:3] != k.shape[:3] or k.shape[0] != B:
-        raise ToolkitError(
-            f"q {tuple(q.shape)} / k {tuple(k.shape)} / v {tuple(v.shape)} do not match frames "
-            f"{query_frames} / {key_frames} of grid {grid}"
-        )
-    check_head_dim(D)
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or {k.dtype, v.dtype} != {q.dtype}:
-        raise ToolkitError(f"unsupported dtypes q {q.dtype}, k {k.dtype}, v {v.dtype} (one of bf16, fp16, fp32)")
-    if q.is_cuda and q.dtype == torch.float64:
-        raise ToolkitError("float64 runs only under the Triton interpreter (CPU tests); use fp32/bf16 on the GPU")
-    if not (q.device == k.device == v.device):
-        raise ToolkitError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
     if stages not in ("both", "rows", "cols"):
         raise ToolkitError(f"stages must be both, rows or cols, not {stages!r}")
-    version = version or default_version()
-    if version not in VERSIONS:
-        raise ToolkitError(f"version must be one of {', '.join(VERSIONS)}, not {version!r}")
+    b1, b2, A, F = gq.b1, gq.b2, gq.num_tiles, gk.num_tiles
+    version = version or _default_version(b2)
+    if version not in _VERSIONS:
+        raise ToolkitError(f"version must be one of {', '.join(_VERSIONS)}, not {version!r}")
+    if version == "v2" and _default_version(b2) != "v2":
+        version = "v1"
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     scale = D**-0.5 if scale is None else float(scale)
     allowed = key_tiles_allowed_on(q.device, gq, gk, block_causal_frames)
-    b1, b2, A, F = gq.b1, gq.b2, gq.num_tiles, gk.num_tiles
-    if version == "v2" and not rows_v2_supported(b2):
-        version = "v1"
 
-    if streams not in (1, 2):
-        raise ToolkitError(f"streams must be 1 or 2, not {streams}")
-    pipelined = streams == 2 and q.is_cuda and not interpreted() and stages == "both"
     # Intermediates per (batch·head, query tile): α and Y (dtype of q) and c (fp32), over all key tiles.
     per_unit = b2 * F * b1 * (2 * D * q.element_size() + 4)
     budget = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else int(scratch_bytes)
-    h_chunk, a_chunk = scratch_chunk(B, H, A, per_unit, budget // (2 if pipelined else 1))
+    h_chunk, a_chunk = scratch_chunk(B, H, A, per_unit, budget)
     # Scratch chunks (h0, h1, a0, a1), head groups outermost so K/V of the group stay in L2 across its tiles;
     # balanced groups (no small last one), the buffers sized for the largest. The kernels see a head group
     # through views of q, k, v, out (same strides, shifted base) and H = h1 − h0.
@@ -445,9 +464,9 @@ def monarch_attention_triton(
     a_bounds = [A * g // n_ag for g in range(n_ag + 1)]
     chunks = [(h0, h1, a0, a1) for h0, h1 in zip(h_bounds[:-1], h_bounds[1:])
               for a0, a1 in zip(a_bounds[:-1], a_bounds[1:])]
-    buffers = [tuple(scratch(shape, dt, q.device) for shape, dt in (
+    buf = tuple(scratch(shape, dt, q.device) for shape, dt in (
         ((B * h_chunk, a_chunk, b2, F * b1, D), q.dtype), ((B * h_chunk, a_chunk, b2, F * b1, D), q.dtype),
-        ((B * h_chunk, a_chunk, b2, F * b1), torch.float32))) for _ in range(2 if pipelined else 1)]
+        ((B * h_chunk, a_chunk, b2, F * b1), torch.float32)))
     out = output_buffer(out, tuple(q.shape), q.dtype, q.device)
 
     strides_q, strides_k, strides_v, strides_o = (token_strides(x) for x in (q, k, v, out))
@@ -463,7 +482,7 @@ def monarch_attention_triton(
     def heads_of(x: torch.Tensor, h0: int, h1: int) -> torch.Tensor:
         return x if (h0, h1) == (0, H) else x[:, :, h0:h1]
 
-    def rows(cfg: dict, chunk: tuple, buf: tuple) -> None:
+    def rows(cfg: dict, chunk: tuple) -> None:
         cfg, (h0, h1, a0, a1), (alpha, y, c) = dict(cfg), chunk, buf
         grid_r = (b1 * triton.cdiv(b2, cfg["BLOCK_J"]), a1 - a0, B * (h1 - h0))
         _monarch_rows_fwd[grid_r](
@@ -472,7 +491,7 @@ def monarch_attention_triton(
             SINGLE_BLOCK=b2 <= cfg["BLOCK_L"], **cfg,
         )
 
-    def rows_v2(cfg: dict, chunk: tuple, buf: tuple) -> None:
+    def rows_v2(cfg: dict, chunk: tuple) -> None:
         cfg, (h0, h1, a0, a1), (alpha, y, c) = dict(cfg), chunk, buf
         tiles = cfg["BLOCK_M"] // b2  # query tiles per program
         if tiles < 1:
@@ -486,7 +505,7 @@ def monarch_attention_triton(
             D=D, BLOCK_L=pow2(b2, 16), UPCAST=upcast, **cfg,
         )
 
-    def cols(cfg: dict, chunk: tuple, buf: tuple) -> None:
+    def cols(cfg: dict, chunk: tuple) -> None:
         cfg, (h0, h1, a0, a1), (alpha, y, c) = dict(cfg), chunk, buf
         grid_c = (b2 * triton.cdiv(b1, cfg["BLOCK_I"]), a1 - a0, B * (h1 - h0))
         _monarch_cols_fwd[grid_c](
@@ -502,47 +521,22 @@ def monarch_attention_triton(
         # the grid depends on the work per launch, so the scratch chunk is part of the key
         chunk_key = f"achunk{a_chunk}" + (f" hchunk{h_chunk}" if h_chunk < H else "")
         cfg_r = pick_config(f"monarch rows v2 {key} {chunk_key}", _rows_v2_default(b2, D, first[3] - first[2]),
-                            _rows_v2_candidates(b2, D, first[3] - first[2]),
-                            lambda cfg: rows_v2(cfg, first, buffers[0]), tune)
+                            _rows_v2_candidates(b2, D, first[3] - first[2]), lambda cfg: rows_v2(cfg, first), tune)
         cfg_c = None
     else:
         cfg_r = pick_config(f"monarch rows {key}", _rows_default(b2, D), _rows_candidates(b2, D),
-                            lambda cfg: rows(cfg, first, buffers[0]), tune)
+                            lambda cfg: rows(cfg, first), tune)
         cfg_c = None
     rows_fn = rows_v2 if version == "v2" else rows
 
-    def cols_config() -> dict:  # tuned (if at all) after the first R-step launch: its intermediates are in place
-        nonlocal cfg_c
-        if cfg_c is None:
-            cfg_c = pick_config(f"monarch cols {key}", _cols_default(b1, D), _cols_candidates(b1, D),
-                                lambda cfg: cols(cfg, first, buffers[0]), tune)
-        return cfg_c
-
-    if not pipelined:
-        for chunk in chunks:
-            if stages != "cols":
-                rows_fn(cfg_r, chunk, buffers[0])
-            if stages != "rows":
-                cols(cols_config(), chunk, buffers[0])
-        return out
-    # Two buffers: R-step of chunk i on the caller's stream, its L-step on a side stream; the R-step of chunk
-    # i + 2 waits until the L-step of chunk i has read buffer i % 2.
-    main, side = torch.cuda.current_stream(q.device), torch.cuda.Stream(q.device)
-    read_done: list = []
-    for i, chunk in enumerate(chunks):
-        buf = buffers[i % 2]
-        if i >= 2:
-            main.wait_event(read_done[i - 2])
-        rows_fn(cfg_r, chunk, buf)
-        cfg = cols_config()
-        written = main.record_event()
-        with torch.cuda.stream(side):
-            side.wait_event(written)  # also orders the side stream after the inputs and any tuning launches
-            cols(cfg, chunk, buf)
-            read_done.append(side.record_event())
-    main.wait_stream(side)
-    for t in (*buffers[0], *buffers[1], out):
-        t.record_stream(side)  # the allocator must not hand these to the caller's stream before the side is done
+    for chunk in chunks:
+        if stages != "cols":
+            rows_fn(cfg_r, chunk)
+        if stages != "rows":
+            if cfg_c is None:  # tuned (if at all) after the first R-step launch: its intermediates are in place
+                cfg_c = pick_config(f"monarch cols {key}", _cols_default(b1, D), _cols_candidates(b1, D),
+                                    lambda cfg: cols(cfg, first), tune)
+            cols(cfg_c, chunk)
     return out
 
 
@@ -566,7 +560,7 @@ def monarch_backend_triton(
     With ``cpu_fallback`` CPU tensors go to that PyTorch reference backend instead (same function, tested
     equal; the Triton interpreter is far too slow for a model).
     """
-    from toolkit.attention.monarch import _check_block_causal_mask, monarch_backend
+    from toolkit.attention.monarch import check_block_causal_mask, monarch_backend
     from toolkit.grid import as_grid
 
     tiling = tuple(int(x) for x in tiling)
@@ -577,7 +571,7 @@ def monarch_backend_triton(
             return reference(q, k, v, ctx)
         causal = None
         if ctx.attn_mask is not None:
-            _check_block_causal_mask(ctx.attn_mask, as_grid(ctx.grid), block_causal_frames, ctx)
+            check_block_causal_mask(ctx.attn_mask, as_grid(ctx.grid), block_causal_frames, ctx)
             causal = block_causal_frames
         return monarch_attention_triton(
             q, k, v, ctx.grid, tiling, query_frames=ctx.query_frames, key_frames=ctx.key_frames,
@@ -586,27 +580,3 @@ def monarch_backend_triton(
 
     monarch_triton.__name__ = f"monarch_triton_{'_'.join(map(str, tiling))}"
     return monarch_triton
-
-
-def monarch_flops(grid, tiling, query_frames=None, key_frames=None, heads: int = 12, head_dim: int = 128,
-                  batch: int = 1, block_causal_frames: int | None = None) -> float:
-    """FLOPs the two kernels execute (2 per multiply-add, no padding): 3·b2²·d per (a, f, k, j) row pair for the
-    R-step products, 2·b1·d per (a, f, k, j, i) for the L-step, summed over allowed tile pairs."""
-    query_frames = tuple(query_frames) if query_frames is not None else (0, grid[0])
-    key_frames = tuple(key_frames) if key_frames is not None else query_frames
-    gq = TileGeometry(tuple(grid), tuple(tiling), query_frames)
-    gk = TileGeometry(tuple(grid), tuple(tiling), key_frames)
-    pairs = int(key_tiles_allowed(gq, gk, block_causal_frames).sum())
-    per_pair = gq.b1 * gq.b2 * head_dim * (3 * gq.b2 + 2 * gq.b1)
-    return 2.0 * per_pair * pairs * heads * batch
-
-
-def dense_flops(n_q: int, n_k: int, heads: int = 12, head_dim: int = 128, batch: int = 1) -> float:
-    return 4.0 * n_q * n_k * head_dim * heads * batch
-
-
-def minimum_bytes(n_q: int, n_k: int, heads: int = 12, head_dim: int = 128, batch: int = 1,
-                  element_size: int = 2) -> float:
-    """Each of q, k, v read once and out written once."""
-    return float((2 * n_q + 2 * n_k) * heads * head_dim * batch * element_size)
-

@@ -12,7 +12,7 @@ of the (F, H, W) grid in raster order, key j at (g_j, r_j, c_j); s = scale, logi
                                                                        with columns)
 
 i.e. exactly ``toolkit.capture.pooled.PooledSums`` (sums over queries; the torch reference), in the packed
-per-head layout of ``toolkit.capture.pooled.packed_bins``: ``[frame_mass (F·F) | offset_t | offset_h |
+per-head layout of ``toolkit.attention.pooled.packed_bins``: ``[frame_mass (F·F) | offset_t | offset_h |
 offset_w]``.
 
 Blocking: a program owns BLOCK_M query rows and a split of the key frames. Key blocks are single latent rows
@@ -25,8 +25,8 @@ At the end of each frame the frame totals go to frame_mass and offset_t, at the 
 acc_w go to offset_h / offset_w at bin (key − query + size − 1): 2·BLOCK_M atomic adds per frame and
 BLOCK_M·(H + W) per program, none per key. Per record this costs two reads of K (pass 1, pass 2) and
 2 · 2·i·j·d FLOPs on the tensor cores; 48 queries × 32,760 keys × 12 heads is ≈ 0.2 GB of K traffic at the
-full cache. The host cost is two launches and no synchronisation (the point: the old torch path launched dozens
-of small ops per record).
+full cache. The host cost is two launches and no synchronisation (the point: a composition of torch ops would launch
+dozens of small ops per record).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from toolkit.kernels._common import LOG2E, interpreted, output_buffer, pow2, run_with_precision, scratch, tl, triton
 
-from toolkit.capture.pooled import packed_bins
+from toolkit.attention.pooled import packed_bins
 from toolkit.errors import ToolkitError
 
 # Programs aimed for per launch (≈ 2 per SM on an H100): key frames are split until heads × query blocks ×
@@ -190,7 +190,7 @@ def pooled_lse_and_sums(
     (whole frames ``key_frames`` of ``grid``, raster order). Any strides with a contiguous last dim.
 
     Returns ``(lse, bins)``: lse ``h i`` float32 (natural log), bins ``h n`` float32 in the
-    ``toolkit.capture.pooled.packed_bins`` layout. The sums are *added* to ``bins`` when given (e.g. one row
+    ``toolkit.attention.pooled.packed_bins`` layout. The sums are *added* to ``bins`` when given (e.g. one row
     of a per-(step, chunk) accumulator), else to fresh zeros. Two launches, no host synchronisation."""
     frames, height, width = (int(x) for x in grid)
     kf0, kf1 = (int(x) for x in key_frames)

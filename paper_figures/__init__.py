@@ -73,7 +73,7 @@ def _versions() -> dict[str, str]:
     import torch
     import xarray
 
-    from toolkit import __version__
+    from toolkit._version import __version__
 
     return {"toolkit": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
             "numpy": numpy.__version__, "xarray": xarray.__version__, "matplotlib": matplotlib.__version__}
@@ -84,9 +84,10 @@ def make_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, se
     """Make the selected figures of one capture into ``out_dir``; returns the manifest (also written as
     ``manifest.json``). Every figure's requirements are checked before any analysis runs. ``plotted``, if given,
     receives each figure's plotted arrays (``{NAME: {label: array}}``) for checks against the analyses."""
-    from toolkit.paper_figures.results import ResultCache, file_sha256
+    from toolkit.paper_figures.results import ResultCache
 
     from toolkit.capture import open_capture
+    from toolkit.models.checkpoints import file_sha256
 
     settings = settings or FigureSettings()
     names = resolve_figures(settings)
@@ -108,7 +109,7 @@ def make_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, se
         if settings.layers is not None and any(layer not in settings.layers for layer, _ in pairs):
             raise ToolkitError(f"the pairs' layers {sorted({a for a, _ in pairs})} must be among the analysed "
                                f"layers {settings.layers} (--layers)")
-        sha = file_sha256(cap.path)
+        sha = file_sha256(cap.path, cache=False)
         results = ResultCache(cap, out, sha, log=log, progress=progress, device=settings.device)
         ctx = Context(cap, results, settings, step, chunk, pairs, log)
         modules = {n: figure_module(n) for n in names}

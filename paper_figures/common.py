@@ -10,7 +10,6 @@ it), ``data(ctx) -> dict`` (analysis Datasets / arrays it plots) and ``plot(data
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from toolkit.errors import ToolkitError
@@ -60,11 +59,6 @@ class Context:
 
     def pair_layers(self) -> list[int]:
         return sorted({layer for layer, _ in self.pairs})
-
-
-def capture_hint(**options: str) -> str:
-    """``toolkit capture --store q,k,lse --queries all`` style hint."""
-    return "toolkit capture " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items())
 
 
 def stored_options(cap) -> list[str]:
@@ -142,7 +136,3 @@ def default_pairs(cap, heads: list[int] | None = None, layers: list[int] | None 
     if second == first and len(heads) > 1:
         second = (layer, heads[-1])
     return [first] if second == first else [first, second]
-
-
-def out_path(out_dir: str | Path, name: str) -> Path:
-    return Path(out_dir) / name

@@ -1,5 +1,5 @@
 """Coverage: how many keys a query needs for 95 % of its attention mass, per head, across layers and steps —
-the paper's "48–84 % of tokens" statistic (reported by a secondary source, monarchrt.md §2).
+the paper's "48–84 % of tokens" statistic (reported by a secondary source; ``docs/metrics.md`` "Coverage").
 
 (a) per head (grouped by layer) the distribution over every stored query of every selected step and chunk of
 ``coverage_fraction`` at mass p (``toolkit.analysis.topk``): box = quartiles, whiskers = 5–95 %; (b) its median
@@ -15,11 +15,12 @@ import numpy as np
 from toolkit.paper_figures import style
 from toolkit.paper_figures.common import Context, require_stored
 
-from toolkit.analysis.topk import COVERAGE_MASSES
+from toolkit.analysis.records import RecordSelection
+from toolkit.analysis.topk import COVERAGE_MASSES, TopkOptions
 
 NAME = "coverage"
 TITLE = "fraction of keys for 95 % of the attention mass, per head, across layers and steps"
-PAPER_RANGE = (0.48, 0.84)  # secondary report (ZH), heads/steps unknown
+PAPER_RANGE = (0.48, 0.84)  # secondary report, heads/steps unknown (docs/metrics.md "Coverage")
 
 
 def check(ctx: Context) -> None:
@@ -27,9 +28,10 @@ def check(ctx: Context) -> None:
 
 
 def coverage_selection(ctx: Context) -> dict:
+    """``records`` and ``options`` of the top-k analysis this figure plots (`ResultCache.get` arguments)."""
     s = ctx.settings
-    return dict(steps=s.steps, chunks=s.chunks, layers=s.layers, heads=s.heads,
-                masses=tuple(sorted(set(COVERAGE_MASSES) | {s.mass})))
+    return dict(records=RecordSelection(steps=s.steps, chunks=s.chunks, layers=s.layers, heads=s.heads),
+                options=TopkOptions(masses=tuple(sorted(set(COVERAGE_MASSES) | {s.mass}))))
 
 
 def data(ctx: Context) -> dict:

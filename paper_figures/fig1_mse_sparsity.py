@@ -3,7 +3,8 @@ top-k — for chosen (layer, head) pairs at the focus record.
 
 Monarch points are the ``fh,w`` tilings of ``toolkit.analysis.monarch`` at their effective sparsity
 1 − (b1+b2)/(b1·b2); top-k is ``toolkit.analysis.topk``'s renormalised variant (the paper's baseline) at its
-sparsity levels. MSE is per map entry (monarchrt.md §10: the paper's mean/sum convention is unconfirmed).
+sparsity levels. MSE is per map entry (the paper's mean/sum convention is unconfirmed: ``docs/metrics.md``
+"What the paper leaves unconfirmed").
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import numpy as np
 from toolkit.paper_figures import style
 from toolkit.paper_figures.common import Context, require_all_queries, require_pair_records, require_stored
 from toolkit.paper_figures.results import record_of
+
+from toolkit.analysis.monarch import MonarchOptions
+from toolkit.analysis.records import RecordSelection
 
 NAME = "fig1_mse_vs_sparsity"
 TITLE = "map MSE vs sparsity: Monarch (projection, variational T=1) vs oracle top-k"
@@ -29,17 +33,18 @@ def check(ctx: Context) -> None:
 
 def monarch_selection(ctx: Context) -> dict:
     """Monarch sweep shared with the alignment figure: the pair layers at the focus record, the analysed heads,
-    T = 1 (the kernels' and the paper's iteration count), the analysis' default layouts unless chosen."""
-    sel = dict(steps=[ctx.step], chunks=[ctx.chunk], layers=ctx.pair_layers(), heads=ctx.settings.heads, iters=1)
-    if ctx.settings.layouts:
-        sel["layout"] = list(ctx.settings.layouts)
-    return sel
+    T = 1 (the kernels' and the paper's iteration count), the analysis' default layouts unless chosen:
+    ``records`` and ``options`` of `ResultCache.get`."""
+    records = RecordSelection(steps=[ctx.step], chunks=[ctx.chunk], layers=ctx.pair_layers(),
+                              heads=ctx.settings.heads)
+    layouts = tuple(ctx.settings.layouts) if ctx.settings.layouts else None
+    return dict(records=records, options=MonarchOptions(layouts=layouts, iters=1))
 
 
 def data(ctx: Context) -> dict:
     mon = ctx.results.get("monarch", **monarch_selection(ctx))
-    topk = ctx.results.get("topk", tag="pairs", steps=[ctx.step], chunks=[ctx.chunk], layers=ctx.pair_layers(),
-                           heads=sorted({h for _, h in ctx.pairs}))
+    topk = ctx.results.get("topk", RecordSelection(steps=[ctx.step], chunks=[ctx.chunk], layers=ctx.pair_layers(),
+                                                   heads=sorted({h for _, h in ctx.pairs})), tag="pairs")
     pairs = {}
     for layer, head in ctx.pairs:
         m = record_of(mon, layer=layer, **ctx.focus).sel(head=head)

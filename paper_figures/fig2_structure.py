@@ -19,6 +19,7 @@ from toolkit.paper_figures import style
 from toolkit.paper_figures.common import Context, require_all_queries, require_records, require_stored
 from toolkit.paper_figures.results import record_of
 
+from toolkit.analysis.records import RecordSelection
 from toolkit.errors import ToolkitError
 
 NAME = "fig2_structure"
@@ -40,8 +41,8 @@ def check(ctx: Context) -> None:
 
 def periodic_selection(ctx: Context) -> dict:
     """Periodic analysis records shared by Fig. 2, offsets, spectra and head types: every stored chunk and
-    layer at the focus step."""
-    return dict(steps=[ctx.step], layers=ctx.settings.layers, heads=ctx.settings.heads)
+    layer at the focus step, default options (``records`` of `ResultCache.get`)."""
+    return dict(records=RecordSelection(steps=[ctx.step], layers=ctx.settings.layers, heads=ctx.settings.heads))
 
 
 def default_frame_pair(query_frames: tuple[int, int]) -> tuple[int, int]:

@@ -1,5 +1,5 @@
-"""Kernel tables: the paper's latency tables (monarchrt.md §9 Tables D/F) from ``toolkit bench`` JSON, with the
-card that produced them named.
+"""Kernel tables: the paper's kernel latency tables (``docs/metrics.md`` "Kernel latency") from ``toolkit bench`` JSON,
+with the GPU that produced them named.
 
 Per benchmark file: median ms of every variant (Monarch Triton kernels, SDPA cuDNN / flash / efficient) at every
 shape, the Monarch kernel's speedup over the fastest dense backend at that shape, and a bar chart of the same

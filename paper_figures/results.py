@@ -1,14 +1,14 @@
-"""Analysis results for the figures: run ``toolkit.analysis.<name>.analyze_capture`` once, cache it as NetCDF.
+"""Analysis results for the figures: run ``toolkit.analysis.<name>.analyze`` once, cache it as NetCDF.
 
 The figures never compute attention statistics themselves; they plot the Datasets returned here. A cached file
 ``<out>/analysis_<name>.nc`` is reused when its ``figures_cache_key`` attribute matches the input file's SHA-256,
-the analysis name and its arguments; otherwise the analysis runs again (with its own progress bars) and the file
-is replaced.
+the analysis name, its record selection, its options (a stable serialisation of the options dataclass,
+`toolkit.analysis.options_dict`) and the device; otherwise the analysis runs again (with its own progress bars)
+and the file is replaced.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib
 import json
@@ -18,32 +18,18 @@ from typing import Any
 
 import xarray as xr
 
+from toolkit.analysis import netcdf_attrs
+from toolkit.analysis.records import RecordSelection, options_dict
+
 ANALYSES = ("periodic", "topk", "monarch")
 
 
-def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def analysis_args(name: str, capture_path: str, **selection: Any) -> argparse.Namespace:
-    """The arguments ``toolkit analyze NAME RUN.h5`` would get (its parser's defaults, so every option the
-    analysis reads exists), with the record selection (``steps``, ``chunks``, ``layers``, ``heads``: int lists,
-    None = all stored) and any analysis option (e.g. ``iters=1``) replaced."""
-    from toolkit.commands.analyze import _load, build_parser
-
-    args = build_parser(name, _load(name)).parse_args([str(capture_path), "--out", "unused.nc"])
-    for key, value in selection.items():
-        setattr(args, key, value)
-    return args
-
-
-def _jsonable(args: argparse.Namespace) -> dict:
-    return {k: v if isinstance(v, (int, float, str, bool, type(None))) else list(v) if isinstance(
-        v, (list, tuple)) else repr(v) for k, v in sorted(vars(args).items())}
+def _options_class(name: str):
+    if name not in ANALYSES:
+        raise KeyError(f"unknown analysis {name!r} (one of {', '.join(ANALYSES)})")
+    module = importlib.import_module(f"toolkit.analysis.{name}")
+    return module, getattr(module, {"periodic": "PeriodicOptions", "topk": "TopkOptions",
+                                    "monarch": "MonarchOptions"}[name])
 
 
 class ResultCache:
@@ -56,15 +42,17 @@ class ResultCache:
         self.used: dict[str, dict] = {}  # name -> {"file", "cache_key", "args", "reused"} for the manifest
         self._memo: dict[str, xr.Dataset] = {}  # cache key -> Dataset already loaded in this run
 
-    def get(self, name: str, *, tag: str = "", **selection: Any) -> xr.Dataset:
-        """Dataset of analysis ``name`` on the selected records (cached in ``analysis_<name>[_<tag>].nc``; a tag
-        keeps differently-selected runs of one analysis apart). ``selection``: attributes of the ``toolkit
-        analyze`` arguments (``steps=[3]``, ``layers=[0, 8]``, ``iters=1``, ...)."""
-        if self.device is not None:
-            selection.setdefault("device", self.device)
-        args = analysis_args(name, self.cap.path, progress=self.progress, **selection)
-        settings = _jsonable(args)
-        settings.pop("runs", None), settings.pop("out", None), settings.pop("progress", None)
+    def get(self, name: str, records: RecordSelection | None = None, options: Any = None, *,
+            tag: str = "") -> xr.Dataset:
+        """Dataset of analysis ``name`` on the selected ``records`` with ``options`` (its options dataclass, e.g.
+        `toolkit.analysis.topk.TopkOptions`; None = defaults), cached in ``analysis_<name>[_<tag>].nc`` (a tag
+        keeps differently-selected runs of one analysis apart)."""
+        module, options_class = _options_class(name)
+        records = records or RecordSelection()
+        options = options_class() if options is None else options
+        if not isinstance(options, options_class):
+            raise TypeError(f"{name} takes {options_class.__name__}, not {type(options).__name__}")
+        settings = dict(records=options_dict(records), options=options_dict(options), device=self.device)
         key = hashlib.sha256(json.dumps([self.sha, name, settings], sort_keys=True).encode()).hexdigest()[:16]
         label = f"{name}_{tag}" if tag else name
         if key in self._memo:
@@ -77,11 +65,8 @@ class ResultCache:
                     self.used[label] = dict(file=path.name, cache_key=key, args=settings, reused=True)
                     self._memo[key] = cached.load()
                     return self._memo[key]
-        self.log(f"  {label}: running toolkit.analysis.{name} on {self._describe(selection)}")
-        from toolkit.analysis import netcdf_attrs
-
-        module = importlib.import_module(f"toolkit.analysis.{name}")
-        ds = module.analyze_capture(self.cap, args)
+        self.log(f"  {label}: running toolkit.analysis.{name} on {self._describe(records)}")
+        ds = module.analyze(self.cap, records, options, device=self.device, progress=self.progress)
         ds.attrs.update(analysis=name, figures_cache_key=key, figures_analysis_args=json.dumps(settings))
         netcdf_attrs(ds)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,9 +78,9 @@ class ResultCache:
         return ds
 
     @staticmethod
-    def _describe(selection: dict) -> str:
-        parts = [f"{k} {','.join(map(str, v))}" for k, v in selection.items()
-                 if k in ("layers", "heads", "steps", "chunks") and v is not None]
+    def _describe(records: RecordSelection) -> str:
+        parts = [f"{k} {','.join(map(str, getattr(records, k)))}" for k in ("layers", "heads", "steps", "chunks")
+                 if getattr(records, k) is not None]
         return "; ".join(parts) or "all stored records"
 
 

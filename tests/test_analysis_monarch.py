@@ -1,6 +1,5 @@
 """Monarch error sweeps: values against direct float64 computations, structure, Dataset layout, capture wrapper."""
 
-import argparse
 import math
 from types import SimpleNamespace
 
@@ -9,14 +8,15 @@ import torch
 
 from toolkit.analysis import topk
 from toolkit.analysis.monarch import (
-    add_arguments,
-    analyze_capture,
+    MonarchOptions,
+    analyze,
+    analyze_record,
     default_layouts,
-    monarch_sweep,
     parse_layout,
     resolve_layouts,
     tiling_sweep_layouts,
 )
+from toolkit.analysis.records import RecordSelection, RecordTensors
 from toolkit.attention.monarch import variational
 from toolkit.capture.reader import RecordKey
 from toolkit.errors import SelectionError, ToolkitError
@@ -48,7 +48,8 @@ def test_sweep_values_match_direct_computation():
     scale = 0.6
     layouts = [MonarchLayout.aligned(GRID, "fh,w", (1, 2, 1)), MonarchLayout.aligned(GRID, "hw,f", (3, 1, 2)),
                MonarchLayout.contiguous(GRID, 15, 12)]
-    ds = monarch_sweep(q, k, v, None, qt, kt, GRID, scale, layouts=layouts, iters=2, heads=[4, 7])
+    t = RecordTensors(q=q, k=k, v=v, query_tokens=qt, key_tokens=kt, grid=GRID, scale=scale, heads=[4, 7])
+    ds = analyze_record(t, MonarchOptions(layouts=layouts, iters=2))
     assert dict(ds.sizes) == {"head": 2, "config": 3, "iters": 2, "variant": 2}
     assert ds["head"].values.tolist() == [4, 7] and ds.iters.values.tolist() == [1, 2]
     s = q @ k.transpose(-1, -2) * scale
@@ -91,8 +92,9 @@ def test_sweep_separable_record_aligned_vs_misaligned():
     onehot = lambda idx, n: torch.nn.functional.one_hot(idx, n).to(F64)  # noqa: E731
     q = torch.cat([onehot(f, 6), onehot(h, 6), onehot(w, 10)], -1)[None, 3 * TPF:]
     k = torch.cat([logs[0][:, f].T, logs[1][:, h].T, logs[2][:, w].T], -1)[None]
-    ds = monarch_sweep(q, k, None, None, torch.arange(3 * TPF, 6 * TPF), torch.arange(6 * TPF), GRID, 1.0, iters=1,
-                       topk_baseline=False)
+    t = RecordTensors(q=q, k=k, query_tokens=torch.arange(3 * TPF, 6 * TPF), key_tokens=torch.arange(6 * TPF),
+                      grid=GRID, scale=1.0)
+    ds = analyze_record(t, MonarchOptions(iters=1, topk_baseline=False))
     aligned = ds.aligned.values
     assert aligned.any() and (~aligned).any()
     assert (ds.projection_rel_fro.values[:, aligned] < 1e-7).all()
@@ -106,7 +108,8 @@ def test_block_causal_sweep_and_errors():
     mask = (tok[None] // (3 * TPF)) <= (tok[:, None] // (3 * TPF))
     lse = torch.logsumexp((q @ k.transpose(-1, -2) * 0.5).masked_fill(~mask, -math.inf), -1)
     lay = MonarchLayout.aligned(GRID, "fh,w", (3, 2, 1))
-    ds = monarch_sweep(q, k, v, lse, tok, tok, GRID, 0.5, layouts=[lay], iters=2, block_causal_frames=3)
+    rec = dict(q=q, k=k, v=v, query_tokens=tok, key_tokens=tok, grid=GRID, scale=0.5)
+    ds = analyze_record(RecordTensors(**rec, lse=lse), MonarchOptions(layouts=[lay], iters=2, block_causal_frames=3))
     assert "topk_map_mse" not in ds  # top-k ranks all keys of a row: not defined under the mask
     p = torch.softmax((q @ k.transpose(-1, -2) * 0.5).masked_fill(~mask, -math.inf), -1)
     _, fac = variational(q, k, v, lay, iters=2, scale=0.5, block_causal_frames=3)
@@ -114,11 +117,12 @@ def test_block_causal_sweep_and_errors():
                                dense_errors(p, fac.dense(), v)["rel_fro"], rtol=1e-9, atol=0)
     assert ds.variational_map_mse.values[0, 0, 1] == pytest.approx(((p - fac.dense()) ** 2).sum() / mask.sum())
     with pytest.raises(ToolkitError, match="lse"):
-        monarch_sweep(q, k, v, None, tok, tok, GRID, 0.5, layouts=[lay], block_causal_frames=3)
+        analyze_record(RecordTensors(**rec), MonarchOptions(layouts=[lay], block_causal_frames=3))
     with pytest.raises(ToolkitError, match="whole frames"):  # strided query capture
-        monarch_sweep(q[:, ::2], k, v, None, tok[::2], tok, GRID, 0.5)
+        analyze_record(RecordTensors(**{**rec, "q": q[:, ::2], "query_tokens": tok[::2]}))
     with pytest.raises(ToolkitError, match="straddle"):  # 3-frame tiles vs a query range starting at frame 1
-        monarch_sweep(q[:, TPF:4 * TPF], k, v, None, tok[TPF:4 * TPF], tok, GRID, 0.5, layouts=[lay])
+        analyze_record(RecordTensors(**{**rec, "q": q[:, TPF:4 * TPF], "query_tokens": tok[TPF:4 * TPF]}),
+                       MonarchOptions(layouts=[lay]))
 
 
 def test_default_layouts_and_parse():
@@ -140,7 +144,8 @@ def test_default_layouts_and_parse():
 
 
 def test_layout_presets():
-    """fh,w:all at 480p (last chunk vs the whole cache) holds monarchrt.md §5's Fig. 1 sweep points."""
+    """fh,w:all at 480p (last chunk vs the whole cache) holds the Fig. 1 sweep points of ``docs/monarch.md``
+    "Configurations"."""
     lays = tiling_sweep_layouts((21, 30, 52), (18, 21), (0, 21))
     shapes = {(lay.b1, lay.b2) for lay in lays}
     for point in [(2, 2), (5, 4), (15, 4), (6, 13), (15, 13), (30, 13), (15, 26), (30, 26), (30, 52), (90, 26),
@@ -189,29 +194,23 @@ def fake_capture():
                            record=lambda s, c, l: recs[(s, c, l)]), recs
 
 
-def test_analyze_capture_stacks_records():
+def test_analyze_stacks_records():
     cap, recs = fake_capture()
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--steps", "1", "--heads", "3", "--iters", "2", "--layout", "fh,w:1,2,1",
-                              "--layout", "contiguous:12x15", "--device", "cpu"])
-    args.progress = False
-    ds = analyze_capture(cap, args)
+    ds = analyze(cap, RecordSelection(steps=[1], heads=[3]),
+                 MonarchOptions(layouts=("fh,w:1,2,1", "contiguous:12x15"), iters=2), device="cpu", progress=False)
     assert dict(ds.sizes) == {"record": 2, "head": 1, "config": 2, "iters": 2, "variant": 2}
     assert ds["step"].values.tolist() == [1, 1] and ds["chunk"].values.tolist() == [0, 1]
     assert ds["query_start_frame"].values.tolist() == [0, 3]  # differs between records: a record coordinate
     assert ds["head"].values.tolist() == [3]
     rec = recs[(1, 1, 2)]
-    one = monarch_sweep(rec.q([3]), rec.k([3]), None, rec.lse([3]), rec.query_tokens, rec.key_tokens, GRID, 0.5,
-                        layouts=[parse_layout("fh,w:1,2,1", GRID), parse_layout("contiguous:12x15", GRID)], iters=2,
-                        heads=[3])
+    one = analyze_record(RecordTensors(q=rec.q([3]), k=rec.k([3]), lse=rec.lse([3]), query_tokens=rec.query_tokens,
+                                       key_tokens=rec.key_tokens, grid=GRID, scale=0.5, heads=[3]),
+                         MonarchOptions(layouts=[parse_layout("fh,w:1,2,1", GRID), parse_layout("contiguous:12x15",
+                                                                                                GRID)], iters=2))
     assert ds.isel(record=1).projection_rel_fro.values.tolist() == one.projection_rel_fro.values.tolist()
     # defaults: only layouts that fit every selected record (chunk 0 and chunk 1)
-    args = parser.parse_args(["--chunks", "0,1", "--steps", "0", "--heads", "0", "--iters", "0", "--no-topk"])
-    args.progress = False
-    ds = analyze_capture(cap, args)
+    ds = analyze(cap, RecordSelection(chunks=[0, 1], steps=[0], heads=[0]),
+                 MonarchOptions(iters=0, topk_baseline=False), progress=False)
     assert "fh,w (1,1,1)" in ds.config.values and "variational_map_mse" not in ds
-    args = parser.parse_args(["--layers", "5"])
-    args.progress = False
     with pytest.raises(SelectionError):
-        analyze_capture(cap, args)
+        analyze(cap, RecordSelection(layers=[5]), progress=False)

@@ -10,31 +10,28 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from conftest import dense_attention, tiny_config, tiny_wan
 
 from toolkit.analysis import topk
+from toolkit.analysis.records import RecordTensors
 from toolkit.capture import RunLayout, Selection, capture, open_capture
 from toolkit.cli import main
 from toolkit.models.sampling import self_forcing_rollout, self_forcing_timesteps
 from toolkit.models.seam import seams
-from toolkit.models.wan import WanConfig, WanModel
 
 FPC = 2
-CFG = WanConfig(dim=48, ffn_dim=64, num_heads=3, num_layers=2, text_dim=16, text_len=6, freq_dim=16)
+CFG = tiny_config(num_layers=2)
 NOISE_SHAPE = (1, 16, 6, 6, 10)  # token grid (6, 3, 5): 3 chunks of 2 frames
 
 
 def rollout(path, store, reference=None):
-    torch.manual_seed(0)
-    model = WanModel(CFG).eval()
-    with torch.no_grad():  # sharpen the random init so maps are far from uniform
-        for block in model.blocks:
-            block.self_attn.norm_q.weight.mul_(4.0)
+    model = tiny_wan(CFG, sharpen=4.0)  # sharpened so maps are far from uniform
     g = torch.Generator().manual_seed(1)
     noise, context = torch.randn(NOISE_SHAPE, generator=g), torch.randn(1, 4, CFG.text_dim, generator=g)
 
     def spy(q, k, v, out, ctx):
-        logits = ctx.scale * q[0].double().transpose(0, 1) @ k[0].double().transpose(0, 1).transpose(-1, -2)
-        reference[(ctx.step, ctx.chunk, ctx.layer)] = (torch.softmax(logits, -1), v[0].double().transpose(0, 1))
+        probs = dense_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), scale=ctx.scale).probs
+        reference[(ctx.step, ctx.chunk, ctx.layer)] = (probs, v[0].double().transpose(0, 1))
 
     if reference is not None:
         for s in seams(model):
@@ -116,6 +113,49 @@ def test_several_runs_through_dask(run_file, tmp_path):
     assert two.sizes["record"] == 2 and list(two["run"].values) == ["run.h5", "second.h5"]
     for r in range(2):
         np.testing.assert_array_equal(two["map_mse"].isel(record=r).values, one["map_mse"].isel(record=0).values)
+
+
+API_VS_CLI = {  # name -> (CLI options, the same as RecordSelection / options keywords)
+    "topk": (("--steps", "1", "--layers", "0", "--heads", "0,2", "--masses", "0.5,0.9", "--sparsities", "0,0.5,0.9",
+              "--method", "sort", "--query-chunk", "7"),
+             dict(steps=[1], layers=[0], heads=[0, 2]),
+             dict(masses=(0.5, 0.9), sparsities=(0, 0.5, 0.9), method="sort", query_chunk=7)),
+    "periodic": (("--steps", "3", "--chunks", "0,2", "--layers", "1", "--spike-factor", "5", "--n-spikes", "3",
+                  "--temporal-threshold", "0.3"),
+                 dict(steps=[3], chunks=[0, 2], layers=[1]),
+                 dict(spike_factor=5.0, n_spikes=3, temporal_threshold=0.3)),
+    "monarch": (("--steps", "0", "--chunks", "1", "--heads", "1", "--iters", "2", "--layout", "fh,w:1,1,1",
+                 "--layout", "default", "--no-topk"),
+                dict(steps=[0], chunks=[1], heads=[1]),
+                dict(layouts=("fh,w:1,1,1", "default"), iters=2, topk_baseline=False)),
+}
+
+
+@pytest.mark.parametrize("name", list(API_VS_CLI))
+def test_python_api_with_options_equals_cli(run_file, tmp_path, name):
+    """``toolkit.analysis.NAME.analyze(cap, records=..., options=NAMEOptions(...))`` gives the CLI's Dataset."""
+    import importlib
+
+    from toolkit.analysis import netcdf_attrs
+    from toolkit.analysis.records import RecordSelection
+
+    path, _ = run_file
+    argv, records, options = API_VS_CLI[name]
+    assert analyze(name, path, "--out", tmp_path / "cli.nc", "--device", "cpu", *argv) == 0
+    cli = xr.open_dataset(tmp_path / "cli.nc", engine="h5netcdf").load()
+    module = importlib.import_module(f"toolkit.analysis.{name}")
+    options_class = {"topk": "TopkOptions", "periodic": "PeriodicOptions", "monarch": "MonarchOptions"}[name]
+    with open_capture(path) as cap:
+        api = module.analyze(cap, records=RecordSelection(**records),
+                             options=getattr(module, options_class)(**options), device="cpu", progress=False)
+    assert api.sizes["record"] == cli.sizes["record"] > 0
+    netcdf_attrs(api).to_netcdf(tmp_path / "api.nc", engine="h5netcdf")  # the same NetCDF round trip
+    api = xr.open_dataset(tmp_path / "api.nc", engine="h5netcdf").load()
+    cli = cli.drop_vars(["run", "record"])
+    api = api.drop_vars("record", errors="ignore")
+    for ds in (cli, api):  # what the CLI adds: the analysis name, the input files, its command line
+        ds.attrs = {k: v for k, v in ds.attrs.items() if k not in ("analysis", "runs", "command")}
+    xr.testing.assert_identical(cli, api)
 
 
 def one_error_line(capsys) -> str:
@@ -201,7 +241,8 @@ def test_stack_records_pads_varying_query_counts():
     parts = []
     for n_q, n_k, step in ((5, 40, 0), (9, 60, 1)):
         q, k = torch.randn(2, n_q, 8, generator=g), torch.randn(2, n_k, 8, generator=g)
-        ds = topk.topk_dataset(q, k, None, 0.3, query_tokens=torch.arange(n_q) + 100 * step, sparsities=(0.0, 0.5))
+        t = RecordTensors(q=q, k=k, scale=0.3, query_tokens=torch.arange(n_q) + 100 * step)
+        ds = topk.analyze_record(t, topk.TopkOptions(sparsities=(0.0, 0.5)))
         ds.attrs.update(step=step, chunk=0, layer=0, timestep=1.0, is_clean=False)
         parts.append(ds)
     out = stack_records(parts)

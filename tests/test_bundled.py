@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_wan
 from PIL import Image
 
 from toolkit.errors import CheckpointError, WeightsNotFound
@@ -36,10 +37,9 @@ SHIPPED = bundled.DEFAULT_DIR / bundled.WEIGHTS_FILE
 
 
 def _tiny_model(seed: int = 0, clip=(6, 12, 20), dtype=torch.float64) -> WanModel:
-    torch.manual_seed(seed)
     cfg = bundled.bundled_config(**TINY)
     cfg.extra["clip"] = dict(frames=clip[0], height=clip[1], width=clip[2])
-    return WanModel(cfg).to(dtype).eval()
+    return tiny_wan(cfg, seed=seed, dtype=dtype)
 
 
 @torch.no_grad()
@@ -276,7 +276,7 @@ def _save(model: WanModel, folder, config: dict | None = None) -> None:
 
 
 def test_load_bundled_is_strict(tmp_path):
-    with pytest.raises(WeightsNotFound, match="toolkit.train"):
+    with pytest.raises(WeightsNotFound, match="toolkit train --out"):
         bundled.load_bundled(path=tmp_path / "nothing")
 
     model = _tiny_model(dtype=torch.float32)

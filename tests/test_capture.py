@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from conftest import dense_attention, tiny_config, tiny_wan
 
 from toolkit.capture import RunLayout, Selection, capture, open_capture
 from toolkit.capture.selection import query_tokens
@@ -17,18 +18,13 @@ from toolkit.models.seam import seams
 from toolkit.models.wan import WanConfig, WanModel
 
 FPC = 2  # frames per chunk
-CFG = WanConfig(dim=48, ffn_dim=64, num_heads=3, num_layers=3, text_dim=16, text_len=6, freq_dim=16)
+CFG = tiny_config()
 # 6 latent frames × 6 × 10 latent pixels -> token grid (6, 3, 5): 15 tokens per frame, 3 chunks of 30 tokens.
 NOISE_SHAPE = (1, 16, 6, 6, 10)
 
 
 def make_model(seed: int = 0, dtype=torch.float32) -> WanModel:
-    torch.manual_seed(seed)
-    model = WanModel(CFG).eval().to(dtype)
-    with torch.no_grad():  # random init leaves the attention nearly uniform; sharpen it so maps are informative
-        for s in range(CFG.num_layers):
-            model.blocks[s].self_attn.norm_q.weight.mul_(4.0)
-    return model
+    return tiny_wan(CFG, seed=seed, dtype=dtype, sharpen=4.0)  # sharpened so maps are informative
 
 
 def inputs(seed: int = 1):
@@ -46,11 +42,10 @@ def run(model, select, out, *, reference=None, **kw):
     noise, context = inputs()
 
     def spy(q, k, v, out_, ctx):
-        qd, kd = q[0].double().transpose(0, 1), k[0].double().transpose(0, 1)  # h i d, h j d
-        logits = ctx.scale * qd @ kd.transpose(-1, -2)
+        dense = dense_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), scale=ctx.scale)  # h i d, h j d
         reference[(ctx.step, ctx.chunk, ctx.layer)] = dict(
-            q=q[0].clone(), k=k[0].clone(), v=v[0].clone(), probs=torch.softmax(logits, -1),
-            lse=torch.logsumexp(logits, -1), key_offset=ctx.key_offset, query_offset=ctx.query_offset)
+            q=q[0].clone(), k=k[0].clone(), v=v[0].clone(), probs=dense.probs,
+            lse=dense.lse, key_offset=ctx.key_offset, query_offset=ctx.query_offset)
 
     found = seams(model)
     if reference is not None:
@@ -407,7 +402,7 @@ def test_bidirectional_sampler_with_guidance_records_the_conditional_pass(tmp_pa
             assert rec.key_frames == (0, 6) and torch.equal(rec.key_tokens, torch.arange(90))
             assert rec.timestep == pytest.approx(ctx.timestep) and not rec.is_clean
             assert torch.equal(rec.q(), q.transpose(0, 1)) and torch.equal(rec.k(), k.transpose(0, 1))
-            expected = torch.softmax(ctx.scale * q.double().transpose(0, 1) @ k.double().permute(1, 2, 0), -1)
+            expected = dense_attention(q.transpose(0, 1), k.transpose(0, 1), scale=ctx.scale).probs
             torch.testing.assert_close(torch.from_numpy(cap.rows(rec, 1).values).double(), expected[1],
                                        rtol=1e-5, atol=1e-6)
 

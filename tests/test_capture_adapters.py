@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import dense_attention
 from torch import nn
 
 from toolkit.capture import Selection, capture, open_capture
@@ -74,7 +75,7 @@ def test_sdpa_adapter_captures_self_attention_and_leaves_outputs_unchanged(tmp_p
                 q, k, v = model.blocks[layer].seen[step]  # b h i d
                 assert rec.timestep == timesteps[step]
                 assert torch.equal(rec.q(), q[0]) and torch.equal(rec.k(), k[0]) and torch.equal(rec.v(), v[0])
-                expected = torch.softmax(q[0].double() @ k[0].double().transpose(-1, -2) * HEAD_DIM**-0.5, -1)
+                expected = dense_attention(q[0], k[0], scale=HEAD_DIM**-0.5).probs
                 for head in range(HEADS):
                     rows = torch.from_numpy(cap.rows(rec, head).values).double()
                     torch.testing.assert_close(rows, expected[head], rtol=1e-5, atol=1e-6)
@@ -124,7 +125,7 @@ def test_diffusers_wan_transformer(tmp_path):
             rec = cap.record(step=step, chunk=0, layer=layer)
             q, k = seen[(step, layer)]
             assert torch.equal(rec.q(), q.float()) and torch.equal(rec.k(), k.float())
-            expected = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 4, -1)
+            expected = dense_attention(q, k, scale=1 / 4).probs
             torch.testing.assert_close(torch.from_numpy(cap.rows(rec, 1).values).double(), expected[1],
                                        rtol=1e-5, atol=1e-6)
     model.blocks[1].attn1.processor._attention_backend = "flex"  # a kernel that never calls SDPA

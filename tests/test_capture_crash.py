@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import tiny_config, tiny_wan
 
 from toolkit.capture import RunLayout, Selection, capture, open_capture
 from toolkit.capture.store import CaptureStore
@@ -130,11 +131,7 @@ def test_file_size_limit_is_one_line_and_leaves_no_file(tmp_path):
 
 
 def tiny_model():
-    from toolkit.models.wan import WanConfig, WanModel
-
-    cfg = WanConfig(dim=32, ffn_dim=32, num_heads=2, num_layers=2, text_dim=8, text_len=4, freq_dim=16)
-    torch.manual_seed(0)
-    return WanModel(cfg).eval()
+    return tiny_wan(tiny_config(dim=32, ffn_dim=32, num_heads=2, num_layers=2, text_dim=8, text_len=4))
 
 
 def test_disk_full_mid_run_is_one_clear_error_and_keeps_finished_records(tmp_path, monkeypatch):

@@ -11,7 +11,8 @@ import torch
 from toolkit.errors import CheckpointError
 from toolkit.models import checkpoints as ck
 
-# Wan2.1-T2V-1.3B (self-forcing.md §1); the shapes below are generated from it, no weights involved.
+# Wan2.1-T2V-1.3B (docs/self-forcing.md "Architecture (Wan2.1-T2V-1.3B)"); the shapes below are generated from it,
+# no weights involved.
 CFG_1P3B = dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_dim=16, out_dim=16, patch_size=(1, 2, 2),
                 text_dim=4096, text_len=512, freq_dim=256, eps=1e-6)
 # Small and awkward: nothing a power of two where it need not be, non-square patch.
@@ -34,7 +35,7 @@ def test_native_layout_of_1p3b_from_config():
     top = (d * 16 * 4 + d) + (d * 4096 + d) + (d * d + d) + (d * 256 + d) + (d * d + d) + (6 * d * d + 6 * d) \
         + (64 * d + 64) + 2 * d
     assert ck.param_count(CFG_1P3B) == 30 * per_block + top == sum(_numel(s) for s in shapes.values())
-    # norm1 / norm2 / head.norm carry no parameters (self-forcing.md §1)
+    # norm1 / norm2 / head.norm carry no parameters (docs/self-forcing.md "Architecture (Wan2.1-T2V-1.3B)")
     assert not any(".norm1." in k or ".norm2." in k or k.startswith("head.norm") for k in shapes)
 
 
@@ -44,7 +45,7 @@ def test_native_diffusers_mapping_is_a_bijection_over_1p3b():
     assert len(mapped) == len(native) == 825  # injective
     for d_name, n_name in mapped.items():
         assert ck.diffusers_to_native(d_name) == n_name  # inverse
-    # the traps of §5.3
+    # the traps of diffusers' converter (docs/self-forcing.md "diffusers names")
     assert ck.native_to_diffusers("head.modulation") == "scale_shift_table"
     assert ck.native_to_diffusers("blocks.7.modulation") == "blocks.7.scale_shift_table"
     assert ck.native_to_diffusers("blocks.29.norm3.bias") == "blocks.29.norm2.bias"

@@ -14,9 +14,8 @@ import torch
 from toolkit.paper_figures import FIGURES, FigureSettings, figure_module, make_figures
 
 from toolkit import __version__
-from toolkit.analysis.monarch import monarch_sweep
-from toolkit.analysis.periodic import periodic_dataset
-from toolkit.analysis.topk import topk_dataset
+from toolkit.analysis import monarch, periodic, topk
+from toolkit.analysis.records import RecordTensors
 from toolkit.capture import RunLayout, Selection, capture, open_capture
 from toolkit.cli import main
 from toolkit.grid import MonarchLayout
@@ -29,13 +28,7 @@ NOISE_SHAPE = (1, 3, 6, 24, 40)  # pixels; patch (1, 4, 4) -> token grid (6, 6, 
 SETTINGS = dict(layers=[0, 1], steps=[2, 3])  # coverage over two steps keeps the test short
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2-core CI shared with other jobs: one torch thread is faster than oversubscribing
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +88,9 @@ def direct(run_h5):
     out = {}
     for layer in (0, 1):
         rec = cap.record(3, 1, layer)
-        q, k, v, lse = rec.q(), rec.k(), rec.v(), rec.lse()
-        out[("periodic", layer)] = periodic_dataset(q, k, rec.scale, lse, rec.query_tokens, rec.key_tokens,
-                                                    rec.grid, heads=rec.heads)
-        out[("topk", layer)] = topk_dataset(q, k, v, rec.scale, lse, rec.query_tokens, heads=rec.heads)
+        t = RecordTensors.read(rec)
+        out[("periodic", layer)] = periodic.analyze_record(t)
+        out[("topk", layer)] = topk.analyze_record(t)
     yield cap, out
     cap.close()
 
@@ -138,8 +130,8 @@ def test_fig1_plots_topk_and_monarch_errors(figs, direct, run_h5):
     # one Monarch point: the framewise fh,w layout, exact projection, from the Monarch analysis on this record
     rec = cap.record(3, 1, 0)
     lay = MonarchLayout.aligned(cap.grid, "fh,w", (1, 1, 1))
-    m = monarch_sweep(rec.q(), rec.k(), rec.v(), rec.lse(), rec.query_tokens, rec.key_tokens, cap.grid, rec.scale,
-                      layouts=[lay], iters=1, topk_baseline=False)
+    m = monarch.analyze_record(RecordTensors.read(rec), monarch.MonarchOptions(layouts=[lay], iters=1,
+                                                                              topk_baseline=False))
     x = p["L0H1/monarch_sparsity"]
     i = int(np.argmin(abs(x - lay.effective_sparsity)))
     assert x[i] == pytest.approx(lay.effective_sparsity)
@@ -170,7 +162,8 @@ def test_coverage_plots_the_topk_coverage_fraction(figs, run_h5):
     for key in cap.records:
         if key.layer == 1 and key.step in SETTINGS["steps"]:
             rec = cap.record(*key)
-            ds = topk_dataset(rec.q(0), rec.k(0), None, rec.scale, rec.lse(0), masses=(0.95,), sparsities=(0.5,))
+            t = RecordTensors(q=rec.q(0), k=rec.k(0), lse=rec.lse(0), scale=rec.scale)
+            ds = topk.analyze_record(t, topk.TopkOptions(masses=(0.95,), sparsities=(0.5,)))
             values.append(ds["coverage_fraction"].sel(mass=0.95).values.ravel())
     cap.close()
     assert list(p["layers"]) == [0, 1] and list(p["steps"]) == SETTINGS["steps"]
@@ -182,8 +175,8 @@ def test_alignment_plots_median_projection_error_over_heads(figs, direct):
     p = figs["plotted"]["alignment_tiling"]
     rec = cap.record(3, 1, 0)
     lay = MonarchLayout.aligned(cap.grid, "fh,w", (1, 2, 1))
-    m = monarch_sweep(rec.q(), rec.k(), None, rec.lse(), rec.query_tokens, rec.key_tokens, cap.grid, rec.scale,
-                      layouts=[lay], iters=0, topk_baseline=False)
+    m = monarch.analyze_record(RecordTensors.read(rec, v=False),
+                               monarch.MonarchOptions(layouts=[lay], iters=0, topk_baseline=False))
     i = list(p["config"]).index(lay.name)
     assert p["sparsity"][i] == pytest.approx(lay.effective_sparsity)
     assert p["projection_median"][i] == pytest.approx(float(np.median(m["projection_rel_fro"].values)), rel=1e-6)
@@ -215,6 +208,30 @@ def test_cached_analyses_are_reused(figs, run_h5):
                      progress=False)
     assert m["analyses"]["periodic"]["reused"] is True
     assert m["analyses"]["periodic"]["cache_key"] == figs["manifest"]["analyses"]["periodic"]["cache_key"]
+
+
+def test_cache_is_keyed_on_the_analysis_options(run_h5, tmp_path):
+    from toolkit.paper_figures.results import ResultCache
+
+    from toolkit.analysis.records import RecordSelection
+
+    records = RecordSelection(steps=[3], chunks=[1], layers=[0], heads=[1])
+    with open_capture(run_h5) as cap:
+        def get(options):
+            cache = ResultCache(cap, tmp_path, "sha-of-the-input", log=lambda *a: None, progress=False, device="cpu")
+            ds = cache.get("topk", records, options, tag="t")
+            return ds, cache.used["topk_t"]
+
+        first, used = get(topk.TopkOptions(sparsities=(0.5,)))
+        assert not used["reused"] and used["args"]["options"]["sparsities"] == [0.5]
+        again, used_again = get(topk.TopkOptions(sparsities=[0.5]))  # equal options: the file is reused
+        assert used_again["reused"] and used_again["cache_key"] == used["cache_key"]
+        np.testing.assert_array_equal(again["map_mse"].values, first["map_mse"].values)
+        other, used_other = get(topk.TopkOptions(sparsities=(0.5, 0.9)))  # different options: recomputed
+        assert not used_other["reused"] and used_other["cache_key"] != used["cache_key"]
+        assert list(other["sparsity"].values) == [0.5, 0.9]
+        with pytest.raises(TypeError, match="TopkOptions"):
+            ResultCache(cap, tmp_path, "x", log=lambda *a: None).get("topk", records, periodic.PeriodicOptions())
 
 
 def refusal(argv, capsys) -> str:

@@ -48,7 +48,8 @@ def test_frame_range():
 
 
 def test_framewise_layout_matches_paper_convention():
-    """fh,w with tiling (f_t, c_h, c_w): a = (α c_h + γ) c_w + ε, i = φ' H' + y', j = x' (monarchrt.md §3)."""
+    """fh,w with tiling (f_t, c_h, c_w): a = (α c_h + γ) c_w + ε, i = φ' H' + y', j = x'
+    (``docs/monarch.md`` "Layouts")."""
     g = GRID
     for f_t, c_h, c_w in [(1, 1, 1), (3, 2, 5), (2, 3, 2)]:
         lay = MonarchLayout.aligned(g, "fh,w", (f_t, c_h, c_w))
@@ -129,7 +130,7 @@ def test_clear_errors(make):
 
 def test_flop_ratio_matches_kernel_mac_count():
     """Stage 1: 3·A·F·b1·b2²·d MACs, stage 2: 2·A·F·b1²·b2·d, one extra round (b1+b2)·2·b1·b2·d per tile pair
-    (monarchrt.md §4.2-4.3), dense 2·N_q·N_k·d."""
+    (``docs/monarch.md`` "Kernels"), dense 2·N_q·N_k·d."""
     for b1, b2, iters in [(30, 52, 1), (15, 13, 1), (7, 11, 3), (90, 52, 2)]:
         a, f, d = 3, 5, 64
         macs = 3 * a * f * b1 * b2**2 * d + 2 * a * f * b1**2 * b2 * d
@@ -141,7 +142,7 @@ def test_flop_ratio_matches_kernel_mac_count():
 
 
 def test_config_table_reproduces_paper():
-    """Percentages and ratios of monarchrt.md §5 and the measured-anchor table (α_L + Y in GB)."""
+    """Percentages and ratios of ``docs/monarch.md`` "Configurations" (α_L + Y in GB)."""
     expected = {  # (grid, base, tiling): (eff. sparsity %, FLOP ratio, bf16 α_L+Y GB for the full clip or None)
         (GRID_480P, "fh,w", (1, 1, 1)): (94.7, 0.069, 4.2),
         (GRID_480P, "fh,w", (1, 2, 1)): (91.4, 0.119, 8.5),
@@ -173,7 +174,7 @@ def test_config_table_reproduces_paper():
     # AR last chunk (4,680 queries vs 21 key frames), framewise: 0.6 GB
     lay = MonarchLayout.aligned(GRID_480P)
     assert round(lay.intermediate_bytes(4680) / 1e9, 1) == 0.6
-    # Fig. 1 sweep points at 480p (§5)
+    # Fig. 1 sweep points at 480p (docs/monarch.md "Configurations")
     for (b1, b2), pct in {(2, 2): 0.0, (5, 4): 55.0, (15, 4): 68.3, (6, 13): 75.6, (30, 13): 89.0,
                           (30, 26): 92.8, (90, 26): 95.0}.items():
         assert round(100 * effective_sparsity(b1, b2), 1) == pct

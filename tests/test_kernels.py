@@ -1,31 +1,27 @@
-"""Triton kernels vs the float64 PyTorch reference (toolkit.attention.monarch), on the CPU through the interpreter.
-
-Triton reads TRITON_INTERPRET when a kernel is *decorated*, i.e. when toolkit.kernels is first imported, so the
-variable is set here before that import (toolkit.kernels also defaults it to 1 when there is no CUDA device).
+"""Triton kernels vs the float64 PyTorch reference (toolkit.attention.monarch), on the CPU through the interpreter
+(tests/conftest.py sets TRITON_INTERPRET before toolkit.kernels is first imported).
 Shapes are tiny but awkward: widths/heights that are not powers of two, several tiles, blocks smaller than the
 tile (forced configs) so the column/row/key loops run more than once, chunk boundaries, a partly filled cache.
 Outputs and kernel scratch are NaN-poisoned before launch so an unwritten element fails.
 """
 
-import os
+import pytest
+import toolkit.kernels._common as kcommon
+import torch
+from conftest import dense_attention
+from toolkit.kernels import apply_factors, monarch_attention_triton, monarch_backend_triton, monarch_compare
+from toolkit.kernels.bench import dense_flops, monarch_flops
+from toolkit.kernels.monarch import _forward  # the launcher with the benchmark's switches (configs, version, out)
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import toolkit.kernels._common as kcommon  # noqa: E402
-import torch  # noqa: E402
-from toolkit.kernels import apply_factors, monarch_attention_triton, monarch_backend_triton, monarch_compare  # noqa: E402
-from toolkit.kernels.monarch import dense_flops, monarch_flops  # noqa: E402
-
-from toolkit.attention.monarch import (  # noqa: E402
+from toolkit.attention.monarch import (
     allowed_tiles,
     exact_projection,
     map_errors,
     monarch_attention,
     monarch_backend,
 )
-from toolkit.grid import MonarchLayout  # noqa: E402
-from toolkit.models.seam import AttentionContext  # noqa: E402
+from toolkit.grid import MonarchLayout
+from toolkit.models.seam import AttentionContext
 
 # ‖out − ref‖/‖ref‖ bounds: fp32 products are exact in the interpreter; fp16/bf16 round q/k/v (before the
 # reference sees them too), P and the α/Y intermediates (MonarchRT keeps them in the input dtype).
@@ -98,7 +94,7 @@ def test_monarch_forward_matches_reference(case, version):
     # batch 2 × 2 heads once; one head elsewhere keeps the interpreter fast
     q, k, v = _inputs(grid, qf, kf, batch=2 if case == "bidirectional-111" else 1,
                       heads=2 if case == "bidirectional-111" else 1)
-    out = monarch_attention_triton(
+    out = _forward(
         q, k, v, grid, tiling, query_frames=qf, key_frames=kf, block_causal_frames=bc, configs=configs,
         scratch_bytes=scratch, out=_nan_like(q), version=version,
     )
@@ -119,23 +115,10 @@ def test_head_chunked_scratch_matches_reference(version):
     budget = 2 * batch * per_unit
     assert scratch_chunk(batch, heads, 2, per_unit, budget) == (2, 1)  # 2 heads fit, not one tile of all 3
     q, k, v = _inputs(grid, qf, kf, heads=heads, dim=dim, batch=batch, seed=11)
-    out = monarch_attention_triton(q, k, v, grid, tiling, query_frames=qf, key_frames=kf, scratch_bytes=budget,
-                                   out=_nan_like(q), version=version)
+    out = _forward(q, k, v, grid, tiling, query_frames=qf, key_frames=kf, scratch_bytes=budget,
+                   out=_nan_like(q), version=version)
     ref = monarch_attention(q.double(), k.double(), v.double(), grid, tiling, query_frames=qf, key_frames=kf)
     assert _rel(out, ref) < TOL[torch.float32]
-
-
-@pytest.mark.parametrize("dtype,dim", [(torch.float32, 32), (torch.bfloat16, 64)])
-def test_rows_v2_split_head_dim_matches_reference(dtype, dim):
-    """v2 R-step with the head dim in two halves (SPLIT_D, the low-register configs; maxnreg is a compile
-    option the interpreter ignores): block-causal, 2 tiles per program, key tiles split over 2 programs."""
-    grid, tiling, qf, kf = (6, 2, 5), (1, 1, 1), (0, 6), (0, 6)
-    q, k, v = _inputs(grid, qf, kf, heads=1, dim=dim, dtype=dtype, seed=dim)
-    cfg_r = {"BLOCK_M": 16, "F_SPLIT": 2, "SPLIT_D": True, "num_warps": 4, "num_stages": 1, "maxnreg": 128}
-    out = monarch_attention_triton(q, k, v, grid, tiling, block_causal_frames=3, out=_nan_like(q),
-                                   configs=(cfg_r, {"BLOCK_I": 16, "BLOCK_K": 16}))
-    ref = monarch_attention(q.double(), k.double(), v.double(), grid, tiling, block_causal_frames=3)
-    assert _rel(out, ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -143,10 +126,40 @@ def test_rows_v2_split_head_dim_matches_reference(dtype, dim):
 def test_monarch_forward_half_precision(dtype, dim):
     grid, tiling, qf, kf = (3, 2, 6), (1, 1, 1), (0, 3), (0, 3)
     q, k, v = _inputs(grid, qf, kf, heads=1, dim=dim, dtype=dtype, seed=dim)
-    out = monarch_attention_triton(q, k, v, grid, tiling, out=_nan_like(q))
+    out = _forward(q, k, v, grid, tiling, out=_nan_like(q))
     assert out.dtype == dtype
     ref = monarch_attention(q.double(), k.double(), v.double(), grid, tiling)
     assert _rel(out, ref) < TOL[dtype]
+
+
+def test_public_launcher_is_a_custom_op_that_compiles():
+    """``monarch_attention_triton`` runs the ``torch.library`` op: its fake implementation gives the output's
+    shape and dtype without running anything, ``opcheck`` accepts the registration, and ``torch.compile`` traces
+    a function calling it (fullgraph: the op is one node) to the same result as the eager op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    grid, tiling, qf, kf = (6, 2, 5), (1, 2, 1), (3, 6), (0, 6)
+    q, k, v = _inputs(grid, qf, kf, heads=2, seed=5)
+    eager = monarch_attention_triton(q, k, v, grid, tiling, query_frames=qf, key_frames=kf, scale=0.3)
+    ref = monarch_attention(q.double(), k.double(), v.double(), grid, tiling, query_frames=qf, key_frames=kf,
+                            scale=0.3)
+    assert _rel(eager, ref) < TOL[torch.float32]
+
+    def model(q, k, v):
+        out = monarch_attention_triton(q, k, v, grid, tiling, query_frames=qf, key_frames=kf, scale=0.3)
+        return out * 2 + 1
+
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(q, k, v), eager * 2 + 1)
+
+    q16, k16, v16 = (x.to(torch.bfloat16) for x in (q, k, v))
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(x) for x in (q16, k16, v16))
+        fake = monarch_attention_triton(fq, fk, fv, grid, tiling, query_frames=qf, key_frames=kf)
+    assert fake.shape == q.shape and fake.dtype == torch.bfloat16 and fake.device == q.device
+    torch.library.opcheck(torch.ops.toolkit.monarch_attention.default,
+                          (q, k, v, list(grid), list(tiling), list(qf), list(kf), None, 0.3, None),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 @pytest.mark.parametrize("mode", ["kv-cache", "block-causal-mask"])
@@ -195,13 +208,14 @@ def test_explicit_factors_apply(source):
 
 
 def _dense_probs(q, k, grid, qf, kf, bc, scale):
-    logits = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) * scale
+    """Float64 probabilities ``b h i j`` of ``b i h d`` inputs, block-causal over frames when ``bc`` is given."""
+    allowed = None
     if bc is not None:
         tpf = grid[1] * grid[2]
         q_frame = qf[0] + torch.arange(q.shape[1]) // tpf
         k_frame = kf[0] + torch.arange(k.shape[1]) // tpf
-        logits = logits.masked_fill((k_frame[None, :] // bc) > (q_frame[:, None] // bc), float("-inf"))
-    return torch.softmax(logits, -1)
+        allowed = (k_frame[None, :] // bc) <= (q_frame[:, None] // bc)
+    return dense_attention(q.transpose(1, 2), k.transpose(1, 2), scale=scale, allowed=allowed).probs
 
 
 @pytest.mark.parametrize("mode", ["implicit-block-causal", "explicit-kv-cache"])
@@ -259,9 +273,10 @@ def test_key_tiles_and_flops_match_the_reference_accounting(tiling, qf, kf, bc):
 
 @pytest.mark.parametrize("mode", ["kv-cache", "block-causal-no-v"])
 def test_monarch_sweep_kernel_comparison_matches_reference(mode, monkeypatch):
-    """``toolkit.analysis.monarch.monarch_sweep`` with the streaming Triton comparison (what ``compare='auto'``
+    """``toolkit.analysis.monarch.analyze_record`` with the streaming Triton comparison (what ``compare='auto'``
     picks on CUDA) gives the same variational errors as its PyTorch ``map_errors`` path."""
     import toolkit.analysis.monarch as analysis
+    from toolkit.analysis.records import RecordTensors
 
     grid = (6, 3, 5)  # b1 = 3 rows, b2 = 5 columns per tile at (1, 1, 1)
     tpf = grid[1] * grid[2]
@@ -281,13 +296,14 @@ def test_monarch_sweep_kernel_comparison_matches_reference(mode, monkeypatch):
     common = dict(layouts=layouts, iters=iters, projection=False, topk_baseline=False, block_causal_frames=bc)
     q_tok, k_tok = torch.arange(qf[0] * tpf, qf[1] * tpf), torch.arange(6 * tpf)
     v_in = None if mode == "block-causal-no-v" else v
-    want = analysis.monarch_sweep(q, k, v_in, lse, q_tok, k_tok, grid, scale, compare="reference", **common)
+    t = RecordTensors(q=q, k=k, v=v_in, lse=lse, query_tokens=q_tok, key_tokens=k_tok, grid=grid, scale=scale)
+    want = analysis.analyze_record(t, analysis.MonarchOptions(compare="reference", **common))
 
     def no_reference(*args, **kwargs):
         raise AssertionError("the Triton path must not call the reference map_errors")
 
     monkeypatch.setattr(analysis, "map_errors", no_reference)
-    got = analysis.monarch_sweep(q, k, v_in, lse, q_tok, k_tok, grid, scale, compare="triton", **common)
+    got = analysis.analyze_record(t, analysis.MonarchOptions(compare="triton", **common))
     assert set(got.data_vars) == set(want.data_vars)
     measured = ["variational_map_mse", "variational_rel_fro"] + (["variational_out_rel_l2"] if v_in is not None else [])
     for name in measured:  # errors of a real approximation: finite and not zero

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import dense_attention
 
 from toolkit.attention.monarch import (
     _tile_groups,
@@ -37,10 +38,8 @@ def qkv(n_q=GRID.n_tokens, n_k=GRID.n_tokens, heads=2, d=8, seed=0, scale=1.5):
 
 
 def dense_probs(q, k, scale, allowed=None):
-    s = q @ k.transpose(-1, -2) * scale
-    if allowed is not None:
-        s = s.masked_fill(~allowed, -math.inf)
-    return torch.softmax(s, -1), s
+    ref = dense_attention(q, k, scale=scale, allowed=allowed)
+    return ref.probs, ref.logits
 
 
 def token_mask(q_frames, k_frames, chunk):
@@ -63,9 +62,10 @@ def objective_dense(m, s):
     return (m * s.masked_fill(m == 0, 0)).sum((-1, -2)) - torch.special.xlogy(m, m).sum((-1, -2))
 
 
-# ---- an independent, loop-by-loop T = 1 reference for the paper's fh,w layout (§3, §4.2) ----------------------
+# ---- an independent, loop-by-loop T = 1 reference for the paper's fh,w layout (docs/monarch.md) ----------------------
 def naive_t1(q, k, v, grid, tiling, scale):
-    """q, k, v ``n d`` (one head, whole clip); index maps written out from monarchrt.md §3 with Python loops."""
+    """q, k, v ``n d`` (one head, whole clip); index maps written out from ``docs/monarch.md`` "Layouts" with
+    Python loops."""
     fr, hh, ww = grid
     f_t, c_h, c_w = tiling
     hp, wp = hh // c_h, ww // c_w
@@ -147,7 +147,9 @@ def test_objective_monotone_and_below_dense_optimum(mode):
         m = fac.dense()
         values.append(objective_dense(m, s))
         torch.testing.assert_close(fac.objective(q, k, scale), values[-1], rtol=1e-12, atol=1e-9)
-        if prev_l:  # this R-step maximised the objective given the last L: R ∝ exp(Σ_i L S / Σ_i L) (§4.1)
+        # this R-step maximised the objective given the last L: R ∝ exp(Σ_i L S / Σ_i L)
+        # (docs/monarch.md "MonarchAttention (variational)")
+        if prev_l:
             lp = prev_l[-1].permute(0, 1, 2, 4, 5, 3)  # h a j f k i
             expected = torch.softmax((lp.unsqueeze(-1) * s_slices).sum(-2) / lp.sum(-1, keepdim=True), -1)
             seen = fac.allowed[None, :, None, :, None, None]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from toolkit.analysis import periodic
+from toolkit.analysis.records import RecordTensors
 from toolkit.errors import ToolkitError
 from toolkit.grid import TokenGrid
 
@@ -167,7 +168,8 @@ def test_head_types_and_periodicity():
 
 def test_dataset_labels():
     q, k, qt, kt = random_case(4, heads=2)
-    ds = periodic.periodic_dataset(q, k, 0.3, None, qt, kt, GRID, heads=[3, 7], query_chunk=9)
+    t = RecordTensors(q=q, k=k, scale=0.3, query_tokens=qt, key_tokens=kt, grid=GRID, heads=[3, 7])
+    ds = periodic.analyze_record(t, periodic.PeriodicOptions(query_chunk=9))
     assert list(ds["head"].values) == [3, 7]
     assert ds["profile"].dims == ("head", "dt", "dh", "dw") and ds.sizes["dt"] == 5
     assert ds["profile"].sel(dt=0, dh=0, dw=0).notnull().all()

@@ -1,23 +1,21 @@
 """The fused pooled-views kernel (toolkit.kernels.pooled) vs the float64 torch reference, on the CPU through the
 Triton interpreter: row LSE against ``exact.logsumexp`` and the packed sums against ``pooled_sums``.
 
-TRITON_INTERPRET is set before toolkit.kernels is first imported (Triton reads it when a kernel is decorated).
+TRITON_INTERPRET is set by tests/conftest.py before toolkit.kernels is first imported (Triton reads it when a
+kernel is decorated).
 Grids are tiny and awkward (widths/heights not powers of two), queries are a random subset of the chunk, keys a
 partial range of frames as in a KV cache, and the key frames are split over several programs so the partial
 LSE combination and the atomic accumulation across programs both run. Outputs and scratch are NaN-poisoned.
 """
 
-import os
+import pytest
+import toolkit.kernels._common as kcommon
+import toolkit.kernels.pooled as kpooled
+import torch
+from conftest import tiny_wan
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import toolkit.kernels._common as kcommon  # noqa: E402
-import toolkit.kernels.pooled as kpooled  # noqa: E402
-import torch  # noqa: E402
-
-from toolkit.attention import exact  # noqa: E402
-from toolkit.capture.pooled import accumulate_pooled, packed_bins, pooled_sums, unpack  # noqa: E402
+from toolkit.attention import exact
+from toolkit.capture.pooled import accumulate_pooled, packed_bins, pooled_sums, unpack
 
 
 @pytest.fixture(autouse=True)
@@ -120,11 +118,9 @@ def test_recorder_kernel_path_writes_the_same_capture_as_the_torch_path(tmp_path
     import toolkit.capture.pooled as cpooled
     from toolkit.capture import RunLayout, Selection, capture, open_capture
     from toolkit.models.sampling import self_forcing_rollout, self_forcing_timesteps
-    from toolkit.models.wan import WanConfig, WanModel
 
-    cfg = WanConfig(dim=48, ffn_dim=64, num_heads=3, num_layers=3, text_dim=16, text_len=6, freq_dim=16)
-    torch.manual_seed(0)
-    model = WanModel(cfg).eval()
+    model = tiny_wan()
+    cfg = model.cfg
     g = torch.Generator().manual_seed(1)
     noise, context = torch.randn(1, 16, 6, 6, 10, generator=g), torch.randn(1, 4, 16, generator=g)  # grid 6×3×5
     layout = RunLayout.self_forcing(cfg, model.grid_size(noise), self_forcing_timesteps(), 2)
@@ -159,3 +155,18 @@ def test_kernel_with_no_query_rows_adds_nothing():
     before = bins.clone()
     lse, out = kpooled.pooled_lse_and_sums(q, k, 0.25, tokens, (0, 2), grid, bins=bins)
     assert lse.shape == (2, 0) and out is bins and torch.equal(bins, before)
+
+
+def test_capture_on_the_cpu_loads_no_kernel_module():
+    """Kernels sit below capture, and capture imports the fused kernel only when a CUDA record needs it: on the CPU
+    a capture's pooled accumulation never loads ``toolkit.kernels`` (Triton stays an optional dependency), and
+    the kernel shares the bin layout of ``toolkit.attention.pooled`` rather than importing capture."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, torch; import toolkit.capture, toolkit.capture.pooled as p; "
+             "q, k, grid = torch.randn(2, 3, 16), torch.randn(2, 30, 16), (4, 3, 5); "
+             "p.accumulate_pooled(q, k, 0.25, torch.arange(3), (0, 2), grid, torch.zeros(2, p.packed_bins(grid))); "
+             "assert not [m for m in sys.modules if m.startswith(('toolkit.kernels', 'triton'))]")
+    subprocess.run([sys.executable, "-c", probe], check=True)
+    assert not [m for m in vars(kpooled).values() if getattr(m, "__name__", "").startswith("toolkit.capture")]

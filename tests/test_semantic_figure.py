@@ -12,6 +12,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+from conftest import dense_attention, tiny_wan
 from toolkit.paper_figures import semantic
 
 from toolkit.cli import main
@@ -20,7 +21,6 @@ from toolkit.models import bundled
 from toolkit.models.bundled import data
 from toolkit.models.checkpoints import random_state_dict, save_wan_native
 from toolkit.models.seam import seams
-from toolkit.models.wan import WanModel
 
 matplotlib.use("Agg")
 
@@ -29,18 +29,12 @@ PROMPT = "3 sprites: red circle, blue ring, yellow square; pan left"
 SEED = 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return WanModel(bundled.tiny_config(clip=CLIP)).double().eval()
+    return tiny_wan(bundled.tiny_config(clip=CLIP), dtype=torch.float64)
 
 
 def spy_run(model, **kw):
@@ -78,8 +72,7 @@ def test_rows_are_the_models_softmax_from_its_own_q_and_k(run):
         assert ctx.key_frames == (0, 6) and k.shape[1] == 6 * 77  # the whole clip: cache + own chunk
         i = token - ctx.query_offset
         for head in range(2):
-            logits = (q[0, i, head].double() @ k[0, :, head].double().T) * ctx.scale  # j
-            brute = torch.softmax(logits, dim=-1).numpy()
+            brute = dense_attention(q[0, i, head], k[0, :, head], scale=ctx.scale).probs.numpy()  # j
             row = c.rows[layer, head].reshape(-1)
             np.testing.assert_allclose(row, brute, rtol=1e-10, atol=1e-15)
             assert row.sum() == pytest.approx(1.0, abs=1e-12)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import dense_attention
 
 from toolkit.analysis import topk
 from toolkit.errors import ToolkitError
@@ -22,7 +23,7 @@ def qkv(heads, n_q, n_k, d, seed, spread=2.0):
 
 def brute_force(q, k, v, scale, masses, sparsities):
     """Definitions of the module docstring, written out on the full float64 map (ties shared equally)."""
-    a = torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, dim=-1)  # h i j
+    a = dense_attention(q, k, scale=scale).probs  # h i j
     v = v.double()
     n_q, n = a.shape[-2:]
     desc = torch.sort(a, dim=-1, descending=True).values

@@ -1,18 +1,22 @@
 """Attention-analysis toolkit for video diffusion transformers.
 
-Pipeline (each layer depends only on the ones above it):
+Pipeline, lowest layer first (each imports only from itself and the layers before it; ``tests/test_layers.py``):
 
-    models      toolkit.models       Wan DiT (bidirectional, Self-Forcing causal, bundled toy model)
-    seam        toolkit.models.seam  AttentionSeam: the one place self-attention happens
+    base        toolkit.grid, toolkit.errors, toolkit.device
+    models      toolkit.models       Wan DiT with its attention seam, samplers, registry, bundled toy model
+    attention   toolkit.attention    exact rows / tiles from q, k (+ lse); Monarch reference; backends
+                toolkit.kernels      Triton Monarch attention (folder kernels/)
     capture     toolkit.capture      hooks at the seam -> HDF5 (q, k, v, lse, grid, provenance);
                                      toolkit.open_capture(path) reads a run back
-    attention   toolkit.attention    exact rows / tiles from q, k (+ lse); Monarch reference
+                toolkit.pipeline     a model run from its spec: prepare, sample, save
     analyses    toolkit.analysis     periodic structure, oracle top-k, Monarch approximation
-    kernels     toolkit.kernels      Triton Monarch attention (folder kernels/)
     figures     toolkit.paper_figures
+    commands    toolkit.commands     the CLI
 """
 
-__version__ = "0.1.0"
+from toolkit._version import __version__
+
+__all__ = ["__version__", "open_capture"]
 
 
 def __getattr__(name: str):

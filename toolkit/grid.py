@@ -3,7 +3,7 @@
 Token order is raster order: ``token = (frame * height + row) * width + col`` (width fastest).
 
 A **Monarch layout** assigns every token of the clip a position ``(tile a, row i, column j)`` with
-``a < num_tiles``, ``i < b1``, ``j < b2`` (MonarchRT §3; ``docs/monarchrt.md``). Queries and keys use the
+``a < num_tiles``, ``i < b1``, ``j < b2`` (``docs/monarch.md`` "Layouts"). Queries and keys use the
 same map; a Monarch attention matrix is then, per head,
 
     M[(a,i,j), (f,k,l)] = L[a, j, i, (f,k)] · R[a, f, k, j, l]
@@ -19,7 +19,7 @@ tile — one of ``fh,w`` (the paper's default), ``w,fh``, ``f,hw``, ``hw,f``, ``
 * tile ``a = (α · h_reduce + γ) · w_reduce + ε``;
 * within the tile, the inner coordinates (φ', y', x') are split between i and j by the base, each side in
   (f, h, w) order as written in the base name, earlier axes slower. For ``fh,w``: ``i = φ'·H' + y'``, ``j = x'``
-  (exactly FK/REL ``monarch_attn.py``); for ``hw,f``: ``i = y'·W' + x'``, ``j = φ'``.
+  (as MonarchRT's ``wan/modules/monarch_attn.py``); for ``hw,f``: ``i = y'·W' + x'``, ``j = φ'``.
 
 Tiling ``(frames, 1, 1)`` is the untiled (one tile) layout.
 
@@ -27,10 +27,10 @@ Tiling ``(frames, 1, 1)`` is the untiled (one tile) layout.
 tiles of ``b1·b2`` tokens, ``a = n // (b1·b2)``, ``i = (n // b2) % b1``, ``j = n % b2``. Contiguous ``(b1, b2) =
 (height, width)`` tiles coincide with the aligned ``fh,w`` framewise layout.
 
-Accounting (§5, §7): effective sparsity ``1 − (b1+b2)/(b1·b2)`` (= 1 − parameter density |L|+|R| over dense),
-attention FLOP ratio vs dense ``(3·b2 + 2·b1)/(2·b1·b2)`` for T = 1 plus ``(b1+b2)/(b1·b2)`` per extra
-iteration, and the α_L + Y intermediates of the two-stage kernel, ``2 · N_q · F · d`` elements per head
-(F = number of key tiles).
+Accounting (``docs/monarch.md`` "Accounting"): effective sparsity ``1 − (b1+b2)/(b1·b2)`` (= 1 − parameter
+density |L|+|R| over dense), attention FLOP ratio vs dense ``(3·b2 + 2·b1)/(2·b1·b2)`` for T = 1 plus
+``(b1+b2)/(b1·b2)`` per extra iteration, and the α_L + Y intermediates of the two-stage kernel,
+``2 · N_q · F · d`` elements per head (F = number of key tiles).
 """
 
 from __future__ import annotations
@@ -229,13 +229,14 @@ def effective_sparsity(b1: int, b2: int) -> float:
 
 
 def flop_ratio(b1: int, b2: int, iters: int = 1) -> float:
-    """Monarch attention FLOPs / dense attention FLOPs for ``iters`` refinement iterations (§7)."""
+    """Monarch attention FLOPs / dense attention FLOPs for ``iters`` refinement iterations
+    (``docs/monarch.md`` "Accounting")."""
     if iters < 1:
         raise ToolkitError("MonarchAttention needs at least one iteration")
     return (3 * b2 + 2 * b1) / (2 * b1 * b2) + (iters - 1) * (b1 + b2) / (b1 * b2)
 
 
-PAPER_CONFIGS = (  # (label, grid, base, tiling, where used) — monarchrt.md §5
+PAPER_CONFIGS = (  # (label, grid, base, tiling, where used) — docs/monarch.md "Configurations"
     ("480p", GRID_480P, "fh,w", (1, 1, 1), "framewise: main Self-Forcing result"),
     ("480p", GRID_480P, "fh,w", (1, 2, 1), "training-free 90 %?"),
     ("480p", GRID_480P, "fh,w", (1, 2, 4), "Self-Forcing DMD run"),

@@ -1,16 +1,17 @@
 """Analyses of captured attention: ``periodic`` (positional kernel, spikes, spectra, head types), ``topk`` (mass
 coverage, oracle top-k error), ``monarch`` (Monarch approximation error).
 
-Each analysis module works on plain tensors (q ``h i d``, k/v ``h j d``, lse ``h i``, query_tokens, key_tokens,
-grid, scale) and returns an ``xarray.Dataset``. For ``toolkit analyze NAME`` it also exposes the two functions of
-the CLI plug-in protocol:
+Each analysis module ``toolkit.analysis.NAME`` has the same Python interface:
 
-    add_arguments(parser)            # its own options (argparse)
-    analyze_capture(cap, args) -> xr.Dataset   # every selected record of an opened capture, dim ``record``
+    NAMEOptions                                   # frozen dataclass of its options (defaults = the CLI's)
+    analyze_record(tensors: RecordTensors, options) -> xr.Dataset  # one record's tensors
+    analyze(cap, records=RecordSelection(...), options=..., device=None, progress=True) -> xr.Dataset
+                                                  # every selected record of an opened capture, dim ``record``
 
-`analyze_records` below does the record loop for them: selection (``--layers/--heads/--steps/--chunks``),
-input checks, device, progress bar, and stacking per-record datasets along ``record`` with coordinates
-``step, chunk, layer, timestep, is_clean``.
+`RecordTensors` / `RecordSelection` are in `toolkit.analysis.records`. `analyze_records` below does the record
+loop for ``analyze``: selection (steps / chunks / layers / heads), input checks, device, progress bar, and
+stacking per-record datasets along ``record`` with coordinates ``step, chunk, layer, timestep, is_clean``.
+``toolkit analyze NAME`` (``toolkit/commands/analyze.py``) maps its command line onto these options.
 """
 
 from __future__ import annotations
@@ -19,37 +20,15 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from toolkit.analysis.records import RecordSelection, RecordTensors, options_dict  # noqa: F401 - re-exported
+from toolkit.device import resolve_device
 from toolkit.errors import SelectionError, ToolkitError
 
 if TYPE_CHECKING:
-    import argparse
-
     import xarray as xr
 
 # Attributes that describe one record; when they differ between records they become ``record`` coordinates.
 RECORD_FIELDS = ("step", "chunk", "layer", "timestep", "is_clean")
-
-
-def index_list(text: str) -> list[int] | None:
-    """argparse type of ``--steps/--chunks/--layers/--heads``: ``"all"`` -> None, ``"0,3,8-10"`` -> ints."""
-    import argparse
-
-    text = str(text).strip()
-    if text == "all":
-        return None
-    out: set[int] = set()
-    try:
-        for part in (p.strip() for p in text.split(",") if p.strip()):
-            lo, _, hi = part.partition("-")
-            lo_i, hi_i = int(lo), int(hi or lo)
-            if hi_i < lo_i or lo_i < 0:
-                raise ValueError
-            out.update(range(lo_i, hi_i + 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not 'all' or a list like 0,3,8-10") from None
-    if not out:
-        raise argparse.ArgumentTypeError("empty selection")
-    return sorted(out)
 
 
 def _pick(available: list[int], wanted: list[int] | None, what: str, path: str) -> list[int]:
@@ -61,30 +40,31 @@ def _pick(available: list[int], wanted: list[int] | None, what: str, path: str) 
     return [x for x in available if x in set(wanted)]
 
 
-def select_records(cap: Any, args: argparse.Namespace) -> list:
-    """The capture's complete records matching ``args.steps/chunks/layers`` (None = all; lists of ints).
+def select_records(cap: Any, selection: RecordSelection | None = None) -> list:
+    """The capture's complete records matching ``selection.steps/chunks/layers`` (None = all).
 
-    Raises `ToolkitError` for an incomplete capture (unless ``args.allow_incomplete``) and `SelectionError` when
-    an asked step / chunk / layer has no complete record.
+    Raises `ToolkitError` for an incomplete capture (unless ``selection.allow_incomplete``) and `SelectionError`
+    when an asked step / chunk / layer has no complete record.
     """
-    if not cap.complete and not getattr(args, "allow_incomplete", False):
+    selection = selection or RecordSelection()
+    if not cap.complete and not selection.allow_incomplete:
         raise ToolkitError(f"{cap.path} is incomplete (interrupted or still being written); "
                            "pass --allow-incomplete to analyse its complete records")
     keys = list(cap.records)
     if not keys:
         raise ToolkitError(f"{cap.path} holds no complete record")
-    steps = _pick(sorted({r.step for r in keys}), getattr(args, "steps", None), "steps", cap.path)
-    chunks = _pick(sorted({r.chunk for r in keys}), getattr(args, "chunks", None), "chunks", cap.path)
-    layers = _pick(sorted({r.layer for r in keys}), getattr(args, "layers", None), "layers", cap.path)
+    steps = _pick(sorted({r.step for r in keys}), selection.steps, "steps", cap.path)
+    chunks = _pick(sorted({r.chunk for r in keys}), selection.chunks, "chunks", cap.path)
+    layers = _pick(sorted({r.layer for r in keys}), selection.layers, "layers", cap.path)
     records = [r for r in keys if r.step in steps and r.chunk in chunks and r.layer in layers]
     if not records:
         raise SelectionError(f"no complete record of {cap.path} has steps {steps}, chunks {chunks}, layers {layers}")
     return records
 
 
-def select_heads(cap: Any, args: argparse.Namespace) -> list[int]:
-    """Heads asked by ``args.heads`` (None = every stored head); each must have been captured."""
-    return _pick(list(cap.heads), getattr(args, "heads", None), "heads", cap.path)
+def select_heads(cap: Any, selection: RecordSelection | None = None) -> list[int]:
+    """Heads asked by ``selection.heads`` (None = every stored head); each must have been captured."""
+    return _pick(list(cap.heads), (selection or RecordSelection()).heads, "heads", cap.path)
 
 
 def require_stored(cap: Any, names: tuple[str, ...], analysis: str) -> None:
@@ -93,18 +73,6 @@ def require_stored(cap: Any, names: tuple[str, ...], analysis: str) -> None:
     if missing:
         raise ToolkitError(f"{cap.path} has no {'/'.join(missing)} (stored: {', '.join(cap.stored) or 'nothing'}); "
                            f"'{analysis}' needs {'/'.join(names)} — capture with --store q,k,v,lse")
-
-
-def resolve_device(name: str | None):
-    """``auto`` (GPU when present), ``cpu``, ``cuda``, ``cuda:N``."""
-    import torch
-
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ToolkitError(f"device {name} asked but no CUDA GPU is available")
-    return dev
 
 
 def _netcdf_attr(value: Any) -> Any:
@@ -169,29 +137,31 @@ def release_freed_memory() -> None:
 
 def analyze_records(
     cap: Any,
-    args: argparse.Namespace,
+    selection: RecordSelection | None,
     one: Callable[[Any, list[int], Any], xr.Dataset],
     *,
     needs: tuple[str, ...],
     name: str,
+    device: Any = None,
+    progress: bool = True,
+    progress_position: int | None = None,
 ) -> xr.Dataset:
     """Run ``one(record, heads, device) -> Dataset`` over the selected records of ``cap`` with a progress bar.
 
-    ``needs``: stored tensors the analysis reads (checked up front, one-line error). ``args`` carries the
-    common options of ``toolkit analyze`` (steps, chunks, layers, heads, device, progress, allow_incomplete).
+    ``needs``: stored tensors the analysis reads (checked up front, one-line error). ``device``: as
+    `resolve_device` (None = GPU when present); ``progress_position``: the bar's line (several files at once).
     """
     import os
 
     from tqdm.auto import tqdm
 
     require_stored(cap, needs, name)
-    records = select_records(cap, args)
-    heads = select_heads(cap, args)
-    device = resolve_device(getattr(args, "device", "auto"))
+    records = select_records(cap, selection)
+    heads = select_heads(cap, selection)
+    device = resolve_device(device)
     out = []
-    bar = tqdm(records, desc=f"{name} {os.path.basename(cap.path)}", unit="record",
-               disable=not getattr(args, "progress", True), position=getattr(args, "progress_position", None),
-               leave=True)
+    bar = tqdm(records, desc=f"{name} {os.path.basename(cap.path)}", unit="record", disable=not progress,
+               position=progress_position, leave=True)
     for key in bar:
         rec = cap.record(*key)
         bar.set_postfix(step=rec.step, chunk=rec.chunk, layer=rec.layer)

@@ -3,11 +3,11 @@
 For one attention record (q, k, v, lse of one layer / step / chunk) and a list of Monarch layouts
 (``toolkit.grid.MonarchLayout``) this measures, per head and layout:
 
-* **projection** — the Frobenius-optimal Monarch map (exact projection, monarchrt.md §8): the best any Monarch
+* **projection** — the Frobenius-optimal Monarch map (``docs/monarch.md`` "Exact projection"): the best any Monarch
   map of that layout can do on the map, a lower bound for the variational one;
-* **variational** — MonarchAttention after T = 1 … N iterations (§4; T = 1 is what the kernels run), plus
-  ``variational_kl``: the mean over queries of KL(M_row ‖ P_row) = lse − (⟨M_row, S_row⟩ + H(M_row)), i.e. how far
-  the variational objective is from its dense optimum;
+* **variational** — MonarchAttention after T = 1 … N iterations (T = 1 is what the kernels run; ``docs/monarch.md``
+  "MonarchAttention (variational)"), plus ``variational_kl``: the mean over queries of KL(M_row ‖ P_row) =
+  lse − (⟨M_row, S_row⟩ + H(M_row)), i.e. how far the variational objective is from its dense optimum;
 * **topk** — oracle top-k keeping the same number of parameters per query row, i.e. at sparsity = the layout's
   effective sparsity 1 − (b1+b2)/(b1·b2) (``toolkit.analysis.topk``, both its variants).
 
@@ -15,26 +15,29 @@ Errors against the exact map P (rows over the attended keys): map MSE per entry 
 Frobenius ‖P − M‖_F/‖P‖_F and output relative L2 ‖(P − M)V‖_F/‖PV‖_F.
 
 Monarch tiles need every query of a tile, so records must hold whole frames of queries (capture without query
-stride). Entry points: :func:`monarch_sweep` (plain tensors, no model) and :func:`analyze_capture` (records of a
-capture, used by ``toolkit analyze monarch``).
+stride). Entry points: :func:`analyze_record` (one record's `RecordTensors`, no model) and :func:`analyze`
+(records of a capture, used by ``toolkit analyze monarch``), both with :class:`MonarchOptions`.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import xarray as xr
 
 from toolkit.analysis import topk
+from toolkit.analysis.records import RecordSelection, RecordTensors
 from toolkit.attention import exact
 from toolkit.attention.monarch import MonarchErrors, allowed_tiles, exact_projection, map_errors, variational
 from toolkit.errors import ToolkitError
 from toolkit.grid import ALIGNED_BASES, MonarchLayout, TokenGrid, as_grid
 
-# The paper's tilings of the fh,w base (monarchrt.md §5) and the other aligned bases at 3 tied frames.
+# The paper's tilings of the fh,w base (docs/monarch.md "Configurations") and the other aligned bases at 3 tied
+# frames.
 FH_W_TILINGS = ((1, 1, 1), (1, 2, 1), (1, 2, 4), (3, 1, 1), (3, 2, 1), (3, 6, 2))
 CHUNK_FRAMES = 3
 
@@ -110,7 +113,7 @@ def _divisors(n: int) -> list[int]:
 def tiling_sweep_layouts(grid, query_frames=None, key_frames=None) -> list[MonarchLayout]:
     """Every ``fh,w`` tiling (f_tied dividing the query frames or 3, any h_reduce | height, w_reduce | width) with
     b1, b2 ≥ 2, by effective sparsity: the points of a Fig. 1-style error-vs-sparsity curve (at 480p these
-    include all of monarchrt.md §5's sweep points, from (2,2) at 0 % to (90,52) at 97 %)."""
+    include all the sweep points of ``docs/monarch.md`` "Configurations", from (2,2) at 0 % to (90,52) at 97 %)."""
     grid = as_grid(grid)
     chunk = CHUNK_FRAMES if query_frames is None else query_frames[1] - query_frames[0]
     f_ts = sorted(set(_divisors(chunk)) | ({CHUNK_FRAMES} if grid.frames % CHUNK_FRAMES == 0 else set()))
@@ -163,39 +166,61 @@ def _rank1_method(method: str, device: torch.device) -> str:
     return "power" if method == "auto" else method
 
 
-def monarch_sweep(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor | None,
-    lse: torch.Tensor | None,
-    query_tokens: torch.Tensor,
-    key_tokens: torch.Tensor,
-    grid,
-    scale: float,
-    *,
-    layouts: Sequence[MonarchLayout] | None = None,
-    iters: int = 3,
-    projection: bool = True,
-    topk_baseline: bool = True,
-    block_causal_frames: int | None = None,
-    heads: Sequence[int] | None = None,
-    rank1: str = "auto",
-    device: torch.device | str | None = None,
-    compare: str = "auto",
-) -> xr.Dataset:
-    """Monarch error sweep of one record: q ``h i d``, k/v ``h j d``, lse ``h i`` (over the attended keys;
-    computed when None), clip raster ``query_tokens``/``key_tokens`` (whole frames), ``grid`` of the clip.
+@dataclass(frozen=True)
+class MonarchOptions:
+    """Options of the Monarch sweep (defaults = ``toolkit analyze monarch``'s).
+
+    ``layouts``: layout specs (:func:`resolve_layouts`: ``fh,w:1,2,1``, ``contiguous:18x20``, the presets
+    ``default`` and ``fh,w:all``) and/or `MonarchLayout` objects; None = :func:`default_layouts` of the record.
+    ``iters``: variational iterations T = 1..iters (0: skip); ``projection`` / ``topk_baseline``: compute the
+    exact projection / the oracle top-k baseline; ``block_causal_frames``: block-causal mask of that many frames
+    (needs the record's lse); ``rank1``: rank-1 solver of the projection (``auto``, ``eigh``, ``power``);
+    ``compare``: how variational maps are compared with the exact map (``auto``, ``reference``, ``triton``)."""
+
+    layouts: tuple[str | MonarchLayout, ...] | None = None
+    iters: int = 3
+    projection: bool = True
+    topk_baseline: bool = True
+    block_causal_frames: int | None = None
+    rank1: str = "auto"
+    compare: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.layouts is not None:
+            object.__setattr__(self, "layouts", tuple(self.layouts))
+
+
+def _resolve(specs: Sequence[str | MonarchLayout], grid, query_frames, key_frames) -> list[MonarchLayout]:
+    """Specs (as :func:`resolve_layouts`) and `MonarchLayout` objects -> layouts, duplicates dropped, order kept."""
+    out: dict[str, MonarchLayout] = {}
+    for spec in specs:
+        found = [spec] if isinstance(spec, MonarchLayout) else resolve_layouts([spec], grid, query_frames, key_frames)
+        out.update((lay.name, lay) for lay in found if lay.name not in out)
+    return list(out.values())
+
+
+def analyze_record(tensors: RecordTensors, options: MonarchOptions | None = None, *,
+                   device: torch.device | str | None = None) -> xr.Dataset:
+    """Monarch error sweep of one record: ``tensors.q`` ``h i d``, ``k``/``v`` ``h j d``, ``lse`` ``h i`` (over
+    the attended keys; computed when None), clip raster ``query_tokens``/``key_tokens`` (whole frames), ``grid``
+    of the clip; ``device``: where it runs (None: q's device).
 
     Returns a Dataset with dims ``head, config`` (+ ``iters`` for the variational, ``variant`` for top-k);
-    ``iters=0`` skips the variational fit. ``heads`` labels the leading dim (default 0..h-1).
-    ``compare``: how the variational maps are compared with the exact map — ``reference`` (PyTorch
+    ``iters=0`` skips the variational fit. ``tensors.heads`` labels the leading dim (default 0..h-1).
+    ``options.compare``: how the variational maps are compared with the exact map — ``reference`` (PyTorch
     ``map_errors``, exact tiles in memory group by group), ``triton`` (the streaming kernel
     ``toolkit.kernels.monarch_compare``, which recomputes the dense LSE itself) or ``auto``: the kernel on CUDA
     for the layouts it supports (:func:`kernel_supports`), the reference otherwise."""
+    o = options or MonarchOptions()
+    query_tokens, key_tokens, grid = tensors.require_positions("monarch")
+    q, k, v, lse, scale, heads = tensors.q, tensors.k, tensors.v, tensors.lse, tensors.scale, tensors.heads
+    iters, projection, topk_baseline = o.iters, o.projection, o.topk_baseline
+    block_causal_frames, rank1, compare = o.block_causal_frames, o.rank1, o.compare
     grid = as_grid(grid)
     qf, kf = grid.frame_range(query_tokens), grid.frame_range(key_tokens)
     device = torch.device(device) if device is not None else q.device
-    layouts = list(default_layouts(grid, qf, kf, block_causal_frames) if layouts is None else layouts)
+    layouts = (default_layouts(grid, qf, kf, block_causal_frames) if o.layouts is None
+               else _resolve(o.layouts, grid, qf, kf))
     if not layouts:
         raise ToolkitError(f"no Monarch layout fits queries of frames {qf} and keys of frames {kf}")
     for lay in layouts:
@@ -348,53 +373,40 @@ def _label(ds: xr.Dataset) -> None:
         ds["iters"].attrs.update(long_name="MonarchAttention iterations T")
 
 
-# ---- capture entry points (toolkit analyze monarch) ------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``toolkit analyze monarch`` (record selection options are added only if not present)."""
-    from toolkit.analysis import index_list
-
-    have = set(parser._option_string_actions)  # toolkit analyze adds the shared selection options itself
-    for flag in ("--steps", "--chunks", "--layers", "--heads"):
-        if flag not in have:
-            parser.add_argument(flag, type=index_list, default=None, metavar="LIST", help="'all' or e.g. 0,3,8-10")
-    g = parser.add_argument_group("Monarch")
-    g.add_argument("--layout", action="append", default=None, metavar="SPEC",
-                   help="Monarch layout, repeatable: BASE:F,H,W (bases fh,w w,fh f,hw hw,f fw,h h,fw; tiling "
-                        "f_tied,h_reduce,w_reduce), contiguous:B1xB2 (misaligned control), or a preset: 'default' "
-                        "(the paper's tilings, all aligned bases, two contiguous controls) or 'fh,w:all' (every "
-                        "fh,w tiling: error-vs-sparsity curves); presets keep what fits the records")
-    g.add_argument("--iters", type=int, default=3, help="variational MonarchAttention iterations T=1..N (0: skip)")
-    g.add_argument("--no-projection", action="store_true", help="skip the exact Frobenius projection")
-    g.add_argument("--no-topk", action="store_true", help="skip the oracle top-k baseline")
-    g.add_argument("--rank1", choices=("auto", "eigh", "power"), default="auto",
-                   help="rank-1 solver of the exact projection (auto = power: repeated squaring + power "
-                        "iteration with an eigh fallback)")
-    if "--device" not in have:
-        parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-
-
-def analyze_capture(cap, args: argparse.Namespace) -> xr.Dataset:
+# ---- capture entry point (toolkit analyze monarch) -------------------------------------------------------------
+def analyze(
+    cap: Any,
+    records: RecordSelection | None = None,
+    options: MonarchOptions | None = None,
+    *,
+    device: Any = None,
+    progress: bool = True,
+    progress_position: int | None = None,
+) -> xr.Dataset:
     """Monarch sweep over the selected records of an open capture, stacked along ``record`` (coordinates
-    ``step, chunk, layer, timestep, is_clean`` and the frame ranges). Needs q, k, lse (v for output errors)."""
+    ``step, chunk, layer, timestep, is_clean`` and the frame ranges). Needs q, k, lse (v for output errors).
+
+    Layout presets (``options.layouts``; None = ``default``) keep the layouts that fit every selected record, so
+    that records stack along one ``config`` dim."""
+    from dataclasses import replace
+
     from toolkit.analysis import analyze_records, select_records
 
+    options = options or MonarchOptions()
     grid = TokenGrid(*cap.grid)
-    specs = getattr(args, "layout", None) or ["default"]
-    # presets keep the layouts that fit every selected record, so that records stack along one config dim
-    records = [cap.record(*key) for key in select_records(cap, args)]
-    layouts = resolve_layouts(specs, grid, records[0].query_frames, records[0].key_frames)
-    for rec in records[1:]:
-        fit = {lay.name for lay in resolve_layouts(specs, grid, rec.query_frames, rec.key_frames)}
+    specs = options.layouts or ("default",)
+    keys = select_records(cap, records)
+    recs = [cap.record(*key) for key in keys]
+    layouts = _resolve(specs, grid, recs[0].query_frames, recs[0].key_frames)
+    for rec in recs[1:]:
+        fit = {lay.name for lay in _resolve(specs, grid, rec.query_frames, rec.key_frames)}
         layouts = [lay for lay in layouts if lay.name in fit]
+    per_record = replace(options, layouts=tuple(layouts))
     with_v = "v" in cap.stored
 
-    def one(rec, heads, device):
-        return monarch_sweep(
-            rec.q(heads, device), rec.k(heads, device), rec.v(heads, device) if with_v else None,
-            rec.lse(heads, device), rec.query_tokens,
-            rec.key_tokens, grid, rec.scale, layouts=layouts, iters=getattr(args, "iters", 3),
-            projection=not getattr(args, "no_projection", False), topk_baseline=not getattr(args, "no_topk", False),
-            heads=heads, rank1=getattr(args, "rank1", "auto"), device=device,
-        )
+    def one(rec, heads, dev):
+        t = RecordTensors.read(rec, heads, dev, v=with_v)
+        return analyze_record(t, per_record, device=dev)
 
-    return analyze_records(cap, args, one, needs=("q", "k", "lse"), name="monarch")
+    return analyze_records(cap, records, one, needs=("q", "k", "lse"), name="monarch", device=device,
+                           progress=progress, progress_position=progress_position)

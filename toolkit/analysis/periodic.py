@@ -1,9 +1,9 @@
 """Periodic spatiotemporal structure of attention: positional kernel, semantic spikes, spectra, head types.
 
-MonarchRT's picture (monarchrt.md §2, Fig. 2): a video attention map is ``A ≈ D + S`` with ``D`` a positional
-kernel that depends only on the key − query offset ``(Δt, Δh, Δw)`` on the (frame, row, col) token grid, close
-to separable ``D = d_f ⊗ d_h ⊗ d_w``, and ``S`` sparse semantic spikes; the rest is dense mixing. Everything below
-is exact (tiles from `toolkit.attention.exact`), streamed over query blocks, per head:
+MonarchRT's picture (``docs/metrics.md`` "Periodic structure"): a video attention map is ``A ≈ D + S`` with ``D``
+a positional kernel that depends only on the key − query offset ``(Δt, Δh, Δw)`` on the (frame, row, col) token
+grid, close to separable ``D = d_f ⊗ d_h ⊗ d_w``, and ``S`` sparse semantic spikes; the rest is dense mixing.
+Everything below is exact (tiles from `toolkit.attention.exact`), streamed over query blocks, per head:
 
 * **Offset profile** ``profile[Δt, Δh, Δw]``: mean attention weight over all (query, key) pairs with that offset
   (sum of weights / number of such pairs; NaN where no pair has it), plus ``pair_count``.
@@ -34,18 +34,18 @@ Keys must be whole frames in raster order (as every seam call attends); queries 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from toolkit.analysis.records import RecordSelection, RecordTensors
 from toolkit.attention import exact
 from toolkit.errors import ToolkitError
 from toolkit.grid import TokenGrid
 
 if TYPE_CHECKING:
-    import argparse
-
     import xarray as xr
 
 # Probability entries per query block (all heads together).
@@ -281,25 +281,35 @@ def periodic_tensors(
     }
 
 
-def periodic_dataset(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    scale: float,
-    lse: torch.Tensor | None,
-    query_tokens: torch.Tensor,
-    key_tokens: torch.Tensor,
-    grid: tuple[int, int, int],
-    *,
-    heads: list[int] | None = None,
-    **options,
-) -> xr.Dataset:
-    """`periodic_tensors` as a labelled ``xarray.Dataset`` (dims head, dt, dh, dw, query, spike, freq, frames)."""
+@dataclass(frozen=True)
+class PeriodicOptions:
+    """Options of the periodic analysis (defaults = ``toolkit analyze periodic``'s; see the module docstring).
+
+    ``spike_factor``: a spike is a residual A − D above this many times the uniform weight 1/n_keys;
+    ``n_spikes``: largest spikes kept per query; ``spatial_threshold`` / ``temporal_threshold``: head-type rule;
+    ``query_chunk``: query rows per exact-attention block (None: sized to a fixed memory budget);
+    ``fit_iters``: ALS sweeps of the separable fit; ``robust_refits``: refits with spikes clipped."""
+
+    spike_factor: float = SPIKE_FACTOR
+    n_spikes: int = N_SPIKES
+    spatial_threshold: float = SPATIAL_THRESHOLD
+    temporal_threshold: float = TEMPORAL_THRESHOLD
+    query_chunk: int | None = None
+    fit_iters: int = 100
+    robust_refits: int = 1
+
+
+def analyze_record(tensors: RecordTensors, options: PeriodicOptions | None = None) -> xr.Dataset:
+    """`periodic_tensors` of one record as a labelled ``xarray.Dataset`` (dims head, dt, dh, dw, query, spike,
+    freq, frames). Needs ``tensors.query_tokens``, ``key_tokens`` and ``grid``; ``tensors.lse`` None: recomputed."""
     import xarray as xr
 
-    t = periodic_tensors(q, k, scale, lse, query_tokens, key_tokens, grid, **options)
+    o = options or PeriodicOptions()
+    query_tokens, key_tokens, grid = tensors.require_positions("periodic")
+    q, k, scale, heads = tensors.q, tensors.k, tensors.scale, tensors.head_labels
+    t = periodic_tensors(q, k, scale, tensors.lse, query_tokens, key_tokens, grid, **asdict(o))
     frames, height, width = grid
-    n_heads, n_q, n_k = q.shape[0], q.shape[-2], k.shape[-2]
-    heads = list(range(n_heads)) if heads is None else list(heads)
+    n_q, n_k = q.shape[-2], k.shape[-2]
     one = "1"
 
     def var(dims, value, long_name, units=one, **attrs):
@@ -353,40 +363,35 @@ def periodic_dataset(
     attrs = {
         "analysis": "periodic", "n_keys": n_k, "n_queries": n_q, "grid": list(grid), "scale": float(scale),
         "spike_threshold": float(t["spike_threshold"]),
-        "spike_factor": float(options.get("spike_factor", SPIKE_FACTOR)),
-        "spatial_threshold": float(options.get("spatial_threshold", SPATIAL_THRESHOLD)),
-        "temporal_threshold": float(options.get("temporal_threshold", TEMPORAL_THRESHOLD)),
+        "spike_factor": float(o.spike_factor),
+        "spatial_threshold": float(o.spatial_threshold),
+        "temporal_threshold": float(o.temporal_threshold),
         "head_type_rule": "temporal if mean temporal_mass >= temporal_threshold, else spatial if mean "
                           "spatial_mass >= spatial_threshold, else global",
     }
     return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
-# ------------------------------------------------------------------------------------------------ CLI plug-in
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``toolkit analyze periodic``."""
-    g = parser.add_argument_group("periodic")
-    g.add_argument("--spike-factor", type=float, default=SPIKE_FACTOR,
-                   help="spike = residual A - D above this many times the uniform weight 1/n_keys (default 10)")
-    g.add_argument("--n-spikes", type=int, default=N_SPIKES, help="largest spikes kept per query (default 8)")
-    g.add_argument("--spatial-threshold", type=float, default=SPATIAL_THRESHOLD,
-                   help="mean own-frame mass for a spatial head (default 0.5)")
-    g.add_argument("--temporal-threshold", type=float, default=TEMPORAL_THRESHOLD,
-                   help="mean same-(row,col) other-frame mass for a temporal head (default 0.2)")
+def analyze(
+    cap: Any,
+    records: RecordSelection | None = None,
+    options: PeriodicOptions | None = None,
+    *,
+    device: Any = None,
+    progress: bool = True,
+    progress_position: int | None = None,
+) -> xr.Dataset:
+    """Periodic analysis of every selected record of an opened capture, stacked along ``record``.
 
-
-def analyze_capture(cap, args: argparse.Namespace) -> xr.Dataset:
-    """Periodic analysis of every selected record of an opened capture, stacked along ``record``."""
+    ``device``: where attention is recomputed (None: the GPU when present); the stored lse is used when the
+    capture has it."""
     from toolkit.analysis import analyze_records
 
+    options = options or PeriodicOptions()
     with_lse = "lse" in cap.stored
 
-    def one(rec, heads, device):
-        q, k = rec.q(heads, device), rec.k(heads, device)
-        lse = rec.lse(heads, device) if with_lse else None  # else recomputed by a streaming pass
-        return periodic_dataset(
-            q, k, rec.scale, lse, rec.query_tokens, rec.key_tokens, rec.grid, heads=heads or rec.heads,
-            spike_factor=args.spike_factor, n_spikes=args.n_spikes, spatial_threshold=args.spatial_threshold,
-            temporal_threshold=args.temporal_threshold, query_chunk=getattr(args, "query_chunk", None))
+    def one(rec, heads, dev):  # without a stored lse it is recomputed by a streaming pass
+        return analyze_record(RecordTensors.read(rec, heads or rec.heads, dev, v=False, lse=with_lse), options)
 
-    return analyze_records(cap, args, one, needs=("q", "k"), name="periodic")
+    return analyze_records(cap, records, one, needs=("q", "k"), name="periodic", device=device, progress=progress,
+                           progress_position=progress_position)

@@ -3,12 +3,12 @@
 For every query row of the exact map ``A = P / Σ_j P`` (``P = exp(s·q·kᵀ − lse)`` from `toolkit.attention.exact`):
 
 * **Coverage**: the smallest number of keys whose largest weights reach a fraction ``p`` of the row's mass
-  (monarchrt.md §10: "mass coverage"), reported as a fraction of the attended keys, per query.
+  (``docs/metrics.md`` "Coverage"), reported as a fraction of the attended keys, per query.
 * **Oracle top-k error vs sparsity** (sparsity = fraction of keys dropped; ``kept = max(1, round((1 − s)·n))``
   largest entries per row are kept). Two variants, because the paper's exact definition is unconfirmed
-  (monarchrt.md §10, Fig. 1):
+  (``docs/metrics.md`` "What the paper leaves unconfirmed"):
 
-  - ``renormalized``: softmax over the kept logits, ``Â = A·w / Σ A·w`` (the paper's top-k baseline, FK code);
+  - ``renormalized``: softmax over the kept logits, ``Â = A·w / Σ A·w`` (the top-k baseline of MonarchRT's code);
   - ``truncated``:    ``Â = A·w`` (the kept entries of the exact map, rows no longer sum to 1).
 
   Metrics per head (all queries of the record pooled): map MSE per entry ``Σ (A − Â)² / (n_queries · n_keys)``
@@ -30,16 +30,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from toolkit.analysis.records import RecordSelection, RecordTensors
 from toolkit.attention import exact
 from toolkit.errors import ToolkitError
 
 if TYPE_CHECKING:
-    import argparse
-
     import xarray as xr
 
 COVERAGE_MASSES = (0.5, 0.9, 0.95, 0.99)
@@ -285,31 +284,41 @@ def topk_tensors(
     return res
 
 
-def topk_dataset(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor | None,
-    scale: float,
-    lse: torch.Tensor | None = None,
-    query_tokens: torch.Tensor | None = None,
-    key_tokens: torch.Tensor | None = None,
-    grid: tuple[int, int, int] | None = None,
-    *,
-    heads: list[int] | None = None,
-    masses: tuple[float, ...] = COVERAGE_MASSES,
-    sparsities: tuple[float, ...] = SPARSITIES,
-    query_chunk: int | None = None,
-    method: str = "auto",
-) -> xr.Dataset:
-    """`topk_tensors` as a labelled ``xarray.Dataset``: dims ``head, query, mass, sparsity, variant``.
+@dataclass(frozen=True)
+class TopkOptions:
+    """Options of the top-k analysis (defaults = ``toolkit analyze topk``'s).
 
-    ``key_tokens`` and ``grid`` are not needed (top-k ignores positions) and only recorded in the attributes.
+    ``masses``: coverage masses, each in (0, 1); ``sparsities``: fractions of keys dropped, each in [0, 1);
+    ``method``: row threshold search (``auto``, ``radix``, ``sort``; see `select_rows`); ``query_chunk``: query
+    rows per exact-attention block (None: sized to a fixed memory budget)."""
+
+    masses: tuple[float, ...] = COVERAGE_MASSES
+    sparsities: tuple[float, ...] = SPARSITIES
+    method: str = "auto"
+    query_chunk: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "masses", tuple(float(p) for p in self.masses))
+        object.__setattr__(self, "sparsities", tuple(float(s) for s in self.sparsities))
+
+
+def analyze_record(tensors: RecordTensors, options: TopkOptions | None = None) -> xr.Dataset:
+    """`topk_tensors` of one record as a labelled ``xarray.Dataset``: dims ``head, query, mass, sparsity,
+    variant`` (``tensors.v`` None: no output errors; ``tensors.lse`` None: recomputed by a streaming pass).
+
+    Positions are not needed (top-k ignores them): ``tensors.query_tokens`` becomes the ``query_token``
+    coordinate and ``tensors.grid`` an attribute when given.
     """
     import numpy as np
     import xarray as xr
 
-    t = topk_tensors(q, k, v, scale, lse, masses=masses, sparsities=sparsities, query_chunk=query_chunk,
-                     method=method)
+    o = options or TopkOptions()
+    masses, sparsities = o.masses, o.sparsities
+    q, k, v, scale, query_tokens, grid = tensors.q, tensors.k, tensors.v, tensors.scale, tensors.query_tokens, \
+        tensors.grid
+    heads = tensors.heads
+    t = topk_tensors(q, k, v, scale, tensors.lse, masses=masses, sparsities=sparsities, query_chunk=o.query_chunk,
+                     method=o.method)
     n_heads, n_q, n_k = q.shape[0], q.shape[-2], k.shape[-2]
     fraction = t["coverage_keys"].double() / n_k
     quantiles = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -363,44 +372,27 @@ def topk_dataset(
     return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
-# ------------------------------------------------------------------------------------------------ CLI plug-in
-def _float_list(text: str) -> tuple[float, ...]:
-    import argparse
+def analyze(
+    cap: Any,
+    records: RecordSelection | None = None,
+    options: TopkOptions | None = None,
+    *,
+    device: Any = None,
+    progress: bool = True,
+    progress_position: int | None = None,
+) -> xr.Dataset:
+    """Coverage and oracle top-k errors for every selected record of an opened capture, along ``record``.
 
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a comma list of numbers") from None
-    if not values:
-        raise argparse.ArgumentTypeError("empty list")
-    return values
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``toolkit analyze topk``."""
-    g = parser.add_argument_group("topk")
-    g.add_argument("--masses", type=_float_list, default=COVERAGE_MASSES, metavar="P,P,...",
-                   help="coverage masses, each in (0, 1) (default 0.5,0.9,0.95,0.99)")
-    g.add_argument("--sparsities", type=_float_list, default=SPARSITIES, metavar="S,S,...",
-                   help="fractions of keys dropped, each in [0, 1) (default " + ",".join(map(str, SPARSITIES)) + ")")
-    g.add_argument("--method", choices=("auto", "radix", "sort"), default="auto",
-                   help="row threshold search: radix (histogram + exact refinement, float32) or full sort")
-
-
-def analyze_capture(cap, args: argparse.Namespace) -> xr.Dataset:
-    """Coverage and oracle top-k errors for every selected record of an opened capture, along ``record``."""
+    ``device``: where attention is recomputed (None: the GPU when present); the stored lse and v are used when
+    the capture has them."""
     from toolkit.analysis import analyze_records
 
-    masses, sparsities = tuple(args.masses), tuple(args.sparsities)
-    check_levels(masses, sparsities)
+    options = options or TopkOptions()
+    check_levels(options.masses, options.sparsities)
     with_v, with_lse = "v" in cap.stored, "lse" in cap.stored
 
-    def one(rec, heads, device):
-        q, k = rec.q(heads, device), rec.k(heads, device)
-        lse = rec.lse(heads, device) if with_lse else None  # else recomputed by a streaming pass
-        v = rec.v(heads, device) if with_v else None
-        return topk_dataset(q, k, v, rec.scale, lse, rec.query_tokens, rec.key_tokens, rec.grid, heads=heads,
-                            masses=masses, sparsities=sparsities, query_chunk=getattr(args, "query_chunk", None),
-                            method=args.method)
+    def one(rec, heads, dev):  # without a stored lse it is recomputed by a streaming pass
+        return analyze_record(RecordTensors.read(rec, heads, dev, v=with_v, lse=with_lse), options)
 
-    return analyze_records(cap, args, one, needs=("q", "k"), name="topk")
+    return analyze_records(cap, records, one, needs=("q", "k"), name="topk", device=device, progress=progress,
+                           progress_position=progress_position)

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 
 import torch
 
-# Entries of one probability block that `iter_query_blocks` aims for by default: 2**27 float32 = 512 MiB.
+# Entries of one exact probability block (2**27 float32 = 512 MiB): what `iter_query_blocks` aims for by
+# default, and the block budget of the Monarch tile loops and of the capture reader's rows()/tile().
 DEFAULT_BLOCK_ENTRIES = 2**27
 
 

@@ -4,8 +4,9 @@ Written to be obviously correct, not fast: every tensor of the paper's algorithm
 float64 for float64 inputs (float32 otherwise). The Triton kernels (``toolkit.kernels``) are tested against
 :func:`monarch_attention` in float64.
 
-Index conventions (MonarchRT §3; ``toolkit.grid``). A :class:`~toolkit.grid.MonarchLayout` maps raster tokens to
-(tile a, row i, column j); queries and keys use the same map, keys written (tile f, row k, column l). Per head
+Index conventions (``docs/monarch.md`` "The Monarch matrix"; ``toolkit.grid``). A
+:class:`~toolkit.grid.MonarchLayout` maps raster tokens to (tile a, row i, column j); queries and keys use the same
+map, keys written (tile f, row k, column l). Per head
 
     M[(a,i,j), (f,k,l)] = L[a, j, i, f, k] · R[a, f, k, j, l],      Σ_l R = 1,   Σ_(f,k) L = 1
 
@@ -13,8 +14,9 @@ stored as ``L: ... A b2 b1 F b1`` (dims a, j, i, f, k) and ``R: ... A F b1 b2 b2
 A = query tiles and F = key tiles of the given frame ranges. The paper's layout is the ``fh,w`` base with tiling
 (f_tied, h_reduce, w_reduce); framewise (1,1,1) has a = query frame, f = key frame, i/k = latent row, j/l = column.
 
-Variational MonarchAttention (§4) maximises Σ_rows ⟨M_row, S_row⟩ + H(M_row), S = scale · q kᵀ, by alternating
-closed-form maximisers. With q̃ = √scale·q, k̃ = √scale·k:
+Variational MonarchAttention (``docs/monarch.md`` "MonarchAttention (variational)") maximises
+Σ_rows ⟨M_row, S_row⟩ + H(M_row), S = scale · q kᵀ, by alternating closed-form maximisers. With q̃ = √scale·q,
+k̃ = √scale·k:
 
     init    q̄[a,f,k,j] = q̃[a,k,j]                                   (L = identity over (k, i))
     R-step  R[a,f,k,j,·] = softmax_l( q̄[a,f,k,j] · k̃[f,k,l] )
@@ -25,19 +27,20 @@ closed-form maximisers. With q̃ = √scale·q, k̃ = √scale·k:
 
 T iterations = T R-steps and T L-steps (T = 1 is the paper's default and the kernels' only path). The refine step
 is the exact maximiser α_R / c_R; the paper's PyTorch path multiplies by min(1/(c_R + 1e-6), 1e4) instead, which
-differs by O(1e-6) relative and is not used here (it would break exact monotonicity of the objective).
+is close on ordinary inputs but far off once the 1e4 clamp is active (sharp rows), and is not used here (it would
+break exact monotonicity of the objective; ``docs/monarch.md`` "MonarchAttention (variational)").
 
 Modes (``query_frames``, ``key_frames``, ``block_causal_frames``):
 * bidirectional clip: queries and keys are the whole clip (the defaults);
 * block-causal, no cache (training): ``block_causal_frames=3`` — query tile a sees key tiles f whose chunk
   ``frame // 3`` is ≤ its own; tiles must not straddle chunks;
 * KV cache: queries = one chunk's frames, keys = the cached frames up to the end of that chunk, no mask.
-Softmaxes (L's over (f,k)) run only over allowed key tiles, as in FK ``monarch_attn_causal_ref``.
+Softmaxes (L's over (f,k)) run only over allowed key tiles, as in MonarchRT's ``monarch_attn_causal_ref``.
 
-Exact projection (§8): argmin ‖P − M‖_F over M with every (a,j,f,k) slice of rank ≤ 1 (rows not re-normalised)
-is the best rank-1 approximation of each slice; computed query tile by query tile from q, k and the row LSE, so a
-32,760-key head never holds its whole map. Since every variational M lies in the same set, its map error
-lower-bounds theirs.
+Exact projection (``docs/monarch.md`` "Exact projection"): argmin ‖P − M‖_F over M with every (a,j,f,k) slice of
+rank ≤ 1 (rows not re-normalised) is the best rank-1 approximation of each slice; computed query tile by query
+tile from q, k and the row LSE, so a 32,760-key head never holds its whole map. Since every variational M lies in
+the same set, its map error lower-bounds theirs.
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ from toolkit.attention import exact
 from toolkit.errors import ToolkitError
 from toolkit.grid import MonarchLayout, TokenGrid, as_grid
 
-# Entries of one exact probability block in the tile loops (2**27 float32 = 512 MiB).
-DEFAULT_BLOCK_ENTRIES = 2**27
+# Entries of one exact probability block in the tile loops.
+DEFAULT_BLOCK_ENTRIES = exact.DEFAULT_BLOCK_ENTRIES
 
 
 @dataclass
@@ -284,9 +287,6 @@ def monarch_backend(
 
     backend.__name__ = f"monarch_{base.replace(',', '_')}_{'_'.join(map(str, tiling))}_T{iters}"
     return backend
-
-
-_check_block_causal_mask = check_block_causal_mask  # older name, imported by toolkit.kernels.monarch
 
 
 # ---- exact projection --------------------------------------------------------------------------------------

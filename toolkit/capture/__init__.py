@@ -1,9 +1,9 @@
 """Capture: hooks at the attention seams -> one HDF5 file per run (q, k, v, lse, pooled views, provenance).
 
-    from toolkit.capture import capture, open_capture, Selection, RunLayout
-    layout = RunLayout.self_forcing(model.cfg, grid, self_forcing_timesteps())
-    with capture(model, select=Selection(layers="8"), out="run.h5", layout=layout) as rec:
-        self_forcing_rollout(model, noise, context)
+    from toolkit.capture import capture, open_capture, Selection
+    sampler = SelfForcingSampler()                       # the run's sampler gives its layout (toolkit.models.sampling)
+    with capture(model, select=Selection(layers="8"), out="run.h5", layout=sampler.layout(model.cfg, grid)) as rec:
+        sampler.sample(model, noise, context)
     cap = open_capture("run.h5"); rec = cap.record(step=3, chunk=6, layer=8)
 
 Modules: ``selection`` (what to record, validated before the model loads), ``recorder`` (the seam hook and the

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.capture.selection import RunLayout
-from toolkit.models.seam import AttentionContext, AttentionSeam
+from toolkit.models.layout import RunLayout
+from toolkit.models.seam import AttentionContext, AttentionSeam, set_backend
 
 
 def _default_timestep(args: tuple, kwargs: dict) -> float | None:
@@ -60,6 +60,8 @@ class SDPAAdapter(nn.Module):
         super().__init__()
         self.targets = nn.ModuleList(modules)  # parameters -> the capture sees the model's dtype
         self.seams = nn.ModuleList(AttentionSeam(i) for i in range(len(modules)))
+        set_backend(self.seams, self._model_sdpa)  # attention computed as the wrapped model computes it
+        self._call: dict = {}
         self.grid = tuple(int(x) for x in grid)
         self.root, self.timestep_fn = root, timestep_fn
         self.step, self.timestep = 0, 0.0
@@ -137,6 +139,11 @@ class SDPAAdapter(nn.Module):
         if t is not None:
             self.timestep = t
 
+    def _model_sdpa(self, q, k, v, ctx: AttentionContext) -> torch.Tensor:
+        """The seams' backend: the wrapped model's own SDPA call with its arguments (seam layout b i h d)."""
+        out = self._original(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **self._call)
+        return out.transpose(1, 2)
+
     def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
         original = self._original
         n = self.num_tokens
@@ -148,13 +155,8 @@ class SDPAAdapter(nn.Module):
         d = query.shape[-1]
         sm_scale = scale if scale is not None else d**-0.5
 
-        def backend(q, k, v, ctx):  # seam layout b i h d -> SDPA's b h i d and back
-            out = original(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
-                           scale=scale, **kw)
-            return out.transpose(1, 2)
-
+        self._call = dict(dropout_p=dropout_p, scale=scale, **kw)  # read by _model_sdpa, the seams' backend
         seam = self.seams[layer]
-        seam.backend = backend
         ctx = AttentionContext(layer=layer, step=self.step, chunk=0, is_clean=False, timestep=self.timestep,
                                scale=sm_scale, grid=self.grid, query_frames=(0, self.grid[0]),
                                key_frames=(0, self.grid[0]))

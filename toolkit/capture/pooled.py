@@ -10,8 +10,9 @@ come from ``toolkit.attention.exact.iter_query_blocks`` with bounded memory; the
 per block (sum over (row, col) / (frame, col) / (frame, row)), so no ``i × j`` offset array is ever built.
 The recorder calls `accumulate_pooled`, which on CUDA runs the fused Triton kernel ``toolkit.kernels.pooled``
 (same sums, two launches per record instead of dozens of small ops) and adds into *packed* per-head bins
-(`packed_bins` floats per head: ``[frame_mass F·F | offset_t 2F−1 | offset_h 2H−1 | offset_w 2W−1]``) that
-the recorder keeps on the device for a whole (step, chunk) and writes once.
+(`packed_bins` floats per head: ``[frame_mass F·F | offset_t 2F−1 | offset_h 2H−1 | offset_w 2W−1]``, the layout
+of ``toolkit.attention.pooled``, which the kernel shares) that the recorder keeps on the device for a whole
+(step, chunk) and writes once.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from toolkit.attention import exact
+from toolkit.attention.pooled import packed_bins, unpack
 from toolkit.grid import TokenGrid
+
+__all__ = ["PooledSums", "accumulate_pooled", "packed_bins", "pooled_sums", "tf32_for_bf16_values", "unpack"]
 
 
 @contextmanager
@@ -116,20 +120,6 @@ def pooled_sums(
     return PooledSums(frame_mass, counts, off_t, off_h, off_w, int(query_tokens.numel()))
 
 
-def packed_bins(grid: tuple[int, int, int]) -> int:
-    """Floats per head of the packed sums: ``F·F + (2F−1) + (2H−1) + (2W−1)``."""
-    frames, height, width = grid
-    return frames * frames + 2 * frames - 1 + 2 * height - 1 + 2 * width - 1
-
-
-def unpack(bins: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
-    """Views of packed sums ``... n`` -> (frame_mass ``... F F``, offset_t, offset_h, offset_w ``... 2S−1``)."""
-    frames, height, width = grid
-    sizes = (frames * frames, 2 * frames - 1, 2 * height - 1, 2 * width - 1)
-    fm, off_t, off_h, off_w = bins.split(sizes, dim=-1)
-    return fm.unflatten(-1, (frames, frames)), off_t, off_h, off_w
-
-
 # Where `accumulate_pooled` runs the Triton kernel: "auto" = for CUDA tensors; "always" = also on the CPU through
 # Triton's interpreter (tests of the recorder's kernel path).
 KERNEL = "auto"
@@ -153,7 +143,8 @@ def accumulate_pooled(
     (float32, natural log). The fused Triton kernel on CUDA (no host sync), `pooled_sums` elsewhere."""
     global KERNEL_UNAVAILABLE, _kernel_ran
     if (q.is_cuda and KERNEL_UNAVAILABLE is None) or KERNEL == "always":
-        from toolkit.kernels import pooled as kernel  # imports Triton: only for GPU captures
+        # imports Triton (an optional dependency): only for GPU captures; kernels sit below capture
+        from toolkit.kernels import pooled as kernel
 
         if q.dtype in kernel.SUPPORTED_DTYPES and k.dtype == q.dtype:
             try:

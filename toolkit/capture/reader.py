@@ -25,22 +25,19 @@ import torch
 
 from toolkit.attention import exact
 from toolkit.capture.pooled import pooled_sums, tf32_for_bf16_values
-from toolkit.capture.selection import RunLayout, human_bytes
+from toolkit.capture.selection import RunLayout, chunk_query_range, human_bytes
 from toolkit.capture.store import FORMAT_NAME, FORMAT_VERSION, from_storage
+from toolkit.device import resolve_device
 from toolkit.errors import ToolkitError
 
-# Largest probability block rows()/tile() return (float32 entries): 2**27 = 512 MiB.
-MAX_TILE_ENTRIES = 2**27
+# Largest probability block rows()/tile() return (float32 entries).
+MAX_TILE_ENTRIES = exact.DEFAULT_BLOCK_ENTRIES
 
 
 class RecordKey(NamedTuple):
     step: int
     chunk: int
     layer: int
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class Record:
@@ -220,8 +217,8 @@ class Capture:
         return sorted(found, key=lambda r: (r.chunk, r.step, r.layer))
 
     def chunk_queries(self, chunk: int) -> tuple[int, int]:
-        t0, t1 = self.layout.chunk_tokens(chunk)
-        return int(torch.searchsorted(self.queries, t0)), int(torch.searchsorted(self.queries, t1))
+        """Positions ``[a, b)`` along the stored query axis that belong to ``chunk``."""
+        return chunk_query_range(self.layout, self.queries, chunk)
 
     def require_kv(self, step: int, chunk: int, layer: int, name: str) -> None:
         if name not in self.file:
@@ -253,7 +250,7 @@ class Capture:
 
     # -------------------------------------------------------------------------------------------- exact maps
     def _qk(self, rec: Record, head: int, device):
-        device = torch.device(device) if device is not None else _default_device()
+        device = resolve_device(device)
         return rec.q(head, device)[0], rec.k(head, device)[0], rec.lse(head, device)[0]
 
     def _labelled(self, p: torch.Tensor, rec: Record, head: int, q_tok: torch.Tensor, k_tok: torch.Tensor):
@@ -326,7 +323,7 @@ class Capture:
         f, h, w = self.grid
         f0, f1 = rec.query_frames
         if source == "recompute":
-            device = torch.device(device) if device is not None else _default_device()
+            device = resolve_device(device)
             q, k, lse = rec.q(head_ids, device), rec.k(head_ids, device), rec.lse(head_ids, device)
             with tf32_for_bf16_values(self._bf16_on_gpu(q)):
                 sums = pooled_sums(q, k, lse, rec.scale, rec.query_tokens.to(device), rec.key_frames, self.grid)

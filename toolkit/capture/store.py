@@ -54,7 +54,7 @@ import h5py
 import numpy as np
 import torch
 
-import toolkit
+from toolkit._version import __version__
 from toolkit.capture.selection import Plan, resolve_storage_dtype
 from toolkit.errors import ToolkitError
 
@@ -192,8 +192,8 @@ class CaptureStore:
                         "record_complete == 1."),
             "date_created": _now(),
             "history": f"{_now()}: " + str(provenance.get("history_command",
-                                                          f"created by toolkit {toolkit.__version__}")),
-            "toolkit_version": toolkit.__version__, "torch_version": str(torch.__version__),
+                                                          f"created by toolkit {__version__}")),
+            "toolkit_version": __version__, "torch_version": str(torch.__version__),
             "h5py_version": h5py.version.version, "hdf5_version": h5py.version.hdf5_version,
             "layout": _attr(lay.to_attrs()), "selection": _attr(_selection_attrs(plan)),
             "storage_dtype": self.storage, "model_dtype": str(model_dtype).replace("torch.", ""),

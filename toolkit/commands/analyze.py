@@ -1,10 +1,11 @@
 """``toolkit analyze NAME RUN.h5 [RUN.h5 ...] --out results.nc``: one generic dispatcher for every analysis.
 
-An analysis is a module ``toolkit.analysis.NAME`` with ``add_arguments(parser)`` and
-``analyze_capture(cap, args) -> xr.Dataset`` (see ``toolkit/analysis/__init__.py``). Its options are parsed after
-the name, so ``toolkit --help`` never imports torch. One RUN file runs in this process; several are mapped over
-with dask (threads here, or the cluster at ``--scheduler ADDRESS``) and stacked along ``record`` with a ``run``
-coordinate.
+An analysis is a module ``toolkit.analysis.NAME`` with an options dataclass and ``analyze(cap, records, options,
+device=..., progress=...) -> xr.Dataset`` (see ``toolkit/analysis/__init__.py``); this module owns its command
+line: ``ARGUMENTS[NAME]`` adds its options to a parser and `options_from_args` maps the parsed arguments onto the
+dataclasses. Its options are parsed after the name, so ``toolkit --help`` never imports torch. One RUN file runs
+in this process; several are mapped over with dask (threads here, or the cluster at ``--scheduler ADDRESS``) and
+stacked along ``record`` with a ``run`` coordinate.
 """
 
 from __future__ import annotations
@@ -35,6 +36,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def index_list(text: str) -> list[int] | None:
+    """argparse type of ``--steps/--chunks/--layers/--heads``: ``"all"`` -> None, ``"0,3,8-10"`` -> ints."""
+    text = str(text).strip()
+    if text == "all":
+        return None
+    out: set[int] = set()
+    try:
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            lo, _, hi = part.partition("-")
+            lo_i, hi_i = int(lo), int(hi or lo)
+            if hi_i < lo_i or lo_i < 0:
+                raise ValueError
+            out.update(range(lo_i, hi_i + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not 'all' or a list like 0,3,8-10") from None
+    if not out:
+        raise argparse.ArgumentTypeError("empty selection")
+    return sorted(out)
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -47,8 +68,6 @@ def positive_int(text: str) -> int:
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every analysis shares (record selection, device, output, parallelism)."""
-    from toolkit.analysis import index_list
-
     parser.add_argument("runs", nargs="+", metavar="RUN.h5", help="capture file(s)")
     parser.add_argument("--out", required=True, help="results file (.nc, NetCDF4/HDF5)")
     sel = parser.add_argument_group("record selection (default: everything stored)")
@@ -68,12 +87,110 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                           help="no progress bars (as `toolkit capture --quiet`)")
 
 
-def build_parser(name: str, module) -> argparse.ArgumentParser:
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma list of numbers") from None
+    if not values:
+        raise argparse.ArgumentTypeError("empty list")
+    return values
+
+
+def add_topk_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``toolkit analyze topk`` (defaults from `toolkit.analysis.topk.TopkOptions`)."""
+    from toolkit.analysis.topk import TopkOptions
+
+    d = TopkOptions()
+    g = parser.add_argument_group("topk")
+    g.add_argument("--masses", type=_float_list, default=d.masses, metavar="P,P,...",
+                   help="coverage masses, each in (0, 1) (default " + ",".join(map(str, d.masses)) + ")")
+    g.add_argument("--sparsities", type=_float_list, default=d.sparsities, metavar="S,S,...",
+                   help="fractions of keys dropped, each in [0, 1) (default " + ",".join(map(str, d.sparsities))
+                        + ")")
+    g.add_argument("--method", choices=("auto", "radix", "sort"), default=d.method,
+                   help="row threshold search: radix (histogram + exact refinement, float32) or full sort")
+
+
+def add_periodic_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``toolkit analyze periodic`` (defaults from `toolkit.analysis.periodic.PeriodicOptions`)."""
+    from toolkit.analysis.periodic import PeriodicOptions
+
+    d = PeriodicOptions()
+    g = parser.add_argument_group("periodic")
+    g.add_argument("--spike-factor", type=float, default=d.spike_factor,
+                   help=f"spike = residual A - D above this many times the uniform weight 1/n_keys "
+                        f"(default {d.spike_factor:g})")
+    g.add_argument("--n-spikes", type=int, default=d.n_spikes,
+                   help=f"largest spikes kept per query (default {d.n_spikes})")
+    g.add_argument("--spatial-threshold", type=float, default=d.spatial_threshold,
+                   help=f"mean own-frame mass for a spatial head (default {d.spatial_threshold:g})")
+    g.add_argument("--temporal-threshold", type=float, default=d.temporal_threshold,
+                   help=f"mean same-(row,col) other-frame mass for a temporal head (default "
+                        f"{d.temporal_threshold:g})")
+
+
+def add_monarch_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``toolkit analyze monarch`` (defaults from `toolkit.analysis.monarch.MonarchOptions`)."""
+    from toolkit.analysis.monarch import MonarchOptions
+
+    d = MonarchOptions()
+    g = parser.add_argument_group("Monarch")
+    g.add_argument("--layout", action="append", default=None, metavar="SPEC",
+                   help="Monarch layout, repeatable: BASE:F,H,W (bases fh,w w,fh f,hw hw,f fw,h h,fw; tiling "
+                        "f_tied,h_reduce,w_reduce), contiguous:B1xB2 (misaligned control), or a preset: 'default' "
+                        "(the paper's tilings, all aligned bases, two contiguous controls) or 'fh,w:all' (every "
+                        "fh,w tiling: error-vs-sparsity curves); presets keep what fits the records")
+    g.add_argument("--iters", type=int, default=d.iters,
+                   help="variational MonarchAttention iterations T=1..N (0: skip)")
+    g.add_argument("--no-projection", action="store_true", help="skip the exact Frobenius projection")
+    g.add_argument("--no-topk", action="store_true", help="skip the oracle top-k baseline")
+    g.add_argument("--rank1", choices=("auto", "eigh", "power"), default=d.rank1,
+                   help="rank-1 solver of the exact projection (auto = power: repeated squaring + power "
+                        "iteration with an eigh fallback)")
+
+
+# name -> function adding the analysis' own options
+ARGUMENTS = {"periodic": add_periodic_arguments, "topk": add_topk_arguments, "monarch": add_monarch_arguments}
+
+
+def build_parser(name: str, module=None) -> argparse.ArgumentParser:
+    """Parser of ``toolkit analyze NAME`` (``module``: the loaded analysis, for its description)."""
+    module = module or _load(name)
     parser = argparse.ArgumentParser(prog=f"toolkit analyze {name}",
                                      description=(module.__doc__ or "").strip().split("\n\n")[0])
     add_common_arguments(parser)
-    module.add_arguments(parser)
+    ARGUMENTS[name](parser)
     return parser
+
+
+def records_from_args(args: argparse.Namespace):
+    """``--steps/--chunks/--layers/--heads/--allow-incomplete`` -> `RecordSelection`."""
+    from toolkit.analysis.records import RecordSelection
+
+    return RecordSelection(steps=args.steps, chunks=args.chunks, layers=args.layers, heads=args.heads,
+                           allow_incomplete=args.allow_incomplete)
+
+
+def options_from_args(name: str, args: argparse.Namespace):
+    """Parsed ``toolkit analyze NAME`` arguments -> the analysis' options dataclass."""
+    if name == "topk":
+        from toolkit.analysis.topk import TopkOptions
+
+        return TopkOptions(masses=args.masses, sparsities=args.sparsities, method=args.method,
+                           query_chunk=args.query_chunk)
+    if name == "periodic":
+        from toolkit.analysis.periodic import PeriodicOptions
+
+        return PeriodicOptions(spike_factor=args.spike_factor, n_spikes=args.n_spikes,
+                               spatial_threshold=args.spatial_threshold, temporal_threshold=args.temporal_threshold,
+                               query_chunk=args.query_chunk)
+    if name == "monarch":
+        from toolkit.analysis.monarch import MonarchOptions
+
+        return MonarchOptions(layouts=tuple(args.layout) if args.layout else None, iters=args.iters,
+                              projection=not args.no_projection, topk_baseline=not args.no_topk, rank1=args.rank1)
+    raise KeyError(name)
 
 
 def _load(name: str):
@@ -83,21 +200,22 @@ def _load(name: str):
         from toolkit.errors import ToolkitError
 
         raise ToolkitError(f"analysis '{name}' is not available: {err}") from None
-    for fn in ("add_arguments", "analyze_capture"):
-        if not callable(getattr(module, fn, None)):
-            from toolkit.errors import ToolkitError
+    if not callable(getattr(module, "analyze", None)):
+        from toolkit.errors import ToolkitError
 
-            raise ToolkitError(f"{ANALYSES[name]} does not provide {fn}()")
+        raise ToolkitError(f"{ANALYSES[name]} does not provide analyze()")
     return module
 
 
-def analyze_file(name: str, path: str, args: argparse.Namespace):
+def analyze_file(name: str, path: str, records, options, *, device: str | None = None, progress: bool = True,
+                 progress_position: int | None = None):
     """One RUN file -> Dataset (the unit of work dask schedules; it re-imports by name so it pickles)."""
     from toolkit.capture import open_capture
 
     module = _load(name)
     with open_capture(path) as cap:
-        ds = module.analyze_capture(cap, args)
+        ds = module.analyze(cap, records, options, device=device, progress=progress,
+                            progress_position=progress_position)
         ds = ds.assign_coords(run=("record", [os.path.basename(path)] * ds.sizes["record"]))
         return ds.load()
 
@@ -115,16 +233,15 @@ def _check_files(runs: list[str], out: str) -> None:
         raise ToolkitError(f"--out {out}: folder {folder} does not exist")
 
 
-def _compute_many(name: str, args: argparse.Namespace) -> list:
+def _compute_many(name: str, args: argparse.Namespace, records, options) -> list:
     """Several RUN files through dask: delayed analyze_file per file, local threads or a distributed cluster."""
     import dask
 
     from toolkit.errors import ToolkitError
 
-    tasks = []
-    for i, path in enumerate(args.runs):
-        file_args = argparse.Namespace(**{**vars(args), "progress_position": i})
-        tasks.append(dask.delayed(analyze_file, pure=False)(name, path, file_args))
+    tasks = [dask.delayed(analyze_file, pure=False)(name, path, records, options, device=args.device,
+                                                    progress=args.progress, progress_position=i)
+             for i, path in enumerate(args.runs)]
     if args.scheduler:
         try:
             from dask.distributed import Client
@@ -144,12 +261,12 @@ def run(args: argparse.Namespace) -> int:
     name = args.analysis
     module = _load(name)
     opts = build_parser(name, module).parse_args(args.rest)
-    opts.command = "analyze"
     _check_files(opts.runs, opts.out)
+    records, options = records_from_args(opts), options_from_args(name, opts)
     if len(opts.runs) == 1:
-        parts = [analyze_file(name, opts.runs[0], opts)]
+        parts = [analyze_file(name, opts.runs[0], records, options, device=opts.device, progress=opts.progress)]
     else:
-        parts = _compute_many(name, opts)
+        parts = _compute_many(name, opts, records, options)
     result = parts[0] if len(parts) == 1 else xr.concat(parts, dim="record", join="outer",
                                                         combine_attrs="drop_conflicts")
     result = result.assign_coords(record=range(result.sizes["record"]))

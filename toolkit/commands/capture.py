@@ -56,26 +56,6 @@ def parse_bytes(text: str) -> int:
         raise SelectionError(f"cannot read size '{text}' (e.g. 4GB, 512MiB)") from None
 
 
-def layout_for(model: str):
-    """RunLayout of a registry model's default sampler, from its config and sampler settings (no weights)."""
-    from toolkit.capture import RunLayout
-    from toolkit.models import registry
-    from toolkit.models.sampling import self_forcing_timesteps, shift_sigma
-
-    spec = registry.get_spec(model)
-    cfg, s = spec.config(), spec.sampler()
-    pt, ph, pw = cfg.patch_size
-    scale = 1 if model == "bundled" else 8  # the bundled model works on pixels; Wan latents are 8x smaller
-    grid = (s["latent_frames"] // pt, s["height"] // scale // ph, s["width"] // scale // pw)
-    if s["sampler"] == "self-forcing":
-        ts = self_forcing_timesteps(s.get("shift", 5.0), s.get("denoising_steps", (1000, 750, 500, 250)))
-        return RunLayout.self_forcing(cfg, grid, ts.tolist(), s["frames_per_chunk"])
-    import torch
-
-    sig = shift_sigma(torch.linspace(1.0, 0.0, s["steps"] + 1, dtype=torch.float64), s["shift"])
-    return RunLayout.bidirectional(cfg, grid, (sig[:-1] * 1000).tolist())
-
-
 def describe_plan(plan, model_dtype=None) -> str:
     from toolkit.capture.selection import human_bytes
 
@@ -89,9 +69,10 @@ def describe_plan(plan, model_dtype=None) -> str:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from toolkit.attention_backends import parse_attention
+    from toolkit.attention.backends import parse_attention
     from toolkit.capture import Selection, capture, resolve
     from toolkit.errors import ToolkitError
+    from toolkit.models import registry
 
     parse_attention(args.attention)
     select = Selection(layers=args.layers, heads=args.heads, steps=args.steps, chunks=args.chunks,
@@ -99,13 +80,13 @@ def run(args: argparse.Namespace) -> int:
                        store=tuple(s.strip() for s in args.store.split(",") if s.strip()),
                        dtype=args.storage_dtype, compression=args.compression,
                        max_map_bytes=parse_bytes(args.max_map_bytes))
-    layout = layout_for(args.model)
+    layout = registry.get_spec(args.model).layout()  # the sampler's own schedule and grid; no weights
     plan = resolve(select, layout)  # refuses bad selections before any weights load
     say = (lambda *a: None) if args.quiet else print
-    from toolkit.models.registry import default_dtype
-    from toolkit.pipeline import DTYPES, resolve_device
+    from toolkit.device import resolve_device
+    from toolkit.pipeline import DTYPES
 
-    model_dtype = DTYPES[args.dtype] or default_dtype(resolve_device(args.device))
+    model_dtype = DTYPES[args.dtype] or registry.default_dtype(resolve_device(args.device))
     say(f"capture plan: {describe_plan(plan, model_dtype)}")
     if args.dry_run:
         return 0
@@ -121,12 +102,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     r = prepare_run(args.model, prompt=args.prompt, prompt_embeds=args.prompt_embeds, seed=args.seed,
                     checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, attention=args.attention)
-    if r.model.cfg.num_layers != layout.num_layers or r.model.cfg.num_heads != layout.num_heads:
-        layout = type(layout)(layout.grid, r.model.cfg.num_layers, r.model.cfg.num_heads, r.model.cfg.head_dim,
-                              layout.timesteps, layout.frames_per_chunk, layout.clean_step)
-    grid = tuple(r.model.grid_size(r.noise))
-    if grid != tuple(layout.grid):
-        raise ToolkitError(f"the model's token grid {grid} differs from the expected {layout.grid}")
+    if r.layout() != layout:  # a --checkpoint whose config differs from the registry's: check the plan again
+        layout = r.layout()
+        resolve(select, layout)
     provenance = {**r.provenance(), "history_command": "toolkit capture " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
         if k not in ("func", "command") and v not in (None, False))}

@@ -10,7 +10,7 @@ MODEL_FIGURES = ("semantic",)  # made by running the bundled model on a rendered
 
 
 def _ints(text: str) -> list[int] | None:
-    from toolkit.analysis import index_list
+    from toolkit.commands.analyze import index_list
 
     return index_list(text)
 
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 def semantic_options(args: argparse.Namespace) -> dict:
     from toolkit.errors import ToolkitError
     from toolkit.models.bundled import SELF_FORCING_STEPS, data
-    from toolkit.pipeline import BUNDLED_DEFAULT_PROMPT
+    from toolkit.models.registry import get_spec
 
     if args.query_head is not None and len(args.query_head) != 1:
         raise ToolkitError("--query-head takes one LAYER:HEAD pair")
@@ -136,16 +136,16 @@ def semantic_options(args: argparse.Namespace) -> dict:
         raise ToolkitError(f"--step {args.step}: the semantic figure takes the last chunk's denoising step "
                            f"0..{len(SELF_FORCING_STEPS) - 1}, or {len(SELF_FORCING_STEPS)} for its clean pass")
     layer, head = args.query_head[0] if args.query_head else (None, None)
-    return dict(prompt=data.parse_prompt(args.prompt or BUNDLED_DEFAULT_PROMPT), seed=args.seed, step=args.step,
-                layer=layer, head=head, sprite=args.sprite)
+    prompt = data.parse_prompt(args.prompt or get_spec("bundled").default_prompt)
+    return dict(prompt=prompt, seed=args.seed, step=args.step, layer=layer, head=head, sprite=args.sprite)
 
 
 def make_semantic(args: argparse.Namespace, log) -> None:
     import torch
 
+    from toolkit.device import resolve_device
     from toolkit.models.registry import load_model
     from toolkit.paper_figures import semantic
-    from toolkit.pipeline import resolve_device
 
     options = semantic_options(args)
     model, _ = load_model("bundled", args.checkpoint, device=resolve_device(args.device or "auto"),

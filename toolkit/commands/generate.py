@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from toolkit.attention_backends import parse_attention
+    from toolkit.attention.backends import parse_attention
     from toolkit.pipeline import prepare_run, sample, save_outputs
 
     parse_attention(args.attention)  # refuse a bad spec before loading anything

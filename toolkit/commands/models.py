@@ -49,7 +49,7 @@ def describe() -> list[dict[str, Any]]:
             entry["locations"] = []
         entry["download"] = spec.download()
         entry["checkpoint_accepts"] = spec.accepts
-        if name != "bundled":
+        if spec.uses_wan_assets:
             assets = {}
             for what, rel in registry.WAN_ASSETS.items():
                 try:

@@ -1,6 +1,7 @@
 """Reading and writing Wan DiT checkpoints in every published layout, through ONE key-mapping table.
 
-Our model (``toolkit.models.wan.WanModel``) uses the native Wan names (self-forcing.md §5.1). Files come as
+Our model (``toolkit.models.wan.WanModel``) uses the native Wan names (``docs/self-forcing.md``,
+"Native Wan names"). Files come as
 
 * **Self-Forcing ``.pt``** (``gdhe17/Self-Forcing``, ``checkpoints/self_forcing_dmd.pt``):
   ``{'generator_ema': {'model.' + native: fp32}, 'generator': ...}``; FSDP / activation-checkpointing /
@@ -31,7 +32,7 @@ import torch
 from toolkit.errors import CheckpointError
 
 # ---------------------------------------------------------------------------------------------------------------
-# The key-mapping table: native Wan name <-> diffusers name (self-forcing.md §5.3).
+# The key-mapping table: native Wan name <-> diffusers name (docs/self-forcing.md "diffusers names").
 # Each row is a *full-name* pattern; ``{N}`` is a block index, ``{p}`` is ``weight`` or ``bias``. Matching whole
 # names (not ordered substring replacement as diffusers' converter does) makes ``head.modulation`` vs
 # ``blocks.N.modulation`` and the norm2/norm3 swap unambiguous in both directions.
@@ -130,7 +131,7 @@ def _cfg(cfg: Any, key: str) -> Any:
 def native_param_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
     """Every parameter of a Wan DiT with config ``cfg`` (a WanConfig or its dict): native name -> shape.
 
-    1.3B config: 825 tensors, 1,418,996,800 parameters (self-forcing.md §5.1, §10).
+    1.3B config: 825 tensors, 1,418,996,800 parameters (``docs/self-forcing.md`` "Architecture (Wan2.1-T2V-1.3B)").
     """
     dim, ffn = _cfg(cfg, "dim"), _cfg(cfg, "ffn_dim")
     in_dim, out_dim = _cfg(cfg, "in_dim"), _cfg(cfg, "out_dim")
@@ -387,7 +388,7 @@ def _pick_entry(obj: Any, path: Path, use_ema: bool) -> tuple[dict[str, torch.Te
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     order = ("generator_ema", "generator") if use_ema else ("generator", "generator_ema")
-    # SF's trainer also accepts a bare 'model' entry (ode_init.pt) or a raw state dict.
+    # Self-Forcing's trainer also accepts a bare 'model' entry (ode_init.pt) or a raw state dict.
     for key in (*order, "model", "state_dict"):
         if key in obj and isinstance(obj[key], Mapping):
             return _tensors_only(obj[key], path), key
@@ -533,32 +534,39 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "toolkit"
 
 
-def file_sha256(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 24) -> str:
-    """SHA-256 hex digest of a file, streamed; cached in ``cache_dir()/sha256.json`` by path, mtime and size."""
+def file_sha256(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 24, cache: bool = True) -> str:
+    """SHA-256 hex digest of a file, streamed; with ``cache`` (the default) cached in ``cache_dir()/sha256.json``
+    by path, mtime and size, without it computed and nothing written."""
+    if not cache:
+        return _stream_sha256(path, chunk_bytes)
     path = Path(path).resolve()
     st = path.stat()
     key = f"{path}|{st.st_mtime_ns}|{st.st_size}"
     cache_file = cache_dir() / "sha256.json"
     try:
-        cache = json.loads(cache_file.read_text())
+        known = json.loads(cache_file.read_text())
     except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return cache[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            h.update(block)
-    digest = h.hexdigest()
+        known = {}
+    if key in known:
+        return known[key]
+    digest = _stream_sha256(path, chunk_bytes)
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache[key] = digest
+        known[key] = digest
         tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=0))
+        tmp.write_text(json.dumps(known, indent=0))
         tmp.replace(cache_file)  # atomic: concurrent runs never see half a file
     except OSError:
         pass  # a read-only cache only costs a re-hash next time
     return digest
+
+
+def _stream_sha256(path: str | os.PathLike[str], chunk_bytes: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
 
 
 def checkpoint_sha256(files: list[Path]) -> str:

@@ -21,6 +21,8 @@ import torch
 
 from toolkit.errors import ToolkitError, WeightsNotFound
 from toolkit.models import checkpoints as ck
+from toolkit.models.layout import RunLayout
+from toolkit.models.sampling import Sampler, sampler_from
 
 SF_REPO, SF_FILE = "gdhe17/Self-Forcing", "checkpoints/self_forcing_dmd.pt"
 WAN_REPO = "Wan-AI/Wan2.1-T2V-1.3B"
@@ -79,14 +81,41 @@ class Location:
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """Everything the toolkit knows about a model by name; code asks the spec, never the name."""
+
     name: str
     description: str
     causal: bool
     config: Callable[[], Any]  # -> WanConfig (a function: the bundled model's config is imported lazily)
-    sampler: Callable[[], dict[str, Any]]  # defaults for the sampling loop
+    sampler: Callable[[], dict[str, Any]]  # the sampling loop's settings and the clip size in pixels
     locations: Callable[[], list[Location]]
     download: Callable[[], list[str]]
     accepts: str  # what a --checkpoint for this model may be
+    default_prompt: str
+    conditioning: str = "umt5"  # "umt5": umT5-XXL embeddings (Wan folder); "toy": the bundled model's toy prompts
+    output: str = "wan-vae"  # "wan-vae": latents, decoded to mp4 by the Wan VAE; "pixels": PNG strip + GIF
+    spatial_compression: int = 8  # pixels per latent cell (Wan VAE 8; the bundled model works on pixels: 1)
+
+    @property
+    def uses_wan_assets(self) -> bool:
+        """Needs the Wan2.1 folder's text encoder (and VAE for video)."""
+        return self.conditioning == "umt5"
+
+    def make_sampler(self) -> Sampler:
+        return sampler_from(self.sampler())
+
+    def latent_shape(self, cfg: Any | None = None) -> tuple[int, int, int, int]:
+        """(channels, latent frames, latent height, latent width) of one clip."""
+        cfg = cfg or self.config()
+        s, c = self.sampler(), self.spatial_compression
+        return cfg.in_dim, s["latent_frames"], s["height"] // c, s["width"] // c
+
+    def layout(self, cfg: Any | None = None) -> RunLayout:
+        """The run's shape as the seams will see it, from the config and sampler alone (no weights)."""
+        cfg = cfg or self.config()
+        _, frames, height, width = self.latent_shape(cfg)
+        pt, ph, pw = cfg.patch_size
+        return self.make_sampler().layout(cfg, (frames // pt, height // ph, width // pw))
 
 
 def _env(var: str, is_valid: Callable[[Path], bool]) -> Location:
@@ -169,6 +198,7 @@ def _bundled_sampler() -> dict[str, Any]:
             "shift": 5.0, "latent_frames": frames, "height": height, "width": width}
 
 
+REAL_DEFAULT_PROMPT = "A white SUV drives along a winding mountain road at sunset, cinematic, high detail"
 SELF_FORCING_SAMPLER = {
     "sampler": "self-forcing",
     "frames_per_chunk": 3,
@@ -200,6 +230,10 @@ MODELS: dict[str, ModelSpec] = {
         locations=_bundled_locations,
         download=lambda: ["toolkit train --out data/bundled  (one GPU, about 20 minutes; normally shipped)"],
         accepts="a checkpoint of the bundled architecture (any supported layout)",
+        default_prompt="3 sprites: red circle, blue square, yellow triangle; pan left",
+        conditioning="toy",
+        output="pixels",
+        spatial_compression=1,
     ),
     "self-forcing": ModelSpec(
         name="self-forcing",
@@ -210,6 +244,7 @@ MODELS: dict[str, ModelSpec] = {
         locations=_self_forcing_locations,
         download=_download_sf,
         accepts="a Self-Forcing .pt (or any supported layout of the 1.3B DiT)",
+        default_prompt=REAL_DEFAULT_PROMPT,
     ),
     "wan2.1-t2v-1.3b": ModelSpec(
         name="wan2.1-t2v-1.3b",
@@ -220,6 +255,7 @@ MODELS: dict[str, ModelSpec] = {
         locations=_wan_locations,
         download=lambda: _download_wan(),
         accepts="the Wan2.1-T2V-1.3B folder, a diffusion_pytorch_model.safetensors, or a diffusers folder",
+        default_prompt=REAL_DEFAULT_PROMPT,
     ),
 }
 DEFAULT_MODEL = "bundled"

@@ -2,7 +2,7 @@
 
 Flow matching: x_t = (1 − σ)·x0 + σ·ε with σ = t / 1000; the model predicts v = ε − x0, so x0 = x_t − σ·v.
 
-Self-Forcing loop (``shared/docs/self-forcing.md`` §7), per chunk of ``frames_per_chunk`` latent frames:
+Self-Forcing loop (``docs/self-forcing.md`` "Inference loop"), per chunk of ``frames_per_chunk`` latent frames:
   for each of the 4 timesteps (1000, 937.5, 833.3, 625 = the shift-5 warp of 1000, 750, 500, 250):
       v = model(x, t) with the KV cache; x0 = x − σ·v (float64); unless last: x = (1 − σ')·x0 + σ'·ε' (fresh ε')
   clean pass: model(x0, t = 0) once more, which overwrites the chunk's K/V in the cache with clean K/V.
@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from toolkit.models.wan import KVCache, WanModel
+from toolkit.models.layout import RunLayout
+from toolkit.models.wan import KVCache, WanConfig, WanModel
 
 
 def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
@@ -35,7 +38,7 @@ def self_forcing_timesteps(
 ) -> torch.Tensor:
     """Warped denoising timesteps: entries ``num_train − step`` of the training table with t = 0 appended.
 
-    For the released Self-Forcing config this is [1000, 937.5, 833.33…, 625] (SF ``warp_denoising_step``)."""
+    For the released Self-Forcing config this is [1000, 937.5, 833.33…, 625] (its ``warp_denoising_step``)."""
     table = torch.cat([training_timesteps(shift, num_train_timesteps), torch.zeros(1, dtype=torch.float64)])
     return table[num_train_timesteps - torch.as_tensor(denoising_steps)]
 
@@ -136,6 +139,11 @@ def wan_sigmas(steps: int, shift: float = 5.0, num_train_timesteps: int = 1000) 
     return torch.cat([shift_sigma(sigmas, shift), torch.zeros(1, dtype=torch.float64)])
 
 
+def wan_model_timesteps(sigmas: torch.Tensor) -> list[float]:
+    """The timesteps Wan feeds its model for a schedule ``wan_sigmas(...)``: ⌊1000·σ⌋ of each step (σ = 0 excluded)."""
+    return [float(math.floor(float(sigma) * 1000)) for sigma in sigmas[:-1]]
+
+
 class UniPC:
     """UniPC-bh2 multistep solver for flow matching (Wan2.1's default ``FlowUniPCMultistepScheduler``: order 2,
     x0-prediction, corrector on every step, first and last steps first order).
@@ -217,6 +225,7 @@ def wan_sample(
     ``negative_context`` is given and ``guidance_scale != 1``. The model sees integer timesteps ⌊1000·σ⌋ as in Wan.
     The seam sees ``step`` = sampler step, ``chunk`` = 0."""
     sigmas = wan_sigmas(steps, shift)
+    model_timesteps = wan_model_timesteps(sigmas)
     unipc = UniPC(sigmas) if solver == "unipc" else None
     if solver not in ("unipc", "euler"):
         raise ValueError(f"unknown solver {solver!r}")
@@ -230,7 +239,7 @@ def wan_sample(
         iterator = tqdm(iterator, desc="wan", unit="step")
     with torch.no_grad():
         for s in iterator:
-            t = torch.full((b,), float(math.floor(float(sigmas[s]) * 1000)), device=noise.device)
+            t = torch.full((b,), model_timesteps[s], device=noise.device)
             x_in = x.to(noise.dtype)
             flow = model(x_in, t, context, step=s).float()
             if cfg_on:
@@ -241,3 +250,72 @@ def wan_sample(
             else:
                 x = x + float(sigmas[s + 1] - sigmas[s]) * flow
     return x.to(noise.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samplers: one object per sampling loop, owning its schedule; the loop and the capture layout both read it
+
+
+@dataclass(frozen=True)
+class SelfForcingSampler:
+    """Self-Forcing's chunked few-step loop (``self_forcing_rollout``) with its warped schedule."""
+
+    frames_per_chunk: int = 3
+    denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
+    shift: float = 5.0
+
+    name = "self-forcing"
+
+    def timesteps(self) -> torch.Tensor:
+        """Warped denoising timesteps, float64 (the clean pass at t = 0 follows them)."""
+        return self_forcing_timesteps(self.shift, self.denoising_steps)
+
+    def layout(self, cfg: WanConfig, grid: tuple[int, int, int]) -> RunLayout:
+        """Steps 0..n−1 at ``timesteps()``, then the clean pass (step n, t = 0), chunk by chunk."""
+        return RunLayout.self_forcing(cfg, grid, self.timesteps().tolist(), self.frames_per_chunk)
+
+    def sample(self, model: WanModel, noise: torch.Tensor, context: torch.Tensor, *,
+               generator: torch.Generator | None = None, progress: bool = False,
+               on_chunk: Callable[[int, torch.Tensor], None] | None = None, **_: Any) -> torch.Tensor:
+        return self_forcing_rollout(model, noise, context, frames_per_chunk=self.frames_per_chunk,
+                                    timesteps=self.timesteps(), generator=generator, progress=progress,
+                                    on_chunk=on_chunk)
+
+
+@dataclass(frozen=True)
+class WanSampler:
+    """Wan2.1's bidirectional sampler (``wan_sample``): shifted schedule, UniPC, classifier-free guidance."""
+
+    steps: int = 50
+    shift: float = 5.0
+    guidance_scale: float = 5.0
+
+    name = "wan"
+
+    def timesteps(self) -> list[float]:
+        """The integer timesteps the model receives, one per step."""
+        return wan_model_timesteps(wan_sigmas(self.steps, self.shift))
+
+    def layout(self, cfg: WanConfig, grid: tuple[int, int, int]) -> RunLayout:
+        return RunLayout.bidirectional(cfg, grid, self.timesteps())
+
+    def sample(self, model: WanModel, noise: torch.Tensor, context: torch.Tensor, *,
+               negative_context: torch.Tensor | None = None, progress: bool = False, **_: Any) -> torch.Tensor:
+        return wan_sample(model, noise, context, negative_context=negative_context, steps=self.steps,
+                          shift=self.shift, guidance_scale=self.guidance_scale, progress=progress)
+
+
+Sampler = SelfForcingSampler | WanSampler
+
+
+def sampler_from(settings: dict[str, Any]) -> Sampler:
+    """The sampler a model spec's settings name (``{"sampler": "self-forcing" | "wan", ...}``); other keys (clip
+    size, fps) belong to the model and are ignored here."""
+    kind = settings["sampler"]
+    if kind == SelfForcingSampler.name:
+        return SelfForcingSampler(settings.get("frames_per_chunk", 3),
+                                  tuple(settings.get("denoising_steps", (1000, 750, 500, 250))),
+                                  settings.get("shift", 5.0))
+    if kind == WanSampler.name:
+        return WanSampler(settings.get("steps", 50), settings.get("shift", 5.0), settings.get("guidance_scale", 5.0))
+    raise ValueError(f"unknown sampler {kind!r}")

@@ -93,7 +93,8 @@ class AttentionSeam(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        backend = getattr(self.backend, "__name__", repr(self.backend)) if self.backend else "dense_attention"
+        backend = "dense_attention" if self.backend is None else getattr(self.backend, "__name__", None)
+        backend = backend or type(self.backend).__name__  # never repr(): a bound method's repr holds its owner
         return f"layer={self.layer}, backend={backend}, hooks={len(self.hooks)}"
 
 

@@ -31,7 +31,7 @@ from toolkit.models import registry
 TEXT_LEN = 512
 
 # transformers UMT5Config of umT5-XXL's encoder (Wan ``umt5_xxl``: vocab 256384, dim 4096, 64 heads of 64,
-# FFN 10240, 24 layers, 32 buckets; self-forcing.md §8).
+# FFN 10240, 24 layers, 32 buckets; docs/self-forcing.md "Text encoder and VAE").
 UMT5_XXL = dict(
     vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
     relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",

@@ -4,8 +4,9 @@ The weights are Wan's ``Wan2.1_VAE.pth`` (module names of Wan's ``wan/modules/va
 ``AutoencoderKLWan`` after renaming. The rename table is *generated from the architecture* (``vae_key_pairs``),
 walking Wan's module construction order, so it covers any (dim_mult, num_res_blocks, temporal flags).
 
-Latents of the DiT are normalised per channel: z = (μ − mean) / std with Wan's 16 constants (self-forcing.md §8);
-decoding undoes that first. Without diffusers, ``save_video`` stores the latents and says which extra is missing.
+Latents of the DiT are normalised per channel: z = (μ − mean) / std with Wan's 16 constants
+(``docs/self-forcing.md`` "Text encoder and VAE"); decoding undoes that first. Without diffusers, ``save_video``
+stores the latents and says which extra is missing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from toolkit.errors import CheckpointError, ToolkitError
 from toolkit.models import checkpoints as ck
 from toolkit.models import registry
 
-# Wan2.1 VAE latent statistics (SF utils/wan_wrapper.py WanVAEWrapper; same values in diffusers' config).
+# Wan2.1 VAE latent statistics (Self-Forcing utils/wan_wrapper.py WanVAEWrapper; same values in diffusers' config).
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
 LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,

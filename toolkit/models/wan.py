@@ -5,7 +5,7 @@ called: bidirectional = all frames at once, no cache; causal = one chunk of fram
 (keys/values of earlier chunks stay in the cache, already rotated by RoPE). Training the causal model without a
 cache uses ``attn_mask`` (block-causal) and ``frame_index`` (RoPE positions of a clean copy of the clip).
 
-Forward, following the Self-Forcing / Wan2.1 reference code (see ``shared/docs/self-forcing.md`` §3):
+Forward, following the Self-Forcing / Wan2.1 reference code (``docs/self-forcing.md`` "Forward pass"):
 
     x  [b c F Hl Wl] --patch Conv3d--> [b (f h w) dim]                 tokens in raster order: (f*h + y)*w + x
     t  [b f] --sinusoid(256, float64)--> time MLP --> e [b f dim] --> e0 [b f 6 dim]   (per-frame modulation)

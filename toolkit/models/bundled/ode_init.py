@@ -32,6 +32,7 @@ from toolkit.models.bundled.teacher import (
     Log,
     adamw,
     autocast,
+    optimizer_step,
     synchronize,
     teacher_forced_flow,
     warped_timesteps,
@@ -152,10 +153,7 @@ def train_ode_init(
             group["lr"] = settings.lr * min(1.0, (step + 1) / settings.warmup)
         with autocast(device):
             loss = ode_regression_loss(student, pool, index, g, setup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), settings.grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, student, settings.grad_clip)
         pending.append(loss.detach())
         if (step + 1) % every == 0 or step + 1 == settings.steps:
             mean = float(torch.stack(pending).mean())

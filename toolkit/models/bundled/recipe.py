@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from toolkit.device import resolve_device
 from toolkit.errors import ToolkitError
 from toolkit.models.bundled import data, evaluate
 from toolkit.models.bundled.config import (
@@ -115,7 +116,7 @@ def train_bundled(
 ) -> dict:
     """Run ``stages`` of ``recipe`` into ``out`` (see the module docstring); returns the training record."""
     out = check_output(out, stages, force)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device or None)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -36,6 +36,7 @@ from toolkit.models.bundled.teacher import (
     adamw,
     autocast,
     flow_matching_loss,
+    optimizer_step,
     synchronize,
     teacher_forced_flow,
     warped_timesteps,
@@ -134,10 +135,7 @@ def train_self_forcing(
                 eps = torch.randn(x.shape, generator=g).to(device)
                 with autocast(device):
                     loss_c = flow_matching_loss(critic, x, context, eps, sigma, setup.mask)
-                opt_c.zero_grad(set_to_none=True)
-                loss_c.backward()
-                torch.nn.utils.clip_grad_norm_(critic.parameters(), settings.grad_clip)
-                opt_c.step()
+                optimizer_step(opt_c, loss_c, critic, settings.grad_clip)
                 critic_losses.append(loss_c.detach())
             # generator: DMD through the exit-step forwards of its own rollout
             student.train()
@@ -146,10 +144,7 @@ def train_self_forcing(
                 x = student_rollout(student, context, noise, setup, g_dev, exit_step()).float()
                 grad = dmd_gradient(x, context, teacher, critic, setup, settings, g)
             loss_g = 0.5 * (x - (x - grad).detach()).pow(2).mean()
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), settings.grad_clip)
-            opt_g.step()
+            optimizer_step(opt_g, loss_g, student, settings.grad_clip)
             with torch.no_grad():
                 torch._foreach_lerp_(ema, [p.detach() for p in student.parameters()], 1 - settings.ema_decay)
             grad_norms.append(grad.pow(2).mean().sqrt().detach())

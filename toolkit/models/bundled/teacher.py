@@ -207,6 +207,14 @@ def adamw(model: WanModel, lr: float, betas: tuple[float, float], weight_decay: 
     return torch.optim.AdamW(groups, lr=lr, betas=betas, **fused)
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, model: WanModel, grad_clip: float) -> None:
+    """One update: fresh gradients of ``loss``, norm clipped to ``grad_clip``, then the optimiser's step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+
+
 def synchronize(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -255,10 +263,7 @@ def train_teacher(
             group["lr"] = lr_at(step, settings.steps, settings.lr, settings.warmup)
         with autocast(device):
             loss = flow_matching_loss(model, x0, context, noise, sigma, setup.mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, model, settings.grad_clip)
         decay = min(settings.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - decay)

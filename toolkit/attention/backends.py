@@ -8,10 +8,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
 from torch import nn
 
+from toolkit.attention.monarch import monarch_backend
 from toolkit.errors import ToolkitError
-from toolkit.models.seam import seams
+from toolkit.models.seam import Backend, set_backend, use_backend
 
 
 def parse_attention(spec: str) -> tuple[str, tuple[int, int, int] | None]:
@@ -31,19 +36,25 @@ def parse_attention(spec: str) -> tuple[str, tuple[int, int, int] | None]:
     raise ToolkitError(f"--attention {spec!r}: expected 'dense', 'monarch' or 'monarch:F,H,W' (e.g. monarch:1,2,1)")
 
 
-def install_backend(model: nn.Module, spec: str) -> None:
-    """Set the backend of every seam of ``model`` according to ``spec`` (see module docstring)."""
+def backend_for(spec: str, device: torch.device | str = "cpu") -> Backend | None:
+    """The seam backend an ``--attention`` spec names, for a model on ``device`` (``None``: dense)."""
     name, tiling = parse_attention(spec)
-    backend = None
-    if name == "monarch":
-        device = next(model.parameters()).device
-        if device.type == "cuda":
-            from toolkit.kernels import monarch_backend_triton
+    if name == "dense":
+        return None
+    if torch.device(device).type == "cuda":
+        from toolkit.kernels import monarch_backend_triton  # needs Triton: imported only where it runs
 
-            backend = monarch_backend_triton(tiling)
-        else:
-            from toolkit.attention.monarch import monarch_backend
+        return monarch_backend_triton(tiling)
+    return monarch_backend(tiling)
 
-            backend = monarch_backend(tiling)
-    for seam in seams(model):
-        seam.backend = backend
+
+def set_attention(model: nn.Module, spec: str) -> None:
+    """Every seam of ``model`` computes attention as ``spec`` says, from now on."""
+    set_backend(model, backend_for(spec, next(model.parameters()).device))
+
+
+@contextmanager
+def use_attention(model: nn.Module, spec: str) -> Iterator[nn.Module]:
+    """Every seam of ``model`` computes attention as ``spec`` says inside the block; as before after it."""
+    with use_backend(model, backend_for(spec, next(model.parameters()).device)):
+        yield model
