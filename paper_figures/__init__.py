@@ -6,7 +6,9 @@
 
 Figures only plot Datasets returned by the analyses (``toolkit.analysis.periodic/topk/monarch``), which run on
 demand and are cached as ``analysis_*.nc`` in the output folder (``results.py``). ``manifest.json`` records the
-input file's SHA-256, the toolkit version, the resolved settings and every file written.
+input file's SHA-256, the toolkit version, the resolved settings and every file written. Figures the capture
+cannot make are skipped, one line each naming the capture option that would enable it (and listed under
+``skipped``); only when no asked figure can be made is the run refused.
 
 Modules (each: ``NAME``, ``TITLE``, ``check``, ``data``, ``plot``; see ``common.py``):
 ``fig1_mse_sparsity`` (Fig. 1), ``fig2_structure`` (Fig. 2), ``coverage``, ``alignment``, ``kernel_tables``,
@@ -83,7 +85,8 @@ def make_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, se
                  *, log=print, progress: bool = True, plotted: dict | None = None) -> dict[str, Any]:
     """Make the selected figures of one capture into ``out_dir``; returns the manifest (also written as
     ``manifest.json``). Every figure's requirements are checked before any analysis runs. ``plotted``, if given,
-    receives each figure's plotted arrays (``{NAME: {label: array}}``) for checks against the analyses."""
+    receives each figure's plotted arrays (``{NAME: {label: array}}``) for checks against the analyses. A figure
+    this capture cannot make is skipped with one logged line naming the capture option that would enable it."""
     from toolkit.paper_figures.results import ResultCache
 
     from toolkit.capture import open_capture
@@ -112,12 +115,24 @@ def make_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, se
         sha = file_sha256(cap.path, cache=False)
         results = ResultCache(cap, out, sha, log=log, progress=progress, device=settings.device)
         ctx = Context(cap, results, settings, step, chunk, pairs, log)
-        modules = {n: figure_module(n) for n in names}
-        for module in modules.values():  # refuse before spending any time
-            module.check(ctx)
+        modules, skipped = {}, {}
+        for n in names:  # check every figure before spending any time; skip those this capture cannot make
+            module = figure_module(n)
+            try:
+                module.check(ctx)
+            except ToolkitError as e:
+                skipped[module.NAME] = str(e)
+            else:
+                modules[n] = module
+        if not modules:
+            if len(skipped) == 1:
+                raise ToolkitError(next(iter(skipped.values())))
+            raise ToolkitError(f"no figure can be made from {cap.path}: " + "; ".join(skipped.values()))
         out.mkdir(parents=True, exist_ok=True)
         log(f"figures of {cap.path} -> {out}/ (step {step}, chunk {chunk}, pairs "
             f"{', '.join(f'L{a}H{b}' for a, b in pairs)})")
+        for name, reason in skipped.items():
+            log(f"skipped {name}: {reason}")
         made = {}
         for i, module in enumerate(modules.values(), 1):
             log(f"[{i}/{len(modules)}] {module.NAME}: {module.TITLE}")
@@ -136,6 +151,7 @@ def make_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, se
             "settings": {**settings.to_dict(), "figures": names, "step": step, "chunk": chunk,
                          "pairs": [list(p) for p in pairs]},
             "figures": made,
+            "skipped": skipped,
             "analyses": results.used,
         }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str) + "\n")

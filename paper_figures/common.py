@@ -82,7 +82,21 @@ def require_all_queries(cap, figure: str) -> None:
                            f"'{spec}' ({len(cap.queries)} of {cap.layout.num_tokens}): capture with --queries all")
 
 
+def require_in_model(cap, figure: str, *, layers=(), heads=()) -> None:
+    """Layers/heads the model does not have cannot be captured: say so (and what it has) instead of suggesting a
+    capture option that would be refused."""
+    n_layers, n_heads = cap.layout.num_layers, cap.layout.num_heads
+    bad_layers = sorted(x for x in set(layers) if not 0 <= x < n_layers)
+    bad_heads = sorted(x for x in set(heads) if not 0 <= x < n_heads)
+    if bad_layers or bad_heads:
+        what = "; ".join(x for x in (
+            f"layers {bad_layers} but the model has {n_layers} (0-{n_layers - 1})" if bad_layers else "",
+            f"heads {bad_heads} but the model has {n_heads} (0-{n_heads - 1})" if bad_heads else "") if x)
+        raise ToolkitError(f"figure '{figure}' asks for {what}: choose --pairs/--layers/--heads among them")
+
+
 def require_records(cap, figure: str, *, layers, heads=(), step: int, chunk: int) -> None:
+    require_in_model(cap, figure, layers=layers, heads=heads)
     missing_layers = sorted(set(layers) - set(cap.layers))
     missing_heads = sorted(set(heads) - set(cap.heads))
     if missing_layers or missing_heads:

@@ -5,6 +5,10 @@ Monarch points are the ``fh,w`` tilings of ``toolkit.analysis.monarch`` at their
 1 − (b1+b2)/(b1·b2); top-k is ``toolkit.analysis.topk``'s renormalised variant (the paper's baseline) at its
 sparsity levels. MSE is per map entry (the paper's mean/sum convention is unconfirmed: ``docs/metrics.md``
 "What the paper leaves unconfirmed").
+
+Each Monarch point is labelled with its (f, h, w) tiling; the y axis is logarithmic when the plotted positive
+MSEs span more than ``LOG_RANGE`` (zero MSEs, e.g. top-k at low sparsity, then fall off the axis); with the
+default pairs on a model other than Self-Forcing the title names the head standing in for the paper's L8H7.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from toolkit.paper_figures import style
-from toolkit.paper_figures.common import Context, require_all_queries, require_pair_records, require_stored
+from toolkit.paper_figures.common import PAPER_PAIRS, Context, require_all_queries, require_pair_records, require_stored
 from toolkit.paper_figures.results import record_of
 
 from toolkit.analysis.monarch import MonarchOptions
@@ -23,6 +27,7 @@ NAME = "fig1_mse_vs_sparsity"
 TITLE = "map MSE vs sparsity: Monarch (projection, variational T=1) vs oracle top-k"
 BASE = "fh,w"  # the paper's layout
 TOPK_VARIANT = "renormalized"
+LOG_RANGE = 100.0  # log-scale y when the plotted positive values span more than this factor
 
 
 def check(ctx: Context) -> None:
@@ -50,7 +55,34 @@ def data(ctx: Context) -> dict:
         m = record_of(mon, layer=layer, **ctx.focus).sel(head=head)
         t = record_of(topk, layer=layer, **ctx.focus).sel(head=head, variant=TOPK_VARIANT)
         pairs[(layer, head)] = dict(monarch=m, topk=t)
-    return dict(pairs=pairs, step=ctx.step, chunk=ctx.chunk)
+    return dict(pairs=pairs, step=ctx.step, chunk=ctx.chunk, stand_ins=stand_ins(ctx))
+
+
+def stand_ins(ctx: Context) -> dict:
+    """``{(layer, head): paper pair}`` for the default pairs that are analogues of the paper's L0H0 / L8H7 (pairs
+    chosen with --pairs, or the paper's own, stand in for nothing)."""
+    if ctx.settings.pairs is not None:
+        return {}
+    return {pair: paper for pair, paper in zip(ctx.pairs, PAPER_PAIRS) if tuple(pair) != paper}
+
+
+def pair_title(layer: int, head: int, stand_in: tuple[int, int] | None) -> str:
+    label = style.head_label(layer, head)
+    if stand_in is not None:
+        return f"{label} (stands in for the paper's {style.head_label(*stand_in)})"
+    return label
+
+
+def tiling_label(config: str) -> str:
+    """A config name without its base: ``fh,w (1,2,1)`` -> ``(1,2,1)``, the (f, h, w) tiling of the point."""
+    config = config.strip()
+    return config[len(BASE):].strip() if config.startswith(BASE) else config
+
+
+def needs_log(*arrays) -> bool:
+    values = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays])
+    values = values[np.isfinite(values) & (values > 0)]
+    return values.size > 1 and values.max() / values.min() > LOG_RANGE
 
 
 def monarch_curve(m, var: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -75,19 +107,37 @@ def plot(d: dict, out_dir: str | Path) -> dict:
         a.plot(xs, ys, marker="o", ms=3, color=style.COLORS["topk"], label="oracle top-k (renormalised)")
         plotted[f"{label}/topk_sparsity"], plotted[f"{label}/topk_mse"] = xs, ys
         m = r["monarch"]
-        x, y, _ = monarch_curve(m, "projection_map_mse")
-        a.plot(x, y, marker="s", ms=4, color=style.COLORS["monarch"], label="Monarch, exact projection")
+        x, y, names = monarch_curve(m, "projection_map_mse")
+        a.plot(x, y, marker="s", ms=4, color=style.COLORS["monarch"],
+               label="Monarch, exact projection\n(labels: f,h,w tiling)")
         plotted[f"{label}/monarch_sparsity"], plotted[f"{label}/projection_mse"] = x, y
+        tilings = [tiling_label(n) for n in names]
+        plotted[f"{label}/monarch_tiling"] = tilings
+        series = [ys, y]
         var = m["variational_map_mse"].sel(iters=1) if "variational_map_mse" in m else None
         if var is not None:
-            x, y, _ = monarch_curve(m.assign(variational_t1=var), "variational_t1")
-            a.plot(x, y, marker="^", ms=4, ls="--", color=style.COLORS["variational"],
+            _, yv, _ = monarch_curve(m.assign(variational_t1=var), "variational_t1")
+            a.plot(x, yv, marker="^", ms=4, ls="--", color=style.COLORS["variational"],
                    label="MonarchAttention, T = 1")
-            plotted[f"{label}/variational_mse"] = y
-        a.set(xlabel="sparsity (top-k: keys dropped; Monarch: 1 − (b1+b2)/(b1·b2))", ylabel="map MSE per entry",
-              title=f"{label}, step {d['step']}, chunk {d['chunk']}")
-        a.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+            plotted[f"{label}/variational_mse"] = yv
+            series.append(yv)
+        log_y = needs_log(*series)
+        if log_y:
+            a.set_yscale("log")
+        else:
+            a.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        plotted[f"{label}/yscale"] = a.get_yscale()
+        for i, (xi, yi, name) in enumerate(zip(x, y, tilings)):  # each Monarch point: its (f, h, w) tiling
+            if np.isfinite(yi) and (yi > 0 or not log_y):  # alternate below / above so neighbours stay legible
+                a.annotate(name, (xi, yi), textcoords="offset points", xytext=(2, -10 if i % 2 else 5), fontsize=6,
+                           ha="center", color=style.COLORS["monarch"])
+        title = (f"{pair_title(layer, head, d.get('stand_ins', {}).get((layer, head)))}\n"
+                 f"step {d['step']}, chunk {d['chunk']}")
+        a.set(xlabel="sparsity (top-k: keys dropped; Monarch: 1 − (b1+b2)/(b1·b2))",
+              ylabel="map MSE per entry" + (" (log)" if log_y else ""), title=title)
+        plotted[f"{label}/title"] = title
         a.xaxis.label.set_fontsize(7)
+        a.title.set_fontsize(8)
     ax[0][0].legend(fontsize=7)
     style.save(fig, out_dir, NAME)
     return plotted

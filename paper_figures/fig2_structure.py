@@ -76,6 +76,16 @@ def block_view(parts: list) -> np.ndarray:
     return fm
 
 
+def spike_threshold(focus) -> float:
+    """The focus record's A − D spike threshold: a variable when it differs between the stacked records, the
+    file attribute when it is the same for all (e.g. one bidirectional record, or equal key counts)."""
+    if "spike_threshold" in focus.variables:
+        return float(focus["spike_threshold"])
+    if "spike_threshold" in focus.attrs:
+        return float(focus.attrs["spike_threshold"])
+    raise KeyError("the periodic analysis result has no spike_threshold (variable or attribute)")
+
+
 @style.use_style
 def plot(d: dict, out_dir: str | Path) -> dict:
     layer, head = d["layer"], d["head"]
@@ -110,10 +120,11 @@ def plot(d: dict, out_dir: str | Path) -> dict:
         rows.extend([int(q_tok[qi] % tpf)] * len(hit))
         cols.extend((hit % tpf).tolist())
     rows, cols = np.asarray(rows, dtype=int), np.asarray(cols, dtype=int)
+    thr = spike_threshold(focus)
+    spike_label = f"residual spikes (A − D > {thr:.2g})"
     if rows.size:
-        thr = float(focus["spike_threshold"]) if "spike_threshold" in focus.variables else float("nan")
         b.scatter(cols, rows, s=14, marker="o", facecolors="none", edgecolors=style.COLORS["spike"], linewidths=0.8,
-                  label=f"residual spikes (A − D > {thr:.2g})")
+                  label=spike_label)
         b.legend(loc="upper right", framealpha=0.8)
 
     d_h, d_w, d_f = focus["d_h"], focus["d_w"], focus["d_f"]
@@ -128,5 +139,6 @@ def plot(d: dict, out_dir: str | Path) -> dict:
     e.text(0.02, 0.98, f"map R² {float(focus['map_r2']):.2f}", transform=e.transAxes, fontsize=7, va="top",
            bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
     style.save(fig, out_dir, NAME)
-    return {"frame_mass": fm, "tile": p, "spike_rows": rows, "spike_cols": cols, "d_h": d_h.values,
+    return {"frame_mass": fm, "tile": p, "spike_rows": rows, "spike_cols": cols, "spike_threshold": thr,
+            "spike_label": spike_label, "d_h": d_h.values,
             "d_w": d_w.values, "d_f": d_f.values}

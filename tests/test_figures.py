@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from toolkit.paper_figures import FIGURES, FigureSettings, figure_module, make_figures
 
 from toolkit import __version__
@@ -293,3 +294,70 @@ def test_cli_makes_figures_reusing_a_cached_analysis(figs, run_h5, tmp_path, cap
     m = json.loads((out / "manifest.json").read_text())
     assert m["settings"]["pairs"] == [[1, 1]] and set(m["figures"]) == {"spectra", "head_types"}
     assert all((out / f).stat().st_size > 0 for entry in m["figures"].values() for f in entry["files"])
+
+
+# issue 14, item 5 -------------------------------------------------------------------------------------------------
+
+
+def test_fig2_reads_a_constant_spike_threshold_from_the_file_attribute(model, tmp_path):
+    """A bidirectional capture: every record has the same keys, so the periodic analysis keeps `spike_threshold`
+    as a file attribute; Fig. 2 must print that number, not "A − D > nan"."""
+    from toolkit.models.sampling import shift_sigma, wan_sample
+
+    noise = torch.randn(NOISE_SHAPE, generator=torch.Generator().manual_seed(1))
+    context = bundled.encode_prompt("2 sprites: red circle, blue square; pan left")
+    sig = shift_sigma(torch.linspace(1.0, 0.0, 3, dtype=torch.float64), 5.0)
+    layout = RunLayout.bidirectional(model.cfg, model.grid_size(noise), (sig[:-1] * 1000).tolist())
+    path = tmp_path / "bidi.h5"
+    with capture(model, Selection(), str(path), layout=layout, progress=False, provenance={"model": "bundled"}):
+        wan_sample(model, noise, context, steps=2, guidance_scale=1.0, solver="euler")
+    plotted: dict = {}
+    out = tmp_path / "f"
+    make_figures(path, out, FigureSettings(figures=("fig2",)), log=lambda *a: None, progress=False, plotted=plotted)
+    per = xr.open_dataset(out / "analysis_periodic.nc")
+    assert "spike_threshold" not in per.variables  # constant over the records: an attribute
+    p = plotted["fig2_structure"]
+    assert p["spike_threshold"] == pytest.approx(per.attrs["spike_threshold"]) and np.isfinite(p["spike_threshold"])
+    assert "nan" not in p["spike_label"]
+    per.close()
+
+
+def test_figures_skips_what_a_random_query_capture_cannot_make(model, tmp_path, capsys):
+    path = record_run(model, tmp_path / "random.h5", Selection(queries="random:16", steps="3",
+                                                                   store=("q", "k", "lse")))
+    out = tmp_path / "f"
+    assert main(["figures", path, "--out", str(out), "--layers", "0,1"]) == 0
+    log = capsys.readouterr().out
+    skipped = [line for line in log.splitlines() if line.startswith("skipped ")]
+    needs_all = {figure_module(n).NAME for n in ("fig1", "fig2", "alignment")}
+    assert len(skipped) == len(needs_all)  # one line per figure that needs every query
+    for name in needs_all:
+        (line,) = [x for x in skipped if x.startswith(f"skipped {name}:")]
+        assert "--queries all" in line
+        assert not list(out.glob(f"{name}.*"))
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["skipped"]) == needs_all
+    made = {figure_module(n).NAME for n in ("coverage", "offsets", "spectra", "head-types")}
+    assert set(m["figures"]) == made
+    for name in made:
+        assert (out / f"{name}.png").stat().st_size > 5000
+
+
+def test_refusal_suggests_only_heads_and_layers_the_model_has(run_h5, tmp_path, capsys):
+    err = refusal([run_h5, "--out", str(tmp_path / "f"), "--figures", "fig1", "--pairs", "0:7"], capsys)
+    assert "--heads 0,1,7" not in err and "[7]" in err and "2 (0-1)" in err
+
+
+def test_fig1_titles_the_stand_in_head_labels_tilings_and_scales_y(figs):
+    from toolkit.paper_figures.fig1_mse_sparsity import LOG_RANGE, needs_log
+
+    p = figs["plotted"]["fig1_mse_vs_sparsity"]
+    assert "stands in for the paper's L8H7" in p["L0H1/title"]  # default pairs on a 2 × 2 model: L0H0, L0H1
+    assert "stands in" not in p["L0H0/title"]
+    assert "(1,1,1)" in p["L0H1/monarch_tiling"] and len(p["L0H1/monarch_tiling"]) == len(p["L0H1/projection_mse"])
+    for head in (0, 1):
+        values = np.concatenate([p[f"L0H{head}/{k}"] for k in ("topk_mse", "projection_mse", "variational_mse")])
+        values = values[np.isfinite(values) & (values > 0)]
+        wide = values.max() / values.min() > LOG_RANGE
+        assert p[f"L0H{head}/yscale"] == ("log" if wide else "linear")
+    assert needs_log([1e-6, 1e-3]) and not needs_log([1e-4, 5e-3]) and not needs_log([0.0, 1e-3])

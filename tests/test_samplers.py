@@ -1,5 +1,6 @@
 """Wan's UniPC sampler against the exact flow-matching ODE solution of a Gaussian data distribution."""
 
+import numpy as np
 import torch
 
 from toolkit.models.sampling import UniPC, wan_sample, wan_sigmas
@@ -53,8 +54,40 @@ def run(steps, solver, seed=0):
 def test_schedule_matches_wan_defaults():
     sig = wan_sigmas(50, 5.0)
     assert len(sig) == 51 and sig[-1] == 0
-    assert abs(float(sig[0]) - 5 * 0.999 / (1 + 4 * 0.999)) < 1e-12
+    assert abs(float(sig[0]) - 5 * 0.999 / (1 + 4 * 0.999)) < 1e-7  # float32 values, from float32(0.999)
     assert torch.all(sig[1:] < sig[:-1])
+
+
+def _wan_reference_schedule(steps: int, shift: float) -> tuple[list[int], np.ndarray]:
+    """Wan2.1's FlowUniPCMultistepScheduler(num_train_timesteps=1000, shift=1).set_timesteps(steps, shift=shift),
+    written out step by step from its published algorithm: a float32 training table 1 − linspace(1, 1/1000)[::-1],
+    σ_max = its first entry, np.linspace(σ_max, σ_min, steps + 1)[:-1], the shift in float64, timesteps
+    σ·1000 cast to int64, sigmas (with a final 0) cast to float32."""
+    alphas = np.linspace(1, 1 / 1000, 1000)[::-1].copy()
+    table = torch.from_numpy(1.0 - alphas).to(torch.float32)
+    sigma_max, sigma_min = table[0].item(), table[-1].item()
+    sigmas = np.linspace(sigma_max, sigma_min, steps + 1).copy()[:-1]
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    timesteps = torch.from_numpy(sigmas * 1000).to(torch.int64).tolist()
+    return timesteps, np.concatenate([sigmas, [0]]).astype(np.float32)
+
+
+def test_wan_schedule_equals_wans_scheduler_over_steps_and_shifts():
+    """Every (steps, shift) of a sweep: the integer timesteps the model sees and the solver's sigmas are Wan's,
+    exactly. (With σ_max = 0.999 in float64 the timesteps differed by one in 27 of these combinations, e.g. 3
+    steps at shift 1: 665 where Wan has 666.)"""
+    from toolkit.models.sampling import wan_model_timesteps
+
+    differs_before = 0
+    for steps in range(1, 101):
+        for shift in (1.0, 2.0, 3.0, 5.0, 8.0, 10.0, 12.0, 16.0, 17.0, 0.5, 7.5):
+            timesteps, sigmas = _wan_reference_schedule(steps, shift)
+            assert wan_model_timesteps(steps, shift) == [float(t) for t in timesteps], (steps, shift)
+            assert np.array_equal(wan_sigmas(steps, shift).numpy(), sigmas.astype(np.float64)), (steps, shift)
+            old = torch.linspace(0.999, 0.0, steps + 1, dtype=torch.float64)[:-1]
+            old = [float(int(x)) for x in (1000 * shift * old / (1 + (shift - 1) * old))]
+            differs_before += old != [float(t) for t in timesteps]
+    assert differs_before > 0  # the sweep covers the cases the float64 σ_max got wrong
 
 
 def test_unipc_beats_euler_and_converges():

@@ -12,11 +12,13 @@ prompt, conditioning, clip shape, sampler, output) is read from the model's ``re
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from toolkit._version import __version__
@@ -26,7 +28,7 @@ from toolkit.errors import ToolkitError
 from toolkit.models import registry, text_encoder
 from toolkit.models.bundled import encode_prompt, save_gif, save_strip, to_pixels
 from toolkit.models.layout import RunLayout
-from toolkit.models.sampling import Sampler, sampler_from
+from toolkit.models.sampling import Sampler, official_noise, sampler_from
 from toolkit.models.vae import decode_to_mp4
 
 # Wan2.1's standard negative prompt (wan/configs/shared_config.py), used for classifier-free guidance.
@@ -37,6 +39,7 @@ WAN_NEGATIVE_PROMPT = (
 )
 
 
+NOISE_MODES = ("toolkit", "official")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -73,6 +76,7 @@ class Run:
             "prompt": self.prompt,
             "seed": self.seed,
             "attention": self.attention,
+            "noise": self.extra.get("noise", "toolkit"),
             "device": str(self.device),
             "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "",
             "compute_dtype": str(self.model.dtype).removeprefix("torch."),
@@ -105,8 +109,17 @@ def prepare_run(
     device: str = "auto",
     dtype: str = "auto",
     attention: str = "dense",
+    noise: str = "toolkit",
 ) -> Run:
-    """Find and load the model, encode the prompt, draw the initial noise from ``seed``."""
+    """Find and load the model, encode the prompt, draw the initial noise from ``seed``.
+
+    ``noise``: ``"toolkit"`` (default) draws float32 ``[b c f h w]`` noise from a generator of its own, seeded with
+    ``seed`` on the run's device, and re-noises from it, independent of any global random state. ``"official"``
+    draws as the released Self-Forcing code does after ``set_seed(seed)``: the global generators seeded, the
+    initial noise ``[b f c h w]`` in the model's dtype, the re-noising noise ``[(b f) c h w]`` from the global
+    generator — so a capture corresponds to the video the official code makes for the same seed on the same GPU."""
+    if noise not in NOISE_MODES:
+        raise ToolkitError(f"--noise {noise!r}: choose {' or '.join(NOISE_MODES)}")
     spec = registry.get_spec(model)  # unknown names fail here, before anything loads
     dev = resolve_device(device)
     prompt = prompt or spec.default_prompt
@@ -122,14 +135,22 @@ def prepare_run(
         negative = condition(spec, WAN_NEGATIVE_PROMPT, prompt_embeds=None, device=dev).to(net.dtype)
     g = torch.Generator(dev).manual_seed(seed)
     shape = (1, *spec.latent_shape(net.cfg))
-    noise = torch.randn(shape, generator=g, device=dev, dtype=torch.float32).to(net.dtype)
-    return Run(net, spec, info, prompt, seed, context, negative, noise, sampler, dev, attention, {"generator": g})
+    if noise == "official":
+        random.seed(seed)  # Self-Forcing's set_seed: every global generator
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        initial = official_noise(shape, net.dtype, dev)
+    else:
+        initial = torch.randn(shape, generator=g, device=dev, dtype=torch.float32).to(net.dtype)
+    return Run(net, spec, info, prompt, seed, context, negative, initial, sampler, dev, attention,
+               {"generator": g, "noise": noise})
 
 
 def sample(run: Run, *, progress: bool = True, on_chunk: Callable[[int, torch.Tensor], None] | None = None):
     """Run the model's own sampler; returns latents (pixels in [-1, 1] for a model without an autoencoder)."""
     return run.sampler.sample(run.model, run.noise, run.context, negative_context=run.negative_context,
-                              generator=run.extra["generator"], progress=progress, on_chunk=on_chunk)
+                              generator=run.extra["generator"], noise_layout=run.extra.get("noise", "toolkit"),
+                              progress=progress, on_chunk=on_chunk)
 
 
 def save_outputs(run: Run, latents: torch.Tensor, out_dir: str | Path) -> list[Path]:

@@ -32,7 +32,14 @@ import xarray as xr
 from toolkit.analysis import topk
 from toolkit.analysis.records import RecordSelection, RecordTensors
 from toolkit.attention import exact
-from toolkit.attention.monarch import MonarchErrors, allowed_tiles, exact_projection, map_errors, variational
+from toolkit.attention.monarch import (
+    MonarchErrors,
+    allowed_tiles,
+    check_r_step,
+    exact_projection,
+    map_errors,
+    variational,
+)
 from toolkit.errors import ToolkitError
 from toolkit.grid import ALIGNED_BASES, MonarchLayout, TokenGrid, as_grid
 
@@ -175,7 +182,11 @@ class MonarchOptions:
     ``iters``: variational iterations T = 1..iters (0: skip); ``projection`` / ``topk_baseline``: compute the
     exact projection / the oracle top-k baseline; ``block_causal_frames``: block-causal mask of that many frames
     (needs the record's lse); ``rank1``: rank-1 solver of the projection (``auto``, ``eigh``, ``power``);
-    ``compare``: how variational maps are compared with the exact map (``auto``, ``reference``, ``triton``)."""
+    ``compare``: how variational maps are compared with the exact map (``auto``, ``reference``, ``triton``);
+    ``r_step``: the variational R-step for T > 1 — ``exact`` (the exact maximiser, objective monotone) or
+    ``monarchrt`` (the MonarchRT authors' update, logits scaled by min(1/(c_R + 1e-6), 1e4), to reproduce their
+    T = 10/20 numbers; ``toolkit.attention.monarch``). Identical at T = 1; recorded as the result's ``r_step``
+    attribute."""
 
     layouts: tuple[str | MonarchLayout, ...] | None = None
     iters: int = 3
@@ -184,10 +195,12 @@ class MonarchOptions:
     block_causal_frames: int | None = None
     rank1: str = "auto"
     compare: str = "auto"
+    r_step: str = "exact"
 
     def __post_init__(self) -> None:
         if self.layouts is not None:
             object.__setattr__(self, "layouts", tuple(self.layouts))
+        check_r_step(self.r_step)
 
 
 def _resolve(specs: Sequence[str | MonarchLayout], grid, query_frames, key_frames) -> list[MonarchLayout]:
@@ -256,7 +269,8 @@ def analyze_record(tensors: RecordTensors, options: MonarchOptions | None = None
                     raise ToolkitError(f"the Triton comparison does not support layout {lay.name} with head dim "
                                        f"{qh.shape[-1]} {qh.dtype} on {qh.device}; use compare='reference'")
                 trace = _variational_trace(qh, kh, vh, lay, qf, kf, iters, lse=lh, scale=scale,
-                                           block_causal_frames=block_causal_frames, use_kernel=use_kernel)
+                                           block_causal_frames=block_causal_frames, use_kernel=use_kernel,
+                                           r_step=o.r_step)
                 for t, (err, kl) in enumerate(trace):
                     _store(res, "variational", err, (h, c, t))
                     res["variational_kl"][h, c, t] = float(kl)
@@ -277,9 +291,12 @@ def analyze_record(tensors: RecordTensors, options: MonarchOptions | None = None
         grid=list(grid), query_start_frame=qf[0], query_end_frame=qf[1], key_start_frame=kf[0],
         key_end_frame=kf[1], scale=float(scale),
         block_causal_frames=-1 if block_causal_frames is None else int(block_causal_frames),
-        n_queries=int(q.shape[-2]), n_keys=int(k.shape[-2]), rank1_method=method,
+        n_queries=int(q.shape[-2]), n_keys=int(k.shape[-2]), rank1_method=method, r_step=o.r_step,
         description="Monarch approximation errors vs the exact attention map (toolkit.analysis.monarch)",
     )
+    for name in ds.data_vars:
+        if name.startswith("variational_"):
+            ds[name].attrs["r_step"] = o.r_step
     return ds
 
 
@@ -310,9 +327,12 @@ def _kernel_map_errors(q, k, v, factors, *, block_causal_frames, scale) -> Monar
 
 
 def _variational_trace(q, k, v, layout, query_frames, key_frames, iters, *, lse, scale, block_causal_frames,
-                       use_kernel=False):
+                       use_kernel=False, r_step="exact"):
     """(errors, mean KL(M_row ‖ P_row)) after each of ``iters`` iterations (one run: iteration t of a T-run is the
-    t-run). ``use_kernel``: errors from the streaming Triton comparison instead of ``map_errors``."""
+    t-run). ``use_kernel``: errors from the streaming Triton comparison instead of ``map_errors``.
+
+    ``r_step="monarchrt"``: iterations t ≥ 2 of one run are the authors' t-runs too, but their T = 1 is the exact
+    one-step op while a T > 1 run scales its first R-step by 1/(1 + 1e-6), so T = 1 comes from its own run."""
     common = dict(block_causal_frames=block_causal_frames, scale=scale)
     trace = []
 
@@ -324,8 +344,15 @@ def _variational_trace(q, k, v, layout, query_frames, key_frames, iters, *, lse,
             err = map_errors(q, k, fac, lse=lse, v=v, **common)
         trace.append((err, kl))
 
-    variational(q, k, v if v is not None else k[..., :1], layout, query_frames=query_frames, key_frames=key_frames,
-                block_causal_frames=block_causal_frames, iters=iters, scale=scale, on_iteration=on_iteration)
+    run = dict(query_frames=query_frames, key_frames=key_frames, block_causal_frames=block_causal_frames,
+               scale=scale, on_iteration=on_iteration)
+    v_or_k = v if v is not None else k[..., :1]
+    if r_step == "monarchrt" and iters > 1:
+        variational(q, k, v_or_k, layout, iters=1, **run)  # the authors' T = 1: the exact one-step op
+        variational(q, k, v_or_k, layout, iters=iters, r_step=r_step, **run)
+        del trace[1]  # iteration 1 of the T > 1 run
+    else:
+        variational(q, k, v_or_k, layout, iters=iters, r_step=r_step, **run)
     return trace
 
 

@@ -25,10 +25,23 @@ k̃ = √scale·k:
     refine  q̄[a,f,k,j] = Σ_i L[a,j,i,f,k] q̃[a,i,j] / Σ_i L[a,j,i,f,k]            (before each further round)
     output  Y[a,f,j,k] = Σ_l R v[f,k,l],   out[a,i,j] = Σ_(f,k) L[a,j,i,f,k] Y[a,f,j,k]
 
-T iterations = T R-steps and T L-steps (T = 1 is the paper's default and the kernels' only path). The refine step
-is the exact maximiser α_R / c_R; the paper's PyTorch path multiplies by min(1/(c_R + 1e-6), 1e4) instead, which
-is close on ordinary inputs but far off once the 1e4 clamp is active (sharp rows), and is not used here (it would
-break exact monotonicity of the objective; ``docs/monarch.md`` "MonarchAttention (variational)").
+T iterations = T R-steps and T L-steps (T = 1 is the paper's default and the kernels' only path).
+
+``r_step`` (:data:`R_STEPS`) picks the R-step for T > 1. ``"exact"`` (default): the refine step is the exact
+maximiser q̄ = α_R / c_R (α_R = Σ_i L q̃, c_R = Σ_i L), so the objective never decreases. ``"monarchrt"``: the
+MonarchRT authors' update for T > 1 (their PyTorch path ``monarch_attn_slow``, the only one they have for T > 1,
+used for their T = 8/10/20 runs): R logits (α_R · k̃) · min(1/(c_R + 1e-6), 1e4), with c_R = 1 at the first R-step
+(so even that one is scaled by 1/(1 + 1e-6)). At T = 1 their ``monarch_attn`` runs the one-step op instead, which
+is the exact update, so ``"monarchrt"`` at T = 1 is identical to ``"exact"``. The two are *not* close in general:
+the 1e-6 shifts the temperature by ~1e-6 relative on ordinary inputs, but once the 1e4 clamp is active
+(c_R < 1e-4: query rows that put almost no L-mass on a key row, i.e. sharp maps) the R-logits are scaled down by
+up to orders of magnitude. Measured in float64 (grid 6×6×10, d = 8, scale d^-1/2, random q, k of std s;
+relative L2 of the output per head, worst of 2 heads × 2 seeds, layouts fh,w (1,1,1), (1,2,1) and contiguous
+4×15): s = 1–1.5 gives 4e-6–2e-5 at T = 2–3 and up to 5.4e-4 at T = 10; sharp inputs s = 3 give 0.21–0.32 at
+T = 2–3 (0.35–0.46 at T = 10) and s = 5 give 0.44–0.61 (``tests/test_monarch_r_step.py``,
+``test_monarchrt_r_step_on_sharp_inputs``).
+The clamped update is not an exact maximiser, so its objective need not be monotone (``docs/monarch.md``
+"MonarchAttention (variational)").
 
 Modes (``query_frames``, ``key_frames``, ``block_causal_frames``):
 * bidirectional clip: queries and keys are the whole clip (the defaults);
@@ -57,6 +70,19 @@ from toolkit.grid import MonarchLayout, TokenGrid, as_grid
 
 # Entries of one exact probability block in the tile loops.
 DEFAULT_BLOCK_ENTRIES = exact.DEFAULT_BLOCK_ENTRIES
+
+# R-step variants of the variational iteration (module docstring): the exact maximiser, or the MonarchRT authors'
+# clamped update with these two constants (their ``monarch_attn_slow``: (1 / (c_R + eps)).clamp_max(max_inv)).
+R_STEPS = ("exact", "monarchrt")
+MONARCHRT_EPS = 1e-6
+MONARCHRT_MAX_INV = 1e4
+
+
+def check_r_step(r_step: str) -> str:
+    """``r_step`` if it is one of :data:`R_STEPS`, else a `ToolkitError`."""
+    if r_step not in R_STEPS:
+        raise ToolkitError(f"r_step must be one of {', '.join(R_STEPS)}, not {r_step!r}")
+    return r_step
 
 
 @dataclass
@@ -181,11 +207,16 @@ def variational(
     iters: int = 1,
     scale: float | None = None,
     on_iteration: Callable[[MonarchFactors], None] | None = None,
+    r_step: str = "exact",
 ) -> tuple[torch.Tensor, MonarchFactors]:
     """Variational MonarchAttention on head-leading tensors: q ``... i d``, k/v ``... j d`` -> (out ``... i d``,
-    factors). ``on_iteration`` is called with the factors after every L-step (for objective traces)."""
+    factors). ``on_iteration`` is called with the factors after every L-step (for objective traces).
+    ``r_step``: ``"exact"`` or ``"monarchrt"`` (the authors' clamped update for iters > 1; module docstring). With
+    ``"monarchrt"`` and iters > 1, the factors after iteration 1 are those of the authors' T > 1 path (first R-step
+    scaled by 1/(1 + 1e-6)), not of their T = 1 op."""
     if iters < 1:
         raise ToolkitError("MonarchAttention needs iters >= 1")
+    clamped = check_r_step(r_step) == "monarchrt" and iters > 1  # the authors run the exact one-step op at T = 1
     qf, kf = _frames(query_frames, layout.grid), _frames(key_frames, layout.grid)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dt = exact.compute_dtype(q, k, v)
@@ -196,9 +227,14 @@ def variational(
     # q̄[a,f,k,j]: the query each R row is fitted to; initially the query with the same row index k
     q_bar = qt.unsqueeze(-4).expand(*qt.shape[:-3], n_key_tiles, *qt.shape[-3:])  # ... a f k j d
     hidden = ~allowed[:, None, None, :, None]  # broadcast to ... a j i f k
+    # monarchrt: q̄ holds α_R (unnormalised) and the logits are multiplied by min(1/(c_R + eps), max_inv); c_R = 1
+    r_scale = torch.tensor(1.0 / (1.0 + MONARCHRT_EPS), dtype=dt, device=q.device) if clamped else None
     for it in range(iters):
         # R-step
-        R = torch.softmax(torch.einsum("...afkjd,...fkld->...afkjl", q_bar, kt), dim=-1)
+        logits = torch.einsum("...afkjd,...fkld->...afkjl", q_bar, kt)
+        if r_scale is not None:
+            logits = logits * r_scale.unsqueeze(-1) if r_scale.dim() else logits * r_scale
+        R = torch.softmax(logits, dim=-1)
         # L-step
         alpha_l = torch.einsum("...afkjl,...fkld->...afjkd", R, kt)
         c_l = torch.special.xlogy(R, R).sum(-1)  # ... a f k j
@@ -212,7 +248,10 @@ def variational(
             # refine: q̄ = Σ_i L q̃ / Σ_i L (the closed-form R maximiser given L); zero mass -> q̄ = 0, uniform R
             alpha_r = torch.einsum("...ajifk,...aijd->...afkjd", L, qt)
             c_r = L.sum(-3).permute(*range(L.dim() - 5), -4, -2, -1, -3)  # ... a f k j
-            q_bar = alpha_r / c_r.clamp_min(torch.finfo(dt).tiny).unsqueeze(-1)
+            if clamped:  # the authors' update: α_R · k̃ scaled by min(1/(c_R + 1e-6), 1e4)
+                q_bar, r_scale = alpha_r, (1.0 / (c_r + MONARCHRT_EPS)).clamp_max(MONARCHRT_MAX_INV)
+            else:
+                q_bar = alpha_r / c_r.clamp_min(torch.finfo(dt).tiny).unsqueeze(-1)
     factors = MonarchFactors(L, R, layout, qf, kf, allowed)
     return factors.output(v.to(dt)), factors
 
@@ -231,17 +270,19 @@ def monarch_attention(
     scale: float | None = None,
     return_factors: bool = False,
     layout: MonarchLayout | None = None,
+    r_step: str = "exact",
 ) -> torch.Tensor | tuple[torch.Tensor, MonarchFactors]:
     """Seam-shaped MonarchAttention: q ``b i h d`` (tokens of ``query_frames``, raster order), k/v ``b j h d``
     (tokens of ``key_frames``) -> out ``b i h d`` in q's dtype.
 
     ``grid`` = (frames, height, width) of the whole clip; ``tiling`` = (f_tied, h_reduce, w_reduce) of the paper's
     ``fh,w`` base (or pass any ``layout``, e.g. another aligned base or a contiguous control). Factors are
-    head-leading: ``L: b h a j i f k``, ``R: b h a f k j l``."""
+    head-leading: ``L: b h a j i f k``, ``R: b h a f k j l``. ``r_step``: ``"exact"`` (default) or ``"monarchrt"``,
+    the authors' clamped R-step for iters > 1 (module docstring)."""
     lay = _resolve_layout(grid, tiling, layout)
     out, factors = variational(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), lay, query_frames=query_frames,
-        key_frames=key_frames, block_causal_frames=block_causal_frames, iters=iters, scale=scale,
+        key_frames=key_frames, block_causal_frames=block_causal_frames, iters=iters, scale=scale, r_step=r_step,
     )
     out = out.transpose(1, 2).to(q.dtype)
     return (out, factors) if return_factors else out
@@ -267,8 +308,9 @@ def monarch_backend(
     iters: int = 1,
     base: str = "fh,w",
     block_causal_frames: int = 3,
+    r_step: str = "exact",
 ) -> Callable:
-    """A seam backend ``fn(q, k, v, ctx)`` running :func:`monarch_attention` with this tiling.
+    """A seam backend ``fn(q, k, v, ctx)`` running :func:`monarch_attention` with this tiling (``r_step`` as there).
 
     Uses ctx.grid / query_frames / key_frames / scale; a ``ctx.attn_mask`` (no-cache training path) must be the
     ``block_causal_frames`` block-causal mask."""
@@ -282,10 +324,12 @@ def monarch_backend(
             causal = block_causal_frames
         return monarch_attention(
             q, k, v, grid, layout=layout, query_frames=ctx.query_frames, key_frames=ctx.key_frames,
-            block_causal_frames=causal, iters=iters, scale=ctx.scale,
+            block_causal_frames=causal, iters=iters, scale=ctx.scale, r_step=r_step,
         )
 
-    backend.__name__ = f"monarch_{base.replace(',', '_')}_{'_'.join(map(str, tiling))}_T{iters}"
+    check_r_step(r_step)
+    suffix = "" if r_step == "exact" else f"_{r_step}"
+    backend.__name__ = f"monarch_{base.replace(',', '_')}_{'_'.join(map(str, tiling))}_T{iters}{suffix}"
     return backend
 
 

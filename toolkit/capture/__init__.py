@@ -8,7 +8,8 @@
 
 Modules: ``selection`` (what to record, validated before the model loads), ``recorder`` (the seam hook and the
 ``capture`` context manager), ``store`` (file layout and the writer thread), ``reader`` (``open_capture``),
-``pooled`` (frame×frame and offset views), ``adapters`` (capture from other DiTs).
+``pooled`` (frame×frame and offset views), ``adapters`` (capture from other DiTs), ``xarray_backend``
+(``xarray.open_dataset(path, engine="toolkit")``: bf16 bits decoded).
 """
 
 from toolkit.capture.adapters import SDPAAdapter

@@ -6,6 +6,8 @@
     cap.rows(rec, head=0, queries=rec.query_tokens[:4])  # exact probability rows, labelled (query, key)
     cap.tile(rec, head=0, q_range=(t0, t1), k_range=(u0, u1))
     cap.pooled(rec)                                   # frame×frame mass and (Δt, Δh, Δw) profiles
+    cap.dataset                                       # lazy xarray view, bf16/float16 decoded to float32
+    cap.attended(rec)                                 # lazy q, lse and the attended k, v with token coordinates
 
 Attention probabilities are recomputed as ``exp(scale·q·k − lse)`` by ``toolkit.attention.exact`` on the GPU if
 one is present (else the CPU), one bounded tile at a time. A record's keys are reassembled from the per-step
@@ -243,10 +245,66 @@ class Capture:
 
     @cached_property
     def dataset(self):
-        """The whole file as a lazy xarray Dataset (h5netcdf engine, dask chunks = storage chunks)."""
+        """The whole file as a lazy xarray Dataset (the ``toolkit`` engine: h5netcdf with bf16 bits and float16
+        decoded to float32, so ``q``/``k``/``v`` equal ``Record.q()``/``k()``/``v()``; dask chunks = storage
+        chunks). ``k``/``v`` are indexed by the step that *wrote* each token: a record's keys are ``attended``."""
         import xarray as xr
 
-        return xr.open_dataset(self.path, engine="h5netcdf", chunks={})
+        from toolkit.capture.xarray_backend import ToolkitBackendEntrypoint
+
+        return xr.open_dataset(self.path, engine=ToolkitBackendEntrypoint, chunks={})
+
+    def attended(self, record, heads=None):
+        """Lazy view of exactly what ``record``'s queries attended, as an ``xarray.Dataset``: ``k`` and ``v``
+        (``head, key, dim``) over the attended keys — the clean-pass (``context_step``) K/V of the frames before the
+        record's chunk, then the chunk's own K/V at the record's step, read by reference as ``Record.k()`` does —
+        and the record's ``q`` (``head, query, dim``) and ``lse`` (``head, query``), whichever are stored.
+
+        Coordinates: ``key`` (clip raster index, equal to ``Record.key_tokens``), ``key_frame``, ``key_row``,
+        ``key_col``, ``key_step`` (the step each key was written at); ``query`` and ``query_frame``/``row``/``col``.
+        Values are float32 dask arrays equal to ``Record.k()``/``v()``/``q()``/``lse()``; probabilities are
+        ``exp(sm_scale · q·k − lse)`` and each row sums to 1. (``dataset.k.sel(step=s)`` is *not* what step ``s``
+        attended in a causal run: its earlier frames hold the K of their own step ``s``, not the clean pass.)"""
+        import xarray as xr
+
+        rec = self._as_record(record)
+        ds = self.dataset
+        pos = rec._head_positions(heads)
+        tpf = self.layout.tokens_per_frame
+        kf0, (f0, f1) = rec.key_frames[0], rec.query_frames
+        ctx = self.context_step
+        scalar = ["step", "timestep", "layer"]
+        out = {}
+        for name in ("k", "v"):
+            if name not in self.file:
+                continue
+            parts = []
+            if kf0 < f0:  # earlier chunks: their clean-pass slices
+                for c in range(self.layout.num_chunks):
+                    c0, c1 = self.layout.chunk_frames(c)
+                    if c1 > kf0 and c0 < f0:
+                        self.require_kv(ctx, c, rec.layer, name)
+                parts.append((ctx, ds[name].isel(step=self.step_index[ctx], layer=rec._l, head=pos,
+                                                 key=slice(kf0 * tpf, f0 * tpf))))
+            self.require_kv(rec.step, rec.chunk, rec.layer, name)
+            parts.append((rec.step, ds[name].isel(step=rec._s, layer=rec._l, head=pos,
+                                                  key=slice(f0 * tpf, f1 * tpf))))
+            parts = [p.drop_vars(scalar, errors="ignore").assign_coords(key_step=("key", np.full(p.sizes["key"], s)))
+                     for s, p in parts]
+            out[name] = xr.concat(parts, dim="key", coords="minimal", compat="override", join="exact")
+        for name in ("q", "lse"):
+            if name in self.file:
+                out[name] = ds[name].isel(step=rec._s, layer=rec._l, head=pos,
+                                          query=slice(rec._qa, rec._qb)).drop_vars(scalar, errors="ignore")
+        if not out:
+            raise ToolkitError(f"this capture stored none of q, k, v, lse (stored: {', '.join(self.stored)})")
+        result = xr.Dataset(out)
+        # token coordinates are small: materialised, so groupby(att.key_frame) and friends work
+        result = result.assign_coords({n: (c.dims, np.asarray(c.values), c.attrs) for n, c in result.coords.items()
+                                       if n not in result.indexes})
+        return result.assign_attrs({
+            "step": rec.step, "chunk": rec.chunk, "layer": rec.layer, "timestep": rec.timestep,
+            "is_clean": int(rec.is_clean), "sm_scale": rec.scale, "key_start_frame": kf0, "context_step": ctx})
 
     # -------------------------------------------------------------------------------------------- exact maps
     def _qk(self, rec: Record, head: int, device):

@@ -49,6 +49,18 @@ class Selection:
         return cls(store=("q", "k", "v", "lse", "maps", "pooled"), max_map_bytes=1 << 62)
 
 
+def index_range(part: str) -> range:
+    """One item of an index list: ``"7"`` or an inclusive range ``"3-5"``; ``ValueError`` otherwise."""
+    part = part.strip()
+    if "-" in part[1:]:
+        a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
+        lo, hi = int(a), int(b)
+        if hi < lo:
+            raise ValueError(part)
+        return range(lo, hi + 1)
+    return range(int(part), int(part) + 1)
+
+
 def parse_indices(spec: str | int | list, size: int, what: str, plural: str, aliases: dict | None = None) -> list:
     """``"all"``, ``"0,3,8-10"`` (inclusive ranges), an int or a list -> sorted unique ints in ``range(size)``."""
     valid = f"valid: 0-{size - 1}" if size > 1 else "valid: 0"
@@ -73,14 +85,7 @@ def parse_indices(spec: str | int | list, size: int, what: str, plural: str, ali
             out.add(aliases[part])
             continue
         try:
-            if "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
-                lo, hi = int(a), int(b)
-                if hi < lo:
-                    raise ValueError
-                vals = range(lo, hi + 1)
-            else:
-                vals = [int(part)]
+            vals = index_range(part)
         except ValueError:
             raise SelectionError(f"cannot parse {what} '{part}' ({valid}; ranges like 3-5)") from None
         for x in vals:

@@ -41,14 +41,15 @@ def index_list(text: str) -> list[int] | None:
     text = str(text).strip()
     if text == "all":
         return None
+    from toolkit.capture.selection import index_range  # torch only when a list is parsed: `--help` stays fast
+
     out: set[int] = set()
     try:
         for part in (p.strip() for p in text.split(",") if p.strip()):
-            lo, _, hi = part.partition("-")
-            lo_i, hi_i = int(lo), int(hi or lo)
-            if hi_i < lo_i or lo_i < 0:
-                raise ValueError
-            out.update(range(lo_i, hi_i + 1))
+            values = index_range(part)  # the capture selection's grammar; sizes are checked against the file later
+            if values.start < 0:
+                raise ValueError(part)
+            out.update(values)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not 'all' or a list like 0,3,8-10") from None
     if not out:
@@ -133,6 +134,7 @@ def add_periodic_arguments(parser: argparse.ArgumentParser) -> None:
 def add_monarch_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``toolkit analyze monarch`` (defaults from `toolkit.analysis.monarch.MonarchOptions`)."""
     from toolkit.analysis.monarch import MonarchOptions
+    from toolkit.attention.monarch import R_STEPS
 
     d = MonarchOptions()
     g = parser.add_argument_group("Monarch")
@@ -148,6 +150,12 @@ def add_monarch_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rank1", choices=("auto", "eigh", "power"), default=d.rank1,
                    help="rank-1 solver of the exact projection (auto = power: repeated squaring + power "
                         "iteration with an eigh fallback)")
+    g.add_argument("--r-step", choices=R_STEPS, default=d.r_step,
+                   help="variational R-step for T > 1: 'exact' (the exact maximiser; objective never decreases) "
+                        "or 'monarchrt' (the MonarchRT authors' update, R-logits scaled by "
+                        "min(1/(c_R + 1e-6), 1e4), to reproduce their T = 10/20 numbers; up to ~0.5 relative "
+                        "apart on sharp maps). Same at T = 1; stored as the result's r_step attribute (default "
+                        f"{d.r_step})")
 
 
 # name -> function adding the analysis' own options
@@ -189,7 +197,8 @@ def options_from_args(name: str, args: argparse.Namespace):
         from toolkit.analysis.monarch import MonarchOptions
 
         return MonarchOptions(layouts=tuple(args.layout) if args.layout else None, iters=args.iters,
-                              projection=not args.no_projection, topk_baseline=not args.no_topk, rank1=args.rank1)
+                              projection=not args.no_projection, topk_baseline=not args.no_topk, rank1=args.rank1,
+                              r_step=args.r_step)
     raise KeyError(name)
 
 

@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     r = prepare_run(args.model, prompt=args.prompt, prompt_embeds=args.prompt_embeds, seed=args.seed,
-                    checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, attention=args.attention)
+                    checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, attention=args.attention,
+                    noise=args.noise)
     if r.layout() != layout:  # a --checkpoint whose config differs from the registry's: check the plan again
         layout = r.layout()
         resolve(select, layout)

@@ -20,6 +20,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-embeds", metavar="FILE",
                    help="precomputed umT5 embeddings (safetensors / .pt, [L, 4096]); skips the text encoder")
     g.add_argument("--seed", type=int, default=0, help="seed of the initial and re-noising noise (default 0)")
+    g.add_argument("--noise", choices=("toolkit", "official"), default="toolkit",
+                   help="how noise is drawn: 'toolkit' (default) float32 [b c f h w] from a generator of the run's "
+                        "own, independent of global random state; 'official' as the released Self-Forcing code after "
+                        "set_seed(seed) ([b f c h w] in the model dtype, re-noise [(b f) c h w] from the global "
+                        "generator), so a seed gives the official code's video on the same GPU")
     g.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1 ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
@@ -51,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     parse_attention(args.attention)  # refuse a bad spec before loading anything
     t0 = time.perf_counter()
     r = prepare_run(args.model, prompt=args.prompt, prompt_embeds=args.prompt_embeds, seed=args.seed,
-                    checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, attention=args.attention)
+                    checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, attention=args.attention,
+                    noise=args.noise)
     latents = sample(r, progress=not args.quiet)
     paths = save_outputs(r, latents, args.out)
     if not args.quiet:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from toolkit.models.layout import RunLayout
@@ -43,6 +44,17 @@ def self_forcing_timesteps(
     return table[num_train_timesteps - torch.as_tensor(denoising_steps)]
 
 
+def official_noise(
+    shape: Sequence[int], dtype: torch.dtype, device: torch.device | str, *, merge_batch_and_frames: bool = False
+) -> torch.Tensor:
+    """Gaussian noise for a ``[b c f h w]`` tensor drawn as the released Self-Forcing pipeline draws it, from the
+    device's global generator: the initial noise as ``[b f c h w]``, the re-noising noise (``merge_batch_and_frames``)
+    as ``[(b f) c h w]``; returned in the toolkit's ``[b c f h w]`` layout."""
+    b, c, f, h, w = shape
+    drawn = (b * f, c, h, w) if merge_batch_and_frames else (b, f, c, h, w)
+    return torch.randn(drawn, dtype=dtype, device=device).view(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+
+
 def flow_to_x0(x_t: torch.Tensor, flow: torch.Tensor, timestep: float, num_train_timesteps: int = 1000) -> torch.Tensor:
     """x0 = x_t − σ·v in float64 (as Self-Forcing), returned in x_t's dtype."""
     sigma = timestep / num_train_timesteps
@@ -58,6 +70,7 @@ def self_forcing_rollout(
     timesteps: torch.Tensor | Sequence[float] | None = None,
     generator: torch.Generator | None = None,
     solver: str = "renoise",
+    noise_layout: str = "toolkit",
     exit_step: int | None = None,
     progress: bool = False,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
@@ -68,6 +81,11 @@ def self_forcing_rollout(
     ``solver``: ``"renoise"`` is Self-Forcing's loop (x0 re-noised to the next timestep with fresh noise from
     ``generator``); ``"euler"`` integrates the flow ODE deterministically (x += (σ' − σ)·v), the many-step sampler
     of a flow-matching teacher. Both end each chunk with the x0 predicted at the last timestep.
+
+    ``noise_layout``: how the re-noising noise is drawn. ``"toolkit"``: shaped like the chunk, ``[b c f h w]``, from
+    ``generator``; ``"official"``: as the released Self-Forcing pipeline, ``[(b f) c h w]`` in the chunk's dtype from
+    the global generator of its device (seed it with ``torch.manual_seed``), so a run seeded like the official one
+    draws the same numbers (``official_noise``).
 
     ``exit_step`` (training, Self-Forcing's stochastic truncation): every chunk stops at that step and returns its
     x0 prediction; that one forward per chunk runs with autograd on, everything else (earlier steps, clean passes)
@@ -114,7 +132,10 @@ def self_forcing_rollout(
                     if solver == "euler":
                         x = (x.double() + (sigma_next - sigma) * flow.double()).to(x.dtype)
                     else:
-                        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                        if noise_layout == "official":
+                            eps = official_noise(x0.shape, x0.dtype, x0.device, merge_batch_and_frames=True)
+                        else:
+                            eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
                         x = (1 - sigma_next) * x0 + sigma_next * eps
             if bar:
                 bar.update()
@@ -131,17 +152,28 @@ def self_forcing_rollout(
     return torch.cat(outputs, dim=2)
 
 
+def _wan_float64_sigmas(steps: int, shift: float, num_train_timesteps: int) -> np.ndarray:
+    """Wan's ``FlowUniPCMultistepScheduler.set_timesteps``: σ_max is its float32 training table's first entry
+    (float32(1 − 1/N) = 0.99900001…, not 0.999), spaced by ``np.linspace`` down to σ_min = 0 (exclusive) and
+    shifted, in float64."""
+    sigma_max = float(np.float32(1.0 - 1.0 / num_train_timesteps))
+    sigmas = np.linspace(sigma_max, 0.0, steps + 1)[:-1]
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
 def wan_sigmas(steps: int, shift: float = 5.0, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """Wan2.1's sampling schedule: ``steps`` values from σ_max = 1 − 1/1000 to 0 (exclusive), shifted, then σ = 0
-    appended (``final_sigmas_type = "zero"``). float64, length steps + 1."""
-    sigma_max = 1.0 - 1.0 / num_train_timesteps
-    sigmas = torch.linspace(sigma_max, 0.0, steps + 1, dtype=torch.float64)[:-1]
-    return torch.cat([shift_sigma(sigmas, shift), torch.zeros(1, dtype=torch.float64)])
+    """Wan2.1's sampling schedule as its solver uses it: ``steps`` shifted σ (``_wan_float64_sigmas``) with σ = 0
+    appended (``final_sigmas_type = "zero"``), rounded to float32 as Wan stores them; a float64 tensor of length
+    steps + 1."""
+    sigmas = np.concatenate([_wan_float64_sigmas(steps, shift, num_train_timesteps), [0.0]]).astype(np.float32)
+    return torch.from_numpy(sigmas).double()
 
 
-def wan_model_timesteps(sigmas: torch.Tensor) -> list[float]:
-    """The timesteps Wan feeds its model for a schedule ``wan_sigmas(...)``: ⌊1000·σ⌋ of each step (σ = 0 excluded)."""
-    return [float(math.floor(float(sigma) * 1000)) for sigma in sigmas[:-1]]
+def wan_model_timesteps(steps: int, shift: float = 5.0, num_train_timesteps: int = 1000) -> list[float]:
+    """The integer timesteps Wan feeds its model, one per step: the float64 σ·N truncated to int64, as Wan does
+    before its sigmas are rounded to float32."""
+    t = _wan_float64_sigmas(steps, shift, num_train_timesteps) * num_train_timesteps
+    return [float(x) for x in torch.from_numpy(t).to(torch.int64)]
 
 
 class UniPC:
@@ -225,7 +257,7 @@ def wan_sample(
     ``negative_context`` is given and ``guidance_scale != 1``. The model sees integer timesteps ⌊1000·σ⌋ as in Wan.
     The seam sees ``step`` = sampler step, ``chunk`` = 0."""
     sigmas = wan_sigmas(steps, shift)
-    model_timesteps = wan_model_timesteps(sigmas)
+    model_timesteps = wan_model_timesteps(steps, shift)
     unipc = UniPC(sigmas) if solver == "unipc" else None
     if solver not in ("unipc", "euler"):
         raise ValueError(f"unknown solver {solver!r}")
@@ -275,11 +307,11 @@ class SelfForcingSampler:
         return RunLayout.self_forcing(cfg, grid, self.timesteps().tolist(), self.frames_per_chunk)
 
     def sample(self, model: WanModel, noise: torch.Tensor, context: torch.Tensor, *,
-               generator: torch.Generator | None = None, progress: bool = False,
+               generator: torch.Generator | None = None, noise_layout: str = "toolkit", progress: bool = False,
                on_chunk: Callable[[int, torch.Tensor], None] | None = None, **_: Any) -> torch.Tensor:
         return self_forcing_rollout(model, noise, context, frames_per_chunk=self.frames_per_chunk,
-                                    timesteps=self.timesteps(), generator=generator, progress=progress,
-                                    on_chunk=on_chunk)
+                                    timesteps=self.timesteps(), generator=generator, noise_layout=noise_layout,
+                                    progress=progress, on_chunk=on_chunk)
 
 
 @dataclass(frozen=True)
@@ -294,7 +326,7 @@ class WanSampler:
 
     def timesteps(self) -> list[float]:
         """The integer timesteps the model receives, one per step."""
-        return wan_model_timesteps(wan_sigmas(self.steps, self.shift))
+        return wan_model_timesteps(self.steps, self.shift)
 
     def layout(self, cfg: WanConfig, grid: tuple[int, int, int]) -> RunLayout:
         return RunLayout.bidirectional(cfg, grid, self.timesteps())
