@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from timing import wall_seconds
 
 from toolkit.models.bundled import (
     MANY_STEPS,
@@ -31,7 +32,7 @@ from toolkit.models.bundled import (
 )
 from toolkit.models.bundled.model import load_weights, save_weights
 from toolkit.models.bundled.recipe import SHOWCASE_PROMPTS, evaluate_model, format_summary
-from toolkit.models.bundled.teacher import ClipSetup, TeacherSettings, autocast, synchronize, train_teacher
+from toolkit.models.bundled.teacher import ClipSetup, TeacherSettings, autocast, train_teacher
 from toolkit.models.seam import use_backend
 from toolkit.models.wan import WanModel
 
@@ -41,13 +42,8 @@ def seconds_per_step(model: WanModel, settings: TeacherSettings, steps: int = 10
     quiet = lambda *_: None  # noqa: E731
 
     def run(n: int) -> float:
-        synchronize(dev)
-        start = time.perf_counter()
-        train_teacher(model, replace(settings, steps=n, warmup=1), log=quiet, every=10**9)
-        synchronize(dev)
-        return time.perf_counter() - start
-
-    dev = next(model.parameters()).device
+        return wall_seconds(lambda: train_teacher(model, replace(settings, steps=n, warmup=1), log=quiet,
+                                                  every=10**9), next(model.parameters()).device)
 
     warm = run(3)
     return warm, (run(3 + steps) - run(3)) / steps

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
+from timing import wall_seconds
 
 from toolkit.models.bundled import bundled_config, tiny_config
 from toolkit.models.bundled.ode_init import ODESettings, make_pool, ode_regression_loss
@@ -23,16 +24,6 @@ from toolkit.models.bundled.self_forcing import SelfForcingSettings, train_self_
 from toolkit.models.bundled.teacher import ClipSetup, TeacherSettings, train_teacher
 from toolkit.models.seam import use_backend
 from toolkit.models.wan import WanModel
-
-
-def timed(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -53,6 +44,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = WanModel(cfg).to(dev)
     rows = {}
+    timed = partial(wall_seconds, device=dev)
 
     with use_backend(model, setup.backend):
         warm = timed(lambda: train_teacher(model, TeacherSettings(steps=3, batch=args.teacher_batch), log=quiet))

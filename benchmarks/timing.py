@@ -14,6 +14,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def wall_seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one synchronised call of ``fn`` (long runs such as training steps, where one call is the
+    measurement)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def median_ms(fn: Callable[[], object], device: torch.device, rep_ms: float = 100) -> float:
     """Median ms of ``fn``: ``triton.testing.do_bench(..., return_mode="median")`` on CUDA (L2 flushed, warm-up
     excluded), else the median of 3 wall-clock calls with synchronisation."""

@@ -32,6 +32,7 @@ from toolkit.models.bundled.config import SELF_FORCING_STEPS
 from toolkit.models.bundled.teacher import (
     SHIFT,
     ClipSetup,
+    Ema,
     Log,
     adamw,
     autocast,
@@ -111,7 +112,7 @@ def train_self_forcing(
     g_dev = torch.Generator(device).manual_seed(seed + 22)
     opt_g = adamw(student, settings.lr, (0.0, 0.999), 0.01)
     opt_c = adamw(critic, settings.critic_lr, (0.0, 0.999), 0.01)
-    ema = [p.detach().clone() for p in student.parameters()]
+    ema = Ema(student)
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
         context = data.encode_prompts(data.random_prompts(settings.batch, g)).to(device)
@@ -145,8 +146,7 @@ def train_self_forcing(
                 grad = dmd_gradient(x, context, teacher, critic, setup, settings, g)
             loss_g = 0.5 * (x - (x - grad).detach()).pow(2).mean()
             optimizer_step(opt_g, loss_g, student, settings.grad_clip)
-            with torch.no_grad():
-                torch._foreach_lerp_(ema, [p.detach() for p in student.parameters()], 1 - settings.ema_decay)
+            ema.update(settings.ema_decay)
             grad_norms.append(grad.pow(2).mean().sqrt().detach())
             if (step + 1) % every == 0 or step + 1 == settings.steps:
                 c = float(torch.stack(critic_losses[-settings.critic_ratio * every:]).mean())
@@ -157,9 +157,7 @@ def train_self_forcing(
                     f"{rate:.2f} it/s")
     synchronize(device)
     seconds = time.perf_counter() - start
-    with torch.no_grad():
-        for p, e in zip(student.parameters(), ema):
-            p.copy_(e)
+    ema.copy_to_model()
     student.eval()
     log(f"self-forcing: {settings.steps} generator updates in {seconds:.0f} s")
     return dict(stage="self_forcing", settings=asdict(settings), seconds=round(seconds, 1), curve=curve)

@@ -168,10 +168,11 @@ def heldout_set(n: int, cfg: WanConfig, seed: int = HELDOUT_SEED) -> dict:
 
 
 @torch.no_grad()
-def heldout_loss(model: WanModel, heldout: dict, batch: int = 16) -> float:
-    """Mean teacher-forced flow-matching loss of ``model`` on a ``heldout_set``."""
+def heldout_loss(model: WanModel, heldout: dict, setup: ClipSetup | None = None, batch: int = 16) -> float:
+    """Mean teacher-forced flow-matching loss of ``model`` on a ``heldout_set`` (``setup``: the caller's, so the
+    [2L, 2L] mask is not built again)."""
     device = next(model.parameters()).device
-    setup = ClipSetup.of(model.cfg, device)
+    setup = setup or ClipSetup.of(model.cfg, device)
     total, n = 0.0, heldout["x0"].shape[0]
     for i in range(0, n, batch):
         part = {k: v[i : i + batch].to(device) for k, v in heldout.items() if torch.is_tensor(v)}
@@ -215,6 +216,23 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, model: WanMod
     opt.step()
 
 
+class Ema:
+    """Exponential moving average of a model's parameters (the weights a stage hands on)."""
+
+    def __init__(self, model: WanModel) -> None:
+        self.model = model
+        self.shadow = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.model.parameters()], 1 - decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for p, e in zip(self.model.parameters(), self.shadow):
+            p.copy_(e)
+
+
 def synchronize(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -246,9 +264,9 @@ def train_teacher(
     data_gen = torch.Generator().manual_seed(seed + 1)
     noise_gen = torch.Generator(device).manual_seed(seed + 2)
     opt = adamw(model, settings.lr, (0.9, 0.99), settings.weight_decay)
-    ema = [p.detach().clone() for p in model.parameters()]
+    ema = Ema(model)
     heldout = heldout_set(32, model.cfg)
-    loss_init = heldout_loss(model, heldout)
+    loss_init = heldout_loss(model, heldout, setup)
     curve: list[tuple[int, float]] = []
     pending: list[torch.Tensor] = []
     model.train()
@@ -264,9 +282,7 @@ def train_teacher(
         with autocast(device):
             loss = flow_matching_loss(model, x0, context, noise, sigma, setup.mask)
         optimizer_step(opt, loss, model, settings.grad_clip)
-        decay = min(settings.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - decay)
+        ema.update(min(settings.ema_decay, (1 + step) / (10 + step)))
         pending.append(loss.detach())
         if (step + 1) % every == 0 or step + 1 == settings.steps:
             mean = float(torch.stack(pending).mean())
@@ -276,11 +292,9 @@ def train_teacher(
             log(f"teacher step {step + 1}/{settings.steps} | flow loss {mean:.4f} | {rate:.2f} it/s")
     synchronize(device)
     seconds = time.perf_counter() - start
-    with torch.no_grad():
-        for p, e in zip(model.parameters(), ema):
-            p.copy_(e)
+    ema.copy_to_model()
     model.eval()
-    loss_end = heldout_loss(model, heldout)
+    loss_end = heldout_loss(model, heldout, setup)
     log(f"teacher: {settings.steps} steps in {seconds:.0f} s; held-out flow loss {loss_init:.4f} -> {loss_end:.4f}")
     return dict(
         stage="teacher", settings=asdict(settings), seconds=round(seconds, 1), curve=curve,
