@@ -171,7 +171,7 @@ def test_ode_regression_stage_lowers_its_heldout_loss():
     settings = ODESettings(pairs=16, pair_batch=8, steps=40, batch=4, lr=2e-3, warmup=5)
     with use_backend(student, setup.backend):
         record = train_ode_init(student, teacher, settings, log=lambda *_: None)
-    # measured (seed 0): 0.0118 -> 0.0012
+    # measured (seed 0, CPU): 0.0204 -> 0.0011
     assert record["heldout_loss_end"] < 0.5 * record["heldout_loss_init"], record
     assert all(p.grad is None for p in teacher.parameters())
 
