@@ -68,7 +68,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = load_weights(args.init, cfg, dev) if args.init else WanModel(cfg).to(dev)
     start_state = {k: v.clone() for k, v in model.state_dict().items()}
-    settings = TeacherSettings(batch=args.batch, lr=args.lr, warmup=args.warmup)
+    settings = TeacherSettings(batch=args.batch, lr=args.lr, warmup=args.warmup, compile=False)  # see below
     device_name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     result = dict(device=device_name, torch=torch.__version__, settings=vars(args) | {"out": str(args.out),
                                                                                       "init": str(args.init)})

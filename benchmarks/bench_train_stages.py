@@ -47,9 +47,12 @@ def main() -> None:
     timed = partial(wall_seconds, device=dev)
 
     with use_backend(model, setup.backend):
-        warm = timed(lambda: train_teacher(model, TeacherSettings(steps=3, batch=args.teacher_batch), log=quiet))
-        t = timed(lambda: train_teacher(model, TeacherSettings(steps=13, batch=args.teacher_batch), log=quiet))
-        t3 = timed(lambda: train_teacher(model, TeacherSettings(steps=3, batch=args.teacher_batch), log=quiet))
+        def eager(steps: int) -> TeacherSettings:
+            return TeacherSettings(steps=steps, batch=args.teacher_batch, compile=False)
+
+        warm = timed(lambda: train_teacher(model, eager(3), log=quiet))
+        t = timed(lambda: train_teacher(model, eager(13), log=quiet))
+        t3 = timed(lambda: train_teacher(model, eager(3), log=quiet))
         rows["teacher_step"] = dict(seconds=(t - t3) / 10, warmup_seconds=warm, batch=args.teacher_batch)
     teacher = model.eval().requires_grad_(False)
     student = copy.deepcopy(teacher).requires_grad_(True)

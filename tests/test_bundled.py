@@ -134,6 +134,23 @@ def test_teacher_stage_lowers_the_heldout_flow_loss():
     assert record["heldout_loss_end"] < 0.6 * record["heldout_loss_init"], record
 
 
+def test_teacher_time_budget_fixes_the_steps_after_the_probe():
+    """With ``seconds``, the plan shrinks after the timed probe steps to what fits; the record says how many ran."""
+    from toolkit.models.bundled.teacher import PROBE_STEPS
+
+    cfg, setup = _tiny_setup()
+    model = WanModel(cfg)
+    lines = []
+    with use_backend(model, setup.backend):
+        record = train_teacher(model, TeacherSettings(steps=10_000, batch=2, warmup=5, seconds=1e-3), log=lines.append,
+                               every=5)
+    assert record["steps_run"] == PROBE_STEPS and record["curve"][-1][0] == PROBE_STEPS
+    assert any(f"{PROBE_STEPS} steps fit" in line for line in lines)
+    with use_backend(model, setup.backend):
+        record = train_teacher(model, TeacherSettings(steps=7, batch=2, warmup=2, seconds=1e6), log=lambda *_: None)
+    assert record["steps_run"] == 7  # a budget never adds steps
+
+
 @torch.no_grad()
 def test_ode_pairs_are_the_teachers_euler_sampler_and_its_states():
     """The pair generator is the teacher's many-step sampler (same output as ``generate(solver="euler")``), and each
@@ -204,6 +221,42 @@ def test_ode_regression_loss_is_the_x0_error_of_one_kv_cache_step_per_chunk():
     torch.testing.assert_close(loss.double(), torch.cat(errs, 2).mean(), rtol=1e-6, atol=0)  # the loss is float32
 
 
+@torch.no_grad()
+def test_guided_rollout_combines_conditional_and_null_prompt_flows_with_their_own_caches():
+    """CFG in the chunked sampler: per step v = v_u + g·(v_c − v_u), where v_c and v_u come from two KV caches, each
+    filled by clean passes under its own prompt — checked against a hand loop with two caches (float64)."""
+    model = _tiny_model(clip=(6, 12, 20))
+    context = bundled.encode_prompt(["2 sprites: red circle, blue square", "white ring"]).double()
+    null = torch.zeros_like(context)
+    noise = torch.randn(2, 3, 6, 12, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    t = warped_timesteps((1000, 750, 500, 250))
+    g = 2.5
+    out = self_forcing_rollout(model, noise, context, timesteps=t, solver="euler", guidance_scale=g,
+                               negative_context=null)
+
+    caches = {name: KVCache(model.cfg, 2, 6 * 15, "cpu", torch.float64) for name in ("c", "u")}
+    prompts = {"c": context, "u": null}
+    chunks = []
+    for c in range(2):
+        x = noise[:, :, 3 * c : 3 * c + 3]
+        for i in range(len(t)):
+            tt = torch.full((2, 3), t[i])  # float32, as the sampler passes t
+            v = {n: model(x, tt, prompts[n], kv_cache=caches[n], start_frame=3 * c) for n in "cu"}
+            flow = v["u"] + g * (v["c"] - v["u"])
+            if i + 1 < len(t):
+                x = x + (t[i + 1] - t[i]) / 1000 * flow
+        x0 = x - t[-1] / 1000 * flow
+        for n in "cu":
+            model(x0, torch.zeros(2, 3), prompts[n], kv_cache=caches[n], start_frame=3 * c,
+                  is_clean=True)
+        chunks.append(x0)
+    torch.testing.assert_close(out, torch.cat(chunks, 2), rtol=1e-10, atol=1e-10)
+    plain = self_forcing_rollout(model, noise, context, timesteps=t, solver="euler")
+    assert (plain - out).abs().amax() > 1e-3  # guidance changed the sample
+    with pytest.raises(ValueError, match="negative_context"):
+        self_forcing_rollout(model, noise, context, timesteps=t, guidance_scale=2.0)
+
+
 def test_exit_step_rollout_is_the_sampler_truncated_with_gradient_through_one_forward_per_chunk():
     model = _tiny_model(clip=(6, 12, 20), dtype=torch.float32)
     context = bundled.encode_prompt("2 sprites: red circle, blue square")
@@ -236,11 +289,14 @@ def test_dmd_gradient_vanishes_when_the_critic_is_the_teacher_and_points_from_fa
     other = WanModel(cfg).eval()
     x = torch.randn(2, 3, 6, 12, 20, generator=torch.Generator().manual_seed(0))
     context = bundled.encode_prompt(["white ring", "red circle"])
-    settings = SelfForcingSettings(guidance=1.0)
+    settings = SelfForcingSettings()
     same = dmd_gradient(x, context, teacher, teacher, setup, settings, torch.Generator().manual_seed(1))
     assert float(same.abs().max()) == 0.0
     diff = dmd_gradient(x, context, teacher, other, setup, settings, torch.Generator().manual_seed(1))
     assert float(diff.abs().mean()) > 1e-3
+    # with guidance the real score moves away from the critic's even when both are the teacher
+    guided = dmd_gradient(x, context, teacher, teacher, setup, settings, torch.Generator().manual_seed(1), 3.0)
+    assert float(guided.abs().mean()) > 1e-3
 
 
 def test_self_forcing_stage_rolls_out_with_the_sampler_and_trains_the_critic(monkeypatch):

@@ -54,6 +54,9 @@ updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.cri
     p.add_argument("--teacher-steps", type=int, default=defaults.teacher.steps)
     p.add_argument("--teacher-batch", type=int, default=defaults.teacher.batch)
     p.add_argument("--teacher-lr", type=float, default=defaults.teacher.lr)
+    p.add_argument("--teacher-seconds", type=float, default=None, metavar="S",
+                   help="time budget of stage (a): after 20 timed steps, train only the steps that fit (the cosine "
+                        "schedule spans them); the card records the steps run")
     p.add_argument("--ode-pairs", type=int, default=defaults.ode_init.pairs, help="teacher ODE trajectories")
     p.add_argument("--ode-steps", type=int, default=defaults.ode_init.steps)
     p.add_argument("--ode-batch", type=int, default=defaults.ode_init.batch)
@@ -61,8 +64,10 @@ updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.cri
     p.add_argument("--sf-batch", type=int, default=defaults.self_forcing.batch)
     p.add_argument("--sf-lr", type=float, default=defaults.self_forcing.lr)
     p.add_argument("--sf-critic-lr", type=float, default=defaults.self_forcing.critic_lr)
-    p.add_argument("--sf-guidance", type=float, default=defaults.self_forcing.guidance,
-                   help="classifier-free guidance of the teacher's score")
+    p.add_argument("--guidance", type=float, default=None, metavar="G",
+                   help="the teacher's classifier-free guidance in the ODE pairs, DMD's real score and its own "
+                        "samples (default: the best of " + ", ".join(f"{g:g}" for g in defaults.guidance_candidates)
+                        + " on validation prompts, chosen after stage (a))")
     p.add_argument("--eval-prompts", type=int, default=defaults.eval_prompts)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--tiny", action="store_true", help="tiny model, clip and step counts: CPU smoke run only")
@@ -73,10 +78,12 @@ updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.cri
 def recipe_from(args: argparse.Namespace) -> Recipe:
     r = Recipe()
     recipe = Recipe(
-        teacher=replace(r.teacher, steps=args.teacher_steps, batch=args.teacher_batch, lr=args.teacher_lr),
+        teacher=replace(r.teacher, steps=args.teacher_steps, batch=args.teacher_batch, lr=args.teacher_lr,
+                        seconds=args.teacher_seconds),
         ode_init=replace(r.ode_init, pairs=args.ode_pairs, steps=args.ode_steps, batch=args.ode_batch),
         self_forcing=replace(r.self_forcing, steps=args.sf_steps, batch=args.sf_batch, lr=args.sf_lr,
-                             critic_lr=args.sf_critic_lr, guidance=args.sf_guidance),
+                             critic_lr=args.sf_critic_lr),
+        guidance_scale=args.guidance,
         seed=args.seed,
         eval_prompts=args.eval_prompts,
     )
@@ -85,6 +92,9 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
             teacher=TeacherSettings(steps=6, batch=2, warmup=2),
             ode_init=replace(r.ode_init, pairs=4, pair_batch=4, steps=4, batch=2, warmup=2),
             self_forcing=replace(r.self_forcing, steps=2, batch=2, critic_ratio=1),
+            guidance_scale=args.guidance,
+            guidance_candidates=(1.0, 3.0),
+            validation_prompts=2,
             seed=args.seed,
             eval_prompts=4,
         )

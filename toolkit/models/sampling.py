@@ -72,6 +72,8 @@ def self_forcing_rollout(
     solver: str = "renoise",
     noise_layout: str = "toolkit",
     exit_step: int | None = None,
+    guidance_scale: float = 1.0,
+    negative_context: torch.Tensor | None = None,
     progress: bool = False,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
     on_chunk: Callable[[int, torch.Tensor], None] | None = None,
@@ -93,6 +95,10 @@ def self_forcing_rollout(
     prompt's cross-attention K/V, cached by the first forward, carry gradient only when that forward is the exit
     step, as in Self-Forcing's training rollout).
 
+    ``guidance_scale`` g ≠ 1 (classifier-free guidance, the many-step sampler of a teacher): every forward runs the
+    batch twice, with ``context`` and with ``negative_context`` (the bundled model's null prompt is all zeros), each
+    half with its own KV cache (clean passes included), and the flow is v_u + g·(v_c − v_u).
+
     ``on_step(chunk, step, x)`` sees each model input before its forward (ODE trajectories); ``on_chunk(chunk, x0)``
     each finished chunk (streaming consumers, progress)."""
     if solver not in ("renoise", "euler"):
@@ -104,7 +110,19 @@ def self_forcing_rollout(
     if frames % latent_per_chunk:
         raise ValueError(f"{frames} latent frames do not split into chunks of {latent_per_chunk}")
     grid = model.grid_size(noise)
-    cache = KVCache(model.cfg, b, grid[0] * grid[1] * grid[2], noise.device, model.dtype)
+    guided = guidance_scale != 1.0
+    if guided:
+        if negative_context is None:
+            raise ValueError("guidance_scale != 1 needs a negative_context")
+        context = torch.cat([context, negative_context.expand_as(context)])  # [cond | uncond] halves of one batch
+    cache = KVCache(model.cfg, b * (2 if guided else 1), grid[0] * grid[1] * grid[2], noise.device, model.dtype)
+
+    def flow_of(x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        if not guided:
+            return model(x, t, context, **kwargs)
+        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), context, **kwargs).chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
     num_chunks = frames // latent_per_chunk
     steps = len(timesteps) if exit_step is None else exit_step + 1
     outputs = []
@@ -124,7 +142,7 @@ def self_forcing_rollout(
                 on_step(chunk, s, x)
             t = torch.full((b, frames_per_chunk), float(timesteps[s]), device=noise.device)
             with torch.set_grad_enabled(s == exit_step and torch.is_grad_enabled()):
-                flow = model(x, t, context, step=s, **common)
+                flow = flow_of(x, t, step=s, **common)
                 x0 = flow_to_x0(x, flow, float(timesteps[s]))
             if s < steps - 1:
                 with torch.no_grad():
@@ -142,7 +160,7 @@ def self_forcing_rollout(
         outputs.append(x0)
         with torch.no_grad():  # rewrites this chunk's K/V with clean ones; output unused
             t0 = torch.zeros(b, frames_per_chunk, device=noise.device)
-            model(x0.detach(), t0, context, step=len(timesteps), is_clean=True, **common)
+            flow_of(x0.detach(), t0, step=len(timesteps), is_clean=True, **common)
         if bar:
             bar.update()
         if on_chunk:

@@ -50,9 +50,12 @@ def ode_pairs(
     frames_per_chunk: int,
     ode_steps: Sequence[int] = MANY_STEPS,
     keep: Sequence[int] = SELF_FORCING_STEPS,
+    guidance_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher ODE trajectories from ``noise`` [b c F H W]: (states [len(keep), b, c, F, H, W] — each chunk's sampler
-    input at the warped timesteps of ``keep`` —, x0 [b c F H W] the sampler's output). ``keep`` ⊂ ``ode_steps``."""
+    input at the warped timesteps of ``keep`` —, x0 [b c F H W] the sampler's output). ``keep`` ⊂ ``ode_steps``;
+    ``guidance_scale``: the teacher's classifier-free guidance against the null prompt (as Self-Forcing's pairs come
+    from Wan sampled with CFG)."""
     missing = [k for k in keep if k not in ode_steps]
     if missing:
         raise ValueError(f"steps {missing} are not on the ODE grid")
@@ -66,7 +69,7 @@ def ode_pairs(
 
     x0 = self_forcing_rollout(
         teacher, noise, context, frames_per_chunk=frames_per_chunk, timesteps=warped_timesteps(ode_steps),
-        solver="euler", on_step=record,
+        solver="euler", guidance_scale=guidance_scale, negative_context=torch.zeros_like(context), on_step=record,
     )
     return states, x0
 
@@ -82,7 +85,9 @@ class ODESettings:
     grad_clip: float = 1.0
 
 
-def make_pool(teacher: WanModel, settings: ODESettings, *, seed: int, log: Log = print) -> dict:
+def make_pool(
+    teacher: WanModel, settings: ODESettings, *, seed: int, guidance_scale: float = 1.0, log: Log = print
+) -> dict:
     """Draw ``settings.pairs`` prompts and noises and solve the teacher ODE for each (states, x0, context on the
     teacher's device; states and x0 in bfloat16 on CUDA to halve the pool)."""
     device = next(teacher.parameters()).device
@@ -96,7 +101,7 @@ def make_pool(teacher: WanModel, settings: ODESettings, *, seed: int, log: Log =
         context = data.encode_prompts(data.random_prompts(n, g)).to(device)
         noise = torch.randn(n, teacher.cfg.in_dim, setup.frames, setup.height, setup.width, generator=g).to(device)
         with autocast(device):
-            s, x0 = ode_pairs(teacher, context, noise, frames_per_chunk=setup.chunk)
+            s, x0 = ode_pairs(teacher, context, noise, frames_per_chunk=setup.chunk, guidance_scale=guidance_scale)
         states.append(s.to(store))
         x0s.append(x0.to(store))
         contexts.append(context)
@@ -128,13 +133,16 @@ def ode_regression_loss(
 
 
 def train_ode_init(
-    student: WanModel, teacher: WanModel, settings: ODESettings, *, seed: int = 0, log: Log = print, every: int = 50
+    student: WanModel, teacher: WanModel, settings: ODESettings, *, seed: int = 0, guidance_scale: float = 1.0,
+    log: Log = print, every: int = 50,
 ) -> dict:
-    """Stage (b): fill the ODE pool from ``teacher`` and regress ``student`` (in place) onto it."""
+    """Stage (b): fill the ODE pool from ``teacher`` (sampled with ``guidance_scale``) and regress ``student`` (in
+    place) onto it."""
     device = next(student.parameters()).device
     setup = ClipSetup.of(student.cfg, device)
-    pool = make_pool(teacher, settings, seed=seed + 11, log=log)
-    heldout = make_pool(teacher, ODESettings(pairs=16, pair_batch=16), seed=seed + 12, log=lambda *_: None)
+    pool = make_pool(teacher, settings, seed=seed + 11, guidance_scale=guidance_scale, log=log)
+    heldout = make_pool(teacher, ODESettings(pairs=16, pair_batch=16), seed=seed + 12, guidance_scale=guidance_scale,
+                        log=lambda *_: None)
     g = torch.Generator().manual_seed(seed + 13)
     g_eval = torch.Generator().manual_seed(seed + 14)
 
@@ -167,6 +175,7 @@ def train_ode_init(
     log(f"ode-init: pool {pool['seconds']:.0f} s, {settings.steps} steps in {seconds:.0f} s; held-out x0 loss "
         f"{loss_init:.4f} -> {loss_end:.4f}")
     return dict(
-        stage="ode_init", settings=asdict(settings), pool_seconds=round(pool["seconds"], 1), seconds=round(seconds, 1),
+        stage="ode_init", settings=asdict(settings), guidance_scale=guidance_scale,
+        pool_seconds=round(pool["seconds"], 1), seconds=round(seconds, 1),
         curve=curve, heldout_loss_init=round(loss_init, 5), heldout_loss_end=round(loss_end, 5),
     )

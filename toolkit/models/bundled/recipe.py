@@ -55,11 +55,20 @@ SHOWCASE_PROMPTS = (
 )
 
 
+GUIDANCE_CANDIDATES = (1.0, 2.0, 3.0, 4.5)
+VALIDATION_PROMPT_SEED, VALIDATION_NOISE_SEED = 1_000_303, 1_000_403  # not the evaluation's held-out seeds
+
+
 @dataclass(frozen=True)
 class Recipe:
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
     ode_init: ODESettings = field(default_factory=ODESettings)
     self_forcing: SelfForcingSettings = field(default_factory=SelfForcingSettings)
+    # the teacher's classifier-free guidance in every later use (ODE pairs, DMD's real score, its own samples);
+    # None: the candidate that scores best on validation prompts right after stage (a)
+    guidance_scale: float | None = None
+    guidance_candidates: tuple[float, ...] = GUIDANCE_CANDIDATES
+    validation_prompts: int = 32
     seed: int = 0
     eval_prompts: int = 64  # held-out prompts, one seed each
 
@@ -143,20 +152,27 @@ def train_bundled(
     else:
         teacher = load_weights(stage_path(out, "teacher"), cfg, dev)
     teacher.eval().requires_grad_(False)
+    if "guidance" not in record or recipe.guidance_scale is not None:
+        record["guidance"] = choose_guidance(teacher, recipe, log)
+        log_file.write_text(json.dumps(record, indent=1) + "\n")
+        guided = f"teacher, {len(MANY_STEPS)} Euler steps, CFG {record['guidance']['scale']:g}"
+        save_showcase(out / "stages" / "teacher.png", [(guided, teacher, teacher_sampler(record["guidance"]["scale"]))])
+    guidance = record["guidance"]["scale"]
     if "ode_init" not in stages and "self_forcing" not in stages:
         return record
 
     if "ode_init" in stages:
         student = copy.deepcopy(teacher).requires_grad_(True)
         with use_backend(student, setup.backend), use_backend(teacher, setup.backend):
-            save("ode_init", student, train_ode_init(student, teacher, recipe.ode_init, seed=recipe.seed, log=log))
+            save("ode_init", student, train_ode_init(student, teacher, recipe.ode_init, seed=recipe.seed,
+                                                     guidance_scale=guidance, log=log))
     else:
         student = load_weights(stage_path(out, "ode_init"), cfg, dev).requires_grad_(True)
     ode_student = copy.deepcopy(student).eval().requires_grad_(False)
     candidates = {"ode_init": ode_student}
     if "self_forcing" in stages:
-        save("self_forcing", student,
-             train_self_forcing(student, teacher, recipe.self_forcing, seed=recipe.seed, log=log))
+        save("self_forcing", student, train_self_forcing(student, teacher, recipe.self_forcing, seed=recipe.seed,
+                                                         guidance_scale=guidance, log=log))
         candidates["self_forcing"] = student.eval().requires_grad_(False)
 
     # evaluation: the same held-out prompts and seeds for every model
@@ -164,7 +180,7 @@ def train_bundled(
     results = {}
     start = time.perf_counter()
     models = [("random_init", random_init.eval(), {}), *[(n, m, {}) for n, m in candidates.items()],
-              ("teacher_40_euler_steps", teacher, dict(denoising_steps=MANY_STEPS, solver="euler"))]
+              ("teacher_40_euler_steps", teacher, teacher_sampler(guidance))]
     for name, model, sampler in models:
         results[name] = evaluate_model(model, prompts, **sampler)
         log(f"evaluation, {name}: {format_summary(results[name])}")
@@ -177,6 +193,30 @@ def train_bundled(
     log(f"shipping the {shipped} student")
     write_artifacts(out, candidates[shipped], teacher, record, log)
     return record
+
+
+def teacher_sampler(guidance_scale: float) -> dict:
+    """``generate`` options of the teacher's many-step sampler: 40 Euler steps of its flow ODE, with CFG."""
+    return dict(denoising_steps=MANY_STEPS, solver="euler", guidance_scale=guidance_scale)
+
+
+def choose_guidance(teacher: WanModel, recipe: Recipe, log: Log = print) -> dict:
+    """The teacher's CFG scale: ``recipe.guidance_scale``, or the candidate whose 40-step samples score best
+    (score, then colour match) on validation prompts (seeds disjoint from the evaluation's); returns the choice and
+    the validation summaries."""
+    if recipe.guidance_scale is not None:
+        return dict(scale=recipe.guidance_scale, chosen_by="recipe")
+    prompts = evaluate.heldout_prompts(recipe.validation_prompts, seed=VALIDATION_PROMPT_SEED)
+    results = {}
+    for scale in recipe.guidance_candidates:
+        results[scale] = evaluate_model(teacher, prompts, (VALIDATION_NOISE_SEED,), **teacher_sampler(scale))
+        results[scale].pop("reference", None)
+        log(f"teacher, guidance {scale:g}: {format_summary(results[scale])}")
+    best = max(results, key=lambda g: (results[g]["score"], results[g]["colour_match"]))
+    log(f"teacher guidance scale {best:g} (best of {', '.join(f'{g:g}' for g in results)} on "
+        f"{len(prompts)} validation prompts)")
+    return dict(scale=best, chosen_by=f"validation, {len(prompts)} prompts",
+                validation={f"{g:g}": r for g, r in results.items()})
 
 
 @torch.no_grad()
@@ -222,23 +262,42 @@ def write_artifacts(out: Path, model: WanModel, teacher: WanModel, record: dict,
     save_weights(model, out / WEIGHTS_FILE, stage=record["shipped"])
     (out / CONFIG_FILE).write_text(json.dumps({**cfg.to_dict(), "training": _summary(record)}, indent=2) + "\n")
     (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
-    frames, height, width = clip_shape(cfg)
-    prompts = [data.parse_prompt(p) for p in SHOWCASE_PROMPTS]
-    truth = data.render(prompts, torch.Generator().manual_seed(0), frames=frames, height=height, width=width)
-    device = next(model.parameters()).device
-    with autocast(device):
-        rollout = generate(model, prompts, seed=0).float().cpu()
-        many = generate(teacher, prompts, seed=0, denoising_steps=MANY_STEPS, solver="euler").float().cpu()
-    rows, labels = [], []
-    for p, a, b, c in zip(prompts, truth, rollout, many):
-        rows += [a, b, c]
-        labels += [f"ground truth: {p}", f"bundled model, 4 steps (Self-Forcing loop), seed 0: {p}",
-                   f"teacher, {len(MANY_STEPS)} Euler steps, seed 0: {p}"]
-    save_strip(rows, out / "rollout.png", labels, title="4 chunks x 3 frames; same prompts, independent samples")
-    save_gif(torch.cat([truth[1], rollout[1]], dim=-1), out / "rollout.gif")
+    rollout = save_showcase(out / "rollout.png", [
+        ("bundled model, 4 steps (Self-Forcing loop)", model, {}),
+        (f"teacher, {len(MANY_STEPS)} Euler steps, CFG {record['guidance']['scale']:g}", teacher,
+         teacher_sampler(record["guidance"]["scale"])),
+    ])
+    truth = showcase_truth(cfg)
+    save_gif(torch.cat([truth[1], rollout[0][1]], dim=-1), out / "rollout.gif")
     plot_curves(out / "curves.png", record)
     (out / "MODEL_CARD.md").write_text(model_card(record, model))
     log(f"wrote {out}")
+
+
+def showcase_truth(cfg: WanConfig) -> torch.Tensor:
+    """Ground-truth clips of ``SHOWCASE_PROMPTS`` (render seed 0): [4, 3, frames, height, width]."""
+    frames, height, width = clip_shape(cfg)
+    prompts = [data.parse_prompt(p) for p in SHOWCASE_PROMPTS]
+    return data.render(prompts, torch.Generator().manual_seed(0), frames=frames, height=height, width=width)
+
+
+def save_showcase(path: Path, samplers: list[tuple[str, WanModel, dict]]) -> list[torch.Tensor]:
+    """A strip of ``SHOWCASE_PROMPTS``: per prompt the ground truth, then each (label, model, ``generate``
+    options) sampled from seed 0; returns each sampler's videos."""
+    prompts = [data.parse_prompt(p) for p in SHOWCASE_PROMPTS]
+    videos = []
+    for _, model, sampler in samplers:
+        with autocast(next(model.parameters()).device):
+            videos.append(generate(model, prompts, seed=0, **sampler).float().cpu())
+    rows, labels = [], []
+    for i, (p, truth) in enumerate(zip(prompts, showcase_truth(samplers[0][1].cfg))):
+        rows.append(truth)
+        labels.append(f"ground truth: {p}")
+        for (label, _, _), video in zip(samplers, videos):
+            rows.append(video[i])
+            labels.append(f"{label}, seed 0: {p}")
+    save_strip(rows, path, labels, title="4 chunks x 3 frames; same prompts, independent samples")
+    return videos
 
 
 def _summary(record: dict) -> dict:
@@ -297,17 +356,24 @@ def model_card(record: dict, model: WanModel) -> str:
         if name == "teacher":
             extra = f"lr {cfgs['lr']} (cosine), cond. dropout {cfgs['cond_dropout']}, EMA {cfgs['ema_decay']}"
         elif name == "ode_init":
-            extra = f"{cfgs['pairs']} ODE pairs ({s.get('pool_seconds', 0):.0f} s to solve), lr {cfgs['lr']}"
+            extra = (f"{cfgs['pairs']} ODE pairs, teacher CFG {s.get('guidance_scale', '?')} "
+                     f"({s.get('pool_seconds', 0):.0f} s to solve), lr {cfgs['lr']}")
         else:
             extra = (f"critic ratio {cfgs['critic_ratio']}, lr {cfgs['lr']} / {cfgs['critic_lr']}, "
-                     f"CFG {cfgs['guidance']}, EMA {cfgs['ema_decay']}")
+                     f"teacher CFG {s.get('guidance_scale', '?')}, EMA {cfgs['ema_decay']}")
         loss = (f"{s['heldout_loss_init']:.4f} → {s['heldout_loss_end']:.4f}" if "heldout_loss_end" in s
                 else f"critic {s['curve'][-1][1]:.4f}" if s.get("curve") else "")
-        rows.append(f"| {name} | {cfgs['steps']} × {cfgs['batch']} | {s['seconds']:.0f} s | {loss} | {extra} | "
+        steps = s.get("steps_run", cfgs["steps"])
+        rows.append(f"| {name} | {steps} × {cfgs['batch']} | {s['seconds']:.0f} s | {loss} | {extra} | "
                     f"`{s.get('commit', '?')}` |")
     ev = record.get("evaluation", {})
     ev_rows = [f"| {name.replace('_', ' ')} | {format_summary(r, markdown=True)} |" for name, r in ev.items()]
     header = " | ".join(title for _, title, _ in SUMMARY_COLUMNS)
+    guidance = record.get("guidance", {})
+    validation = "\n".join(f"| {g} | {format_summary(r, markdown=True)} |"
+                           for g, r in guidance.get("validation", {}).items())
+    if validation:
+        validation = (f"\n\n| CFG scale | {header} |\n|---|{'---|' * len(SUMMARY_COLUMNS)}\n{validation}")
     return f"""# Bundled model card
 
 A {cfg.num_layers}-layer Wan DiT (width {cfg.dim}, {cfg.num_heads} heads × {cfg.head_dim}, FFN {cfg.ffn_dim},
@@ -326,6 +392,10 @@ torch {record['torch']}.
 | stage | steps × batch | time | held-out loss | settings | commit |
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
+
+The teacher's classifier-free guidance (null prompt = all-zero context), used for its ODE pairs, as DMD's real
+score and for its own samples: **{guidance.get('scale', '?')}** ({guidance.get('chosen_by', '?')}; its 40-step
+samples on validation prompts, seeds disjoint from the evaluation's):{validation}
 
 Shipped: the **{record.get('shipped', '?')}** student (the better of (b) and (b)+(c) on the evaluation below).
 The teacher's weights are shipped too (`stages/teacher.safetensors`): the reference for the ODE and DMD stages and
@@ -349,7 +419,9 @@ prompted sprites seen in ≥ 90 % of frames, no teleport. Random init and the te
 
 ## Reproduce
 
-`toolkit train --out DIR --seed {record['seed']}` runs the three stages with the settings above
-(`toolkit train --help`); `--stages teacher` and then `--stages ode_init,self_forcing` split it over two
-processes (how the shipped run was made, within a 10-minute limit per command).
+`toolkit train --out DIR --seed {record['seed']} --teacher-steps {st.get('teacher', {}).get('steps_run', '?')}` runs
+the three stages with the settings above (`toolkit train --help`; the shipped run gave stage (a) a time budget,
+`--teacher-seconds`, which fixed the step count above after 20 timed steps); `--stages teacher` and then
+`--stages ode_init,self_forcing` split it over two processes, which is how the shipped run was made (a command
+on the GPU machine may run 10 minutes): `benchmarks/train_bundled.sh`.
 """

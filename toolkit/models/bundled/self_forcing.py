@@ -54,7 +54,6 @@ class SelfForcingSettings:
     critic_ratio: int = 5  # critic updates per generator update
     lr: float = 2e-5
     critic_lr: float = 2e-5
-    guidance: float = 2.0  # CFG weight g of the real score (x̂0_u + g·(x̂0_c − x̂0_u))
     sigma_range: tuple[float, float] = (0.02, 0.98)
     grad_clip: float = 10.0
     ema_decay: float = 0.99
@@ -78,9 +77,10 @@ def _dmd_sigma(batch: int, frames: int, settings: SelfForcingSettings, g: torch.
 
 def dmd_gradient(
     x: torch.Tensor, context: torch.Tensor, real: WanModel, fake: WanModel, setup: ClipSetup,
-    settings: SelfForcingSettings, generator: torch.Generator,
+    settings: SelfForcingSettings, generator: torch.Generator, guidance_scale: float = 1.0,
 ) -> torch.Tensor:
-    """DMD's gradient direction for videos ``x`` [b c F H W] (detached; see the module docstring, items 2–4)."""
+    """DMD's gradient direction for videos ``x`` [b c F H W] (detached; see the module docstring, items 2–4);
+    ``guidance_scale``: the classifier-free guidance g of the real score."""
     b = x.shape[0]
     sigma = _dmd_sigma(b, setup.frames, settings, generator).to(x.device)  # b F
     s = sigma.view(b, 1, setup.frames, 1, 1)
@@ -89,9 +89,9 @@ def dmd_gradient(
     x_t = (1 - s) * x + s * eps
     with torch.no_grad():
         flow_c = teacher_forced_flow(real, x, x_t, context, sigma, setup.mask).float()
-        if settings.guidance != 1.0:
+        if guidance_scale != 1.0:
             flow_u = teacher_forced_flow(real, x, x_t, torch.zeros_like(context), sigma, setup.mask).float()
-            flow_c = flow_u + settings.guidance * (flow_c - flow_u)
+            flow_c = flow_u + guidance_scale * (flow_c - flow_u)
         x0_real = x_t - s * flow_c
         x0_fake = x_t - s * teacher_forced_flow(fake, x, x_t, context, sigma, setup.mask).float()
         norm = (x - x0_real).abs().flatten(1).mean(1).clamp_min(1e-6).view(b, 1, 1, 1, 1)
@@ -99,11 +99,11 @@ def dmd_gradient(
 
 
 def train_self_forcing(
-    student: WanModel, teacher: WanModel, settings: SelfForcingSettings, *, seed: int = 0, log: Log = print,
-    every: int = 5,
+    student: WanModel, teacher: WanModel, settings: SelfForcingSettings, *, seed: int = 0,
+    guidance_scale: float = 1.0, log: Log = print, every: int = 5,
 ) -> dict:
-    """Stage (c): train ``student`` in place (ending with its EMA weights); ``teacher`` is the real score and the
-    critic's initialisation."""
+    """Stage (c): train ``student`` in place (ending with its EMA weights); ``teacher`` is the real score (with
+    classifier-free guidance ``guidance_scale``) and the critic's initialisation."""
     device = next(student.parameters()).device
     setup = ClipSetup.of(student.cfg, device)
     critic = copy.deepcopy(teacher).train().requires_grad_(True)
@@ -143,7 +143,7 @@ def train_self_forcing(
             context, noise = batch()
             with autocast(device):
                 x = student_rollout(student, context, noise, setup, g_dev, exit_step()).float()
-                grad = dmd_gradient(x, context, teacher, critic, setup, settings, g)
+                grad = dmd_gradient(x, context, teacher, critic, setup, settings, g, guidance_scale)
             loss_g = 0.5 * (x - (x - grad).detach()).pow(2).mean()
             optimizer_step(opt_g, loss_g, student, settings.grad_clip)
             ema.update(settings.ema_decay)
@@ -160,4 +160,5 @@ def train_self_forcing(
     ema.copy_to_model()
     student.eval()
     log(f"self-forcing: {settings.steps} generator updates in {seconds:.0f} s")
-    return dict(stage="self_forcing", settings=asdict(settings), seconds=round(seconds, 1), curve=curve)
+    return dict(stage="self_forcing", settings=asdict(settings), guidance_scale=guidance_scale,
+                seconds=round(seconds, 1), curve=curve)

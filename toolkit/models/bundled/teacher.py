@@ -1,8 +1,11 @@
 """Stage (a) of the bundled recipe: the **teacher**, a block-causal flow-matching model sampled with many steps.
 
-Objective: flow matching, x_t = (1 − σ)·x0 + σ·ε, target v = ε − x0, with σ from the shift-5 warp
-σ = 5u / (1 + 4u), u ~ U(0, 1), drawn independently per 3-frame chunk. Teacher forcing on clean context: the model
-sees the clean clip and its noisy copy in one sequence of 2F frames,
+Objective: flow matching, x_t = (1 − σ)·x0 + σ·ε, target v = ε − x0, with σ from the shift-3 warp
+σ = 3u / (1 + 2u), u ~ U(0, 1), drawn independently per 3-frame chunk. The sampler's grid stays shift 5 (as
+Self-Forcing's); training at shift 3 puts a quarter of the samples below σ = 0.5, where a sprite's outline and
+texture are decided (shift 5: a sixth), and still a quarter above σ = 0.9 for the layout.
+
+Teacher forcing on clean context: the model sees the clean clip and its noisy copy in one sequence of 2F frames,
 
     frames   [clean 0 .. F−1 | noisy 0 .. F−1]     RoPE frame_index = [0 .. F−1, 0 .. F−1]   t = [0 .. 0 | 1000·σ]
 
@@ -40,7 +43,8 @@ from toolkit.models.sampling import self_forcing_timesteps, shift_sigma
 from toolkit.models.seam import AttentionContext, Backend, dense_attention
 from toolkit.models.wan import WanConfig, WanModel
 
-SHIFT = 5.0  # one shift everywhere: the sampler's warp, σ sampling in every stage, the DMD noise levels
+SHIFT = 5.0  # the samplers' warp, the ODE pairs' timesteps, the DMD noise levels
+TEACHER_SHIFT = 3.0  # σ sampling of the teacher's flow-matching loss (see the module docstring)
 HELDOUT_SEED = 1_000_003  # held-out clips, noise and σ; training seeds are seed + small offsets
 Log = Callable[[str], None]
 
@@ -163,7 +167,7 @@ def heldout_set(n: int, cfg: WanConfig, seed: int = HELDOUT_SEED) -> dict:
     video, context, prompts = data.sample_batch(n, g, frames=frames, height=height, width=width)
     x0 = to_model_space(video)
     noise = torch.randn(x0.shape, generator=g)
-    sigma = sample_sigma(n, frames, frames_per_chunk(cfg), g)
+    sigma = sample_sigma(n, frames, frames_per_chunk(cfg), g, TEACHER_SHIFT)
     return dict(x0=x0, context=context, noise=noise, sigma=sigma, prompts=prompts)
 
 
@@ -244,14 +248,49 @@ def synchronize(device: torch.device | str) -> None:
 
 @dataclass(frozen=True)
 class TeacherSettings:
-    steps: int = 2000
-    batch: int = 32
+    steps: int = 2400  # at most; ``seconds`` may stop the plan earlier
+    batch: int = 16
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     cond_dropout: float = 0.1  # null prompt for this fraction of clips: the unconditional flow for CFG
     ema_decay: float = 0.999
+    seconds: float | None = None  # time budget: after ``PROBE_STEPS`` the plan shrinks to the steps that fit
+    compile: bool = True  # torch.compile the blocks on CUDA (eager if compiling fails); ignored on the CPU
+
+
+PROBE_STEPS = 20  # steps timed before a ``seconds`` budget fixes the number of steps (and the cosine's length)
+
+
+def compile_blocks(model: WanModel, enabled: bool) -> None:
+    """torch.compile each block in place (``enabled``), or return them to eager."""
+    for block in model.blocks:
+        if enabled:
+            block.compile()
+        else:
+            block._compiled_call_impl = None
+
+
+def _try_compile(model: WanModel, setup: ClipSetup, batch: int, log: Log) -> float | None:
+    """Compile the blocks and run one forward + backward on a throw-away batch (compiles both graphs); seconds it
+    took, or None (blocks left eager) if the compiler fails."""
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    compile_blocks(model, True)
+    try:
+        x0, context, _ = setup.sample(batch, torch.Generator().manual_seed(0), device)
+        sigma = torch.full((batch, setup.frames), 0.5, device=device)
+        with autocast(device):
+            flow_matching_loss(model, x0, context, torch.randn_like(x0), sigma, setup.mask).backward()
+        model.zero_grad(set_to_none=True)
+        synchronize(device)
+    except Exception as err:  # a compiler failure costs speed, not the run
+        compile_blocks(model, False)
+        model.zero_grad(set_to_none=True)
+        log(f"teacher: torch.compile failed, training eagerly ({err!r})"[:300])
+        return None
+    return time.perf_counter() - start
 
 
 def train_teacher(
@@ -261,6 +300,9 @@ def train_teacher(
     held-out loss before and after). The shipped-to-next-stage weights are the EMA (exponential moving average)."""
     device = next(model.parameters()).device
     setup = ClipSetup.of(model.cfg, device)
+    compile_seconds = None
+    if settings.compile and device.type == "cuda":
+        compile_seconds = _try_compile(model, setup, settings.batch, log)
     data_gen = torch.Generator().manual_seed(seed + 1)
     noise_gen = torch.Generator(device).manual_seed(seed + 2)
     opt = adamw(model, settings.lr, (0.9, 0.99), settings.weight_decay)
@@ -270,34 +312,45 @@ def train_teacher(
     curve: list[tuple[int, float]] = []
     pending: list[torch.Tensor] = []
     model.train()
+    total = settings.steps
     start = time.perf_counter()
-    for step in range(settings.steps):
+    step = 0
+    while step < total:
         x0, context, _ = setup.sample(settings.batch, data_gen, device)
         drop = torch.rand(settings.batch, generator=data_gen) < settings.cond_dropout
         context = torch.where(drop.to(device).view(-1, 1, 1), torch.zeros_like(context), context)
         noise = torch.randn(x0.shape, generator=noise_gen, device=device)
-        sigma = sample_sigma(settings.batch, setup.frames, setup.chunk, data_gen).to(device)
+        sigma = sample_sigma(settings.batch, setup.frames, setup.chunk, data_gen, TEACHER_SHIFT).to(device)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, settings.steps, settings.lr, settings.warmup)
+            group["lr"] = lr_at(step, total, settings.lr, settings.warmup)
         with autocast(device):
             loss = flow_matching_loss(model, x0, context, noise, sigma, setup.mask)
         optimizer_step(opt, loss, model, settings.grad_clip)
         ema.update(min(settings.ema_decay, (1 + step) / (10 + step)))
         pending.append(loss.detach())
-        if (step + 1) % every == 0 or step + 1 == settings.steps:
+        step += 1
+        if settings.seconds is not None and step == PROBE_STEPS:
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            fit = PROBE_STEPS + int((settings.seconds - elapsed) * PROBE_STEPS / elapsed)
+            total = min(total, max(PROBE_STEPS, fit))
+            log(f"teacher: {elapsed / PROBE_STEPS:.3f} s/step, {total} steps fit in {settings.seconds:.0f} s")
+        if step % every == 0 or step == total:
             mean = float(torch.stack(pending).mean())
-            curve.append((step + 1, mean))
+            curve.append((step, mean))
             pending = []
-            rate = (step + 1) / (time.perf_counter() - start)
-            log(f"teacher step {step + 1}/{settings.steps} | flow loss {mean:.4f} | {rate:.2f} it/s")
+            rate = step / (time.perf_counter() - start)
+            log(f"teacher step {step}/{total} | flow loss {mean:.4f} | {rate:.2f} it/s")
     synchronize(device)
     seconds = time.perf_counter() - start
+    compile_blocks(model, False)  # sampling is eager (the KV-cache shapes change every chunk)
     ema.copy_to_model()
     model.eval()
     loss_end = heldout_loss(model, heldout, setup)
-    log(f"teacher: {settings.steps} steps in {seconds:.0f} s; held-out flow loss {loss_init:.4f} -> {loss_end:.4f}")
+    log(f"teacher: {total} steps in {seconds:.0f} s; held-out flow loss {loss_init:.4f} -> {loss_end:.4f}")
     return dict(
-        stage="teacher", settings=asdict(settings), seconds=round(seconds, 1), curve=curve,
+        stage="teacher", settings=asdict(settings), steps_run=total, seconds=round(seconds, 1),
+        compile_seconds=None if compile_seconds is None else round(compile_seconds, 1), curve=curve,
         heldout_loss_init=round(loss_init, 5), heldout_loss_end=round(loss_end, 5),
     )
 
