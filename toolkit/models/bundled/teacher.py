@@ -300,6 +300,8 @@ def train_teacher(
     held-out loss before and after). The shipped-to-next-stage weights are the EMA (exponential moving average)."""
     device = next(model.parameters()).device
     setup = ClipSetup.of(model.cfg, device)
+    heldout = heldout_set(32, model.cfg)
+    loss_init = heldout_loss(model, heldout, setup)  # eager, before compiling (no graph for no-grad mode)
     compile_seconds = None
     if settings.compile and device.type == "cuda":
         compile_seconds = _try_compile(model, setup, settings.batch, log)
@@ -307,8 +309,6 @@ def train_teacher(
     noise_gen = torch.Generator(device).manual_seed(seed + 2)
     opt = adamw(model, settings.lr, (0.9, 0.99), settings.weight_decay)
     ema = Ema(model)
-    heldout = heldout_set(32, model.cfg)
-    loss_init = heldout_loss(model, heldout, setup)
     curve: list[tuple[int, float]] = []
     pending: list[torch.Tensor] = []
     model.train()
