@@ -68,6 +68,7 @@ class Row:
     stage_ms: dict | None = None  # Monarch: median ms of the rows (R-step) and cols (L-step) kernels alone
     reload_from_disk: str | None = None  # Monarch: where configs came from after forgetting them in memory
     version: str | None = None  # Monarch: R-step kernel version (kernels/monarch.py _VERSIONS)
+    skipped: str | None = None  # why the variant was not run (not a failure), e.g. "needs CUDA"
 
     @property
     def ms(self) -> float | None:
@@ -239,7 +240,9 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
                 q_bytes=q_bytes, min_bytes=minimum_bytes(n_q, n_k, heads, dim, 1, q.element_size()))
 
     variants = {}  # name -> (fn, check(out) -> rel err, flops)
-    if not args.no_dense:  # contiguous b h n d, as SDPA prefers
+    if not args.no_dense and not cuda:  # the SDPA baselines are the GPU kernels (cuDNN, flash, efficient)
+        rows.extend(Row(name, f"sdpa-{backend}", skipped="needs CUDA") for backend in DENSE_BACKENDS)
+    elif not args.no_dense:  # contiguous b h n d, as SDPA prefers
         qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
         sample = torch.randperm(n_q, generator=torch.Generator().manual_seed(1))[:256].to(device)
         ref_rows = _dense_reference_rows(q, k, v, sample, scale)
@@ -372,7 +375,7 @@ def _fmt_row(r: Row) -> str:
     tuning = ", ".join(f"{t['source']} {t['seconds']:.1f}s" for t in r.tuning) or "–"
     if r.reload_from_disk:
         tuning += f"; next process: {r.reload_from_disk}"
-    status = "ok" if r.ok else (r.error or "not run")
+    status = "ok" if r.ok else f"skipped ({r.skipped})" if r.skipped else (r.error or "not run")
     if r.version:
         status += f" {r.version}"
     if r.stage_ms and "rows" in r.stage_ms:
@@ -560,8 +563,9 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     result["tuning_cache"] = {"path": str(_kernel_cache_path()), "exists": _kernel_cache_path().exists()}
     save(result)
     print(_markdown(result))
-    failed = [r for r in result["rows"] if not r["ok"]]
-    print(f"{len(result['rows']) - len(failed)} variants ok, {len(failed)} failed; wall {result['wall_s']:.0f} s",
-          file=sys.stderr)
+    failed = [r for r in result["rows"] if not r["ok"] and not r.get("skipped")]
+    n_skipped = sum(1 for r in result["rows"] if r.get("skipped"))
+    print(f"{len(result['rows']) - len(failed) - n_skipped} variants ok, {n_skipped} skipped, {len(failed)} failed; "
+          f"wall {result['wall_s']:.0f} s", file=sys.stderr)
     return 0 if not failed else 1
 

@@ -331,6 +331,32 @@ def _cols_candidates(b1: int, d: int) -> list[dict]:
     return out
 
 
+# Keyword arguments of each kernel launch (constexprs + num_warps / num_stages) from a launch config: shared by
+# the launcher and kernels/resources.py, so the resource report compiles exactly what the launcher runs.
+
+
+def rows_meta(cfg: dict, b2: int, d: int, upcast: bool) -> dict:
+    """``_monarch_rows_fwd`` keywords for a v1 rows config."""
+    return {"D": d, "UPCAST": upcast, "SINGLE_BLOCK": b2 <= cfg["BLOCK_L"], **cfg}
+
+
+def rows_v2_meta(cfg: dict, b2: int, n_key_tiles: int, d: int, upcast: bool) -> tuple[dict, int, int, int]:
+    """``_monarch_rows_fwd_v2`` keywords for a v2 rows config, and the launch-grid integers it implies: (keywords,
+    query tiles per program, key tiles per program, key-tile splits). ``F_SPLIT`` is a grid choice, not a
+    kernel argument."""
+    cfg = dict(cfg)
+    tiles = cfg["BLOCK_M"] // b2
+    if tiles < 1:
+        raise ToolkitError(f"v2 rows config BLOCK_M={cfg['BLOCK_M']} is smaller than the tile width {b2}")
+    f_per = triton.cdiv(n_key_tiles, cfg.pop("F_SPLIT", 1))
+    return {"D": d, "BLOCK_L": pow2(b2, 16), "UPCAST": upcast, **cfg}, tiles, f_per, triton.cdiv(n_key_tiles, f_per)
+
+
+def cols_meta(cfg: dict, d: int, upcast: bool) -> dict:
+    """``_monarch_cols_fwd`` keywords for a cols config."""
+    return {"D": d, "UPCAST": upcast, **cfg}
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gq: TileGeometry, gk: TileGeometry) -> None:
     """The launcher's constraints (also checked on fake tensors while ``torch.compile`` traces)."""
     B, n_q, H, D = q.shape
@@ -367,7 +393,8 @@ def monarch_attention_triton(
     ``toolkit.attention.monarch.monarch_attention`` (iters=1).
 
     ``block_causal_frames``: queries in chunk c see key tiles up to the end of chunk c (training path).
-    ``scale``: logit scale, default d**-0.5. ``scratch_bytes``: budget for the α/Y/c intermediates (default
+    ``scale``: logit scale, default d**-0.5. A head dim that is not a power of two ≥ 16 is zero-padded to one (a
+    copy of q, k, v). ``scratch_bytes``: budget for the α/Y/c intermediates (default
     ``DEFAULT_SCRATCH_BYTES``); work runs in chunks that fit: several query tiles of all heads, or, when one query
     tile of all heads is over budget, one query tile of a group of heads.
     Launch configs: cached on disk or heuristic; env ``TOOLKIT_KERNEL_AUTOTUNE=1`` tunes them once per shape.
@@ -378,13 +405,18 @@ def monarch_attention_triton(
     tiling = tuple(int(x) for x in tiling)
     query_frames = tuple(int(x) for x in query_frames) if query_frames is not None else (0, grid[0])
     key_frames = tuple(int(x) for x in key_frames) if key_frames is not None else query_frames
+    d = q.shape[-1]
+    scale = d**-0.5 if scale is None else float(scale)
+    pad = pow2(d, 16) - d
+    if pad:  # e.g. the bundled model's d = 40: zero columns add nothing to q·k, and v's give output columns dropped
+        q, k, v = (torch.nn.functional.pad(x, (0, pad)) for x in (q, k, v))
     _check_inputs(q, k, v, TileGeometry(grid, tiling, query_frames), TileGeometry(grid, tiling, key_frames))
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _monarch_attention_op(
+    out = _monarch_attention_op(
         q, k, v, list(grid), list(tiling), list(query_frames), list(key_frames),
         None if block_causal_frames is None else int(block_causal_frames), scale,
         None if scratch_bytes is None else int(scratch_bytes),
     )
+    return out[..., :d] if pad else out
 
 
 @torch.library.custom_op("toolkit::monarch_attention", mutates_args=())
@@ -483,34 +515,29 @@ def _forward(
         return x if (h0, h1) == (0, H) else x[:, :, h0:h1]
 
     def rows(cfg: dict, chunk: tuple) -> None:
-        cfg, (h0, h1, a0, a1), (alpha, y, c) = dict(cfg), chunk, buf
+        (h0, h1, a0, a1), (alpha, y, c) = chunk, buf
         grid_r = (b1 * triton.cdiv(b2, cfg["BLOCK_J"]), a1 - a0, B * (h1 - h0))
         _monarch_rows_fwd[grid_r](
             *(heads_of(x, h0, h1) for x in (q, k, v)), alpha, y, c, allowed, *strides_q, *strides_k, *strides_v,
-            h1 - h0, a0, a_chunk, F, b1, b2, scale_log2, *gq.args(), *gk.args(), D=D, UPCAST=upcast,
-            SINGLE_BLOCK=b2 <= cfg["BLOCK_L"], **cfg,
+            h1 - h0, a0, a_chunk, F, b1, b2, scale_log2, *gq.args(), *gk.args(), **rows_meta(cfg, b2, D, upcast),
         )
 
     def rows_v2(cfg: dict, chunk: tuple) -> None:
-        cfg, (h0, h1, a0, a1), (alpha, y, c) = dict(cfg), chunk, buf
-        tiles = cfg["BLOCK_M"] // b2  # query tiles per program
-        if tiles < 1:
-            raise ToolkitError(f"v2 rows config BLOCK_M={cfg['BLOCK_M']} is smaller than the tile width {b2}")
-        f_per = triton.cdiv(F, cfg.pop("F_SPLIT", 1))
-        n_split = triton.cdiv(F, f_per)
+        (h0, h1, a0, a1), (alpha, y, c) = chunk, buf
+        meta, tiles, f_per, n_split = rows_v2_meta(cfg, b2, F, D, upcast)
         grid_r = (b1, triton.cdiv(a1 - a0, tiles) * n_split, B * (h1 - h0))
         _monarch_rows_fwd_v2[grid_r](
             *(heads_of(x, h0, h1) for x in (q, k, v)), alpha, y, c, allowed, *strides_q, *strides_k, *strides_v,
             h1 - h0, a0, a_chunk, a1 - a0, tiles, F, f_per, n_split, b1, b2, scale_log2, *gq.args(), *gk.args(),
-            D=D, BLOCK_L=pow2(b2, 16), UPCAST=upcast, **cfg,
+            **meta,
         )
 
     def cols(cfg: dict, chunk: tuple) -> None:
-        cfg, (h0, h1, a0, a1), (alpha, y, c) = dict(cfg), chunk, buf
+        (h0, h1, a0, a1), (alpha, y, c) = chunk, buf
         grid_c = (b2 * triton.cdiv(b1, cfg["BLOCK_I"]), a1 - a0, B * (h1 - h0))
         _monarch_cols_fwd[grid_c](
             heads_of(q, h0, h1), alpha, y, c, allowed, heads_of(out, h0, h1), *strides_q, *strides_o,
-            h1 - h0, a0, a_chunk, F, b1, b2, scale_log2, *gq.args(), D=D, UPCAST=upcast, **cfg,
+            h1 - h0, a0, a_chunk, F, b1, b2, scale_log2, *gq.args(), **cols_meta(cfg, D, upcast),
         )
 
     first = chunks[0]

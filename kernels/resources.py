@@ -68,28 +68,39 @@ def compile_report(fn, pointers: dict, constexprs: dict, num_warps: int, num_sta
     }
 
 
+def split_meta(meta: dict) -> tuple[dict, int, int]:
+    """Launch keywords -> (constexprs, num_warps, num_stages), as the JIT launcher splits them."""
+    consts = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
+    return consts, meta["num_warps"], meta["num_stages"]
+
+
+# The paper's shapes (Wan2.1-1.3B, grid 21 × 30 × 52, fh,w tilings): tile widths b2 of the v1 R-step (52: the
+# 480p clip, 80: 720p), and (b2, key tiles F, query tiles per launch) of the v2 R-step: the full clip (1,1,1) and
+# the last AR chunk (3 query tiles).
+V1_WIDTHS = (52, 80)
+V2_SHAPES = ((52, 21, 21), (52, 21, 3))
+COLS_HEIGHTS = (15, 30, 90)
+
+
 def default_kernels(dim: int) -> list[tuple]:
-    """(kernel, pointer types, constexprs, warps, stages) for the configs the launchers use at the paper's shapes."""
+    """(kernel, pointer types, constexprs, warps, stages) for the configs the launchers use at the paper's shapes:
+    the keywords come from the launcher's own ``*_meta`` helpers (kernels/monarch.py), so the report compiles
+    what runs (UPCAST is False on a GPU)."""
     from toolkit.kernels import compare, explicit, monarch
 
     bf, f32, i32 = "*bf16", "*fp32", "*i32"
     rows_ptrs = dict(Q=bf, K=bf, V=bf, ALPHA=bf, Y=bf, C=f32, ALLOWED=i32)
     cols_ptrs = dict(Q=bf, ALPHA=bf, Y=bf, C=f32, ALLOWED=i32, OUT=bf)
     out = []
-    for b2 in (52, 80):
-        cfg = monarch._rows_default(b2, dim)
+    for b2 in V1_WIDTHS:
         out.append((monarch._monarch_rows_fwd, rows_ptrs,
-                    dict(D=dim, BLOCK_J=cfg["BLOCK_J"], BLOCK_L=cfg["BLOCK_L"], UPCAST=False,
-                         SINGLE_BLOCK=b2 <= cfg["BLOCK_L"]),
-                    cfg["num_warps"], cfg["num_stages"]))
-    for b2, bm, warps, stages in ((52, 128, 8, 2), (52, 64, 4, 2), (52, 64, 8, 2)):
-        out.append((monarch._monarch_rows_fwd_v2, rows_ptrs,
-                    dict(D=dim, BLOCK_M=bm, BLOCK_L=monarch.pow2(b2, 16), UPCAST=False), warps, stages))
-    for b1 in (15, 30, 90):
-        cfg = monarch._cols_default(b1, dim)
+                    *split_meta(monarch.rows_meta(monarch._rows_default(b2, dim), b2, dim, False))))
+    for b2, n_key_tiles, n_query_tiles in V2_SHAPES:
+        meta = monarch.rows_v2_meta(monarch._rows_v2_default(b2, dim, n_query_tiles), b2, n_key_tiles, dim, False)[0]
+        out.append((monarch._monarch_rows_fwd_v2, rows_ptrs, *split_meta(meta)))
+    for b1 in COLS_HEIGHTS:
         out.append((monarch._monarch_cols_fwd, cols_ptrs,
-                    dict(D=dim, BLOCK_I=cfg["BLOCK_I"], BLOCK_K=cfg["BLOCK_K"], UPCAST=False),
-                    cfg["num_warps"], cfg["num_stages"]))
+                    *split_meta(monarch.cols_meta(monarch._cols_default(b1, dim), dim, False))))
     out.append((explicit._factor_rows_fwd, dict(R=f32, V=bf, Y=f32, S=f32),
                 dict(D=dim, BLOCK_J=64, BLOCK_L=64, PRECISION="tf32x3"), 8, 2))
     out.append((explicit._factor_cols_fwd, dict(L=f32, Y=f32, S=f32, OUT=f32, ROWS=f32),

@@ -1,0 +1,70 @@
+"""`toolkit bench --tiny` on the CPU (interpreter) and the resource report's kernel arguments (kernels/resources.py)
+against what the Monarch launcher really passes."""
+
+import json
+
+import pytest
+import toolkit.kernels.monarch as km
+import torch
+from toolkit.kernels import resources
+from toolkit.kernels.bench import main
+
+
+def test_bench_tiny_on_cpu_reports_cuda_baselines_as_skipped(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOOLKIT_KERNEL_CACHE", str(tmp_path / "cache"))
+    if torch.cuda.is_available():
+        pytest.skip("CPU behaviour")
+    rc = main(["--tiny", "--shapes", "tiny-111", "--rounds", "1", "--no-autotune", "--out", str(tmp_path)])
+    assert rc == 0  # skipped baselines are not failures
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "bench_kernels.json").read_text())["rows"]}
+    for backend in ("cudnn", "flash", "efficient"):
+        r = rows[f"sdpa-{backend}"]
+        assert r["skipped"] == "needs CUDA" and not r["ok"] and r["error"] is None
+    assert rows["monarch(1, 1, 1)"]["ok"] and rows["monarch(1, 1, 1)"]["skipped"] is None
+    md = (tmp_path / "bench_kernels.md").read_text()
+    assert md.count("skipped (needs CUDA)") == 3
+
+
+class _Recorder:
+    """Stands in for a jitted kernel: ``kernel[grid](*args, **kwargs)`` records the launch instead of running."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+def test_resources_compile_the_launchers_arguments(tmp_path, monkeypatch):
+    """Each Monarch entry of the resource report has the constexprs, warps and stages the launcher passes at that
+    shape, and as many runtime arguments as the launch (meta tensors: nothing runs, nothing is compiled)."""
+    monkeypatch.setenv("TOOLKIT_KERNEL_CACHE", str(tmp_path / "cache"))
+    reports = resources.default_kernels(128)
+    monkeypatch.setattr(km, "upcast_dots", lambda dtype: False)  # as on a GPU (the interpreter upcasts bf16)
+    monkeypatch.setattr(km, "_PICKED", {}, raising=False)
+    # (kernel name, grid, tiling, query frames, version) in the order default_kernels lists them
+    launches = [
+        ("_monarch_rows_fwd", (21, 30, 52), (1, 1, 1), (0, 21), "v1"),
+        ("_monarch_rows_fwd", (21, 45, 80), (1, 1, 1), (0, 21), "v1"),
+        ("_monarch_rows_fwd_v2", (21, 30, 52), (1, 1, 1), (0, 21), "v2"),
+        ("_monarch_rows_fwd_v2", (21, 30, 52), (1, 1, 1), (18, 21), "v2"),
+        ("_monarch_cols_fwd", (21, 30, 52), (1, 2, 1), (0, 21), None),  # b1 = 15
+        ("_monarch_cols_fwd", (21, 30, 52), (1, 1, 1), (0, 21), None),  # b1 = 30
+        ("_monarch_cols_fwd", (21, 30, 52), (3, 1, 1), (0, 21), None),  # b1 = 90
+    ]
+    assert [fn.__name__ for fn, *_ in reports[:len(launches)]] == [name for name, *_ in launches]
+    for (fn, ptrs, consts, warps, stages), (name, grid, tiling, qf, version) in zip(reports, launches):
+        recorder = _Recorder()
+        monkeypatch.setattr(km, name, recorder)
+        tpf = grid[1] * grid[2]
+        q = torch.empty(1, (qf[1] - qf[0]) * tpf, 12, 128, dtype=torch.bfloat16, device="meta")
+        k = torch.empty(1, grid[0] * tpf, 12, 128, dtype=torch.bfloat16, device="meta")
+        km._forward(q, k, k, grid, tiling, query_frames=qf, key_frames=(0, grid[0]), autotune=False,
+                    version=version, stages="cols" if version is None else "rows")
+        monkeypatch.setattr(km, name, fn)
+        assert recorder.calls, name
+        args, kwargs = recorder.calls[0]
+        assert kwargs == {**consts, "num_warps": warps, "num_stages": stages}, (name, grid, tiling, qf)
+        runtime = [a for a in fn.arg_names if a not in consts]
+        assert len(args) == len(runtime), name
+        assert set(ptrs) <= set(runtime)
