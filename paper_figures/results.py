@@ -18,7 +18,7 @@ from typing import Any
 
 import xarray as xr
 
-from toolkit.analysis import netcdf_attrs
+from toolkit.analysis import RECORD_KEY, netcdf_attrs, open_results
 from toolkit.analysis.records import RecordSelection, options_dict
 
 ANALYSES = ("periodic", "topk", "monarch")
@@ -59,7 +59,7 @@ class ResultCache:
             return self._memo[key]
         path = self.out_dir / f"analysis_{label}.nc"
         if path.is_file():
-            with xr.open_dataset(path, engine="h5netcdf") as cached:
+            with open_results(path) as cached:
                 if cached.attrs.get("figures_cache_key") == key:
                     self.log(f"  {label}: reusing {path.name}")
                     self.used[label] = dict(file=path.name, cache_key=key, args=settings, reused=True)
@@ -102,6 +102,5 @@ def layer_head_table(ds: xr.Dataset, var: str, *, step: int, chunk: int) -> xr.D
     if not idx:
         raise KeyError(f"no record at step={step} chunk={chunk} in the analysis result")
     sub = ds[var].isel(record=idx)
-    layers = ds["layer"].values[idx]
-    order = layers.argsort()
-    return sub.isel(record=order).assign_coords(layer=("record", layers[order])).swap_dims(record="layer")
+    sub = sub.drop_indexes([n for n in RECORD_KEY if n in sub.xindexes])  # ``layer`` becomes the dim's own index
+    return sub.isel(record=sub["layer"].values.argsort()).swap_dims(record="layer")

@@ -12,15 +12,28 @@ Each analysis module ``toolkit.analysis.NAME`` has the same Python interface:
 loop for ``analyze``: selection (steps / chunks / layers / heads), input checks, device, progress bar, and
 stacking per-record datasets along ``record`` with coordinates ``step, chunk, layer, timestep, is_clean``.
 ``toolkit analyze NAME`` (``toolkit/commands/analyze.py``) maps its command line onto these options.
+
+Records are selected by label: ``step, chunk, layer`` (and ``run`` for several captures) carry one `RecordIndex`,
+so ``ds.sel(layer=0)`` keeps the records of layer 0 and ``ds.sel(step=3, chunk=1, layer=0)`` is one record. NetCDF
+stores no index: a results file opens with plain ``xarray.open_dataset(path, engine="h5netcdf")`` (the same
+coordinates, unindexed) and `open_results` restores the index.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from toolkit.analysis.records import RecordSelection, RecordTensors, options_dict  # noqa: F401 - re-exported
+from toolkit.analysis.records import (  # noqa: F401 - re-exported
+    RECORD_KEY,
+    RecordIndex,
+    RecordSelection,
+    RecordTensors,
+    index_records,
+    options_dict,
+)
 from toolkit.device import resolve_device
 from toolkit.errors import SelectionError, ToolkitError
 
@@ -97,7 +110,8 @@ def stack_records(datasets: list[xr.Dataset], fields: tuple[str, ...] = RECORD_F
     """Concatenate per-record datasets along a new ``record`` dim.
 
     Dims whose length varies (e.g. ``query`` between chunks) are padded (NaN; ``query_token`` −1 becomes NaN).
-    ``fields`` and any attribute whose value differs between records become ``record`` coordinates.
+    ``fields`` and any attribute whose value differs between records become ``record`` coordinates; ``step, chunk,
+    layer`` are indexed (`index_records`), so ``out.sel(layer=0)`` works.
     """
     import numpy as np
     import xarray as xr
@@ -116,6 +130,18 @@ def stack_records(datasets: list[xr.Dataset], fields: tuple[str, ...] = RECORD_F
     for k in varying:
         if out[k].dtype == bool:
             out = out.assign_coords({k: out[k].astype(np.int8)})
+    return index_records(out)
+
+
+def open_results(path: str | os.PathLike, **kwargs: Any) -> xr.Dataset:
+    """A results file of ``toolkit analyze`` / the figures' cache, opened with h5netcdf (``kwargs`` go to
+    ``xarray.open_dataset``) and its record index restored, so ``ds.sel(layer=0)`` works as on ``analyze()``'s
+    result. (Plain ``xarray.open_dataset`` gives the same variables with unindexed record coordinates.)"""
+    import xarray as xr
+
+    ds = xr.open_dataset(path, **{"engine": "h5netcdf", **kwargs})
+    out = index_records(ds)
+    out.set_close(ds._close)  # ``with open_results(path) as ds`` closes the file
     return out
 
 
@@ -151,8 +177,6 @@ def analyze_records(
     ``needs``: stored tensors the analysis reads (checked up front, one-line error). ``device``: as
     `resolve_device` (None = GPU when present); ``progress_position``: the bar's line (several files at once).
     """
-    import os
-
     from tqdm.auto import tqdm
 
     require_stored(cap, needs, name)

@@ -7,6 +7,10 @@ stable serialisation of options dataclasses (`options_dict`, the key ``toolkit f
     ds = topk.analyze(cap, records=RecordSelection(steps=(3,), layers=(0, 8)), options=topk.TopkOptions())
     t = RecordTensors.read(cap.record(3, 6, 8), heads=[0, 7])   # q, k, v, lse, tokens, grid, scale
     one = topk.analyze_record(t, topk.TopkOptions(sparsities=(0.5, 0.9)))
+
+A result's ``record`` dim is indexed by `RecordIndex` over its ``step, chunk, layer`` (and ``run``) coordinates, so
+``ds.sel(layer=0)`` / ``ds.sel(step=3, chunk=1)`` select records; `index_records` sets it (e.g. on a results file
+opened with plain ``xarray.open_dataset``; ``toolkit.analysis.open_results`` does it for you).
 """
 
 from __future__ import annotations
@@ -17,10 +21,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import xarray as xr
+
 from toolkit.errors import ToolkitError
 
 if TYPE_CHECKING:
     import torch
+
+# The coordinates that identify a record of a result (``run`` only when several captures are stacked).
+RECORD_KEY = ("run", "step", "chunk", "layer")
 
 
 def _ints(values: Sequence[int] | None) -> tuple[int, ...] | None:
@@ -108,3 +118,89 @@ def options_dict(options: Any) -> dict:
     out = _plain(options)
     json.dumps(out)  # fails here, not in a cache, if something is not serialisable
     return out
+
+
+class RecordIndex(xr.Index):
+    """Label index of the ``record`` dim over several 1-D coordinates at once (``step, chunk, layer`` and ``run``).
+
+    Why not a pandas MultiIndex: it cannot be written to NetCDF, hides the ``record`` positions and drops levels on
+    selection. This index keeps the coordinates as plain arrays (a result saves as is) and selects by mask: every
+    given coordinate must match (a scalar or a list of labels). The ``record`` dim is kept, except when every
+    indexed coordinate is given a scalar and one record matches (``ds.sel(step=3, chunk=1, layer=0)`` is that
+    record, as for a MultiIndex)."""
+
+    def __init__(self, labels: dict[str, np.ndarray], dim: str) -> None:
+        self.labels, self.dim = labels, dim
+
+    @classmethod
+    def from_variables(cls, variables, *, options) -> RecordIndex:
+        dims = {v.dims for v in variables.values()}
+        if len(dims) != 1 or len(next(iter(dims))) != 1:
+            raise ValueError(f"RecordIndex needs 1-D coordinates of one dim, got {sorted(map(str, dims))}")
+        return cls({str(k): np.asarray(v.values) for k, v in variables.items()}, next(iter(dims))[0])
+
+    @classmethod
+    def concat(cls, indexes, dim, positions=None) -> RecordIndex:
+        names = list(indexes[0].labels)
+        if any(list(i.labels) != names for i in indexes):
+            raise ValueError("cannot concatenate record indexes over different coordinates")
+        labels = {n: np.concatenate([i.labels[n] for i in indexes]) for n in names}
+        if positions is not None:
+            order = np.argsort(np.concatenate([np.asarray(p) for p in positions]))
+            labels = {n: v[order] for n, v in labels.items()}
+        return cls(labels, dim)
+
+    def create_variables(self, variables=None) -> dict:
+        variables = variables or {}
+        out = {}
+        for name, values in self.labels.items():  # input variables may be stale (before isel): metadata only
+            old = variables.get(name)
+            out[name] = xr.Variable((self.dim,), values, None if old is None else old.attrs,
+                                    None if old is None else old.encoding)
+        return out
+
+    def isel(self, indexers) -> RecordIndex | None:
+        where = indexers.get(self.dim, slice(None))
+        if isinstance(where, xr.Variable):
+            where = where.values
+        if np.ndim(where) == 0 and not isinstance(where, slice):
+            return None  # one record left: no dim to index
+        return type(self)({n: v[where] for n, v in self.labels.items()}, self.dim)
+
+    def sel(self, labels, method=None, tolerance=None):
+        from xarray.core.indexing import IndexSelResult
+
+        if method is not None or tolerance is not None:
+            raise ValueError("record coordinates select exact labels only (no method / tolerance)")
+        mask = np.ones(len(next(iter(self.labels.values()))), dtype=bool)
+        for name, wanted in labels.items():
+            if isinstance(wanted, slice):
+                raise ValueError(f"select records by {name} labels (a value or a list), not a slice")
+            wanted = wanted.values if isinstance(wanted, (xr.DataArray, xr.Variable)) else wanted
+            mask &= np.isin(self.labels[name], np.asarray(wanted).ravel())
+        found = np.flatnonzero(mask)
+        if not len(found):
+            raise KeyError(f"no record with {', '.join(f'{k}={v!r}' for k, v in labels.items())}")
+        one = set(labels) == set(self.labels) and all(np.ndim(v) == 0 for v in labels.values()) and len(found) == 1
+        return IndexSelResult({self.dim: int(found[0]) if one else found})
+
+    def equals(self, other, *, exclude=None) -> bool:
+        return (isinstance(other, RecordIndex) and list(self.labels) == list(other.labels)
+                and all(np.array_equal(v, other.labels[n]) for n, v in self.labels.items()))
+
+    def rename(self, name_dict, dims_dict) -> RecordIndex:
+        labels = {str(name_dict.get(n, n)): v for n, v in self.labels.items()}
+        return type(self)(labels, dims_dict.get(self.dim, self.dim))
+
+    def _repr_inline_(self, max_width: int) -> str:
+        return f"RecordIndex({', '.join(self.labels)})"
+
+
+def index_records(ds: xr.Dataset, dim: str = "record") -> xr.Dataset:
+    """``ds`` with `RecordIndex` on the `RECORD_KEY` coordinates it has along ``dim`` (any index they had is
+    replaced), so ``ds.sel(layer=0)`` works; unchanged when it has none (e.g. a single record)."""
+    names = [n for n in RECORD_KEY if n in ds.coords and ds[n].dims == (dim,)]
+    if not names:
+        return ds
+    ds = ds.drop_indexes([n for n in names if n in ds.xindexes], errors="ignore")
+    return ds.set_xindex(names, RecordIndex)

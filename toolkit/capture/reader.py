@@ -247,12 +247,18 @@ class Capture:
     def dataset(self):
         """The whole file as a lazy xarray Dataset (the ``toolkit`` engine: h5netcdf with bf16 bits and float16
         decoded to float32, so ``q``/``k``/``v`` equal ``Record.q()``/``k()``/``v()``; dask chunks = storage
-        chunks). ``k``/``v`` are indexed by the step that *wrote* each token: a record's keys are ``attended``."""
+        chunks). ``k``/``v`` are indexed by the step that *wrote* each token: a record's keys are ``attended``.
+        Coordinates (``key_frame``, ``query_row``, ``timestep``, ...) are numpy arrays, not dask, so
+        ``ds.k.groupby("key_frame")`` works."""
         import xarray as xr
 
         from toolkit.capture.xarray_backend import ToolkitBackendEntrypoint
 
-        return xr.open_dataset(self.path, engine=ToolkitBackendEntrypoint, chunks={})
+        ds = xr.open_dataset(self.path, engine=ToolkitBackendEntrypoint, chunks={})
+        # grid coordinates are 1-D and small; dask-backed ones cannot be grouped by (xarray needs their labels)
+        out = ds.assign_coords({n: c.variable.load() for n, c in ds.coords.items() if n not in ds.xindexes})
+        out.set_close(ds._close)  # closing the view closes the file
+        return out
 
     def attended(self, record, heads=None):
         """Lazy view of exactly what ``record``'s queries attended, as an ``xarray.Dataset``: ``k`` and ``v``

@@ -5,7 +5,11 @@ device=..., progress=...) -> xr.Dataset`` (see ``toolkit/analysis/__init__.py``)
 line: ``ARGUMENTS[NAME]`` adds its options to a parser and `options_from_args` maps the parsed arguments onto the
 dataclasses. Its options are parsed after the name, so ``toolkit --help`` never imports torch. One RUN file runs
 in this process; several are mapped over with dask (threads here, or the cluster at ``--scheduler ADDRESS``) and
-stacked along ``record`` with a ``run`` coordinate.
+stacked along ``record`` with a ``run`` coordinate: the shortest trailing path that tells the files apart (the
+basename, or ``a/run.h5`` and ``b/run.h5``); the ``runs`` attribute lists their absolute paths. Captures of
+different token grids or analysed heads are refused (they would be NaN-padded) unless ``--stack-mismatched``. The
+result's ``record`` dim is indexed by ``run, step, chunk, layer`` in memory; the file stores those coordinates
+unindexed (``toolkit.analysis.open_results`` restores the index).
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ import argparse
 import importlib
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from toolkit.analysis.records import RecordSelection
 
 # name -> module; order = order in the help text.
 ANALYSES = {
@@ -86,6 +94,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                           help="local dask threads (default: #RUN files, ≤ 4)")
     run_opts.add_argument("--quiet", "--no-progress", dest="progress", action="store_false",
                           help="no progress bars (as `toolkit capture --quiet`)")
+    run_opts.add_argument("--stack-mismatched", action="store_true",
+                          help="stack RUN files whose token grids or analysed heads differ (the result is NaN-padded "
+                               "where a run has no such head / offset; default: refuse)")
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -217,16 +228,50 @@ def _load(name: str):
 
 
 def analyze_file(name: str, path: str, records, options, *, device: str | None = None, progress: bool = True,
-                 progress_position: int | None = None):
-    """One RUN file -> Dataset (the unit of work dask schedules; it re-imports by name so it pickles)."""
+                 progress_position: int | None = None, label: str | None = None):
+    """One RUN file -> Dataset with coordinate ``run`` = ``label`` (default: the basename) on every record (the unit
+    of work dask schedules; it re-imports by name so it pickles)."""
+    from toolkit.analysis import index_records
     from toolkit.capture import open_capture
 
     module = _load(name)
     with open_capture(path) as cap:
         ds = module.analyze(cap, records, options, device=device, progress=progress,
                             progress_position=progress_position)
-        ds = ds.assign_coords(run=("record", [os.path.basename(path)] * ds.sizes["record"]))
-        return ds.load()
+        ds = ds.assign_coords(run=("record", [label or os.path.basename(path)] * ds.sizes["record"]))
+        return index_records(ds.load())
+
+
+def run_names(paths: list[str]) -> list[str]:
+    """Short labels of ``paths``: the fewest trailing path components that tell them apart (``a/run.h5``,
+    ``b/run.h5``); the basename when the basenames differ."""
+    parts = [os.path.abspath(p).split(os.sep) for p in paths]
+    for n in range(1, max(len(p) for p in parts) + 1):
+        names = [os.sep.join(p[-n:]) for p in parts]
+        if len(set(names)) == len(set(map(tuple, parts))):
+            return names
+    return [os.path.abspath(p) for p in paths]
+
+
+def check_stackable(runs: list[str], records: RecordSelection | None) -> None:
+    """Refuse, in one line, RUN files whose results would be NaN-padded against each other when stacked: different
+    token grids (offsets, frames, Monarch layouts differ) or different analysed heads. Checked on the captures, before
+    any analysis runs."""
+    from toolkit.analysis import select_heads
+    from toolkit.capture import open_capture
+    from toolkit.errors import ToolkitError
+
+    first = None
+    for path in runs:
+        with open_capture(path) as cap:
+            facts = {"token grid": tuple(int(x) for x in cap.layout.grid), "heads": select_heads(cap, records)}
+        if first is None:
+            first = (path, facts)
+            continue
+        for what, value in facts.items():
+            if value != first[1][what]:
+                raise ToolkitError(f"cannot stack {first[0]} and {path}: {what} {list(first[1][what])} vs "
+                                   f"{list(value)} (stacking would NaN-pad); pass --stack-mismatched to stack anyway")
 
 
 def _check_files(runs: list[str], out: str) -> None:
@@ -248,8 +293,9 @@ def _compute_many(name: str, args: argparse.Namespace, records, options) -> list
 
     from toolkit.errors import ToolkitError
 
+    labels = run_names(args.runs)
     tasks = [dask.delayed(analyze_file, pure=False)(name, path, records, options, device=args.device,
-                                                    progress=args.progress, progress_position=i)
+                                                    progress=args.progress, progress_position=i, label=labels[i])
              for i, path in enumerate(args.runs)]
     if args.scheduler:
         try:
@@ -272,10 +318,14 @@ def run(args: argparse.Namespace) -> int:
     opts = build_parser(name, module).parse_args(args.rest)
     _check_files(opts.runs, opts.out)
     records, options = records_from_args(opts), options_from_args(name, opts)
+    if len(opts.runs) > 1 and not opts.stack_mismatched:
+        check_stackable(opts.runs, records)
     if len(opts.runs) == 1:
         parts = [analyze_file(name, opts.runs[0], records, options, device=opts.device, progress=opts.progress)]
     else:
         parts = _compute_many(name, opts, records, options)
+    # "outer": records of different chunks have different query counts (padded as within one run); mismatched
+    # grids / heads were refused above unless --stack-mismatched
     result = parts[0] if len(parts) == 1 else xr.concat(parts, dim="record", join="outer",
                                                         combine_attrs="drop_conflicts")
     result = result.assign_coords(record=range(result.sizes["record"]))
