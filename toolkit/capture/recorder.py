@@ -31,7 +31,7 @@ import torch
 from toolkit.attention import exact
 from toolkit.capture.pooled import accumulate_pooled, packed_bins, tf32_for_bf16_values, unpack
 from toolkit.capture.selection import Plan, RunLayout, Selection, resolve
-from toolkit.capture.store import AsyncWriter, CaptureStore, CaptureWriteError, to_storage
+from toolkit.capture.store import AsyncWriter, CaptureLock, CaptureStore, CaptureWriteError, to_storage
 from toolkit.errors import ToolkitError
 from toolkit.models.seam import AttentionContext, seams
 
@@ -302,6 +302,13 @@ def capture(
         raise ToolkitError(f"model has {len(found)} attention seams, the capture layout says {layout.num_layers}")
     path = os.fspath(out)
     provenance = {**runtime_provenance(model), **(provenance or {})}
+    with CaptureLock(path):  # one writer per file, whatever HDF5's own locking does (often off on NFS/Lustre)
+        yield from _capture_locked(model, plan, found, path, provenance, resume=resume, progress=progress,
+                                   max_inflight_bytes=max_inflight_bytes)
+
+
+def _capture_locked(model: torch.nn.Module, plan: Plan, found: list, path: str, provenance: dict, *, resume: bool,
+                    progress: bool, max_inflight_bytes: int | None) -> Iterator[Recorder]:
     model_dtype = next((p.dtype for p in model.parameters()), None)
     if resume and os.path.exists(path):
         store, done, done_kv = CaptureStore.reopen(path, plan, provenance)

@@ -37,17 +37,34 @@ and flushed together: per-record flushes made pooled captures of all layers 1.24
 (step, chunk) 1.05×). A killed run leaves a file that opens, has ``complete = 0`` and whose flagged records are
 intact. Compressed datasets allocate chunks as they are written (metadata changes), so their crash safety is
 best-effort (a flush after every (step, chunk)).
+
+**Write errors** (disk full, quota, file-size limit). Files are opened without HDF5's chunk cache, so each
+write reaches the OS (or fails) inside the write call: a chunk left in a cache is written only on eviction, flush
+or close, and a failed close is reported nowhere useful (in a ``__del__`` it is only printed) and leaves HDF5 with a
+freed dataset that crashes the process later (SIGBUS/SIGSEGV). The store keeps one Dataset handle per variable
+for its lifetime (no per-write temporaries) and flushes before setting flags, so a flag reaches the file only
+after its data did. An error in the writer thread is raised by the main thread's next call and stops the
+capture; the file keeps ``complete = 0`` and is closed without further metadata writes.
+
+**Creation and writers.** The file is built under a temporary name in the same folder and renamed into place when
+its schema is written, so an interrupted start leaves no file under the final name (a re-run or ``--resume``
+just starts again). One process writes a capture at a time: ``CaptureLock`` holds ``flock`` on ``<file>.lock``
+for the whole capture (HDF5's own file locking is often disabled on NFS/Lustre with
+``HDF5_USE_FILE_LOCKING=FALSE``); the lock dies with its process, so a lock file left by a killed run is reused.
 """
 
 from __future__ import annotations
 
 import datetime
 import errno
+import fcntl
 import json
 import os
 import queue
 import re
+import socket
 import threading
+import warnings
 from dataclasses import asdict
 
 import h5py
@@ -61,6 +78,7 @@ from toolkit.errors import ToolkitError
 FORMAT_NAME = "toolkit-capture"
 FORMAT_VERSION = 1
 BF16_DECODE = "float32 bits = uint32(x) << 16"
+NO_CHUNK_CACHE = {"rdcc_nbytes": 0, "rdcc_nslots": 1}  # writes are synchronous: see "Write errors" above
 
 
 class CaptureWriteError(ToolkitError):
@@ -118,6 +136,74 @@ def from_storage(arr: np.ndarray, dtype_logical: str, device: torch.device | str
     return raw.view(torch.bfloat16).float() if dtype_logical == "bfloat16" else raw.float()
 
 
+def temporary_path(path: str) -> str:
+    """Where ``CaptureStore.create`` builds the file before renaming it to ``path`` (same folder: same file system)."""
+    return f"{path}.creating"
+
+
+def lock_path(path: str) -> str:
+    return f"{path}.lock"
+
+
+class CaptureLock:
+    """Exclusive right to write the capture at ``path``: ``flock`` on ``<path>.lock``, which holds the owner's pid
+    and host for the refusal message. The lock dies with the process (a leftover file does not block) and the file
+    is removed on release. Use as a context manager."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.file = lock_path(path)
+        self.fd: int | None = None
+
+    def __enter__(self) -> CaptureLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        while True:
+            try:
+                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise CaptureWriteError(describe_os_error(err, self.path)) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown pid"
+                os.close(fd)
+                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise ToolkitError(f"{self.path} is being written by another capture ({holder}; lock "
+                                       f"{self.file}); wait for it to finish or choose a new --out") from None
+                if err.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):  # e.g. Lustre without -o flock
+                    warnings.warn(f"cannot lock {self.file} ({os.strerror(err.errno)}): nothing stops a second "
+                                  f"writer of {self.path}", stacklevel=3)
+                    return
+                raise CaptureWriteError(describe_os_error(err, self.path)) from None
+            # A releasing owner unlinks the file: if that happened after our open, we locked an orphan; retry.
+            try:
+                st, mine = os.stat(self.file), os.fstat(fd)
+                if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.remove(self.file)  # still locked: a waiting opener sees the inode change and retries
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
 class CaptureStore:
     """Creates (or reopens for ``--resume``) the file and performs writes; used only from the writer thread
     after construction."""
@@ -125,35 +211,48 @@ class CaptureStore:
     def __init__(self, path: str, plan: Plan, file: h5py.File, storage: str) -> None:
         self.path, self.plan, self.file, self.storage = path, plan, file, storage
         self.resumed = False
+        self.datasets: dict[str, h5py.Dataset] = {}  # opened once: see "Write errors" above
         self.step_index = {s: i for i, s in enumerate(plan.stored_steps)}
         self.layer_index = {layer: i for i, layer in enumerate(plan.layers)}
 
     # ------------------------------------------------------------------------------------------------ creation
     @classmethod
     def create(cls, path: str, plan: Plan, model_dtype: torch.dtype | None, provenance: dict) -> CaptureStore:
+        """Build the file under ``temporary_path(path)`` and rename it to ``path`` once its schema is flushed: a
+        kill or Ctrl-C during creation leaves nothing under ``path``. The caller holds ``CaptureLock(path)``,
+        so the temporary name is ours (a leftover of a killed start is overwritten)."""
         storage = resolve_storage_dtype(plan.selection.dtype, model_dtype)
+        if os.path.exists(path):
+            raise ToolkitError(f"{path} exists; pass --resume to continue it or choose a new --out")
+        tmp = temporary_path(path)
         try:
-            f = h5py.File(path, "w-", track_order=True)
+            f = h5py.File(tmp, "w", track_order=True, **NO_CHUNK_CACHE)
         except (OSError, ValueError) as err:
             raise CaptureWriteError(describe_os_error(err, path)) from None
         try:
             store = cls(path, plan, f, storage)
             store._build(model_dtype, provenance)
             f.flush()
-        except (OSError, RuntimeError) as err:
+            os.replace(tmp, path)  # the open file follows its inode
+        except BaseException as err:
             try:
                 f.close()
             except (OSError, RuntimeError):
                 pass
-            os.remove(path)  # our own half-created file: nothing in it is usable
-            raise CaptureWriteError(describe_os_error(err, path)) from None
+            try:
+                os.remove(tmp)  # our own half-created file: nothing in it is usable
+            except OSError:
+                pass
+            if isinstance(err, (OSError, RuntimeError)):
+                raise CaptureWriteError(describe_os_error(err, path)) from None
+            raise
         return store
 
     @classmethod
     def reopen(cls, path: str, plan: Plan, provenance: dict) -> tuple[CaptureStore, set, set]:
         """Reopen an interrupted capture to fill in missing records; refuses a file from a different run."""
         try:
-            f = h5py.File(path, "r+")
+            f = h5py.File(path, "r+", **NO_CHUNK_CACHE)
         except OSError as err:
             raise CaptureWriteError(describe_os_error(err, path)) from None
         try:
@@ -326,19 +425,39 @@ class CaptureStore:
         return ds
 
     # ------------------------------------------------------------------------------------------------ writes
-    def write(self, name: str, index: tuple, array: np.ndarray) -> None:
-        self.file[name][index] = array
+    def dataset(self, name: str) -> h5py.Dataset:
+        ds = self.datasets.get(name)
+        if ds is None:
+            ds = self.datasets[name] = self.file[name]
+        return ds
 
-    def close(self, complete: bool) -> None:
+    def write(self, name: str, index: tuple, array: np.ndarray) -> None:
+        self.dataset(name)[index] = array
+
+    def flush(self) -> None:
+        """Write out whatever HDF5 still buffers (metadata; chunk index of compressed data); raises on failure."""
+        self.file.flush()
+
+    def set_flags(self, name: str, index: tuple) -> None:
+        """``name[index] = 1``, written out now; call after ``flush``: the data they vouch for is in the file."""
+        self.write(name, index, np.uint8(1))
+        self.dataset(name).id.flush()
+
+    def close(self, complete: bool, failed: bool = False) -> None:
+        """Set ``complete`` and close. After a write error (``failed``) nothing more is written: the file keeps
+        what was flushed, flags included, and ``complete = 0``."""
         if not self.file.id.valid:
             return
+        self.datasets.clear()
         try:
-            if self.resumed:
-                history = str(self.file.attrs.get("history", ""))
-                self.file.attrs["history"] = history + f"\n{_now()}: resumed, complete={int(complete)}"
-            if int(self.file.attrs["complete"]) != int(complete):
-                self.file.attrs["complete"] = int(complete)
-            self.file.flush()
+            if not failed:
+                if self.resumed:
+                    history = str(self.file.attrs.get("history", ""))
+                    self.file.attrs["history"] = history + f"\n{_now()}: resumed, complete={int(complete)}"
+                if int(self.file.attrs["complete"]) != int(complete):
+                    self.file.flush()  # everything else first: complete = 1 only on top of written records
+                    self.file.attrs["complete"] = int(complete)
+                self.file.flush()
         finally:
             self.file.close()
 
@@ -367,8 +486,9 @@ class AsyncWriter:
     ``put`` copies a tensor into a host buffer — pinned and non-blocking on CUDA, ordered on the current stream
     so later in-place writes to the KV cache cannot race it — and returns; the thread waits for the copy's event
     and writes. ``mark`` sets flags (one index, or a slice: one HDF5 write and one flush for a whole (step, chunk)
-    of records) and flushes the file, after every write queued before it. A write error is
-    kept and re-raised (one line) by the next ``put``/``mark``/``close`` in the main thread."""
+    of records) once every write queued before it is flushed to the file. A write error is kept,
+    later items are dropped, and it is re-raised (one line) by the next ``check``/``put``/``mark``/``close`` in
+    the main thread (the recorder's hook checks on every seam call, so the sampler stops)."""
 
     def __init__(self, store: CaptureStore, *, max_inflight_bytes: int = 2 << 30, progress=None) -> None:
         self.store = store
@@ -430,8 +550,8 @@ class AsyncWriter:
                     self.bytes_written += arr.nbytes
                 else:
                     _, name, index, records = item
-                    self.store.write(name, index, np.uint8(1))
-                    self.store.file.flush()
+                    self.store.flush()  # the data first: a flag must never reach the file before its data
+                    self.store.set_flags(name, index)
                     if records:
                         self.records_written += records
                         if self.progress is not None:
@@ -451,7 +571,7 @@ class AsyncWriter:
         self.queue.put(None)
         self.thread.join()
         try:
-            self.store.close(complete and self.error is None)
+            self.store.close(complete and self.error is None, failed=self.error is not None)
         except (OSError, RuntimeError) as err:
             self.error = self.error or describe_os_error(err, self.store.path)
         if self.progress is not None:

@@ -96,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
         raise ToolkitError(f"{args.out} exists; pass --resume to continue it or choose a new --out")
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)  # like any writer: `--out runs/x.h5` just works
+    from toolkit.capture.store import CaptureLock
+
+    with CaptureLock(args.out):  # refuse a second writer now, not after loading the model (capture locks again)
+        pass
 
     from toolkit.pipeline import prepare_run, sample
 
