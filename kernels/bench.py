@@ -517,9 +517,15 @@ def _resources() -> list[dict]:
         return [{"error": f"{type(err).__name__}: {err}"[:200]}]
 
 
+BENCH_OUTPUTS = ("bench_kernels.json", "bench_kernels.md")  # what --out receives; existing ones need --force
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="bench_kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="directory for bench_kernels.json / bench_kernels.md")
+    p.add_argument("--out", required=True,
+                   help="directory for bench_kernels.json / bench_kernels.md (results already there are kept unless "
+                        "--force)")
+    p.add_argument("--force", action="store_true", help="replace bench_kernels.json / .md already in --out")
     p.add_argument("--shapes", nargs="*", choices=sorted({*SHAPES, *TINY_SHAPES}), default=None,
                    help="subset of shapes (default: all)")
     p.add_argument("--heads", type=int, default=12)
@@ -539,10 +545,19 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    from toolkit.errors import OutputError, check_output, prepare_output_dir
+
     args = args or build_parser().parse_args(argv)
+    try:  # the toolkit's overwrite policy, also when run as benchmarks/bench_kernels.py (one line, exit 2)
+        note = check_output(args.out, force=getattr(args, "force", False), folder=True, outputs=BENCH_OUTPUTS)
+        prepare_output_dir(args.out, folder=True)
+    except OutputError as err:
+        print(f"toolkit bench: error: {err}", file=sys.stderr)
+        return 2
+    if note:
+        print(f"toolkit bench: {note}", file=sys.stderr)
     if args.tiny:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
 
     def save(result: dict) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from toolkit.errors import ToolkitError
 
@@ -26,8 +27,16 @@ COMMANDS = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line and exit 2, as every other user error (argparse prints the whole usage first,
+    which for a subcommand is a screenful). Subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="toolkit",
         description=(
             "Attention-analysis toolkit for video diffusion transformers: run Self-Forcing / Wan2.1 / the "

@@ -87,13 +87,31 @@ class Run:
         }
 
 
-def condition(spec: registry.ModelSpec, prompt: str, *, prompt_embeds: str | None, device: torch.device):
+def load_prompt_embeds(path: str, text_dim: int | None) -> torch.Tensor:
+    """``--prompt-embeds FILE`` checked as an argument: one prompt's embeddings ``[L, text_dim]`` or
+    ``[1, L, text_dim]`` (any width when ``text_dim`` is None; entries that are not floating-point tensors are
+    refused by the loader); anything else is one line naming the file, not a shape error deep inside the model."""
+    file = Path(path)
+    if not file.is_file():
+        raise ToolkitError(f"--prompt-embeds {path}: no such file")
+    context = text_encoder.load_prompt_embeds(file)
+    width = context.shape[-1] if text_dim is None else text_dim
+    if not context.is_floating_point() or context.shape[0] != 1 or context.shape[-1] != width:
+        raise ToolkitError(f"--prompt-embeds {path}: expected one prompt's embeddings [L, {width}], got "
+                           f"[{context.shape[0]}, L, {context.shape[-1]}]")
+    return context
+
+
+def condition(spec: registry.ModelSpec, prompt: str, *, prompt_embeds: str | torch.Tensor | None,
+              device: torch.device):
     """Prompt -> context [1, L, text_dim] as the model is conditioned: the bundled model's structured toy prompt,
-    else umT5-XXL embeddings (cached on disk) or a user-supplied ``--prompt-embeds`` file."""
+    else umT5-XXL embeddings (cached on disk) or a user-supplied ``--prompt-embeds`` file (or its loaded tensor)."""
     if spec.conditioning == "toy":
-        if prompt_embeds:
+        if prompt_embeds is not None:
             raise ToolkitError(f"--prompt-embeds is for models conditioned on umT5; {spec.name} takes a toy prompt")
         return encode_prompt(prompt).to(device)
+    if isinstance(prompt_embeds, torch.Tensor):
+        return prompt_embeds.to(device)
     if prompt_embeds:
         return text_encoder.load_prompt_embeds(prompt_embeds).to(device)
     return text_encoder.encode_prompts([prompt], device=device).to(device)
@@ -122,14 +140,26 @@ def prepare_run(
         raise ToolkitError(f"--noise {noise!r}: choose {' or '.join(NOISE_MODES)}")
     spec = registry.get_spec(model)  # unknown names fail here, before anything loads
     dev = resolve_device(device)
+    if prompt is not None and not prompt.strip():
+        raise ToolkitError(f"--prompt is empty; leave it out to use {spec.name}'s default prompt "
+                           f"({spec.default_prompt!r})")
     prompt = prompt or spec.default_prompt
+    if not -(2**63) <= seed < 2**63:
+        raise ToolkitError(f"--seed {seed}: a seed is an integer that fits 64 bits (-2^63 .. 2^63-1)")
+    embeds = None
+    if prompt_embeds and spec.conditioning != "toy":  # a bad file fails before the weights are even looked for
+        embeds = load_prompt_embeds(prompt_embeds, spec.config().text_dim if checkpoint is None else None)
     registry.find_weights(model, checkpoint)  # missing weights: fail in seconds, before loading anything
     if spec.uses_wan_assets and not prompt_embeds:
         registry.wan_file(registry.T5_FILE)  # likewise the text encoder, before loading 3 GB of DiT weights
     net, info = registry.load_model(model, checkpoint, device=dev, dtype=DTYPES[dtype])
     set_attention(net, attention)
     sampler = sampler_from(info.sampler)
-    context = condition(spec, prompt, prompt_embeds=prompt_embeds, device=dev).to(net.dtype)
+    if embeds is not None and embeds.shape[-1] != net.cfg.text_dim:  # a --checkpoint config.json may differ
+        raise ToolkitError(f"--prompt-embeds {prompt_embeds}: width {embeds.shape[-1]}, but {model} from "
+                           f"{info.checkpoint} takes text_dim {net.cfg.text_dim}")
+    context = condition(spec, prompt, prompt_embeds=embeds if embeds is not None else prompt_embeds,
+                        device=dev).to(net.dtype)
     negative = None
     if getattr(sampler, "guidance_scale", 1.0) != 1.0:
         negative = condition(spec, WAN_NEGATIVE_PROMPT, prompt_embeds=None, device=dev).to(net.dtype)

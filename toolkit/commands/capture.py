@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from toolkit.commands.generate import add_run_arguments
+from toolkit.commands.generate import add_run_arguments, seed_type
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,14 +23,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_run_arguments(p)
     g = p.add_argument_group("what to record")
-    g.add_argument("--out", default="capture.h5", help="HDF5 file to write (must not exist unless --resume)")
+    g.add_argument("--out", default="capture.h5",
+                   help="HDF5 file to write (default capture.h5); an existing one is refused unless --resume "
+                        "(continue it) or --force (replace it)")
     g.add_argument("--layers", default="all", help="layers (default all)")
     g.add_argument("--heads", default="all", help="heads (default all)")
     g.add_argument("--steps", default="all", help="sampler steps; 'clean' = the clean pass (default all)")
     g.add_argument("--chunks", default="all", help="autoregressive chunks (default all)")
     g.add_argument("--queries", default="all", metavar="all|stride:N|random:N",
                    help="stored query rows: all, every N-th token of each frame, or N random tokens per frame")
-    g.add_argument("--query-seed", type=int, default=0, help="seed of random:N queries (default 0)")
+    g.add_argument("--query-seed", type=seed_type, default=0,
+                   help="seed of random:N queries, a 64-bit integer (default 0)")
     g.add_argument("--store", default="q,k,v,lse",
                    help="comma list of q,k,v,lse,maps,pooled (default q,k,v,lse; maps only under --max-map-bytes)")
     g.add_argument("--storage-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
@@ -38,7 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--compression", default="none", choices=["none", "gzip", "lzf"],
                    help="none (default: fastest, crash-safe), gzip (portable, ~1.4x smaller for bf16), lzf (h5py only)")
     g.add_argument("--max-map-bytes", default="4GB", help="size guard for --store maps (default 4GB)")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted capture of the same run in --out")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted capture of the same run in --out (its finished records are kept; "
+                        "a complete one is left as it is)")
+    g.add_argument("--force", action="store_true", help="replace an existing --out with a new capture")
     g.add_argument("--dry-run", action="store_true", help="check the selection, print what would be written, stop")
     p.set_defaults(func=run)
 
@@ -51,9 +57,12 @@ def parse_bytes(text: str) -> int:
     t = text.strip().upper().replace(" ", "")
     num = t.rstrip("KMGTIB")
     try:
-        return int(float(num) * units[t[len(num):]])
+        value = float(num) * units[t[len(num):]]
+        if not 0 <= value < 2**63:  # inf, nan, negative: int() would raise or the guard would mean nothing
+            raise ValueError
+        return int(value)
     except (ValueError, KeyError):
-        raise SelectionError(f"cannot read size '{text}' (e.g. 4GB, 512MiB)") from None
+        raise SelectionError(f"cannot read size '{text}' (a finite size such as 4GB or 512MiB)") from None
 
 
 def describe_plan(plan, model_dtype=None) -> str:
@@ -71,10 +80,12 @@ def run(args: argparse.Namespace) -> int:
 
     from toolkit.attention.backends import parse_attention
     from toolkit.capture import Selection, capture, resolve
-    from toolkit.errors import ToolkitError
+    from toolkit.commands.generate import check_run_arguments
+    from toolkit.errors import check_output, prepare_output_dir
     from toolkit.models import registry
 
     parse_attention(args.attention)
+    check_run_arguments(args)
     select = Selection(layers=args.layers, heads=args.heads, steps=args.steps, chunks=args.chunks,
                        queries=args.queries, seed=args.query_seed,
                        store=tuple(s.strip() for s in args.store.split(",") if s.strip()),
@@ -87,19 +98,24 @@ def run(args: argparse.Namespace) -> int:
     from toolkit.pipeline import DTYPES
 
     model_dtype = DTYPES[args.dtype] or registry.default_dtype(resolve_device(args.device))
+    # A dry run refuses what the run would refuse: an --out that exists or cannot be written.
+    note = check_output(args.out, force=args.force, resume=args.resume, can_resume=True)
     say(f"capture plan: {describe_plan(plan, model_dtype)}")
     if args.dry_run:
         return 0
     import os
+    import sys
 
-    if os.path.exists(args.out) and not args.resume:
-        raise ToolkitError(f"{args.out} exists; pass --resume to continue it or choose a new --out")
-    if os.path.dirname(args.out):
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)  # like any writer: `--out runs/x.h5` just works
+    prepare_output_dir(args.out)  # `--out runs/x.h5` creates runs/; an unwritable place fails here, in one line
     from toolkit.capture.store import CaptureLock
 
     with CaptureLock(args.out):  # refuse a second writer now, not after loading the model (capture locks again)
-        pass
+        if args.resume and os.path.exists(args.out):
+            done = complete_records(args.out, args, plan, layout)
+            if done is not None:
+                print(f"toolkit capture: {args.out} is already complete ({done} records of this run); "
+                      "nothing to do", file=sys.stderr)
+                return 0
 
     from toolkit.pipeline import prepare_run, sample
 
@@ -113,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
     provenance = {**r.provenance(), "history_command": "toolkit capture " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
         if k not in ("func", "command") and v not in (None, False))}
+    if note:  # said once the run is ready to write: refusals before this point stay one line
+        print(f"toolkit capture: {note}", file=sys.stderr)
+    if args.force and os.path.exists(args.out):
+        with CaptureLock(args.out):  # the old capture goes only now that the new run is ready to write
+            os.remove(args.out)
     t1 = time.perf_counter()
     with capture(r.model, select, args.out, layout=layout, provenance=provenance, resume=args.resume,
                  progress=not args.quiet) as rec:
@@ -124,3 +145,35 @@ def run(args: argparse.Namespace) -> int:
         f"{human_bytes(rec.bytes_written)} written to {args.out} in {t2 - t1:.1f} s "
         f"(model load {t1 - t0:.1f} s)")
     return 0
+
+
+def complete_records(path: str, args: argparse.Namespace, plan, layout) -> int | None:
+    """The number of records of a capture in ``path`` that is complete and was made with these flags (those known
+    without loading the model: layout or checkpoint path, selection, model, prompt, seed, attention, noise, dtype),
+    else None: then resuming proceeds and the store's own checks say what differs."""
+    import h5py
+    import numpy as np
+
+    from toolkit.capture.store import FORMAT_NAME, _attr, _selection_attrs
+    from toolkit.models import registry
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        return None  # not an HDF5 file: resuming reports it in one line
+    with f:
+        a = f.attrs
+        if a.get("format") != FORMAT_NAME or str(a.get("complete")) != "1" or "record_complete" not in f:
+            return None
+        expected = {"selection": _attr(_selection_attrs(plan)), "model": args.model,
+                    "prompt": args.prompt or registry.get_spec(args.model).default_prompt,
+                    "seed": args.seed, "attention": args.attention, "noise": args.noise}
+        if args.checkpoint is None:
+            expected["layout"] = _attr(layout.to_attrs())
+        else:  # its config.json decides the layout: the same weights path, no weights read
+            expected["checkpoint"] = str(registry.find_weights(args.model, args.checkpoint))
+        if args.dtype != "auto":
+            expected["compute_dtype"] = args.dtype
+        if any(str(a.get(k)) != str(v) for k, v in expected.items()):
+            return None
+        return int(np.count_nonzero(f["record_complete"][...]))

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import argparse
 
+from toolkit.commands.generate import seed_type
+
 FIGURE_NAMES = ("fig1", "fig2", "coverage", "alignment", "offsets", "spectra", "head-types", "kernels")
 MODEL_FIGURES = ("semantic",)  # made by running the bundled model on a rendered clip, not from a capture
+# What an earlier `figures` run left in --out that a new one would replace: figures (PNG/PDF, the semantic figure's
+# numbers) and the manifest. Cached analyses (analysis_*.nc) are not among them: they are reused when they match.
+FIGURE_OUTPUTS = ("manifest.json", "*.png", "*.pdf", "semantic_correspondence.json")
 
 
 def _ints(text: str) -> list[int] | None:
@@ -52,7 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run", metavar="RUN.h5", nargs="?", default=None,
                    help="capture file (toolkit capture); not needed for --figures semantic alone")
-    p.add_argument("--out", default="figs", help="output folder (default: figs)")
+    p.add_argument("--out", default="figs",
+                   help="output folder (default: figs); one holding figures or a manifest.json of an earlier run is "
+                        "refused unless --force. Cached analyses there (analysis_*.nc) are reused when they match")
+    p.add_argument("--force", action="store_true",
+                   help="replace the figures and manifest.json of an earlier run in --out (its matching cached "
+                        "analyses are still reused: delete analysis_*.nc to recompute them)")
     p.add_argument("--figures", default="all", metavar="LIST",
                    help=f"comma list of {', '.join(FIGURE_NAMES + MODEL_FIGURES)} or all (default: every capture "
                         "figure; kernels only with --bench; semantic only when named)")
@@ -85,7 +95,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt", default=None,
                    help="toy prompt of the rendered clip, e.g. '2 sprites: red circle, blue square; pan left' "
                         "(default: the bundled default prompt)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the rendered clip and its noise (default 0)")
+    g.add_argument("--seed", type=seed_type, default=0,
+                   help="seed of the rendered clip and its noise, a 64-bit integer (default 0)")
     g.add_argument("--sprite", default=None, metavar="SLOT|COLOUR",
                    help="sprite holding the query: prompt slot (0 = first) or colour (default: the one covering "
                         "most tokens of the last frame)")
@@ -99,7 +110,11 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never open a window (SSH, CI); notebooks keep their inline backend
-    from toolkit.errors import ToolkitError
+    import sys
+    from pathlib import Path
+
+    from toolkit.device import check_device
+    from toolkit.errors import ToolkitError, check_output, prepare_output_dir
     from toolkit.paper_figures import FigureSettings, make_figures, resolve_figures
 
     asked = [x.strip() for x in args.figures.split(",") if x.strip()]
@@ -118,6 +133,15 @@ def run(args: argparse.Namespace) -> int:
                                "--out DIR (only --figures semantic is made without one, from the model)")
     if semantic:
         semantic_options(args)  # a bad prompt or head fails before anything loads or runs
+    if args.device is not None:
+        check_device(args.device)
+    note = check_output(args.out, force=args.force, folder=True, outputs=FIGURE_OUTPUTS)
+    if capture_figures and not Path(args.run).is_file():
+        raise ToolkitError(f"{args.run}: no such capture file")
+    # A read-only or uncreatable --out fails now, not after hours of analyses; a refusal below leaves no folder.
+    prepare_output_dir(args.out, folder=True, keep=False)
+    if note:
+        print(f"toolkit figures: {note}", file=sys.stderr)
     if capture_figures:
         make_figures(args.run, args.out, settings, log=log, progress=not args.quiet)
     if semantic:
@@ -137,6 +161,9 @@ def semantic_options(args: argparse.Namespace) -> dict:
     if args.step is not None and not 0 <= args.step <= len(SELF_FORCING_STEPS):
         raise ToolkitError(f"--step {args.step}: the semantic figure takes the last chunk's denoising step "
                            f"0..{len(SELF_FORCING_STEPS) - 1}, or {len(SELF_FORCING_STEPS)} for its clean pass")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ToolkitError(f"--prompt is empty; leave it out to use the bundled default prompt "
+                           f"({get_spec('bundled').default_prompt!r})")
     layer, head = args.query_head[0] if args.query_head else (None, None)
     prompt = data.parse_prompt(args.prompt or get_spec("bundled").default_prompt)
     return dict(prompt=prompt, seed=args.seed, step=args.step, layer=layer, head=head, sprite=args.sprite)

@@ -6,6 +6,33 @@ import argparse
 
 from toolkit.models.registry import DEFAULT_MODEL, MODELS
 
+SEED_RANGE = (-(2**63), 2**63 - 1)  # torch generators and HDF5 attributes hold 64-bit seeds
+# What `generate` writes into --out (pipeline.save_outputs); only these count as existing output there.
+GENERATE_OUTPUTS = ("video.png", "video.gif", "video.mp4", "latents.safetensors", "run.json")
+
+
+def seed_type(text: str) -> int:
+    """argparse type of every seed option: an integer that fits 64 bits (a larger one is a traceback in torch)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"{text} does not fit 64 bits (-2^63 .. 2^63-1)")
+    return value
+
+
+def check_run_arguments(args: argparse.Namespace) -> None:
+    """What `generate` and `capture` can refuse from the flags alone (one line each), before any model loads."""
+    from toolkit.device import check_device
+    from toolkit.errors import ToolkitError
+    from toolkit.models.registry import get_spec
+
+    check_device(args.device)
+    if args.prompt is not None and not args.prompt.strip():
+        raise ToolkitError(f"--prompt is empty; leave it out to use {args.model}'s default prompt "
+                           f"({get_spec(args.model).default_prompt!r})")
+
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``generate`` and ``capture``: which model, prompt, seed, device, attention backend."""
@@ -19,7 +46,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                                     "'2 sprites: red circle, blue square; pan left'")
     g.add_argument("--prompt-embeds", metavar="FILE",
                    help="precomputed umT5 embeddings (safetensors / .pt, [L, 4096]); skips the text encoder")
-    g.add_argument("--seed", type=int, default=0, help="seed of the initial and re-noising noise (default 0)")
+    g.add_argument("--seed", type=seed_type, default=0,
+                   help="seed of the initial and re-noising noise, a 64-bit integer (default 0)")
     g.add_argument("--noise", choices=("toolkit", "official"), default="toolkit",
                    help="how noise is drawn: 'toolkit' (default) float32 [b c f h w] from a generator of the run's "
                         "own, independent of global random state; 'official' as the released Self-Forcing code after "
@@ -43,22 +71,37 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "loop on the small procedural-video model. Writes a PNG strip + GIF (bundled) or mp4 / latents.",
     )
     add_run_arguments(p)
-    p.add_argument("--out", default="out/generate", help="output folder (default: out/generate)")
+    p.add_argument("--out", default="out/generate",
+                   help="output folder (default: out/generate); a video or run.json already there is kept unless "
+                        "--force")
+    p.add_argument("--force", action="store_true",
+                   help="replace the video / latents / run.json of an earlier run in --out (refused without it)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
     import time
+    from pathlib import Path
 
     from toolkit.attention.backends import parse_attention
+    from toolkit.errors import check_output, prepare_output_dir
     from toolkit.pipeline import prepare_run, sample, save_outputs
 
     parse_attention(args.attention)  # refuse a bad spec before loading anything
+    check_run_arguments(args)
+    note = check_output(args.out, force=args.force, folder=True, outputs=GENERATE_OUTPUTS)
+    if note:
+        print(f"toolkit generate: {note}", file=sys.stderr)
     t0 = time.perf_counter()
     r = prepare_run(args.model, prompt=args.prompt, prompt_embeds=args.prompt_embeds, seed=args.seed,
                     checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, attention=args.attention,
                     noise=args.noise)
+    prepare_output_dir(args.out, folder=True)  # a read-only --out fails now, not after sampling
     latents = sample(r, progress=not args.quiet)
+    if args.force:  # an earlier run's files (e.g. its mp4 where this run writes a GIF) must not outlive it
+        for name in GENERATE_OUTPUTS:
+            (Path(args.out) / name).unlink(missing_ok=True)
     paths = save_outputs(r, latents, args.out)
     if not args.quiet:
         print(f"{r.name}: {r.prompt!r} seed {r.seed} on {r.device} in {time.perf_counter() - t0:.1f} s")

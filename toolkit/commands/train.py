@@ -7,6 +7,7 @@ import json
 import sys
 from dataclasses import replace
 
+from toolkit.commands.generate import seed_type
 from toolkit.models.bundled import DEFAULT_DIR, tiny_config
 from toolkit.models.bundled.recipe import STAGES, Recipe, train_bundled
 from toolkit.models.bundled.teacher import TeacherSettings
@@ -45,12 +46,16 @@ defaults: teacher {defaults.teacher.steps} steps x {defaults.teacher.batch}; ODE
 pairs, {defaults.ode_init.steps} x {defaults.ode_init.batch}; Self-Forcing {defaults.self_forcing.steps} generator
 updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.critic_ratio}).""",
     )
-    p.add_argument("--out", default=str(DEFAULT_DIR), help="output folder (default: data/bundled of the repository)")
+    p.add_argument("--out", default=str(DEFAULT_DIR),
+                   help="output folder (default: data/bundled of the repository); one holding a model is refused "
+                        "unless --force")
     p.add_argument("--stages", type=_stages, default=STAGES, metavar="LIST",
                    help="comma-separated stages to run, in order (default: all); later stages load earlier ones "
                         "from --out/stages/")
-    p.add_argument("--force", action="store_true", help="replace a model already in --out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true",
+                   help="replace a model (or the stages asked for) already in --out; later stages continue from "
+                        "earlier ones in --out/stages/ without it")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed of data, initialisation and sampling (64-bit)")
     p.add_argument("--teacher-steps", type=int, default=defaults.teacher.steps)
     p.add_argument("--teacher-batch", type=int, default=defaults.teacher.batch)
     p.add_argument("--teacher-lr", type=float, default=defaults.teacher.lr)
@@ -102,6 +107,21 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from toolkit.device import check_device
+    from toolkit.errors import check_output, prepare_output_dir
+    from toolkit.models.bundled.recipe import WEIGHTS_FILE, stage_path
+    from toolkit.models.bundled.recipe import check_output as check_model_output
+
+    if args.device is not None:
+        check_device(args.device)
+    check_output(args.out, folder=True)  # a file, a folder under a file, an unwritable place: one line
+    check_model_output(args.out, args.stages, args.force)  # a model there: refused unless --force
+    prepare_output_dir(args.out, folder=True, keep=False)  # read-only or uncreatable: now, not after a stage
+    out = Path(args.out)
+    if args.force and any(p.exists() for p in [out / WEIGHTS_FILE, *(stage_path(out, s) for s in args.stages)]):
+        print(f"toolkit train: replacing {args.out} (--force)", file=sys.stderr)
     record = train_bundled(
         args.out, recipe_from(args), stages=args.stages, cfg=tiny_config() if args.tiny else None,
         device=args.device, force=args.force, log=(lambda *_: None) if args.quiet else (lambda m: print(m, flush=True)),
@@ -112,10 +132,17 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m toolkit.commands.train``: the same as ``toolkit train`` without loading the other commands."""
-    parser = argparse.ArgumentParser(prog="toolkit")
+    from toolkit.cli import OneLineParser
+    from toolkit.errors import ToolkitError
+
+    parser = OneLineParser(prog="toolkit")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ToolkitError as err:  # one line, exit 2, as `toolkit train`
+        print(f"toolkit train: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
