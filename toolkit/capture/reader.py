@@ -8,10 +8,13 @@
     cap.pooled(rec)                                   # frame×frame mass and (Δt, Δh, Δw) profiles
     cap.dataset                                       # lazy xarray view, bf16/float16 decoded to float32
     cap.attended(rec)                                 # lazy q, lse and the attended k, v with token coordinates
+    cap.verify()                                      # sampled rows recomputed from q/k must sum to 1 against lse
 
 Attention probabilities are recomputed as ``exp(scale·q·k − lse)`` by ``toolkit.attention.exact`` on the GPU if
 one is present (else the CPU), one bounded tile at a time. A record's keys are reassembled from the per-step
 K/V slices: keys before the chunk come from the clean pass (``context_step``), the chunk's own from its step.
+Opening checks attributes and dataset shapes against the layout (no tensor reads): a damaged file is one
+``ToolkitError`` line naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from toolkit.errors import ToolkitError
 
 # Largest probability block rows()/tile() return (float32 entries).
 MAX_TILE_ENTRIES = exact.DEFAULT_BLOCK_ENTRIES
+# Stored k values (float32 entries, 1 GiB) ``Capture.verify`` reads by default: small captures are checked whole.
+VERIFY_BUDGET = 2**28
 
 
 class RecordKey(NamedTuple):
@@ -94,7 +99,11 @@ class Record:
         ds = self.cap.file[name]
         pos = self._head_positions(heads)
         order = np.argsort(pos)
-        data = ds[index[:2] + (sorted(pos),) + index[2:]]  # h5py needs increasing indices
+        try:
+            data = ds[index[:2] + (sorted(pos),) + index[2:]]  # h5py needs increasing indices
+        except (OSError, RuntimeError) as err:  # a damaged chunk (bad checksum, truncated file)
+            raise ToolkitError(f"{self.cap.path}: damaged capture file: cannot read {name} of record "
+                               f"step={self.step} chunk={self.chunk} layer={self.layer} ({_first_line(err)})") from None
         data = data[np.argsort(order)] if len(pos) > 1 else data
         return from_storage(data, str(ds.attrs.get("dtype_logical", "float32")), device)
 
@@ -150,27 +159,108 @@ class Capture:
             except OSError as err2:
                 raise ToolkitError(f"cannot open {self.path}: {str(err2).splitlines()[0]}") from None
             self.live = True
+        try:
+            self._load_metadata()
+        except BaseException as err:
+            self.file.close()
+            if isinstance(err, ToolkitError):
+                raise
+            if isinstance(err, (OSError, KeyError, ValueError, TypeError, RuntimeError)):  # h5py on broken metadata
+                raise ToolkitError(f"{self.path}: damaged capture file: {_first_line(err)}") from None
+            raise
+
+    def _load_metadata(self) -> None:
+        """Read and check the attributes and the small index datasets; shapes of every tensor against the layout.
+        Cheap (no tensor data is read), so a damaged file is refused here in one line instead of failing later in
+        an analysis with a traceback or, worse, giving numbers from a grid that is not the data's."""
         a = self.file.attrs
-        if a.get("format") != FORMAT_NAME:
-            self.file.close()
+        if _text(a.get("format")) != FORMAT_NAME:
             raise ToolkitError(f"{self.path} is not a toolkit capture file")
-        if int(a["format_version"]) > FORMAT_VERSION:
-            self.file.close()
-            raise ToolkitError(f"{self.path} has format version {a['format_version']}; this toolkit reads "
-                               f"<= {FORMAT_VERSION} (upgrade toolkit)")
-        self.layout = RunLayout.from_attrs(json.loads(a["layout"]))
-        self.selection = json.loads(a["selection"])
-        self.context_step = int(a["context_step"])
+        version = _int_attr(self, "format_version")
+        if version > FORMAT_VERSION:
+            raise ToolkitError(f"{self.path} has format version {version}; this toolkit reads <= {FORMAT_VERSION} "
+                               "(upgrade the toolkit)")
+        if version < 1:
+            raise ToolkitError(f"{self.path}: damaged capture file: format_version {version} is not a version")
+        complete = _int_attr(self, "complete")
+        if complete not in (0, 1):
+            raise _damaged(self, f"attribute 'complete' is {complete}, not 0 or 1")
+        self.layout = _layout(self, _json_attr(self, "layout", dict))
+        self.selection = _json_attr(self, "selection", dict)
+        self.context_step = _int_attr(self, "context_step")
         self.scale = self.layout.softmax_scale
-        self.steps = [int(x) for x in self.file["step"][...]]
-        self.layers = [int(x) for x in self.file["layer"][...]]
-        self.heads = [int(x) for x in self.file["head"][...]]
+        self.steps = _index(self, "step", self.layout.num_steps)
+        self.layers = _index(self, "layer", self.layout.num_layers)
+        self.heads = _index(self, "head", self.layout.num_heads)
         self.step_index = {s: i for i, s in enumerate(self.steps)}
         self.layer_index = {layer: i for i, layer in enumerate(self.layers)}
         self.head_index = {h: i for i, h in enumerate(self.heads)}
-        self.queries = torch.from_numpy(self.file["query"][...].astype(np.int64))
+        queries = _dataset(self, "query", None)[...]
+        if queries.ndim != 1 or queries.dtype.kind not in "iu":
+            raise _damaged(self, f"dataset 'query' has shape {queries.shape} and dtype {queries.dtype} "
+                                 "(expected 1-D integers)")
+        self.queries = torch.from_numpy(queries.astype(np.int64))
+        self._check_shapes()
         self._record_flags = self.file["record_complete"][...]
         self._kv_flags = self.file["kv_complete"][...]
+        self._check_records()
+
+    def _check_shapes(self) -> None:
+        lay, q = self.layout, self.queries
+        n = lay.num_tokens
+        if len(q) and (int(q.min()) < 0 or int(q.max()) >= n or bool((q[1:] <= q[:-1]).any())):
+            raise _damaged(self, f"stored query tokens are not increasing clip tokens in 0..{n - 1} (layout grid "
+                                 f"{list(lay.grid)})")
+        ns, nc, nl, nh, nq, d = (len(self.steps), lay.num_chunks, len(self.layers), len(self.heads), len(q),
+                                 lay.head_dim)
+        f, h, w = lay.grid
+        expected = {
+            "key": (n,), "record_complete": (ns, nc, nl), "kv_complete": (ns, nc, nl), "record_timestep": (ns, nc),
+            "record_key_start_frame": (ns, nc),
+        }
+        optional = {
+            "q": (ns, nl, nh, nq, d), "k": (ns, nl, nh, n, d), "v": (ns, nl, nh, n, d), "lse": (ns, nl, nh, nq),
+            "maps": (ns, nl, nh, nq, n), "frame_mass": (ns, nl, nh, f, f), "offset_t": (ns, nc, nl, nh, 2 * f - 1),
+            "offset_h": (ns, nc, nl, nh, 2 * h - 1), "offset_w": (ns, nc, nl, nh, 2 * w - 1),
+            "query_frame": (nq,), "query_row": (nq,), "query_col": (nq,), "key_frame": (n,), "key_row": (n,),
+            "key_col": (n,),
+        }
+        for name, shape in expected.items():
+            _dataset(self, name, shape)
+        for name, shape in optional.items():
+            if name in self.file:
+                _dataset(self, name, shape)
+        for name in ("q", "k", "v"):
+            if name in self.file:
+                ds = self.file[name]
+                logical = _text(ds.attrs.get("dtype_logical", "float32"))
+                allowed = {"bfloat16": "u", "float16": "f", "float32": "f"}
+                if logical not in allowed or ds.dtype.kind not in allowed[logical] + "i":
+                    raise _damaged(self, f"dataset '{name}' stores {ds.dtype} as '{logical}'")
+        # The grid coordinates the writer derived from the grid must agree with the layout's grid (a grid of the
+        # same token count but other proportions passes every shape check).
+        tpf = lay.tokens_per_frame
+        for name, tokens in (("query", q.numpy()), ("key", np.arange(n))):
+            for coord, values in (("frame", tokens // tpf), ("row", (tokens // w) % h), ("col", tokens % w)):
+                var = f"{name}_{coord}"
+                if var in self.file and not np.array_equal(self.file[var][...], values):
+                    raise _damaged(self, f"'{var}' disagrees with the layout grid {list(lay.grid)}")
+        grid_attr = self.file.attrs.get("grid")
+        if grid_attr is not None and [int(x) for x in np.ravel(grid_attr)] != list(lay.grid):
+            raise _damaged(self, f"attribute 'grid' {np.ravel(grid_attr).tolist()} disagrees with the layout grid "
+                                 f"{list(lay.grid)}")
+        if not 0 <= self.context_step < lay.num_steps:
+            raise _damaged(self, f"context_step {self.context_step} is not a step of the layout "
+                                 f"(0..{lay.num_steps - 1})")
+
+    def _check_records(self) -> None:
+        """The first attended key frame of every complete record lies in ``[0, chunk start]``."""
+        lay = self.layout
+        start = self.file["record_key_start_frame"][...]
+        for s, c in {(int(s), int(c)) for s, c, _ in zip(*np.nonzero(self._record_flags))}:
+            if not 0 <= int(start[s, c]) <= lay.chunk_frames(c)[0]:
+                raise _damaged(self, f"record_key_start_frame of step {self.steps[s]}, chunk {c} is "
+                                     f"{int(start[s, c])} (expected 0..{lay.chunk_frames(c)[0]})")
 
     def __enter__(self) -> Capture:
         return self
@@ -415,6 +505,63 @@ class Capture:
             attrs={"step": rec.step, "chunk": rec.chunk, "layer": rec.layer, "timestep": rec.timestep,
                    "source": source})
 
+    # -------------------------------------------------------------------------------------------- integrity
+    def verify(self, records: int | None = None, rows: int = 64, *, seed: int = 0, device=None) -> str:
+        """Integrity check on a sample: for ``records`` complete records (evenly spread; 0 = all; None = as many as
+        about ``VERIFY_BUDGET`` keys × heads × channels allow, at least 8) and ``rows``
+        stored queries of each (random with ``seed``; 0 = all), every head's row recomputed from the stored q and
+        k must sum to 1 against the stored LSE, i.e. ``logsumexp(scale·q·k) == lse``. An overwritten or zeroed q,
+        k or lse value breaks that equality, so damage HDF5's own checks cannot see (raw data carries no checksum)
+        is found. Returns a one-line report; raises ``ToolkitError`` naming the first bad record."""
+        missing = [n for n in ("q", "k", "lse") if n not in self.file]
+        if missing:
+            raise ToolkitError(f"{self.path}: --verify needs q, k and lse; this capture did not store "
+                               f"{', '.join(missing)} (stored: {', '.join(self.stored)})")
+        found = self.records
+        if not found:
+            return "verify: no complete records to check"
+        if records is None:
+            lay = self.layout
+            records = max(8, VERIFY_BUDGET // (len(self.heads) * lay.num_tokens * lay.head_dim))
+        picks = (range(len(found)) if records <= 0 or records >= len(found)
+                 else sorted({int(round(x)) for x in np.linspace(0, len(found) - 1, records)}))
+        tol = self._verify_tolerance()
+        device = resolve_device(device)
+        gen = torch.Generator().manual_seed(seed)
+        worst, checked, bad = 0.0, 0, []
+        for i in picks:
+            rec = Record(self, found[i])
+            n = rec._qb - rec._qa
+            if n == 0:
+                continue
+            sel = (torch.arange(n) if rows <= 0 or rows >= n else torch.randperm(n, generator=gen)[:rows].sort().values)
+            q, lse = rec.q(device=device)[:, sel.to(device)], rec.lse(device=device)[:, sel.to(device)]
+            k = rec.k(device=device)
+            with tf32_for_bf16_values(self._bf16_on_gpu(q)):
+                dev = (exact.logsumexp(q, k, rec.scale) - lse).exp().sub(1).abs()  # |row sum - 1|, h r
+            dev = torch.where(torch.isfinite(dev), dev, torch.full_like(dev, float("inf")))
+            checked += dev.numel()
+            top = float(dev.max())
+            worst = max(worst, top)
+            if top > tol:
+                h, r = divmod(int(dev.argmax()), dev.shape[1])
+                what = f"sums to {1 + top:.6g}" if np.isfinite(top) else "is not finite"
+                bad.append(f"record step={rec.step} chunk={rec.chunk} layer={rec.layer}: head {self.heads[h]}, query "
+                           f"token {int(rec.query_tokens[sel[r]])} {what}")
+        if bad:
+            more = f" (and {len(bad) - 1} more of {len(picks)} sampled records)" if len(bad) > 1 else ""
+            raise ToolkitError(f"{self.path}: verification failed: {bad[0]} against its stored lse (should be 1; "
+                               f"tolerance {tol:g}): q, k or lse damaged{more}")
+        return (f"verify: ok, {checked} rows of {len(picks)} records sum to 1 against the stored lse "
+                f"(max |sum - 1| = {worst:.2e}, tolerance {tol:g})")
+
+    def _verify_tolerance(self) -> float:
+        """The stored LSE was computed from the model's q/k; stored values narrower than the model's (e.g. bf16 of a
+        float32 model) move logits by up to ~2^-9 of their size, so rows may then miss 1 by a few percent."""
+        stored = str(_text(self.file.attrs.get("storage_dtype", "float32")))
+        model = str(_text(self.file.attrs.get("model_dtype", stored)))
+        return 0.25 if stored not in ("float32", model) else 1e-3
+
     # -------------------------------------------------------------------------------------------- summary
     def summary(self) -> str:
         """Human-readable description (``toolkit inspect``)."""
@@ -483,6 +630,98 @@ def _ranges(values: list[int]) -> str:
 def _disk_usage(path: str) -> int:
     st = os.stat(path)
     return getattr(st, "st_blocks", 0) * 512 or st.st_size
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0].strip("'\"")
+
+
+def _damaged(cap: Capture, what: str) -> ToolkitError:
+    return ToolkitError(f"{cap.path}: damaged capture file: {what}")
+
+
+def _text(value) -> object:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _int_attr(cap: Capture, name: str) -> int:
+    if name not in cap.file.attrs:
+        raise _damaged(cap, f"attribute '{name}' is missing")
+    value = cap.file.attrs[name]
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise _damaged(cap, f"attribute '{name}' is {_text(value)!r}, not an integer")
+    return int(value)
+
+
+def _json_attr(cap: Capture, name: str, kind: type):
+    if name not in cap.file.attrs:
+        raise _damaged(cap, f"attribute '{name}' is missing")
+    text = _text(cap.file.attrs[name])
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError) as err:
+        raise _damaged(cap, f"attribute '{name}' is not valid JSON ({_first_line(err)})") from None
+    if not isinstance(value, kind):
+        raise _damaged(cap, f"attribute '{name}' is a JSON {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _layout(cap: Capture, d: dict) -> RunLayout:
+    """``RunLayout`` of the ``layout`` attribute, every field checked (it sizes everything the reader computes)."""
+    missing = [k for k in ("grid", "num_layers", "num_heads", "head_dim", "timesteps") if k not in d]
+    if missing:
+        raise _damaged(cap, f"attribute 'layout' lacks {', '.join(missing)}")
+    grid, ts = d["grid"], d["timesteps"]
+    problems = []
+    if not (isinstance(grid, list) and len(grid) == 3 and all(_positive_int(x) for x in grid)):
+        problems.append(f"grid {grid!r} is not 3 positive integers")
+    for k in ("num_layers", "num_heads", "head_dim"):
+        if not _positive_int(d[k]):
+            problems.append(f"{k} {d[k]!r} is not a positive integer")
+    if not (isinstance(ts, list) and ts and all(isinstance(t, (int, float)) and not isinstance(t, bool)
+                                                 for t in ts)):
+        problems.append(f"timesteps {ts!r} are not a list of numbers")
+    fpc, clean, scale = d.get("frames_per_chunk"), d.get("clean_step"), d.get("scale")
+    if fpc is not None and not _positive_int(fpc):
+        problems.append(f"frames_per_chunk {fpc!r} is not a positive integer")
+    if clean is not None and not (isinstance(clean, int) and isinstance(ts, list) and 0 <= clean < len(ts)):
+        problems.append(f"clean_step {clean!r} is not a step")
+    if scale is not None and not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
+        problems.append(f"scale {scale!r} is not a positive number")
+    if problems:
+        raise _damaged(cap, "attribute 'layout': " + "; ".join(problems))
+    return RunLayout(tuple(grid), d["num_layers"], d["num_heads"], d["head_dim"], tuple(float(t) for t in ts), fpc,
+                     clean, scale)
+
+
+def _dataset(cap: Capture, name: str, shape: tuple[int, ...] | None) -> h5py.Dataset:
+    if name not in cap.file:
+        raise _damaged(cap, f"dataset '{name}' is missing")
+    ds = cap.file[name]
+    if not isinstance(ds, h5py.Dataset):
+        raise _damaged(cap, f"'{name}' is not a dataset")
+    if shape is not None and tuple(ds.shape) != tuple(shape):
+        raise _damaged(cap, f"dataset '{name}' has shape {tuple(ds.shape)}, the layout and index axes give "
+                            f"{tuple(shape)}")
+    return ds
+
+
+def _index(cap: Capture, name: str, size: int) -> list[int]:
+    """An index axis (``step``/``layer``/``head``): distinct integers in ``0..size-1``."""
+    values = _dataset(cap, name, None)[...]
+    if values.ndim != 1 or values.dtype.kind not in "iu":
+        raise _damaged(cap, f"dataset '{name}' has shape {values.shape} and dtype {values.dtype} (expected 1-D "
+                            "integers)")
+    out = [int(x) for x in values]
+    if len(set(out)) != len(out) or any(not 0 <= x < size for x in out):
+        raise _damaged(cap, f"dataset '{name}' holds {out}, expected distinct values in 0..{size - 1}")
+    return out
 
 
 def open_capture(path: str | os.PathLike) -> Capture:

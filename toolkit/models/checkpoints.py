@@ -254,6 +254,8 @@ class Checkpoint:
     format: str  # "self-forcing" | "wan-native" | "comfyui" | "diffusers"
     entry: str | None = None  # key inside a .pt ("generator_ema" / "generator"), else None
     config: dict[str, Any] = field(default_factory=dict)  # WanConfig kwargs from config.json, if there was one
+    config_path: Path | None = None  # the config.json the kwargs came from
+    declared_model: str | None = None  # the registry name a toolkit config.json declares (``extra.model``)
 
 
 def _read_error(path: Path, err: BaseException) -> CheckpointError:
@@ -318,14 +320,20 @@ def to_native_names(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, t
     return sd, naming
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
+def _read_config(folder: Path) -> tuple[dict[str, Any], Path | None, str | None]:
+    """(WanConfig kwargs, the config.json, the model it declares) of a checkpoint folder; ({}, None, None) without."""
     p = folder / CONFIG_NAME
     if not p.is_file():
-        return {}
+        return {}, None, None
     try:
-        return config_from_json(json.loads(p.read_text()))
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"cannot parse {p}: {err}") from err
+        raw = json.loads(p.read_text())
+        if not isinstance(raw, dict):
+            raise TypeError(f"expected a JSON object, found {type(raw).__name__}")
+        extra = raw.get("extra")
+        declared = extra.get("model") if isinstance(extra, dict) else None
+        return config_from_json(raw), p, declared if isinstance(declared, str) else None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"cannot parse {p}: {err}") from None
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -368,20 +376,21 @@ def read_checkpoint(path: str | os.PathLike[str], *, use_ema: bool = True) -> Ch
             if not f.is_file():
                 raise CheckpointError(f"shard listed in the index is missing: {f}")
             raw.update(read_safetensors(f))
-        config = _read_config(path if path.is_dir() else path.parent)
+        config, config_path, declared = _read_config(path if path.is_dir() else path.parent)
     elif path.suffix == ".safetensors":
         files = [path]
         raw = read_safetensors(path)
-        config = _read_config(path.parent)
+        config, config_path, declared = _read_config(path.parent)
     else:
         files = [path]
         obj = read_torch_file(path)
         raw, entry = _pick_entry(obj, path, use_ema)
-        config = {}
+        config, config_path, declared = {}, None, None
     sd, naming = to_native_names(raw)
     if entry is not None and naming in ("self-forcing", "wan-native"):
         naming = "self-forcing"
-    return Checkpoint(state_dict=sd, path=path, files=files, format=naming, entry=entry, config=config)
+    return Checkpoint(state_dict=sd, path=path, files=files, format=naming, entry=entry, config=config,
+                      config_path=config_path, declared_model=declared)
 
 
 def _pick_entry(obj: Any, path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -416,7 +425,13 @@ def _listing(names: list[str], limit: int = 4) -> str:
 
 def validate_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]],
                         source: str | os.PathLike[str]) -> None:
-    """Raise ``CheckpointError`` naming missing, unexpected and wrong-shaped tensors (first few of each, counts)."""
+    """Raise ``CheckpointError`` naming missing, unexpected, wrong-shaped and non-floating tensors (first few of
+    each, counts). Integer or bool tensors would be cast silently into float weights by ``load_state_dict``."""
+    not_float = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in state_dict.items()
+                 if isinstance(v, torch.Tensor) and not v.dtype.is_floating_point]
+    if not_float:
+        raise CheckpointError(f"checkpoint {source} holds {len(not_float)} non-floating tensors where weights must be "
+                              f"floating point: {_listing(not_float)}")
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [f"{k} {list(state_dict[k].shape)} (model {list(s)})" for k, s in expected.items()

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from toolkit.errors import ToolkitError, WeightsNotFound
+from toolkit.errors import CheckpointError, ToolkitError, WeightsNotFound
 from toolkit.models import checkpoints as ck
 from toolkit.models.layout import RunLayout
 from toolkit.models.sampling import Sampler, sampler_from
@@ -95,6 +95,9 @@ class ModelSpec:
     conditioning: str = "umt5"  # "umt5": umT5-XXL embeddings (Wan folder); "toy": the bundled model's toy prompts
     output: str = "wan-vae"  # "wan-vae": latents, decoded to mp4 by the Wan VAE; "pixels": PNG strip + GIF
     spatial_compression: int = 8  # pixels per latent cell (Wan VAE 8; the bundled model works on pixels: 1)
+    # Config fields a checkpoint's config.json must share with ``config()``: what the conditioning and output
+    # fix (the toy prompt encoder's width and length, pixel channels). Other fields may differ (variants).
+    interface: tuple[str, ...] = ()
 
     @property
     def uses_wan_assets(self) -> bool:
@@ -182,7 +185,14 @@ def _bundled_config() -> Any:
 
     b = _bundled()
     config = Path(b.DEFAULT_DIR) / b.CONFIG_FILE
-    return WanConfig.from_dict(json.loads(config.read_text())) if config.is_file() else b.bundled_config()
+    if not config.is_file():
+        return b.bundled_config()
+    try:
+        return WanConfig.from_dict(json.loads(config.read_text()))
+    except (OSError, ValueError) as err:  # unreadable or not JSON
+        raise CheckpointError(f"cannot parse {config}: {err}") from None
+    except CheckpointError as err:  # out of bounds
+        raise CheckpointError(f"{config}: {err}") from None
 
 
 def _bundled_locations() -> list[Location]:
@@ -234,6 +244,7 @@ MODELS: dict[str, ModelSpec] = {
         conditioning="toy",
         output="pixels",
         spatial_compression=1,
+        interface=("in_dim", "out_dim", "text_dim", "text_len"),
     ),
     "self-forcing": ModelSpec(
         name="self-forcing",
@@ -338,6 +349,22 @@ class ModelInfo:
         }
 
 
+def check_identity(spec: ModelSpec, ckpt: ck.Checkpoint, base: Any) -> None:
+    """A model name and a checkpoint that disagree is an error, never a substitute: a config.json that declares
+    another registry model (the toolkit writes ``extra.model``), or one whose fields fixed by the model's
+    conditioning and output (``spec.interface``) differ, is refused naming both."""
+    where = ckpt.config_path or ckpt.path
+    declared = ckpt.declared_model
+    if declared is not None and declared != spec.name:
+        hint = f"; use --model {declared}" if declared in MODELS else ""
+        raise CheckpointError(f"{where} declares model '{declared}', not {spec.name}: a model name and a checkpoint "
+                              f"must agree{hint}")
+    wrong = [f"{k} {ckpt.config[k]!r} (model {getattr(base, k)!r})" for k in spec.interface
+             if k in ckpt.config and ckpt.config[k] != getattr(base, k)]
+    if wrong:
+        raise CheckpointError(f"{where} does not fit model {spec.name} ({spec.accepts}): " + ", ".join(wrong))
+
+
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """bf16 on GPU (as Self-Forcing runs), fp32 on CPU."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -348,7 +375,9 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike[str] | N
                sha256: bool = True) -> tuple[torch.nn.Module, ModelInfo]:
     """Find, read, validate (strictly) and load model ``name``; returns ``(model.eval(), info)``.
 
-    A ``config.json`` next to the weights overrides the registry's architecture (and is then what is validated).
+    A ``config.json`` next to the weights overrides the registry's architecture (and is then what is validated),
+    after its bounds are checked; one that declares another model, or changes what the model's conditioning fixes
+    (``ModelSpec.interface``), is refused (``check_identity``).
     """
     from toolkit.models.wan import WanConfig, WanModel
 
@@ -356,7 +385,11 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike[str] | N
     path = find_weights(name, checkpoint)
     ckpt = ck.read_checkpoint(path, use_ema=use_ema)
     base = spec.config()
-    cfg = WanConfig.from_dict({**base.to_dict(), **ckpt.config}) if ckpt.config else base
+    check_identity(spec, ckpt, base)
+    try:
+        cfg = WanConfig.from_dict({**base.to_dict(), **ckpt.config}) if ckpt.config else base
+    except CheckpointError as err:  # bounds checked before anything is sized from the config
+        raise CheckpointError(f"{ckpt.config_path}: {err}") from None
     ck.validate_state_dict(ckpt.state_dict, ck.native_param_shapes(cfg), ckpt.path)
     dtype = dtype or default_dtype(device)
     # Build without initialising (every parameter is overwritten by the strict load; RoPE tables are computed

@@ -18,6 +18,7 @@ import html
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -170,12 +171,20 @@ def pad_context(context: torch.Tensor, text_len: int = TEXT_LEN) -> torch.Tensor
 
 def save_prompt_embeds(path: str | os.PathLike[str], context: torch.Tensor, *,
                        metadata: Mapping[str, str] | None = None) -> Path:
-    """Write prompt embeddings ``[B, L, D]`` (or ``[L, D]``) as safetensors under the key ``context``."""
+    """Write prompt embeddings ``[B, L, D]`` (or ``[L, D]``) as safetensors under the key ``context``, to a
+    temporary name renamed into place: a kill or a full disk mid-write leaves the old file or none, never a
+    truncated one that every later run would trip over."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"context": context.detach().cpu().contiguous()}, str(path), metadata=dict(metadata or {}))
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({"context": context.detach().cpu().contiguous()}, str(tmp), metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -188,12 +197,20 @@ def load_prompt_embeds(path: str | os.PathLike[str], text_len: int = TEXT_LEN) -
     tensors = ck.read_safetensors(path) if path.suffix == ".safetensors" else ck.read_torch_file(path)
     if isinstance(tensors, torch.Tensor):
         tensors = {"context": tensors}
-    for key in ("context", "prompt_embeds"):
-        if key in tensors:
-            return pad_context(tensors[key].float(), text_len)
-    if len(tensors) == 1:
-        return pad_context(next(iter(tensors.values())).float(), text_len)
-    raise ToolkitError(f"{path}: expected one tensor or a 'context' entry, found {', '.join(list(tensors)[:5])}")
+    if not isinstance(tensors, Mapping):
+        raise ToolkitError(f"{path}: expected a tensor or a dict of tensors, found {type(tensors).__name__}")
+    key = next((k for k in ("context", "prompt_embeds") if k in tensors), None)
+    if key is None and len(tensors) == 1:
+        key = next(iter(tensors))
+    if key is None:
+        raise ToolkitError(f"{path}: expected one tensor or a 'context' entry, found "
+                           f"{', '.join(map(str, list(tensors)[:5]))}")
+    value = tensors[key]
+    if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+        what = str(value.dtype).removeprefix("torch.") + " tensor" if isinstance(value, torch.Tensor) else (
+            type(value).__name__)
+        raise ToolkitError(f"{path}: entry '{key}' is a {what}, not floating-point prompt embeddings")
+    return pad_context(value.float(), text_len)
 
 
 def _cache_key(prompt: str, encoder_id: str, text_len: int) -> str:
@@ -210,17 +227,39 @@ def encode_prompts(prompts: Sequence[str], *, device: torch.device | str = "cpu"
                    encoder: TextEncoder | None = None) -> torch.Tensor:
     """Prompts -> ``[B, text_len, 4096]`` (float32 on CPU), from the on-disk cache where possible.
 
-    The encoder (11 GB of bf16 weights) is loaded only if some prompt is not cached yet."""
+    The encoder (11 GB of bf16 weights) is loaded only if some prompt is not cached yet. A damaged cache entry is
+    encoded again and replaced (with a warning); an unwritable cache folder means no caching (with a warning).
+    ``cache=False`` neither reads nor writes the cache."""
     t5_path = encoder.t5_path if encoder else registry.wan_file(registry.T5_FILE)
     enc_id = _encoder_id(t5_path)
     folder = ck.cache_dir() / "prompt_embeds"
     files = [folder / f"{_cache_key(p, enc_id, text_len)}.safetensors" for p in prompts]
-    todo = [i for i, f in enumerate(files) if not (cache and f.is_file())]
+    got: dict[int, torch.Tensor] = {}
+    if cache:
+        for i, f in enumerate(files):
+            if f.is_file():
+                try:
+                    got[i] = load_prompt_embeds(f, text_len)
+                except ToolkitError as err:  # truncated or corrupt entry: recompute and replace it
+                    warnings.warn(f"ignoring a damaged prompt-embedding cache entry ({err}); encoding again",
+                                  stacklevel=2)
+    todo = [i for i in range(len(prompts)) if i not in got]
     if todo:
         encoder = encoder or TextEncoder(t5_path, device=device, dtype=dtype, text_len=text_len)
         fresh, lengths = encoder.encode([prompts[i] for i in todo])
         fresh = fresh.float().cpu()
+        unwritable = None
         for row, i in enumerate(todo):
-            save_prompt_embeds(files[i], fresh[row, : int(lengths[row])],
-                               metadata={"prompt": prompts[i], "encoder": enc_id, "text_len": str(text_len)})
-    return torch.cat([load_prompt_embeds(f, text_len) for f in files])
+            emb = fresh[row, : int(lengths[row])]
+            got[i] = pad_context(emb, text_len)
+            if not cache or unwritable:
+                continue
+            try:
+                save_prompt_embeds(files[i], emb,
+                                   metadata={"prompt": prompts[i], "encoder": enc_id, "text_len": str(text_len)})
+            except OSError as err:  # read-only or full cache folder: the run goes on without caching
+                unwritable = err
+        if unwritable is not None:
+            warnings.warn(f"prompt-embedding cache {folder} is not writable ({unwritable.strerror or unwritable}); "
+                          "continuing without caching (set TOOLKIT_CACHE_DIR to a writable folder)", stacklevel=2)
+    return torch.cat([got[i] for i in range(len(prompts))])

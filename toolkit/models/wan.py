@@ -29,7 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit.errors import CheckpointError
 from toolkit.models.seam import AttentionContext, AttentionSeam
+
+# Largest value of each integer field a config may hold: a few times the largest published Wan (14B: dim 5120,
+# 40 layers, 40 heads), so every real checkpoint passes and a hostile config.json is refused before allocation.
+CONFIG_BOUNDS = {"dim": 65536, "ffn_dim": 262144, "num_heads": 1024, "num_layers": 256, "in_dim": 4096,
+                 "out_dim": 4096, "text_dim": 65536, "text_len": 65536, "freq_dim": 65536,
+                 "rope_max_positions": 1 << 20}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -53,6 +64,41 @@ class WanConfig:
     rope_max_positions: int = 1024
     extra: dict = field(default_factory=dict)  # free-form notes carried with the config (e.g. bundled model)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse, in one line, a config no real checkpoint has (``CheckpointError``) before anything is sized from
+        it: a ``config.json`` with ``num_layers: 1e9`` would otherwise allocate until memory runs out and
+        ``num_heads: 0`` would divide by zero."""
+        problems = []
+        for name, top in CONFIG_BOUNDS.items():
+            value = getattr(self, name)
+            if not _is_int(value) or not 1 <= value <= top:
+                problems.append(f"{name} {value!r} is not an integer in 1..{top}")
+        ps = self.patch_size
+        if not (isinstance(ps, (tuple, list)) and len(ps) == 3 and all(_is_int(p) and 1 <= p <= 64 for p in ps)):
+            problems.append(f"patch_size {ps!r} is not 3 integers in 1..64")
+        if _is_int(self.dim) and _is_int(self.num_heads) and self.num_heads > 0 and self.dim > 0:
+            if self.dim % self.num_heads:
+                problems.append(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+            elif (self.dim // self.num_heads) % 2:
+                problems.append(f"head dim {self.dim // self.num_heads} is odd (RoPE rotates channel pairs)")
+        if _is_int(self.freq_dim) and self.freq_dim % 2:
+            problems.append(f"freq_dim {self.freq_dim} is odd (sin and cos halves)")
+        for name in ("eps", "rope_theta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and value > 0):
+                problems.append(f"{name} {value!r} is not a positive number")
+        for name in ("qk_norm", "cross_attn_norm"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} {getattr(self, name)!r} is not true/false")
+        if not isinstance(self.extra, dict):
+            problems.append(f"extra {self.extra!r} is not a mapping")
+        if problems:
+            raise CheckpointError("invalid model config: " + "; ".join(problems))
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
@@ -71,9 +117,11 @@ class WanConfig:
     @classmethod
     def from_dict(cls, d: dict) -> WanConfig:
         """Accepts our own ``to_dict`` output and Wan's ``config.json`` (which has extra keys such as model_type)."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"invalid model config: expected a JSON object, found {type(d).__name__}")
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in d.items() if k in known}
-        if "patch_size" in kwargs:
+        if isinstance(kwargs.get("patch_size"), list):
             kwargs["patch_size"] = tuple(kwargs["patch_size"])
         return cls(**kwargs)
 
