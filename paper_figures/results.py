@@ -4,7 +4,9 @@ The figures never compute attention statistics themselves; they plot the Dataset
 ``<out>/analysis_<name>.nc`` is reused when its ``figures_cache_key`` attribute matches the input file's SHA-256,
 the analysis name, its record selection, its options (a stable serialisation of the options dataclass,
 `toolkit.analysis.options_dict`) and the device; otherwise the analysis runs again (with its own progress bars)
-and the file is replaced.
+and the file is replaced. The analysis writes the cache record by record (`toolkit.analysis.partial`): a partial
+cache (``complete = 0``, left by an interrupted run) with the same key is continued, and an unreadable one
+(truncated, garbage) is recomputed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 
 import xarray as xr
 
-from toolkit.analysis import RECORD_KEY, netcdf_attrs, open_results
+from toolkit.analysis import RECORD_KEY, open_results, stack_records
+from toolkit.analysis.partial import PartialResults, read_key, recording
 from toolkit.analysis.records import RecordSelection, options_dict
 
 ANALYSES = ("periodic", "topk", "monarch")
@@ -58,24 +61,55 @@ class ResultCache:
         if key in self._memo:
             return self._memo[key]
         path = self.out_dir / f"analysis_{label}.nc"
-        if path.is_file():
-            with open_results(path) as cached:
-                if cached.attrs.get("figures_cache_key") == key:
-                    self.log(f"  {label}: reusing {path.name}")
-                    self.used[label] = dict(file=path.name, cache_key=key, args=settings, reused=True)
+        state = self._cached_state(path, key, label)
+        if state == "complete":
+            try:
+                with open_results(path) as cached:
                     self._memo[key] = cached.load()
-                    return self._memo[key]
+            except Exception as err:  # noqa: BLE001 - a damaged cache is recomputed, never fatal
+                self.log(f"  {label}: {path.name} is unreadable ({type(err).__name__}); recomputing")
+            else:
+                self.log(f"  {label}: reusing {path.name}")
+                self.used[label] = dict(file=path.name, cache_key=key, args=settings, reused=True)
+                return self._memo[key]
         self.log(f"  {label}: running toolkit.analysis.{name} on {self._describe(records)}")
-        ds = module.analyze(self.cap, records, options, device=self.device, progress=self.progress)
-        ds.attrs.update(analysis=name, figures_cache_key=key, figures_analysis_args=json.dumps(settings))
-        netcdf_attrs(ds)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".nc.tmp")
-        ds.to_netcdf(tmp, engine="h5netcdf")
-        os.replace(tmp, path)  # a crash mid-write never leaves a half file that looks cached
+        # Written record by record (toolkit.analysis.partial): an interrupted figures run leaves a partial cache
+        # that the next run with the same key continues instead of starting over.
+        partial = PartialResults(path, {"figures_cache_key": key},
+                                 dict(analysis=name, figures_cache_key=key, figures_analysis_args=json.dumps(settings)),
+                                 lambda per_run: stack_records(per_run[0]), log=self.log)
+        done = partial.prepare(resume=state == "partial")
+        if done:
+            self.log(f"  {label}: continuing the partial {path.name} ({done} records already done)")
+        finished = False
+        try:
+            with recording(partial.sink(0)):
+                ds = module.analyze(self.cap, records, options, device=self.device, progress=self.progress)
+            partial.finish(ds)
+            finished = True
+        finally:
+            if not finished:
+                partial.write_partial()
         self.used[label] = dict(file=path.name, cache_key=key, args=settings, reused=False)
         self._memo[key] = ds
         return ds
+
+    def _cached_state(self, path: Path, key: str, label: str) -> str | None:
+        """"complete" / "partial": ``path`` holds this key's result (a partial one is continued); None: compute
+        afresh (no file, another key, or a damaged file — the cache is ours to replace)."""
+        if not path.is_file():
+            return None
+        try:
+            _, complete, _ = read_key(path)
+            with open_results(path) as cached:
+                cached_key = cached.attrs.get("figures_cache_key")
+        except Exception as err:  # noqa: BLE001 - truncated / garbage file: recompute
+            self.log(f"  {label}: {path.name} is unreadable ({type(err).__name__}); recomputing")
+            return None
+        if cached_key != key:
+            return None
+        return "complete" if complete else "partial"
 
     @staticmethod
     def _describe(records: RecordSelection) -> str:

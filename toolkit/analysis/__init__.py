@@ -21,17 +21,19 @@ coordinates, unindexed) and `open_results` restores the index.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from toolkit.analysis.partial import current_sink
 from toolkit.analysis.records import (  # noqa: F401 - re-exported
     RECORD_KEY,
     RecordIndex,
     RecordSelection,
     RecordTensors,
+    _netcdf_attr,
     index_records,
+    netcdf_attrs,
     options_dict,
 )
 from toolkit.device import resolve_device
@@ -86,24 +88,6 @@ def require_stored(cap: Any, names: tuple[str, ...], analysis: str) -> None:
     if missing:
         raise ToolkitError(f"{cap.path} has no {'/'.join(missing)} (stored: {', '.join(cap.stored) or 'nothing'}); "
                            f"'{analysis}' needs {'/'.join(names)} — capture with --store q,k,v,lse")
-
-
-def _netcdf_attr(value: Any) -> Any:
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, dict):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple, str)) for v in value):
-        return json.dumps(list(value))
-    return value
-
-
-def netcdf_attrs(ds: xr.Dataset) -> xr.Dataset:
-    """Make every attribute of ``ds`` and its variables storable in NetCDF (bools -> int, dicts / nested or
-    string lists -> JSON), in place; returns ``ds``."""
-    for obj in [ds, *ds.variables.values()]:
-        obj.attrs = {k: _netcdf_attr(v) for k, v in obj.attrs.items() if v is not None}
-    return ds
 
 
 def stack_records(datasets: list[xr.Dataset], fields: tuple[str, ...] = RECORD_FIELDS) -> xr.Dataset:
@@ -176,6 +160,8 @@ def analyze_records(
 
     ``needs``: stored tensors the analysis reads (checked up front, one-line error). ``device``: as
     `resolve_device` (None = GPU when present); ``progress_position``: the bar's line (several files at once).
+    Within `toolkit.analysis.partial.recording`, each finished record is written at once and records finished by
+    an interrupted run are read back instead of recomputed.
     """
     from tqdm.auto import tqdm
 
@@ -186,12 +172,17 @@ def analyze_records(
     out = []
     bar = tqdm(records, desc=f"{name} {os.path.basename(cap.path)}", unit="record", disable=not progress,
                position=progress_position, leave=True)
+    sink = current_sink()  # set by `toolkit analyze` / the figures' cache: write each record as it finishes
     for key in bar:
         rec = cap.record(*key)
         bar.set_postfix(step=rec.step, chunk=rec.chunk, layer=rec.layer)
-        ds = one(rec, heads, device)
-        ds.attrs.update(step=rec.step, chunk=rec.chunk, layer=rec.layer, timestep=float(rec.timestep),
-                        is_clean=bool(rec.is_clean))
+        ds = sink.done(key) if sink is not None else None  # finished by an interrupted run (--resume)
+        if ds is None:
+            ds = one(rec, heads, device)
+            ds.attrs.update(step=rec.step, chunk=rec.chunk, layer=rec.layer, timestep=float(rec.timestep),
+                            is_clean=bool(rec.is_clean))
+            if sink is not None:
+                ds = sink.add(key, ds)
         out.append(ds)
         release_freed_memory()
     return stack_records(out)

@@ -112,6 +112,24 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
+def _netcdf_attr(value: Any) -> Any:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple, str)) for v in value):
+        return json.dumps(list(value))
+    return value
+
+
+def netcdf_attrs(ds: xr.Dataset) -> xr.Dataset:
+    """Make every attribute of ``ds`` and its variables storable in NetCDF (bools -> int, dicts / nested or
+    string lists -> JSON), in place; returns ``ds``."""
+    for obj in [ds, *ds.variables.values()]:
+        obj.attrs = {k: _netcdf_attr(v) for k, v in obj.attrs.items() if v is not None}
+    return ds
+
+
 def options_dict(options: Any) -> dict:
     """A JSON-ready dict of an options / selection dataclass (tuples as lists, a Monarch layout as its name and
     grid, tensors as lists, other objects by repr): equal options give equal dicts, in every process."""

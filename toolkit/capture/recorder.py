@@ -311,7 +311,7 @@ def _capture_locked(model: torch.nn.Module, plan: Plan, found: list, path: str, 
                     progress: bool, max_inflight_bytes: int | None) -> Iterator[Recorder]:
     model_dtype = next((p.dtype for p in model.parameters()), None)
     if resume and os.path.exists(path):
-        store, done, done_kv = CaptureStore.reopen(path, plan, provenance)
+        store, done, done_kv = CaptureStore.reopen(path, plan, provenance, model_dtype)
     else:
         if os.path.exists(path):
             raise ToolkitError(f"{path} exists; pass --resume to continue it or choose a new --out")

@@ -249,8 +249,10 @@ class CaptureStore:
         return store
 
     @classmethod
-    def reopen(cls, path: str, plan: Plan, provenance: dict) -> tuple[CaptureStore, set, set]:
-        """Reopen an interrupted capture to fill in missing records; refuses a file from a different run."""
+    def reopen(cls, path: str, plan: Plan, provenance: dict,
+               model_dtype: torch.dtype | None = None) -> tuple[CaptureStore, set, set]:
+        """Reopen an interrupted capture to fill in missing records; refuses a file from a different run (any
+        setting that changes the numbers: `resume_mismatches`)."""
         try:
             f = h5py.File(path, "r+", **NO_CHUNK_CACHE)
         except OSError as err:
@@ -258,13 +260,10 @@ class CaptureStore:
         try:
             if f.attrs.get("format") != FORMAT_NAME:
                 raise ToolkitError(f"{path} is not a toolkit capture file; refusing to resume into it")
-            expected = {"layout": _attr(plan.layout.to_attrs()), "selection": _attr(_selection_attrs(plan))}
-            expected.update({k: _attr(v) for k, v in provenance.items() if k in RESUME_KEYS})
-            for key, value in expected.items():
-                if str(f.attrs.get(key)) != str(value):
-                    raise ToolkitError(
-                        f"{path} was captured with a different {key}; --resume needs the same run "
-                        "(use a new --out instead)")
+            differ = resume_mismatches(f.attrs, plan, provenance, model_dtype)
+            if differ:
+                raise ToolkitError(f"{path} was captured with a different {', '.join(differ)}; --resume needs the "
+                                   "same run (use a new --out, or --force to replace it)")
             store = cls(path, plan, f, str(f.attrs["storage_dtype"]))
             done = {_key(store, idx) for idx in zip(*np.nonzero(f["record_complete"][...]))}
             kv = {_key(store, idx) for idx in zip(*np.nonzero(f["kv_complete"][...]))}
@@ -467,7 +466,54 @@ def _key(store: CaptureStore, idx) -> tuple[int, int, int]:
     return store.plan.stored_steps[s], c, store.plan.layers[l]
 
 
-RESUME_KEYS = ("model", "checkpoint_sha256", "prompt", "seed", "sampler")
+# Provenance that decides the numbers of a record: a resume must match each one the new run provides (plus the
+# layout, the selection and the model / storage dtypes, `resume_mismatches`). Versions, paths and the GPU name are
+# left out: the same run resumed elsewhere is still the same computation.
+RESUME_KEYS = ("model", "checkpoint_sha256", "checkpoint_entry", "config", "prompt", "seed", "sampler", "attention",
+               "attention_backend", "noise", "compute_dtype", "latent_shape")
+
+
+def _leaves(value, prefix: str) -> dict[str, object]:
+    """A stored JSON attribute as ``{dotted.key: value}`` (a non-JSON value as itself)."""
+    if isinstance(value, (str, bytes)):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {prefix: value}
+    if isinstance(value, dict):
+        out: dict[str, object] = {}
+        for k, v in value.items():
+            out.update(_leaves(v if not isinstance(v, str) else json.dumps(v), f"{prefix}.{k}"))
+        return out
+    return {prefix: value.tolist() if hasattr(value, "tolist") else value}
+
+
+def resume_mismatches(attrs, plan: Plan, provenance: dict, model_dtype: torch.dtype | None) -> list[str]:
+    """``setting (was → now)`` for each setting of the file that differs from the new run's (empty: same run)."""
+    now = {"layout": _attr(plan.layout.to_attrs()), "selection": _attr(_selection_attrs(plan))}
+    now.update({k: _attr(v) for k, v in provenance.items() if k in RESUME_KEYS})
+    if model_dtype is not None:
+        now["model_dtype"] = str(model_dtype).replace("torch.", "")
+        now["storage_dtype"] = resolve_storage_dtype(plan.selection.dtype, model_dtype)
+    if "device" in provenance and "device" in attrs:  # cuda:0 vs cuda:1 is the same computation, cpu vs cuda not
+        now["device type"] = str(provenance["device"]).split(":")[0]
+    out = []
+    for key, value in now.items():
+        stored = attrs.get("device") if key == "device type" else attrs.get(key)
+        if key == "device type" and stored is not None:
+            stored = (stored.decode() if isinstance(stored, bytes) else str(stored)).split(":")[0]
+        if str(stored) == str(value):
+            continue
+        was, new = _leaves(stored, key), _leaves(value, key)
+        for name in [*was, *(k for k in new if k not in was)]:
+            if str(was.get(name)) != str(new.get(name)):
+                out.append(f"{name} ({_short(was.get(name))} → {_short(new.get(name))})")
+    return out
+
+
+def _short(value: object) -> str:
+    text = "(none)" if value is None else (value.decode() if isinstance(value, bytes) else str(value))
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _selection_attrs(plan: Plan) -> dict:

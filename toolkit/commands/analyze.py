@@ -78,7 +78,14 @@ def positive_int(text: str) -> int:
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every analysis shares (record selection, device, output, parallelism)."""
     parser.add_argument("runs", nargs="+", metavar="RUN.h5", help="capture file(s)")
-    parser.add_argument("--out", required=True, help="results file (.nc, NetCDF4/HDF5)")
+    parser.add_argument("--out", required=True, help="results file (.nc, NetCDF4/HDF5); written record by record "
+                                                      "(an interrupted run leaves a partial file, complete = 0)")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--force", action="store_true",
+                          help="replace an existing result of this analysis in --out")
+    existing.add_argument("--resume", action="store_true",
+                          help="continue an interrupted run into --out (same analysis, options and inputs): "
+                               "finished records are kept, missing ones computed")
     sel = parser.add_argument_group("record selection (default: everything stored)")
     for flag, what in (("--steps", "steps"), ("--chunks", "chunks"), ("--layers", "layers"), ("--heads", "heads")):
         sel.add_argument(flag, type=index_list, default=None, metavar="LIST", help=f"{what}: 'all' or e.g. 0,3,8-10")
@@ -228,18 +235,36 @@ def _load(name: str):
 
 
 def analyze_file(name: str, path: str, records, options, *, device: str | None = None, progress: bool = True,
-                 progress_position: int | None = None, label: str | None = None):
+                 progress_position: int | None = None, label: str | None = None, sink=None):
     """One RUN file -> Dataset with coordinate ``run`` = ``label`` (default: the basename) on every record (the unit
-    of work dask schedules; it re-imports by name so it pickles)."""
-    from toolkit.analysis import index_records
+    of work dask schedules; it re-imports by name so it pickles). ``sink``: a
+    `toolkit.analysis.partial.RecordSink` each finished record is written through (None: memory only)."""
+    from toolkit.analysis.partial import recording
     from toolkit.capture import open_capture
 
     module = _load(name)
-    with open_capture(path) as cap:
+    with open_capture(path) as cap, recording(sink):
         ds = module.analyze(cap, records, options, device=device, progress=progress,
                             progress_position=progress_position)
-        ds = ds.assign_coords(run=("record", [label or os.path.basename(path)] * ds.sizes["record"]))
-        return index_records(ds.load())
+        return label_run(ds.load(), label or os.path.basename(path))
+
+
+def label_run(ds, label: str):
+    """The ``run`` coordinate on every record of one capture's result, record index set."""
+    from toolkit.analysis import index_records
+
+    return index_records(ds.assign_coords(run=("record", [label] * ds.sizes["record"])))
+
+
+def combine_runs(parts: list):
+    """Per-capture results -> one Dataset along ``record`` (numbered 0..n-1)."""
+    import xarray as xr
+
+    # "outer": records of different chunks have different query counts (padded as within one run); mismatched
+    # grids / heads were refused before unless --stack-mismatched
+    result = parts[0] if len(parts) == 1 else xr.concat(parts, dim="record", join="outer",
+                                                        combine_attrs="drop_conflicts")
+    return result.assign_coords(record=range(result.sizes["record"]))
 
 
 def run_names(paths: list[str]) -> list[str]:
@@ -274,20 +299,83 @@ def check_stackable(runs: list[str], records: RecordSelection | None) -> None:
                                    f"{list(value)} (stacking would NaN-pad); pass --stack-mismatched to stack anyway")
 
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
 def _check_files(runs: list[str], out: str) -> None:
     from toolkit.errors import ToolkitError
 
     for path in runs:
         if not os.path.isfile(path):
             raise ToolkitError(f"{path}: no such capture file")
-    if os.path.abspath(out) in {os.path.abspath(p) for p in runs}:
+    if any(_same_file(out, p) for p in runs):  # also through a link or another spelling of the path
         raise ToolkitError(f"--out {out} would overwrite an input capture")
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise ToolkitError(f"--out {out}: folder {folder} does not exist")
 
 
-def _compute_many(name: str, args: argparse.Namespace, records, options) -> list:
+def resume_key(name: str, runs: list[str], records, options, device: str | None) -> dict:
+    """Everything that decides the numbers of a result: the analysis, its options, the record selection, the
+    inputs (path, size, modification time) and the device type. ``--resume`` refuses a different key."""
+    import datetime
+
+    from toolkit.analysis.records import options_dict
+    from toolkit.device import resolve_device
+
+    inputs = {}
+    for path in runs:
+        st = os.stat(path)
+        modified = datetime.datetime.fromtimestamp(st.st_mtime_ns / 1e9, datetime.UTC).isoformat()
+        inputs[os.path.abspath(path)] = {"size": st.st_size, "modified": modified}
+    return {"analysis": name, "options": options_dict(options), "records": options_dict(records),
+            "inputs": inputs, "device": resolve_device(device).type}
+
+
+def check_out(out: str, name: str, key: dict, *, force: bool, resume: bool) -> tuple[str, str | None]:
+    """What to do with ``--out``: ("new" | "resume" | "complete", the line to show). The overwrite policy of every
+    command (`toolkit.errors.check_output`: --force replaces, --resume continues), and on top of it: the file is
+    replaced or continued only when it is a result of this analysis; anything else there (a capture, another
+    analysis' result, any other file) is never touched, even with --force."""
+    from toolkit.analysis.partial import key_differences, read_key
+    from toolkit.errors import ToolkitError, check_output
+
+    was, complete = None, False
+    if os.path.isfile(out):
+        try:
+            was, complete, analysis = read_key(out)
+        except (OSError, ValueError, KeyError):
+            analysis, what = None, "not an analysis result"
+        else:
+            what = f"a '{analysis}' result" if analysis else _describe_file(out)
+        if analysis != name:
+            raise ToolkitError(f"--out {out} exists and is {what}; refusing to overwrite it (even with --force): "
+                               "choose another --out")
+    note = check_output(out, force=force, resume=resume, can_resume=True)
+    if not os.path.lexists(out) or force:
+        return ("resume" if resume else "new"), note  # resume: a parts folder of a run killed before its first write
+    if was is None:
+        raise ToolkitError(f"--out {out} was written without a resume key (an older toolkit); pass --force to "
+                           "recompute it")
+    diff = key_differences(was, key)
+    if diff:
+        raise ToolkitError(f"--resume: {out} was computed with different settings ({'; '.join(diff)}); use the "
+                           "same ones, --force to replace it, or another --out")
+    return ("complete" if complete else "resume"), note
+
+
+def _describe_file(path: str) -> str:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return "a capture file" if "format_version" in f.attrs or "record_complete" in f else "not an analysis result"
+
+
+def _compute_many(name: str, args: argparse.Namespace, records, options, partial) -> list:
     """Several RUN files through dask: delayed analyze_file per file, local threads or a distributed cluster."""
     import dask
 
@@ -295,7 +383,8 @@ def _compute_many(name: str, args: argparse.Namespace, records, options) -> list
 
     labels = run_names(args.runs)
     tasks = [dask.delayed(analyze_file, pure=False)(name, path, records, options, device=args.device,
-                                                    progress=args.progress, progress_position=i, label=labels[i])
+                                                    progress=args.progress, progress_position=i, label=labels[i],
+                                                    sink=partial.sink(i))
              for i, path in enumerate(args.runs)]
     if args.scheduler:
         try:
@@ -308,31 +397,58 @@ def _compute_many(name: str, args: argparse.Namespace, records, options) -> list
     return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
 
 
-def run(args: argparse.Namespace) -> int:
-    import xarray as xr
+def _command_line(name: str, rest: list[str]) -> str:
+    """The command recorded in the result: without --force / --resume, so a resumed result equals a straight one."""
+    return "toolkit analyze " + " ".join([name, *(a for a in rest if a not in ("--force", "--resume"))])
 
-    from toolkit.analysis import netcdf_attrs
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from toolkit.analysis import stack_records
+    from toolkit.analysis.partial import PartialResults
 
     name = args.analysis
     module = _load(name)
     opts = build_parser(name, module).parse_args(args.rest)
     _check_files(opts.runs, opts.out)
     records, options = records_from_args(opts), options_from_args(name, opts)
+    key = resume_key(name, opts.runs, records, options, opts.device)
+    action, note = check_out(opts.out, name, key, force=opts.force, resume=opts.resume)
+    if action == "complete":
+        print(f"toolkit analyze: {opts.out} is complete ({name}, same settings): nothing to do", file=sys.stderr)
+        return 0
     if len(opts.runs) > 1 and not opts.stack_mismatched:
         check_stackable(opts.runs, records)
-    if len(opts.runs) == 1:
-        parts = [analyze_file(name, opts.runs[0], records, options, device=opts.device, progress=opts.progress)]
-    else:
-        parts = _compute_many(name, opts, records, options)
-    # "outer": records of different chunks have different query counts (padded as within one run); mismatched
-    # grids / heads were refused above unless --stack-mismatched
-    result = parts[0] if len(parts) == 1 else xr.concat(parts, dim="record", join="outer",
-                                                        combine_attrs="drop_conflicts")
-    result = result.assign_coords(record=range(result.sizes["record"]))
-    result.attrs.update(analysis=name, runs=[os.path.abspath(p) for p in opts.runs],
-                        command="toolkit analyze " + " ".join([name, *args.rest]))
-    netcdf_attrs(result)
-    result.to_netcdf(opts.out, engine="h5netcdf")
+    labels = run_names(opts.runs) if len(opts.runs) > 1 else [os.path.basename(opts.runs[0])]
+    attrs = dict(analysis=name, runs=[os.path.abspath(p) for p in opts.runs], command=_command_line(name, args.rest))
+
+    def combine(per_run: dict) -> object:  # the partial file: the stack of the records finished so far
+        return combine_runs([label_run(stack_records(per_run[i]), labels[i]) for i in sorted(per_run)])
+
+    partial = PartialResults(Path(opts.out), key, attrs, combine)
+    done = partial.prepare(resume=action == "resume")  # a parts folder of other settings is discarded
+    if action == "resume" and (note or done):
+        print(f"toolkit analyze: resuming {opts.out} ({done} records already done)", file=sys.stderr)
+    elif note:
+        print(f"toolkit analyze: {note}", file=sys.stderr)
+    finished = False
+    try:
+        if len(opts.runs) == 1:
+            parts = [analyze_file(name, opts.runs[0], records, options, device=opts.device, progress=opts.progress,
+                                  sink=partial.sink(0))]
+        else:
+            parts = _compute_many(name, opts, records, options, partial)
+        result = combine_runs(parts)
+        result.attrs.update(attrs)
+        partial.finish(result)
+        finished = True
+    finally:
+        if not finished:  # interrupted or failed: keep what finished, openable, for --resume
+            n = partial.write_partial()
+            if n:
+                print(f"toolkit analyze: {opts.out} holds a partial result, {n} records (complete = 0); run "
+                      "again with --resume to continue", file=sys.stderr)
     dims = ", ".join(f"{k} {v}" for k, v in result.sizes.items())
     print(f"wrote {opts.out}: {name}, {result.sizes['record']} records ({dims})", file=sys.stderr)
     return 0
