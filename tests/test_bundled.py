@@ -347,6 +347,20 @@ def test_load_bundled_is_strict(tmp_path):
     _save(other, tmp_path / "bad", bundled.bundled_config(**{**TINY, "num_layers": 3}).to_dict())
     with pytest.raises(CheckpointError, match="model.safetensors"):
         bundled.load_bundled(path=tmp_path / "bad")
+    # an integer tensor is refused by name, not cast into float weights
+    from safetensors.torch import load_file, save_file
+
+    _save(other, tmp_path / "ints")
+    state = load_file(str(tmp_path / "ints" / bundled.WEIGHTS_FILE))
+    name = sorted(state)[0]
+    state[name] = state[name].to(torch.int32)
+    save_file(state, str(tmp_path / "ints" / bundled.WEIGHTS_FILE))
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        bundled.load_bundled(path=tmp_path / "ints")
+    # a config.json that is not JSON or is out of bounds: one error naming it
+    (tmp_path / "ints" / bundled.CONFIG_FILE).write_text('{"num_heads": 0')
+    with pytest.raises(CheckpointError, match="config.json"):
+        bundled.load_bundled(path=tmp_path / "ints")
 
 
 def test_generate_is_a_seeded_full_rollout_and_pictures_are_written(tmp_path, monkeypatch):

@@ -113,3 +113,5 @@ def test_parse_prompt_forms_and_errors():
                 "white diamond, cyan circle", "", "red big circle"):
         with pytest.raises(ToolkitError):
             P.parse_prompt(bad)
+    with pytest.raises(ToolkitError, match="one per prompt"):  # two camera motions: never keep just the last
+        P.parse_prompt("red circle; pan left; pan right")

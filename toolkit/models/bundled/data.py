@@ -102,12 +102,15 @@ def parse_prompt(text: str) -> Prompt:
         f"shapes: {', '.join(SHAPES)}; pan: {', '.join(PANS[1:])})"
     )
     parts = [p.strip() for p in text.lower().split(";")]
-    body, pan = parts[0], "none"
+    body, pans = parts[0], []
     for extra in parts[1:]:
         m = re.fullmatch(r"(?:pan\s+(\w+)|no pan|static)", extra)
         if not m:
             raise ToolkitError(f"cannot parse {extra!r} in prompt {text!r}; {usage}")
-        pan = m.group(1) or "none"
+        pans.append(m.group(1) or "none")
+    if len(pans) > 1:
+        raise ToolkitError(f"prompt {text!r} gives {len(pans)} camera motions ({'; '.join(parts[1:])}): one per prompt")
+    pan = pans[0] if pans else "none"
     count = None
     m = re.fullmatch(r"(\d+)\s+sprites?\s*:\s*(.*)", body)
     if m:

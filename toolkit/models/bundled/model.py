@@ -25,6 +25,7 @@ from toolkit.models.bundled.config import (
     clip_shape,
     frames_per_chunk,
 )
+from toolkit.models.checkpoints import validate_state_dict
 from toolkit.models.sampling import self_forcing_rollout, self_forcing_timesteps
 from toolkit.models.wan import WanConfig, WanModel
 
@@ -42,8 +43,11 @@ def load_bundled(
             "(one GPU, about 20 minutes) or pass the folder that has them"
         )
     # config.json = WanConfig.to_dict() plus a "training" summary (ignored by WanConfig.from_dict)
-    meta = json.loads(config.read_text()) if config.is_file() else {}
-    cfg = WanConfig.from_dict(meta) if meta else bundled_config()
+    try:
+        meta = json.loads(config.read_text()) if config.is_file() else {}
+        cfg = WanConfig.from_dict(meta) if meta else bundled_config()
+    except (ValueError, TypeError, CheckpointError) as err:  # bad JSON, out-of-bounds sizes
+        raise CheckpointError(f"{config}: {err}") from None
     model = load_weights(weights, cfg, device, dtype)
     info = dict(name="bundled", path=str(weights), config=cfg.to_dict(), training=meta.get("training", {}))
     return model, info
@@ -57,6 +61,8 @@ def load_weights(
 
     model = WanModel(cfg)
     state = load_file(str(path))
+    # names, shapes and dtypes (an int or bool tensor would be cast silently into float weights)
+    validate_state_dict(state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, path)
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except RuntimeError as err:  # missing / unexpected / mis-shaped tensors

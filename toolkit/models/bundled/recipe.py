@@ -368,9 +368,10 @@ def model_card(record: dict, model: WanModel) -> str:
                     f"`{s.get('commit', '?')}` |")
         for more in s.get("continued", []):  # benchmarks/continue_teacher.py: the same weights trained further
             c = more["settings"]
+            mode = "compiled" if more.get("compile_seconds") else "eager"
             rows.append(f"| {name}, continued | {more['steps_run']} × {c['batch']} | {more['seconds']:.0f} s | "
                         f"{more['heldout_loss_init']:.4f} → {more['heldout_loss_end']:.4f} | lr {c['lr']} (cosine), "
-                        f"shift-3 σ, {'compiled' if more.get('compile_seconds') else 'eager'} | `{more.get('commit', '?')}` |")
+                        f"shift-3 σ, {mode} | `{more.get('commit', '?')}` |")
     ev = record.get("evaluation", {})
     ev_rows = [f"| {name.replace('_', ' ')} | {format_summary(r, markdown=True)} |" for name, r in ev.items()]
     header = " | ".join(title for _, title, _ in SUMMARY_COLUMNS)
