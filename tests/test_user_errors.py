@@ -77,6 +77,8 @@ CASES = {
     "figures out is a file": (["figures", "--figures", "semantic", "--out", "{file}"], "is a file"),
     "figures out uncreatable": (["figures", "--figures", "semantic", "--out", "/proc/toolkit-no-such/f"],
                                 "cannot write"),
+    "analyze out is a folder": (["analyze", "topk", "{file}", "--out", "{tmp}/empty"], "takes a file name"),
+    "analyze out unwritable": (["analyze", "topk", "{file}", "--out", "/proc/toolkit.nc"], "cannot write"),
     "bench out is a file": (["bench", "--tiny", "--out", "{file}"], "is a file"),
     "train out under a file": (["train", "--tiny", "--out", "{file}/t"], "is a file"),
     "empty prompt": (["generate", "--prompt", "", "--out", "{tmp}/g"], "--prompt is empty"),

@@ -307,7 +307,7 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def _check_files(runs: list[str], out: str) -> None:
-    from toolkit.errors import ToolkitError
+    from toolkit.errors import ToolkitError, prepare_output_dir
 
     for path in runs:
         if not os.path.isfile(path):
@@ -317,6 +317,9 @@ def _check_files(runs: list[str], out: str) -> None:
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise ToolkitError(f"--out {out}: folder {folder} does not exist")
+    if os.path.isdir(out):
+        raise ToolkitError(f"--out {out} is a folder; --out takes a file name")
+    prepare_output_dir(out)  # a read-only folder fails now, not after the analysis
 
 
 def resume_key(name: str, runs: list[str], records, options, device: str | None) -> dict:
@@ -391,7 +394,11 @@ def _compute_many(name: str, args: argparse.Namespace, records, options, partial
             from dask.distributed import Client
         except ImportError:
             raise ToolkitError("--scheduler needs dask.distributed (pip install distributed)") from None
-        with Client(args.scheduler) as client:
+        try:  # fail fast on a wrong address instead of dask's long default wait
+            client = Client(args.scheduler, timeout="10s")
+        except (OSError, TimeoutError) as err:
+            raise ToolkitError(f"--scheduler {args.scheduler}: cannot reach it ({err})") from None
+        with client:
             return list(client.compute(tasks, sync=True))
     workers = args.workers or min(len(tasks), 4)
     return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
