@@ -23,13 +23,30 @@ def random_qkv(heads, n_q, n_k, d, seed, dtype=torch.float32, spread=3.0):
 
 
 @pytest.mark.parametrize("key_chunk", [7, 52, 1000])
-def test_logsumexp_streaming_matches_brute_force(key_chunk):
+def test_logsumexp_streaming_matches_brute_force(key_chunk, monkeypatch):
     # 52 keys: chunk 7 leaves a remainder, 52 is exactly one chunk, 1000 is larger than the sequence.
+    monkeypatch.setattr(exact, "_cpu_flash_logsumexp", lambda *a: None)  # the streaming loop itself
     q, k, _ = random_qkv(3, 30, 52, 16, seed=0)
     lse = exact.logsumexp(q, k, 0.25, key_chunk=key_chunk)
     ref, _, _ = brute_force(q, k, k, 0.25)
     assert lse.dtype == torch.float32 and lse.shape == (3, 30)
     torch.testing.assert_close(lse.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 30, 1037, 40), (2, 3, 7, 300, 24)])
+def test_cpu_flash_logsumexp_equals_the_float64_brute_force(shape):
+    """Float32 CPU inputs take PyTorch's flash kernel: the same LSE, awkward key counts and leading dims."""
+    *lead, n_q, n_k, d = shape
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(*lead, n_q, d, generator=g) * 3
+    k = torch.randn(*lead, n_k, d, generator=g)
+    assert exact._cpu_flash_logsumexp(q, k, 0.2) is not None  # the fast path is taken
+    lse = exact.logsumexp(q, k, 0.2)
+    ref = torch.logsumexp(0.2 * q.double() @ k.double().transpose(-1, -2), dim=-1)
+    assert lse.dtype == torch.float32 and lse.shape == tuple(lead) + (n_q,)
+    torch.testing.assert_close(lse.double(), ref, rtol=1e-5, atol=1e-5)
+    # broadcast leading dims are not its case: the streaming loop answers
+    assert exact._cpu_flash_logsumexp(q, k[..., :1, :, :] if len(lead) > 1 else k[:1], 0.2) is None
 
 
 def test_float64_inputs_stay_float64():

