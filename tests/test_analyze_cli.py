@@ -204,6 +204,21 @@ def test_missing_file_one_line(tmp_path, capsys):
     assert "no such capture file" in one_error_line(capsys)
 
 
+def test_monarch_on_the_cpu_defaults_to_one_step_of_the_last_chunk_and_full_asks_for_everything(run_file, tmp_path,
+                                                                                                  capsys):
+    path, _ = run_file
+    assert analyze("monarch", path, "--out", tmp_path / "quick.nc", "--device", "cpu", "--heads", "0") == 0
+    assert "CPU default: step 3, chunk 2" in capsys.readouterr().err
+    quick = xr.open_dataset(tmp_path / "quick.nc", engine="h5netcdf")
+    assert set(quick["chunk"].values) == {2} and set(quick["step"].values) == {3} and set(quick["layer"].values) == {0, 1}
+    assert list(quick.config.values) == ["fh,w (1,1,1)", "fh,w (2,1,1)"] and list(quick.iters.values) == [1]
+    assert analyze("monarch", path, "--out", tmp_path / "full.nc", "--device", "cpu", "--heads", "0", "--full",
+                   "--layers", "1") == 0
+    full = xr.open_dataset(tmp_path / "full.nc", engine="h5netcdf")
+    assert full.sizes["record"] == 5 * 3 and list(full.iters.values) == [1, 2, 3]  # 5 steps x 3 chunks of layer 1
+    assert full.sizes["config"] > 2
+
+
 def test_capture_with_only_q_and_k(run_file, tmp_path):
     """No v: map metrics only; no lse: recomputed by a streaming pass, same results as with the stored one."""
     path, _ = run_file

@@ -161,8 +161,13 @@ def add_monarch_arguments(parser: argparse.ArgumentParser) -> None:
                         "f_tied,h_reduce,w_reduce), contiguous:B1xB2 (misaligned control), or a preset: 'default' "
                         "(the paper's tilings, all aligned bases, two contiguous controls) or 'fh,w:all' (every "
                         "fh,w tiling: error-vs-sparsity curves); presets keep what fits the records")
-    g.add_argument("--iters", type=int, default=d.iters,
-                   help="variational MonarchAttention iterations T=1..N (0: skip)")
+    g.add_argument("--iters", type=int, default=None,
+                   help=f"variational MonarchAttention iterations T=1..N (0: skip; default {d.iters})")
+    g.add_argument("--full", action="store_true",
+                   help="on the CPU, the full sweep: every record, the default layouts, T = 1..3 (without it, a "
+                        "CPU run given no --layout/--iters/--steps/--chunks/--layers analyses one step of the last "
+                        "chunk with fh,w (1,1,1) and (3,1,1) at T = 1, which finishes the default bundled capture "
+                        "in minutes)")
     g.add_argument("--no-projection", action="store_true", help="skip the exact Frobenius projection")
     g.add_argument("--no-topk", action="store_true", help="skip the oracle top-k baseline")
     g.add_argument("--rank1", choices=("auto", "eigh", "power"), default=d.rank1,
@@ -174,6 +179,36 @@ def add_monarch_arguments(parser: argparse.ArgumentParser) -> None:
                         "min(1/(c_R + 1e-6), 1e4), to reproduce their T = 10/20 numbers; up to ~0.5 relative "
                         "apart on sharp maps). Same at T = 1; stored as the result's r_step attribute (default "
                         f"{d.r_step})")
+
+
+
+
+def apply_cpu_default(name: str, opts: argparse.Namespace) -> str | None:
+    """``toolkit analyze monarch`` on the CPU with no layout, iteration or record choice: the last chunk's last
+    denoising step, every layer, fh,w tilings (1,1,1) (the paper's) and (c,1,1) with c the frames of a chunk (the
+    bundled grid's 95 % one) at T = 1 — the full sweep of the default bundled capture takes hours on 2 cores;
+    ``--full`` asks for it. Sets ``opts`` in place; returns the line saying so, or None."""
+    if name != "monarch":
+        return None
+    from toolkit.analysis.monarch import MonarchOptions
+    from toolkit.device import resolve_device
+
+    chosen = (opts.layout, opts.iters, opts.steps, opts.chunks, opts.layers)
+    if opts.full or resolve_device(opts.device).type != "cpu" or any(x is not None for x in chosen):
+        opts.iters = MonarchOptions().iters if opts.iters is None else opts.iters
+        return None
+    from toolkit.capture import open_capture
+
+    with open_capture(opts.runs[0]) as cap:
+        keys = list(cap.records)
+        clean = cap.layout.clean_step
+        chunk = max(k.chunk for k in keys) if keys else 0
+        steps = sorted({k.step for k in keys if k.chunk == chunk and k.step != clean}) or [None]
+        layouts = list(dict.fromkeys(["fh,w:1,1,1", f"fh,w:{cap.layout.frames_per_chunk or 1},1,1"]))
+    opts.layout, opts.iters, opts.chunks = layouts, 1, [chunk]
+    opts.steps = None if steps[-1] is None else [steps[-1]]
+    return (f"CPU default: step {steps[-1]}, chunk {chunk}, every layer; layouts {', '.join(layouts)}; T = 1 "
+            "(--full: every record, the default layouts, T = 1..3)")
 
 
 # name -> function adding the analysis' own options
@@ -419,6 +454,9 @@ def run(args: argparse.Namespace) -> int:
     module = _load(name)
     opts = build_parser(name, module).parse_args(args.rest)
     _check_files(opts.runs, opts.out)
+    quick = apply_cpu_default(name, opts)
+    if quick:
+        print(f"toolkit analyze: {quick}", file=sys.stderr)
     records, options = records_from_args(opts), options_from_args(name, opts)
     key = resume_key(name, opts.runs, records, options, opts.device)
     action, note = check_out(opts.out, name, key, force=opts.force, resume=opts.resume)

@@ -12,9 +12,10 @@ Why this grid (12 frames × 80 × 128 pixels, patch (1, 4, 4) → token grid **1
 * **Pixel space, no autoencoder.** A token is a literal 4 × 4 pixel patch, so an attention map can be read against
   the pixels and against the renderer's sprite masks; one trained network instead of two.
 * **Laptop-sized.** Self-attention is ~70 % of a CPU rollout (20 DiT forwards over up to 7,680 keys), and on the
-  CPU its cost per call hardly depends on the head dim (the softmax dominates), so depth sets the time: measured
-  on 2 cores, 6 layers of width 160 (4 heads × 40) roll out in about 17 s, 8 layers of width 128 in 22 s and
-  8 of width 256 in 33 s, against a 20 s budget (``benchmarks/bench_bundled_cpu.py``).
+  CPU its cost per call hardly depends on the head dim (the softmax dominates), so depth sets the time. A size
+  sweep on 2 cores (random weights) put 6 layers of width 160 at 17 s per rollout against a 20 s budget (8 × 128:
+  22 s, 8 × 256: 33 s); the shipped weights measured 25.7 s warm in a later session of the same machine
+  (``docs/bundled-model.md``, "CPU cost").
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from toolkit.models.bundled.model import generate, load_weights, save_weights
 from toolkit.models.bundled.ode_init import ODESettings, train_ode_init
 from toolkit.models.bundled.pictures import save_gif, save_strip
 from toolkit.models.bundled.self_forcing import SelfForcingSettings, train_self_forcing
-from toolkit.models.bundled.teacher import ClipSetup, Log, TeacherSettings, autocast, train_teacher
+from toolkit.models.bundled.teacher import TEACHER_SHIFT, ClipSetup, Log, TeacherSettings, autocast, train_teacher
 from toolkit.models.seam import use_backend
 from toolkit.models.wan import WanConfig, WanModel
 
@@ -324,9 +324,18 @@ def plot_curves(path: Path, record: dict) -> None:
         curve = stages.get(stage, {}).get("curve")
         if not curve:
             ax.text(0.5, 0.5, "not run", ha="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
             continue
         steps = [c[0] for c in curve]
         ax.plot(steps, [c[1] for c in curve], label=stage.replace("_", " "))
+        offset = steps[-1]
+        for i, more in enumerate(stages[stage].get("continued", [])):  # continued runs, after the first
+            ax.plot([offset + c[0] for c in more["curve"]], [c[1] for c in more["curve"]], color=f"C{i + 2}",
+                    label=f"continued ({more['seconds']:.0f} s, σ shift {TEACHER_SHIFT:g})")
+            offset += more["curve"][-1][0]
+        if stages[stage].get("continued"):
+            ax.legend(fontsize=7, loc="lower left")
         if stage == "self_forcing":
             twin = ax.twinx()
             twin.plot(steps, [c[2] for c in curve], color="C1", label="DMD grad rms")
@@ -380,6 +389,14 @@ def model_card(record: dict, model: WanModel) -> str:
                            for g, r in guidance.get("validation", {}).items())
     if validation:
         validation = (f"\n\n| CFG scale | {header} |\n|---|{'---|' * len(SUMMARY_COLUMNS)}\n{validation}")
+    choice = ("the better of (b) and (b)+(c) on the evaluation below" if "self_forcing" in st
+              else "stage (c) was not run for these weights")
+    default_reproduce = (
+        f"`toolkit train --out DIR --seed {record['seed']} --teacher-steps "
+        f"{st.get('teacher', {}).get('steps_run', '?')}` runs the three stages with the settings above (`toolkit "
+        "train --help`; a run may give stage (a) a time budget, `--teacher-seconds`, which fixes its step count "
+        "after 20 timed steps); `--stages teacher` and then `--stages ode_init,self_forcing` split it over two "
+        "processes (a command on the GPU machine may run 10 minutes): `benchmarks/train_bundled.sh`.")
     return f"""# Bundled model card
 
 A {cfg.num_layers}-layer Wan DiT (width {cfg.dim}, {cfg.num_heads} heads × {cfg.head_dim}, FFN {cfg.ffn_dim},
@@ -403,7 +420,7 @@ The teacher's classifier-free guidance (null prompt = all-zero context), used fo
 score and for its own samples: **{guidance.get('scale', '?')}** ({guidance.get('chosen_by', '?')}; its 40-step
 samples on validation prompts, seeds disjoint from the evaluation's):{validation}
 
-Shipped: the **{record.get('shipped', '?')}** student (the better of (b) and (b)+(c) on the evaluation below).
+Shipped: the **{record.get('shipped', '?')}** student ({choice}).
 The teacher's weights are shipped too (`stages/teacher.safetensors`): the reference for the ODE and DMD stages and
 for finetuning experiments.
 
@@ -425,9 +442,5 @@ prompted sprites seen in ≥ 90 % of frames, no teleport. Random init and the te
 
 ## Reproduce
 
-`toolkit train --out DIR --seed {record['seed']} --teacher-steps {st.get('teacher', {}).get('steps_run', '?')}` runs
-the three stages with the settings above (`toolkit train --help`; the shipped run gave stage (a) a time budget,
-`--teacher-seconds`, which fixed the step count above after 20 timed steps); `--stages teacher` and then
-`--stages ode_init,self_forcing` split it over two processes, which is how the shipped run was made (a command
-on the GPU machine may run 10 minutes): `benchmarks/train_bundled.sh`.
+{record.get('reproduce') or default_reproduce}
 """
