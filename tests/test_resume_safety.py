@@ -183,8 +183,9 @@ def test_capture_resume_refuses_different_settings(interrupted_capture, capsys, 
     before = out.read_bytes()
     capsys.readouterr()
     assert main(["capture", *args, "--out", str(out), "--resume", *change]) == 2
-    line = error_line(capsys)
-    assert message in line and "--resume" in line
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines  # the refusal alone (no "resuming ..." before it)
+    assert message in lines[0] and "--resume" in lines[0]
     assert out.read_bytes() == before
 
 

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     provenance = {**r.provenance(), "history_command": "toolkit capture " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
         if k not in ("func", "command") and v not in (None, False))}
-    if note:  # said once the run is ready to write: refusals before this point stay one line
+    if note and not args.resume:  # said once the run is ready to write: refusals before this point stay one line
         print(f"toolkit capture: {note}", file=sys.stderr)
     if args.force and os.path.exists(args.out):
         with CaptureLock(args.out):  # the old capture goes only now that the new run is ready to write
@@ -137,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     with capture(r.model, select, args.out, layout=layout, provenance=provenance, resume=args.resume,
                  progress=not args.quiet) as rec:
+        if note and args.resume:  # the store accepted this run's settings: a refusal stays one line
+            print(f"toolkit capture: {note}", file=sys.stderr)
         sample(r, progress=not args.quiet)
     t2 = time.perf_counter()
     from toolkit.capture.selection import human_bytes
