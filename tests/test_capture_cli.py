@@ -16,7 +16,7 @@ from toolkit.models.bundled import bundled_config
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A 2-layer random model of the bundled architecture (config.json overrides the registry's 8 layers)."""
+    """A 2-layer random model of the bundled architecture (config.json overrides the registry's 6 layers)."""
     cfg = bundled_config(dim=64, ffn_dim=64, num_layers=2, num_heads=4)
     folder = tmp_path_factory.mktemp("ckpt")
     ck.save_wan_native(ck.random_state_dict(cfg, seed=3), folder, cfg)
@@ -37,18 +37,18 @@ def test_capture_then_inspect(checkpoint, tmp_path):
     with open_capture(out) as cap:
         assert cap.complete
         assert cap.records == [(2, 0, 1), (4, 0, 1), (2, 3, 1), (4, 3, 1)]
-        assert cap.grid == (12, 12, 20)
+        assert cap.grid == (12, 20, 32)
         a = cap.attrs
         assert a["model"] == "bundled" and a["seed"] == 5 and a["prompt"].startswith("2 sprites")
         assert len(a["checkpoint_sha256"]) == 64 and a["sampler"]["frames_per_chunk"] == 3
         assert "--layers 1" in a["history_command"] and a["history"].endswith(a["history_command"])
         rec = cap.record(step=2, chunk=3, layer=1)
-        assert rec.k().shape == (4, 12 * 240, 16) and len(rec.query_tokens) == 3 * 4
+        assert rec.k().shape == (4, 12 * 640, 16) and len(rec.query_tokens) == 3 * 4
         rows = cap.rows(rec, 3)
         assert torch.allclose(torch.from_numpy(rows.sum("key").values), torch.ones(12), atol=1e-5)
     proc = toolkit("inspect", str(out), "--records")
     assert proc.returncode == 0, proc.stderr
-    for text in ("complete", "bundled", "2 sprites", "12 frames × 12 × 20 = 2880 tokens",
+    for text in ("complete", "bundled", "2 sprites", "12 frames × 20 × 32 = 7680 tokens",
                  "4 complete of 4 selected", "record step=4 chunk=3 layer=1"):
         assert text in proc.stdout
     # a second run into the same file is refused and leaves it untouched
@@ -59,10 +59,10 @@ def test_capture_then_inspect(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--layers", "40"], "layer 40 is out of range: this run has 8 layers (valid: 0-7)"),
+    (["--layers", "40"], "layer 40 is out of range: this run has 6 layers (valid: 0-5)"),
     (["--steps", "7"], "step 7 is out of range: this run has 5 steps (valid: 0-4, clean)"),
     (["--chunks", "4"], "chunk 4 is out of range: this run has 4 chunks (valid: 0-3)"),
-    (["--queries", "random:500"], "queries random:500 asks for more than the 240 tokens of a frame"),
+    (["--queries", "random:700"], "queries random:700 asks for more than the 640 tokens of a frame"),
     (["--store", "q,maps", "--max-map-bytes", "1MB"], "maps for this selection would take"),
     (["--max-map-bytes", "lots"], "cannot read size 'lots'"),
 ])
