@@ -13,7 +13,7 @@ PACKAGES = {"toolkit": ROOT / "toolkit", "toolkit.kernels": ROOT / "kernels",
 
 # lowest first; a module belongs to the layer of its longest matching prefix
 LAYERS = (
-    ("base", ("toolkit._version", "toolkit.errors", "toolkit.device", "toolkit.grid")),
+    ("base", ("toolkit._version", "toolkit.errors", "toolkit.device", "toolkit.grid", "toolkit.indices")),
     ("models", ("toolkit.models",)),  # the Wan DiT with its attention seam, samplers, registry, bundled model
     ("attention", ("toolkit.attention", "toolkit.kernels")),  # exact, Monarch reference, kernels, backends
     ("capture", ("toolkit.capture", "toolkit.pipeline")),  # hooks -> HDF5, reader; preparing and sampling runs

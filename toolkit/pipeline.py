@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from toolkit._version import __version__
-from toolkit.attention.backends import set_attention
+from toolkit.attention.backends import check_attention, set_attention
 from toolkit.device import resolve_device
 from toolkit.errors import ToolkitError
 from toolkit.models import registry, text_encoder
@@ -149,6 +149,9 @@ def prepare_run(
     embeds = None
     if prompt_embeds and spec.conditioning != "toy":  # a bad file fails before the weights are even looked for
         embeds = load_prompt_embeds(prompt_embeds, spec.config().text_dim if checkpoint is None else None)
+    # a rule naming a layer, step, chunk or head the run lacks: refused before loading (a checkpoint's config.json
+    # may change the sizes, so then they are checked once it loads)
+    check_attention(attention, spec.layout() if checkpoint is None else None)
     registry.find_weights(model, checkpoint)  # missing weights: fail in seconds, before loading anything
     if spec.uses_wan_assets and not prompt_embeds:
         registry.wan_file(registry.T5_FILE)  # likewise the text encoder, before loading 3 GB of DiT weights
@@ -172,8 +175,10 @@ def prepare_run(
         initial = official_noise(shape, net.dtype, dev)
     else:
         initial = torch.randn(shape, generator=g, device=dev, dtype=torch.float32).to(net.dtype)
-    return Run(net, spec, info, prompt, seed, context, negative, initial, sampler, dev, attention,
-               {"generator": g, "noise": noise})
+    run = Run(net, spec, info, prompt, seed, context, negative, initial, sampler, dev, attention,
+              {"generator": g, "noise": noise})
+    check_attention(attention, run.layout())
+    return run
 
 
 def sample(run: Run, *, progress: bool = True, on_chunk: Callable[[int, torch.Tensor], None] | None = None):

@@ -1,27 +1,57 @@
-"""``--attention dense|monarch[:f,h,w]``: what computes self-attention at every seam of a model.
+"""``--attention SPEC``: what computes self-attention at each seam of a model — per layer, step, chunk and head.
+
+A *backend spec* names one way to compute attention:
 
 * ``dense``: PyTorch SDPA (the seam's default; cuDNN / flash backends on GPU).
 * ``monarch`` / ``monarch:F,H,W``: zero-shot variational MonarchAttention (T = 1) with tiling
   (f_tied, h_reduce, w_reduce) — default (1, 1, 1), framewise. Triton kernels on GPU (``toolkit.kernels``),
   the PyTorch reference (``toolkit.attention.monarch``) on CPU.
+
+An ``--attention`` value is a list of *rules*, each a backend spec with optional conditions::
+
+    SPEC      := RULE ( "+" RULE )*
+    RULE      := BACKEND ( "@" CONDITION )*
+    CONDITION := ("layers" | "steps" | "heads" | "chunks") "=" LIST
+    LIST      := "all" | ITEM ( "," ITEM )*        ITEM := N | N-M (inclusive); steps also: clean
+
+e.g. ``dense@layers=0 + monarch:1,2,1@steps=0-1@heads=0-3 + monarch:1,1,1`` (spaces around ``+`` and ``@`` are
+optional; with none the value needs no shell quoting). Commas belong to backend specs and index lists only, so
+``+`` and ``@`` split a value unambiguously. ``steps`` are the seam's step index: 0..n-1 the denoising steps and,
+for the causal model, ``clean`` (= n) the clean-context pass that rewrites the KV cache.
+
+Semantics: for every self-attention call (layer, step, chunk) and every head, the *first* rule whose conditions
+all hold computes that head; a head no rule matches is computed dense. A single spec without ``@`` or ``+``
+(``monarch:1,2,1``) applies everywhere, exactly as before rules existed.
+
+Cost of a ``heads`` condition: a call whose heads are split between rules runs each rule's backend on its heads
+only, and — when some heads stay dense — dense SDPA on *all* heads (the dense heads are then bit-identical to a
+fully dense call); at most one dense call plus each rule's share. Calls that one rule covers entirely cost what
+that backend costs. Rules are checked against the model (``check_attention``) before it loads: a layer, step,
+chunk or head it does not have is refused in one line.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from toolkit.attention.monarch import monarch_backend
 from toolkit.errors import ToolkitError
-from toolkit.models.seam import Backend, set_backend, use_backend
+from toolkit.indices import index_range
+from toolkit.models.layout import RunLayout
+from toolkit.models.seam import AttentionContext, Backend, dense_attention, seams, set_backend, use_backend
+
+CONDITIONS = ("layers", "steps", "heads", "chunks")
+CLEAN = "clean"  # the steps alias of the causal model's clean-context pass (ctx.is_clean)
 
 
 def parse_attention(spec: str) -> tuple[str, tuple[int, int, int] | None]:
     """'dense' -> ('dense', None); 'monarch' -> ('monarch', (1,1,1)); 'monarch:3,1,1' -> ('monarch', (3,1,1))."""
-    name, _, rest = spec.partition(":")
+    name, _, rest = spec.strip().partition(":")
     if name == "dense" and not rest:
         return "dense", None
     if name == "monarch":
@@ -36,8 +66,136 @@ def parse_attention(spec: str) -> tuple[str, tuple[int, int, int] | None]:
     raise ToolkitError(f"--attention {spec!r}: expected 'dense', 'monarch' or 'monarch:F,H,W' (e.g. monarch:1,2,1)")
 
 
-def backend_for(spec: str, device: torch.device | str = "cpu") -> Backend | None:
-    """The seam backend an ``--attention`` spec names, for a model on ``device`` (``None``: dense)."""
+@dataclass(frozen=True)
+class AttentionRule:
+    """One rule: ``attention`` (a backend spec) computes the calls and heads its conditions select.
+
+    A condition of ``None`` selects everything; ``clean`` selects the clean-context pass besides ``steps``."""
+
+    attention: str
+    layers: frozenset[int] | None = None
+    steps: frozenset[int] | None = None
+    heads: frozenset[int] | None = None
+    chunks: frozenset[int] | None = None
+    clean: bool = False
+
+    @property
+    def everywhere(self) -> bool:
+        return all(getattr(self, key) is None for key in CONDITIONS)
+
+    def matches_call(self, ctx: AttentionContext) -> bool:
+        """Whether this rule applies to the call ``ctx`` (its heads condition aside)."""
+        if self.steps is not None and not (ctx.step in self.steps or (self.clean and ctx.is_clean)):
+            return False
+        return ((self.layers is None or ctx.layer in self.layers)
+                and (self.chunks is None or ctx.chunk in self.chunks))
+
+    def __str__(self) -> str:
+        parts = [self.attention]
+        for key in CONDITIONS:
+            values = getattr(self, key)
+            if values is not None:
+                items = _runs(values) + ([CLEAN] if key == "steps" and self.clean else [])
+                parts.append(f"{key}={','.join(items)}")
+        return "@".join(parts)
+
+
+def _runs(values: frozenset[int]) -> list[str]:
+    """Sorted indices as index-list items, consecutive ones as inclusive ranges: {0, 1, 2, 5} -> ['0-2', '5']."""
+    items: list[str] = []
+    for i in sorted(values):
+        if items and i - 1 in values:
+            items[-1] = f"{items[-1].split('-')[0]}-{i}"
+        else:
+            items.append(str(i))
+    return items
+
+
+def _condition(rule: str, key: str, text: str) -> tuple[frozenset[int] | None, bool]:
+    """An index list of a condition -> (indices or None for 'all', whether 'clean' was named)."""
+    text = text.strip()
+    if text == "all":
+        return None, False
+    indices: set[int] = set()
+    clean = False
+    parts = [p.strip() for p in text.split(",")]
+    for part in parts:
+        if key == "steps" and part == CLEAN:
+            clean = True
+            continue
+        try:
+            values = index_range(part)
+            if values.start < 0:
+                raise ValueError(part)
+        except ValueError:
+            extra = ", or clean" if key == "steps" else ""
+            raise ToolkitError(f"--attention rule {rule!r}: cannot read {key} {part!r} (an index list such as "
+                               f"0,3,8-10{extra})") from None
+        indices.update(values)
+    return frozenset(indices), clean
+
+
+def parse_rule(text: str) -> AttentionRule:
+    """``'monarch:1,2,1@steps=0-1@heads=0-3'`` -> :class:`AttentionRule` (the backend spec is checked too)."""
+    attention, *conditions = (part.strip() for part in text.split("@"))
+    parse_attention(attention)
+    found: dict = {}
+    for condition in conditions:
+        key, eq, values = (s.strip() for s in condition.partition("="))
+        if not eq or key not in CONDITIONS:
+            raise ToolkitError(f"--attention rule {text.strip()!r}: {condition!r} is not a condition "
+                               f"(expected {', '.join(k + '=LIST' for k in CONDITIONS)})")
+        if key in found:
+            raise ToolkitError(f"--attention rule {text.strip()!r}: {key} is given twice")
+        found[key], clean = _condition(text.strip(), key, values)
+        if key == "steps":
+            found["clean"] = clean
+    return AttentionRule(attention, **found)
+
+
+def parse_attention_rules(spec: str) -> tuple[AttentionRule, ...]:
+    """An ``--attention`` value (see the module docstring) -> its rules, first to last; one-line errors."""
+    if not spec.strip():
+        raise ToolkitError("--attention is empty: expected e.g. 'dense', 'monarch:1,2,1' or "
+                           "'dense@layers=0+monarch:1,2,1'")
+    texts = [t.strip() for t in spec.split("+")]
+    if not all(texts):
+        raise ToolkitError(f"--attention {spec!r}: an empty rule between '+' separators")
+    return tuple(parse_rule(t) for t in texts)
+
+
+def format_attention_rules(rules: tuple[AttentionRule, ...]) -> str:
+    """The canonical text of ``rules``; ``parse_attention_rules`` reads it back to the same rules."""
+    return "+".join(str(rule) for rule in rules)
+
+
+def check_attention(spec: str, layout: RunLayout | None = None, *, num_layers: int | None = None,
+                    num_heads: int | None = None) -> tuple[AttentionRule, ...]:
+    """Parse ``spec`` and refuse a rule naming a layer, step, chunk or head the run does not have.
+
+    ``layout`` (``ModelSpec.layout()``, no weights needed) checks all four; without it ``num_layers`` /
+    ``num_heads`` check what a loaded model knows."""
+    rules = parse_attention_rules(spec)
+    sizes = {"layers": num_layers, "heads": num_heads}
+    if layout is not None:
+        sizes = {"layers": layout.num_layers, "heads": layout.num_heads, "steps": layout.num_steps,
+                 "chunks": layout.num_chunks}
+    for rule in rules:
+        for key, size in sizes.items():
+            values = getattr(rule, key)
+            if size is None or values is None:
+                continue
+            bad = sorted(i for i in values if i >= size)
+            if bad:
+                raise ToolkitError(f"--attention rule {str(rule)!r}: {key[:-1]} {bad[0]} does not exist; this "
+                                   f"model's run has {size} {key} (valid: 0-{size - 1})")
+        if rule.clean and layout is not None and layout.clean_step is None:
+            raise ToolkitError(f"--attention rule {str(rule)!r}: steps=clean, but this model's sampler has no "
+                               "clean-context pass")
+    return rules
+
+
+def _single_backend(spec: str, device: torch.device | str) -> Backend | None:
     name, tiling = parse_attention(spec)
     if name == "dense":
         return None
@@ -48,13 +206,67 @@ def backend_for(spec: str, device: torch.device | str = "cpu") -> Backend | None
     return monarch_backend(tiling)
 
 
+def rules_backend(rules: tuple[AttentionRule, ...], device: torch.device | str = "cpu") -> Backend:
+    """One seam backend that computes each call and head with the first rule matching it (dense if none)."""
+    backends = [_single_backend(rule.attention, device) for rule in rules]
+    owners_of: dict[tuple, tuple[int, ...]] = {}  # (layer, step, chunk, is_clean, heads) -> rule per head (-1 dense)
+
+    def owners(ctx: AttentionContext, num_heads: int) -> tuple[int, ...]:
+        key = (ctx.layer, ctx.step, ctx.chunk, ctx.is_clean, num_heads)
+        if key not in owners_of:
+            found = [-1] * num_heads
+            open_heads = set(range(num_heads))
+            for i, rule in enumerate(rules):
+                if not open_heads:
+                    break
+                if rule.matches_call(ctx):
+                    taken = open_heads if rule.heads is None else open_heads & rule.heads
+                    for h in taken:
+                        found[h] = i if backends[i] is not None else -1
+                    open_heads = open_heads - taken
+            owners_of[key] = tuple(found)
+        return owners_of[key]
+
+    def attention_rules(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        heads_of: dict[int, list[int]] = {}
+        for h, owner in enumerate(owners(ctx, q.shape[2])):
+            heads_of.setdefault(owner, []).append(h)
+        if len(heads_of) == 1:  # one rule covers the whole call: no splitting, exactly that backend
+            (owner,) = heads_of
+            return (dense_attention if owner < 0 else backends[owner])(q, k, v, ctx)
+        # dense over all heads keeps the dense heads bit-identical to a dense call; the rules overwrite theirs
+        out = dense_attention(q, k, v, ctx) if -1 in heads_of else q.new_empty(*q.shape[:3], v.shape[-1])
+        for owner, heads in heads_of.items():
+            if owner >= 0:
+                idx = torch.tensor(heads, device=q.device)
+                out[:, :, idx] = backends[owner](q[:, :, idx], k[:, :, idx], v[:, :, idx], ctx).to(out.dtype)
+        return out
+
+    attention_rules.__name__ = "attention_rules"
+    return attention_rules
+
+
+def backend_for(spec: str, device: torch.device | str = "cpu") -> Backend | None:
+    """The seam backend an ``--attention`` spec names, for a model on ``device`` (``None``: dense everywhere)."""
+    rules = parse_attention_rules(spec)
+    if rules[0].everywhere:  # a single spec (or rules after an unconditional one, which never match)
+        return _single_backend(rules[0].attention, device)
+    return rules_backend(rules, device)
+
+
+def _model_backend(model: nn.Module, spec: str) -> Backend | None:
+    cfg = getattr(model, "cfg", None)
+    check_attention(spec, num_layers=len(seams(model)), num_heads=getattr(cfg, "num_heads", None))
+    return backend_for(spec, next(model.parameters()).device)
+
+
 def set_attention(model: nn.Module, spec: str) -> None:
     """Every seam of ``model`` computes attention as ``spec`` says, from now on."""
-    set_backend(model, backend_for(spec, next(model.parameters()).device))
+    set_backend(model, _model_backend(model, spec))
 
 
 @contextmanager
 def use_attention(model: nn.Module, spec: str) -> Iterator[nn.Module]:
     """Every seam of ``model`` computes attention as ``spec`` says inside the block; as before after it."""
-    with use_backend(model, backend_for(spec, next(model.parameters()).device)):
+    with use_backend(model, _model_backend(model, spec)):
         yield model

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from toolkit.errors import SelectionError
+from toolkit.indices import index_range
 from toolkit.models.layout import RunLayout
 
 STORE_ITEMS = ("q", "k", "v", "lse", "maps", "pooled")
@@ -47,18 +48,6 @@ class Selection:
     @classmethod
     def everything(cls) -> Selection:
         return cls(store=("q", "k", "v", "lse", "maps", "pooled"), max_map_bytes=1 << 62)
-
-
-def index_range(part: str) -> range:
-    """One item of an index list: ``"7"`` or an inclusive range ``"3-5"``; ``ValueError`` otherwise."""
-    part = part.strip()
-    if "-" in part[1:]:
-        a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
-        lo, hi = int(a), int(b)
-        if hi < lo:
-            raise ValueError(part)
-        return range(lo, hi + 1)
-    return range(int(part), int(part) + 1)
 
 
 def parse_indices(spec: str | int | list, size: int, what: str, plural: str, aliases: dict | None = None) -> list:

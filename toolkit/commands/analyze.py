@@ -49,7 +49,7 @@ def index_list(text: str) -> list[int] | None:
     text = str(text).strip()
     if text == "all":
         return None
-    from toolkit.capture.selection import index_range  # torch only when a list is parsed: `--help` stays fast
+    from toolkit.indices import index_range
 
     out: set[int] = set()
     try:
@@ -297,6 +297,10 @@ def combine_runs(parts: list):
 
     # "outer": records of different chunks have different query counts (padded as within one run); mismatched
     # grids / heads were refused before unless --stack-mismatched
+    if len(parts) > 1:  # a record field constant in one run is an attribute there, a coordinate in another
+        per_record = {c for ds in parts for c in ds.coords if ds[c].dims == ("record",) and c != "record"}
+        parts = [ds.assign_coords({c: ("record", [ds.attrs.get(c, float("nan"))] * ds.sizes["record"])
+                                   for c in per_record if c not in ds.coords}) for ds in parts]
     result = parts[0] if len(parts) == 1 else xr.concat(parts, dim="record", join="outer",
                                                         combine_attrs="drop_conflicts")
     return result.assign_coords(record=range(result.sizes["record"]))

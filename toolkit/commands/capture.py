@@ -78,14 +78,12 @@ def describe_plan(plan, model_dtype=None) -> str:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from toolkit.attention.backends import parse_attention
     from toolkit.capture import Selection, capture, resolve
     from toolkit.commands.generate import check_run_arguments
     from toolkit.errors import check_output, prepare_output_dir
     from toolkit.models import registry
 
-    parse_attention(args.attention)
-    check_run_arguments(args)
+    check_run_arguments(args)  # --attention included
     select = Selection(layers=args.layers, heads=args.heads, steps=args.steps, chunks=args.chunks,
                        queries=args.queries, seed=args.query_seed,
                        store=tuple(s.strip() for s in args.store.split(",") if s.strip()),

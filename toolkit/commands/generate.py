@@ -29,9 +29,19 @@ def check_run_arguments(args: argparse.Namespace) -> None:
     from toolkit.models.registry import get_spec
 
     check_device(args.device)
+    check_attention_argument(args)
     if args.prompt is not None and not args.prompt.strip():
         raise ToolkitError(f"--prompt is empty; leave it out to use {args.model}'s default prompt "
                            f"({get_spec(args.model).default_prompt!r})")
+
+
+def check_attention_argument(args: argparse.Namespace) -> None:
+    """Refuse an ``--attention`` rule naming a layer, step, chunk or head the run does not have, from the registry's
+    layout (no weights); with ``--checkpoint`` its config may differ, so sizes are checked once it loads."""
+    from toolkit.attention.backends import check_attention
+    from toolkit.models.registry import get_spec
+
+    check_attention(args.attention, get_spec(args.model).layout() if args.checkpoint is None else None)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,9 +66,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1 ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
-    g.add_argument("--attention", default="dense", metavar="dense|monarch[:F,H,W]",
-                   help="self-attention at every layer: dense SDPA, or zero-shot MonarchAttention (T=1) with "
-                        "tiling (f_tied, h_reduce, w_reduce), e.g. monarch:1,2,1 (default: dense)")
+    g.add_argument("--attention", default="dense", metavar="RULE[+RULE...]",
+                   help="self-attention: 'dense' (SDPA) or 'monarch[:F,H,W]' (zero-shot MonarchAttention, T=1, "
+                        "tiling f_tied,h_reduce,w_reduce) everywhere, or rules BACKEND[@KEY=LIST...] joined by '+', "
+                        "KEY one of layers, steps, heads, chunks, LIST e.g. 0,3,8-10 (steps also: clean): per call "
+                        "and head the first matching rule computes it, unmatched ones are dense; e.g. "
+                        "'dense@layers=0+monarch:1,2,1@steps=0-1@heads=0-3+monarch' (default: dense)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -84,12 +97,10 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from toolkit.attention.backends import parse_attention
     from toolkit.errors import check_output, prepare_output_dir
     from toolkit.pipeline import prepare_run, sample, save_outputs
 
-    parse_attention(args.attention)  # refuse a bad spec before loading anything
-    check_run_arguments(args)
+    check_run_arguments(args)  # a bad --attention too: refused before loading anything
     note = check_output(args.out, force=args.force, folder=True, outputs=GENERATE_OUTPUTS)
     if note:
         print(f"toolkit generate: {note}", file=sys.stderr)
