@@ -32,7 +32,7 @@ from toolkit.models.bundled import (
 )
 from toolkit.models.bundled.model import load_weights, save_weights
 from toolkit.models.bundled.recipe import SHOWCASE_PROMPTS, evaluate_model, format_summary
-from toolkit.models.bundled.teacher import ClipSetup, TeacherSettings, autocast, train_teacher
+from toolkit.models.bundled.teacher import ClipSetup, TeacherSettings, autocast, compile_blocks, train_teacher
 from toolkit.models.seam import use_backend
 from toolkit.models.wan import WanModel
 
@@ -79,15 +79,13 @@ def main() -> None:
         per_step = eager
         if args.compile:
             try:
-                for block in model.blocks:
-                    block.compile()
+                compile_blocks(model, True)
                 warm, compiled = seconds_per_step(model, settings)
                 result["compiled"] = dict(seconds_per_step=compiled, warmup_seconds=warm)
                 print(f"compiled: {compiled:.3f} s/step (compile + warm-up {warm:.1f} s)", flush=True)
                 per_step = min(eager, compiled)
                 if compiled >= eager:
-                    for block in model.blocks:
-                        block._compiled_call_impl = None
+                    compile_blocks(model, False)
             except Exception as err:  # a compiler failure must not cost the run
                 result["compiled"] = dict(error=repr(err)[:500])
                 print(f"compile failed: {err!r}"[:300], flush=True)
@@ -96,8 +94,7 @@ def main() -> None:
         record = train_teacher(model, replace(settings, steps=steps), seed=args.seed,
                                log=lambda m: print(m, flush=True), every=100)
     result["training"] = record
-    for block in model.blocks:
-        block._compiled_call_impl = None  # sample eagerly (KV-cache shapes vary per chunk)
+    compile_blocks(model, False)  # sample eagerly (KV-cache shapes vary per chunk)
     model.eval()
     args.out.mkdir(parents=True, exist_ok=True)
     save_weights(model, args.out / "teacher.safetensors", stage="teacher")

@@ -181,8 +181,8 @@ def train_bundled(
     start = time.perf_counter()
     models = [("random_init", random_init.eval(), {}), *[(n, m, {}) for n, m in candidates.items()],
               ("teacher_40_euler_steps", teacher, teacher_sampler(guidance))]
-    for name, model, sampler in models:
-        results[name] = evaluate_model(model, prompts, **sampler)
+    for name, model, sampler in models:  # ground truth depends only on the prompts and seeds: scored once
+        results[name] = evaluate_model(model, prompts, reference=name == "random_init", **sampler)
         log(f"evaluation, {name}: {format_summary(results[name])}")
     results["ground_truth"] = results["random_init"]["reference"]
     for r in results.values():
@@ -210,7 +210,6 @@ def choose_guidance(teacher: WanModel, recipe: Recipe, log: Log = print) -> dict
     results = {}
     for scale in recipe.guidance_candidates:
         results[scale] = evaluate_model(teacher, prompts, (VALIDATION_NOISE_SEED,), **teacher_sampler(scale))
-        results[scale].pop("reference", None)
         log(f"teacher, guidance {scale:g}: {format_summary(results[scale])}")
     best = max(results, key=lambda g: (results[g]["score"], results[g]["colour_match"]))
     log(f"teacher guidance scale {best:g} (best of {', '.join(f'{g:g}' for g in results)} on "
@@ -220,16 +219,20 @@ def choose_guidance(teacher: WanModel, recipe: Recipe, log: Log = print) -> dict
 
 
 @torch.no_grad()
-def evaluate_model(model: WanModel, prompts: list, seeds: Sequence[int] = (evaluate.HELDOUT_NOISE_SEED,),
-                   **sampler) -> dict:
-    """The evaluator's summary (a JSON-ready dict) for rollouts of ``model`` on ``prompts`` x ``seeds``."""
+def evaluate_model(model: WanModel, prompts: list, seeds: Sequence[int] = (evaluate.HELDOUT_NOISE_SEED,), *,
+                   reference: bool = False, **sampler) -> dict:
+    """The evaluator's summary (a JSON-ready dict) for rollouts of ``model`` on ``prompts`` x ``seeds``; with
+    ``reference``, also ground truth of the same prompts and seeds scored the same way (under ``"reference"``)."""
     device = next(model.parameters()).device
 
     def rollout(part: list, seed: int) -> torch.Tensor:
         with autocast(device):
             return generate(model, part, seed=seed, **sampler).float().cpu()
 
-    return asdict(evaluate.evaluate_generator(rollout, prompts, seeds))
+    summary = asdict(evaluate.evaluate_generator(rollout, prompts, seeds, reference=reference))
+    if not reference:
+        summary.pop("reference", None)
+    return summary
 
 
 # what the card and the log show of a summary: (key, column title, format)
@@ -262,13 +265,12 @@ def write_artifacts(out: Path, model: WanModel, teacher: WanModel, record: dict,
     save_weights(model, out / WEIGHTS_FILE, stage=record["shipped"])
     (out / CONFIG_FILE).write_text(json.dumps({**cfg.to_dict(), "training": _summary(record)}, indent=2) + "\n")
     (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
-    rollout = save_showcase(out / "rollout.png", [
+    truth, videos = save_showcase(out / "rollout.png", [
         ("bundled model, 4 steps (Self-Forcing loop)", model, {}),
         (f"teacher, {len(MANY_STEPS)} Euler steps, CFG {record['guidance']['scale']:g}", teacher,
          teacher_sampler(record["guidance"]["scale"])),
     ])
-    truth = showcase_truth(cfg)
-    save_gif(torch.cat([truth[1], rollout[0][1]], dim=-1), out / "rollout.gif")
+    save_gif(torch.cat([truth[1], videos[0][1]], dim=-1), out / "rollout.gif")
     plot_curves(out / "curves.png", record)
     (out / "MODEL_CARD.md").write_text(model_card(record, model))
     log(f"wrote {out}")
@@ -281,23 +283,26 @@ def showcase_truth(cfg: WanConfig) -> torch.Tensor:
     return data.render(prompts, torch.Generator().manual_seed(0), frames=frames, height=height, width=width)
 
 
-def save_showcase(path: Path, samplers: list[tuple[str, WanModel, dict]]) -> list[torch.Tensor]:
+def save_showcase(
+    path: Path, samplers: list[tuple[str, WanModel, dict]]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A strip of ``SHOWCASE_PROMPTS``: per prompt the ground truth, then each (label, model, ``generate``
-    options) sampled from seed 0; returns each sampler's videos."""
+    options) sampled from seed 0; returns the ground truth and each sampler's videos."""
     prompts = [data.parse_prompt(p) for p in SHOWCASE_PROMPTS]
     videos = []
     for _, model, sampler in samplers:
         with autocast(next(model.parameters()).device):
             videos.append(generate(model, prompts, seed=0, **sampler).float().cpu())
+    truth = showcase_truth(samplers[0][1].cfg)
     rows, labels = [], []
-    for i, (p, truth) in enumerate(zip(prompts, showcase_truth(samplers[0][1].cfg))):
-        rows.append(truth)
+    for i, (p, clip) in enumerate(zip(prompts, truth)):
+        rows.append(clip)
         labels.append(f"ground truth: {p}")
         for (label, _, _), video in zip(samplers, videos):
             rows.append(video[i])
             labels.append(f"{label}, seed 0: {p}")
     save_strip(rows, path, labels, title="4 chunks x 3 frames; same prompts, independent samples")
-    return videos
+    return truth, videos
 
 
 def _summary(record: dict) -> dict:
