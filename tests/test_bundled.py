@@ -16,6 +16,7 @@ from PIL import Image
 from toolkit.errors import CheckpointError, WeightsNotFound
 from toolkit.models import bundled
 from toolkit.models.bundled import data as procedural
+from toolkit.models.bundled.model import load_weights
 from toolkit.models.bundled.ode_init import ODESettings, ode_pairs, ode_regression_loss, train_ode_init
 from toolkit.models.bundled.self_forcing import SelfForcingSettings, dmd_gradient, student_rollout, train_self_forcing
 from toolkit.models.bundled.teacher import (
@@ -405,13 +406,17 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
     out = tmp_path / "model"
     assert main(["--tiny", "--out", str(out), "--quiet"]) == 0
     record = json.loads((out / "train_log.json").read_text())
-    assert set(record["stages"]) == {"teacher", "ode_init", "self_forcing"}
+    assert set(record["stages"]) == {"base", "teacher", "ode_init", "self_forcing"}
+    # the teacher has its own (coarser-patch) architecture, stored with its weights; the student starts from base
+    assert record["teacher_config"]["patch_size"] == [1, 8, 8] and record["config"]["patch_size"] == [1, 4, 4]
+    teacher = load_weights(out / "stages" / "teacher.safetensors")
+    assert tuple(teacher.cfg.patch_size) == (1, 8, 8) and teacher.cfg.dim != record["config"]["dim"]
     assert record["shipped"] in ("ode_init", "self_forcing")
     assert set(record["evaluation"]) == {"random_init", "ode_init", "self_forcing", "teacher_40_euler_steps",
                                          "ground_truth"}
     assert record["evaluation"]["ground_truth"]["score"] == 1.0
     for name in ("model.safetensors", "config.json", "MODEL_CARD.md", "curves.png", "rollout.png", "rollout.gif",
-                 "stages/teacher.safetensors"):
+                 "stages/base.safetensors", "stages/teacher.safetensors"):
         assert (out / name).is_file(), name
     model, info = bundled.load_bundled(path=out)  # strict load of what was shipped
     assert info["training"]["shipped"] == record["shipped"]
@@ -427,8 +432,28 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
     # a later stage without the earlier stage's weights is one line too
     run = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", "--out", str(tmp_path / "empty"), "--tiny",
                           "--stages", "self_forcing"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "run stage teacher first" in run.stderr and not (tmp_path / "empty").exists()
+    assert run.returncode == 2 and "run stage ode_init first" in run.stderr and not (tmp_path / "empty").exists()
+    run = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", "--out", str(tmp_path / "empty"), "--tiny",
+                          "--stages", "ode_init"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "run stage base first" in run.stderr and not (tmp_path / "empty").exists()
 
+
+
+def test_stage_weights_carry_their_config_and_a_file_without_one_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from toolkit.models.bundled.config import tiny_teacher_config
+    from toolkit.models.bundled.model import save_weights
+
+    torch.manual_seed(0)
+    teacher = WanModel(tiny_teacher_config())
+    back = load_weights(save_weights(teacher, tmp_path / "t.safetensors"))
+    assert back.cfg == teacher.cfg
+    assert all(torch.equal(a.half().float(), b) for a, b in zip(teacher.state_dict().values(),
+                                                               back.state_dict().values()))
+    save_file({k: v.half().contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(CheckpointError, match="no config"):
+        load_weights(tmp_path / "bare.safetensors")
 
 def test_shipped_weights_load_strictly_and_a_full_rollout_completes():
     """The shipped weights load strictly with the config shipped beside them, on the grid of the paper's regime,

@@ -1,4 +1,4 @@
-"""`toolkit train`: train the bundled model with Self-Forcing's recipe (teacher → ODE init → Self-Forcing/DMD)."""
+"""`toolkit train`: train the bundled model with Self-Forcing's recipe (base, teacher → ODE init → Self-Forcing/DMD)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from toolkit.commands.generate import seed_type
 from toolkit.models.bundled import DEFAULT_DIR, tiny_config
+from toolkit.models.bundled.config import tiny_teacher_config
 from toolkit.models.bundled.recipe import STAGES, Recipe, train_bundled
 from toolkit.models.bundled.teacher import TeacherSettings
 
@@ -29,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train the bundled model (reproduces data/bundled; one GPU, about 20 minutes)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"""Train the bundled Wan DiT on procedural sprite videos the way Self-Forcing was made:
-  (a) teacher       block-causal flow matching, sampled with 40 Euler steps
+  base              the shipped architecture pretrained by flow matching (the student's starting point)
+  (a) teacher       a 5x larger block-causal flow-matching model, sampled with 40 Euler steps
   (b) ode_init      the causal 4-step student regresses the teacher's ODE solutions
   (c) self_forcing  the student rolls itself out with the KV cache; DMD against the teacher
 then evaluate (b) and (b)+(c) on held-out prompts and ship the better one: model.safetensors, config.json,
@@ -38,11 +40,12 @@ MODEL_CARD.md, train_log.json, curves.png, rollout.png/gif, stages/*.safetensors
 Refuses to write into a folder that already holds a model unless --force.
 
 examples:
-  toolkit train --out runs/bundled                       all three stages (what data/bundled ships)
-  toolkit train --out runs/bundled --stages teacher      then: --stages ode_init,self_forcing
+  toolkit train --out runs/bundled                       all four stages (what data/bundled ships)
+  toolkit train --out runs/bundled --stages base,teacher then: --stages ode_init,self_forcing
   toolkit train --tiny --out /tmp/tiny                   a CPU smoke run of every stage (seconds)
 
-defaults: teacher {defaults.teacher.steps} steps x {defaults.teacher.batch}; ODE pool {defaults.ode_init.pairs}
+defaults: base {defaults.base.steps} steps x {defaults.base.batch}; teacher {defaults.teacher.steps} steps x
+{defaults.teacher.batch}; ODE pool {defaults.ode_init.pairs}
 pairs, {defaults.ode_init.steps} x {defaults.ode_init.batch}; Self-Forcing {defaults.self_forcing.steps} generator
 updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.critic_ratio}).""",
     )
@@ -56,6 +59,11 @@ updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.cri
                    help="replace a model (or the stages asked for) already in --out; later stages continue from "
                         "earlier ones in --out/stages/ without it")
     p.add_argument("--seed", type=seed_type, default=0, help="seed of data, initialisation and sampling (64-bit)")
+    p.add_argument("--base-steps", type=int, default=defaults.base.steps)
+    p.add_argument("--base-batch", type=int, default=defaults.base.batch)
+    p.add_argument("--base-lr", type=float, default=defaults.base.lr)
+    p.add_argument("--base-seconds", type=float, default=None, metavar="S",
+                   help="time budget of the base stage (as --teacher-seconds)")
     p.add_argument("--teacher-steps", type=int, default=defaults.teacher.steps)
     p.add_argument("--teacher-batch", type=int, default=defaults.teacher.batch)
     p.add_argument("--teacher-lr", type=float, default=defaults.teacher.lr)
@@ -83,6 +91,7 @@ updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.cri
 def recipe_from(args: argparse.Namespace) -> Recipe:
     r = Recipe()
     recipe = Recipe(
+        base=replace(r.base, steps=args.base_steps, batch=args.base_batch, lr=args.base_lr, seconds=args.base_seconds),
         teacher=replace(r.teacher, steps=args.teacher_steps, batch=args.teacher_batch, lr=args.teacher_lr,
                         seconds=args.teacher_seconds),
         ode_init=replace(r.ode_init, pairs=args.ode_pairs, steps=args.ode_steps, batch=args.ode_batch),
@@ -94,6 +103,7 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
     )
     if args.tiny:
         recipe = Recipe(
+            base=TeacherSettings(steps=6, batch=2, warmup=2),
             teacher=TeacherSettings(steps=6, batch=2, warmup=2),
             ode_init=replace(r.ode_init, pairs=4, pair_batch=4, steps=4, batch=2, warmup=2),
             self_forcing=replace(r.self_forcing, steps=2, batch=2, critic_ratio=1),
@@ -124,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"toolkit train: replacing {args.out} (--force)", file=sys.stderr)
     record = train_bundled(
         args.out, recipe_from(args), stages=args.stages, cfg=tiny_config() if args.tiny else None,
+        teacher_cfg=tiny_teacher_config() if args.tiny else None,
         device=args.device, force=args.force, log=(lambda *_: None) if args.quiet else (lambda m: print(m, flush=True)),
     )
     print(json.dumps({k: record[k] for k in ("shipped", "evaluation") if k in record}, indent=1))

@@ -16,6 +16,16 @@ Why this grid (12 frames × 80 × 128 pixels, patch (1, 4, 4) → token grid **1
   sweep on 2 cores (random weights) put 6 layers of width 160 at 17 s per rollout against a 20 s budget (8 × 128:
   22 s, 8 × 256: 33 s); the shipped weights measured 25.7 s warm in a later session of the same machine
   (``docs/bundled-model.md``, "CPU cost").
+
+Why a different, larger **teacher** (``teacher_config``: 8 layers × width 320, 5 heads × 64, patch (1, 8, 8) →
+token grid 12 × 10 × 16): the teacher only has to be good, never cheap on a CPU, and it is sampled on the GPU. As
+Self-Forcing distils Wan2.1-14B's score into a 1.3B student, the recipe distils a 5× larger model into the shipped
+one. A coarser patch makes its teacher-forced sequence (clean + noisy copy) 3,840 tokens instead of 15,360, so
+attention costs 16× less and the model can be wide: on one H200 a compiled training step of 32 clips took 0.096 s
+(333 clips/s) against 66 clips/s for the shipped architecture eager and 131 compiled
+(``benchmarks/results/bundled_training_h200/teacher_arch_probe_h200.json``). Pixel-space diffusion with 8 × 8 × 3
+= 192-value patches stays well below the width (320), where velocity prediction still works. The student keeps the
+4 × 4 patch, so its attention is on the grid the analyses need.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from toolkit.models.wan import WanConfig
 
 FRAMES, HEIGHT, WIDTH = 12, 80, 128  # pixels = latents (no VAE)
 PATCH = (1, 4, 4)  # token grid 12 x 20 x 32
+TEACHER_PATCH = (1, 8, 8)  # the teacher's grid 12 x 10 x 16 (see above)
 FRAMES_PER_CHUNK = 3  # Self-Forcing chunk: 4 chunks of 3 frames
 DEFAULT_DIR = Path(__file__).resolve().parents[3] / "data" / "bundled"
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -61,9 +72,26 @@ def bundled_config(**overrides) -> WanConfig:
     return WanConfig(**kwargs)
 
 
+def teacher_config(**overrides) -> WanConfig:
+    """The recipe's teacher (stage (a)): the same clip and prompt encoding, wider and with 8 × 8 patches (module
+    docstring)."""
+    kwargs = dict(dim=320, ffn_dim=1280, num_heads=5, num_layers=8, patch_size=TEACHER_PATCH)
+    kwargs.update(overrides)
+    cfg = bundled_config(**kwargs)
+    cfg.extra["role"] = "teacher"
+    return cfg
+
+
 def tiny_config(clip: tuple[int, int, int] = (6, 16, 24)) -> WanConfig:
     """A few-thousand-parameter config of the same family, for CPU tests and ``toolkit train --tiny``."""
     cfg = bundled_config(dim=64, ffn_dim=128, num_heads=2, num_layers=2)
+    cfg.extra["clip"] = dict(frames=clip[0], height=clip[1], width=clip[2])
+    return cfg
+
+
+def tiny_teacher_config(clip: tuple[int, int, int] = (6, 16, 24)) -> WanConfig:
+    """``teacher_config`` at ``tiny_config`` scale (same clip, 8 × 8 patches)."""
+    cfg = teacher_config(dim=48, ffn_dim=96, num_heads=2, num_layers=2)
     cfg.extra["clip"] = dict(frames=clip[0], height=clip[1], width=clip[2])
     return cfg
 

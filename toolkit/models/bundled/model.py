@@ -54,11 +54,20 @@ def load_bundled(
 
 
 def load_weights(
-    path: str | Path, cfg: WanConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path, cfg: WanConfig | None = None, device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> WanModel:
-    """``WanModel(cfg)`` with the safetensors weights at ``path``, strictly (every tensor, right shapes), eval mode."""
+    """``WanModel(cfg)`` with the safetensors weights at ``path``, strictly (every tensor, right shapes), eval mode.
+    ``cfg=None``: the config ``save_weights`` stored in the file's metadata (a training stage's weights)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    if cfg is None:
+        with safe_open(str(path), "pt") as f:
+            stored = (f.metadata() or {}).get("config")
+        if stored is None:
+            raise CheckpointError(f"{path} holds no config in its metadata; pass the config it was trained with")
+        cfg = WanConfig.from_dict(json.loads(stored))
     model = WanModel(cfg)
     state = load_file(str(path))
     # names, shapes and dtypes (an int or bool tensor would be cast silently into float weights)
@@ -72,14 +81,16 @@ def load_weights(
 
 
 def save_weights(model: WanModel, path: str | Path, **metadata: str) -> Path:
-    """float16 safetensors (the shipped precision), written to a temporary name and renamed: complete or absent."""
+    """float16 safetensors (the shipped precision) with the model's config in the metadata, written to a temporary
+    name and renamed: complete or absent."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "model": "bundled", **metadata})
+    save_file(state, str(tmp), metadata={"format": "pt", "model": "bundled",
+                                               "config": json.dumps(model.cfg.to_dict()), **metadata})
     tmp.replace(path)
     return path
 

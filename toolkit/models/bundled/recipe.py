@@ -1,16 +1,22 @@
 """The bundled model's training recipe — Self-Forcing's, at toy scale — and the artifacts it ships.
 
-    (a) teacher        block-causal flow matching, sampled with 40 Euler steps       ``teacher.py``
-    (b) ode_init       causal 4-step student regressed onto the teacher's ODE        ``ode_init.py``
+    base           the student's architecture pretrained by flow matching           ``teacher.py``
+    (a) teacher        a larger block-causal flow-matching model, 40 Euler steps     ``teacher.py``
+    (b) ode_init       causal 4-step student (from base) regressed onto the teacher's ODE   ``ode_init.py``
     (c) self_forcing   the student's own KV-cache rollouts, DMD against the teacher  ``self_forcing.py``
 
+The roles are Self-Forcing's: its student starts from Wan2.1-1.3B (our ``base``: same architecture, flow matching
+on the data) and distils a stronger model (Wan2.1-14B's score; our ``teacher``: ``config.teacher_config``, 5× the
+parameters on 8 × 8 patches — why: ``config.py``). Both pretraining stages use the same block-causal
+teacher-forcing objective (``teacher.train_teacher``).
+
 ``train_bundled(out, Recipe())`` runs the stages in order from one seed (``toolkit train`` maps its flags onto
-``Recipe``). Each stage leaves its weights in ``out/stages/<stage>.safetensors``, so stages can also be run in
-separate processes (``stages=("teacher",)`` then ``stages=("ode_init", "self_forcing")``: the later ones load the
-earlier weights from the folder). After the last stage the evaluator (``evaluate.py``) scores the student of (b)
-and of (b)+(c) on held-out prompts and seeds; the better one is shipped as ``out/model.safetensors`` with
-``config.json``, ``MODEL_CARD.md`` (every stage's steps, batch, time, device, losses and both evaluations),
-``train_log.json``, ``curves.png`` and ``rollout.png``/``.gif``.
+``Recipe``). Each stage leaves its weights, with their config, in ``out/stages/<stage>.safetensors``, so stages can
+also be run in separate processes (``stages=("base",)``, ``("teacher",)``, then ``("ode_init", "self_forcing")``:
+the later ones load the earlier weights from the folder). After the last stage the evaluator (``evaluate.py``)
+scores the student of (b) and of (b)+(c) on held-out prompts and seeds; the better one is shipped as
+``out/model.safetensors`` with ``config.json``, ``MODEL_CARD.md`` (every stage's steps, batch, time, device, losses
+and both evaluations), ``train_log.json``, ``curves.png`` and ``rollout.png``/``.gif``.
 
 An existing model is never replaced without ``force=True``: ``check_output`` refuses before anything is trained.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import platform
 import subprocess
 import time
@@ -37,6 +44,8 @@ from toolkit.models.bundled.config import (
     WEIGHTS_FILE,
     bundled_config,
     clip_shape,
+    frames_per_chunk,
+    teacher_config,
 )
 from toolkit.models.bundled.model import generate, load_weights, save_weights
 from toolkit.models.bundled.ode_init import ODESettings, train_ode_init
@@ -46,7 +55,8 @@ from toolkit.models.bundled.teacher import TEACHER_SHIFT, ClipSetup, Log, Teache
 from toolkit.models.seam import use_backend
 from toolkit.models.wan import WanConfig, WanModel
 
-STAGES = ("teacher", "ode_init", "self_forcing")
+STAGES = ("base", "teacher", "ode_init", "self_forcing")
+NEEDS = {"base": (), "teacher": (), "ode_init": ("base", "teacher"), "self_forcing": ("teacher",)}
 SHOWCASE_PROMPTS = (
     "1 sprite: red circle",
     "2 sprites: blue square, yellow triangle; pan left",
@@ -61,7 +71,8 @@ VALIDATION_PROMPT_SEED, VALIDATION_NOISE_SEED = 1_000_303, 1_000_403  # not the 
 
 @dataclass(frozen=True)
 class Recipe:
-    teacher: TeacherSettings = field(default_factory=TeacherSettings)
+    base: TeacherSettings = field(default_factory=TeacherSettings)
+    teacher: TeacherSettings = field(default_factory=lambda: TeacherSettings(steps=4500, batch=32, warmup=200))
     ode_init: ODESettings = field(default_factory=ODESettings)
     self_forcing: SelfForcingSettings = field(default_factory=SelfForcingSettings)
     # the teacher's classifier-free guidance in every later use (ODE pairs, DMD's real score, its own samples);
@@ -78,8 +89,8 @@ def stage_path(out: Path, stage: str) -> Path:
 
 
 def check_output(out: str | Path, stages: Sequence[str], force: bool) -> Path:
-    """Refuse (one line) to overwrite a model in ``out`` unless ``force``; check that the stages before the first
-    one asked for have left their weights there. Nothing is written."""
+    """Refuse (one line) to overwrite a model in ``out`` unless ``force``; check that the stages the ones asked for
+    build on have left their weights there (or are asked for too). Nothing is written."""
     out = Path(out)
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
@@ -88,19 +99,24 @@ def check_output(out: str | Path, stages: Sequence[str], force: bool) -> Path:
         raise ToolkitError(f"{out} exists and is not a folder")
     ordered = [s for s in STAGES if s in stages]
     writes = [stage_path(out, s) for s in ordered]
-    if ordered[-1] == STAGES[-1] or "self_forcing" not in ordered:
+    if "ode_init" in ordered or "self_forcing" in ordered:
         writes.append(out / WEIGHTS_FILE)
     existing = [p for p in writes if p.exists()]
     if existing and not force:
         raise ToolkitError(f"{out} already holds a model ({existing[0].name}); pass --force to replace it")
-    first = STAGES.index(ordered[0])
-    for earlier in STAGES[:first]:
-        if not stage_path(out, earlier).is_file():
-            raise ToolkitError(f"stage {ordered[0]} needs {stage_path(out, earlier)} (run stage {earlier} first)")
+    for stage in ordered:
+        if stage == "self_forcing" and "ode_init" not in ordered and not stage_path(out, "ode_init").is_file():
+            raise ToolkitError(f"stage self_forcing needs {stage_path(out, 'ode_init')} (run stage ode_init first)")
+        for earlier in NEEDS[stage]:
+            if earlier not in ordered and not stage_path(out, earlier).is_file():
+                raise ToolkitError(f"stage {stage} needs {stage_path(out, earlier)} (run stage {earlier} first)")
     return out
 
 
 def _git_commit() -> str:
+    """The checkout's short commit; ``TOOLKIT_COMMIT`` overrides it (a copy of the tree whose git is stale)."""
+    if os.environ.get("TOOLKIT_COMMIT"):
+        return os.environ["TOOLKIT_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[3]
         return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -119,55 +135,76 @@ def train_bundled(
     *,
     stages: Sequence[str] = STAGES,
     cfg: WanConfig | None = None,
+    teacher_cfg: WanConfig | None = None,
     device: str | None = None,
     force: bool = False,
     log: Log = print,
 ) -> dict:
-    """Run ``stages`` of ``recipe`` into ``out`` (see the module docstring); returns the training record."""
+    """Run ``stages`` of ``recipe`` into ``out`` (see the module docstring); returns the training record. ``cfg``:
+    the student's (shipped) architecture, ``teacher_cfg`` the teacher's; stages loaded from ``out`` bring their
+    own."""
     out = check_output(out, stages, force)
     dev = resolve_device(device or None)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     cfg = cfg or bundled_config()
+    teacher_cfg = teacher_cfg or teacher_config()
+    if (clip_shape(cfg), frames_per_chunk(cfg)) != (clip_shape(teacher_cfg), frames_per_chunk(teacher_cfg)):
+        raise ToolkitError("the teacher and the student must share the clip shape and its chunking")
     log_file = out / "stages" / "log.json"
-    record = json.loads(log_file.read_text()) if log_file.is_file() and "teacher" not in stages else {}
+    ordered = [s for s in STAGES if s in stages]
+    record = json.loads(log_file.read_text()) if log_file.is_file() and ordered[0] != STAGES[0] else {}
     record.update(config=cfg.to_dict(), seed=recipe.seed, device=_device_name(dev), torch=torch.__version__,
                   precision="bf16 autocast" if dev.type == "cuda" else "float32")
     record.setdefault("stages", {})
-    setup = ClipSetup.of(cfg, dev)
 
     def save(stage: str, model: WanModel, summary: dict) -> None:
         summary["commit"] = _git_commit()
         record["stages"][stage] = summary
+        if stage == "teacher":
+            record["teacher_config"] = model.cfg.to_dict()
         save_weights(model, stage_path(out, stage), stage=stage)
         log_file.write_text(json.dumps(record, indent=1) + "\n")
 
+    def pretrain(stage: str, model_cfg: WanConfig, settings: TeacherSettings, seed: int) -> WanModel:
+        torch.manual_seed(seed)
+        model = WanModel(model_cfg).to(dev)
+        with use_backend(model, ClipSetup.of(model_cfg, dev).backend):
+            save(stage, model, train_teacher(model, settings, seed=seed, log=log, name=stage))
+        return model
+
+    def load(stage: str) -> WanModel:
+        return load_weights(stage_path(out, stage), None, dev)
+
     torch.manual_seed(recipe.seed)
     random_init = WanModel(cfg).to(dev)
+    if "base" in stages:
+        base = pretrain("base", cfg, recipe.base, recipe.seed)
+    teacher = None
     if "teacher" in stages:
-        teacher = copy.deepcopy(random_init)
-        with use_backend(teacher, setup.backend):
-            save("teacher", teacher, train_teacher(teacher, recipe.teacher, seed=recipe.seed, log=log))
-    else:
-        teacher = load_weights(stage_path(out, "teacher"), cfg, dev)
-    teacher.eval().requires_grad_(False)
-    if "guidance" not in record or recipe.guidance_scale is not None:
+        teacher = pretrain("teacher", teacher_cfg, recipe.teacher, recipe.seed + 100)
+    elif "ode_init" in stages or "self_forcing" in stages:
+        teacher = load("teacher")
+    if teacher is not None and ("teacher" in stages or "guidance" not in record or recipe.guidance_scale is not None):
+        teacher.eval().requires_grad_(False)
         record["guidance"] = choose_guidance(teacher, recipe, log)
         log_file.write_text(json.dumps(record, indent=1) + "\n")
         guided = f"teacher, {len(MANY_STEPS)} Euler steps, CFG {record['guidance']['scale']:g}"
         save_showcase(out / "stages" / "teacher.png", [(guided, teacher, teacher_sampler(record["guidance"]["scale"]))])
-    guidance = record["guidance"]["scale"]
     if "ode_init" not in stages and "self_forcing" not in stages:
         return record
+    teacher.eval().requires_grad_(False)
+    guidance = record["guidance"]["scale"]
+    setup, scores = ClipSetup.of(cfg, dev), ClipSetup.of(teacher.cfg, dev)
 
     if "ode_init" in stages:
-        student = copy.deepcopy(teacher).requires_grad_(True)
-        with use_backend(student, setup.backend), use_backend(teacher, setup.backend):
+        student = copy.deepcopy(base if "base" in stages else load("base")).requires_grad_(True)
+        with use_backend(student, setup.backend), use_backend(teacher, scores.backend):
             save("ode_init", student, train_ode_init(student, teacher, recipe.ode_init, seed=recipe.seed,
                                                      guidance_scale=guidance, log=log))
     else:
-        student = load_weights(stage_path(out, "ode_init"), cfg, dev).requires_grad_(True)
+        student = load("ode_init").requires_grad_(True)
     ode_student = copy.deepcopy(student).eval().requires_grad_(False)
     candidates = {"ode_init": ode_student}
     if "self_forcing" in stages:
@@ -320,9 +357,9 @@ def plot_curves(path: Path, record: dict) -> None:
     import matplotlib.pyplot as plt
 
     stages = record["stages"]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    titles = {"teacher": "(a) teacher: flow-matching loss", "ode_init": "(b) ODE regression: x0 loss",
-              "self_forcing": "(c) Self-Forcing: critic loss / DMD grad rms"}
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    titles = {"base": "base (student architecture): flow-matching loss", "teacher": "(a) teacher: flow-matching loss",
+              "ode_init": "(b) ODE regression: x0 loss", "self_forcing": "(c) Self-Forcing: critic loss / DMD grad rms"}
     for ax, stage in zip(axes, STAGES):
         ax.set_title(titles[stage], fontsize=9)
         ax.set_xlabel("step")
@@ -367,7 +404,7 @@ def model_card(record: dict, model: WanModel) -> str:
         if not s:
             continue
         cfgs = s["settings"]
-        if name == "teacher":
+        if name in ("base", "teacher"):
             extra = f"lr {cfgs['lr']} (cosine), cond. dropout {cfgs['cond_dropout']}, EMA {cfgs['ema_decay']}"
         elif name == "ode_init":
             extra = (f"{cfgs['pairs']} ODE pairs, teacher CFG {s.get('guidance_scale', '?')} "
@@ -397,11 +434,20 @@ def model_card(record: dict, model: WanModel) -> str:
     choice = ("the better of (b) and (b)+(c) on the evaluation below" if "self_forcing" in st
               else "stage (c) was not run for these weights")
     default_reproduce = (
-        f"`toolkit train --out DIR --seed {record['seed']} --teacher-steps "
-        f"{st.get('teacher', {}).get('steps_run', '?')}` runs the three stages with the settings above (`toolkit "
-        "train --help`; a run may give stage (a) a time budget, `--teacher-seconds`, which fixes its step count "
-        "after 20 timed steps); `--stages teacher` and then `--stages ode_init,self_forcing` split it over two "
-        "processes (a command on the GPU machine may run 10 minutes): `benchmarks/train_bundled.sh`.")
+        f"`toolkit train --out DIR --seed {record['seed']}` runs the four stages with the settings above (`toolkit "
+        "train --help`; `--base-seconds` and `--teacher-seconds` give the pretraining stages a time budget, which "
+        "fixes their step count after 20 timed steps); `--stages base`, `--stages teacher` and then `--stages "
+        "ode_init,self_forcing` split it over processes (a command on the GPU machine may run 10 minutes): "
+        "`benchmarks/train_bundled.sh`.")
+    tc = record.get("teacher_config")
+    if tc:
+        t = WanConfig.from_dict(tc)
+        t_grid = (frames // t.patch_size[0], height // t.patch_size[1], width // t.patch_size[2])
+        teacher_text = (f"{t.num_layers} layers × width {t.dim} ({t.num_heads} heads × {t.head_dim}), patch "
+                        f"{tuple(t.patch_size)} (grid {t_grid[0]} × {t_grid[1]} × {t_grid[2]}), "
+                        f"{WanModel(t).num_parameters() / 1e6:.1f} M parameters")
+    else:
+        teacher_text = "the student's architecture"
     return f"""# Bundled model card
 
 A {cfg.num_layers}-layer Wan DiT (width {cfg.dim}, {cfg.num_heads} heads × {cfg.head_dim}, FFN {cfg.ffn_dim},
@@ -425,9 +471,11 @@ The teacher's classifier-free guidance (null prompt = all-zero context), used fo
 score and for its own samples: **{guidance.get('scale', '?')}** ({guidance.get('chosen_by', '?')}; its 40-step
 samples on validation prompts, seeds disjoint from the evaluation's):{validation}
 
-Shipped: the **{record.get('shipped', '?')}** student ({choice}).
-The teacher's weights are shipped too (`stages/teacher.safetensors`): the reference for the ODE and DMD stages and
-for finetuning experiments.
+The student starts from **base** (the shipped architecture, {cfg.num_layers} × {cfg.dim}, pretrained by the same
+flow-matching objective as the teacher); the **teacher** is {teacher_text}: its 40-step samples are the ODE pairs'
+source and it is DMD's real score (Self-Forcing's roles of Wan2.1-1.3B and Wan2.1-14B).
+
+Shipped: the **{record.get('shipped', '?')}** student ({choice}). {record.get('stages_note', '')}
 
 ![training curves](curves.png)
 

@@ -14,10 +14,11 @@ Per generator update (Self-Forcing ``model/dmd.py``, ``pipeline/self_forcing_tra
 4. Gradient: grad = (x̂0_fake − x̂0_real) / mean|x − x̂0_real| (per clip, DMD's normaliser);
    L_G = ½·‖x − sg(x − grad)‖² (its gradient with respect to x is grad / N).
 
-The critic ("fake score", initialised from the teacher) learns the student's current distribution with the
-flow-matching loss on fresh no-grad rollouts, ``critic_ratio`` updates per generator update (two time-scale rule).
-β1 = 0 for both optimisers and an EMA of the generator, as Self-Forcing.
-"""
+The teacher may have another architecture than the student (the recipe's teacher is wider, with 8 × 8 patches, as
+Self-Forcing's real score is Wan2.1-14B for a 1.3B student): it sees the same pixels through its own patches and its
+own teacher-forcing mask. The critic ("fake score", initialised from the teacher) learns the student's current
+distribution with the flow-matching loss on fresh no-grad rollouts, ``critic_ratio`` updates per generator update
+(two time-scale rule). β1 = 0 for both optimisers and an EMA of the generator, as Self-Forcing."""
 
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def dmd_gradient(
     settings: SelfForcingSettings, generator: torch.Generator, guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """DMD's gradient direction for videos ``x`` [b c F H W] (detached; see the module docstring, items 2–4);
-    ``guidance_scale``: the classifier-free guidance g of the real score."""
+    ``setup``: the score models' (real and fake share an architecture); ``guidance_scale``: the classifier-free
+    guidance g of the real score."""
     b = x.shape[0]
     sigma = _dmd_sigma(b, setup.frames, settings, generator).to(x.device)  # b F
     s = sigma.view(b, 1, setup.frames, 1, 1)
@@ -106,6 +108,10 @@ def train_self_forcing(
     classifier-free guidance ``guidance_scale``) and the critic's initialisation."""
     device = next(student.parameters()).device
     setup = ClipSetup.of(student.cfg, device)
+    scores = ClipSetup.of(teacher.cfg, device)  # the teacher's and the critic's patches and mask
+    if (scores.frames, scores.height, scores.width, scores.chunk) != (setup.frames, setup.height, setup.width,
+                                                                        setup.chunk):
+        raise ValueError("teacher and student must share the clip and its chunking")
     critic = copy.deepcopy(teacher).train().requires_grad_(True)
     teacher = teacher.eval().requires_grad_(False)
     g = torch.Generator().manual_seed(seed + 21)
@@ -124,7 +130,7 @@ def train_self_forcing(
 
     curve, critic_losses, grad_norms = [], [], []
     start = time.perf_counter()
-    with use_backend(student, setup.backend), use_backend(critic, setup.backend), use_backend(teacher, setup.backend):
+    with use_backend(student, setup.backend), use_backend(critic, scores.backend), use_backend(teacher, scores.backend):
         for step in range(settings.steps):
             # critic: flow matching on the student's current rollouts (no gradient into the student)
             student.eval()
@@ -135,7 +141,7 @@ def train_self_forcing(
                 sigma = _dmd_sigma(settings.batch, setup.frames, settings, g).to(device)
                 eps = torch.randn(x.shape, generator=g).to(device)
                 with autocast(device):
-                    loss_c = flow_matching_loss(critic, x, context, eps, sigma, setup.mask)
+                    loss_c = flow_matching_loss(critic, x, context, eps, sigma, scores.mask)
                 optimizer_step(opt_c, loss_c, critic, settings.grad_clip)
                 critic_losses.append(loss_c.detach())
             # generator: DMD through the exit-step forwards of its own rollout
@@ -143,7 +149,7 @@ def train_self_forcing(
             context, noise = batch()
             with autocast(device):
                 x = student_rollout(student, context, noise, setup, g_dev, exit_step()).float()
-                grad = dmd_gradient(x, context, teacher, critic, setup, settings, g, guidance_scale)
+                grad = dmd_gradient(x, context, teacher, critic, scores, settings, g, guidance_scale)
             loss_g = 0.5 * (x - (x - grad).detach()).pow(2).mean()
             optimizer_step(opt_g, loss_g, student, settings.grad_clip)
             ema.update(settings.ema_decay)

@@ -294,10 +294,12 @@ def _try_compile(model: WanModel, setup: ClipSetup, batch: int, log: Log) -> flo
 
 
 def train_teacher(
-    model: WanModel, settings: TeacherSettings, *, seed: int = 0, log: Log = print, every: int = 50
+    model: WanModel, settings: TeacherSettings, *, seed: int = 0, log: Log = print, every: int = 50,
+    name: str = "teacher",
 ) -> dict:
-    """Train ``model`` in place as the stage-(a) teacher; returns the stage record (settings, time, loss curve,
-    held-out loss before and after). The shipped-to-next-stage weights are the EMA (exponential moving average)."""
+    """Train ``model`` in place with the teacher's objective (the recipe's ``base`` and ``teacher`` stages; ``name``
+    labels the log and the record); returns the stage record (settings, time, loss curve, held-out loss before and
+    after). The weights handed to the next stage are the EMA (exponential moving average)."""
     device = next(model.parameters()).device
     setup = ClipSetup.of(model.cfg, device)
     heldout = heldout_set(32, model.cfg)
@@ -334,22 +336,22 @@ def train_teacher(
             elapsed = time.perf_counter() - start
             fit = PROBE_STEPS + int((settings.seconds - elapsed) * PROBE_STEPS / elapsed)
             total = min(total, max(PROBE_STEPS, fit))
-            log(f"teacher: {elapsed / PROBE_STEPS:.3f} s/step, {total} steps fit in {settings.seconds:.0f} s")
+            log(f"{name}: {elapsed / PROBE_STEPS:.3f} s/step, {total} steps fit in {settings.seconds:.0f} s")
         if step % every == 0 or step == total:
             mean = float(torch.stack(pending).mean())
             curve.append((step, mean))
             pending = []
             rate = step / (time.perf_counter() - start)
-            log(f"teacher step {step}/{total} | flow loss {mean:.4f} | {rate:.2f} it/s")
+            log(f"{name} step {step}/{total} | flow loss {mean:.4f} | {rate:.2f} it/s")
     synchronize(device)
     seconds = time.perf_counter() - start
     compile_blocks(model, False)  # sampling is eager (the KV-cache shapes change every chunk)
     ema.copy_to_model()
     model.eval()
     loss_end = heldout_loss(model, heldout, setup)
-    log(f"teacher: {total} steps in {seconds:.0f} s; held-out flow loss {loss_init:.4f} -> {loss_end:.4f}")
+    log(f"{name}: {total} steps in {seconds:.0f} s; held-out flow loss {loss_init:.4f} -> {loss_end:.4f}")
     return dict(
-        stage="teacher", settings=asdict(settings), steps_run=total, seconds=round(seconds, 1),
+        stage=name, settings=asdict(settings), steps_run=total, seconds=round(seconds, 1),
         compile_seconds=None if compile_seconds is None else round(compile_seconds, 1), curve=curve,
         heldout_loss_init=round(loss_init, 5), heldout_loss_end=round(loss_end, 5),
     )
