@@ -478,8 +478,8 @@ def test_shipped_model_draws_prompted_sprites_and_random_init_does_not():
     prompts = evaluate.heldout_prompts(4)
     shipped = evaluate_model(model, prompts)
     torch.manual_seed(0)
-    random = evaluate_model(WanModel(model.cfg).eval(), prompts[:2])
-    # measured on 2 CPU cores: persistence 0.31 on these 4 prompts (card, 64 prompts on the H200: 29 %)
-    assert shipped["persistence"] >= 0.1, shipped
-    assert card["persistence"] >= 0.1 and card["colour_match"] > 0, card
+    random = evaluate_model(WanModel(model.cfg).eval(), prompts[:1])
+    # measured on 2 CPU cores: persistence 0.37 on these 4 prompts (card, 64 prompts on the H200: 46 %, colours 19 %)
+    assert shipped["persistence"] >= 0.2, shipped
+    assert card["persistence"] >= 0.3 and card["colour_match"] >= 0.1, card
     assert random["persistence"] == 0 and random["colour_match"] == 0, random

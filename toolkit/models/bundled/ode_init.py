@@ -76,9 +76,9 @@ def ode_pairs(
 
 @dataclass(frozen=True)
 class ODESettings:
-    pairs: int = 1024  # teacher trajectories in the pool
+    pairs: int = 768  # teacher trajectories in the pool
     pair_batch: int = 64  # trajectories generated per teacher rollout
-    steps: int = 600
+    steps: int = 350
     batch: int = 32
     lr: float = 2e-4
     warmup: int = 20
