@@ -10,14 +10,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import NoReturn
 
+from toolkit.commands import OneLineParser
 from toolkit.errors import ToolkitError
 
 # Order = order in `toolkit --help`.
 COMMANDS = (
     "models",
     "generate",
+    "compare",
     "capture",
     "inspect",
     "analyze",
@@ -25,14 +26,6 @@ COMMANDS = (
     "train",
     "bench",
 )
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Argument errors as one line and exit 2, as every other user error (argparse prints the whole usage first,
-    which for a subcommand is a screenful). Subparsers inherit the class."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,13 @@ A *backend spec* names one way to compute attention:
 * ``monarch`` / ``monarch:F,H,W``: zero-shot variational MonarchAttention (T = 1) with tiling
   (f_tied, h_reduce, w_reduce) — default (1, 1, 1), framewise. Triton kernels on GPU (``toolkit.kernels``),
   the PyTorch reference (``toolkit.attention.monarch``) on CPU.
+* the sparse approximation families of ``toolkit.attention.families`` (``docs/approximation-families.md``), as
+  their PyTorch references on any device: ``blocktopk:KEEP:TF,TH,TW`` (oracle block top-k: fraction KEEP of the
+  key tiles of TF×TH×TW tokens by exact mass), ``blocktopk-pred:KEEP:TF,TH,TW`` (the same, ranked by mean-pooled
+  q·k), ``sta:WF,WH,WW:TF,TH,TW`` (sliding tile attention, window in tiles), ``radial:DENSE_FRAMES,RADIUS`` (radial
+  attention), ``svg:ROWS:FRAME_BAND,SPATIAL_BAND`` (Sparse VideoGen) and ``py:MODULE:FUNCTION`` (a callable
+  ``f(q, k, v, ctx)`` returning an output or a boolean mask). ``backend_density`` gives a spec's density on the
+  whole clip without data where it has one.
 
 An ``--attention`` value is a list of *rules*, each a backend spec with optional conditions::
 
@@ -39,8 +46,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from toolkit.attention.families import FAMILY_FORMS, Family, family_backend, parse_family
 from toolkit.attention.monarch import monarch_backend
 from toolkit.errors import ToolkitError
+from toolkit.grid import MonarchLayout
 from toolkit.indices import index_range
 from toolkit.models.layout import RunLayout
 from toolkit.models.seam import AttentionContext, Backend, dense_attention, seams, set_backend, use_backend
@@ -49,8 +58,15 @@ CONDITIONS = ("layers", "steps", "heads", "chunks")
 CLEAN = "clean"  # the steps alias of the causal model's clean-context pass (ctx.is_clean)
 
 
-def parse_attention(spec: str) -> tuple[str, tuple[int, int, int] | None]:
-    """'dense' -> ('dense', None); 'monarch' -> ('monarch', (1,1,1)); 'monarch:3,1,1' -> ('monarch', (3,1,1))."""
+BACKEND_FORMS = ("dense", "monarch", "monarch:F,H,W", *FAMILY_FORMS)
+
+
+def parse_attention(spec: str) -> tuple[str, tuple[int, int, int] | Family | None]:
+    """'dense' -> ('dense', None); 'monarch' -> ('monarch', (1,1,1)); 'monarch:3,1,1' -> ('monarch', (3,1,1));
+    a family's spec (``toolkit.attention.families``), e.g. 'sta:3,3,3:1,4,4' -> ('sta', SlidingTileAttention)."""
+    family = parse_family(spec)
+    if family is not None:
+        return spec.strip().partition(":")[0], family
     name, _, rest = spec.strip().partition(":")
     if name == "dense" and not rest:
         return "dense", None
@@ -63,7 +79,8 @@ def parse_attention(spec: str) -> tuple[str, tuple[int, int, int] | None]:
             tiling = ()
         if len(tiling) == 3 and all(t >= 1 for t in tiling):
             return "monarch", tiling  # type: ignore[return-value]
-    raise ToolkitError(f"--attention {spec!r}: expected 'dense', 'monarch' or 'monarch:F,H,W' (e.g. monarch:1,2,1)")
+    forms = ", ".join(f"'{form}'" for form in BACKEND_FORMS[:-1])
+    raise ToolkitError(f"--attention {spec!r}: expected {forms} or '{BACKEND_FORMS[-1]}' (e.g. monarch:1,2,1)")
 
 
 @dataclass(frozen=True)
@@ -195,10 +212,25 @@ def check_attention(spec: str, layout: RunLayout | None = None, *, num_layers: i
     return rules
 
 
+def backend_density(attention: str, grid: tuple[int, int, int]) -> float | None:
+    """Fraction of the dense attention's entries one backend spec computes on a bidirectional call over the whole
+    clip ``grid``, without data: ``dense`` 1; ``monarch:F,H,W`` the parameter fraction (b1 + b2) / (b1·b2) of the
+    aligned ``fh,w`` layout (``toolkit.grid``); a family its ``clip_density`` (None for those whose mask depends on
+    q and k: ``svg``, ``py``, block top-k with tiles that do not divide the grid)."""
+    name, params = parse_attention(attention)
+    if name == "dense":
+        return 1.0
+    if isinstance(params, Family):
+        return params.clip_density(grid)
+    return float(MonarchLayout.aligned(grid, "fh,w", params).density)
+
+
 def _single_backend(spec: str, device: torch.device | str) -> Backend | None:
     name, tiling = parse_attention(spec)
     if name == "dense":
         return None
+    if isinstance(tiling, Family):  # the families' PyTorch references, on the model's device
+        return family_backend(tiling)
     if torch.device(device).type == "cuda":
         from toolkit.kernels import monarch_backend_triton  # needs Triton: imported only where it runs
 

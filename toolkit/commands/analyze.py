@@ -28,13 +28,14 @@ ANALYSES = {
     "periodic": "toolkit.analysis.periodic",
     "topk": "toolkit.analysis.topk",
     "monarch": "toolkit.analysis.monarch",
+    "approximations": "toolkit.analysis.approximations",
 }
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "analyze",
-        help="analyse captured attention (periodic structure, oracle top-k, Monarch error)",
+        help="analyse captured attention (periodic structure, oracle top-k, Monarch error, every approximation family)",
         description="Recompute exact attention from a capture's q/k(/v) and analyse it record by record. "
                     "`toolkit analyze NAME --help` lists the options of one analysis.",
         usage="toolkit analyze {" + ",".join(ANALYSES) + "} RUN.h5 [RUN.h5 ...] --out RESULTS.nc [options]",
@@ -183,11 +184,47 @@ def add_monarch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 
+def add_approximations_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``toolkit analyze approximations`` (defaults from `ApproximationOptions`)."""
+    from toolkit.analysis.approximations import ApproximationOptions
+
+    d = ApproximationOptions()
+    g = parser.add_argument_group("approximations (docs/approximation-families.md)")
+    g.add_argument("--families", type=_family_list, default=d.families, metavar="LIST",
+                   help="';'-separated families: templates set to each density (topk; blocktopk:TF,TH,TW; "
+                        "blocktopk-pred:TF,TH,TW; sta:TF,TH,TW; radial[:DENSE_FRAMES]; monarch; "
+                        "monarch-projection), svg (a ladder of bands), or concrete --attention family specs "
+                        f"(one point each, e.g. py:mymodule:myfn); default {';'.join(d.families)}")
+    g.add_argument("--densities", type=_float_list, default=d.densities, metavar="LIST",
+                   help="target densities, fraction of the exact attention's query-key pairs computed (default "
+                        f"{','.join(f'{x:g}' for x in d.densities)}: 95, 90, 85 %% sparsity)")
+    g.add_argument("--full", action="store_true",
+                   help="on the CPU, every record (without it, a CPU run given no --steps/--chunks/--layers analyses "
+                        "the last chunk's last denoising step, every layer)")
+
+
+def _family_list(text: str) -> tuple[str, ...]:
+    from toolkit.analysis.approximations import template_kind
+    from toolkit.errors import ToolkitError
+
+    items = tuple(x.strip() for x in text.split(";") if x.strip())
+    if not items:
+        raise argparse.ArgumentTypeError("empty family list")
+    try:
+        for item in items:
+            template_kind(item)
+    except ToolkitError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return items
+
+
 def apply_cpu_default(name: str, opts: argparse.Namespace) -> str | None:
     """``toolkit analyze monarch`` on the CPU with no layout, iteration or record choice: the last chunk's last
     denoising step, every layer, fh,w tilings (1,1,1) (the paper's) and (c,1,1) with c the frames of a chunk (the
     bundled grid's 95 % one) at T = 1 — the full sweep of the default bundled capture takes hours on 2 cores;
     ``--full`` asks for it. Sets ``opts`` in place; returns the line saying so, or None."""
+    if name == "approximations":
+        return _last_step_on_cpu(opts)
     if name != "monarch":
         return None
     from toolkit.analysis.monarch import MonarchOptions
@@ -211,14 +248,37 @@ def apply_cpu_default(name: str, opts: argparse.Namespace) -> str | None:
             "(--full: every record, the default layouts, T = 1..3)")
 
 
+def _last_step_on_cpu(opts: argparse.Namespace) -> str | None:
+    """The approximations' CPU default: the last chunk's last denoising step, every layer (unless --full or a
+    record choice)."""
+    from toolkit.device import resolve_device
+
+    if opts.full or resolve_device(opts.device).type != "cpu" or any(
+            x is not None for x in (opts.steps, opts.chunks, opts.layers)):
+        return None
+    from toolkit.capture import open_capture
+
+    with open_capture(opts.runs[0]) as cap:
+        keys = list(cap.records)
+        clean = cap.layout.clean_step
+        chunk = max(k.chunk for k in keys) if keys else 0
+        steps = sorted({k.step for k in keys if k.chunk == chunk and k.step != clean}) or [None]
+    opts.chunks = [chunk]
+    opts.steps = None if steps[-1] is None else [steps[-1]]
+    return f"CPU default: step {steps[-1]}, chunk {chunk}, every layer (--full: every record)"
+
+
 # name -> function adding the analysis' own options
-ARGUMENTS = {"periodic": add_periodic_arguments, "topk": add_topk_arguments, "monarch": add_monarch_arguments}
+ARGUMENTS = {"periodic": add_periodic_arguments, "topk": add_topk_arguments, "monarch": add_monarch_arguments,
+             "approximations": add_approximations_arguments}
 
 
 def build_parser(name: str, module=None) -> argparse.ArgumentParser:
     """Parser of ``toolkit analyze NAME`` (``module``: the loaded analysis, for its description)."""
     module = module or _load(name)
-    parser = argparse.ArgumentParser(prog=f"toolkit analyze {name}",
+    from toolkit.commands import OneLineParser
+
+    parser = OneLineParser(prog=f"toolkit analyze {name}",
                                      description=(module.__doc__ or "").strip().split("\n\n")[0])
     add_common_arguments(parser)
     ARGUMENTS[name](parser)
@@ -252,6 +312,10 @@ def options_from_args(name: str, args: argparse.Namespace):
         return MonarchOptions(layouts=tuple(args.layout) if args.layout else None, iters=args.iters,
                               projection=not args.no_projection, topk_baseline=not args.no_topk, rank1=args.rank1,
                               r_step=args.r_step)
+    if name == "approximations":
+        from toolkit.analysis.approximations import ApproximationOptions
+
+        return ApproximationOptions(families=args.families, densities=args.densities)
     raise KeyError(name)
 
 

@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m toolkit.commands.train``: the same as ``toolkit train`` without loading the other commands."""
-    from toolkit.cli import OneLineParser
+    from toolkit.commands import OneLineParser
     from toolkit.errors import ToolkitError
 
     parser = OneLineParser(prog="toolkit")
