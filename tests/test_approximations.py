@@ -122,6 +122,12 @@ def test_cli_result_has_record_family_level_dims_and_equals_the_python_api(run_f
             for m in ("density", "map_mse", "output_rel_l2"):
                 np.testing.assert_allclose(ds[m].isel(record=r).values, want[m].values, rtol=1e-6, equal_nan=True)
     assert np.isnan(ds["target_density"].sel(family="svg").values).all()
+    from toolkit.paper_figures import approximations
+
+    from toolkit.analysis import open_results
+
+    fig = approximations.plot(open_results(out), tmp_path / "fig", heads=[(1, 0)])
+    assert all(p.endswith((".png", ".pdf")) for p in fig["files"]) and len(fig["curves"]) == 2 * 4
 
 
 def test_cli_refuses_an_unknown_family_in_one_line(run_file, tmp_path, capsys):
