@@ -234,6 +234,16 @@ def apply_cpu_default(name: str, opts: argparse.Namespace) -> str | None:
     if opts.full or resolve_device(opts.device).type != "cpu" or any(x is not None for x in chosen):
         opts.iters = MonarchOptions().iters if opts.iters is None else opts.iters
         return None
+    chunk, step, frames_per_chunk = _last_chunk_step(opts)
+    layouts = list(dict.fromkeys(["fh,w:1,1,1", f"fh,w:{frames_per_chunk or 1},1,1"]))
+    opts.layout, opts.iters = layouts, 1
+    return (f"CPU default: step {step}, chunk {chunk}, every layer; layouts {', '.join(layouts)}; T = 1 "
+            "(--full: every record, the default layouts, T = 1..3)")
+
+
+def _last_chunk_step(opts: argparse.Namespace) -> tuple[int, int | None, int | None]:
+    """Select the first RUN file's last chunk and its last denoising step (``opts.chunks`` / ``opts.steps``, every
+    layer); returns (chunk, step or None when it has no denoising step, frames per chunk)."""
     from toolkit.capture import open_capture
 
     with open_capture(opts.runs[0]) as cap:
@@ -241,11 +251,10 @@ def apply_cpu_default(name: str, opts: argparse.Namespace) -> str | None:
         clean = cap.layout.clean_step
         chunk = max(k.chunk for k in keys) if keys else 0
         steps = sorted({k.step for k in keys if k.chunk == chunk and k.step != clean}) or [None]
-        layouts = list(dict.fromkeys(["fh,w:1,1,1", f"fh,w:{cap.layout.frames_per_chunk or 1},1,1"]))
-    opts.layout, opts.iters, opts.chunks = layouts, 1, [chunk]
+        frames_per_chunk = cap.layout.frames_per_chunk
+    opts.chunks = [chunk]
     opts.steps = None if steps[-1] is None else [steps[-1]]
-    return (f"CPU default: step {steps[-1]}, chunk {chunk}, every layer; layouts {', '.join(layouts)}; T = 1 "
-            "(--full: every record, the default layouts, T = 1..3)")
+    return chunk, steps[-1], frames_per_chunk
 
 
 def _last_step_on_cpu(opts: argparse.Namespace) -> str | None:
@@ -256,16 +265,8 @@ def _last_step_on_cpu(opts: argparse.Namespace) -> str | None:
     if opts.full or resolve_device(opts.device).type != "cpu" or any(
             x is not None for x in (opts.steps, opts.chunks, opts.layers)):
         return None
-    from toolkit.capture import open_capture
-
-    with open_capture(opts.runs[0]) as cap:
-        keys = list(cap.records)
-        clean = cap.layout.clean_step
-        chunk = max(k.chunk for k in keys) if keys else 0
-        steps = sorted({k.step for k in keys if k.chunk == chunk and k.step != clean}) or [None]
-    opts.chunks = [chunk]
-    opts.steps = None if steps[-1] is None else [steps[-1]]
-    return f"CPU default: step {steps[-1]}, chunk {chunk}, every layer (--full: every record)"
+    chunk, step, _ = _last_chunk_step(opts)
+    return f"CPU default: step {step}, chunk {chunk}, every layer (--full: every record)"
 
 
 # name -> function adding the analysis' own options
