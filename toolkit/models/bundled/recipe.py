@@ -56,7 +56,7 @@ from toolkit.models.seam import use_backend
 from toolkit.models.wan import WanConfig, WanModel
 
 STAGES = ("base", "teacher", "ode_init", "self_forcing")
-NEEDS = {"base": (), "teacher": (), "ode_init": ("base", "teacher"), "self_forcing": ("teacher",)}
+NEEDS = {"base": (), "teacher": (), "ode_init": ("base", "teacher"), "self_forcing": ("ode_init", "teacher")}
 SHOWCASE_PROMPTS = (
     "1 sprite: red circle",
     "2 sprites: blue square, yellow triangle; pan left",
@@ -105,8 +105,6 @@ def check_output(out: str | Path, stages: Sequence[str], force: bool) -> Path:
     if existing and not force:
         raise ToolkitError(f"{out} already holds a model ({existing[0].name}); pass --force to replace it")
     for stage in ordered:
-        if stage == "self_forcing" and "ode_init" not in ordered and not stage_path(out, "ode_init").is_file():
-            raise ToolkitError(f"stage self_forcing needs {stage_path(out, 'ode_init')} (run stage ode_init first)")
         for earlier in NEEDS[stage]:
             if earlier not in ordered and not stage_path(out, earlier).is_file():
                 raise ToolkitError(f"stage {stage} needs {stage_path(out, earlier)} (run stage {earlier} first)")
@@ -186,15 +184,15 @@ def train_bundled(
         teacher = pretrain("teacher", teacher_cfg, recipe.teacher, recipe.seed + 100)
     elif "ode_init" in stages or "self_forcing" in stages:
         teacher = load("teacher")
-    if teacher is not None and ("teacher" in stages or "guidance" not in record or recipe.guidance_scale is not None):
+    if teacher is not None:
         teacher.eval().requires_grad_(False)
+    if teacher is not None and ("teacher" in stages or "guidance" not in record or recipe.guidance_scale is not None):
         record["guidance"] = choose_guidance(teacher, recipe, log)
         log_file.write_text(json.dumps(record, indent=1) + "\n")
         guided = f"teacher, {len(MANY_STEPS)} Euler steps, CFG {record['guidance']['scale']:g}"
         save_showcase(out / "stages" / "teacher.png", [(guided, teacher, teacher_sampler(record["guidance"]["scale"]))])
     if "ode_init" not in stages and "self_forcing" not in stages:
         return record
-    teacher.eval().requires_grad_(False)
     guidance = record["guidance"]["scale"]
     setup, scores = ClipSetup.of(cfg, dev), ClipSetup.of(teacher.cfg, dev)
 
