@@ -20,7 +20,6 @@ from toolkit.models.bundled.model import load_weights, save_weights
 from toolkit.models.bundled.recipe import _git_commit, stage_path
 from toolkit.models.bundled.teacher import ClipSetup, TeacherSettings, train_teacher
 from toolkit.models.seam import use_backend
-from toolkit.models.wan import WanConfig
 
 
 def main() -> None:
@@ -36,10 +35,9 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     log_file = args.out / "stages" / "log.json"
     record = json.loads(log_file.read_text())
-    cfg = WanConfig.from_dict(record["config"])
-    model = load_weights(stage_path(args.out, "teacher"), cfg, dev)
+    model = load_weights(stage_path(args.out, "teacher"), None, dev)  # the architecture from the file's metadata
     settings = TeacherSettings(steps=100_000, batch=args.batch, lr=args.lr, warmup=args.warmup, seconds=args.seconds)
-    with use_backend(model, ClipSetup.of(cfg, dev).backend):
+    with use_backend(model, ClipSetup.of(model.cfg, dev).backend):
         run = train_teacher(model, settings, seed=args.seed, log=lambda m: print(m, flush=True), every=100)
     run["commit"] = _git_commit()
     record["stages"]["teacher"].setdefault("continued", []).append(run)
