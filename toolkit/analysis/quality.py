@@ -112,33 +112,14 @@ def spec_family(spec: str) -> str:
 
 
 def backend_density(attention: str, grid: tuple[int, int, int]) -> float | None:
-    """Fraction of the dense attention entries one backend spec keeps on the token ``grid``, or None if its family
-    reports none. ``dense``: 1; ``monarch:F,H,W``: Monarch parameters per dense entry, (b1 + b2) / (b1·b2) of the
-    aligned ``fh,w`` layout (``toolkit.grid``). Other families answer through ``backends.backend_density`` if that
-    module defines it (same signature)."""
-    hook = getattr(backends, "backend_density", None)
-    if callable(hook):
-        try:
-            value = hook(attention, grid)
-        except (ToolkitError, ValueError, TypeError):
-            value = None
-        if value is not None:
-            return float(value)
-    name = attention.split(":")[0].strip()
-    if name not in ("dense", "monarch"):
-        return None
+    """Fraction of the dense attention entries one backend spec keeps on the token ``grid`` (``dense`` 1, Monarch
+    its parameter fraction (b1 + b2) / (b1·b2), a family its clip density: ``backends.backend_density``), or None
+    where the family reports none or the spec does not fit the grid."""
     try:
-        kind, tiling = backends.parse_attention(attention)
-    except ToolkitError:
+        value = backends.backend_density(attention, grid)
+    except (ToolkitError, ValueError, TypeError):
         return None
-    if kind == "dense":
-        return 1.0
-    from toolkit.grid import MonarchLayout
-
-    try:
-        return float(MonarchLayout.aligned(grid, "fh,w", tiling).density)
-    except (ToolkitError, ValueError):
-        return None
+    return None if value is None else float(value)
 
 
 def spec_density(spec: str, layout: RunLayout) -> float | None:

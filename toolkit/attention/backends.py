@@ -58,27 +58,65 @@ CONDITIONS = ("layers", "steps", "heads", "chunks")
 CLEAN = "clean"  # the steps alias of the causal model's clean-context pass (ctx.is_clean)
 
 
-BACKEND_FORMS = ("dense", "monarch", "monarch:F,H,W", *FAMILY_FORMS)
+BACKEND_FORMS = ("dense", "monarch", "monarch:F,H,W[:T=N]", "monarch-contiguous:B1,B2[:T=N]", *FAMILY_FORMS)
 
 
-def parse_attention(spec: str) -> tuple[str, tuple[int, int, int] | Family | None]:
+@dataclass(frozen=True)
+class MonarchSpec:
+    """Monarch attention beyond the kernels' case (aligned ``fh,w`` tiling, T = 1), computed by the PyTorch
+    reference: ``monarch:F,H,W:T=N`` (N iterations of variational MonarchAttention) or
+    ``monarch-contiguous:B1,B2[:T=N]`` (tiles of B1·B2 consecutive raster tokens: MonarchAttention's original,
+    grid-misaligned layout; ``toolkit.grid``)."""
+
+    tiling: tuple[int, int, int] | None = None
+    block: tuple[int, int] | None = None
+    iters: int = 1
+
+    def layout(self, grid) -> MonarchLayout:
+        if self.block is not None:
+            return MonarchLayout.contiguous(grid, *self.block)
+        return MonarchLayout.aligned(grid, "fh,w", self.tiling or (1, 1, 1))
+
+
+def _positive_ints(text: str, count: int) -> tuple[int, ...] | None:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        return None
+    return values if len(values) == count and all(v >= 1 for v in values) else None
+
+
+def _monarch(name: str, rest: str) -> tuple[int, int, int] | MonarchSpec | None:
+    """'monarch' parameters: a tiling tuple (the kernels' case) or a MonarchSpec; None if malformed."""
+    sizes, _, option = rest.partition(":")
+    iters = 1
+    if option:
+        if not option.startswith("T=") or not option[2:].isdigit() or int(option[2:]) < 1:
+            return None
+        iters = int(option[2:])
+    if name == "monarch-contiguous":
+        block = _positive_ints(sizes, 2)
+        return None if block is None else MonarchSpec(block=block, iters=iters)  # type: ignore[arg-type]
+    tiling = (1, 1, 1) if not sizes else _positive_ints(sizes, 3)
+    if tiling is None:
+        return None
+    return tiling if iters == 1 else MonarchSpec(tiling=tiling, iters=iters)  # type: ignore[return-value]
+
+
+def parse_attention(spec: str) -> tuple[str, tuple[int, int, int] | MonarchSpec | Family | None]:
     """'dense' -> ('dense', None); 'monarch' -> ('monarch', (1,1,1)); 'monarch:3,1,1' -> ('monarch', (3,1,1));
-    a family's spec (``toolkit.attention.families``), e.g. 'sta:3,3,3:1,4,4' -> ('sta', SlidingTileAttention)."""
+    'monarch:1,1,1:T=10' and 'monarch-contiguous:32,20' -> ('monarch', MonarchSpec(...)); a family's spec
+    (``toolkit.attention.families``), e.g. 'sta:3,3,3:1,4,4' -> ('sta', SlidingTileAttention)."""
     family = parse_family(spec)
     if family is not None:
         return spec.strip().partition(":")[0], family
     name, _, rest = spec.strip().partition(":")
     if name == "dense" and not rest:
         return "dense", None
-    if name == "monarch":
-        if not rest:
-            return "monarch", (1, 1, 1)
-        try:
-            tiling = tuple(int(x) for x in rest.split(","))
-        except ValueError:
-            tiling = ()
-        if len(tiling) == 3 and all(t >= 1 for t in tiling):
-            return "monarch", tiling  # type: ignore[return-value]
+    if name in ("monarch", "monarch-contiguous") and (name == "monarch" or rest):
+        params = _monarch(name, rest)
+        if params is not None:
+            return "monarch", params
     forms = ", ".join(f"'{form}'" for form in BACKEND_FORMS[:-1])
     raise ToolkitError(f"--attention {spec!r}: expected {forms} or '{BACKEND_FORMS[-1]}' (e.g. monarch:1,2,1)")
 
@@ -222,25 +260,30 @@ def backend_density(attention: str, grid: tuple[int, int, int]) -> float | None:
         return 1.0
     if isinstance(params, Family):
         return params.clip_density(grid)
+    if isinstance(params, MonarchSpec):
+        return float(params.layout(grid).density)
     return float(MonarchLayout.aligned(grid, "fh,w", params).density)
 
 
-def _single_backend(spec: str, device: torch.device | str) -> Backend | None:
+def _single_backend(spec: str, device: torch.device | str, autograd: bool = False) -> Backend | None:
     name, tiling = parse_attention(spec)
     if name == "dense":
         return None
     if isinstance(tiling, Family):  # the families' PyTorch references, on the model's device
         return family_backend(tiling)
-    if torch.device(device).type == "cuda":
+    if isinstance(tiling, MonarchSpec):  # T > 1 or a contiguous layout: the PyTorch reference on every device
+        return monarch_backend(tiling.tiling or (1, 1, 1), iters=tiling.iters, contiguous=tiling.block)
+    if torch.device(device).type == "cuda" and not autograd:
         from toolkit.kernels import monarch_backend_triton  # needs Triton: imported only where it runs
 
         return monarch_backend_triton(tiling)
     return monarch_backend(tiling)
 
 
-def rules_backend(rules: tuple[AttentionRule, ...], device: torch.device | str = "cpu") -> Backend:
+def rules_backend(rules: tuple[AttentionRule, ...], device: torch.device | str = "cpu", autograd: bool = False
+                  ) -> Backend:
     """One seam backend that computes each call and head with the first rule matching it (dense if none)."""
-    backends = [_single_backend(rule.attention, device) for rule in rules]
+    backends = [_single_backend(rule.attention, device, autograd) for rule in rules]
     owners_of: dict[tuple, tuple[int, ...]] = {}  # (layer, step, chunk, is_clean, heads) -> rule per head (-1 dense)
 
     def owners(ctx: AttentionContext, num_heads: int) -> tuple[int, ...]:
@@ -278,12 +321,14 @@ def rules_backend(rules: tuple[AttentionRule, ...], device: torch.device | str =
     return attention_rules
 
 
-def backend_for(spec: str, device: torch.device | str = "cpu") -> Backend | None:
-    """The seam backend an ``--attention`` spec names, for a model on ``device`` (``None``: dense everywhere)."""
+def backend_for(spec: str, device: torch.device | str = "cpu", *, autograd: bool = False) -> Backend | None:
+    """The seam backend an ``--attention`` spec names, for a model on ``device`` (``None``: dense everywhere).
+    ``autograd``: every backend differentiable (training through it): Monarch as its PyTorch reference on every
+    device, since the Triton kernels have no backward pass."""
     rules = parse_attention_rules(spec)
     if rules[0].everywhere:  # a single spec (or rules after an unconditional one, which never match)
-        return _single_backend(rules[0].attention, device)
-    return rules_backend(rules, device)
+        return _single_backend(rules[0].attention, device, autograd)
+    return rules_backend(rules, device, autograd)
 
 
 def _model_backend(model: nn.Module, spec: str) -> Backend | None:

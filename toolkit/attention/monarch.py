@@ -309,15 +309,18 @@ def monarch_backend(
     base: str = "fh,w",
     block_causal_frames: int = 3,
     r_step: str = "exact",
+    contiguous: tuple[int, int] | None = None,
 ) -> Callable:
-    """A seam backend ``fn(q, k, v, ctx)`` running :func:`monarch_attention` with this tiling (``r_step`` as there).
+    """A seam backend ``fn(q, k, v, ctx)`` running :func:`monarch_attention` with this tiling (``r_step`` as there);
+    ``contiguous=(b1, b2)``: the misaligned layout of b1·b2 consecutive raster tokens per tile instead.
 
     Uses ctx.grid / query_frames / key_frames / scale; a ``ctx.attn_mask`` (no-cache training path) must be the
     ``block_causal_frames`` block-causal mask."""
 
     def backend(q, k, v, ctx):
         grid = as_grid(ctx.grid)
-        layout = MonarchLayout.aligned(grid, base, tiling)
+        layout = (MonarchLayout.contiguous(grid, *contiguous) if contiguous is not None
+                  else MonarchLayout.aligned(grid, base, tiling))
         causal = None
         if ctx.attn_mask is not None:
             check_block_causal_mask(ctx.attn_mask, grid, block_causal_frames, ctx)
@@ -329,7 +332,9 @@ def monarch_backend(
 
     check_r_step(r_step)
     suffix = "" if r_step == "exact" else f"_{r_step}"
-    backend.__name__ = f"monarch_{base.replace(',', '_')}_{'_'.join(map(str, tiling))}_T{iters}{suffix}"
+    shape = f"contiguous_{contiguous[0]}_{contiguous[1]}" if contiguous is not None else (
+        f"{base.replace(',', '_')}_{'_'.join(map(str, tiling))}")
+    backend.__name__ = f"monarch_{shape}_T{iters}{suffix}"
     return backend
 
 

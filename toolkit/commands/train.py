@@ -10,6 +10,7 @@ from dataclasses import replace
 from toolkit.commands.generate import seed_type
 from toolkit.models.bundled import DEFAULT_DIR, tiny_config
 from toolkit.models.bundled.config import tiny_teacher_config
+from toolkit.models.bundled.finetune import OBJECTIVES, FinetuneSettings
 from toolkit.models.bundled.recipe import STAGES, Recipe, train_bundled
 from toolkit.models.bundled.teacher import TeacherSettings
 
@@ -82,6 +83,27 @@ updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.cri
                         "samples (default: the best of " + ", ".join(f"{g:g}" for g in defaults.guidance_candidates)
                         + " on validation prompts, chosen after stage (a))")
     p.add_argument("--eval-prompts", type=int, default=defaults.eval_prompts)
+    f = p.add_argument_group(
+        "finetuning with another attention (--finetune)",
+        "Continue training a bundled model with --attention at every seam (gradients through the PyTorch reference "
+        "of that attention): the paper's finetuning with Monarch attention, at toy scale "
+        "(toolkit/models/bundled/finetune.py). Writes --out/model.safetensors, config.json, finetune_log.json. "
+        "Example: toolkit train --finetune --attention monarch:3,1,1 --out runs/ft_311",
+    )
+    f.add_argument("--finetune", action="store_true", help="finetune instead of running the recipe's stages")
+    f.add_argument("--attention", metavar="SPEC",
+                   help="what every seam computes while finetuning: an --attention spec of toolkit generate "
+                        "(monarch:F,H,W[:T=N], monarch-contiguous:B1,B2, a family, rules with @)")
+    f.add_argument("--from", dest="source", default=None, metavar="DIR",
+                   help="the model folder to start from (default: the shipped data/bundled)")
+    f.add_argument("--objective", default=FinetuneSettings.objective, choices=OBJECTIVES,
+                   help="distill: regress onto the dense model's predictions along the student's own rollout "
+                        "(no teacher needed; default); self_forcing: stage (c), DMD against --teacher")
+    f.add_argument("--teacher", metavar="FILE",
+                   help="teacher weights for --objective self_forcing (stages/teacher.safetensors of a recipe run)")
+    f.add_argument("--ft-steps", type=int, default=FinetuneSettings.steps, help="student updates")
+    f.add_argument("--ft-batch", type=int, default=FinetuneSettings.batch)
+    f.add_argument("--ft-lr", type=float, default=FinetuneSettings.lr)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--tiny", action="store_true", help="tiny model, clip and step counts: CPU smoke run only")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -116,17 +138,67 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
     return recipe
 
 
+def run_finetune(args: argparse.Namespace, log) -> int:
+    """``--finetune``: everything checked (spec, folders, teacher) before the model trains."""
+    from pathlib import Path
+
+    import torch
+
+    from toolkit.attention.backends import backend_for, check_attention
+    from toolkit.device import resolve_device
+    from toolkit.errors import ToolkitError, prepare_output_dir
+    from toolkit.models.bundled import WEIGHTS_FILE, load_bundled
+    from toolkit.models.bundled.finetune import save_finetuned, train_finetune
+    from toolkit.models.bundled.model import load_weights
+    from toolkit.models.wan import WanModel
+
+    if not args.attention:
+        raise ToolkitError("--finetune needs --attention SPEC (e.g. monarch:3,1,1)")
+    check_attention(args.attention)  # the grammar, before anything loads
+    if args.objective == "self_forcing" and not args.teacher:
+        raise ToolkitError("--objective self_forcing needs --teacher FILE (stages/teacher.safetensors of a "
+                           "`toolkit train --stages teacher` run)")
+    if args.teacher and not Path(args.teacher).is_file():
+        raise ToolkitError(f"--teacher {args.teacher}: no such file")
+    if min(args.ft_steps, args.ft_batch) < 1 or not args.ft_lr > 0:
+        raise ToolkitError("--ft-steps and --ft-batch must be >= 1 and --ft-lr > 0")
+    out = Path(args.out)
+    if (out / WEIGHTS_FILE).exists() and not args.force:
+        raise ToolkitError(f"{out} already holds a model ({WEIGHTS_FILE}); pass --force to replace it")
+    dev = resolve_device(args.device)
+    if args.tiny:
+        torch.manual_seed(args.seed)
+        model, source = WanModel(tiny_config()).to(dev).eval(), "random init (tiny)"
+    else:
+        model, info = load_bundled(dev, path=args.source)
+        source = info["path"]
+    check_attention(args.attention, num_layers=model.cfg.num_layers, num_heads=model.cfg.num_heads)
+    teacher = load_weights(args.teacher, None, dev) if args.teacher else None
+    prepare_output_dir(args.out, folder=True, keep=True)
+    settings = FinetuneSettings(objective=args.objective, steps=args.ft_steps, batch=args.ft_batch, lr=args.ft_lr)
+    backend = backend_for(args.attention, dev, autograd=True)
+    student, record = train_finetune(model, settings, backend, teacher=teacher, seed=args.seed, log=log)
+    record.update(attention=args.attention, source=source, seed=args.seed, device=str(dev))
+    save_finetuned(out, student, record)
+    log(f"wrote {out} (sample it with --checkpoint {out} --attention {args.attention})")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from toolkit.device import check_device
-    from toolkit.errors import check_output, prepare_output_dir
+    from toolkit.errors import ToolkitError, check_output, prepare_output_dir
     from toolkit.models.bundled.recipe import WEIGHTS_FILE, stage_path
     from toolkit.models.bundled.recipe import check_output as check_model_output
 
     if args.device is not None:
         check_device(args.device)
     check_output(args.out, folder=True)  # a file, a folder under a file, an unwritable place: one line
+    if args.finetune:
+        return run_finetune(args, (lambda *_: None) if args.quiet else (lambda m: print(m, flush=True)))
+    if args.attention:
+        raise ToolkitError("--attention is for --finetune; the recipe's stages train with dense attention")
     check_model_output(args.out, args.stages, args.force)  # a model there: refused unless --force
     prepare_output_dir(args.out, folder=True, keep=False)  # read-only or uncreatable: now, not after a stage
     out = Path(args.out)

@@ -44,7 +44,7 @@ from toolkit.models.bundled.teacher import (
     warped_timesteps,
 )
 from toolkit.models.sampling import self_forcing_rollout, shift_sigma
-from toolkit.models.seam import use_backend
+from toolkit.models.seam import Backend, use_backend
 from toolkit.models.wan import WanModel
 
 
@@ -102,10 +102,11 @@ def dmd_gradient(
 
 def train_self_forcing(
     student: WanModel, teacher: WanModel, settings: SelfForcingSettings, *, seed: int = 0,
-    guidance_scale: float = 1.0, log: Log = print, every: int = 5,
+    guidance_scale: float = 1.0, log: Log = print, every: int = 5, student_backend: Backend | None = None,
 ) -> dict:
     """Stage (c): train ``student`` in place (ending with its EMA weights); ``teacher`` is the real score (with
-    classifier-free guidance ``guidance_scale``) and the critic's initialisation."""
+    classifier-free guidance ``guidance_scale``) and the critic's initialisation. ``student_backend``: what the
+    student's seams compute (default: dense; finetuning passes another attention, ``finetune.py``)."""
     device = next(student.parameters()).device
     setup = ClipSetup.of(student.cfg, device)
     scores = ClipSetup.of(teacher.cfg, device)  # the teacher's and the critic's patches and mask
@@ -130,7 +131,8 @@ def train_self_forcing(
 
     curve, critic_losses, grad_norms = [], [], []
     start = time.perf_counter()
-    with use_backend(student, setup.backend), use_backend(critic, scores.backend), use_backend(teacher, scores.backend):
+    with (use_backend(student, student_backend or setup.backend), use_backend(critic, scores.backend),
+          use_backend(teacher, scores.backend)):
         for step in range(settings.steps):
             # critic: flow matching on the student's current rollouts (no gradient into the student)
             student.eval()

@@ -1,0 +1,165 @@
+"""The paper's arc on the bundled model: dense -> zero-shot approximate attention -> finetuned with it.
+
+For every approximation row: videos of held-out prompts from the same noise as the dense model's (one generator
+per seed: the same initial and re-noising draws), scored by the sprite evaluator (prompt adherence, persistence) and
+against the dense videos (per-frame PSNR / SSIM, scikit-image). Zero-shot rows sample the shipped weights with the
+spec at every seam; finetuned rows first train a copy with it (``toolkit/models/bundled/finetune.py``, objective
+``distill`` unless --objective, gradients through the PyTorch references), then sample it with the same spec.
+
+    python benchmarks/finetune_arc.py --out benchmarks/results/finetune_arc_h200 [--steps 150] [--prompts 32]
+    python benchmarks/finetune_arc.py --tiny --out /tmp/arc            # CPU smoke run (random tiny model)
+
+Writes arc.json (every number, the GPU, versions, settings, times), arc.md (the table) and arc.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from toolkit.analysis.quality import backend_density, frame_metrics
+from toolkit.attention.backends import backend_for
+from toolkit.models.bundled import clip_shape, generate, load_bundled, tiny_config
+from toolkit.models.bundled import evaluate as ev
+from toolkit.models.bundled.finetune import FinetuneSettings, train_finetune
+from toolkit.models.bundled.teacher import autocast
+from toolkit.models.seam import use_backend
+from toolkit.models.wan import WanModel
+
+# (spec, zero-shot only?) — densities on the 12 x 20 x 32 grid: monarch (1,1,1) 91.9 %, (3,1,1) 95.2 % effective
+# sparsity; contiguous 32 x 20 has the (1,1,1) parameter count on tiles that cut the grid's rows (misaligned);
+# per-row oracle top-k is block top-k with 1-token tiles, kept at the Monarch densities.
+ROWS = (
+    ("monarch:1,1,1", False), ("monarch:1,1,1:T=10", True), ("monarch-contiguous:32,20", False),
+    ("blocktopk:0.081:1,1,1", False),
+    ("monarch:3,1,1", False), ("monarch:3,1,1:T=10", True), ("blocktopk:0.048:1,1,1", False),
+)
+TINY_ROWS = (("monarch:1,1,1", False), ("monarch:1,1,1:T=2", True), ("blocktopk:0.25:1,1,1", False))
+
+
+def videos(model: WanModel, prompts: list, seed: int, spec: str | None, batch: int) -> torch.Tensor:
+    """[n 3 f h w] in [0, 1]; every batch from the same seed, so row r of any spec shares its noise."""
+    device = next(model.parameters()).device
+    backend = None if spec is None else backend_for(spec, device)
+    out = []
+    with use_backend(model, backend), autocast(device), torch.no_grad():
+        for i in range(0, len(prompts), batch):
+            out.append(generate(model, prompts[i:i + batch], seed=seed + i).float().cpu())
+    return torch.cat(out)
+
+
+def score(video: torch.Tensor, dense: torch.Tensor, prompts: list) -> dict:
+    summary = ev.summarise(ev.evaluate_clips(video, prompts))
+    psnr, ssim = zip(*(frame_metrics(d.numpy(), v.numpy()) for d, v in zip(dense, video)))
+    psnr = np.concatenate(psnr)
+    finite = psnr[np.isfinite(psnr)]
+    return dict(colour_match=summary.colour_match, score=summary.score, persistence=summary.persistence,
+                psnr=float(finite.mean()) if finite.size else float("inf"), ssim=float(np.mean(ssim)),
+                identical_frames=int((~np.isfinite(psnr)).sum()))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--prompts", type=int, default=32, help="held-out prompts (one video each)")
+    p.add_argument("--seed", type=int, default=ev.HELDOUT_NOISE_SEED)
+    p.add_argument("--steps", type=int, default=150, help="finetuning updates per row")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=FinetuneSettings.lr)
+    p.add_argument("--objective", default="distill", choices=("distill",))
+    p.add_argument("--rows", default=None, help="';'-separated specs (default: the paper's set on this grid)")
+    p.add_argument("--tiny", action="store_true", help="random tiny model on CPU: a smoke run of the script")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if args.tiny:
+        torch.manual_seed(0)
+        model, rows = WanModel(tiny_config()).eval(), TINY_ROWS
+    else:
+        model, _ = load_bundled(dev)
+        rows = ROWS
+    if args.rows:
+        rows = tuple((s.strip().removesuffix("!zero"), s.strip().endswith("!zero")) for s in args.rows.split(";"))
+    cfg = model.cfg
+    grid = tuple(n // p for n, p in zip(clip_shape(cfg), cfg.patch_size))
+    prompts = ev.heldout_prompts(args.prompts)
+    gen_batch = 16 if dev.type == "cuda" else 2
+    log = lambda m: print(m, flush=True)  # noqa: E731
+
+    t0 = time.perf_counter()
+    dense = videos(model, prompts, args.seed, None, gen_batch)
+    results = [dict(row="dense", spec="dense", density=1.0, finetuned=False, seconds=time.perf_counter() - t0,
+                    **score(dense, dense, prompts))]
+    log(f"dense: {results[-1]}")
+    settings = FinetuneSettings(objective=args.objective, steps=args.steps, batch=args.batch, lr=args.lr)
+    for spec, zero_only in rows:
+        density = backend_density(spec, grid)
+        t0 = time.perf_counter()
+        zs = videos(model, prompts, args.seed, spec, gen_batch)
+        results.append(dict(row=f"{spec} zero-shot", spec=spec, density=density, finetuned=False,
+                            seconds=time.perf_counter() - t0, **score(zs, dense, prompts)))
+        log(f"{spec} zero-shot: {results[-1]}")
+        if zero_only:
+            continue
+        t0 = time.perf_counter()
+        student, record = train_finetune(model, settings, backend_for(spec, dev, autograd=True), seed=0,
+                                         log=log, every=max(1, args.steps // 5))
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ft = videos(student, prompts, args.seed, spec, gen_batch)
+        results.append(dict(row=f"{spec} finetuned", spec=spec, density=density, finetuned=True,
+                            seconds=time.perf_counter() - t0, train_seconds=round(train_s, 1),
+                            loss_init=record["heldout_loss_init"], loss_end=record["heldout_loss_end"],
+                            **score(ft, dense, prompts)))
+        log(f"{spec} finetuned: {results[-1]}")
+        del student
+
+    meta = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
+                torch=torch.__version__, model="tiny random" if args.tiny else "data/bundled",
+                grid=grid, prompts=args.prompts, seed=args.seed, settings=asdict(settings))
+    (args.out / "arc.json").write_text(json.dumps(dict(meta=meta, rows=results), indent=1, default=str) + "\n")
+    lines = ["| row | density | colours = prompt | score | persistence | PSNR vs dense (dB) | SSIM vs dense |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        d = "-" if r["density"] is None else f"{r['density']:.3f}"
+        lines.append(f"| {r['row']} | {d} | {r['colour_match']:.0%} | {r['score']:.0%} | {r['persistence']:.0%} | "
+                     f"{r['psnr']:.2f} | {r['ssim']:.3f} |")
+    (args.out / "arc.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(results, args.out / "arc.png")
+
+
+def plot(results: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    specs = [r["spec"] for r in results if r["spec"] != "dense" and not r["finetuned"]]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
+    x = np.arange(len(specs))
+    for ax, key, label in ((axes[0], "psnr", "PSNR vs dense video (dB)"), (axes[1], "colour_match",
+                                                                            "colours = prompt")):
+        zs = [next(r[key] for r in results if r["spec"] == s and not r["finetuned"]) for s in specs]
+        ft = [next((r[key] for r in results if r["spec"] == s and r["finetuned"]), np.nan) for s in specs]
+        ax.bar(x - 0.2, zs, 0.4, label="zero-shot", color="#bbbbbb")
+        ax.bar(x + 0.2, ft, 0.4, label="finetuned", color="#3b7dd8")
+        dense = next(r for r in results if r["row"] == "dense")
+        if key == "colour_match":
+            ax.axhline(dense[key], color="k", lw=1, ls="--", label="dense")
+        ax.set_xticks(x, [s.replace(":", ":\n", 1) for s in specs], fontsize=8)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle("Bundled model: zero-shot vs finetuned attention approximations (same noise as the dense videos)")
+    fig.savefig(path, dpi=130)
+
+
+if __name__ == "__main__":
+    main()
