@@ -156,7 +156,7 @@ def plot(results: list, path: Path) -> None:
             ax.axhline(dense[key], color="k", lw=1, ls="--", label="dense")
         ax.set_xticks(x, [s.replace(":", ":\n", 1) for s in specs], fontsize=8)
         ax.set_ylabel(label)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower left", framealpha=0.9)
     fig.suptitle("Bundled model: zero-shot vs finetuned attention approximations (same noise as the dense videos)")
     fig.savefig(path, dpi=130)
 
