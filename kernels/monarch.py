@@ -27,9 +27,10 @@ Query tiles are processed in chunks so that the intermediates stay under a memor
 Layout of this module (the shape of Triton's fused-attention tutorial): the math above, the kernels, then a
 short launcher, :func:`monarch_attention_triton`, that checks its constraints and calls the custom op
 ``toolkit::monarch_attention`` (``torch.library``, with a fake implementation for shapes and dtypes), so a model
-whose seam uses this kernel traces under ``torch.compile``. Benchmark switches (R-step version, launch configs,
-one stage alone, an output buffer) exist only on the private :func:`_forward`, which ``kernels/bench.py`` calls;
-FLOP and byte accounting lives in the benchmark too.
+whose seam uses this kernel traces under ``torch.compile``. Its autograd formula recomputes the PyTorch reference
+(there is no backward kernel yet), so gradients through the op are exact but cost what the reference costs.
+Benchmark switches (R-step version, launch configs, one stage alone, an output buffer) exist only on the private
+:func:`_forward`, which ``kernels/bench.py`` calls; FLOP and byte accounting lives in the benchmark too.
 """
 
 from __future__ import annotations
@@ -433,6 +434,32 @@ def _monarch_attention_op(
 @_monarch_attention_op.register_fake
 def _(q, k, v, grid, tiling, query_frames, key_frames, block_causal_frames, scale, scratch_bytes):
     return q.new_empty(q.shape)  # out: b i h d, q's dtype and device, contiguous (as _forward allocates it)
+
+
+def _setup_backward(ctx, inputs, output) -> None:
+    q, k, v, grid, tiling, query_frames, key_frames, block_causal_frames, scale, _ = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.call = (tuple(grid), tuple(tiling), tuple(query_frames), tuple(key_frames), block_causal_frames, scale)
+
+
+def _backward(ctx, grad_out: torch.Tensor):
+    """dq, dk, dv by recomputing the PyTorch reference (the same function, tested equal) with autograd in float32:
+    correct gradients through the op until a backward kernel exists, at the reference's cost and memory."""
+    from toolkit.attention.monarch import monarch_attention
+    from toolkit.grid import MonarchLayout
+
+    q, k, v = ctx.saved_tensors
+    grid, tiling, query_frames, key_frames, block_causal_frames, scale = ctx.call
+    with torch.enable_grad():
+        leaves = [x.detach().float().requires_grad_(True) for x in (q, k, v)]
+        out = monarch_attention(*leaves, grid, layout=MonarchLayout.aligned(grid, "fh,w", tiling),
+                                query_frames=query_frames, key_frames=key_frames,
+                                block_causal_frames=block_causal_frames, scale=scale)
+        grads = torch.autograd.grad(out, leaves, grad_out.float())
+    return (*(g.to(x.dtype) for g, x in zip(grads, (q, k, v))), None, None, None, None, None, None, None)
+
+
+_monarch_attention_op.register_autograd(_backward, setup_context=_setup_backward)
 
 
 def _forward(
