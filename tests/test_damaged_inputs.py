@@ -86,7 +86,7 @@ def _lse_shape(f):
 
 
 CASES = {
-    "format version 2": (_set("format_version", 2), "format version 2; this toolkit reads <= 1 (upgrade"),
+    "format version 3": (_set("format_version", 3), "format version 3; this toolkit reads <= 2 (upgrade"),
     "text format version": (_set("format_version", "one"), "'format_version' is 'one', not an integer"),
     "no format version": (_set("format_version", None), "'format_version' is missing"),
     "no layout": (_set("layout", None), "'layout' is missing"),
@@ -132,12 +132,12 @@ def test_analyze_and_figures_refuse_a_damaged_capture(good_capture, tmp_path, ca
 
 
 def test_cli_subprocess_prints_no_traceback(good_capture, tmp_path):
-    path = damaged(good_capture, tmp_path, _set("format_version", 2))
+    path = damaged(good_capture, tmp_path, _set("format_version", 3))
     proc = subprocess.run([sys.executable, "-m", "toolkit.cli", "inspect", str(path)], capture_output=True,
                           text=True, cwd=ROOT)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"toolkit inspect: error: {path} has format version 2; this toolkit "
-                                                "reads <= 1 (upgrade the toolkit)"]
+    assert proc.stderr.strip().splitlines() == [f"toolkit inspect: error: {path} has format version 3; this toolkit "
+                                                "reads <= 2 (upgrade the toolkit)"]
 
 
 def test_verify_passes_an_intact_capture(good_capture, capsys):

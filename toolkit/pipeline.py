@@ -128,8 +128,15 @@ def prepare_run(
     dtype: str = "auto",
     attention: str = "dense",
     noise: str = "toolkit",
+    frames: int | None = None,
+    local_attn_size: int | None = None,
+    sink_size: int | None = None,
 ) -> Run:
     """Find and load the model, encode the prompt, draw the initial noise from ``seed``.
+
+    ``frames`` (latent frames; default the model's clip), ``local_attn_size`` and ``sink_size`` (the causal
+    model's rolling KV cache, for clips longer than it was trained on) override the spec's sampler settings
+    (`sampling_settings`).
 
     ``noise``: ``"toolkit"`` (default) draws float32 ``[b c f h w]`` noise from a generator of its own, seeded with
     ``seed`` on the run's device, and re-noises from it, independent of any global random state. ``"official"``
@@ -151,12 +158,16 @@ def prepare_run(
         embeds = load_prompt_embeds(prompt_embeds, spec.config().text_dim if checkpoint is None else None)
     # a rule naming a layer, step, chunk or head the run lacks: refused before loading (a checkpoint's config.json
     # may change the sizes, so then they are checked once it loads)
-    check_attention(attention, spec.layout() if checkpoint is None else None)
+    overrides = sampling_settings(spec, frames=frames, local_attn_size=local_attn_size, sink_size=sink_size,
+                                  attention=attention)
+    check_attention(attention, spec_layout(model, frames=frames, local_attn_size=local_attn_size,
+                                           sink_size=sink_size) if checkpoint is None else None)
     registry.find_weights(model, checkpoint)  # missing weights: fail in seconds, before loading anything
     if spec.uses_wan_assets and not prompt_embeds:
         registry.wan_file(registry.T5_FILE)  # likewise the text encoder, before loading 3 GB of DiT weights
     net, info = registry.load_model(model, checkpoint, device=dev, dtype=DTYPES[dtype])
     set_attention(net, attention)
+    info.sampler.update(overrides)  # provenance (and --resume) see the run's own clip length and cache
     sampler = sampler_from(info.sampler)
     if embeds is not None and embeds.shape[-1] != net.cfg.text_dim:  # a --checkpoint config.json may differ
         raise ToolkitError(f"--prompt-embeds {prompt_embeds}: width {embeds.shape[-1]}, but {model} from "
@@ -166,19 +177,82 @@ def prepare_run(
     negative = None
     if getattr(sampler, "guidance_scale", 1.0) != 1.0:
         negative = condition(spec, WAN_NEGATIVE_PROMPT, prompt_embeds=None, device=dev).to(net.dtype)
-    g = torch.Generator(dev).manual_seed(seed)
-    shape = (1, *spec.latent_shape(net.cfg))
-    if noise == "official":
-        random.seed(seed)  # Self-Forcing's set_seed: every global generator
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        initial = official_noise(shape, net.dtype, dev)
-    else:
-        initial = torch.randn(shape, generator=g, device=dev, dtype=torch.float32).to(net.dtype)
+    channels, _, height, width = spec.latent_shape(net.cfg)
+    shape = (1, channels, info.sampler["latent_frames"], height, width)
+    initial, g = draw_noise(shape, net.dtype, dev, seed, noise)
     run = Run(net, spec, info, prompt, seed, context, negative, initial, sampler, dev, attention,
               {"generator": g, "noise": noise})
     check_attention(attention, run.layout())
     return run
+
+
+def sampling_settings(spec: registry.ModelSpec, *, frames: int | None = None, local_attn_size: int | None = None,
+                      sink_size: int | None = None, attention: str = "dense") -> dict[str, Any]:
+    """The sampler settings a run changes from its spec's (``{}``: none), checked in one line before anything
+    loads: ``frames`` latent frames (whole chunks for a causal model, within the RoPE table), and the causal
+    model's rolling KV cache (``toolkit.models.layout.check_window``)."""
+    out: dict[str, Any] = {}
+    settings = spec.sampler()
+    if frames is not None:
+        cfg = spec.config()
+        per_chunk = settings.get("frames_per_chunk", 1) * cfg.patch_size[0] if spec.causal else cfg.patch_size[0]
+        if frames < 1 or frames % per_chunk:
+            raise ToolkitError(f"--frames {frames}: {spec.name} takes a positive multiple of {per_chunk} latent frames"
+                               + (" (whole chunks)" if spec.causal else ""))
+        if frames // cfg.patch_size[0] > cfg.rope_max_positions:
+            raise ToolkitError(f"--frames {frames}: {spec.name} has RoPE positions for "
+                               f"{cfg.rope_max_positions} frames")
+        out["latent_frames"] = frames
+    window = {k: v for k, v in (("local_attn_size", local_attn_size), ("sink_size", sink_size)) if v is not None}
+    if window and not spec.causal:
+        raise ToolkitError(f"--{next(iter(window)).replace('_', '-')} is the causal model's rolling KV cache; "
+                           f"{spec.name} is bidirectional")
+    if window.get("sink_size") and attention != "dense":
+        raise ToolkitError(f"--sink-size needs --attention dense (the other backends take one run of key frames, "
+                           f"not the sink and the window); got --attention {attention}")
+    out.update(window)
+    sampler_from({**settings, **out})  # an impossible window is refused here
+    return out
+
+
+def spec_layout(model: str, *, frames: int | None = None, local_attn_size: int | None = None,
+                sink_size: int | None = None) -> RunLayout:
+    """The layout of a run of ``model`` with `sampling_settings`' overrides, from the spec alone (no weights):
+    what ``toolkit capture`` checks a selection against before loading."""
+    spec = registry.get_spec(model)
+    overrides = sampling_settings(spec, frames=frames, local_attn_size=local_attn_size, sink_size=sink_size)
+    cfg = spec.config()
+    base = spec.layout(cfg)
+    frames = overrides.get("latent_frames", spec.sampler()["latent_frames"]) // cfg.patch_size[0]
+    return sampler_from({**spec.sampler(), **overrides}).layout(cfg, (frames, *base.grid[1:]))
+
+
+def draw_noise(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, seed: int,
+               noise: str) -> tuple[torch.Tensor, torch.Generator]:
+    """The initial noise of ``seed`` and the run's generator (see `prepare_run` for the two ``noise`` modes)."""
+    g = torch.Generator(device).manual_seed(seed)
+    if noise == "official":
+        random.seed(seed)  # Self-Forcing's set_seed: every global generator
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        return official_noise(shape, dtype, device), g
+    return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype), g
+
+
+def redraw(run: Run, *, prompt: str, seed: int) -> Run:
+    """``run``'s loaded model with another prompt and seed: conditioning and initial noise exactly as `prepare_run`
+    draws them, so a model loaded once serves a whole prompt set (`toolkit.capture.prompt_set`)."""
+    import dataclasses
+
+    if not prompt.strip():
+        raise ToolkitError("an empty prompt")
+    if not -(2**63) <= seed < 2**63:
+        raise ToolkitError(f"seed {seed}: a seed is an integer that fits 64 bits (-2^63 .. 2^63-1)")
+    noise = run.extra.get("noise", "toolkit")
+    context = condition(run.spec, prompt, prompt_embeds=None, device=run.device).to(run.model.dtype)
+    initial, g = draw_noise(tuple(run.noise.shape), run.model.dtype, run.device, seed, noise)
+    return dataclasses.replace(run, prompt=prompt, seed=seed, context=context, noise=initial,
+                               extra={**run.extra, "generator": g, "noise": noise})
 
 
 def sample(run: Run, *, progress: bool = True, on_chunk: Callable[[int, torch.Tensor], None] | None = None):

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import torch
 
 # The coordinates that identify a record of a result (``run`` only when several captures are stacked).
-RECORD_KEY = ("run", "step", "chunk", "layer")
+RECORD_KEY = ("run", "prompt", "seed", "step", "chunk", "layer")  # prompt, seed: a prompt set's captures
 
 
 def _ints(values: Sequence[int] | None) -> tuple[int, ...] | None:

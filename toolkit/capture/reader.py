@@ -34,6 +34,7 @@ from toolkit.capture.selection import RunLayout, chunk_query_range, human_bytes
 from toolkit.capture.store import FORMAT_NAME, FORMAT_VERSION, from_storage
 from toolkit.device import resolve_device
 from toolkit.errors import ToolkitError
+from toolkit.models.layout import check_window
 
 # Largest probability block rows()/tile() return (float32 entries).
 MAX_TILE_ENTRIES = exact.DEFAULT_BLOCK_ENTRIES
@@ -61,8 +62,13 @@ class Record:
         self.is_clean: bool = self.step == lay.clean_step
         self.timestep: float = float(cap.file["record_timestep"][self._s, self.chunk])
         self.query_frames: tuple[int, int] = lay.chunk_frames(self.chunk)
-        self.key_frames: tuple[int, int] = (int(cap.file["record_key_start_frame"][self._s, self.chunk]),
-                                            self.query_frames[1])
+        start = int(cap.file["record_key_start_frame"][self._s, self.chunk])
+        # Attended key frames in key order: a rolling cache's sink and window (the layout's), else a run from the
+        # recorded first key frame to the chunk's end.
+        self.key_spans: tuple[tuple[int, int], ...] = (
+            lay.key_frame_spans(self.chunk) if lay.local_attn_size != -1 else ((start, self.query_frames[1]),))
+        self.key_frames: tuple[int, int] = self.key_spans[-1]  # the run of key frames that ends with the chunk
+        self.sink_frames: int = self.key_spans[0][1] if len(self.key_spans) > 1 else 0  # frames [0, n) before it
         self._qa, self._qb = cap.chunk_queries(self.chunk)
 
     def __repr__(self) -> str:
@@ -82,7 +88,7 @@ class Record:
     def key_tokens(self) -> torch.Tensor:
         """Clip raster indices of the attended keys (``j``), in the order of ``k()``."""
         tpf = self.cap.layout.tokens_per_frame
-        return torch.arange(self.key_frames[0] * tpf, self.key_frames[1] * tpf)
+        return torch.cat([torch.arange(a * tpf, b * tpf) for a, b in self.key_spans])
 
     def _head_positions(self, heads) -> list[int]:
         if heads is None:
@@ -115,18 +121,24 @@ class Record:
         """Natural-log LSE of ``scale·q·k`` over the attended keys, ``h i``."""
         return self._read("lse", (self._s, self._l, slice(self._qa, self._qb)), heads, device)
 
+    def text_mass(self, heads=None, device=None) -> torch.Tensor:
+        """Attention mass of each stored query on the text tokens of a joint text+video attention (0 for a model
+        without them), ``h i``: its row over the video keys sums to 1 minus this (``store`` ``text_mass``)."""
+        return self._read("text_mass", (self._s, self._l, slice(self._qa, self._qb)), heads, device)
+
+    def context_spans(self) -> list[tuple[int, int]]:
+        """Attended frames before the chunk, as runs ``[a, b)``: keys written by the clean pass of their chunks."""
+        f0 = self.query_frames[0]
+        return [(a, min(b, f0)) for a, b in self.key_spans if a < f0]
+
     def _keys(self, name: str, heads, device) -> torch.Tensor:
         cap, tpf = self.cap, self.cap.layout.tokens_per_frame
         f0 = self.query_frames[0]
         parts = []
-        if self.key_frames[0] < f0:  # earlier chunks: their clean-pass slices
-            ctx = cap.context_step
-            for c in range(cap.layout.num_chunks):
-                c0, c1 = cap.layout.chunk_frames(c)
-                if c1 > self.key_frames[0] and c0 < f0:
-                    cap.require_kv(ctx, c, self.layer, name)
-            parts.append(self._read(name, (cap.step_index[ctx], self._l,
-                                           slice(self.key_frames[0] * tpf, f0 * tpf)), heads, device))
+        for a, b in self.context_spans():  # earlier chunks: their clean-pass slices
+            cap.require_context_kv(a, b, self.layer, name)
+            parts.append(self._read(name, (cap.step_index[cap.context_step], self._l, slice(a * tpf, b * tpf)),
+                                    heads, device))
         cap.require_kv(self.step, self.chunk, self.layer, name)
         parts.append(self._read(name, (self._s, self._l, slice(f0 * tpf, self.query_frames[1] * tpf)), heads,
                                 device))
@@ -254,13 +266,16 @@ class Capture:
                                  f"(0..{lay.num_steps - 1})")
 
     def _check_records(self) -> None:
-        """The first attended key frame of every complete record lies in ``[0, chunk start]``."""
+        """The first attended key frame of every complete record lies in ``[0, chunk start]``; with a rolling cache
+        it is where the layout's window starts (the reader rebuilds the sink and window from the layout)."""
         lay = self.layout
         start = self.file["record_key_start_frame"][...]
         for s, c in {(int(s), int(c)) for s, c, _ in zip(*np.nonzero(self._record_flags))}:
-            if not 0 <= int(start[s, c]) <= lay.chunk_frames(c)[0]:
+            window = lay.key_frame_spans(c)[-1][0] if lay.local_attn_size != -1 else None
+            if not 0 <= int(start[s, c]) <= lay.chunk_frames(c)[0] or window not in (None, int(start[s, c])):
+                expected = window if window is not None else f"0..{lay.chunk_frames(c)[0]}"
                 raise _damaged(self, f"record_key_start_frame of step {self.steps[s]}, chunk {c} is "
-                                     f"{int(start[s, c])} (expected 0..{lay.chunk_frames(c)[0]})")
+                                     f"{int(start[s, c])} (expected {expected})")
 
     def __enter__(self) -> Capture:
         return self
@@ -285,7 +300,7 @@ class Capture:
 
     @property
     def stored(self) -> list[str]:
-        return [n for n in ("q", "k", "v", "lse", "maps", "frame_mass") if n in self.file]
+        return [n for n in ("q", "k", "v", "lse", "text_mass", "maps", "frame_mass") if n in self.file]
 
     @property
     def attrs(self) -> dict:
@@ -311,6 +326,13 @@ class Capture:
     def chunk_queries(self, chunk: int) -> tuple[int, int]:
         """Positions ``[a, b)`` along the stored query axis that belong to ``chunk``."""
         return chunk_query_range(self.layout, self.queries, chunk)
+
+    def require_context_kv(self, start: int, end: int, layer: int, name: str) -> None:
+        """The clean-pass K/V of every chunk overlapping frames ``[start, end)`` are in the file."""
+        for c in range(self.layout.num_chunks):
+            c0, c1 = self.layout.chunk_frames(c)
+            if c1 > start and c0 < end:
+                self.require_kv(self.context_step, c, layer, name)
 
     def require_kv(self, step: int, chunk: int, layer: int, name: str) -> None:
         if name not in self.file:
@@ -367,7 +389,7 @@ class Capture:
         ds = self.dataset
         pos = rec._head_positions(heads)
         tpf = self.layout.tokens_per_frame
-        kf0, (f0, f1) = rec.key_frames[0], rec.query_frames
+        f0, f1 = rec.query_frames
         ctx = self.context_step
         scalar = ["step", "timestep", "layer"]
         out = {}
@@ -375,13 +397,10 @@ class Capture:
             if name not in self.file:
                 continue
             parts = []
-            if kf0 < f0:  # earlier chunks: their clean-pass slices
-                for c in range(self.layout.num_chunks):
-                    c0, c1 = self.layout.chunk_frames(c)
-                    if c1 > kf0 and c0 < f0:
-                        self.require_kv(ctx, c, rec.layer, name)
+            for a, b in rec.context_spans():  # earlier chunks: their clean-pass slices
+                self.require_context_kv(a, b, rec.layer, name)
                 parts.append((ctx, ds[name].isel(step=self.step_index[ctx], layer=rec._l, head=pos,
-                                                 key=slice(kf0 * tpf, f0 * tpf))))
+                                                 key=slice(a * tpf, b * tpf))))
             self.require_kv(rec.step, rec.chunk, rec.layer, name)
             parts.append((rec.step, ds[name].isel(step=rec._s, layer=rec._l, head=pos,
                                                   key=slice(f0 * tpf, f1 * tpf))))
@@ -400,7 +419,8 @@ class Capture:
                                        if n not in result.indexes})
         return result.assign_attrs({
             "step": rec.step, "chunk": rec.chunk, "layer": rec.layer, "timestep": rec.timestep,
-            "is_clean": int(rec.is_clean), "sm_scale": rec.scale, "key_start_frame": kf0, "context_step": ctx})
+            "is_clean": int(rec.is_clean), "sm_scale": rec.scale, "key_start_frame": rec.key_frames[0],
+            "sink_frames": rec.sink_frames, "context_step": ctx})
 
     # -------------------------------------------------------------------------------------------- exact maps
     def _qk(self, rec: Record, head: int, device):
@@ -480,8 +500,13 @@ class Capture:
             device = resolve_device(device)
             q, k, lse = rec.q(head_ids, device), rec.k(head_ids, device), rec.lse(head_ids, device)
             with tf32_for_bf16_values(self._bf16_on_gpu(q)):
-                sums = pooled_sums(q, k, lse, rec.scale, rec.query_tokens.to(device), rec.key_frames, self.grid)
-            means = {n: t.cpu().numpy() for n, t in sums.means().items()}
+                tokens, tpf, at = rec.query_tokens.to(device), self.layout.tokens_per_frame, 0
+                parts = []  # sums are additive over key spans, each normalised by the row LSE over all keys
+                for a, b in rec.key_spans:
+                    n = (b - a) * tpf
+                    parts.append(pooled_sums(q, k[:, at:at + n], lse, rec.scale, tokens, (a, b), self.grid))
+                    at += n
+            means = {n: sum(p.means()[n] for p in parts).cpu().numpy() for n in parts[0].means()}
             means["frame_mass"] = means["frame_mass"][:, f0:f1]
         elif source == "stored":
             if "frame_mass" not in self.file:
@@ -538,7 +563,12 @@ class Capture:
             q, lse = rec.q(device=device)[:, sel.to(device)], rec.lse(device=device)[:, sel.to(device)]
             k = rec.k(device=device)
             with tf32_for_bf16_values(self._bf16_on_gpu(q)):
-                dev = (exact.logsumexp(q, k, rec.scale) - lse).exp().sub(1).abs()  # |row sum - 1|, h r
+                dev = (exact.logsumexp(q, k, rec.scale) - lse).exp()  # row sum over the stored keys, h r
+            if "text_mass" in self.file:  # joint text+video attention: the rest of the row is on text
+                dev = dev + rec.text_mass(device=device)[:, sel.to(device)]
+            elif self.attrs.get("adapter_text_tokens") in ("first", "last"):  # unstored text mass: only > 1 is bad
+                dev = dev.clamp(min=1)
+            dev = dev.sub(1).abs()  # |row sum - 1|
             dev = torch.where(torch.isfinite(dev), dev, torch.full_like(dev, float("inf")))
             checked += dev.numel()
             top = float(dev.max())
@@ -570,12 +600,15 @@ class Capture:
         total = len(self.steps) and int(np.count_nonzero(self._record_flags))
         sel = self.selection
         state = "complete" if self.complete else (
-            "being written (open in another process)" if self.live else "INCOMPLETE (interrupted)")
+            "being written (open in another process)" if self.live else
+            f"EMPTY ({a['nothing_matched']})" if "nothing_matched" in a else "INCOMPLETE (interrupted)")
         lines = [f"{self.path}: toolkit capture format {a.get('format_version')}, {state}"]
         for key in ("model", "checkpoint", "checkpoint_sha256", "prompt", "seed", "sampler"):
             if key in a:
                 lines.append(f"  {key:18s} {a[key]}")
         kind = f"causal, {lay.num_chunks} chunks × {lay.frames_per_chunk} frames" if lay.causal else "bidirectional"
+        if lay.local_attn_size != -1:
+            kind += f", rolling KV cache of {lay.local_attn_size} frames, sink {lay.sink_size}"
         lines.append(f"  {'grid':18s} {lay.grid[0]} frames × {lay.grid[1]} × {lay.grid[2]} = {lay.num_tokens} tokens"
                      f" ({kind})")
         lines.append(f"  {'model shape':18s} {lay.num_layers} layers × {lay.num_heads} heads × {lay.head_dim} dims, "
@@ -588,7 +621,7 @@ class Capture:
         n_expected = _expected_records(sel, lay)
         lines.append(f"  {'records':18s} {total} complete of {n_expected} selected")
         sizes = []
-        for name in ("q", "k", "v", "lse", "maps", "frame_mass", "offset_t"):
+        for name in ("q", "k", "v", "lse", "text_mass", "maps", "frame_mass", "offset_t"):
             if name in self.file:
                 ds = self.file[name]
                 sizes.append(f"{name} {tuple(ds.shape)} {human_bytes(ds.id.get_storage_size())}")
@@ -694,10 +727,19 @@ def _layout(cap: Capture, d: dict) -> RunLayout:
         problems.append(f"clean_step {clean!r} is not a step")
     if scale is not None and not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
         problems.append(f"scale {scale!r} is not a positive number")
+    window, sink = d.get("local_attn_size", -1), d.get("sink_size", 0)
+    if not problems and (window != -1 or sink):
+        if fpc is None:
+            problems.append("a local attention window without chunks")
+        else:
+            try:
+                check_window(window, sink, fpc)
+            except ToolkitError as err:
+                problems.append(str(err))
     if problems:
         raise _damaged(cap, "attribute 'layout': " + "; ".join(problems))
     return RunLayout(tuple(grid), d["num_layers"], d["num_heads"], d["head_dim"], tuple(float(t) for t in ts), fpc,
-                     clean, scale)
+                     clean, scale, window, sink)
 
 
 def _dataset(cap: Capture, name: str, shape: tuple[int, ...] | None) -> h5py.Dataset:

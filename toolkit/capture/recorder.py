@@ -45,6 +45,7 @@ class Recorder:
         self.pending = set(plan.records) - done_records
         self.kv_pending = {(s, c, l) for (s, c) in plan.kv_cells for l in plan.layers} - done_kv
         self.seen: set = set()
+        self.calls = 0  # seam calls of hooked layers, wanted or not
         self.all_heads = plan.heads == list(range(plan.layout.num_heads))
         self._heads: dict[torch.device, torch.Tensor] = {}
         self._queries: dict[torch.device, torch.Tensor] = {}
@@ -79,6 +80,9 @@ class Recorder:
         if ctx.attn_mask is not None:
             raise ToolkitError("capture does not record masked attention (the no-cache training path); "
                                "capture a KV-cache rollout instead")
+        if ctx.extra_lse is not None and "pooled" in self.plan.store:
+            raise ToolkitError("pooled views are over the video keys only; for a joint text+video attention store "
+                               "q,k,v,lse (and text_mass) and pool from the capture")
         if tuple(ctx.grid) != tuple(lay.grid):
             raise ToolkitError(f"capture layout has grid {lay.grid} but the model ran grid {tuple(ctx.grid)}")
         if tuple(ctx.query_frames) != lay.chunk_frames(ctx.chunk):
@@ -89,12 +93,24 @@ class Recorder:
             raise ToolkitError(f"model has {q.shape[2]} heads × {q.shape[3]} dims, layout says "
                                f"{lay.num_heads} × {lay.head_dim}")
         if ctx.key_frames[1] != ctx.query_frames[1] or k.shape[1] != (
-                ctx.key_frames[1] - ctx.key_frames[0]) * ctx.tokens_per_frame:
+                ctx.sink_frames + ctx.key_frames[1] - ctx.key_frames[0]) * ctx.tokens_per_frame:
             raise ToolkitError(f"attended keys {ctx.key_frames} must end with the query chunk {ctx.query_frames}")
+        spans = ((0, ctx.sink_frames), ctx.key_frames) if ctx.sink_frames else (tuple(ctx.key_frames),)
+        if lay.local_attn_size != -1 and spans != lay.key_frame_spans(ctx.chunk):  # the reader rebuilds them
+            raise ToolkitError(f"chunk {ctx.chunk} attended frames {spans}, the capture layout's rolling cache "
+                               f"gives {lay.key_frame_spans(ctx.chunk)}")
         if abs(ctx.scale - lay.softmax_scale) > 1e-12 * lay.softmax_scale:
             raise ToolkitError(f"seam softmax scale {ctx.scale} differs from the layout's {lay.softmax_scale}")
         if self.plan.selection.batch_index >= q.shape[0]:
             raise ToolkitError(f"batch index {self.plan.selection.batch_index} but the batch has {q.shape[0]}")
+
+    def _extra_lse(self, ctx: AttentionContext, b: int, heads: torch.Tensor,
+                   local: torch.Tensor) -> torch.Tensor | None:
+        """``ctx.extra_lse`` of the stored heads and queries, ``h i`` float32 (None without one)."""
+        if ctx.extra_lse is None:
+            return None
+        extra = ctx.extra_lse[b] if self.all_heads else ctx.extra_lse[b].index_select(0, heads)
+        return extra.index_select(1, local).float()
 
     def _queries_of(self, chunk: int, device: torch.device, t0: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
         """(qa, qb, tokens, rows): the chunk's stored queries are ``plan.queries[qa:qb]`` (clip tokens, on
@@ -123,6 +139,7 @@ class Recorder:
     @torch.no_grad()
     def hook(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              ctx: AttentionContext) -> None:
+        self.calls += 1
         key = (ctx.step, ctx.chunk, ctx.layer)
         want_kv = key in self.kv_pending
         want_record = key in self.pending
@@ -135,7 +152,8 @@ class Recorder:
         s_i, l_i = store.step_index[ctx.step], store.layer_index[ctx.layer]
         b = plan.selection.batch_index
         heads = self._on(self._heads, q.device, lambda: torch.tensor(plan.heads))
-        first = ctx.query_offset - ctx.key_offset  # position of the chunk's first token among the keys
+        # position of the chunk's first token among the keys (after the sink's, if any)
+        first = ctx.query_offset - ctx.key_offset + ctx.sink_frames * ctx.tokens_per_frame
         n = q.shape[1]
         t0 = ctx.query_offset
 
@@ -154,21 +172,30 @@ class Recorder:
             if "q" in plan.store:
                 put("q", (s_i, l_i, slice(None), slice(qa, qb)), to_storage(qs, store.storage))
             cell = self._cell(ctx, s_i, q.device)
-            if {"lse", "maps", "pooled"} & plan.store:
+            if {"lse", "maps", "pooled", "text_mass"} & plan.store:
                 ks = (k[b] if self.all_heads else k[b].index_select(1, heads)).transpose(0, 1)  # h j d, all keys
                 if "pooled" in plan.store:  # the pooled kernel's pass 1 is the row LSE
                     lse = accumulate_pooled(qs, ks, ctx.scale, tokens, ctx.key_frames, ctx.grid, cell.bins[l_i])
                 else:
                     with tf32_for_bf16_values(q.is_cuda and q.dtype == torch.bfloat16):
                         lse = exact.logsumexp(qs, ks, ctx.scale)  # h i, float32
+                text_lse = self._extra_lse(ctx, b, heads, local)
+                if text_lse is not None:  # keys the seam did not get (joint attention's text): lse over all keys
+                    lse = torch.logaddexp(lse.float(), text_lse)
+                if "text_mass" in plan.store:
+                    mass = torch.zeros_like(lse, dtype=torch.float32) if text_lse is None else (text_lse - lse).exp()
+                    put("text_mass", (s_i, l_i, slice(None), slice(qa, qb)), mass)
                 if "lse" in plan.store:
                     put("lse", (s_i, l_i, slice(None), slice(qa, qb)), lse.float())
                 if "maps" in plan.store:
-                    k0 = ctx.key_offset
+                    sink = ctx.sink_frames * ctx.tokens_per_frame  # keys [0, sink) ‖ [key_offset, ...)
+                    cols = [(0, 0, sink), (sink, ctx.key_offset, ks.shape[1] - sink)] if sink else \
+                        [(0, ctx.key_offset, ks.shape[1])]
                     with tf32_for_bf16_values(q.is_cuda and q.dtype == torch.bfloat16):
                         for rows, p in exact.iter_query_blocks(qs, ks, ctx.scale, lse):
-                            put("maps", (s_i, l_i, slice(None), slice(qa + rows.start, qa + rows.stop),
-                                         slice(k0, k0 + ks.shape[1])), p.float())
+                            for j, k0, n in cols:
+                                put("maps", (s_i, l_i, slice(None), slice(qa + rows.start, qa + rows.stop),
+                                             slice(k0, k0 + n)), p[..., j:j + n].float())
             cell.layers.append(l_i)
             if len(cell.layers) >= cell.expected:
                 self._write_cell((ctx.step, ctx.chunk))
@@ -244,6 +271,9 @@ def runtime_provenance(model: torch.nn.Module) -> dict:
                        for s in found})
     out = {"attention_backend": ",".join(backends), "device": str(device), "torch_version": str(torch.__version__),
            "cuda_version": str(torch.version.cuda or ""), "h5py_version": h5py.version.version}
+    describe = getattr(model, "provenance", None)  # an adapter names the model it wraps (class, config, versions)
+    if callable(describe):
+        out.update(describe())
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
         out["cudnn_version"] = str(torch.backends.cudnn.version())
@@ -297,6 +327,9 @@ def capture(
     not exist unless ``resume`` (then it must be an interrupted capture of the same run: its finished records are
     kept, missing ones written). The file is marked ``complete`` only if every selected record was written."""
     plan = resolve(select or Selection(), layout)
+    if "pooled" in plan.store and layout.sink_size and layout.rolling:
+        raise ToolkitError("pooled views are recorded over one run of key frames; with an attention sink store "
+                           "q,k,v,lse and pool from the capture (Capture.pooled recomputes them exactly)")
     found = seams(model)
     if len(found) != layout.num_layers:
         raise ToolkitError(f"model has {len(found)} attention seams, the capture layout says {layout.num_layers}")
@@ -352,3 +385,24 @@ def _capture_locked(model: torch.nn.Module, plan: Plan, found: list, path: str, 
             # the body already failed; its exception is the one to report (the writer error is usually its cause)
         if ok and flush_error is not None:
             raise flush_error
+        # the model ran (a seam or, for an adapter, the wrapped model was called) yet nothing was recorded
+        if ok and recorder.pending and not recorder.seen and (recorder.calls or getattr(model, "ran", False)):
+            raise _nothing_matched(model, hooked, path)
+
+
+class EmptyCaptureError(ToolkitError):
+    """The capture's body ran the model but no selected attention call reached the hooked seams."""
+
+
+def _nothing_matched(model: torch.nn.Module, hooked: list, path: str) -> EmptyCaptureError:
+    """The error of a capture that recorded nothing, naming what was watched; the file (schema only, complete = 0)
+    is kept and says so in ``nothing_matched``, so ``toolkit inspect`` does not call it interrupted."""
+    import h5py
+
+    looked_at = getattr(model, "looked_at", None)
+    where = looked_at() if callable(looked_at) else (
+        f"the attention seams of layers {', '.join(str(s.layer) for s in hooked)}")
+    message = f"capture recorded nothing: no selected attention call reached {where}"
+    with h5py.File(path, "a") as f:
+        f.attrs["nothing_matched"] = message
+    return EmptyCaptureError(f"{message} ({path} is kept, marked empty)")

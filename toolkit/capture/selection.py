@@ -21,7 +21,7 @@ from toolkit.errors import SelectionError
 from toolkit.indices import index_range
 from toolkit.models.layout import RunLayout
 
-STORE_ITEMS = ("q", "k", "v", "lse", "maps", "pooled")
+STORE_ITEMS = ("q", "k", "v", "lse", "maps", "pooled", "text_mass")  # text_mass: joint text+video models
 DEFAULT_STORE = ("q", "k", "v", "lse")
 STORAGE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 COMPRESSIONS = ("none", "gzip", "lzf")
@@ -157,8 +157,9 @@ class Plan:
         qrows = sum(len(self.steps) * (b - a) for c, (a, b) in nq.items()) * len(self.layers) * nh
         if "q" in self.store:
             out["q"] = qrows * lay.head_dim * item
-        if "lse" in self.store:
-            out["lse"] = qrows * 4
+        for name in ("lse", "text_mass"):
+            if name in self.store:
+                out[name] = qrows * 4
         kv_tokens = sum(lay.chunk_tokens(c)[1] - lay.chunk_tokens(c)[0] for _, c in self.kv_cells)
         for name in ("k", "v"):
             if name in self.store:

@@ -76,7 +76,9 @@ from toolkit.capture.selection import Plan, resolve_storage_dtype
 from toolkit.errors import ToolkitError
 
 FORMAT_NAME = "toolkit-capture"
-FORMAT_VERSION = 1
+# Version 2 = key sets with an attention sink (rolling KV cache); files without one are still written as 1, which
+# every earlier reader understands. Readers refuse versions above FORMAT_VERSION.
+FORMAT_VERSION = 2
 BF16_DECODE = "float32 bits = uint32(x) << 16"
 NO_CHUNK_CACHE = {"rdcc_nbytes": 0, "rdcc_nslots": 1}  # writes are synchronous: see "Write errors" above
 
@@ -280,13 +282,14 @@ class CaptureStore:
         frames, height, width = lay.grid
         tpf = lay.tokens_per_frame
         f.attrs.update({
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": 0,
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION if lay.sink_size else 1, "complete": 0,
             "Conventions": "CF-1.11",
             "title": "attention capture (post-RoPE q/k, v, softmax LSE) of a video diffusion transformer",
             "references": "arXiv 2602.12271 (MonarchRT); github.com/guandeh17/Self-Forcing",
             "comment": ("Any attention probability is exp(sm_scale * q.k - lse). Keys attended by record (step s, "
                         "chunk c): tokens from record_key_start_frame up to chunk c's start at step context_step "
-                        "(the clean pass), then chunk c's own tokens at step s. Records are valid where "
+                        "(the clean pass), then chunk c's own tokens at step s; with a rolling KV cache (layout "
+                        "local_attn_size, sink_size) the first sink_size frames come first. Records are valid where "
                         "record_complete == 1."),
             "date_created": _now(),
             "history": f"{_now()}: " + str(provenance.get("history_command",
@@ -381,6 +384,11 @@ class CaptureStore:
             self._var("lse", ("step", "layer", "head", "query"), shape=(nsteps, nl, nh, nq), dtype=np.float32,
                       chunks=(1, 1, nh, max(1, min(nq, 16 * tpf))), codec=codec,
                       long_name="log-sum-exp of sm_scale*q.k over the attended keys", units="1", lse_base="e",
+                      coordinates=qcoords)
+        if "text_mass" in plan.store:  # joint text+video attention: rows over the video keys sum to 1 - text_mass
+            self._var("text_mass", ("step", "layer", "head", "query"), shape=(nsteps, nl, nh, nq), dtype=np.float32,
+                      chunks=(1, 1, nh, max(1, min(nq, 16 * tpf))), codec=codec,
+                      long_name="attention mass of the query on non-video (text) tokens", units="1",
                       coordinates=qcoords)
         if "maps" in plan.store:
             self._var("maps", ("step", "layer", "head", "query", "key"), shape=(nsteps, nl, nh, nq, lay.num_tokens),

@@ -6,10 +6,12 @@ line: ``ARGUMENTS[NAME]`` adds its options to a parser and `options_from_args` m
 dataclasses. Its options are parsed after the name, so ``toolkit --help`` never imports torch. One RUN file runs
 in this process; several are mapped over with dask (threads here, or the cluster at ``--scheduler ADDRESS``) and
 stacked along ``record`` with a ``run`` coordinate: the shortest trailing path that tells the files apart (the
-basename, or ``a/run.h5`` and ``b/run.h5``); the ``runs`` attribute lists their absolute paths. Captures of
-different token grids or analysed heads are refused (they would be NaN-padded) unless ``--stack-mismatched``. The
-result's ``record`` dim is indexed by ``run, step, chunk, layer`` in memory; the file stores those coordinates
-unindexed (``toolkit.analysis.open_results`` restores the index).
+basename, or ``a/run.h5`` and ``b/run.h5``); the ``runs`` attribute lists their absolute paths. A prompt-set folder
+(``toolkit capture --prompts FILE --seeds LIST --out DIR``, docs/prompt-sets.md) stands for the captures its index
+lists, and their records also carry ``prompt`` (position in the set's list) and ``seed``. Captures of different
+token grids or analysed heads are refused (they would be NaN-padded) unless ``--stack-mismatched``. The result's
+``record`` dim is indexed by ``run, (prompt, seed,) step, chunk, layer`` in memory; the file stores those
+coordinates unindexed (``toolkit.analysis.open_results`` restores the index).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="analyse captured attention (periodic structure, oracle top-k, Monarch error, every approximation family)",
         description="Recompute exact attention from a capture's q/k(/v) and analyse it record by record. "
                     "`toolkit analyze NAME --help` lists the options of one analysis.",
-        usage="toolkit analyze {" + ",".join(ANALYSES) + "} RUN.h5 [RUN.h5 ...] --out RESULTS.nc [options]",
+        usage="toolkit analyze {" + ",".join(ANALYSES) + "} RUN.h5 [RUN.h5 ...] | SET_DIR --out RESULTS.nc "
+              "[options]",
     )
     p.add_argument("analysis", choices=list(ANALYSES), help="which analysis")
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -78,7 +81,8 @@ def positive_int(text: str) -> int:
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every analysis shares (record selection, device, output, parallelism)."""
-    parser.add_argument("runs", nargs="+", metavar="RUN.h5", help="capture file(s)")
+    parser.add_argument("runs", nargs="+", metavar="RUN.h5", help="capture file(s), or one prompt-set folder of "
+                                                                    "toolkit capture --prompts (its index.json)")
     parser.add_argument("--out", required=True, help="results file (.nc, NetCDF4/HDF5); written record by record "
                                                       "(an interrupted run leaves a partial file, complete = 0)")
     existing = parser.add_mutually_exclusive_group()
@@ -335,10 +339,12 @@ def _load(name: str):
 
 
 def analyze_file(name: str, path: str, records, options, *, device: str | None = None, progress: bool = True,
-                 progress_position: int | None = None, label: str | None = None, sink=None):
-    """One RUN file -> Dataset with coordinate ``run`` = ``label`` (default: the basename) on every record (the unit
-    of work dask schedules; it re-imports by name so it pickles). ``sink``: a
-    `toolkit.analysis.partial.RecordSink` each finished record is written through (None: memory only)."""
+                 progress_position: int | None = None, label: str | None = None, coords: dict | None = None,
+                 sink=None):
+    """One RUN file -> Dataset with coordinate ``run`` = ``label`` (default: the basename) and ``coords`` (a prompt
+    set's ``prompt`` and ``seed``) on every record (the unit of work dask schedules; it re-imports by name so it
+    pickles). ``sink``: a `toolkit.analysis.partial.RecordSink` each finished record is written through (None:
+    memory only)."""
     from toolkit.analysis.partial import recording
     from toolkit.capture import open_capture
 
@@ -346,14 +352,17 @@ def analyze_file(name: str, path: str, records, options, *, device: str | None =
     with open_capture(path) as cap, recording(sink):
         ds = module.analyze(cap, records, options, device=device, progress=progress,
                             progress_position=progress_position)
-        return label_run(ds.load(), label or os.path.basename(path))
+        return label_run(ds.load(), label or os.path.basename(path), coords)
 
 
-def label_run(ds, label: str):
-    """The ``run`` coordinate on every record of one capture's result, record index set."""
+def label_run(ds, label: str, coords: dict | None = None):
+    """The ``run`` coordinate (and ``coords``: name -> value, e.g. a prompt set's ``prompt`` and ``seed``) on every
+    record of one capture's result, record index set."""
     from toolkit.analysis import index_records
 
-    return index_records(ds.assign_coords(run=("record", [label] * ds.sizes["record"])))
+    n = ds.sizes["record"]
+    return index_records(ds.assign_coords(run=("record", [label] * n),
+                                          **{k: ("record", [v] * n) for k, v in (coords or {}).items()}))
 
 
 def combine_runs(parts: list):
@@ -401,6 +410,29 @@ def check_stackable(runs: list[str], records: RecordSelection | None) -> None:
             if value != first[1][what]:
                 raise ToolkitError(f"cannot stack {first[0]} and {path}: {what} {list(first[1][what])} vs "
                                    f"{list(value)} (stacking would NaN-pad); pass --stack-mismatched to stack anyway")
+
+
+def expand_prompt_set(opts: argparse.Namespace) -> tuple[str, list[str]] | None:
+    """A prompt-set folder (``toolkit capture --prompts``) in place of RUN files: ``opts.runs`` becomes the captures
+    its index lists, in the set's order, and ``opts.run_coords`` their ``prompt`` (position in the set's list) and
+    ``seed``; returns (the folder, its prompts), or None for plain RUN files (``opts.run_coords`` None)."""
+    from toolkit.capture.prompt_set import index_files, is_prompt_set, read_index
+    from toolkit.errors import ToolkitError
+
+    opts.run_coords = None
+    folders = [p for p in opts.runs if os.path.isdir(p)]
+    if not folders:
+        return None
+    if len(opts.runs) > 1:
+        raise ToolkitError(f"{folders[0]} is a folder: give one prompt-set folder alone, or capture files")
+    folder = folders[0]
+    if not is_prompt_set(folder):
+        raise ToolkitError(f"{folder} is a folder without a prompt-set index.json (toolkit capture --prompts "
+                           "--out FOLDER writes one)")
+    found = index_files(folder, allow_incomplete=opts.allow_incomplete)
+    opts.runs = [path for path, _ in found]
+    opts.run_coords = [{"prompt": int(entry["prompt_index"]), "seed": int(entry["seed"])} for _, entry in found]
+    return os.path.abspath(folder), list(read_index(folder)["prompts"])
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -489,9 +521,10 @@ def _compute_many(name: str, args: argparse.Namespace, records, options, partial
     from toolkit.errors import ToolkitError
 
     labels = run_names(args.runs)
+    coords = getattr(args, "run_coords", None) or [None] * len(args.runs)
     tasks = [dask.delayed(analyze_file, pure=False)(name, path, records, options, device=args.device,
                                                     progress=args.progress, progress_position=i, label=labels[i],
-                                                    sink=partial.sink(i))
+                                                    coords=coords[i], sink=partial.sink(i))
              for i, path in enumerate(args.runs)]
     if args.scheduler:
         try:
@@ -522,6 +555,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.analysis
     module = _load(name)
     opts = build_parser(name, module).parse_args(args.rest)
+    prompt_set = expand_prompt_set(opts)
     _check_files(opts.runs, opts.out)
     quick = apply_cpu_default(name, opts)
     if quick:
@@ -536,9 +570,12 @@ def run(args: argparse.Namespace) -> int:
         check_stackable(opts.runs, records)
     labels = run_names(opts.runs) if len(opts.runs) > 1 else [os.path.basename(opts.runs[0])]
     attrs = dict(analysis=name, runs=[os.path.abspath(p) for p in opts.runs], command=_command_line(name, args.rest))
+    if prompt_set is not None:
+        attrs.update(prompt_set=prompt_set[0], prompts=prompt_set[1])
+    coords = opts.run_coords or [None] * len(opts.runs)
 
     def combine(per_run: dict) -> object:  # the partial file: the stack of the records finished so far
-        return combine_runs([label_run(stack_records(per_run[i]), labels[i]) for i in sorted(per_run)])
+        return combine_runs([label_run(stack_records(per_run[i]), labels[i], coords[i]) for i in sorted(per_run)])
 
     partial = PartialResults(Path(opts.out), key, attrs, combine)
     done = partial.prepare(resume=action == "resume")  # a parts folder of other settings is discarded
@@ -550,7 +587,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if len(opts.runs) == 1:
             parts = [analyze_file(name, opts.runs[0], records, options, device=opts.device, progress=opts.progress,
-                                  sink=partial.sink(0))]
+                                  coords=coords[0], sink=partial.sink(0))]
         else:
             parts = _compute_many(name, opts, records, options, partial)
         result = combine_runs(parts)

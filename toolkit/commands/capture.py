@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from toolkit.commands.compare import seeds_type
 from toolkit.commands.generate import add_run_arguments, seed_type
 
 
@@ -46,6 +47,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "a complete one is left as it is)")
     g.add_argument("--force", action="store_true", help="replace an existing --out with a new capture")
     g.add_argument("--dry-run", action="store_true", help="check the selection, print what would be written, stop")
+    from toolkit.commands.capture_diffusers import pipeline_arg
+
+    d = p.add_argument_group("a local diffusers pipeline instead of --model (docs/adapters.md)")
+    d.add_argument("--diffusers", metavar="PATH",
+                   help="capture the pipeline saved in folder PATH (save_pretrained; loaded offline, its own "
+                        "scheduler): CogVideoX, HunyuanVideo, Mochi, LTX-Video, Wan, SkyReels-V2; needs --prompt")
+    d.add_argument("--pipeline-arg", action="append", type=pipeline_arg, metavar="KEY=VALUE",
+                   help="argument of the pipeline call, repeatable, VALUE as JSON when it parses "
+                        "(e.g. num_inference_steps=4 num_frames=9 height=256 guidance_scale=1)")
+    s = p.add_argument_group("prompt sets (docs/prompt-sets.md)")
+    s.add_argument("--prompts", metavar="FILE",
+                   help="capture every prompt of FILE (one per line) x every --seeds into the folder --out: "
+                        "pPPPP_sSSSS.h5 per capture and index.json; under `torchrun --nproc-per-node N -m toolkit "
+                        "capture` the captures are shared out over the ranks (one GPU each)")
+    s.add_argument("--seeds", type=seeds_type, metavar="LIST",
+                   help="seeds of a prompt set as an index list, e.g. 0-4 (default: --seed); with no --prompts, "
+                        "the set of --prompt (or the model's default prompt)")
     p.set_defaults(func=run)
 
 
@@ -89,8 +107,17 @@ def run(args: argparse.Namespace) -> int:
                        store=tuple(s.strip() for s in args.store.split(",") if s.strip()),
                        dtype=args.storage_dtype, compression=args.compression,
                        max_map_bytes=parse_bytes(args.max_map_bytes))
-    layout = registry.get_spec(args.model).layout()  # the sampler's own schedule and grid; no weights
+    if getattr(args, "diffusers", None):
+        from toolkit.commands import capture_diffusers
+
+        return capture_diffusers.run(args, select, describe_plan)
+    from toolkit.commands.generate import sampling_options
+    from toolkit.pipeline import spec_layout
+
+    layout = spec_layout(args.model, **sampling_options(args))  # the sampler's own schedule and grid; no weights
     plan = resolve(select, layout)  # refuses bad selections before any weights load
+    if args.prompts is not None or args.seeds is not None:  # a folder of captures and its index
+        return run_prompt_set(args, select, plan)
     say = (lambda *a: None) if args.quiet else print
     from toolkit.device import resolve_device
     from toolkit.pipeline import DTYPES
@@ -120,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     r = prepare_run(args.model, prompt=args.prompt, prompt_embeds=args.prompt_embeds, seed=args.seed,
                     checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, attention=args.attention,
-                    noise=args.noise)
+                    noise=args.noise, **sampling_options(args))
     if r.layout() != layout:  # a --checkpoint whose config differs from the registry's: check the plan again
         layout = r.layout()
         resolve(select, layout)
@@ -151,29 +178,54 @@ def complete_records(path: str, args: argparse.Namespace, plan, layout) -> int |
     """The number of records of a capture in ``path`` that is complete and was made with these flags (those known
     without loading the model: layout or checkpoint path, selection, model, prompt, seed, attention, noise, dtype),
     else None: then resuming proceeds and the store's own checks say what differs."""
-    import h5py
-    import numpy as np
-
-    from toolkit.capture.store import FORMAT_NAME, _attr, _selection_attrs
+    from toolkit.capture.prompt_set import finished_records
     from toolkit.models import registry
 
-    try:
-        f = h5py.File(path, "r")
-    except OSError:
-        return None  # not an HDF5 file: resuming reports it in one line
-    with f:
-        a = f.attrs
-        if a.get("format") != FORMAT_NAME or str(a.get("complete")) != "1" or "record_complete" not in f:
-            return None
-        expected = {"selection": _attr(_selection_attrs(plan)), "model": args.model,
-                    "prompt": args.prompt or registry.get_spec(args.model).default_prompt,
-                    "seed": args.seed, "attention": args.attention, "noise": args.noise}
-        if args.checkpoint is None:
-            expected["layout"] = _attr(layout.to_attrs())
-        else:  # its config.json decides the layout: the same weights path, no weights read
-            expected["checkpoint"] = str(registry.find_weights(args.model, args.checkpoint))
-        if args.dtype != "auto":
-            expected["compute_dtype"] = args.dtype
-        if any(str(a.get(k)) != str(v) for k, v in expected.items()):
-            return None
-        return int(np.count_nonzero(f["record_complete"][...]))
+    return finished_records(path, plan, run_settings(args), prompt=args.prompt or registry.get_spec(args.model)
+                            .default_prompt, seed=args.seed)
+
+
+def run_settings(args: argparse.Namespace):
+    """The run flags (model, weights, device, dtype, attention, noise, clip length) -> `prompt_set.RunSettings`."""
+    from toolkit.capture.prompt_set import RunSettings
+    from toolkit.commands.generate import sampling_options
+
+    return RunSettings(model=args.model, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
+                       attention=args.attention, noise=args.noise, sampling=sampling_options(args))
+
+
+def run_prompt_set(args: argparse.Namespace, select, plan) -> int:
+    """``--prompts FILE`` / ``--seeds LIST``: one capture per (prompt, seed) into the folder ``--out``, sharded over
+    torchrun's ranks (`toolkit.capture.prompt_set`)."""
+    import sys
+
+    from toolkit.capture.prompt_set import PromptSet, Ranks, capture_prompt_set, print_index_summary, read_prompts
+    from toolkit.errors import ToolkitError
+    from toolkit.models import registry
+
+    if args.prompts is not None and args.prompt is not None:
+        raise ToolkitError("--prompt and --prompts: give one prompt or a prompt file, not both")
+    if args.prompt_embeds:
+        raise ToolkitError("--prompt-embeds is for one prompt; a prompt set encodes its prompts (cached per prompt)")
+    if args.out.endswith(".h5"):
+        raise ToolkitError(f"--out {args.out}: a prompt set writes a folder of captures (e.g. --out runs/set/)")
+    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt or registry.get_spec(args.model)
+                                                                 .default_prompt]
+    prompt_set = PromptSet(prompts, args.seeds if args.seeds is not None else [args.seed])
+    ranks = Ranks.from_env()
+    say = (lambda line: None) if args.quiet else (lambda line: print(f"toolkit capture: {line}", file=sys.stderr))
+    n = len(prompt_set.items)
+    if ranks.rank == 0:
+        print(f"prompt set: {len(prompts)} prompts × {len(prompt_set.seeds)} seeds = {n} captures into {args.out}"
+              f"{f' over {ranks.world} ranks' if ranks.world > 1 else ''}; each {describe_plan(plan)}")
+    if args.dry_run:
+        return 0
+    command = "toolkit capture " + " ".join(
+        f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in sorted(vars(args).items())
+        if k not in ("func", "command", "resume", "force") and v not in (None, False))
+    index = capture_prompt_set(args.out, prompt_set, select, run_settings(args), resume=args.resume,
+                               force=args.force, ranks=ranks, command=command, say=say, progress=False)
+    if index is not None and not args.quiet:
+        print_index_summary(index, out=sys.stdout)
+    return 0

@@ -29,19 +29,29 @@ def check_run_arguments(args: argparse.Namespace) -> None:
     from toolkit.models.registry import get_spec
 
     check_device(args.device)
-    check_attention_argument(args)
+    check_attention_argument(args)  # --frames, --local-attn-size and --sink-size too
     if args.prompt is not None and not args.prompt.strip():
         raise ToolkitError(f"--prompt is empty; leave it out to use {args.model}'s default prompt "
                            f"({get_spec(args.model).default_prompt!r})")
 
 
+def sampling_options(args: argparse.Namespace) -> dict:
+    """``prepare_run``'s clip-length and rolling-cache options from the flags (only those given)."""
+    names = ("frames", "local_attn_size", "sink_size")
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
 def check_attention_argument(args: argparse.Namespace) -> None:
     """Refuse an ``--attention`` rule naming a layer, step, chunk or head the run does not have, from the registry's
-    layout (no weights); with ``--checkpoint`` its config may differ, so sizes are checked once it loads."""
+    layout with the run's ``--frames`` and rolling cache (no weights; impossible values of those are refused here
+    too); with ``--checkpoint`` its config may differ, so sizes are checked once it loads."""
     from toolkit.attention.backends import check_attention
     from toolkit.models.registry import get_spec
+    from toolkit.pipeline import sampling_settings, spec_layout
 
-    check_attention(args.attention, get_spec(args.model).layout() if args.checkpoint is None else None)
+    sampling_settings(get_spec(args.model), attention=args.attention, **sampling_options(args))
+    check_attention(args.attention, spec_layout(args.model, **sampling_options(args)) if args.checkpoint is None
+                    else None)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,6 +82,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "KEY one of layers, steps, heads, chunks, LIST e.g. 0,3,8-10 (steps also: clean): per call "
                         "and head the first matching rule computes it, unmatched ones are dense; e.g. "
                         "'dense@layers=0+monarch:1,2,1@steps=0-1@heads=0-3+monarch' (default: dense)")
+    g.add_argument("--frames", type=int, metavar="N",
+                   help="latent frames of the clip (default: the model's, e.g. 21 for self-forcing); a causal model "
+                        "takes whole chunks; beyond what it was trained on, add --local-attn-size")
+    g.add_argument("--local-attn-size", type=int, metavar="FRAMES",
+                   help="causal models: rolling KV cache, each chunk attends at most FRAMES latent frames (the sink "
+                        "and the most recent ones), as Self-Forcing's local_attn_size (default -1: every earlier "
+                        "frame)")
+    g.add_argument("--sink-size", type=int, metavar="FRAMES",
+                   help="with --local-attn-size: the first FRAMES frames stay in the rolling cache (attention "
+                        "sink, Self-Forcing's sink_size; default 0)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -107,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     r = prepare_run(args.model, prompt=args.prompt, prompt_embeds=args.prompt_embeds, seed=args.seed,
                     checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, attention=args.attention,
-                    noise=args.noise)
+                    noise=args.noise, **sampling_options(args))
     prepare_output_dir(args.out, folder=True)  # a read-only --out fails now, not after sampling
     latents = sample(r, progress=not args.quiet)
     if args.force:  # an earlier run's files (e.g. its mp4 where this run writes a GIF) must not outlive it

@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "inspect",
         help="summarise a capture file",
         description="Print what a capture file holds: model, checkpoint, prompt, seed, grid, selection, complete "
-                    "and missing records, dataset sizes, versions. Works on interrupted (incomplete) files. A "
+                    "and missing records, dataset sizes, versions. Works on interrupted (incomplete) files, and calls "
+                    "a capture whose attention calls matched nothing EMPTY (with what it watched). A "
                     "damaged file (missing attributes or datasets, shapes that disagree with its layout) is refused "
                     "in one line.",
     )
@@ -45,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
 
     with open_capture(args.file) as cap:
         print(cap.summary())
+        a = cap.attrs
+        for key in ("pipeline", "model_class", "diffusers_version"):  # captures of other DiTs (adapters)
+            if key in a:
+                print(f"  {key:18s} {a[key]}")
         if args.records:
             for r in cap.records:
                 print(f"  record step={r.step} chunk={r.chunk} layer={r.layer}")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from toolkit.models.layout import RunLayout
+from toolkit.models.layout import RunLayout, check_window
 from toolkit.models.wan import KVCache, WanConfig, WanModel
 
 
@@ -72,6 +72,8 @@ def self_forcing_rollout(
     solver: str = "renoise",
     noise_layout: str = "toolkit",
     exit_step: int | None = None,
+    local_attn_size: int = -1,
+    sink_size: int = 0,
     guidance_scale: float = 1.0,
     negative_context: torch.Tensor | None = None,
     progress: bool = False,
@@ -95,6 +97,10 @@ def self_forcing_rollout(
     prompt's cross-attention K/V, cached by the first forward, carry gradient only when that forward is the exit
     step, as in Self-Forcing's training rollout).
 
+    ``local_attn_size`` / ``sink_size`` (Self-Forcing's options, for clips longer than its 21 frames): each chunk
+    attends at most that many frames — the first ``sink_size`` and the most recent ones — through a KV cache of that
+    size that rolls (``toolkit.models.layout.attended_frames``); -1 (default): every earlier frame.
+
     ``guidance_scale`` g ≠ 1 (classifier-free guidance, the many-step sampler of a teacher): every forward runs the
     batch twice, with ``context`` and with ``negative_context`` (the bundled model's null prompt is all zeros), each
     half with its own KV cache (clean passes included), and the flow is v_u + g·(v_c − v_u).
@@ -110,12 +116,14 @@ def self_forcing_rollout(
     if frames % latent_per_chunk:
         raise ValueError(f"{frames} latent frames do not split into chunks of {latent_per_chunk}")
     grid = model.grid_size(noise)
+    layout = RunLayout.self_forcing(model.cfg, grid, timesteps.tolist(), frames_per_chunk, local_attn_size, sink_size)
     guided = guidance_scale != 1.0
     if guided:
         if negative_context is None:
             raise ValueError("guidance_scale != 1 needs a negative_context")
         context = torch.cat([context, negative_context.expand_as(context)])  # [cond | uncond] halves of one batch
-    cache = KVCache(model.cfg, b * (2 if guided else 1), grid[0] * grid[1] * grid[2], noise.device, model.dtype)
+    cache = KVCache(model.cfg, b * (2 if guided else 1), layout.max_key_frames() * layout.tokens_per_frame,
+                    noise.device, model.dtype, local_attn_size=local_attn_size, sink_size=sink_size)
 
     def flow_of(x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
         if not guided:
@@ -313,8 +321,13 @@ class SelfForcingSampler:
     frames_per_chunk: int = 3
     denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
     shift: float = 5.0
+    local_attn_size: int = -1  # rolling KV cache window in frames (-1: global, as released)
+    sink_size: int = 0  # first frames the rolling cache keeps
 
     name = "self-forcing"
+
+    def __post_init__(self) -> None:
+        check_window(self.local_attn_size, self.sink_size, self.frames_per_chunk)
 
     def timesteps(self) -> torch.Tensor:
         """Warped denoising timesteps, float64 (the clean pass at t = 0 follows them)."""
@@ -322,13 +335,15 @@ class SelfForcingSampler:
 
     def layout(self, cfg: WanConfig, grid: tuple[int, int, int]) -> RunLayout:
         """Steps 0..n−1 at ``timesteps()``, then the clean pass (step n, t = 0), chunk by chunk."""
-        return RunLayout.self_forcing(cfg, grid, self.timesteps().tolist(), self.frames_per_chunk)
+        return RunLayout.self_forcing(cfg, grid, self.timesteps().tolist(), self.frames_per_chunk,
+                                      self.local_attn_size, self.sink_size)
 
     def sample(self, model: WanModel, noise: torch.Tensor, context: torch.Tensor, *,
                generator: torch.Generator | None = None, noise_layout: str = "toolkit", progress: bool = False,
                on_chunk: Callable[[int, torch.Tensor], None] | None = None, **_: Any) -> torch.Tensor:
         return self_forcing_rollout(model, noise, context, frames_per_chunk=self.frames_per_chunk,
                                     timesteps=self.timesteps(), generator=generator, noise_layout=noise_layout,
+                                    local_attn_size=self.local_attn_size, sink_size=self.sink_size,
                                     progress=progress, on_chunk=on_chunk)
 
 
@@ -365,7 +380,8 @@ def sampler_from(settings: dict[str, Any]) -> Sampler:
     if kind == SelfForcingSampler.name:
         return SelfForcingSampler(settings.get("frames_per_chunk", 3),
                                   tuple(settings.get("denoising_steps", (1000, 750, 500, 250))),
-                                  settings.get("shift", 5.0))
+                                  settings.get("shift", 5.0), settings.get("local_attn_size", -1),
+                                  settings.get("sink_size", 0))
     if kind == WanSampler.name:
         return WanSampler(settings.get("steps", 50), settings.get("shift", 5.0), settings.get("guidance_scale", 5.0))
     raise ValueError(f"unknown sampler {kind!r}")

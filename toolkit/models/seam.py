@@ -33,7 +33,8 @@ class AttentionContext:
     ``step`` indexes the forward passes of one chunk: 0..num_steps-1 are denoising steps, and for the causal
     model ``step == num_steps`` is the clean-context pass (``is_clean`` True) that rewrites the chunk's K/V.
     Bidirectional models use ``chunk = 0``. Queries cover frames ``[query_frames[0], query_frames[1])`` and
-    keys ``[key_frames[0], key_frames[1])`` of the token ``grid`` (frames, height, width).
+    keys ``[key_frames[0], key_frames[1])`` of the token ``grid`` (frames, height, width), preceded, when a rolling
+    KV cache keeps an attention sink, by the keys of frames ``[0, sink_frames)``.
     """
 
     layer: int
@@ -47,6 +48,10 @@ class AttentionContext:
     key_frames: tuple[int, int]
     # Optional boolean mask ``i j`` (True = attend); used only by the no-cache block-causal training path.
     attn_mask: torch.Tensor | None = None
+    sink_frames: int = 0  # frames [0, sink_frames) attended before key_frames (``toolkit.models.layout``)
+    # ``b h i`` float32: log-sum-exp of the logits of keys the model attended but the seam does not receive (the
+    # text tokens of a joint text+video attention; ``toolkit.capture.adapters``), so the row LSE covers them too.
+    extra_lse: torch.Tensor | None = None
 
     @property
     def tokens_per_frame(self) -> int:

@@ -2,8 +2,9 @@
 
 Bidirectional Wan2.1 and causal Self-Forcing share these weights and this forward; they differ only in how it is
 called: bidirectional = all frames at once, no cache; causal = one chunk of frames at a time with a ``KVCache``
-(keys/values of earlier chunks stay in the cache, already rotated by RoPE). Training the causal model without a
-cache uses ``attn_mask`` (block-causal) and ``frame_index`` (RoPE positions of a clean copy of the clip).
+(keys/values of earlier chunks stay in the cache, already rotated by RoPE; a rolling cache keeps only a window of
+recent frames and an attention sink). Training the causal model without a cache uses ``attn_mask`` (block-causal)
+and ``frame_index`` (RoPE positions of a clean copy of the clip).
 
 Forward, following the Self-Forcing / Wan2.1 reference code (``docs/self-forcing.md`` "Forward pass"):
 
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.errors import CheckpointError
+from toolkit.models.layout import attended_frames
 from toolkit.models.seam import AttentionContext, AttentionSeam
 
 # Largest value of each integer field a config may hold: a few times the largest published Wan (14B: dim 5120,
@@ -207,11 +209,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Self-attention K/V of every layer for the whole clip (global attention, as the released Self-Forcing).
+    """Self-attention K/V of every layer, holding exactly the frames the current chunk attends, in key order.
 
-    ``k[layer]``, ``v[layer]``: [b, max_tokens, heads, head_dim]; K is stored after RoPE, V raw. A chunk's K/V are
-    written before its attention, so the chunk attends to itself; the clean pass of a chunk overwrites the slots
-    its denoising steps wrote. ``cross[layer]`` caches the cross-attention K/V of the (fixed) text context.
+    ``k[layer]``, ``v[layer]``: [b, max_tokens, heads, head_dim]; K is stored after RoPE (at its absolute frame
+    position), V raw. A chunk's K/V are written before its attention, so the chunk attends to itself; the clean pass
+    of a chunk overwrites the slots its denoising steps wrote. ``cross[layer]`` caches the cross-attention K/V of the
+    (fixed) text context.
+
+    With ``local_attn_size`` frames (Self-Forcing's rolling cache; -1 = global, the released default) the cache needs
+    only ``max_tokens`` = that many frames: when a new chunk does not fit, the frames it no longer attends are
+    dropped and the rest moved down, the first ``sink_size`` frames staying in place (``layout.attended_frames``;
+    ``docs/self-forcing.md`` "Rolling KV cache"). Without a window ``max_tokens`` must cover the clip.
     """
 
     def __init__(
@@ -221,22 +229,49 @@ class KVCache:
         max_tokens: int,
         device: torch.device | str,
         dtype: torch.dtype,
+        *,
+        local_attn_size: int = -1,
+        sink_size: int = 0,
     ) -> None:
         shape = (batch, max_tokens, cfg.num_heads, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * cfg.num_layers
         self.max_tokens = max_tokens
+        self.local_attn_size, self.sink_size = local_attn_size, sink_size
+        self.held: list[list[int]] = [[] for _ in range(cfg.num_layers)]  # frame of each slot run, in slot order
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new K/V at token ``start`` and return the attended keys and values [0, start + new).
+    def attended(self, start: int, end: int) -> tuple[tuple[int, int], ...]:
+        """Key frame spans a chunk of query frames ``[start, end)`` attends through this cache."""
+        return attended_frames(start, end, self.local_attn_size, self.sink_size)
+
+    def write(
+        self, layer: int, spans: tuple[tuple[int, int], ...], k: torch.Tensor, v: torch.Tensor, tokens_per_frame: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a chunk's new K/V ``[b, new tokens, h, d]`` (the last frames of ``spans``) and return the keys and
+        values of every frame of ``spans``, in that order. Earlier frames of ``spans`` must be held already (chunks
+        run in order).
 
         Under autograd (a training rollout) the cache keeps detached copies and the returned K/V are the cached past
         joined with the live new K/V: gradients reach this chunk's projections, and a later in-place write (the
         clean pass) cannot invalidate a tensor the backward pass needs."""
-        end = start + k.shape[1]
+        tpf = tokens_per_frame
+        frames = [f for a, b in spans for f in range(a, b)]
+        past, held = frames[: len(frames) - k.shape[1] // tpf], self.held[layer]
+        end = len(frames) * tpf
         if end > self.max_tokens:
-            raise ValueError(f"KV cache holds {self.max_tokens} tokens; chunk would end at {end}")
+            raise ValueError(f"KV cache holds {self.max_tokens} tokens; the attended frames need {end}")
+        if held[:len(past)] != past:  # the window moved on: keep what is still attended, in order
+            slot = {f: i for i, f in enumerate(held)}
+            missing = [f for f in past if f not in slot]
+            if missing:
+                raise ValueError(f"frames {missing} are not in the KV cache (chunks must run in order)")
+            src = (torch.tensor([slot[f] for f in past], device=k.device)[:, None] * tpf
+                   + torch.arange(tpf, device=k.device)).flatten()
+            for t in (self.k[layer], self.v[layer]):
+                t[:, : len(past) * tpf] = t[:, src]  # advanced indexing reads a copy: overlapping moves are safe
+        self.held[layer] = frames
+        start = len(past) * tpf
         self.k[layer][:, start:end] = k.detach()
         self.v[layer][:, start:end] = v.detach()
         if k.requires_grad or v.requires_grad:
@@ -244,8 +279,10 @@ class KVCache:
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
     def reset(self) -> None:
-        """Start a new video: stale K/V are never read (attention stops at the current chunk), only cross K/V reset."""
+        """Start a new video: stale K/V are never read (attention stops at the current chunk), only cross K/V and
+        the frame bookkeeping reset."""
         self.cross = [None] * len(self.cross)
+        self.held = [[] for _ in self.held]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,7 +322,8 @@ class SelfAttention(Attention):
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), cos, sin)
         v = self.v(x).unflatten(-1, heads)
         if kv_cache is not None:
-            k, v = kv_cache.write(self.layer, ctx.query_offset - ctx.key_offset, k, v)
+            spans = ((0, ctx.sink_frames), ctx.key_frames) if ctx.sink_frames else (ctx.key_frames,)
+            k, v = kv_cache.write(self.layer, spans, k, v, ctx.tokens_per_frame)
         out = self.seam(q, k, v, ctx)
         return self.o(out.flatten(-2))
 
@@ -429,8 +467,9 @@ class WanModel(nn.Module):
         """Flow prediction v = ε − x0 for ``x`` [b c F Hl Wl] at timesteps ``t`` ([b] or per frame [b F]).
 
         Causal use: pass ``kv_cache`` and the chunk's ``start_frame``; the chunk's K/V go into the cache and its
-        queries attend to every cached token up to the chunk's end. ``step``/``chunk``/``is_clean`` only label the
-        attention calls for the seam (capture); ``clip_frames`` is the whole clip's latent frame count (grid)."""
+        queries attend to the frames the cache keeps up to the chunk's end (all of them unless it rolls), each at its
+        absolute RoPE frame position. ``step``/``chunk``/``is_clean`` only label the attention calls for the seam
+        (capture); ``clip_frames`` is the whole clip's latent frame count (grid)."""
         cfg = self.cfg
         b = x.shape[0]
         grid = self.grid_size(x)
@@ -439,6 +478,9 @@ class WanModel(nn.Module):
             frame_index = torch.arange(start_frame, start_frame + f, device=x.device)
         elif kv_cache is not None:
             raise ValueError("frame_index is for the no-cache training path")
+        if int(frame_index.max()) >= cfg.rope_max_positions:  # absolute frame positions, also in a rolled cache
+            raise ValueError(f"frame {int(frame_index.max())} is beyond the model's {cfg.rope_max_positions} RoPE "
+                             "positions")
 
         tokens = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2)  # b (f h w) dim
 
@@ -455,6 +497,7 @@ class WanModel(nn.Module):
 
         first = int(frame_index[0]) if kv_cache is not None else int(frame_index.min())
         last = first + f if kv_cache is not None else int(frame_index.max()) + 1
+        spans = kv_cache.attended(first, last) if kv_cache is not None else ((first, last),)
         ctx = AttentionContext(
             layer=-1,
             step=step,
@@ -464,8 +507,9 @@ class WanModel(nn.Module):
             scale=cfg.head_dim**-0.5,
             grid=(clip_frames or last, h, w),
             query_frames=(first, last),
-            key_frames=(0, last) if kv_cache is not None else (first, last),
+            key_frames=spans[-1],
             attn_mask=attn_mask,
+            sink_frames=spans[0][1] if len(spans) > 1 else 0,
         )
         for block in self.blocks:
             tokens = block(tokens, e0, context, cos, sin, ctx, kv_cache)
