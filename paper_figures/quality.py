@@ -22,6 +22,7 @@ from toolkit.paper_figures import style
 from toolkit.analysis.quality import REFERENCE, mean_psnr
 
 NAME = "quality"
+LABELLED_SPECS = 6  # above this many specs, points are not named (the legend names families)
 TITLE = "quality vs density per family"
 
 
@@ -60,6 +61,10 @@ def plot(ds: xr.Dataset, out_dir: str | Path, name: str = NAME) -> dict:
         xs = {p["spec"]: i for i, p in enumerate(pts)}
     fig, axes = style.subplots(1, 2, width=3.9, height=3.0)
     identical = [p["spec"] for p in pts if math.isinf(p["psnr"])]
+    # many specs: per-point names would overlap, so the legend names families and table.txt the specs; families
+    # are nudged apart along x (a few % on the log axis) so that whiskers at the same density stay visible
+    named = len(pts) <= LABELLED_SPECS
+    nudge = {f: 1.0 + 0.025 * (i - (len(families) - 1) / 2) for i, f in enumerate(families)}
     for ax, key, ylabel in ((axes[0, 0], "psnr", "PSNR vs dense (dB)"), (axes[0, 1], "ssim", "SSIM vs dense")):
         for fam in families:
             sel = [p for p in pts if p["family"] == fam and math.isfinite(p[key])]
@@ -67,12 +72,13 @@ def plot(ds: xr.Dataset, out_dir: str | Path, name: str = NAME) -> dict:
                 sel.sort(key=lambda p: p["density"])
             if not sel:
                 continue
-            x = np.array([p["density"] if numeric else xs[p["spec"]] for p in sel], dtype=float)
+            x = np.array([p["density"] * (nudge[fam] if not named else 1.0) if numeric else xs[p["spec"]]
+                          for p in sel], dtype=float)
             y = np.array([p[key] for p in sel])
             err = np.array([[p[key] - p[f"{key}_lo"] for p in sel], [p[f"{key}_hi"] - p[key] for p in sel]])
             ax.errorbar(x, y, yerr=np.clip(err, 0, None), color=colours[fam], marker="o", ms=4, capsize=2,
                         lw=1.2 if numeric else 0, elinewidth=0.8, label=fam)
-            if numeric:  # labels on the PSNR panel; on the SSIM panel only for specs the PSNR panel lacks
+            if numeric and named:  # labels on the PSNR panel; on the SSIM panel only for specs it lacks
                 for i, (p, xi, yi) in enumerate(zip(sel, x, y)):
                     if key == "psnr" or p["spec"] in identical:
                         ax.annotate(p["spec"], (xi, yi), textcoords="offset points", xytext=(5, 4 - 12 * (i % 2)),
@@ -80,10 +86,10 @@ def plot(ds: xr.Dataset, out_dir: str | Path, name: str = NAME) -> dict:
         ax.set_ylabel(ylabel)
         if numeric:
             ax.set_xlabel("density (fraction of dense attention entries kept)")
-            lo = min(p["density"] for p in pts)
+            lo, hi = min(p["density"] for p in pts), max(p["density"] for p in pts)
             if lo < 0.2:  # densities spanning a decade or more (Monarch on real grids: 0.05-0.1): log axis
                 ax.set_xscale("log")
-                ax.set_xlim(lo / 1.5, 1.6)
+                ax.set_xlim(lo / 1.5, min(1.6, hi * 1.5))
                 ax.xaxis.set_major_locator(FixedLocator([0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]))
                 ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 ax.xaxis.set_minor_formatter(NullFormatter())
@@ -98,8 +104,8 @@ def plot(ds: xr.Dataset, out_dir: str | Path, name: str = NAME) -> dict:
             ax.ticklabel_format(axis="y", useOffset=False)
     if identical:
         axes[0, 0].set_title("not drawn, identical to dense (∞ dB): " + ", ".join(identical), fontsize=7)
-    if families:
-        axes[0, 1].legend(title="family", loc="best")
+    if families:  # beside the panels: with many specs, inside it would cover points
+        axes[0, 1].legend(title="family", loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7)
     clips = f"{ds.sizes['prompt']} prompt(s) × {ds.sizes['seed']} seed(s)"
     fig.suptitle(f"{ds.attrs.get('model', '')}: {TITLE} (mean over {clips}; whiskers: min–max per video)",
                  fontsize=9)

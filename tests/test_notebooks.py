@@ -22,7 +22,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_every_analysis_has_a_notebook():
-    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "periodic", "topk", "monarch", "kernels"}
+    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "periodic", "topk", "monarch", "kernels", "approximations"}
 
 
 @pytest.fixture(scope="module")
