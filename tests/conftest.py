@@ -23,6 +23,11 @@ import torch  # noqa: E402
 
 from toolkit.models.wan import WanConfig, WanModel  # noqa: E402
 
+# Under pytest-xdist (`-n 2`, the README's test command) each worker takes one core: two workers with torch's
+# default two intra-op threads each would oversubscribe a 2-core runner.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 # The tiny causal Wan config of the capture / analysis / kernel tests: 3 heads of 16 channels, 3 layers, a
 # 16-channel latent. A latent of 6 frames × 6 × 10 pixels gives the token grid (6, 3, 5).
 TINY_WAN = dict(dim=48, ffn_dim=64, num_heads=3, num_layers=3, text_dim=16, text_len=6, freq_dim=16)
