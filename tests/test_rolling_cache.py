@@ -264,3 +264,10 @@ def test_capture_plan_of_a_long_video_has_the_window_layout(capsys, tmp_path):
     layout = spec_layout("bundled", frames=24, local_attn_size=9, sink_size=3)
     assert layout.grid[0] == 24 and layout.key_frame_spans(7) == ((0, 3), (18, 24))
     assert RunLayout.from_attrs(layout.to_attrs()) == layout
+    # only the K/V a windowed record attends are planned: the sink's chunk and the window's, not every earlier one
+    from toolkit.capture.selection import resolve
+
+    plan = resolve(Selection(layers="0", heads="0", steps="0", chunks="7"), layout)
+    clean = layout.clean_step
+    assert plan.kv_cells == {(0, 7), (clean, 0), (clean, 6)}  # frames 0-2 (sink) and 18-20; 21-23 is chunk 7
+    assert plan.map_bytes() == plan.layout.tokens_per_frame * 3 * (3 + 6) * plan.layout.tokens_per_frame * 4

@@ -178,8 +178,8 @@ class Plan:
         total = 0
         for c in self.chunks:
             a, b = self.chunk_queries(c)
-            keys = self.layout.chunk_tokens(c)[1]  # keys run from the clip start to the chunk's end
-            total += (b - a) * keys
+            spans = self.layout.key_frame_spans(c)  # the clip start to the chunk's end, unless the cache rolls
+            total += (b - a) * sum(y - x for x, y in spans) * self.layout.tokens_per_frame
         return total * len(self.steps) * len(self.layers) * len(self.heads) * 4
 
 
@@ -226,7 +226,10 @@ def resolve(selection: Selection, layout: RunLayout) -> Plan:
                 plan.kv_cells.add((s, c))
             if layout.causal:  # earlier chunks are attended through their clean-pass K/V
                 ctx_step = layout.clean_step if layout.clean_step is not None else layout.num_steps - 1
-                plan.kv_cells.update((ctx_step, c2) for c2 in range(c))
+                spans = layout.key_frame_spans(c)  # a rolling cache attends a sink and a window, not every chunk
+                plan.kv_cells.update((ctx_step, c2) for c2 in range(c)
+                                     if any(a < layout.chunk_frames(c2)[1] and layout.chunk_frames(c2)[0] < b
+                                            for a, b in spans))
     if "maps" in store and plan.map_bytes() > selection.max_map_bytes:
         raise SelectionError(
             f"maps for this selection would take {human_bytes(plan.map_bytes())} (> limit "
