@@ -48,6 +48,11 @@ GRID_720P = (21, 45, 80)
 ALIGNED_BASES = ("fh,w", "w,fh", "f,hw", "hw,f", "fw,h", "h,fw")
 
 
+# Why tokens may not be one run of whole frames: sampled queries, or the keys of a rolling KV cache with a sink.
+NOT_WHOLE_FRAMES = ("tokens are not one run of whole frames in raster order (queries sampled by stride or at "
+                    "random, or keys of a rolling KV cache with an attention sink); this analysis needs one run")
+
+
 @dataclass(frozen=True)
 class TokenGrid:
     """The (frames, height, width) latent token grid of a clip, raster order."""
@@ -94,11 +99,11 @@ class TokenGrid:
         tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
         n = tokens.numel()
         if n == 0 or n % self.tokens_per_frame or int(tokens[0]) % self.tokens_per_frame:
-            raise ToolkitError("tokens are not a run of whole frames in raster order (was the capture strided?)")
+            raise ToolkitError(NOT_WHOLE_FRAMES)
         start = int(tokens[0]) // self.tokens_per_frame
         expected = torch.arange(int(tokens[0]), int(tokens[0]) + n, device=tokens.device)
         if not torch.equal(tokens, expected):
-            raise ToolkitError("tokens are not a run of whole frames in raster order (was the capture strided?)")
+            raise ToolkitError(NOT_WHOLE_FRAMES)
         return start, start + n // self.tokens_per_frame
 
 
