@@ -9,7 +9,11 @@ spec at every seam; finetuned rows first train a copy with it (``toolkit/models/
     python benchmarks/finetune_arc.py --out benchmarks/results/finetune_arc_h200 [--steps 150] [--prompts 32]
     python benchmarks/finetune_arc.py --tiny --out /tmp/arc            # CPU smoke run (random tiny model)
 
-Writes arc.json (every number, the GPU, versions, settings, times), arc.md (the table) and arc.png.
+Writes arc.json (every number, the GPU, versions, settings, times), arc.md (the table) and arc.png. With
+``--capture``, each finetuned model is also saved (``models/``), captured under its attention at the last chunk's
+last denoising step (q, k, v, lse: its maps are recomputed exactly) next to the dense model, and both go through
+``toolkit analyze monarch``: does finetuning make the model's own attention logits more Monarch-representable
+(``monarch.nc``, ``monarch.md``)?
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ import torch
 
 from toolkit.analysis.quality import backend_density, frame_metrics
 from toolkit.attention.backends import backend_for
-from toolkit.models.bundled import clip_shape, generate, load_bundled, tiny_config
+from toolkit.models.bundled import clip_shape, frames_per_chunk, generate, load_bundled, tiny_config
 from toolkit.models.bundled import evaluate as ev
-from toolkit.models.bundled.finetune import FinetuneSettings, train_finetune
+from toolkit.models.bundled.finetune import FinetuneSettings, save_finetuned, train_finetune
 from toolkit.models.bundled.teacher import autocast
 from toolkit.models.seam import use_backend
 from toolkit.models.wan import WanModel
@@ -76,6 +80,8 @@ def main() -> None:
     p.add_argument("--objective", default="distill", choices=("distill",))
     p.add_argument("--rows", default=None, help="';'-separated specs (default: the paper's set on this grid)")
     p.add_argument("--tiny", action="store_true", help="random tiny model on CPU: a smoke run of the script")
+    p.add_argument("--capture", action="store_true",
+                   help="also save, capture and Monarch-analyse each finetuned model beside the dense one")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -99,6 +105,7 @@ def main() -> None:
                     **score(dense, dense, prompts))]
     log(f"dense: {results[-1]}")
     settings = FinetuneSettings(objective=args.objective, steps=args.steps, batch=args.batch, lr=args.lr)
+    saved: dict[str, Path] = {}
     for spec, zero_only in rows:
         density = backend_density(spec, grid)
         t0 = time.perf_counter()
@@ -119,6 +126,9 @@ def main() -> None:
                             loss_init=record["heldout_loss_init"], loss_end=record["heldout_loss_end"],
                             **score(ft, dense, prompts)))
         log(f"{spec} finetuned: {results[-1]}")
+        if args.capture:
+            saved[spec] = save_finetuned(args.out / "models" / slug(spec), student,
+                                         dict(record, attention=spec, source="data/bundled"))
         del student
 
     meta = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
@@ -134,6 +144,51 @@ def main() -> None:
     (args.out / "arc.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(results, args.out / "arc.png")
+    if saved:
+        dense_dir = save_finetuned(args.out / "models" / "dense", model, dict(attention="dense", steps=0))
+        last_chunk = clip_shape(cfg)[0] // frames_per_chunk(cfg) - 1
+        monarch_of_captures(args.out, dense_dir, saved, last_chunk)
+
+
+def slug(spec: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in spec)
+
+
+def monarch_of_captures(out: Path, dense_dir: Path, saved: dict[str, Path], last_chunk: int) -> None:
+    """Capture the dense model and each finetuned one (under its attention), then ``toolkit analyze monarch`` over
+    all of them (stacked along ``run``): the exact projection error of each model's own maps, per layout."""
+    import subprocess
+    import sys
+
+    import xarray as xr
+
+    where = out / "captures"
+    where.mkdir(exist_ok=True)
+    last = ["--chunks", str(last_chunk), "--steps", "3", "--quiet", "--force"]
+    runs = {"dense": (["--checkpoint", str(dense_dir)], where / "dense.h5")}
+    runs.update({spec: (["--checkpoint", str(folder), "--attention", spec], where / f"{slug(spec)}.h5")
+                 for spec, folder in saved.items()})
+    cli = [sys.executable, "-m", "toolkit.cli"]
+    for spec, (extra, path) in runs.items():
+        t0 = time.perf_counter()
+        subprocess.run([*cli, "capture", *extra, *last, "--out", str(path)], check=True)
+        print(f"captured {spec}: {time.perf_counter() - t0:.0f} s", flush=True)
+    t0 = time.perf_counter()
+    subprocess.run([*cli, "analyze", "monarch", *(str(p) for _, p in runs.values()), "--out",
+                    str(out / "monarch.nc"), "--force", "--iters", "1"], check=True)
+    print(f"analyze monarch: {time.perf_counter() - t0:.0f} s", flush=True)
+    ds = xr.open_dataset(out / "monarch.nc", engine="h5netcdf")
+    err = ds["projection_out_rel_l2"]  # record, head, config; "run" labels the records
+    mean = err.groupby("run").mean(["record", "head"])
+    names = [str(r) for r in mean["run"].values]
+    lines = ["| Monarch layout | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for config in mean["config"].values:
+        row = mean.sel(config=config)
+        lines.append(f"| {config} | " + " | ".join(f"{float(row.sel(run=r)):.3f}" for r in names) + " |")
+    text = ("exact Monarch projection, output relative L2, mean over layers and heads (last chunk, step 3):\n"
+            + "\n".join(lines) + "\n")
+    (out / "monarch.md").write_text(text)
+    print(text)
 
 
 def plot(results: list, path: Path) -> None:
