@@ -239,9 +239,10 @@ def draw_noise(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
     return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype), g
 
 
-def redraw(run: Run, *, prompt: str, seed: int) -> Run:
-    """``run``'s loaded model with another prompt and seed: conditioning and initial noise exactly as `prepare_run`
-    draws them, so a model loaded once serves a whole prompt set (`toolkit.capture.prompt_set`)."""
+def redraw(run: Run, *, prompt: str, seed: int, prompt_embeds: Any = None) -> Run:
+    """``run``'s loaded model with another prompt and seed: conditioning (from ``prompt_embeds`` when given) and
+    initial noise exactly as `prepare_run` draws them, so a model loaded once serves a whole prompt set
+    (`toolkit.capture.prompt_set`) or comparison (`toolkit.analysis.quality`)."""
     import dataclasses
 
     if not prompt.strip():
@@ -249,7 +250,7 @@ def redraw(run: Run, *, prompt: str, seed: int) -> Run:
     if not -(2**63) <= seed < 2**63:
         raise ToolkitError(f"seed {seed}: a seed is an integer that fits 64 bits (-2^63 .. 2^63-1)")
     noise = run.extra.get("noise", "toolkit")
-    context = condition(run.spec, prompt, prompt_embeds=None, device=run.device).to(run.model.dtype)
+    context = condition(run.spec, prompt, prompt_embeds=prompt_embeds, device=run.device).to(run.model.dtype)
     initial, g = draw_noise(tuple(run.noise.shape), run.model.dtype, run.device, seed, noise)
     return dataclasses.replace(run, prompt=prompt, seed=seed, context=context, noise=initial,
                                extra={**run.extra, "generator": g, "noise": noise})

@@ -28,7 +28,6 @@ none) per spec, and ``chunk_of_frame``. Plotting lives in the figures layer (``p
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -197,19 +196,12 @@ def _module_run(model: torch.nn.Module, prompt: str):
 
 
 def _draw(base, prompt: str, seed: int, prompt_embeds: Any = None):
-    """``base`` with ``prompt`` and ``seed``: conditioning and initial noise exactly as ``pipeline.prepare_run``
-    draws them (toolkit noise), and the generator state right after the initial noise (to rewind re-noising)."""
-    from toolkit.pipeline import condition
+    """``base`` with ``prompt`` and ``seed`` (``pipeline.redraw``: conditioning and initial noise exactly as
+    ``prepare_run`` draws them), and the generator state right after the initial noise (to rewind re-noising)."""
+    from toolkit.pipeline import redraw
 
-    if not -(2**63) <= seed < 2**63:
-        raise ToolkitError(f"--seeds {seed}: a seed is an integer that fits 64 bits")
-    dev = base.device
-    context = condition(base.spec, prompt, prompt_embeds=prompt_embeds, device=dev).to(base.model.dtype)
-    g = torch.Generator(dev).manual_seed(seed)
-    noise = torch.randn(tuple(base.noise.shape), generator=g, device=dev, dtype=torch.float32).to(base.model.dtype)
-    run = dataclasses.replace(base, prompt=prompt, seed=seed, context=context, noise=noise,
-                              extra={"generator": g, "noise": "toolkit"})
-    return run, g.get_state()
+    run = redraw(base, prompt=prompt, seed=seed, prompt_embeds=prompt_embeds)
+    return run, run.extra["generator"].get_state()
 
 
 def _pixels_of(run, latents: torch.Tensor, vae: Any) -> np.ndarray | None:
