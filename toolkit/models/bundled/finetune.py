@@ -34,10 +34,9 @@ from pathlib import Path
 
 import torch
 
-from toolkit.models.bundled import data
 from toolkit.models.bundled.config import CONFIG_FILE, SELF_FORCING_STEPS, WEIGHTS_FILE
 from toolkit.models.bundled.model import save_weights
-from toolkit.models.bundled.self_forcing import SelfForcingSettings, train_self_forcing
+from toolkit.models.bundled.self_forcing import SelfForcingSettings, student_rollout, train_self_forcing
 from toolkit.models.bundled.teacher import (
     ClipSetup,
     Log,
@@ -48,7 +47,6 @@ from toolkit.models.bundled.teacher import (
     teacher_forced_flow,
     warped_timesteps,
 )
-from toolkit.models.sampling import self_forcing_rollout
 from toolkit.models.seam import Backend, dense_attention, use_backend
 from toolkit.models.wan import WanModel
 
@@ -84,8 +82,7 @@ def distillation_loss(
         if step == exit_step:
             inputs[:, :, chunk * setup.chunk : (chunk + 1) * setup.chunk] = x.detach()
 
-    x0 = self_forcing_rollout(student, noise, context, frames_per_chunk=setup.chunk, timesteps=timesteps,
-                              generator=generator, exit_step=exit_step, on_step=keep).float()
+    x0 = student_rollout(student, context, noise, setup, generator, exit_step, on_step=keep).float()
     sigma = torch.full((noise.shape[0], setup.frames), float(timesteps[exit_step]) / 1000, device=noise.device)
     with torch.no_grad():
         flow = teacher_forced_flow(reference, x0.detach(), inputs.float(), context, sigma, setup.mask).float()
@@ -121,9 +118,7 @@ def train_finetune(
     opt = adamw(student, settings.lr, (0.9, 0.99), 0.0)
 
     def batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        context = data.encode_prompts(data.random_prompts(settings.batch, gen)).to(device)
-        noise = torch.randn(settings.batch, model.cfg.in_dim, setup.frames, setup.height, setup.width, generator=gen)
-        return context, noise.to(device)
+        return setup.prompts_and_noise(settings.batch, model.cfg.in_dim, gen, device)
 
     heldout = [(*batch(g_eval), s) for s in range(len(SELF_FORCING_STEPS))]  # one batch per exit step
 

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from toolkit.models.bundled import data
 from toolkit.models.bundled.config import MANY_STEPS, SELF_FORCING_STEPS
 from toolkit.models.bundled.teacher import (
     ClipSetup,
@@ -98,8 +97,7 @@ def make_pool(
     start = time.perf_counter()
     for i in range(0, settings.pairs, settings.pair_batch):
         n = min(settings.pair_batch, settings.pairs - i)
-        context = data.encode_prompts(data.random_prompts(n, g)).to(device)
-        noise = torch.randn(n, teacher.cfg.in_dim, setup.frames, setup.height, setup.width, generator=g).to(device)
+        context, noise = setup.prompts_and_noise(n, teacher.cfg.in_dim, g, device)
         with autocast(device):
             s, x0 = ode_pairs(teacher, context, noise, frames_per_chunk=setup.chunk, guidance_scale=guidance_scale)
         states.append(s.to(store))

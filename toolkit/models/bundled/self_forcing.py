@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
-from toolkit.models.bundled import data
 from toolkit.models.bundled.config import SELF_FORCING_STEPS
 from toolkit.models.bundled.teacher import (
     SHIFT,
@@ -62,12 +62,13 @@ class SelfForcingSettings:
 
 def student_rollout(
     student: WanModel, context: torch.Tensor, noise: torch.Tensor, setup: ClipSetup, generator: torch.Generator,
-    exit_step: int,
+    exit_step: int, on_step: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """The sampler's rollout with the stochastic exit step (gradient through one forward per chunk)."""
+    """The sampler's rollout with the stochastic exit step (gradient through one forward per chunk); ``on_step``
+    sees each forward's input, as ``self_forcing_rollout``'s."""
     return self_forcing_rollout(
         student, noise, context, frames_per_chunk=setup.chunk, timesteps=warped_timesteps(SELF_FORCING_STEPS),
-        generator=generator, exit_step=exit_step,
+        generator=generator, exit_step=exit_step, on_step=on_step,
     )
 
 
@@ -122,9 +123,7 @@ def train_self_forcing(
     ema = Ema(student)
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
-        context = data.encode_prompts(data.random_prompts(settings.batch, g)).to(device)
-        noise = torch.randn(settings.batch, student.cfg.in_dim, setup.frames, setup.height, setup.width, generator=g)
-        return context, noise.to(device)
+        return setup.prompts_and_noise(settings.batch, student.cfg.in_dim, g, device)
 
     def exit_step() -> int:
         return int(torch.randint(len(SELF_FORCING_STEPS), (), generator=g))

@@ -109,6 +109,14 @@ class ClipSetup:
         mask = teacher_forcing_mask(frames, per_frame, chunk, device)
         return cls(frames, height, width, chunk, mask, chunked_attention(frames, per_frame, chunk))
 
+    def prompts_and_noise(self, batch: int, channels: int, generator: torch.Generator, device
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random prompts' context [b L D] and sampler noise [b c F H W], drawn in that order from ``generator``
+        (CPU), on ``device``: the inputs of every stage that samples from pure noise."""
+        context = data.encode_prompts(data.random_prompts(batch, generator)).to(device)
+        noise = torch.randn(batch, channels, self.frames, self.height, self.width, generator=generator)
+        return context, noise.to(device)
+
     def sample(self, batch: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Procedural clips in model space: (x0 [b c F H W], context [b L D], prompts)."""
         video, context, prompts = data.sample_batch(
