@@ -105,6 +105,13 @@ def main() -> None:
                     **score(dense, dense, prompts))]
     log(f"dense: {results[-1]}")
     settings = FinetuneSettings(objective=args.objective, steps=args.steps, batch=args.batch, lr=args.lr)
+    meta = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
+                torch=torch.__version__, model="tiny random" if args.tiny else "data/bundled",
+                grid=grid, prompts=args.prompts, seed=args.seed, settings=asdict(settings))
+
+    def save() -> None:  # after every row: a run cut short keeps what it measured
+        (args.out / "arc.json").write_text(json.dumps(dict(meta=meta, rows=results), indent=1, default=str) + "\n")
+
     saved: dict[str, Path] = {}
     for spec, zero_only in rows:
         density = backend_density(spec, grid)
@@ -113,6 +120,7 @@ def main() -> None:
         results.append(dict(row=f"{spec} zero-shot", spec=spec, density=density, finetuned=False,
                             seconds=time.perf_counter() - t0, **score(zs, dense, prompts)))
         log(f"{spec} zero-shot: {results[-1]}")
+        save()
         if zero_only:
             continue
         t0 = time.perf_counter()
@@ -126,15 +134,13 @@ def main() -> None:
                             loss_init=record["heldout_loss_init"], loss_end=record["heldout_loss_end"],
                             **score(ft, dense, prompts)))
         log(f"{spec} finetuned: {results[-1]}")
+        save()
         if args.capture:
             saved[spec] = save_finetuned(args.out / "models" / slug(spec), student,
                                          dict(record, attention=spec, source="data/bundled"))
         del student
 
-    meta = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
-                torch=torch.__version__, model="tiny random" if args.tiny else "data/bundled",
-                grid=grid, prompts=args.prompts, seed=args.seed, settings=asdict(settings))
-    (args.out / "arc.json").write_text(json.dumps(dict(meta=meta, rows=results), indent=1, default=str) + "\n")
+    save()
     lines = ["| row | density | colours = prompt | score | persistence | PSNR vs dense (dB) | SSIM vs dense |",
              "|---|---|---|---|---|---|---|"]
     for r in results:

@@ -205,7 +205,7 @@ def check_family(family, q, k, v, ctx, expected_mask: torch.Tensor) -> None:
 
 # ---- each family against its definition -----------------------------------------------------------------------
 @pytest.mark.parametrize("call", list(CALLS))
-@pytest.mark.parametrize(("keep", "tile"), [(0.3, (2, 2, 3)), (0.5, (1, 4, 4))])
+@pytest.mark.parametrize(("keep", "tile"), [(0.3, (2, 2, 3)), (0.5, (1, 4, 4)), (0.13, (1, 1, 1))])
 def test_oracle_block_topk(call, keep, tile):
     q, k, v, ctx = make_call(call)
     family = OracleBlockTopK(keep, tile)

@@ -284,10 +284,26 @@ class OracleBlockTopK(Family):
         return mass
 
     def mask(self, q, k, v, ctx):
+        if self.tile == (1, 1, 1):
+            return check_rows(restrict(self.token_mask(q, k, ctx), ctx), str(self))
         q_tile, k_tile, present, own = _tile_pairs(ctx, self.tile, q.shape[-2], k.shape[-2], q.device)
         mass = self.block_mass(q, k, ctx, q_tile, k_tile, own.shape[0])
         kept = top_tiles(mass, present, own, self.keep)
         return check_rows(restrict(_expand_tiles(kept, q_tile, k_tile), ctx), str(self))
+
+
+    @torch.no_grad()
+    def token_mask(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """One-token tiles (per-row oracle top-k): the same selection by :func:`top_tiles`, on the ``... i j``
+        pairs of the call instead of the ``T T`` tiles of the whole clip (a block's mass is then its probability,
+        which ranks within a row as the logit does), so a training step holds no clip-sized tile matrix."""
+        qc, kc = call_coords(ctx, q.shape[-2], k.shape[-2], q.device)
+        grid = as_grid(ctx.grid)
+        token = lambda c: (c.frame * grid.height + c.row) * grid.width + c.col  # noqa: E731
+        own = token(qc)[:, None] == token(kc)[None, :]
+        allowed = exact_pairs(ctx, q.device)
+        present = own.new_ones(own.shape) if allowed is None else allowed
+        return top_tiles(exact.scores(q, k, ctx.scale), present, own, self.keep)
 
 
 @dataclass(frozen=True)
