@@ -9,6 +9,7 @@
 #
 #   bash benchmarks/approximations_gpu.sh            # on the GPU machine
 #   TINY=1 bash benchmarks/approximations_gpu.sh     # the same commands on a CPU: a 2-layer toy-width model
+#   CAPTURE_S / ANALYSE_S / COMPARE_S: each command's time limit in seconds (120 / 300 / 240)
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/approximations_gpu}
@@ -48,7 +49,7 @@ else
   MODEL=(--model self-forcing --checkpoint "$WORK/self_forcing_dmd.pt")
   SEL=(--layers 0,8 --steps 3 --chunks 6)
   SLOW=1
-  SPECS=(monarch:1,1,1 monarch:3,1,1 blocktopk-pred:0.1:1,4,4 sta:4,2,4:1,4,4 radial:0,2 svg:16:0,2)
+  read -r -a SPECS <<< "${SPECS:-monarch:1,1,1 monarch:3,1,1 blocktopk-pred:0.1:1,4,4 sta:4,2,4:1,4,4 radial:0,2 svg:16:0,2}"
 fi
 EMB=(--prompt-embeds "$WORK/prompt.pt")
 
@@ -61,8 +62,8 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, print rc and wall t
   tail -n 25 "$OUT/$name.log"
 }
 
-step capture 120 python3 -m toolkit.cli capture "${MODEL[@]}" "${EMB[@]}" "${SEL[@]}" --out "$WORK/sf.h5" --force --quiet
-step approximations 300 python3 -m toolkit.cli analyze approximations "$WORK/sf.h5" --out "$OUT/approx.nc" --force --quiet
-step compare 240 python3 -m toolkit.cli compare "${MODEL[@]}" --prompts "self-forcing, random embeddings" \
+step capture "${CAPTURE_S:-120}" python3 -m toolkit.cli capture "${MODEL[@]}" "${EMB[@]}" "${SEL[@]}" --out "$WORK/sf.h5" --force --quiet
+step approximations "${ANALYSE_S:-300}" python3 -m toolkit.cli analyze approximations "$WORK/sf.h5" --out "$OUT/approx.nc" --force --quiet
+step compare "${COMPARE_S:-240}" python3 -m toolkit.cli compare "${MODEL[@]}" --prompts "self-forcing, random embeddings" \
   --prompt-embeds "$WORK/prompt.pt" --seeds 0 --no-decode --out "$OUT/compare" --force \
   --attention "${SPECS[@]}"
