@@ -227,12 +227,15 @@ def _tile_pairs(ctx: AttentionContext, tile: Tile, n_queries: int, n_keys: int, 
 
 def top_tiles(score: torch.Tensor, present: torch.Tensor, own: torch.Tensor, keep: float) -> torch.Tensor:
     """Per query tile, the own tile and the highest-scoring others among the present key tiles, ⌈keep · present⌉
-    in all: bool ``... T T``. Ties go to the lower key-tile index (stable sort)."""
+    in all: bool ``... T T``. Among equal scores the choice is torch.topk's (exact ties have measure zero in real
+    attention; a stable full sort took 6x as long as topk on one per-token KV-cache call of the bundled model,
+    5 x 1,920 x 7,680 scores, 2 CPU cores)."""
     ranked = score.masked_fill(~present, -math.inf).masked_fill(own & present, math.inf)
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
-                                            .expand_as(order).contiguous())
-    return (rank < keep_count(keep, present.sum(-1)).unsqueeze(-1)) & present
+    count = keep_count(keep, present.sum(-1))  # ... T
+    top = ranked.topk(int(count.max()), dim=-1).indices  # ... T K, best first
+    wanted = torch.arange(top.shape[-1], device=top.device) < count.unsqueeze(-1)
+    kept = torch.zeros(ranked.shape, dtype=torch.bool, device=ranked.device)
+    return kept.scatter_(-1, top, wanted.expand_as(top)) & present
 
 
 def _expand_tiles(kept: torch.Tensor, q_tile: torch.Tensor, k_tile: torch.Tensor) -> torch.Tensor:
