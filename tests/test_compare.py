@@ -148,17 +148,13 @@ def test_cli_refuses_existing_results_without_force(tmp_path, capsys):
 
 
 def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch, capsys):
-    """The CLI through ``toolkit.pipeline`` (a random bundled-architecture checkpoint on a small clip)."""
-    import dataclasses
+    """The CLI through ``toolkit.pipeline`` (a random bundled-architecture checkpoint on a small clip: the clip of
+    the checkpoint's own config, not the shipped model's)."""
+    from toolkit.models.bundled.finetune import save_finetuned
+    from toolkit.models.wan import WanModel
 
-    from toolkit.models import registry
-    from toolkit.models.checkpoints import random_state_dict, save_wan_native
-
-    cfg = tiny_config()
-    ckpt = save_wan_native(random_state_dict(cfg, seed=3), tmp_path / "ckpt", cfg)
-    spec = registry.MODELS["bundled"]
-    small = dict(spec.sampler(), latent_frames=6, height=16, width=24)
-    monkeypatch.setitem(registry.MODELS, "bundled", dataclasses.replace(spec, sampler=lambda: dict(small)))
+    torch.manual_seed(3)
+    ckpt = save_finetuned(tmp_path / "ckpt", WanModel(tiny_config((6, 16, 24))), {})  # a bundled-layout folder
     out = tmp_path / "c"
     args = ["compare", "--checkpoint", str(ckpt), "--prompts", "heldout:1", "--seeds", "0-1", "--attention",
             "monarch:1,1,1", "--out", str(out)]
@@ -167,6 +163,7 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch, capsys):
     assert captured.err.count("[") == 4 and "monarch:1,1,1" in captured.out
     ds = xr.open_dataset(out / "quality.nc", engine="h5netcdf")
     assert list(ds["seed"].values) == [0, 1] and float(ds["rel_l2"].sel(spec="monarch:1,1,1").min()) > 0
+    assert ds.sizes["frame"] == 6, dict(ds.sizes)
     assert (out / "quality.png").is_file() and (out / "table.txt").is_file()
     assert main(args) == 2 and "--force" in capsys.readouterr().err  # refused before loading anything
 
@@ -185,7 +182,7 @@ def test_latent_model_without_vae_reports_latent_metrics_only(tmp_path, monkeypa
     ckpt = save_wan_native(random_state_dict(cfg), tmp_path / "sf", cfg)
     spec = registry.MODELS["self-forcing"]
     small = dict(spec.sampler(), latent_frames=6, height=48, width=80)
-    monkeypatch.setitem(registry.MODELS, "self-forcing", dataclasses.replace(spec, sampler=lambda: dict(small)))
+    monkeypatch.setitem(registry.MODELS, "self-forcing", dataclasses.replace(spec, sampler=lambda cfg=None: dict(small)))
     embeds = [tmp_path / "a.pt", tmp_path / "b.pt"]
     for i, path in enumerate(embeds):
         torch.save(torch.randn(7, 24, generator=torch.Generator().manual_seed(i)), path)

@@ -150,6 +150,7 @@ def run_finetune(args: argparse.Namespace, log) -> int:
     from toolkit.models.bundled import WEIGHTS_FILE, load_bundled
     from toolkit.models.bundled.finetune import save_finetuned, train_finetune
     from toolkit.models.bundled.model import load_weights
+    from toolkit.models.bundled.recipe import refuse_overwrite
     from toolkit.models.wan import WanModel
 
     if not args.attention:
@@ -163,8 +164,7 @@ def run_finetune(args: argparse.Namespace, log) -> int:
     if min(args.ft_steps, args.ft_batch) < 1 or not args.ft_lr > 0:
         raise ToolkitError("--ft-steps and --ft-batch must be >= 1 and --ft-lr > 0")
     out = Path(args.out)
-    if (out / WEIGHTS_FILE).exists() and not args.force:
-        raise ToolkitError(f"{out} already holds a model ({WEIGHTS_FILE}); pass --force to replace it")
+    refuse_overwrite(out, [out / WEIGHTS_FILE], args.force)
     dev = resolve_device(args.device)
     if args.tiny:
         torch.manual_seed(args.seed)

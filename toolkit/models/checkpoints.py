@@ -194,7 +194,9 @@ def config_from_json(d: Mapping[str, Any]) -> dict[str, Any]:
     """WanConfig keyword arguments from a Wan-native or diffusers ``config.json`` dict.
 
     Only keys present in the file are returned (Wan's file omits patch_size/text_dim, which keep the WanConfig
-    defaults); keys of other tools (``_class_name``, ``model_type``, ...) are ignored.
+    defaults); keys of other tools (``_class_name``, ``model_type``, ...) are ignored. A toolkit config.json's
+    ``extra`` (the bundled family's clip size, chunk length, prompt encoding) is kept: those facts belong to the
+    checkpoint, not to the registry's default config.
     """
     if "num_attention_heads" in d:  # diffusers WanTransformer3DModel
         out: dict[str, Any] = {
@@ -209,6 +211,8 @@ def config_from_json(d: Mapping[str, Any]) -> dict[str, Any]:
         out = {k: d[k] for k in CONFIG_FIELDS if k in d}
     if "patch_size" in out:
         out["patch_size"] = tuple(out["patch_size"])
+    if isinstance(d.get("extra"), dict):
+        out["extra"] = dict(d["extra"])
     return out
 
 

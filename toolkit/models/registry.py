@@ -87,7 +87,9 @@ class ModelSpec:
     description: str
     causal: bool
     config: Callable[[], Any]  # -> WanConfig (a function: the bundled model's config is imported lazily)
-    sampler: Callable[[], dict[str, Any]]  # the sampling loop's settings and the clip size in pixels
+    # the sampling loop's settings and the clip size in pixels, for a config (None: ``config()``); a checkpoint's
+    # own config may carry its own clip (the bundled family keeps it in ``extra``)
+    sampler: Callable[[Any | None], dict[str, Any]]
     locations: Callable[[], list[Location]]
     download: Callable[[], list[str]]
     accepts: str  # what a --checkpoint for this model may be
@@ -104,13 +106,13 @@ class ModelSpec:
         """Needs the Wan2.1 folder's text encoder (and VAE for video)."""
         return self.conditioning == "umt5"
 
-    def make_sampler(self) -> Sampler:
-        return sampler_from(self.sampler())
+    def make_sampler(self, cfg: Any | None = None) -> Sampler:
+        return sampler_from(self.sampler(cfg))
 
     def latent_shape(self, cfg: Any | None = None) -> tuple[int, int, int, int]:
         """(channels, latent frames, latent height, latent width) of one clip."""
         cfg = cfg or self.config()
-        s, c = self.sampler(), self.spatial_compression
+        s, c = self.sampler(cfg), self.spatial_compression
         return cfg.in_dim, s["latent_frames"], s["height"] // c, s["width"] // c
 
     def layout(self, cfg: Any | None = None) -> RunLayout:
@@ -118,7 +120,7 @@ class ModelSpec:
         cfg = cfg or self.config()
         _, frames, height, width = self.latent_shape(cfg)
         pt, ph, pw = cfg.patch_size
-        return self.make_sampler().layout(cfg, (frames // pt, height // ph, width // pw))
+        return self.make_sampler(cfg).layout(cfg, (frames // pt, height // ph, width // pw))
 
 
 def _env(var: str, is_valid: Callable[[Path], bool]) -> Location:
@@ -201,10 +203,12 @@ def _bundled_locations() -> list[Location]:
     return [Location("bundled with the toolkit", str(path), path if path.is_file() else None)]
 
 
-def _bundled_sampler() -> dict[str, Any]:
+def _bundled_sampler(cfg: Any | None = None) -> dict[str, Any]:
     b = _bundled()
-    frames, height, width = b.clip_shape(_bundled_config())
-    return {"sampler": "self-forcing", "frames_per_chunk": b.FRAMES_PER_CHUNK, "denoising_steps": (1000, 750, 500, 250),
+    cfg = cfg or _bundled_config()
+    frames, height, width = b.clip_shape(cfg)
+    return {"sampler": "self-forcing", "frames_per_chunk": b.frames_per_chunk(cfg),
+            "denoising_steps": (1000, 750, 500, 250),
             "shift": 5.0, "latent_frames": frames, "height": height, "width": width}
 
 
@@ -251,7 +255,7 @@ MODELS: dict[str, ModelSpec] = {
         description="Self-Forcing (causal, KV cache, 4-step DMD) on Wan2.1-T2V-1.3B",
         causal=True,
         config=_wan_1p3b_config,
-        sampler=lambda: dict(SELF_FORCING_SAMPLER),
+        sampler=lambda cfg=None: dict(SELF_FORCING_SAMPLER),
         locations=_self_forcing_locations,
         download=_download_sf,
         accepts="a Self-Forcing .pt (or any supported layout of the 1.3B DiT)",
@@ -262,7 +266,7 @@ MODELS: dict[str, ModelSpec] = {
         description="Wan2.1-T2V-1.3B, bidirectional, flow matching with classifier-free guidance",
         causal=False,
         config=_wan_1p3b_config,
-        sampler=lambda: dict(WAN_SAMPLER),
+        sampler=lambda cfg=None: dict(WAN_SAMPLER),
         locations=_wan_locations,
         download=lambda: _download_wan(),
         accepts="the Wan2.1-T2V-1.3B folder, a diffusion_pytorch_model.safetensors, or a diffusers folder",
@@ -401,6 +405,6 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike[str] | N
     info = ModelInfo(
         name=name, causal=spec.causal, checkpoint=ckpt.path, files=ckpt.files,
         sha256=ck.checkpoint_sha256(ckpt.files) if sha256 else None, format=ckpt.format, entry=ckpt.entry,
-        config=cfg.to_dict(), sampler=spec.sampler(),
+        config=cfg.to_dict(), sampler=spec.sampler(cfg),
     )
     return model.eval(), info

@@ -88,6 +88,14 @@ def stage_path(out: Path, stage: str) -> Path:
     return out / "stages" / f"{stage}.safetensors"
 
 
+def refuse_overwrite(out: Path, writes: Sequence[Path], force: bool) -> None:
+    """One line, nothing written, if any of the files a run ``writes`` into ``out`` exists already (unless
+    ``force``): ``toolkit train`` never silently replaces a model."""
+    existing = [p for p in writes if p.exists()]
+    if existing and not force:
+        raise ToolkitError(f"{out} already holds a model ({existing[0].name}); pass --force to replace it")
+
+
 def check_output(out: str | Path, stages: Sequence[str], force: bool) -> Path:
     """Refuse (one line) to overwrite a model in ``out`` unless ``force``; check that the stages the ones asked for
     build on have left their weights there (or are asked for too). Nothing is written."""
@@ -101,9 +109,7 @@ def check_output(out: str | Path, stages: Sequence[str], force: bool) -> Path:
     writes = [stage_path(out, s) for s in ordered]
     if "ode_init" in ordered or "self_forcing" in ordered:
         writes.append(out / WEIGHTS_FILE)
-    existing = [p for p in writes if p.exists()]
-    if existing and not force:
-        raise ToolkitError(f"{out} already holds a model ({existing[0].name}); pass --force to replace it")
+    refuse_overwrite(out, writes, force)
     for stage in ordered:
         for earlier in NEEDS[stage]:
             if earlier not in ordered and not stage_path(out, earlier).is_file():
