@@ -182,7 +182,8 @@ def test_latent_model_without_vae_reports_latent_metrics_only(tmp_path, monkeypa
     ckpt = save_wan_native(random_state_dict(cfg), tmp_path / "sf", cfg)
     spec = registry.MODELS["self-forcing"]
     small = dict(spec.sampler(), latent_frames=6, height=48, width=80)
-    monkeypatch.setitem(registry.MODELS, "self-forcing", dataclasses.replace(spec, sampler=lambda cfg=None: dict(small)))
+    small_spec = dataclasses.replace(spec, sampler=lambda cfg=None: dict(small))
+    monkeypatch.setitem(registry.MODELS, "self-forcing", small_spec)
     embeds = [tmp_path / "a.pt", tmp_path / "b.pt"]
     for i, path in enumerate(embeds):
         torch.save(torch.randn(7, 24, generator=torch.Generator().manual_seed(i)), path)
