@@ -2,7 +2,8 @@
 
 * :func:`monarch_attention_triton` / :func:`monarch_backend_triton` — Monarch attention forward (T = 1, tiled),
   bidirectional, block-causal and KV-cache (raster-order cache), seam contract; runs as the ``torch.library``
-  custom op ``toolkit::monarch_attention``, so models using it work under ``torch.compile``.
+  custom op ``toolkit::monarch_attention``, so models using it work under ``torch.compile``; its gradients come
+  from the backward kernels of ``monarch_backward`` (op ``toolkit::monarch_attention_backward``).
 * :func:`monarch_factors_apply` / :func:`apply_factors` — M·V and row sums from explicit factors (L, R).
 * :func:`monarch_compare` — per query row ‖A − M‖², ‖(A − M)V‖ against dense softmax attention, streaming.
 

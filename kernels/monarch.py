@@ -27,13 +27,16 @@ Query tiles are processed in chunks so that the intermediates stay under a memor
 Layout of this module (the shape of Triton's fused-attention tutorial): the math above, the kernels, then a
 short launcher, :func:`monarch_attention_triton`, that checks its constraints and calls the custom op
 ``toolkit::monarch_attention`` (``torch.library``, with a fake implementation for shapes and dtypes), so a model
-whose seam uses this kernel traces under ``torch.compile``. Its autograd formula recomputes the PyTorch reference
-(there is no backward kernel yet), so gradients through the op are exact but cost what the reference costs.
+whose seam uses this kernel traces under ``torch.compile``. Its autograd formula is a second op,
+``toolkit::monarch_attention_backward``: this module's R-step recomputes α, Y, c chunk by chunk and the backward
+kernels of :mod:`toolkit.kernels.monarch_backward` turn them into dq, dk, dv.
 Benchmark switches (R-step version, launch configs, one stage alone, an output buffer) exist only on the private
 :func:`_forward`, which ``kernels/bench.py`` calls; FLOP and byte accounting lives in the benchmark too.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from toolkit.kernels._common import (
@@ -52,6 +55,12 @@ from toolkit.kernels._common import (
     token_strides,
     triton,
     upcast_dots,
+)
+from toolkit.kernels.monarch_backward import (
+    DEFAULT_BACKWARD_SCRATCH_BYTES,
+    MAX_BACKWARD_ROWS,
+    monarch_attention_backward,
+    scratch_share,
 )
 
 from toolkit.errors import ToolkitError
@@ -437,26 +446,63 @@ def _(q, k, v, grid, tiling, query_frames, key_frames, block_causal_frames, scal
 
 
 def _setup_backward(ctx, inputs, output) -> None:
-    q, k, v, grid, tiling, query_frames, key_frames, block_causal_frames, scale, _ = inputs
-    ctx.save_for_backward(q, k, v)
-    ctx.call = (tuple(grid), tuple(tiling), tuple(query_frames), tuple(key_frames), block_causal_frames, scale)
+    q, k, v, grid, tiling, query_frames, key_frames, block_causal_frames, scale, scratch_bytes = inputs
+    ctx.save_for_backward(q, k, v, output)
+    ctx.call = (grid, tiling, query_frames, key_frames, block_causal_frames, scale, scratch_bytes)
 
 
 def _backward(ctx, grad_out: torch.Tensor):
-    """dq, dk, dv by recomputing the PyTorch reference (the same function, tested equal) with autograd in float32:
-    correct gradients through the op until a backward kernel exists, at the reference's cost and memory."""
+    """dq, dk, dv from the backward kernels, through their own op (opaque to tracing, like the forward)."""
+    q, k, v, out = ctx.saved_tensors
+    grid, tiling, query_frames, key_frames, block_causal_frames, scale, _ = ctx.call
+    if TileGeometry(tuple(grid), tuple(tiling), tuple(query_frames)).b1 > MAX_BACKWARD_ROWS:
+        # the only fallback: the L-step backward kernel holds a column's b1 rows in one block
+        grads = _reference_backward(q, k, v, grad_out, grid, tiling, query_frames, key_frames, block_causal_frames,
+                                    scale)
+    else:
+        grads = _monarch_attention_backward_op(q, k, v, out, grad_out.contiguous(), *ctx.call)
+    return (*grads, None, None, None, None, None, None, None)
+
+
+@torch.library.custom_op("toolkit::monarch_attention_backward", mutates_args=())
+def _monarch_attention_backward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor, grid: list[int],
+    tiling: list[int], query_frames: list[int], key_frames: list[int], block_causal_frames: int | None,
+    scale: float, scratch_bytes: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of :func:`_monarch_attention_op` (``kernels/monarch_backward.py``): the forward's R-step
+    recomputes α, Y, c chunk by chunk, the backward kernels run on each chunk; scratch within ``scratch_bytes``."""
+    gq, gk = TileGeometry(tuple(grid), tuple(tiling), tuple(query_frames)), TileGeometry(
+        tuple(grid), tuple(tiling), tuple(key_frames))
+    budget = DEFAULT_BACKWARD_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes
+    share = scratch_share(gq, gk, q.shape[-1], q.element_size())
+
+    def recompute_rows(step) -> None:
+        _forward(q, k, v, grid, tiling, query_frames=query_frames, key_frames=key_frames,
+                 block_causal_frames=block_causal_frames, scale=scale, scratch_bytes=max(1, int(budget * share)),
+                 after_rows=step)
+
+    allowed = key_tiles_allowed_on(q.device, gq, gk, block_causal_frames)
+    return monarch_attention_backward(q, k, v, out, grad_out, gq, gk, allowed, scale, recompute_rows)
+
+
+def _reference_backward(q, k, v, grad_out, grid, tiling, query_frames, key_frames, block_causal_frames, scale):
+    """dq, dk, dv by autograd of the PyTorch reference in float32 (every α, Y, L, R materialised)."""
     from toolkit.attention.monarch import monarch_attention
     from toolkit.grid import MonarchLayout
 
-    q, k, v = ctx.saved_tensors
-    grid, tiling, query_frames, key_frames, block_causal_frames, scale = ctx.call
     with torch.enable_grad():
         leaves = [x.detach().float().requires_grad_(True) for x in (q, k, v)]
         out = monarch_attention(*leaves, grid, layout=MonarchLayout.aligned(grid, "fh,w", tiling),
                                 query_frames=query_frames, key_frames=key_frames,
                                 block_causal_frames=block_causal_frames, scale=scale)
         grads = torch.autograd.grad(out, leaves, grad_out.float())
-    return (*(g.to(x.dtype) for g, x in zip(grads, (q, k, v))), None, None, None, None, None, None, None)
+    return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
+
+
+@_monarch_attention_backward_op.register_fake
+def _(q, k, v, out, grad_out, grid, tiling, query_frames, key_frames, block_causal_frames, scale, scratch_bytes):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the kernels write them
 
 
 _monarch_attention_op.register_autograd(_backward, setup_context=_setup_backward)
@@ -479,7 +525,8 @@ def _forward(
     out: torch.Tensor | None = None,
     stages: str = "both",
     version: str | None = None,
-) -> torch.Tensor:
+    after_rows: Callable[[tuple[int, int, int, int], tuple[torch.Tensor, ...]], None] | None = None,
+) -> torch.Tensor | None:
     """The launcher behind the op, with the benchmark's and the tests' switches (not part of the public API).
 
     ``autotune``: tune launch configs once per shape and cache them on disk (default: env
@@ -488,7 +535,8 @@ def _forward(
     BLOCK_J v1's). ``out``: buffer to write (``b i h d``, e.g. NaN-filled in tests). ``stages``: "both"; "rows"
     or "cols" launch only that kernel (per-stage timing; the result is then not the attention output).
     ``version``: R-step kernel ``v1`` or ``v2`` (default :func:`_default_version`; v2 falls back to v1 where b2
-    > 64). Both give the same result (tested).
+    > 64). Both give the same result (tested). ``after_rows``: called as ``after_rows((h0, h1, a0, a1), (alpha, y,
+    c))`` after each scratch chunk's R-step instead of the L-step (the backward's recomputation; no output, None).
     """
     grid = tuple(int(x) for x in grid)
     tiling = tuple(int(x) for x in tiling)
@@ -526,9 +574,9 @@ def _forward(
     buf = tuple(scratch(shape, dt, q.device) for shape, dt in (
         ((B * h_chunk, a_chunk, b2, F * b1, D), q.dtype), ((B * h_chunk, a_chunk, b2, F * b1, D), q.dtype),
         ((B * h_chunk, a_chunk, b2, F * b1), torch.float32)))
-    out = output_buffer(out, tuple(q.shape), q.dtype, q.device)
+    out = None if after_rows is not None else output_buffer(out, tuple(q.shape), q.dtype, q.device)
 
-    strides_q, strides_k, strides_v, strides_o = (token_strides(x) for x in (q, k, v, out))
+    strides_q, strides_k, strides_v = (token_strides(x) for x in (q, k, v))
     # vector offsets in the kernels are 32-bit (per batch-head tensor / per column slab); bases are 64-bit
     # (v2 programs address up to 128 rows (query tile, column) of F·b1 slots each from one base)
     if max(n_q * strides_q[1], k.shape[1] * max(strides_k[1], strides_v[1]), max(b2, 128) * F * b1 * D) >= 2**31:
@@ -563,7 +611,7 @@ def _forward(
         (h0, h1, a0, a1), (alpha, y, c) = chunk, buf
         grid_c = (b2 * triton.cdiv(b1, cfg["BLOCK_I"]), a1 - a0, B * (h1 - h0))
         _monarch_cols_fwd[grid_c](
-            heads_of(q, h0, h1), alpha, y, c, allowed, heads_of(out, h0, h1), *strides_q, *strides_o,
+            heads_of(q, h0, h1), alpha, y, c, allowed, heads_of(out, h0, h1), *strides_q, *token_strides(out),
             h1 - h0, a0, a_chunk, F, b1, b2, scale_log2, *gq.args(), **cols_meta(cfg, D, upcast),
         )
 
@@ -586,6 +634,9 @@ def _forward(
     for chunk in chunks:
         if stages != "cols":
             rows_fn(cfg_r, chunk)
+        if after_rows is not None:
+            after_rows(chunk, buf)
+            continue
         if stages != "rows":
             if cfg_c is None:  # tuned (if at all) after the first R-step launch: its intermediates are in place
                 cfg_c = pick_config(f"monarch cols {key}", _cols_default(b1, D), _cols_candidates(b1, D),

@@ -82,6 +82,55 @@ def test_monarch_kernel_matches_float64_reference_at_paper_shape(name):
     assert err < MONARCH_BF16_TOL, f"{name}: rel err {err:.3g}"
 
 
+# ‖grad − ref‖/‖ref‖ bound for the backward kernels in bf16 (a prediction, to be confirmed on the first GPU run):
+# on top of the forward's bf16 α/Y, the backward rounds dα, dY, s·dx and the operands p, dz, dx of its products to
+# bf16 (2⁻⁸ relative each, random in sign); dq, dk, dv are sums of many such terms, as the output is.
+MONARCH_BF16_GRAD_TOL = 3e-2
+
+
+def monarch_grad_rel_errors(grid, tiling, query_frames, key_frames, block_causal_frames=None, *, heads=HEADS,
+                            dim=DIM, ref_heads=(0, 7), dtype=torch.bfloat16, device="cuda", seed=0) -> dict:
+    """Relative L2 errors of dq, dk, dv from the op's backward kernels (all heads, one call as in training)
+    against autograd of the float32 reference, head by head on ``ref_heads`` (one head's autograd graph of
+    R, α, L is a few GB at 32,760 tokens; heads are independent)."""
+    from toolkit.kernels import monarch_attention_triton
+
+    from toolkit.attention.monarch import monarch_attention
+
+    q, k, v = _qkv(grid, query_frames, key_frames, heads, dim, dtype, device, seed)
+    d_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device=device, dtype=dtype)
+    kw = dict(query_frames=query_frames, key_frames=key_frames, block_causal_frames=block_causal_frames)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out = monarch_attention_triton(*leaves, grid, tiling, **kw)
+    got = torch.autograd.grad(out, leaves, d_out)
+    del out
+    num, den = {n: 0.0 for n in "qkv"}, {n: 0.0 for n in "qkv"}
+    for h in ref_heads:
+        ref_leaves = [x[:, :, h:h + 1].float().requires_grad_(True) for x in (q, k, v)]
+        ref = monarch_attention(*ref_leaves, grid, tiling, **kw)
+        want = torch.autograd.grad(ref, ref_leaves, d_out[:, :, h:h + 1].float())
+        del ref
+        for name, a, b in zip("qkv", got, want):
+            assert torch.isfinite(a[:, :, h]).all(), f"d{name}: non-finite gradient"
+            num[name] += (a[:, :, h:h + 1].double() - b.double()).norm().item() ** 2
+            den[name] += b.double().norm().item() ** 2
+    return {name: (num[name] / den[name]) ** 0.5 for name in "qkv"}
+
+
+# name: grid, tiling, query frames, key frames, block-causal frames
+MONARCH_GRAD_CASES = {
+    "full-111": (PAPER_GRID, (1, 1, 1), (0, 21), (0, 21), None),
+    "last-chunk-111": (PAPER_GRID, (1, 1, 1), (18, 21), (0, 21), None),  # the last AR chunk against the cache
+    "full-311-block-causal": (PAPER_GRID, (3, 1, 1), (0, 21), (0, 21), 3),  # training path
+}
+
+
+@pytest.mark.parametrize("name", list(MONARCH_GRAD_CASES))
+def test_monarch_backward_matches_float32_reference_at_paper_shape(name):
+    errors = monarch_grad_rel_errors(*MONARCH_GRAD_CASES[name], seed=len(name))
+    assert max(errors.values()) < MONARCH_BF16_GRAD_TOL, f"{name}: rel errors {errors}"
+
+
 def test_monarch_op_is_the_registered_torch_library_op():
     """``torch.ops.toolkit.monarch_attention`` called directly gives the launcher's result bit for bit."""
     from toolkit.kernels import monarch_attention_triton
