@@ -25,6 +25,28 @@ def test_bench_tiny_on_cpu_reports_cuda_baselines_as_skipped(tmp_path, monkeypat
     assert md.count("skipped (needs CUDA)") == 3
 
 
+def test_bench_backward_tiny_writes_its_table_and_refuses_to_overwrite(tmp_path, capsys):
+    """`toolkit bench --backward --tiny`: every variant measured with finite gradients, backward = fwd+bwd - fwd;
+    a second run into the same folder is one line, exit 2, files untouched."""
+    from toolkit.cli import main as cli
+
+    out = tmp_path / "bwd"
+    assert cli(["bench", "--backward", "--tiny", "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "bench_backward.json").read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"monarch forward", "monarch forward+backward", "sdpa-math forward+backward"}
+    assert all("error" not in r and r["median_ms"] > 0 for r in rows.values())
+    assert rows["monarch forward+backward"]["grads_finite"] and rows["sdpa-math forward+backward"]["grads_finite"]
+    train, fwd = rows["monarch forward+backward"], rows["monarch forward"]
+    assert train["backward_ms"] == round(train["median_ms"] - fwd["median_ms"], 4)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert cli(["bench", "--backward", "--tiny", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--force" in err[0], err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 class _Recorder:
     """Stands in for a jitted kernel: ``kernel[grid](*args, **kwargs)`` records the launch instead of running."""
 

@@ -1,8 +1,8 @@
 """Forward + backward of the Monarch op (``toolkit::monarch_attention``, backward kernels of
 ``kernels/monarch_backward.py``) against PyTorch SDPA forward + backward (cuDNN and flash backends), same process.
 
-    python benchmarks/bench_backward.py --out DIR [--shapes full-111 full-311 ar-111] [--repeats 10]
-    python benchmarks/bench_backward.py --tiny --out /tmp/bb   # CPU smoke run (Triton interpreter, toy shape)
+    toolkit bench --backward --out DIR [--shapes full-111 full-311 ar-111] [--repeats 10]
+    toolkit bench --backward --tiny --out /tmp/bb   # CPU smoke run (Triton interpreter, toy shape)
 
 Shapes are ``toolkit.kernels.bench.SHAPES`` (bf16, B = 1, 12 heads, d = 128). Per variant: the first call (Triton
 compile / cuDNN plan, reported separately), ``--warmup`` calls not timed, then ``--repeats`` timed calls (CUDA
@@ -12,27 +12,19 @@ during one forward + backward; a finiteness check of the gradients. Writes DIR/b
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from toolkit.kernels import monarch_attention_triton
-from toolkit.kernels.bench import SHAPES, TINY_SHAPES, _environment
+from toolkit.kernels.bench import SHAPES, TINY_SHAPES, _environment, _inputs
+from toolkit.kernels.monarch import monarch_attention_triton
 
-BENCH_SHAPES = ("full-111", "full-311", "ar-111")
+from toolkit.errors import ToolkitError
 
-
-def _inputs(grid, qf, kf, heads, dim, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tpf = grid[1] * grid[2]
-    n_q, n_k = (qf[1] - qf[0]) * tpf, (kf[1] - kf[0]) * tpf
-    q, k, v, d_out = (torch.randn(1, n, heads, dim, generator=g).to(device=device, dtype=dtype)
-                      for n in (n_q, n_k, n_k, n_q))
-    return q, k, v, d_out
+BENCH_SHAPES = ("full-111", "full-311", "ar-111")  # the default of ``toolkit bench --backward``
+OUTPUTS = ("bench_backward.json", "bench_backward.md")
 
 
 def _timed_ms(fn, device: torch.device) -> float:
@@ -77,7 +69,8 @@ def bench_shape(name: str, spec, heads: int, dim: int, dtype, device, warmup: in
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     grid, tiling, qf, kf = spec
-    q, k, v, d_out = _inputs(grid, qf, kf, heads, dim, dtype, device)
+    q, k, v = _inputs(grid, qf, kf, heads, dim, dtype, device)
+    d_out = torch.randn_like(q)
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
     size_q = q.numel() * q.element_size()
     rows = []
@@ -134,43 +127,35 @@ def markdown(env: dict, rows: list[dict]) -> str:
             lines.append(f"| {r['shape']} | {r['variant']} | error: {r['error']} | | | | | |")
             continue
         peak = "–" if r.get("peak_extra_over_q") is None else f"{r['peak_extra_over_q']}"
-        lines.append(f"| {r['shape']} | {r['variant']} | {r['median_ms']:.3f} | {r.get('backward_ms', '')} | "
+        bwd = f"{r['backward_ms']:.3f}" if "backward_ms" in r else ""
+        lines.append(f"| {r['shape']} | {r['variant']} | {r['median_ms']:.3f} | {bwd} | "
                      f"{r['min_ms']:.3f}–{r['max_ms']:.3f} | {r['first_call_s']:.2f} | {peak} | "
                      f"{r.get('grads_finite', '')} |")
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="folder for bench_backward.json / .md")
-    p.add_argument("--shapes", nargs="*", choices=sorted(SHAPES), default=list(BENCH_SHAPES))
-    p.add_argument("--repeats", type=int, default=10, help="timed calls per variant (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first one")
-    p.add_argument("--tiny", action="store_true", help="CPU smoke run: toy shape, 2 heads of d = 16, fp32")
-    args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    if args.tiny:
-        shapes, heads, dim, dtype, warmup, repeats = {"tiny-111": TINY_SHAPES["tiny-111"]}, 2, 16, torch.float32, 0, 1
+def run(out: str | Path, shapes: list[str] | None = None, *, tiny: bool = False, warmup: int = 2,
+        repeats: int = 10) -> dict:
+    """Benchmark ``shapes`` (default :data:`BENCH_SHAPES`; ``tiny``: a toy shape on the CPU, 2 heads of d = 16,
+    fp32) and write ``out``/bench_backward.json and .md; returns the result."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+    if tiny:
+        chosen, heads, dim, dtype, warmup, repeats = {"tiny-111": TINY_SHAPES["tiny-111"]}, 2, 16, torch.float32, 0, 1
     else:
         if device.type != "cuda":
-            print("needs a CUDA device (or --tiny)", file=sys.stderr)
-            return 2
-        shapes = {s: SHAPES[s] for s in args.shapes}
-        heads, dim, dtype, warmup, repeats = 12, 128, torch.bfloat16, args.warmup, args.repeats
+            raise ToolkitError("the backward benchmark needs a CUDA device (or --tiny)")
+        chosen = {s: SHAPES[s] for s in (shapes or BENCH_SHAPES)}
+        heads, dim, dtype = 12, 128, torch.bfloat16
     env = _environment()
     rows = []
     t0 = time.perf_counter()
-    for name, spec in shapes.items():
+    for name, spec in chosen.items():
         rows += bench_shape(name, spec, heads, dim, dtype, device, warmup, repeats)
     result = {"environment": env, "heads": heads, "head_dim": dim, "dtype": str(dtype), "batch": 1,
               "warmup": warmup, "repeats": repeats, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_backward.json").write_text(json.dumps(result, indent=1, default=str))
+    out = Path(out)
+    (out / OUTPUTS[0]).write_text(json.dumps(result, indent=1, default=str))
     md = markdown(env, rows)
-    (args.out / "bench_backward.md").write_text(md)
+    (out / OUTPUTS[1]).write_text(md)
     print(md)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return result
