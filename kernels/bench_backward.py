@@ -1,23 +1,31 @@
 """Forward + backward of the Monarch op (``toolkit::monarch_attention``, backward kernels of
 ``kernels/monarch_backward.py``) against PyTorch SDPA forward + backward (cuDNN and flash backends), same process.
 
-    toolkit bench --backward --out DIR [--shapes full-111 full-311 ar-111] [--repeats 10]
+    toolkit bench --backward --out DIR [--shapes full-111 full-311 ar-111] [--repeats 10] [--no-autotune]
     toolkit bench --backward --tiny --out /tmp/bb   # CPU smoke run (Triton interpreter, toy shape)
 
-Shapes are ``toolkit.kernels.bench.SHAPES`` (bf16, B = 1, 12 heads, d = 128). Per variant: the first call (Triton
-compile / cuDNN plan, reported separately), ``--warmup`` calls not timed, then ``--repeats`` timed calls (CUDA
-events; medians reported); Monarch also forward alone, so backward ≈ the difference; peak memory above the inputs
-during one forward + backward; a finiteness check of the gradients. Writes DIR/bench_backward.json and .md.
+Shapes are ``toolkit.kernels.bench.SHAPES`` (bf16, B = 1, 12 heads, d = 128). Per shape, first the Monarch launch
+configs are chosen: one forward and one forward + backward call with ``TOOLKIT_KERNEL_AUTOTUNE=1`` (candidates of
+every forward and backward kernel timed once per shape and scratch chunk, winners cached on disk; with
+``--no-autotune`` cached or heuristic configs only), reported as ``tuning_s`` (compile included) with the
+tuner's log, and excluded from everything else. Then per variant: the first call (remaining compiles / cuDNN
+plan, reported separately), ``--warmup`` calls not timed, then ``--repeats`` timed calls (CUDA events; medians
+reported); Monarch also forward alone, so backward ≈ the difference; peak memory above the inputs during one
+forward + backward; a finiteness check of the gradients. Writes DIR/bench_backward.json and .md.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from toolkit.kernels import _common
 from toolkit.kernels.bench import SHAPES, TINY_SHAPES, _environment, _inputs
 from toolkit.kernels.monarch import monarch_attention_triton
 
@@ -65,6 +73,33 @@ def _measure(fn, device: torch.device, warmup: int, repeats: int) -> dict:
             "min_ms": round(min(times), 4), "max_ms": round(max(times), 4), "peak_extra_bytes": peak}
 
 
+@contextmanager
+def _autotune_env(on: bool) -> Iterator[None]:
+    """``TOOLKIT_KERNEL_AUTOTUNE`` for the duration: the op's launchers (forward, recompute, backward) read it, as
+    the op's signature has no tuning switch."""
+    before = os.environ.get("TOOLKIT_KERNEL_AUTOTUNE")
+    os.environ["TOOLKIT_KERNEL_AUTOTUNE"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TOOLKIT_KERNEL_AUTOTUNE"]
+        else:
+            os.environ["TOOLKIT_KERNEL_AUTOTUNE"] = before
+
+
+def _choose_configs(fn, device: torch.device) -> dict:
+    """One call of ``fn`` that makes the launchers pick (tune, read from cache, or default) every launch config:
+    its seconds and the tuner's log, so that the measurements that follow exclude tuning."""
+    n_log = len(_common.TUNING_LOG)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    log = [dict(t) for t in _common.TUNING_LOG[n_log:]]
+    return {"tuning_s": round(time.perf_counter() - t0, 3), "tuning": log}
+
+
 def bench_shape(name: str, spec, heads: int, dim: int, dtype, device, warmup: int, repeats: int) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -100,10 +135,17 @@ def bench_shape(name: str, spec, heads: int, dim: int, dtype, device, warmup: in
     for variant, fn in variants:
         row = {"shape": name, "variant": variant, "grid": grid, "tiling": tiling, "query_frames": qf,
                "key_frames": kf}
+        last = [None]  # the latest call's result: the gradient check needs no call of its own
+
+        def call(fn=fn, last=last):
+            last[0] = fn()
+
         try:
-            row.update(_measure(fn, device, warmup, repeats))
+            if variant.startswith("monarch"):
+                row.update(_choose_configs(call, device))
+            row.update(_measure(call, device, warmup, repeats))
             if "backward" in variant:
-                row["grads_finite"] = all(bool(torch.isfinite(g).all()) for g in fn())
+                row["grads_finite"] = all(bool(torch.isfinite(g).all()) for g in last[0])
             if row["peak_extra_bytes"] is not None:
                 row["peak_extra_over_q"] = round(row["peak_extra_bytes"] / size_q, 2)
         except Exception as err:  # noqa: BLE001 - one failing variant is reported, the others still run
@@ -120,24 +162,30 @@ def bench_shape(name: str, spec, heads: int, dim: int, dtype, device, warmup: in
 def markdown(env: dict, rows: list[dict]) -> str:
     lines = [f"# Monarch forward + backward vs SDPA ({env.get('gpu', 'cpu')}, torch {env['torch']}, "
              f"triton {env['triton']})", "",
-             "| shape | variant | median ms | backward ms | min–max ms | first call s | peak extra (× size q) | "
-             "grads finite |", "|---|---|---|---|---|---|---|---|"]
+             "| shape | variant | median ms | backward ms | min–max ms | tuning s (configs) | first call s | "
+             "peak extra (× size q) | grads finite |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['variant']} | error: {r['error']} | | | | | |")
+            lines.append(f"| {r['shape']} | {r['variant']} | error: {r['error']} | | | | | | |")
             continue
         peak = "–" if r.get("peak_extra_over_q") is None else f"{r['peak_extra_over_q']}"
         bwd = f"{r['backward_ms']:.3f}" if "backward_ms" in r else ""
+        tuning = "–"
+        if "tuning_s" in r:
+            sources = [t["source"] for t in r["tuning"]]
+            tuning = f"{r['tuning_s']:.1f} (" + ", ".join(
+                f"{sources.count(s)} {s}" for s in ("tuned", "cached", "default") if s in sources) + ")"
         lines.append(f"| {r['shape']} | {r['variant']} | {r['median_ms']:.3f} | {bwd} | "
-                     f"{r['min_ms']:.3f}–{r['max_ms']:.3f} | {r['first_call_s']:.2f} | {peak} | "
+                     f"{r['min_ms']:.3f}–{r['max_ms']:.3f} | {tuning} | {r['first_call_s']:.2f} | {peak} | "
                      f"{r.get('grads_finite', '')} |")
     return "\n".join(lines) + "\n"
 
 
 def run(out: str | Path, shapes: list[str] | None = None, *, tiny: bool = False, warmup: int = 2,
-        repeats: int = 10) -> dict:
+        repeats: int = 10, autotune: bool = True) -> dict:
     """Benchmark ``shapes`` (default :data:`BENCH_SHAPES`; ``tiny``: a toy shape on the CPU, 2 heads of d = 16,
-    fp32) and write ``out``/bench_backward.json and .md; returns the result."""
+    fp32) and write ``out``/bench_backward.json and .md; returns the result. ``autotune``: tune the Monarch
+    launch configs not yet in the on-disk cache before timing (else cached or heuristic ones)."""
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     if tiny:
         chosen, heads, dim, dtype, warmup, repeats = {"tiny-111": TINY_SHAPES["tiny-111"]}, 2, 16, torch.float32, 0, 1
@@ -149,13 +197,17 @@ def run(out: str | Path, shapes: list[str] | None = None, *, tiny: bool = False,
     env = _environment()
     rows = []
     t0 = time.perf_counter()
-    for name, spec in chosen.items():
-        rows += bench_shape(name, spec, heads, dim, dtype, device, warmup, repeats)
-    result = {"environment": env, "heads": heads, "head_dim": dim, "dtype": str(dtype), "batch": 1,
-              "warmup": warmup, "repeats": repeats, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
     out = Path(out)
-    (out / OUTPUTS[0]).write_text(json.dumps(result, indent=1, default=str))
-    md = markdown(env, rows)
-    (out / OUTPUTS[1]).write_text(md)
+    with _autotune_env(autotune):
+        for name, spec in chosen.items():
+            rows += bench_shape(name, spec, heads, dim, dtype, device, warmup, repeats)
+            # written after every shape: a run cut short keeps the shapes it finished
+            result = {"environment": env, "heads": heads, "head_dim": dim, "dtype": str(dtype), "batch": 1,
+                      "warmup": warmup, "repeats": repeats, "autotune": autotune,
+                      "tuning_cache": str(_common.cache_path()), "seconds": round(time.perf_counter() - t0, 1),
+                      "rows": rows}
+            (out / OUTPUTS[0]).write_text(json.dumps(result, indent=1, default=str))
+            md = markdown(env, rows)
+            (out / OUTPUTS[1]).write_text(md)
     print(md)
     return result

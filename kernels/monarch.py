@@ -482,8 +482,7 @@ def _monarch_attention_backward_op(
                  block_causal_frames=block_causal_frames, scale=scale, scratch_bytes=max(1, int(budget * share)),
                  after_rows=step)
 
-    allowed = key_tiles_allowed_on(q.device, gq, gk, block_causal_frames)
-    return monarch_attention_backward(q, k, v, out, grad_out, gq, gk, allowed, scale, recompute_rows)
+    return monarch_attention_backward(q, k, v, out, grad_out, gq, gk, block_causal_frames, scale, recompute_rows)
 
 
 def _reference_backward(q, k, v, grad_out, grid, tiling, query_frames, key_frames, block_causal_frames, scale):

@@ -45,7 +45,10 @@ import torch
 from toolkit.kernels._common import (
     LOG2E,
     TileGeometry,
+    autotune_enabled,
+    key_tiles_allowed_on,
     mma,
+    pick_config,
     pow2,
     scratch,
     tile_token,
@@ -251,7 +254,8 @@ def _monarch_dq_rows(
 
 
 def backward_configs(b1: int, b2: int, d: int) -> tuple[dict, dict, dict]:
-    """Launch keywords (constexpr blocks, warps, stages) of the three kernels: L-step, R-step, dq₂."""
+    """Heuristic launch keywords (constexpr blocks, warps, stages) of the three kernels: L-step, R-step, dq₂.
+    The first candidate of :func:`backward_candidates`, and what runs when nothing is tuned or cached."""
     # All b1 rows of a column in one block (the dα, dY, dc of a key block need every row i); 8 warps once the
     # block holds more than 32 rows of d = 128 (q, dO and the dq accumulator are each BLOCK_I × d).
     bi = pow2(b1, 16)
@@ -262,6 +266,33 @@ def backward_configs(b1: int, b2: int, d: int) -> tuple[dict, dict, dict]:
     rows = {"BLOCK_J": 16, "BLOCK_L": blk, "num_warps": 8 if blk * d >= 64 * 128 else 4, "num_stages": 2}
     dq = {"BLOCK_J": blk, "BLOCK_L": blk, "num_warps": 8 if blk >= 128 else 4, "num_stages": 3}
     return cols, rows, dq
+
+
+def backward_candidates(b1: int, b2: int, d: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """Launch configs the tuner times per kernel (L-step, R-step, dq₂), each list led by
+    :func:`backward_configs`' default. Pruned by the sm_90 compile report at d = 128 (kernels/NOTES.md "Backward",
+    candidate table): configs that need more shared memory than an SM has are left out; the small spills kept
+    are listed there."""
+    cols_d, rows_d, dq_d = backward_configs(b1, b2, d)
+    bi, blk = cols_d["BLOCK_I"], rows_d["BLOCK_L"]
+    # L-step: key blocks of 32 or 64. 4 warps only where the default takes them (BLOCK_I · d ≤ 32 · 128) and only
+    # at 32 keys: 64 keys spill about 100 B at b1 = 30, and 64 rows 64 B at b1 = 45. A 128-row block (b1 > 64)
+    # at 64 keys fits shared memory at one stage only (98 KB; 32 keys: 172 KB at two).
+    stages = (1, 2) if bi > 64 else (2, 3)
+    cols = [{"BLOCK_I": bi, "BLOCK_K": 32, "num_warps": w, "num_stages": st}
+            for w in ((4, 8) if bi * d <= 32 * 128 else (8,)) for st in stages]
+    cols += [{"BLOCK_I": bi, "BLOCK_K": 64, "num_warps": 8, "num_stages": st} for st in stages[:1 if bi > 64 else 2]]
+    # R-step: 16 columns per step at 2 or 3 stages (no spills), at 4 warps too while a key row fits 64 (a row
+    # of 128 spills 1.4 KB at 4 warps); 32 columns (half the products, each twice as wide) spill 150–220 B at
+    # 8 warps and 250–380 B at 4, so 8 warps only; one stage spills at every block.
+    rows = [{"BLOCK_J": bj, "BLOCK_L": blk, "num_warps": w, "num_stages": st}
+            for bj in sorted({16, pow2(b2, 16, 32)}) for w in ((4, 8) if bj == 16 and blk <= 64 else (8,))
+            for st in (2, 3)]
+    # dq₂: whole rows; 4 warps spill at 128-wide rows (300–530 B)
+    dq = [{"BLOCK_J": blk, "BLOCK_L": blk, "num_warps": w, "num_stages": st}
+          for w in ((4, 8) if blk <= 64 else (8,)) for st in (2, 3)]
+    return tuple([default, *[c for c in lst if c != default]]  # type: ignore[return-value]
+                 for default, lst in ((cols_d, cols), (rows_d, rows), (dq_d, dq)))
 
 
 def scratch_share(queries: TileGeometry, keys: TileGeometry, d: int, element_size: int) -> float:
@@ -289,21 +320,28 @@ def monarch_attention_backward(
     grad_out: torch.Tensor,
     queries: TileGeometry,
     keys: TileGeometry,
-    allowed: torch.Tensor,
+    block_causal_frames: int | None,
     scale: float,
     recompute_rows: RecomputeRows,
+    *,
+    autotune: bool | None = None,
+    configs: tuple[dict, dict, dict] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (dtypes of q, k, v) of the forward that gave ``out`` (``b i h d``, all contiguous in d).
 
     ``recompute_rows(step)`` must run the forward's R-step scratch chunk by chunk and call
     ``step((h0, h1, a0, a1), (alpha, y, c))`` after each (``kernels/monarch.py::_forward(after_rows=...)``): the
-    three kernels run per chunk while its α, Y, c are in scratch. ``allowed``: visible key tiles per query tile.
+    three kernels run per chunk while its α, Y, c are in scratch. Launch configs: ``configs`` (L-step, R-step,
+    dq₂; tests), else per kernel the cached one, else with ``autotune`` (default: env
+    ``TOOLKIT_KERNEL_AUTOTUNE=1``) :func:`backward_candidates` timed once on the first chunk and the winner cached
+    (``_common.pick_config``, keyed like the forward: shape and scratch chunk), else :func:`backward_configs`.
     """
     q, k, v, out, grad_out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, out, grad_out.to(q.dtype)))
     B, _, H, D = q.shape
     b1, b2, F = queries.b1, queries.b2, keys.num_tiles
     upcast = upcast_dots(q.dtype)
-    cfg_cols, cfg_rows, cfg_dq = backward_configs(b1, b2, D)
+    tune = autotune_enabled(autotune)
+    allowed = key_tiles_allowed_on(q.device, queries, keys, block_causal_frames)
     dq = scratch(tuple(q.shape), q.dtype, q.device)
     dq1 = scratch(tuple(q.shape), torch.float32, q.device)  # L-step part, completed by _monarch_dq_rows
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
@@ -312,34 +350,62 @@ def monarch_attention_backward(
     s_q, s_k, s_v, s_o, s_d, s_dq1, s_dq, s_dk = (token_strides(x) for x in (q, k, v, out, grad_out, dq1, dq, dk))
     scale_log2 = scale * LOG2E
     grads: list[torch.Tensor] = []  # dα, dY, dc, s·dx scratch, sized like the forward's α for its largest chunk
+    picked: list[dict] = list(configs) if configs is not None else []  # L-step, R-step, dq₂ configs once chosen
+    spare: list[torch.Tensor] = []  # dk, dv stand-ins for timing the R-step kernel, which adds into its outputs
+    key = (f"B{B} H{H} D{D} {q.dtype} grid{queries.grid} tiling{queries.tiling} q{queries.frames} "
+           f"k{keys.frames} bc{block_causal_frames}")
 
     def heads(x: torch.Tensor, h0: int, h1: int) -> torch.Tensor:
         return x if (h0, h1) == (0, H) else x[:, :, h0:h1]
 
+    def cols(cfg: dict, chunk: tuple[int, int, int, int], buf: tuple[torch.Tensor, ...]) -> None:
+        (h0, h1, a0, a1), (alpha, y, c), (d_alpha, d_y, d_c, _) = chunk, buf, grads
+        _monarch_cols_bwd[(b2, a1 - a0, B * (h1 - h0))](
+            heads(q, h0, h1), heads(out, h0, h1), heads(grad_out, h0, h1), heads(dq1, h0, h1), alpha, y, c,
+            d_alpha, d_y, d_c, allowed, *s_q, *s_o, *s_d, *s_dq1, h1 - h0, a0, alpha.shape[1], F, b1, b2, scale,
+            scale_log2, *queries.args(), D=D, UPCAST=upcast, **cfg,
+        )
+
+    def rows(cfg: dict, chunk: tuple[int, int, int, int], dk_: torch.Tensor, dv_: torch.Tensor) -> None:
+        (h0, h1, a0, a1), (d_alpha, d_y, d_c, dxs) = chunk, grads
+        _monarch_rows_bwd[(b1, F, B * (h1 - h0))](
+            *(heads(x, h0, h1) for x in (q, k, v)), d_alpha, d_y, d_c, dxs, heads(dk_, h0, h1), heads(dv_, h0, h1),
+            first_a, *s_q, *s_k, *s_v, *s_dk, h1 - h0, a0, dxs.shape[1], a1 - a0, F, b1, b2, scale, scale_log2,
+            *queries.args(), *keys.args(), D=D, UPCAST=upcast, **cfg,
+        )
+
+    def rows_timed(cfg: dict, chunk: tuple[int, int, int, int]) -> None:
+        if not spare:  # its dk, dv additions land in throwaway buffers, so tuning leaves dk, dv untouched
+            spare.extend([torch.zeros_like(dk), torch.zeros_like(dv)])
+        rows(cfg, chunk, *spare)
+
+    def dq_rows(cfg: dict, chunk: tuple[int, int, int, int]) -> None:
+        (h0, h1, a0, a1), dxs = chunk, grads[3]
+        _monarch_dq_rows[(b1, a1 - a0, B * (h1 - h0))](
+            heads(k, h0, h1), dxs, heads(dq1, h0, h1), heads(dq, h0, h1), allowed, *s_k, *s_dq1, *s_dq, h1 - h0, a0,
+            dxs.shape[1], F, b1, b2, *queries.args(), *keys.args(), D=D, UPCAST=upcast, **cfg,
+        )
+
+    def choose(i: int, name: str, chunk: tuple[int, int, int, int], run: Callable[[dict], None],
+               buf_shape: torch.Size) -> dict:
+        """Config ``i`` (L-step, R-step, dq₂), chosen on the first chunk: the launch grid depends on the chunk."""
+        if len(picked) <= i:
+            chunk_key = f"achunk{buf_shape[1]}" + (f" hchunk{buf_shape[0] // B}" if buf_shape[0] // B < H else "")
+            default, candidates = backward_configs(b1, b2, D)[i], backward_candidates(b1, b2, D)[i]
+            picked.append(pick_config(f"monarch bwd {name} {key} {chunk_key}", default, candidates, run, tune))
+        return picked[i]
+
     def step(chunk: tuple[int, int, int, int], buf: tuple[torch.Tensor, ...]) -> None:
-        (h0, h1, a0, a1), (alpha, y, c) = chunk, buf
-        a_chunk = alpha.shape[1]
+        alpha, c = buf[0], buf[2]
         if not grads:
             grads.extend([scratch(alpha.shape, alpha.dtype, q.device), scratch(alpha.shape, alpha.dtype, q.device),
                           scratch(c.shape, torch.float32, q.device),
-                          scratch((alpha.shape[0], a_chunk, F * b1, b2, b2), alpha.dtype, q.device)])
-        d_alpha, d_y, d_c, dxs = grads
-        hq, hk, hv = (heads(x, h0, h1) for x in (q, k, v))
-        n_bh = B * (h1 - h0)
-        _monarch_cols_bwd[(b2, a1 - a0, n_bh)](
-            hq, heads(out, h0, h1), heads(grad_out, h0, h1), heads(dq1, h0, h1), alpha, y, c, d_alpha, d_y, d_c,
-            allowed, *s_q, *s_o, *s_d, *s_dq1, h1 - h0, a0, a_chunk, F, b1, b2, scale, scale_log2,
-            *queries.args(), D=D, UPCAST=upcast, **cfg_cols,
-        )
-        _monarch_rows_bwd[(b1, F, n_bh)](
-            hq, hk, hv, d_alpha, d_y, d_c, dxs, heads(dk, h0, h1), heads(dv, h0, h1), first_a,
-            *s_q, *s_k, *s_v, *s_dk, h1 - h0, a0, a_chunk, a1 - a0, F, b1, b2, scale, scale_log2,
-            *queries.args(), *keys.args(), D=D, UPCAST=upcast, **cfg_rows,
-        )
-        _monarch_dq_rows[(b1, a1 - a0, n_bh)](
-            hk, dxs, heads(dq1, h0, h1), heads(dq, h0, h1), allowed, *s_k, *s_dq1, *s_dq, h1 - h0, a0, a_chunk, F,
-            b1, b2, *queries.args(), *keys.args(), D=D, UPCAST=upcast, **cfg_dq,
-        )
+                          scratch((alpha.shape[0], alpha.shape[1], F * b1, b2, b2), alpha.dtype, q.device)])
+        # each kernel is tuned after the previous one has run: its inputs are then in scratch
+        cols(choose(0, "cols", chunk, lambda cfg: cols(cfg, chunk, buf), alpha.shape), chunk, buf)
+        rows(choose(1, "rows", chunk, lambda cfg: rows_timed(cfg, chunk), alpha.shape), chunk, dk, dv)
+        spare.clear()
+        dq_rows(choose(2, "dq", chunk, lambda cfg: dq_rows(cfg, chunk), alpha.shape), chunk)
 
     recompute_rows(step)
     return dq, dk.to(k.dtype), dv.to(v.dtype)

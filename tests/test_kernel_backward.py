@@ -1,16 +1,21 @@
 """The Monarch backward kernels (``kernels/monarch_backward.py``, under the Triton interpreter) against autograd of
 the float64 PyTorch reference ``toolkit.attention.monarch.monarch_attention``: dq, dk, dv in the three modes, at
 tilings with awkward (non-power-of-two) tile heights b1, widths b2 and key-tile counts F, head dims that are
-zero-padded, several scratch chunks, half precision; plus the op's tracing contract (fake backward, aot_eager).
+zero-padded, several scratch chunks, half precision, every tuning candidate's blocks; the tuning-cache round trip;
+plus the op's tracing contract (fake backward, aot_eager).
 Kernel scratch is NaN-poisoned, so an intermediate no program wrote cannot pass."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import toolkit.kernels._common as kcommon
+import toolkit.kernels.monarch as kmonarch
 import toolkit.kernels.monarch_backward as kbackward
 import torch
 from toolkit.kernels import monarch_attention_triton
+from toolkit.kernels._common import TileGeometry
 
 from toolkit.attention.monarch import monarch_attention
 
@@ -77,18 +82,101 @@ def test_backward_kernels_match_float64_reference_gradients(case):
         assert _rel(a, b) < TOL[torch.float32], f"d{name}: relative error {_rel(a, b):.2e}"
 
 
-def test_key_loop_over_several_blocks(monkeypatch):
-    """The L-step backward's two passes over a column's keys in several blocks (F·b1 = 20 keys, blocks of 16,
-    the last one partial)."""
-    cols, rows, dq = kbackward.backward_configs(5, 3, 16)
-    monkeypatch.setattr(kbackward, "backward_configs", lambda *_: ({**cols, "BLOCK_K": 16}, rows, dq))
-    grid, tiling = (4, 5, 3), (1, 1, 1)
-    q, k, v, grad_out = _tensors(grid, (0, 4), (0, 4), heads=1, dim=16, batch=1, seed=3)
-    leaves = [x.float().requires_grad_(True) for x in (q, k, v)]
-    out = monarch_attention_triton(*leaves, grid, tiling, scale=0.35)
-    got = torch.autograd.grad(out, leaves, grad_out.float())
-    for name, a, b in zip("qkv", got, _reference_grads(q, k, v, grad_out, grid, tiling)):
-        assert _rel(a, b) < TOL[torch.float32], f"d{name}: relative error {_rel(a, b):.2e}"
+def _launcher_grads(q, k, v, grad_out, grid, tiling, query_frames, out=None, **kw):
+    """dq, dk, dv from ``monarch_attention_backward`` called directly (as the op calls it), for its keywords; keys
+    are all frames up to the queries' end (a KV-cache chunk when the queries start later). ``out``: the forward's
+    output if already computed. The forward's v1 R-step: fewer interpreted programs than v2's at these shapes."""
+    qf, kf = query_frames, (0, query_frames[1])
+    gq, gk = TileGeometry(grid, tiling, qf), TileGeometry(grid, tiling, kf)
+    if out is None:
+        out = kmonarch._forward(q, k, v, grid, tiling, query_frames=qf, key_frames=kf, scale=0.35, version="v1")
+
+    def recompute_rows(step):
+        kmonarch._forward(q, k, v, grid, tiling, query_frames=qf, key_frames=kf, scale=0.35, version="v1",
+                          after_rows=step)
+
+    return kbackward.monarch_attention_backward(q, k, v, out, grad_out, gq, gk, None, 0.35, recompute_rows, **kw)
+
+
+def _distinct_blocks(configs: list[dict]) -> list[dict]:
+    """The first config of each distinct set of blocks: the interpreter ignores warps and stages."""
+    first: dict[tuple, dict] = {}
+    for c in configs:
+        first.setdefault(tuple((n, v) for n, v in c.items() if n.startswith("BLOCK")), c)
+    return list(first.values())
+
+
+# (grid, query frames): one query tile (a KV-cache chunk) keeps the interpreter's program count low.
+# 65 keys per column (F = 5 key tiles of b1 = 13 rows): the L-step loops over a second, partial key block at
+# BLOCK_K = 64 (three blocks at 32)
+MANY_KEYS = ((5, 13, 3), (4, 5))
+# tile width b2 = 33: the R-step loops over a second, partial column block at BLOCK_J = 32 (three at 16)
+WIDE_TILES = ((2, 1, 33), (1, 2))
+
+
+@pytest.mark.parametrize("kernel", ["cols", "rows"])
+def test_every_candidate_config_matches_float64_reference(kernel):
+    """Every tuning candidate gives the reference gradients, at a shape where its loop runs over a second, partial
+    block: the L-step's key blocks at MANY_KEYS, the R-step's column blocks at WIDE_TILES (the dq₂ kernel's
+    candidates differ in warps and stages only, run by both). The other kernels run their defaults."""
+    (grid, qf), dim = (MANY_KEYS if kernel == "cols" else WIDE_TILES), 16
+    i = ("cols", "rows").index(kernel)
+    kf = (0, qf[1])
+    tiling = (1, 1, 1)
+    geometry = TileGeometry(grid, tiling, qf)
+    defaults = kbackward.backward_configs(geometry.b1, geometry.b2, dim)
+    blocks = _distinct_blocks(kbackward.backward_candidates(geometry.b1, geometry.b2, dim)[i])
+    assert [c[("BLOCK_K", "BLOCK_J")[i]] for c in blocks] == [(32, 16)[i], 64 // (i + 1)]
+    assert _distinct_blocks(kbackward.backward_candidates(geometry.b1, geometry.b2, dim)[2]) == [defaults[2]]
+    q, k, v, grad_out = _tensors(grid, qf, kf, heads=1, dim=dim, batch=1, seed=17 + i)
+    want = _reference_grads(q, k, v, grad_out, grid, tiling, query_frames=qf, key_frames=kf)
+    q, k, v, grad_out = (x.float() for x in (q, k, v, grad_out))
+    out = kmonarch._forward(q, k, v, grid, tiling, query_frames=qf, key_frames=kf, scale=0.35, version="v1")
+    for cfg in blocks:
+        configs = tuple(cfg if j == i else defaults[j] for j in range(3))
+        got = _launcher_grads(q, k, v, grad_out, grid, tiling, qf, out=out, configs=configs)
+        for name, a, b in zip("qkv", got, want):
+            assert _rel(a, b) < TOL[torch.float32], f"d{name} at {cfg}: relative error {_rel(a, b):.2e}"
+
+
+def test_tuned_configs_are_cached_and_read_back_without_tuning(tmp_path, monkeypatch):
+    """With a (faked) GPU the tuner times every candidate of each backward kernel once, on the first scratch chunk,
+    writes the winners to TOOLKIT_KERNEL_CACHE and leaves the gradients exact (the R-step kernel adds into dk, dv,
+    so its timed runs must not); a new process (empty in-memory memo) reads the winners back and times nothing."""
+    monkeypatch.setenv("TOOLKIT_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(kcommon, "_PICKED", {})
+    monkeypatch.setattr(kcommon, "interpreted", lambda: False)  # kernels still run interpreted; tuning is allowed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "test-gpu")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *_: None)
+    timed = []
+
+    def fake_bench(fn, **_):  # runs the candidate once; each later candidate is "faster", so the last one wins
+        fn()
+        timed.append(1)
+        return 1.0 / len(timed)
+
+    monkeypatch.setattr(kcommon.triton.testing, "do_bench", fake_bench)
+    all_candidates = kbackward.backward_candidates
+    # two candidates per kernel are enough for the round trip (and cheap under the interpreter)
+    monkeypatch.setattr(kbackward, "backward_candidates", lambda *shape: tuple(c[:2] for c in all_candidates(*shape)))
+    grid, tiling, qf = (2, 2, 5), (1, 1, 1), (1, 2)
+    q, k, v, grad_out = _tensors(grid, qf, (0, 2), heads=1, dim=16, batch=1, seed=19)
+    want = _reference_grads(q, k, v, grad_out, grid, tiling, query_frames=qf, key_frames=(0, 2))
+    winners = [lst[-1] for lst in kbackward.backward_candidates(2, 5, 16)]
+
+    for source in ("tuned", "cached"):
+        n_log, timed[:] = len(kcommon.TUNING_LOG), []
+        got = _launcher_grads(q.float(), k.float(), v.float(), grad_out.float(), grid, tiling, qf, autotune=True)
+        log = [t for t in kcommon.TUNING_LOG[n_log:] if t["key"].startswith("monarch bwd")]
+        assert [t["source"] for t in log] == [source] * 3
+        assert [t["config"] for t in log] == winners
+        assert len(timed) == (sum(map(len, kbackward.backward_candidates(2, 5, 16))) if source == "tuned" else 0)
+        for name, a, b in zip("qkv", got, want):
+            assert _rel(a, b) < TOL[torch.float32], f"d{name} ({source} configs): relative error {_rel(a, b):.2e}"
+        kcommon._PICKED.clear()  # the next round is a new process: only the disk cache remains
+    cache = json.loads((tmp_path / "kernel_tuning.json").read_text())
+    assert sum(key.startswith("test-gpu|") and "monarch bwd" in key for key in cache) == 3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

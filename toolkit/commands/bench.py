@@ -53,5 +53,5 @@ def run_backward(args: argparse.Namespace) -> int:
     if note:
         print(f"toolkit bench: {note}", file=sys.stderr)
     prepare_output_dir(args.out, folder=True)
-    bench_backward.run(args.out, args.shapes, tiny=args.tiny, repeats=args.repeats)
+    bench_backward.run(args.out, args.shapes, tiny=args.tiny, repeats=args.repeats, autotune=not args.no_autotune)
     return 0
