@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from toolkit.kernels import _common
-from toolkit.kernels.bench import SHAPES, TINY_SHAPES, _environment, _inputs
+from toolkit.kernels.bench import SHAPES, TINY_SHAPES, _environment, _inputs, _peak_extra
 from toolkit.kernels.monarch import monarch_attention_triton
 
 from toolkit.errors import ToolkitError
@@ -61,14 +61,7 @@ def _measure(fn, device: torch.device, warmup: int, repeats: int) -> dict:
     for _ in range(warmup):
         fn()
     times = [_timed_ms(fn, device) for _ in range(repeats)]
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
+    peak = _peak_extra(fn, device.type == "cuda")
     return {"first_call_s": round(first_s, 3), "median_ms": round(statistics.median(times), 4),
             "min_ms": round(min(times), 4), "max_ms": round(max(times), 4), "peak_extra_bytes": peak}
 
