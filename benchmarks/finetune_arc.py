@@ -4,7 +4,8 @@ For every approximation row: videos of held-out prompts from the same noise as t
 per seed: the same initial and re-noising draws), scored by the sprite evaluator (prompt adherence, persistence) and
 against the dense videos (per-frame PSNR / SSIM, scikit-image). Zero-shot rows sample the shipped weights with the
 spec at every seam; finetuned rows first train a copy with it (``toolkit/models/bundled/finetune.py``, objective
-``distill`` unless --objective, gradients through the PyTorch references), then sample it with the same spec.
+``distill`` unless --objective; on a GPU Monarch trains through the Triton op's backward kernels, the rest
+through their PyTorch references), then sample it with the same spec.
 
     python benchmarks/finetune_arc.py --out benchmarks/results/finetune_arc_h200 [--steps 150] [--prompts 32]
     python benchmarks/finetune_arc.py --tiny --out /tmp/arc            # CPU smoke run (random tiny model)
@@ -127,7 +128,7 @@ def main() -> None:
         if zero_only:
             continue
         t0 = time.perf_counter()
-        student, record = train_finetune(model, settings, backend_for(spec, dev, autograd=True), seed=0,
+        student, record = train_finetune(model, settings, backend_for(spec, dev), seed=0,
                                          log=log, every=max(1, args.steps // 5))
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -62,7 +62,7 @@ def test_contiguous_and_iterated_backends_compute_their_layouts():
 
 def test_autograd_through_the_monarch_reference_matches_finite_differences():
     q, k, v, ctx = _call(2, grid=(2, 2, 3), heads=1, d=3)
-    backend = backend_for("monarch:1,1,1", autograd=True)
+    backend = backend_for("monarch:1,1,1")
     inputs = tuple(x.clone().requires_grad_(True) for x in (q, k, v))
     assert torch.autograd.gradcheck(lambda a, b, c: backend(a, b, c, ctx), inputs, eps=1e-6, atol=1e-7)
 
@@ -99,7 +99,7 @@ def test_distillation_loss_is_zero_for_dense_attention_and_not_for_monarch(tiny,
 def test_a_monarch_gradient_step_lowers_the_distillation_loss(tiny):
     """Gradients reach the weights through the Monarch reference and point downhill (one SGD step, fixed batch)."""
     student, reference = copy.deepcopy(tiny).requires_grad_(True), copy.deepcopy(tiny)
-    backend = backend_for("monarch:1,1,1", autograd=True)
+    backend = backend_for("monarch:1,1,1")
     setup = ClipSetup.of(student.cfg, "cpu")
     g = torch.Generator().manual_seed(5)
     from toolkit.models.bundled import data

@@ -265,7 +265,7 @@ def backend_density(attention: str, grid: tuple[int, int, int]) -> float | None:
     return float(MonarchLayout.aligned(grid, "fh,w", params).density)
 
 
-def _single_backend(spec: str, device: torch.device | str, autograd: bool = False) -> Backend | None:
+def _single_backend(spec: str, device: torch.device | str) -> Backend | None:
     name, tiling = parse_attention(spec)
     if name == "dense":
         return None
@@ -273,17 +273,16 @@ def _single_backend(spec: str, device: torch.device | str, autograd: bool = Fals
         return family_backend(tiling)
     if isinstance(tiling, MonarchSpec):  # T > 1 or a contiguous layout: the PyTorch reference on every device
         return monarch_backend(tiling.tiling or (1, 1, 1), iters=tiling.iters, contiguous=tiling.block)
-    if torch.device(device).type == "cuda" and not autograd:
+    if torch.device(device).type == "cuda":  # the Triton op, differentiable through its backward kernels
         from toolkit.kernels import monarch_backend_triton  # needs Triton: imported only where it runs
 
         return monarch_backend_triton(tiling)
     return monarch_backend(tiling)
 
 
-def rules_backend(rules: tuple[AttentionRule, ...], device: torch.device | str = "cpu", autograd: bool = False
-                  ) -> Backend:
+def rules_backend(rules: tuple[AttentionRule, ...], device: torch.device | str = "cpu") -> Backend:
     """One seam backend that computes each call and head with the first rule matching it (dense if none)."""
-    backends = [_single_backend(rule.attention, device, autograd) for rule in rules]
+    backends = [_single_backend(rule.attention, device) for rule in rules]
     owners_of: dict[tuple, tuple[int, ...]] = {}  # (layer, step, chunk, is_clean, heads) -> rule per head (-1 dense)
 
     def owners(ctx: AttentionContext, num_heads: int) -> tuple[int, ...]:
@@ -321,14 +320,14 @@ def rules_backend(rules: tuple[AttentionRule, ...], device: torch.device | str =
     return attention_rules
 
 
-def backend_for(spec: str, device: torch.device | str = "cpu", *, autograd: bool = False) -> Backend | None:
+def backend_for(spec: str, device: torch.device | str = "cpu") -> Backend | None:
     """The seam backend an ``--attention`` spec names, for a model on ``device`` (``None``: dense everywhere).
-    ``autograd``: every backend differentiable (training through it): Monarch as its PyTorch reference on every
-    device, since the Triton kernels have no backward pass."""
+    Every backend is differentiable (finetuning trains through it): the PyTorch references by autograd, the Triton
+    Monarch op (CUDA, T = 1, aligned tiling) through its backward kernels."""
     rules = parse_attention_rules(spec)
     if rules[0].everywhere:  # a single spec (or rules after an unconditional one, which never match)
-        return _single_backend(rules[0].attention, device, autograd)
-    return rules_backend(rules, device, autograd)
+        return _single_backend(rules[0].attention, device)
+    return rules_backend(rules, device)
 
 
 def _model_backend(model: nn.Module, spec: str) -> Backend | None:

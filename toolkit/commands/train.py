@@ -85,9 +85,10 @@ updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.cri
     p.add_argument("--eval-prompts", type=int, default=defaults.eval_prompts)
     f = p.add_argument_group(
         "finetuning with another attention (--finetune)",
-        "Continue training a bundled model with --attention at every seam (gradients through the PyTorch reference "
-        "of that attention): the paper's finetuning with Monarch attention, at toy scale "
-        "(toolkit/models/bundled/finetune.py). Writes --out/model.safetensors, config.json, finetune_log.json. "
+        "Continue training a bundled model with --attention at every seam (gradients through the Triton Monarch "
+        "op's backward kernels on a GPU, through the PyTorch references elsewhere): the paper's finetuning with "
+        "Monarch attention, at toy scale (toolkit/models/bundled/finetune.py). Writes --out/model.safetensors, "
+        "config.json, finetune_log.json. "
         "Example: toolkit train --finetune --attention monarch:3,1,1 --out runs/ft_311",
     )
     f.add_argument("--finetune", action="store_true", help="finetune instead of running the recipe's stages")
@@ -176,7 +177,7 @@ def run_finetune(args: argparse.Namespace, log) -> int:
     teacher = load_weights(args.teacher, None, dev) if args.teacher else None
     prepare_output_dir(args.out, folder=True, keep=True)
     settings = FinetuneSettings(objective=args.objective, steps=args.ft_steps, batch=args.ft_batch, lr=args.ft_lr)
-    backend = backend_for(args.attention, dev, autograd=True)
+    backend = backend_for(args.attention, dev)
     student, record = train_finetune(model, settings, backend, teacher=teacher, seed=args.seed, log=log)
     record.update(attention=args.attention, source=source, seed=args.seed, device=str(dev))
     save_finetuned(out, student, record)

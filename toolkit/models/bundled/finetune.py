@@ -2,10 +2,11 @@
 (MonarchRT's route to 95 % sparsity without quality loss), at toy scale.
 
 The model's weights train; only its attention changes: every seam of the student computes ``backend`` (the caller
-resolves an ``--attention`` spec to it, with autograd — ``toolkit.attention.backends.backend_for(...,
-autograd=True)``). Two objectives, both through the student's own KV-cache rollout (``self_forcing_rollout`` with
-Self-Forcing's stochastic exit step s ~ U{0..3}: gradient through the exit-step forward of every chunk, as the
-sampler runs it — the teacher-forced sequence of stages (a)/(b) is not how a Monarch backend is ever called):
+resolves an ``--attention`` spec to it with ``toolkit.attention.backends.backend_for``: on a GPU the Triton Monarch op
+and its backward kernels, elsewhere the PyTorch references by autograd). Two objectives, both through the student's
+own KV-cache rollout (``self_forcing_rollout`` with Self-Forcing's stochastic exit step s ~ U{0..3}: gradient
+through the exit-step forward of every chunk, as the sampler runs it — the teacher-forced sequence of stages (a)/(b)
+is not how a Monarch backend is ever called):
 
 ``distill`` (default; needs nothing but the model): regress the student's exit-step predictions onto what the
 frozen dense model predicts from the same inputs and the same clean context,
