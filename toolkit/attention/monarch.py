@@ -59,6 +59,7 @@ the same set, its map error lower-bounds theirs.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -339,6 +340,17 @@ def monarch_backend(
 
 
 # ---- exact projection --------------------------------------------------------------------------------------
+# torch loads its CUDA linear-algebra backend on the first linalg call, and two threads making that first call at
+# once fail ("lazy wrapper should be called at most once"): `toolkit analyze` runs several files on dask threads.
+_EIGH_LOCK = threading.Lock()
+
+
+def _top_eigenvector(g: torch.Tensor) -> torch.Tensor:
+    """Unit eigenvector of the largest eigenvalue of each symmetric matrix in ``g`` [... p p]."""
+    with _EIGH_LOCK:
+        return torch.linalg.eigh(g)[1][..., -1]
+
+
 def rank1(
     x: torch.Tensor, method: str = "eigh", tol: float = 1e-9, squarings: int = 10
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,7 +367,7 @@ def rank1(
     y64 = y.to(torch.float64)
     g = y64 @ y64.transpose(-1, -2)  # ... p p
     if method == "eigh":
-        u = torch.linalg.eigh(g)[1][..., -1]
+        u = _top_eigenvector(g)
     elif method == "power":
         tiny = torch.finfo(g.dtype).tiny
         h = g / g.norm(dim=(-1, -2), keepdim=True).clamp_min(tiny)
@@ -374,7 +386,7 @@ def rank1(
                 u = (g @ u.unsqueeze(-1)).squeeze(-1)
                 u = u / u.norm(dim=-1, keepdim=True).clamp_min(tiny)
         else:
-            u[bad] = torch.linalg.eigh(g[bad])[1][..., -1]
+            u[bad] = _top_eigenvector(g[bad])
     else:
         raise ToolkitError(f"unknown rank-1 method {method!r} (eigh or power)")
     u = u * torch.where(u.sum(-1, keepdim=True) < 0, -1.0, 1.0)
