@@ -7,7 +7,7 @@ spec at every seam; finetuned rows first train a copy with it (``toolkit/models/
 ``distill`` unless --objective; on a GPU Monarch trains through the Triton op's backward kernels, the rest
 through their PyTorch references), then sample it with the same spec.
 
-    python benchmarks/finetune_arc.py --out benchmarks/results/finetune_arc_h200 [--steps 150] [--prompts 32]
+    python benchmarks/finetune_arc.py --out benchmarks/results/finetune_arc_h200 --capture   # on a GPU, ~12 min
     python benchmarks/finetune_arc.py --tiny --out /tmp/arc            # CPU smoke run (random tiny model)
 
 Writes arc.json (every number, the GPU, versions, settings, times), arc.md (the table) and arc.png. With
@@ -75,7 +75,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--prompts", type=int, default=32, help="held-out prompts (one video each)")
     p.add_argument("--seed", type=int, default=ev.HELDOUT_NOISE_SEED)
-    p.add_argument("--steps", type=int, default=150, help="finetuning updates per row")
+    p.add_argument("--steps", type=int, default=120, help="finetuning updates per row")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=FinetuneSettings.lr)
     p.add_argument("--objective", default="distill", choices=("distill",))
@@ -222,7 +222,8 @@ def plot(results: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     specs = [r["spec"] for r in results if r["spec"] != "dense" and not r["finetuned"]]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
+    density = {r["spec"]: r["density"] for r in results}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), constrained_layout=True)
     x = np.arange(len(specs))
     # against the dense video from the same noise: prompt adherence is in the table, not here, since the dense
     # model's own is low and colourful artefacts can pass the colour test (arc.md)
@@ -231,11 +232,27 @@ def plot(results: list, path: Path) -> None:
         ft = [next((r[key] for r in results if r["spec"] == s and r["finetuned"]), np.nan) for s in specs]
         ax.bar(x - 0.2, zs, 0.4, label="zero-shot", color="#bbbbbb")
         ax.bar(x + 0.2, ft, 0.4, label="finetuned", color="#3b7dd8")
-        ax.set_xticks(x, [s.replace(":", ":\n", 1) for s in specs], fontsize=8)
+        for i, (a, b) in enumerate(zip(zs, ft)):
+            for dx, v in ((-0.2, a), (0.2, b)):
+                if np.isfinite(v):
+                    ax.text(i + dx, v, f"{v:.1f}" if key == "psnr" else f"{v:.2f}", ha="center", va="bottom",
+                            fontsize=6.5)
+        ax.set_xticks(x, [_tick(s, density.get(s)) for s in specs], fontsize=7.5)
         ax.set_ylabel(label)
-        ax.legend(fontsize=8, loc="lower left", framealpha=0.9)
+        ax.set_ylim(0, max(v for v in zs + ft if np.isfinite(v)) * 1.12)
+        ax.legend(fontsize=8, loc="upper center", ncol=2, bbox_to_anchor=(0.5, 1.0), framealpha=0.9)
     fig.suptitle("Bundled model: zero-shot vs finetuned attention approximations (same noise as the dense videos)")
     fig.savefig(path, dpi=130)
+
+
+def _tick(spec: str, density: float | None) -> str:
+    """Two or three short lines per bar group: family, parameters, density."""
+    family, _, rest = spec.partition(":")
+    family = {"monarch-contiguous": "contiguous", "blocktopk": "top-k"}.get(family, family)
+    rest = rest.replace(":T=", "\nT=")
+    if family == "top-k":  # blocktopk:FRACTION:TILE -> the tile; the fraction is the density line
+        rest = rest.split(":", 1)[1] if ":" in rest else rest
+    return f"{family}\n{rest}" + ("" if density is None else f"\nd={density:.3f}")
 
 
 if __name__ == "__main__":
