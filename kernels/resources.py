@@ -21,7 +21,7 @@ import tempfile
 os.environ.setdefault("TRITON_INTERPRET", "0")
 
 STRIDES = ("sq_b", "sq_n", "sq_h", "sk_b", "sk_n", "sk_h", "sv_b", "sv_n", "sv_h", "so_b", "so_n", "so_h",
-           "sr_b", "sr_n", "sr_h")
+           "sr_b", "sr_n", "sr_h", "sd_b", "sd_n", "sd_h", "sg_b", "sg_n", "sg_h")
 
 
 def compile_report(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int) -> dict:
@@ -36,7 +36,7 @@ def compile_report(fn, pointers: dict, constexprs: dict, num_warps: int, num_sta
             signature[name] = "constexpr"
         elif name in pointers:
             signature[name] = pointers[name]
-        elif name == "scale_log2":
+        elif name in ("scale", "scale_log2"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
@@ -80,6 +80,10 @@ def split_meta(meta: dict) -> tuple[dict, int, int]:
 V1_WIDTHS = (52, 80)
 V2_SHAPES = ((52, 21, 21), (52, 21, 3))
 COLS_HEIGHTS = (15, 30, 90)
+# Backward kernels at the paper's shapes: column heights b1 of the L-step backward ((1,2,1), (1,1,1), (3,1,1)) and
+# row widths b2 of the R-step backward and dq₂ (52: 480p; 26: (1,1,2); 80: 720p).
+BWD_HEIGHTS = (15, 30, 90)
+BWD_WIDTHS = (52, 26, 80)
 
 
 def default_kernels(dim: int) -> list[tuple]:
@@ -101,6 +105,7 @@ def default_kernels(dim: int) -> list[tuple]:
     for b1 in COLS_HEIGHTS:
         out.append((monarch._monarch_cols_fwd, cols_ptrs,
                     *split_meta(monarch.cols_meta(monarch._cols_default(b1, dim), dim, False))))
+    out += backward_kernels(dim)
     out.append((explicit._factor_rows_fwd, dict(R=f32, V=bf, Y=f32, S=f32),
                 dict(D=dim, BLOCK_J=64, BLOCK_L=64, PRECISION="tf32x3"), 8, 2))
     out.append((explicit._factor_cols_fwd, dict(L=f32, Y=f32, S=f32, OUT=f32, ROWS=f32),
@@ -108,6 +113,30 @@ def default_kernels(dim: int) -> list[tuple]:
     for explicit_factors in (False, True):
         out.append((compare._monarch_compare_fwd, dict(Q=bf, K=bf, V=bf, LF=f32, RF=f32, ALLOWED=i32, ERR=f32),
                     dict(D=dim, BLOCK_I=16, BLOCK_L=64, EXPLICIT=explicit_factors, PRECISION="tf32x3"), 8, 2))
+    return out
+
+
+def backward_kernels(dim: int) -> list[tuple]:
+    """The three backward kernels (kernels/monarch_backward.py) with the launcher's default configs
+    (``backward_configs``) at the paper's shapes; the R-step backward also at 4 warps, the config the H200 tuner
+    picked at b2 = 52. Pointer dtypes as the launcher allocates them: α, Y, dα, dY, s·dx in bf16; c, dc, dq₁, dk,
+    dv in fp32."""
+    from toolkit.kernels import monarch_backward as mb
+
+    bf, f32, i32 = "*bf16", "*fp32", "*i32"
+    cols_ptrs = dict(Q=bf, OUT=bf, DO=bf, DQ1=f32, ALPHA=bf, Y=bf, C=f32, DALPHA=bf, DY=bf, DC=f32, ALLOWED=i32)
+    rows_ptrs = dict(Q=bf, K=bf, V=bf, DALPHA=bf, DY=bf, DC=f32, DX=bf, DK=f32, DV=f32, FIRST_A=i32)
+    dq_ptrs = dict(K=bf, DX=bf, DQ1=f32, DQ=bf, ALLOWED=i32)
+    consts = dict(D=dim, UPCAST=False)
+    out = []
+    for b1 in BWD_HEIGHTS:
+        out.append((mb._monarch_cols_bwd, cols_ptrs, *split_meta({**consts, **mb.backward_configs(b1, 52, dim)[0]})))
+    for b2 in BWD_WIDTHS:
+        out.append((mb._monarch_rows_bwd, rows_ptrs, *split_meta({**consts, **mb.backward_configs(30, b2, dim)[1]})))
+    out.append((mb._monarch_rows_bwd, rows_ptrs,
+                *split_meta({**consts, **mb.backward_configs(30, 52, dim)[1], "num_warps": 4, "num_stages": 3})))
+    for b2 in BWD_WIDTHS:
+        out.append((mb._monarch_dq_rows, dq_ptrs, *split_meta({**consts, **mb.backward_configs(30, b2, dim)[2]})))
     return out
 
 

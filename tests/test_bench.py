@@ -90,3 +90,17 @@ def test_resources_compile_the_launchers_arguments(tmp_path, monkeypatch):
         runtime = [a for a in fn.arg_names if a not in consts]
         assert len(args) == len(runtime), name
         assert set(ptrs) <= set(runtime)
+
+
+def test_resources_entries_name_their_kernels_arguments():
+    """Every entry of the resource report (forward, backward, analysis kernels) types only pointers its kernel takes
+    and sets exactly its constexpr parameters, so ``compile_report`` compiles the kernel the launcher runs."""
+    entries = resources.default_kernels(128)
+    names = [fn.__name__ for fn, *_ in entries]
+    for kernel in ("_monarch_cols_bwd", "_monarch_rows_bwd", "_monarch_dq_rows"):
+        assert kernel in names
+    for fn, ptrs, consts, warps, stages in entries:
+        constexprs = {p.name for p in fn.params if p.is_constexpr}
+        assert set(consts) == constexprs, fn.__name__
+        assert set(ptrs) <= set(fn.arg_names) - constexprs, fn.__name__
+        assert warps in (1, 2, 4, 8, 16) and stages >= 1
