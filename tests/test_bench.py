@@ -1,6 +1,7 @@
 """`toolkit bench --tiny` on the CPU (interpreter) and the resource report's kernel arguments (kernels/resources.py)
 against what the Monarch launcher really passes."""
 
+import inspect
 import json
 
 import pytest
@@ -100,7 +101,9 @@ def test_resources_entries_name_their_kernels_arguments():
     for kernel in ("_monarch_cols_bwd", "_monarch_rows_bwd", "_monarch_dq_rows"):
         assert kernel in names
     for fn, ptrs, consts, warps, stages in entries:
-        constexprs = {p.name for p in fn.params if p.is_constexpr}
+        # the Python function under the JIT (or interpreter) wrapper: its tl.constexpr annotations
+        constexprs = {name for name, p in inspect.signature(fn.fn).parameters.items()
+                      if "constexpr" in str(p.annotation)}
         assert set(consts) == constexprs, fn.__name__
         assert set(ptrs) <= set(fn.arg_names) - constexprs, fn.__name__
         assert warps in (1, 2, 4, 8, 16) and stages >= 1
