@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from toolkit.kernels.bench import _environment
 
 import toolkit
 from toolkit.attention.backends import use_attention
@@ -93,14 +93,10 @@ def main() -> None:
         })
         print(f"{spec}: {rows[-1]['median_wall_s']:.3f} s/video (warm-up {warm_s:.1f} s)", flush=True)
 
+    env = _environment()
     result = {
         "benchmark": "self-forcing generation, 81 frames (21 latent), 35 DiT forwards, no VAE/text encoder",
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "triton": _triton_version(),
-        "python": platform.python_version(),
+        **{key: env[key] for key in ("gpu", "torch", "cuda", "cudnn", "triton", "python")},
         "toolkit": toolkit.__version__,
         "dtype": "bfloat16",
         "dense_attention": "PyTorch SDPA (default backend selection)",
@@ -115,14 +111,6 @@ def main() -> None:
     for r in rows:
         print(f"| {result['gpu']} | {r['attention']} | {r['median_wall_s']:.3f} | {r['warmup_video_s']:.1f} | "
               f"{', '.join(f'{m:.0f}' for m in r['median_chunk_ms'])} | {r['peak_allocated_bytes'] / 2**30:.1f} |")
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from toolkit.models.bundled import evaluate
+from toolkit.models.bundled.config import MANY_STEPS
 from toolkit.models.bundled.model import load_weights
 from toolkit.models.bundled.recipe import evaluate_model
+from toolkit.models.bundled.teacher import SHIFT
 from toolkit.models.sampling import shift_sigma
 
 KEYS = ("score", "colour_match", "count_match", "count_error", "persistence", "teleports")
@@ -29,8 +31,8 @@ def grid_for_shift(shift: float, n: int) -> tuple[int, ...]:
     """Integer pre-warp steps (1000 → 1) whose shift-5 warp approximates ``n`` uniform steps warped with ``shift``."""
     steps: list[int] = []
     for i in range(n):
-        sigma = float(shift_sigma(torch.tensor(1 - i / n, dtype=torch.float64), shift))
-        u = round(1000 * sigma / (5 - 4 * sigma))  # the inverse of the shift-5 warp
+        sigma = shift_sigma(torch.tensor(1 - i / n, dtype=torch.float64), shift)
+        u = round(1000 * float(shift_sigma(sigma, 1 / SHIFT)))  # the warp with 1/s inverts the warp with s
         if u >= 1 and (not steps or u < steps[-1]):
             steps.append(u)
     return tuple(steps)
@@ -46,12 +48,13 @@ def main() -> None:
     teacher = load_weights(args.teacher, None, device).eval().requires_grad_(False)
     prompts = evaluate.heldout_prompts(64)
     grids = {
-        "40 steps, shift 5 (the recipe's)": tuple(range(1000, 0, -25)),
+        "40 steps, shift 5 (the recipe's)": MANY_STEPS,
         "100 steps, shift 5": tuple(range(1000, 0, -10)),
         "40 steps, shift 2": grid_for_shift(2.0, 40),
         "40 steps, shift 1": grid_for_shift(1.0, 40),
         "100 steps, shift 2": grid_for_shift(2.0, 100),
     }
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     results = {}
     for name, steps in grids.items():
         start = time.perf_counter()
@@ -59,7 +62,6 @@ def main() -> None:
         results[name] = {**{k: summary[k] for k in KEYS}, "steps": len(steps),
                          "seconds": round(time.perf_counter() - start, 1)}
         print(name, results[name], flush=True)
-        device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
         args.out.write_text(json.dumps(dict(gpu=device_name, torch=torch.__version__, prompts=len(prompts),
                                             cfg=args.cfg, results=results), indent=1) + "\n")
 
