@@ -17,7 +17,7 @@ from toolkit.errors import CheckpointError, WeightsNotFound
 from toolkit.models import bundled
 from toolkit.models.bundled import data as procedural
 from toolkit.models.bundled.model import load_weights
-from toolkit.models.bundled.ode_init import ODESettings, ode_pairs, ode_regression_loss, train_ode_init
+from toolkit.models.bundled.ode_init import ODESettings, ode_grid, ode_pairs, ode_regression_loss, train_ode_init
 from toolkit.models.bundled.self_forcing import SelfForcingSettings, dmd_gradient, student_rollout, train_self_forcing
 from toolkit.models.bundled.teacher import (
     ClipSetup,
@@ -182,6 +182,18 @@ def test_ode_pairs_are_the_teachers_euler_sampler_and_its_states():
         ode_pairs(teacher, context, noise, frames_per_chunk=3, ode_steps=(1000, 800, 600))
 
 
+def test_ode_grids_contain_the_students_steps_or_are_refused():
+    from toolkit.models.bundled.config import MANY_STEPS, SELF_FORCING_STEPS
+
+    assert ode_grid(40) == MANY_STEPS
+    for n in (4, 8, 20, 40, 200):
+        grid = ode_grid(n)
+        assert len(grid) == n and grid[0] == 1000 and set(SELF_FORCING_STEPS) <= set(grid)
+    for n in (0, 3, 6, 30, 1001):
+        with pytest.raises(ValueError, match="does not contain the student's steps"):
+            ode_grid(n)
+
+
 def test_ode_regression_stage_lowers_its_heldout_loss():
     cfg, setup = _tiny_setup()
     teacher = WanModel(cfg).eval().requires_grad_(False)
@@ -192,6 +204,22 @@ def test_ode_regression_stage_lowers_its_heldout_loss():
     # measured (seed 0, CPU): 0.0204 -> 0.0011
     assert record["heldout_loss_end"] < 0.5 * record["heldout_loss_init"], record
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_student_stages_stop_at_their_time_budget():
+    """``seconds`` shrinks stages (b) and (c) to the timed probe steps when nothing more fits; the record says so."""
+    from toolkit.models.bundled.teacher import PROBE_STEPS
+
+    cfg, setup = _tiny_setup()
+    teacher = WanModel(cfg).eval().requires_grad_(False)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    settings = ODESettings(pairs=4, pair_batch=4, grid_steps=8, steps=10_000, batch=2, seconds=1e-3)
+    with use_backend(student, setup.backend):
+        record = train_ode_init(student, teacher, settings, log=lambda *_: None)
+    assert record["steps_run"] == PROBE_STEPS and record["curve"][-1][0] == PROBE_STEPS
+    settings = SelfForcingSettings(steps=10_000, batch=1, critic_ratio=1, seconds=1e-3)
+    record = train_self_forcing(student, teacher, settings, log=lambda *_: None)
+    assert record["steps_run"] == PROBE_STEPS and record["curve"][-1][0] == PROBE_STEPS
 
 
 def test_ode_regression_loss_is_the_x0_error_of_one_kv_cache_step_per_chunk():
@@ -436,6 +464,10 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
     run = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", "--out", str(tmp_path / "empty"), "--tiny",
                           "--stages", "ode_init"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "run stage base first" in run.stderr and not (tmp_path / "empty").exists()
+    run = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", "--out", str(tmp_path / "empty"), "--tiny",
+                          "--ode-grid", "30"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and "--ode-grid 30" in run.stderr
+    assert not (tmp_path / "empty").exists()
 
 
 

@@ -72,12 +72,21 @@ updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.cri
                    help="time budget of stage (a): after 20 timed steps, train only the steps that fit (the cosine "
                         "schedule spans them); the card records the steps run")
     p.add_argument("--ode-pairs", type=int, default=defaults.ode_init.pairs, help="teacher ODE trajectories")
+    p.add_argument("--ode-pair-batch", type=int, default=defaults.ode_init.pair_batch,
+                   help="trajectories solved together (GPU memory: about 40 MB each)")
+    p.add_argument("--ode-grid", type=int, default=defaults.ode_init.grid_steps, metavar="N",
+                   help="the teacher's Euler steps per chunk for the pairs (a multiple of 4 dividing 1000)")
     p.add_argument("--ode-steps", type=int, default=defaults.ode_init.steps)
     p.add_argument("--ode-batch", type=int, default=defaults.ode_init.batch)
+    p.add_argument("--ode-lr", type=float, default=defaults.ode_init.lr)
+    p.add_argument("--ode-seconds", type=float, default=None, metavar="S",
+                   help="time budget of the regression of stage (b), pool not counted (as --teacher-seconds)")
     p.add_argument("--sf-steps", type=int, default=defaults.self_forcing.steps, help="Self-Forcing generator updates")
     p.add_argument("--sf-batch", type=int, default=defaults.self_forcing.batch)
     p.add_argument("--sf-lr", type=float, default=defaults.self_forcing.lr)
     p.add_argument("--sf-critic-lr", type=float, default=defaults.self_forcing.critic_lr)
+    p.add_argument("--sf-seconds", type=float, default=None, metavar="S",
+                   help="time budget of stage (c) (as --teacher-seconds)")
     p.add_argument("--guidance", type=float, default=None, metavar="G",
                    help="the teacher's classifier-free guidance in the ODE pairs, DMD's real score and its own "
                         "samples (default: the best of " + ", ".join(f"{g:g}" for g in defaults.guidance_candidates)
@@ -117,9 +126,10 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
         base=replace(r.base, steps=args.base_steps, batch=args.base_batch, lr=args.base_lr, seconds=args.base_seconds),
         teacher=replace(r.teacher, steps=args.teacher_steps, batch=args.teacher_batch, lr=args.teacher_lr,
                         seconds=args.teacher_seconds),
-        ode_init=replace(r.ode_init, pairs=args.ode_pairs, steps=args.ode_steps, batch=args.ode_batch),
+        ode_init=replace(r.ode_init, pairs=args.ode_pairs, pair_batch=args.ode_pair_batch, grid_steps=args.ode_grid,
+                         steps=args.ode_steps, batch=args.ode_batch, lr=args.ode_lr, seconds=args.ode_seconds),
         self_forcing=replace(r.self_forcing, steps=args.sf_steps, batch=args.sf_batch, lr=args.sf_lr,
-                             critic_lr=args.sf_critic_lr),
+                             critic_lr=args.sf_critic_lr, seconds=args.sf_seconds),
         guidance_scale=args.guidance,
         seed=args.seed,
         eval_prompts=args.eval_prompts,
@@ -190,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
 
     from toolkit.device import check_device
     from toolkit.errors import ToolkitError, check_output, prepare_output_dir
+    from toolkit.models.bundled.ode_init import ode_grid
     from toolkit.models.bundled.recipe import WEIGHTS_FILE, stage_path
     from toolkit.models.bundled.recipe import check_output as check_model_output
 
@@ -200,6 +211,10 @@ def run(args: argparse.Namespace) -> int:
         return run_finetune(args, (lambda *_: None) if args.quiet else (lambda m: print(m, flush=True)))
     if args.attention:
         raise ToolkitError("--attention is for --finetune; the recipe's stages train with dense attention")
+    try:
+        ode_grid(args.ode_grid)
+    except ValueError as err:
+        raise ToolkitError(f"--ode-grid {args.ode_grid}: {err}") from None
     check_model_output(args.out, args.stages, args.force)  # a model there: refused unless --force
     prepare_output_dir(args.out, folder=True, keep=False)  # read-only or uncreatable: now, not after a stage
     out = Path(args.out)

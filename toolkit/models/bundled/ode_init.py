@@ -2,10 +2,12 @@
 ``ode_init``, the CausVid stage).
 
 ODE pairs: from pure noise, the teacher's many-step sampler — ``self_forcing_rollout(solver="euler")`` over
-``MANY_STEPS`` (40 shift-5 steps), chunk by chunk with the KV cache and a clean pass after each chunk — and its
-trajectory states kept at the four warped timesteps the student samples with (1000, 937.5, 833.3, 625), which the
-40-step grid contains exactly (uniform steps 1000, 750, 500, 250 before the warp). One shift (5) throughout, unlike
-the released Self-Forcing script (pairs at shift 8, student at shift 5).
+``ode_grid(n)`` (``n`` uniform steps before the shift-5 warp; 40 by default, ``MANY_STEPS``), chunk by chunk with
+the KV cache and a clean pass after each chunk — and its trajectory states kept at the four warped timesteps the
+student samples with (1000, 937.5, 833.3, 625), which every grid of a multiple of 4 steps contains exactly (uniform
+steps 1000, 750, 500, 250 before the warp). One shift (5) throughout, unlike the released Self-Forcing script (pairs
+at shift 8, student at shift 5). 20 steps halve the pool's cost: the teacher's samples did not change measurably
+between 40 and 100 steps (``docs/bundled-model.md``).
 
 Regression: per chunk a random k ∈ {0..3} (independent across chunks); the chunk's input is its trajectory state k
 at t_k, the earlier chunks' context is the clean ODE output (teacher forcing over [x0 | x_t], which is the KV-cache
@@ -31,9 +33,13 @@ from toolkit.models.bundled.teacher import (
     Log,
     adamw,
     autocast,
+    compile_blocks,
+    fit_to_budget,
+    lr_at,
     optimizer_step,
     synchronize,
     teacher_forced_flow,
+    try_compile,
     warped_timesteps,
 )
 from toolkit.models.sampling import self_forcing_rollout
@@ -73,15 +79,28 @@ def ode_pairs(
     return states, x0
 
 
+def ode_grid(steps: int) -> tuple[int, ...]:
+    """``steps`` uniform denoising steps from 1000 (before the warp); ``ode_grid(40) == MANY_STEPS``. It has to
+    contain the student's ``SELF_FORCING_STEPS``, so ``steps`` is a multiple of 4 that divides 1000."""
+    if steps < 1 or 1000 % steps or steps % len(SELF_FORCING_STEPS):
+        raise ValueError(f"an ODE grid of {steps} steps does not contain the student's steps "
+                         f"{', '.join(map(str, SELF_FORCING_STEPS))}: use a multiple of 4 that divides 1000 "
+                         "(e.g. 20, 40)")
+    return tuple(range(1000, 0, -1000 // steps))
+
+
 @dataclass(frozen=True)
 class ODESettings:
     pairs: int = 768  # teacher trajectories in the pool
     pair_batch: int = 64  # trajectories generated per teacher rollout
-    steps: int = 350
+    grid_steps: int = len(MANY_STEPS)  # the teacher's Euler steps per chunk (``ode_grid``)
+    steps: int = 350  # at most; ``seconds`` may stop the plan earlier
     batch: int = 32
     lr: float = 2e-4
     warmup: int = 20
     grad_clip: float = 1.0
+    seconds: float | None = None  # time budget of the regression (the pool not counted; ``teacher.fit_to_budget``)
+    compile: bool = True  # torch.compile the student's blocks on CUDA for the regression
 
 
 def make_pool(
@@ -99,7 +118,8 @@ def make_pool(
         n = min(settings.pair_batch, settings.pairs - i)
         context, noise = setup.prompts_and_noise(n, teacher.cfg.in_dim, g, device)
         with autocast(device):
-            s, x0 = ode_pairs(teacher, context, noise, frames_per_chunk=setup.chunk, guidance_scale=guidance_scale)
+            s, x0 = ode_pairs(teacher, context, noise, frames_per_chunk=setup.chunk,
+                              ode_steps=ode_grid(settings.grid_steps), guidance_scale=guidance_scale)
         states.append(s.to(store))
         x0s.append(x0.to(store))
         contexts.append(context)
@@ -139,8 +159,8 @@ def train_ode_init(
     device = next(student.parameters()).device
     setup = ClipSetup.of(student.cfg, device)
     pool = make_pool(teacher, settings, seed=seed + 11, guidance_scale=guidance_scale, log=log)
-    heldout = make_pool(teacher, ODESettings(pairs=16, pair_batch=16), seed=seed + 12, guidance_scale=guidance_scale,
-                        log=lambda *_: None)
+    heldout = make_pool(teacher, ODESettings(pairs=16, pair_batch=16, grid_steps=settings.grid_steps),
+                        seed=seed + 12, guidance_scale=guidance_scale, log=lambda *_: None)
     g = torch.Generator().manual_seed(seed + 13)
     g_eval = torch.Generator().manual_seed(seed + 14)
 
@@ -149,31 +169,39 @@ def train_ode_init(
             return float(ode_regression_loss(student, heldout, torch.arange(16), g_eval.manual_seed(0), setup))
 
     loss_init = heldout_loss()
+    compile_seconds = None
+    if settings.compile and device.type == "cuda":
+        compile_seconds = try_compile(student, setup, settings.batch, log)
     opt = adamw(student, settings.lr, (0.9, 0.99), 0.0)
     curve, pending = [], []
     student.train()
+    total, step = settings.steps, 0
     start = time.perf_counter()
-    for step in range(settings.steps):
+    while step < total:
         index = torch.randint(settings.pairs, (settings.batch,), generator=g)
         for group in opt.param_groups:
-            group["lr"] = settings.lr * min(1.0, (step + 1) / settings.warmup)
+            group["lr"] = lr_at(step, total, settings.lr, settings.warmup)
         with autocast(device):
             loss = ode_regression_loss(student, pool, index, g, setup)
         optimizer_step(opt, loss, student, settings.grad_clip)
         pending.append(loss.detach())
-        if (step + 1) % every == 0 or step + 1 == settings.steps:
+        step += 1
+        total = fit_to_budget(step, total, settings.seconds, start, device, "ode-init", log)
+        if step % every == 0 or step == total:
             mean = float(torch.stack(pending).mean())
-            curve.append((step + 1, mean))
+            curve.append((step, mean))
             pending = []
-            log(f"ode-init step {step + 1}/{settings.steps} | x0 loss {mean:.4f}")
+            log(f"ode-init step {step}/{total} | x0 loss {mean:.4f}")
     synchronize(device)
     seconds = time.perf_counter() - start
+    compile_blocks(student, False)  # the rollouts after this stage are eager (KV-cache shapes change)
     student.eval()
     loss_end = heldout_loss()
-    log(f"ode-init: pool {pool['seconds']:.0f} s, {settings.steps} steps in {seconds:.0f} s; held-out x0 loss "
+    log(f"ode-init: pool {pool['seconds']:.0f} s, {total} steps in {seconds:.0f} s; held-out x0 loss "
         f"{loss_init:.4f} -> {loss_end:.4f}")
     return dict(
-        stage="ode_init", settings=asdict(settings), guidance_scale=guidance_scale,
+        stage="ode_init", settings=asdict(settings), guidance_scale=guidance_scale, steps_run=total,
         pool_seconds=round(pool["seconds"], 1), seconds=round(seconds, 1),
+        compile_seconds=None if compile_seconds is None else round(compile_seconds, 1),
         curve=curve, heldout_loss_init=round(loss_init, 5), heldout_loss_end=round(loss_end, 5),
     )

@@ -37,6 +37,7 @@ from toolkit.models.bundled.teacher import (
     Log,
     adamw,
     autocast,
+    fit_to_budget,
     flow_matching_loss,
     optimizer_step,
     synchronize,
@@ -50,7 +51,7 @@ from toolkit.models.wan import WanModel
 
 @dataclass(frozen=True)
 class SelfForcingSettings:
-    steps: int = 20  # generator updates (the shipped run's; more were not measured)
+    steps: int = 20  # generator updates, at most; ``seconds`` may stop the plan earlier
     batch: int = 16
     critic_ratio: int = 5  # critic updates per generator update
     lr: float = 2e-5
@@ -58,6 +59,7 @@ class SelfForcingSettings:
     sigma_range: tuple[float, float] = (0.02, 0.98)
     grad_clip: float = 10.0
     ema_decay: float = 0.99
+    seconds: float | None = None  # time budget (``teacher.fit_to_budget``)
 
 
 def student_rollout(
@@ -132,7 +134,8 @@ def train_self_forcing(
     start = time.perf_counter()
     with (use_backend(student, student_backend or setup.backend), use_backend(critic, scores.backend),
           use_backend(teacher, scores.backend)):
-        for step in range(settings.steps):
+        total, step = settings.steps, 0
+        while step < total:
             # critic: flow matching on the student's current rollouts (no gradient into the student)
             student.eval()
             for _ in range(settings.critic_ratio):
@@ -155,17 +158,19 @@ def train_self_forcing(
             optimizer_step(opt_g, loss_g, student, settings.grad_clip)
             ema.update(settings.ema_decay)
             grad_norms.append(grad.pow(2).mean().sqrt().detach())
-            if (step + 1) % every == 0 or step + 1 == settings.steps:
+            step += 1
+            total = fit_to_budget(step, total, settings.seconds, start, device, "self-forcing", log)
+            if step % every == 0 or step == total:
                 c = float(torch.stack(critic_losses[-settings.critic_ratio * every:]).mean())
                 gn = float(torch.stack(grad_norms[-every:]).mean())
-                curve.append((step + 1, c, gn))
-                rate = (step + 1) / (time.perf_counter() - start)
-                log(f"self-forcing step {step + 1}/{settings.steps} | critic loss {c:.4f} | dmd grad rms {gn:.4f} | "
+                curve.append((step, c, gn))
+                rate = step / (time.perf_counter() - start)
+                log(f"self-forcing step {step}/{total} | critic loss {c:.4f} | dmd grad rms {gn:.4f} | "
                     f"{rate:.2f} it/s")
     synchronize(device)
     seconds = time.perf_counter() - start
     ema.copy_to_model()
     student.eval()
-    log(f"self-forcing: {settings.steps} generator updates in {seconds:.0f} s")
-    return dict(stage="self_forcing", settings=asdict(settings), guidance_scale=guidance_scale,
+    log(f"self-forcing: {total} generator updates in {seconds:.0f} s")
+    return dict(stage="self_forcing", settings=asdict(settings), guidance_scale=guidance_scale, steps_run=total,
                 seconds=round(seconds, 1), curve=curve)

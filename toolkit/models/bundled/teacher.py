@@ -271,6 +271,20 @@ class TeacherSettings:
 PROBE_STEPS = 20  # steps timed before a ``seconds`` budget fixes the number of steps (and the cosine's length)
 
 
+def fit_to_budget(step: int, total: int, seconds: float | None, start: float, device: torch.device | str,
+                  name: str, log: Log) -> int:
+    """The stage's step count after ``step`` steps: ``total``, or — right after ``PROBE_STEPS`` timed steps, when
+    the stage has a time budget of ``seconds`` — the steps that fit in it (never fewer than the probe's)."""
+    if seconds is None or step != PROBE_STEPS:
+        return total
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    fit = PROBE_STEPS + int((seconds - elapsed) * PROBE_STEPS / elapsed)
+    total = min(total, max(PROBE_STEPS, fit))
+    log(f"{name}: {elapsed / PROBE_STEPS:.3f} s/step, {total} steps fit in {seconds:.0f} s")
+    return total
+
+
 def compile_blocks(model: WanModel, enabled: bool) -> None:
     """torch.compile each block in place (``enabled``), or return them to eager."""
     for block in model.blocks:
@@ -280,7 +294,7 @@ def compile_blocks(model: WanModel, enabled: bool) -> None:
             block._compiled_call_impl = None
 
 
-def _try_compile(model: WanModel, setup: ClipSetup, batch: int, log: Log) -> float | None:
+def try_compile(model: WanModel, setup: ClipSetup, batch: int, log: Log) -> float | None:
     """Compile the blocks and run one forward + backward on a throw-away batch (compiles both graphs); seconds it
     took, or None (blocks left eager) if the compiler fails."""
     device = next(model.parameters()).device
@@ -296,7 +310,7 @@ def _try_compile(model: WanModel, setup: ClipSetup, batch: int, log: Log) -> flo
     except Exception as err:  # a compiler failure costs speed, not the run
         compile_blocks(model, False)
         model.zero_grad(set_to_none=True)
-        log(f"teacher: torch.compile failed, training eagerly ({err!r})"[:300])
+        log(f"torch.compile failed, training eagerly ({err!r})"[:300])
         return None
     return time.perf_counter() - start
 
@@ -314,7 +328,7 @@ def train_teacher(
     loss_init = heldout_loss(model, heldout, setup)  # eager, before compiling (no graph for no-grad mode)
     compile_seconds = None
     if settings.compile and device.type == "cuda":
-        compile_seconds = _try_compile(model, setup, settings.batch, log)
+        compile_seconds = try_compile(model, setup, settings.batch, log)
     data_gen = torch.Generator().manual_seed(seed + 1)
     noise_gen = torch.Generator(device).manual_seed(seed + 2)
     opt = adamw(model, settings.lr, (0.9, 0.99), settings.weight_decay)
@@ -339,12 +353,7 @@ def train_teacher(
         ema.update(min(settings.ema_decay, (1 + step) / (10 + step)))
         pending.append(loss.detach())
         step += 1
-        if settings.seconds is not None and step == PROBE_STEPS:
-            synchronize(device)
-            elapsed = time.perf_counter() - start
-            fit = PROBE_STEPS + int((settings.seconds - elapsed) * PROBE_STEPS / elapsed)
-            total = min(total, max(PROBE_STEPS, fit))
-            log(f"{name}: {elapsed / PROBE_STEPS:.3f} s/step, {total} steps fit in {settings.seconds:.0f} s")
+        total = fit_to_budget(step, total, settings.seconds, start, device, name, log)
         if step % every == 0 or step == total:
             mean = float(torch.stack(pending).mean())
             curve.append((step, mean))
