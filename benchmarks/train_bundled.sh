@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
-# The shipped bundled model on one GPU, as three processes (a command on the lent GPU machine may run 10 minutes):
-#     PART=base bash benchmarks/train_bundled.sh       # the student's architecture, flow matching, in a time budget
-#     PART=teacher bash benchmarks/train_bundled.sh    # stage (a): the larger teacher, then its CFG scale
-#     PART=student bash benchmarks/train_bundled.sh    # stages (b) and (c), evaluation, artifacts
+# The shipped bundled model (run 6 of docs/bundled-model.md) on one GPU, as separate processes (a command on the lent
+# GPU machine may run 10 minutes), each stage continuing from the earlier ones' weights in DEST/stages/:
+#     PART=base bash benchmarks/train_bundled.sh          # the student's architecture, flow matching, in a time budget
+#     PART=teacher bash benchmarks/train_bundled.sh       # stage (a): the larger teacher, then its CFG scale
+#     PART=teacher_more bash benchmarks/train_bundled.sh  # the same teacher trained further (continue_teacher.py)
+#     PART=ode_init bash benchmarks/train_bundled.sh      # stage (b): ODE pool + regression, evaluation, artifacts
+#     PART=self_forcing bash benchmarks/train_bundled.sh  # stage (c), evaluation of (b) and (b)+(c), artifacts
 # with DEST (default ${OUT:-data}/bundled) kept from one call to the next. On one machine without that limit,
-# `toolkit train --out DIR` runs everything in one go.
-# Knobs: BASE_SECONDS, TEACHER_SECONDS (time budgets), ODE_PAIRS, ODE_STEPS, SF_STEPS, SEED.
+# `toolkit train --out DIR` runs the four stages in one go (one teacher run instead of two).
+# Knobs: BASE_SECONDS, TEACHER_SECONDS, TEACHER_MORE_SECONDS, ODE_SECONDS, SF_SECONDS (time budgets), ODE_PAIRS,
+# GUIDANCE, SEED.
 set -euo pipefail
 DEST="${DEST:-${OUT:-data}/bundled}"
 mkdir -p "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 cli=(python3 -m toolkit.commands.train --out "$DEST" --seed "${SEED:-0}")
+student=(--guidance "${GUIDANCE:-3}" --force)  # --force: stage (b) wrote a model that stage (c) replaces
 case "${PART:-base}" in
   base) "${cli[@]}" --stages base --base-seconds "${BASE_SECONDS:-500}" --base-steps 20000 \
           2>&1 | tee "$DEST/train_base.log" ;;
   teacher) "${cli[@]}" --stages teacher --teacher-seconds "${TEACHER_SECONDS:-385}" --teacher-steps 20000 \
           2>&1 | tee "$DEST/train_teacher.log" ;;
-  student) "${cli[@]}" --stages ode_init,self_forcing --ode-pairs "${ODE_PAIRS:-768}" --ode-steps "${ODE_STEPS:-350}" \
-          --sf-steps "${SF_STEPS:-20}" 2>&1 | tee "$DEST/train_student.log" ;;
-  *) echo "PART must be base, teacher or student" >&2; exit 2 ;;
+  teacher_more) python3 benchmarks/continue_teacher.py --out "$DEST" --seconds "${TEACHER_MORE_SECONDS:-420}" \
+          --batch 32 --lr 6e-4 --warmup 50 --seed 7 2>&1 | tee "$DEST/train_teacher_more.log" ;;
+  ode_init) "${cli[@]}" --stages ode_init "${student[@]}" --ode-pairs "${ODE_PAIRS:-3072}" --ode-pair-batch 256 \
+          --ode-grid 20 --ode-steps 100000 --ode-lr 3e-4 --ode-seconds "${ODE_SECONDS:-300}" \
+          2>&1 | tee "$DEST/train_ode_init.log" ;;
+  self_forcing) "${cli[@]}" --stages self_forcing "${student[@]}" --sf-steps 100000 --sf-seconds "${SF_SECONDS:-440}" \
+          2>&1 | tee "$DEST/train_self_forcing.log" ;;
+  *) echo "PART must be base, teacher, teacher_more, ode_init or self_forcing" >&2; exit 2 ;;
 esac

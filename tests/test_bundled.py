@@ -182,6 +182,23 @@ def test_ode_pairs_are_the_teachers_euler_sampler_and_its_states():
         ode_pairs(teacher, context, noise, frames_per_chunk=3, ode_steps=(1000, 800, 600))
 
 
+@torch.no_grad()
+def test_skipping_the_final_clean_pass_leaves_the_video_unchanged_with_one_forward_fewer():
+    model = _tiny_model(clip=(9, 12, 20))
+    context = bundled.encode_prompt(["2 sprites: red circle, blue square", "white ring"]).double()
+    noise = torch.randn(2, 3, 9, 12, 20, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    videos, forwards, calls = [], [], []
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    for final in (True, False):
+        calls.clear()
+        videos.append(self_forcing_rollout(model, noise, context, generator=torch.Generator().manual_seed(4),
+                                           final_clean_pass=final))
+        forwards.append(len(calls))
+    hook.remove()
+    torch.testing.assert_close(videos[0], videos[1], rtol=0, atol=0)
+    assert forwards == [3 * 5, 3 * 5 - 1]  # 3 chunks x (4 steps + clean pass), the last clean pass skipped
+
+
 def test_ode_grids_contain_the_students_steps_or_are_refused():
     from toolkit.models.bundled.config import MANY_STEPS, SELF_FORCING_STEPS
 
@@ -511,7 +528,8 @@ def test_shipped_model_draws_prompted_sprites_and_random_init_does_not():
     shipped = evaluate_model(model, prompts)
     torch.manual_seed(0)
     random = evaluate_model(WanModel(model.cfg).eval(), prompts[:1])
-    # measured on 2 CPU cores: persistence 0.37 on these 4 prompts (card, 64 prompts on the H200: 46 %, colours 19 %)
-    assert shipped["persistence"] >= 0.2, shipped
-    assert card["persistence"] >= 0.3 and card["colour_match"] >= 0.1, card
+    # measured on 2 CPU cores (float32): persistence 0.54, count match 2/4 on these 4 prompts (card, 64 prompts on
+    # the H200 in bf16: persistence 75 %, colours 52 %, count 44 %)
+    assert shipped["persistence"] >= 0.35 and shipped["count_match"] >= 0.25, shipped
+    assert card["persistence"] >= 0.6 and card["colour_match"] >= 0.4, card
     assert random["persistence"] == 0 and random["colour_match"] == 0, random

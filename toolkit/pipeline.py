@@ -256,11 +256,14 @@ def redraw(run: Run, *, prompt: str, seed: int, prompt_embeds: Any = None) -> Ru
                                extra={**run.extra, "generator": g, "noise": noise})
 
 
-def sample(run: Run, *, progress: bool = True, on_chunk: Callable[[int, torch.Tensor], None] | None = None):
-    """Run the model's own sampler; returns latents (pixels in [-1, 1] for a model without an autoencoder)."""
+def sample(run: Run, *, progress: bool = True, on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+           video_only: bool = False):
+    """Run the model's own sampler; returns latents (pixels in [-1, 1] for a model without an autoencoder).
+    ``video_only``: skip forwards that cannot change the video (Self-Forcing's clean pass after the last chunk);
+    a capture keeps them, since it records every forward the released loop runs."""
     return run.sampler.sample(run.model, run.noise, run.context, negative_context=run.negative_context,
                               generator=run.extra["generator"], noise_layout=run.extra.get("noise", "toolkit"),
-                              progress=progress, on_chunk=on_chunk)
+                              progress=progress, on_chunk=on_chunk, final_clean_pass=not video_only)
 
 
 def save_outputs(run: Run, latents: torch.Tensor, out_dir: str | Path) -> list[Path]:

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
                     checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, attention=args.attention,
                     noise=args.noise, **sampling_options(args))
     prepare_output_dir(args.out, folder=True)  # a read-only --out fails now, not after sampling
-    latents = sample(r, progress=not args.quiet)
+    latents = sample(r, progress=not args.quiet, video_only=True)
     if args.force:  # an earlier run's files (e.g. its mp4 where this run writes a GIF) must not outlive it
         for name in GENERATE_OUTPUTS:
             (Path(args.out) / name).unlink(missing_ok=True)

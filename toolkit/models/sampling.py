@@ -79,6 +79,7 @@ def self_forcing_rollout(
     progress: bool = False,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
     on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+    final_clean_pass: bool = True,
 ) -> torch.Tensor:
     """Generate a clip autoregressively, chunk by chunk, with the KV cache. noise [b c F Hl Wl] -> latents, same shape.
 
@@ -106,7 +107,11 @@ def self_forcing_rollout(
     half with its own KV cache (clean passes included), and the flow is v_u + g·(v_c − v_u).
 
     ``on_step(chunk, step, x)`` sees each model input before its forward (ODE trajectories); ``on_chunk(chunk, x0)``
-    each finished chunk (streaming consumers, progress)."""
+    each finished chunk (streaming consumers, progress).
+
+    ``final_clean_pass=False`` skips the clean pass after the last chunk: it only refreshes a cache no later chunk
+    reads, so the video is the same with one forward fewer (generation). The released loop runs it, and a capture
+    records it, so it is on by default."""
     if solver not in ("renoise", "euler"):
         raise ValueError(f"unknown solver {solver!r}: renoise or euler")
     timesteps = self_forcing_timesteps() if timesteps is None else torch.as_tensor(timesteps, dtype=torch.float64)
@@ -139,7 +144,7 @@ def self_forcing_rollout(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=num_chunks * (steps + 1), desc="self-forcing", unit="fwd")
+        bar = tqdm(total=num_chunks * (steps + 1) - (not final_clean_pass), desc="self-forcing", unit="fwd")
     for chunk in range(num_chunks):
         sl = slice(chunk * latent_per_chunk, (chunk + 1) * latent_per_chunk)
         x = noise[:, :, sl]
@@ -166,11 +171,12 @@ def self_forcing_rollout(
             if bar:
                 bar.update()
         outputs.append(x0)
-        with torch.no_grad():  # rewrites this chunk's K/V with clean ones; output unused
-            t0 = torch.zeros(b, frames_per_chunk, device=noise.device)
-            flow_of(x0.detach(), t0, step=len(timesteps), is_clean=True, **common)
-        if bar:
-            bar.update()
+        if final_clean_pass or chunk < num_chunks - 1:
+            with torch.no_grad():  # rewrites this chunk's K/V with clean ones; output unused
+                t0 = torch.zeros(b, frames_per_chunk, device=noise.device)
+                flow_of(x0.detach(), t0, step=len(timesteps), is_clean=True, **common)
+            if bar:
+                bar.update()
         if on_chunk:
             on_chunk(chunk, x0)
     if bar:
@@ -340,11 +346,12 @@ class SelfForcingSampler:
 
     def sample(self, model: WanModel, noise: torch.Tensor, context: torch.Tensor, *,
                generator: torch.Generator | None = None, noise_layout: str = "toolkit", progress: bool = False,
-               on_chunk: Callable[[int, torch.Tensor], None] | None = None, **_: Any) -> torch.Tensor:
+               on_chunk: Callable[[int, torch.Tensor], None] | None = None, final_clean_pass: bool = True,
+               **_: Any) -> torch.Tensor:
         return self_forcing_rollout(model, noise, context, frames_per_chunk=self.frames_per_chunk,
                                     timesteps=self.timesteps(), generator=generator, noise_layout=noise_layout,
                                     local_attn_size=self.local_attn_size, sink_size=self.sink_size,
-                                    progress=progress, on_chunk=on_chunk)
+                                    progress=progress, on_chunk=on_chunk, final_clean_pass=final_clean_pass)
 
 
 @dataclass(frozen=True)

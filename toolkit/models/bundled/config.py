@@ -11,11 +11,11 @@ Why this grid (12 frames × 80 × 128 pixels, patch (1, 4, 4) → token grid **1
   boundaries fall inside every analysis.
 * **Pixel space, no autoencoder.** A token is a literal 4 × 4 pixel patch, so an attention map can be read against
   the pixels and against the renderer's sprite masks; one trained network instead of two.
-* **Laptop-sized.** Self-attention is ~70 % of a CPU rollout (20 DiT forwards over up to 7,680 keys), and on the
+* **Laptop-sized.** Self-attention is ~70 % of a CPU rollout (19 DiT forwards over up to 7,680 keys), and on the
   CPU its cost per call hardly depends on the head dim (the softmax dominates), so depth sets the time. A size
   sweep on 2 cores (random weights) put 6 layers of width 160 at 17 s per rollout against a 20 s budget (8 × 128:
-  22 s, 8 × 256: 33 s); the shipped weights measured 25.7 s warm in a later session of the same machine
-  (``docs/bundled-model.md``, "CPU cost").
+  22 s, 8 × 256: 33 s); the shipped weights measured 19–26 s on different days of the same machine, 18.6–19.7 s
+  once ``generate`` skipped the unread clean pass after the last chunk (``docs/bundled-model.md``, "CPU cost").
 
 Why a different, larger **teacher** (``teacher_config``: 8 layers × width 320, 5 heads × 64, patch (1, 8, 8) →
 token grid 12 × 10 × 16): the teacher only has to be good, never cheap on a CPU, and it is sampled on the GPU. As

@@ -141,5 +141,6 @@ def generate(
     x = self_forcing_rollout(
         model, noise, context, frames_per_chunk=chunk, timesteps=timesteps, generator=g, solver=solver,
         guidance_scale=guidance_scale, negative_context=torch.zeros_like(context), progress=progress,
+        final_clean_pass=False,  # nothing reads the cache after the last chunk
     )
     return to_pixels(x)

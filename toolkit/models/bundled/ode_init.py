@@ -2,12 +2,12 @@
 ``ode_init``, the CausVid stage).
 
 ODE pairs: from pure noise, the teacher's many-step sampler — ``self_forcing_rollout(solver="euler")`` over
-``ode_grid(n)`` (``n`` uniform steps before the shift-5 warp; 40 by default, ``MANY_STEPS``), chunk by chunk with
-the KV cache and a clean pass after each chunk — and its trajectory states kept at the four warped timesteps the
-student samples with (1000, 937.5, 833.3, 625), which every grid of a multiple of 4 steps contains exactly (uniform
-steps 1000, 750, 500, 250 before the warp). One shift (5) throughout, unlike the released Self-Forcing script (pairs
-at shift 8, student at shift 5). 20 steps halve the pool's cost: the teacher's samples did not change measurably
-between 40 and 100 steps (``docs/bundled-model.md``).
+``ode_grid(n)`` (``n`` uniform steps before the shift-5 warp: 20 in the recipe, 40 = ``MANY_STEPS`` for the
+teacher's own samples), chunk by chunk with the KV cache and a clean pass after each chunk — and its trajectory
+states kept at the four warped timesteps the student samples with (1000, 937.5, 833.3, 625), which every grid of a
+multiple of 4 steps contains exactly (uniform steps 1000, 750, 500, 250 before the warp). One shift (5) throughout,
+unlike the released Self-Forcing script (pairs at shift 8, student at shift 5). 20 steps halve the pool's cost of
+40: the teacher's samples did not change measurably between 40 and 100 steps (``docs/bundled-model.md``).
 
 Regression: per chunk a random k ∈ {0..3} (independent across chunks); the chunk's input is its trajectory state k
 at t_k, the earlier chunks' context is the clean ODE output (teacher forcing over [x0 | x_t], which is the KV-cache
@@ -91,12 +91,13 @@ def ode_grid(steps: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class ODESettings:
-    pairs: int = 768  # teacher trajectories in the pool
-    pair_batch: int = 64  # trajectories generated per teacher rollout
-    grid_steps: int = len(MANY_STEPS)  # the teacher's Euler steps per chunk (``ode_grid``)
-    steps: int = 350  # at most; ``seconds`` may stop the plan earlier
+    # defaults: the shipped run's (run 6 of docs/bundled-model.md, where a 300 s budget fitted 1452 steps)
+    pairs: int = 3072  # teacher trajectories in the pool
+    pair_batch: int = 256  # trajectories generated per teacher rollout
+    grid_steps: int = 20  # the teacher's Euler steps per chunk (``ode_grid``)
+    steps: int = 1452  # at most; ``seconds`` may stop the plan earlier
     batch: int = 32
-    lr: float = 2e-4
+    lr: float = 3e-4
     warmup: int = 20
     grad_clip: float = 1.0
     seconds: float | None = None  # time budget of the regression (the pool not counted; ``teacher.fit_to_budget``)
