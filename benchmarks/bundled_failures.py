@@ -1,0 +1,69 @@
+"""Where the shipped bundled model's prompts fail: per prompted sprite count, how many rollouts match the prompt's
+colours, and whether a failure is a prompted colour missing or an unprompted one added (and the count too low or
+too high), by the sprite evaluator (``toolkit/models/bundled/evaluate.py``).
+
+    python benchmarks/bundled_failures.py --prompts 32 --out benchmarks/results/bundled_training_h200/
+
+The first ``--prompts`` held-out prompts (``evaluate.heldout_prompts``), one rollout each from the held-out noise
+seed, float32 on the CPU (about 19 s a rollout on 2 cores). Prints the table and writes
+``bundled_failures_cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+from toolkit.models import bundled
+from toolkit.models.bundled import evaluate
+
+COLUMNS = ("clips", "colour_match", "missing_any", "extra_any", "missing", "extra", "count_low", "count_high")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=32, help="first N held-out prompts (default 32)")
+    p.add_argument("--batch", type=int, default=8, help="rollouts generated together")
+    p.add_argument("--out", type=Path, default=Path("results"))
+    args = p.parse_args()
+
+    model, info = bundled.load_bundled("cpu", torch.float32)
+    prompts = evaluate.heldout_prompts(64)[: args.prompts]
+    start = time.perf_counter()
+    metrics = []
+    for i in range(0, len(prompts), args.batch):
+        part = prompts[i : i + args.batch]
+        video = bundled.generate(model, part, seed=evaluate.HELDOUT_NOISE_SEED).float()
+        metrics += evaluate.evaluate_clips(video, part)
+        print(f"{i + len(part)}/{len(prompts)} rollouts ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    rows: dict[int, Counter] = defaultdict(Counter)
+    for m, prompt in zip(metrics, prompts):
+        wanted, found = {s.colour for s in prompt.sprites}, set(m.colours)
+        r = rows[len(prompt.sprites)]
+        r.update(clips=1, colour_match=int(m.colour_match), missing_any=int(bool(wanted - found)),
+                 extra_any=int(bool(found - wanted)), missing=len(wanted - found), extra=len(found - wanted),
+                 count_low=int(m.count < len(prompt.sprites)), count_high=int(m.count > len(prompt.sprites)))
+    print(f"{'sprites':>7} " + " ".join(f"{c:>12}" for c in COLUMNS))
+    for n, r in sorted(rows.items()):
+        print(f"{n:>7} " + " ".join(f"{r[c]:>12}" for c in COLUMNS))
+    result = dict(
+        weights=info["path"], prompts=len(prompts), seed=evaluate.HELDOUT_NOISE_SEED, dtype="float32",
+        device="cpu", cpu=platform.processor() or platform.machine(), torch=torch.__version__,
+        seconds=round(time.perf_counter() - start, 1),
+        by_sprite_count={str(n): {c: r[c] for c in COLUMNS} for n, r in sorted(rows.items())},
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "bundled_failures_cpu.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
