@@ -11,7 +11,6 @@ Reports the median over --videos timed rollouts after one warm-up rollout, per-c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import write_result
 
 import toolkit
 from toolkit.errors import WeightsNotFound
@@ -113,10 +113,7 @@ def main() -> None:
     result["best_median_s"] = min(v["median_s"] for v in result["by_threads"].values())
     result["meets_goal"] = result["best_median_s"] <= GOAL_S
     print(f"grid {result['token_grid']}, {result['params'] / 1e6:.2f} M params, {weights}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "bench_bundled_cpu.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_result(args.out, "bench_bundled_cpu.json", result)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,13 @@ Runs on CPU too with a small ``--grid`` (smoke test), e.g. ``--device cpu --grid
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from timing import median_ms, sync
+from timing import median_ms, sync, write_result
 
 import toolkit
 from toolkit.attention.monarch import exact_projection, map_errors, variational
@@ -203,10 +202,7 @@ def main() -> None:
     if other:
         print(f"rank-1 solver {other['rank1']}: {other['per_head_ms_median']:.1f} ms/head, "
               f"error differs by {other['sq_error_rel_diff']:.1e} (relative)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "bench_monarch_analysis.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_result(args.out, "bench_monarch_analysis.json", result)
 
 
 def _triton_version() -> str | None:

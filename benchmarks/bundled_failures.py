@@ -12,13 +12,13 @@ seed, float32 on the CPU (about 19 s a rollout on 2 cores). Prints the table and
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
+from timing import write_result
 
 from toolkit.models import bundled
 from toolkit.models.bundled import evaluate
@@ -59,10 +59,7 @@ def main() -> None:
         seconds=round(time.perf_counter() - start, 1),
         by_sprite_count={str(n): {c: r[c] for c in COLUMNS} for n, r in sorted(rows.items())},
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "bundled_failures_cpu.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_result(args.out, "bundled_failures_cpu.json", result)
 
 
 if __name__ == "__main__":

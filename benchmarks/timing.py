@@ -1,10 +1,13 @@
-"""Timing shared by the benchmarks (imported as ``timing``; scripts run as ``python benchmarks/x.py``)."""
+"""Timing and result files shared by the benchmarks (imported as ``timing``; scripts run as
+``python benchmarks/x.py``)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -42,3 +45,12 @@ def median_ms(fn: Callable[[], object], device: torch.device, rep_ms: float = 10
         sync(device)
         times.append(1e3 * (time.perf_counter() - t0))
     return statistics.median(times)
+
+
+def write_result(out: Path, name: str, result: dict) -> Path:
+    """Write a benchmark's ``result`` as ``out/name`` (indented JSON; ``out`` created) and say where."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
