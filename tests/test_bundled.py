@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -221,6 +222,44 @@ def test_ode_regression_stage_lowers_its_heldout_loss():
     # measured (seed 0, CPU): 0.0204 -> 0.0011
     assert record["heldout_loss_end"] < 0.5 * record["heldout_loss_init"], record
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_ode_pool_keeps_only_trajectories_the_evaluator_passes(monkeypatch):
+    """``keep_prompted``: the pool holds exactly the trajectories (states, x0, context) of the unfiltered pool that
+    the sprite evaluator scores as matching their prompts (here a stand-in verdict: every third clip, over two
+    teacher batches), and the verdict is asked of those very clips; a pool with nothing kept is a one-line error."""
+    from toolkit.errors import ToolkitError
+    from toolkit.models.bundled import ode_init
+
+    cfg, _ = _tiny_setup()
+    teacher = WanModel(cfg).eval().requires_grad_(False)
+    settings = ODESettings(pairs=7, pair_batch=4, grid_steps=8)
+    full = ode_init.make_pool(teacher, settings, seed=3, log=lambda *_: None)
+    seen, verdicts = [], []
+    real = ode_init.evaluate.evaluate_clips
+
+    def every_third(video, prompts, **kw):
+        scores = real(video, prompts, **kw)
+        for m in scores:
+            m.colour_match = m.count_match = len(verdicts) % 3 == 0
+            verdicts.append(m.colour_match)
+        seen.append(video)
+        return scores
+
+    monkeypatch.setattr(ode_init.evaluate, "evaluate_clips", every_third)
+    kept = ode_init.make_pool(teacher, replace(settings, keep_prompted=True), seed=3, log=lambda *_: None)
+    index = torch.tensor([i for i, ok in enumerate(verdicts) if ok])
+    assert [len(v) for v in seen] == [4, 3] and index.tolist() == [0, 3, 6]
+    assert torch.equal(torch.cat(seen), ode_init.to_pixels(full["x0"]))
+    assert (kept["drawn"], kept["kept"]) == (7, 3)
+    for name in ("x0", "context"):
+        assert torch.equal(kept[name], full[name][index])
+    assert torch.equal(kept["states"], full["states"][:, index])
+
+    monkeypatch.setattr(ode_init.evaluate, "evaluate_clips", lambda v, p, **kw: [
+        type("M", (), dict(colour_match=False, count_match=True))() for _ in p])
+    with pytest.raises(ToolkitError, match="none of the teacher's 7 ODE solutions"):
+        ode_init.make_pool(teacher, replace(settings, keep_prompted=True), seed=3, log=lambda *_: None)
 
 
 def test_student_stages_stop_at_their_time_budget():

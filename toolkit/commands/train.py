@@ -81,6 +81,9 @@ updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.cri
     p.add_argument("--ode-lr", type=float, default=defaults.ode_init.lr)
     p.add_argument("--ode-seconds", type=float, default=None, metavar="S",
                    help="time budget of the regression of stage (b), pool not counted (as --teacher-seconds)")
+    p.add_argument("--ode-keep-prompted", action="store_true",
+                   help="pool only the teacher trajectories whose clip shows the prompt's colours and sprite count "
+                        "(the sprite evaluator's match); --ode-pairs are drawn, fewer kept")
     p.add_argument("--sf-steps", type=int, default=defaults.self_forcing.steps, help="Self-Forcing generator updates")
     p.add_argument("--sf-batch", type=int, default=defaults.self_forcing.batch)
     p.add_argument("--sf-lr", type=float, default=defaults.self_forcing.lr)
@@ -127,7 +130,8 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
         teacher=replace(r.teacher, steps=args.teacher_steps, batch=args.teacher_batch, lr=args.teacher_lr,
                         seconds=args.teacher_seconds),
         ode_init=replace(r.ode_init, pairs=args.ode_pairs, pair_batch=args.ode_pair_batch, grid_steps=args.ode_grid,
-                         steps=args.ode_steps, batch=args.ode_batch, lr=args.ode_lr, seconds=args.ode_seconds),
+                         steps=args.ode_steps, batch=args.ode_batch, lr=args.ode_lr, seconds=args.ode_seconds,
+                         keep_prompted=args.ode_keep_prompted),
         self_forcing=replace(r.self_forcing, steps=args.sf_steps, batch=args.sf_batch, lr=args.sf_lr,
                              critic_lr=args.sf_critic_lr, seconds=args.sf_seconds),
         guidance_scale=args.guidance,

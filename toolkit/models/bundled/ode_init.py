@@ -16,7 +16,10 @@ rollout's attention exactly: ``teacher.teacher_forced_flow``); the target is the
 the student's inputs (earlier clean chunks, this chunk's state), so the regression has a sharp target.
 
 The pairs are drawn once into a pool (``ODESettings.pairs``) and the student samples batches from it, as
-Self-Forcing trains from a fixed LMDB of pairs.
+Self-Forcing trains from a fixed LMDB of pairs. With ``ODESettings.keep_prompted`` the pool keeps only the
+trajectories whose teacher output shows what its prompt asks for (the sprite evaluator's colour and count match,
+``evaluate.py``): the teacher's failures — mostly a prompted sprite left out — are not regressed onto. Self-Forcing
+keeps every pair; this filter is the bundled recipe's own, possible because its prompts can be checked.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from toolkit.errors import ToolkitError
+from toolkit.models.bundled import evaluate
 from toolkit.models.bundled.config import MANY_STEPS, SELF_FORCING_STEPS
+from toolkit.models.bundled.model import to_pixels
 from toolkit.models.bundled.teacher import (
     ClipSetup,
     Log,
@@ -102,13 +108,16 @@ class ODESettings:
     grad_clip: float = 1.0
     seconds: float | None = None  # time budget of the regression (the pool not counted; ``teacher.fit_to_budget``)
     compile: bool = True  # torch.compile the student's blocks on CUDA for the regression
+    keep_prompted: bool = False  # pool only trajectories whose teacher output matches its prompt (module docstring)
 
 
 def make_pool(
     teacher: WanModel, settings: ODESettings, *, seed: int, guidance_scale: float = 1.0, log: Log = print
 ) -> dict:
     """Draw ``settings.pairs`` prompts and noises and solve the teacher ODE for each (states, x0, context on the
-    teacher's device; states and x0 in bfloat16 on CUDA to halve the pool)."""
+    teacher's device; states and x0 in bfloat16 on CUDA to halve the pool). With ``settings.keep_prompted`` only
+    the trajectories whose x0 the sprite evaluator scores as showing the prompt's colours and sprite count are
+    kept (``kept`` of ``drawn``)."""
     device = next(teacher.parameters()).device
     setup = ClipSetup.of(teacher.cfg, device)
     g = torch.Generator().manual_seed(seed)
@@ -117,17 +126,26 @@ def make_pool(
     start = time.perf_counter()
     for i in range(0, settings.pairs, settings.pair_batch):
         n = min(settings.pair_batch, settings.pairs - i)
-        context, noise = setup.prompts_and_noise(n, teacher.cfg.in_dim, g, device)
+        prompts, context, noise = setup.prompts_context_noise(n, teacher.cfg.in_dim, g, device)
         with autocast(device):
             s, x0 = ode_pairs(teacher, context, noise, frames_per_chunk=setup.chunk,
                               ode_steps=ode_grid(settings.grid_steps), guidance_scale=guidance_scale)
+        if settings.keep_prompted:
+            scores = evaluate.evaluate_clips(to_pixels(x0).cpu(), prompts, frames_per_chunk=setup.chunk)
+            keep = torch.tensor([m.colour_match and m.count_match for m in scores], device=x0.device)
+            s, x0, context = s[:, keep], x0[keep], context[keep]
         states.append(s.to(store))
         x0s.append(x0.to(store))
         contexts.append(context)
-        log(f"ode pairs {i + n}/{settings.pairs} ({time.perf_counter() - start:.0f} s)")
+        kept = sum(len(x) for x in x0s)
+        log(f"ode pairs {i + n}/{settings.pairs}" + (f", {kept} kept" if settings.keep_prompted else "")
+            + f" ({time.perf_counter() - start:.0f} s)")
     synchronize(device)
+    if not kept:
+        raise ToolkitError(f"none of the teacher's {settings.pairs} ODE solutions showed its prompt; "
+                           "train the teacher further or turn keep_prompted off")
     return dict(states=torch.cat(states, 1), x0=torch.cat(x0s), context=torch.cat(contexts),
-                seconds=time.perf_counter() - start)
+                seconds=time.perf_counter() - start, drawn=settings.pairs, kept=kept)
 
 
 def ode_regression_loss(
@@ -179,7 +197,7 @@ def train_ode_init(
     total, step = settings.steps, 0
     start = time.perf_counter()
     while step < total:
-        index = torch.randint(settings.pairs, (settings.batch,), generator=g)
+        index = torch.randint(pool["kept"], (settings.batch,), generator=g)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, settings.lr, settings.warmup)
         with autocast(device):
@@ -202,7 +220,7 @@ def train_ode_init(
         f"{loss_init:.4f} -> {loss_end:.4f}")
     return dict(
         stage="ode_init", settings=asdict(settings), guidance_scale=guidance_scale, steps_run=total,
-        pool_seconds=round(pool["seconds"], 1), seconds=round(seconds, 1),
+        pool_seconds=round(pool["seconds"], 1), pool_kept=pool["kept"], seconds=round(seconds, 1),
         compile_seconds=None if compile_seconds is None else round(compile_seconds, 1),
         curve=curve, heldout_loss_init=round(loss_init, 5), heldout_loss_end=round(loss_end, 5),
     )

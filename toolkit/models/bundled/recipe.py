@@ -412,7 +412,8 @@ def model_card(record: dict, model: WanModel) -> str:
         if name in ("base", "teacher"):
             extra = f"lr {cfgs['lr']} (cosine), cond. dropout {cfgs['cond_dropout']}, EMA {cfgs['ema_decay']}"
         elif name == "ode_init":
-            extra = (f"{cfgs['pairs']} ODE pairs, teacher CFG {s.get('guidance_scale', '?')} "
+            kept = f" ({s['pool_kept']} kept: prompt matched)" if cfgs.get("keep_prompted") else ""
+            extra = (f"{cfgs['pairs']} ODE pairs{kept}, teacher CFG {s.get('guidance_scale', '?')} "
                      f"({s.get('pool_seconds', 0):.0f} s to solve), lr {cfgs['lr']}")
         else:
             extra = (f"critic ratio {cfgs['critic_ratio']}, lr {cfgs['lr']} / {cfgs['critic_lr']}, "

@@ -113,9 +113,15 @@ class ClipSetup:
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """Random prompts' context [b L D] and sampler noise [b c F H W], drawn in that order from ``generator``
         (CPU), on ``device``: the inputs of every stage that samples from pure noise."""
-        context = data.encode_prompts(data.random_prompts(batch, generator)).to(device)
+        _, context, noise = self.prompts_context_noise(batch, channels, generator, device)
+        return context, noise
+
+    def prompts_context_noise(self, batch: int, channels: int, generator: torch.Generator, device
+                              ) -> tuple[list[data.Prompt], torch.Tensor, torch.Tensor]:
+        """:meth:`prompts_and_noise` with the prompts themselves (same draws from ``generator``)."""
+        prompts = data.random_prompts(batch, generator)
         noise = torch.randn(batch, channels, self.frames, self.height, self.width, generator=generator)
-        return context, noise.to(device)
+        return prompts, data.encode_prompts(prompts).to(device), noise.to(device)
 
     def sample(self, batch: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Procedural clips in model space: (x0 [b c F H W], context [b L D], prompts)."""
