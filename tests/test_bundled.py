@@ -543,6 +543,54 @@ def test_stage_weights_carry_their_config_and_a_file_without_one_is_refused(tmp_
     with pytest.raises(CheckpointError, match="no config"):
         load_weights(tmp_path / "bare.safetensors")
 
+def test_int8_weights_round_trip_within_half_a_step_and_load_strictly(tmp_path):
+    """``save_weights(int8=True)``: every large matrix comes back within half a quantisation step of its row's
+    scale (absmax / 127), small tensors as float16; the file is smaller (about half for the real teacher); a scale
+    without its int8 tensor, or an int8 tensor without its scale, is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from toolkit.models.bundled.config import tiny_teacher_config
+    from toolkit.models.bundled.model import INT8_MIN_NUMEL, INT8_SCALE, save_weights
+
+    torch.manual_seed(1)
+    teacher = WanModel(tiny_teacher_config())
+    with torch.no_grad():
+        for p in teacher.parameters():  # trained weights are not all zero or one (the init's biases, norms are)
+            p.add_(torch.randn_like(p) * 0.1)
+    half = save_weights(teacher, tmp_path / "f16.safetensors")
+    int8 = save_weights(teacher, tmp_path / "i8.safetensors", int8=True)
+    back = load_weights(int8)
+    assert back.cfg == teacher.cfg
+    quantised = 0
+    for (name, a), b in zip(teacher.state_dict().items(), back.state_dict().values()):
+        if a.dim() >= 2 and a.numel() >= INT8_MIN_NUMEL:
+            quantised += 1
+            rows = a.reshape(a.shape[0], -1).double()
+            step = rows.abs().amax(1, keepdim=True) / 127
+            err = (b.reshape(rows.shape).double() - rows).abs()
+            assert (err <= 0.5 * step * 1.002 + 1e-7).all(), name  # the scale itself is rounded to float16
+        else:
+            assert torch.equal(a.half().float(), b), name
+    assert quantised >= 4
+    assert int8.stat().st_size < 0.8 * half.stat().st_size  # tiny: many float16 vectors; the teacher: 14.4 of 28.4 MB
+
+    state = load_file(str(int8))
+    name = next(k for k in state if k.endswith(INT8_SCALE))[: -len(INT8_SCALE)]
+    for broken, match in (({k: v for k, v in state.items() if k != name}, "has no int8 tensor"),
+                          ({k: v for k, v in state.items() if k != name + INT8_SCALE}, "non-floating")):
+        save_file(broken, str(tmp_path / "bad.safetensors"), metadata={"config": json.dumps(teacher.cfg.to_dict())})
+        with pytest.raises(CheckpointError, match=match):
+            load_weights(tmp_path / "bad.safetensors")
+
+
+def test_the_kept_teacher_loads():
+    """``data/teacher`` (int8) loads strictly with the teacher architecture the recipe trains."""
+    from toolkit.models.bundled.config import teacher_config
+
+    model = load_weights(bundled.DEFAULT_DIR.parent / "teacher" / "teacher.safetensors")
+    assert model.cfg == teacher_config()
+
+
 def test_shipped_weights_load_strictly_and_a_full_rollout_completes():
     """The shipped weights load strictly with the config shipped beside them, on the grid of the paper's regime,
     and roll out a whole clip on the CPU."""

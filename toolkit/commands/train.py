@@ -113,7 +113,8 @@ updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.cri
                    help="distill: regress onto the dense model's predictions along the student's own rollout "
                         "(no teacher needed; default); self_forcing: stage (c), DMD against --teacher")
     f.add_argument("--teacher", metavar="FILE",
-                   help="teacher weights for --objective self_forcing (stages/teacher.safetensors of a recipe run)")
+                   help="teacher weights for --objective self_forcing: data/teacher/teacher.safetensors, or "
+                        "stages/teacher.safetensors of a recipe run")
     f.add_argument("--ft-steps", type=int, default=FinetuneSettings.steps, help="student updates")
     f.add_argument("--ft-batch", type=int, default=FinetuneSettings.batch)
     f.add_argument("--ft-lr", type=float, default=FinetuneSettings.lr)
@@ -172,8 +173,8 @@ def run_finetune(args: argparse.Namespace, log) -> int:
         raise ToolkitError("--finetune needs --attention SPEC (e.g. monarch:3,1,1)")
     check_attention(args.attention)  # the grammar, before anything loads
     if args.objective == "self_forcing" and not args.teacher:
-        raise ToolkitError("--objective self_forcing needs --teacher FILE (stages/teacher.safetensors of a "
-                           "`toolkit train --stages teacher` run)")
+        raise ToolkitError("--objective self_forcing needs --teacher FILE (data/teacher/teacher.safetensors, or "
+                           "stages/teacher.safetensors of a `toolkit train --stages teacher` run)")
     if args.teacher and not Path(args.teacher).is_file():
         raise ToolkitError(f"--teacher {args.teacher}: no such file")
     if min(args.ft_steps, args.ft_batch) < 1 or not args.ft_lr > 0:

@@ -29,6 +29,10 @@ from toolkit.models.checkpoints import validate_state_dict
 from toolkit.models.sampling import self_forcing_rollout, self_forcing_timesteps
 from toolkit.models.wan import WanConfig, WanModel
 
+# int8 storage (``save_weights(int8=True)``): which tensors, and the name suffix of their per-row scales
+INT8_MIN_NUMEL = 4096
+INT8_SCALE = ".int8_row_scale"
+
 
 def load_bundled(
     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, path: str | Path | None = None
@@ -69,7 +73,7 @@ def load_weights(
             raise CheckpointError(f"{path} holds no config in its metadata; pass the config it was trained with")
         cfg = WanConfig.from_dict(json.loads(stored))
     model = WanModel(cfg)
-    state = load_file(str(path))
+    state = _dequantized(load_file(str(path)), path)
     # names, shapes and dtypes (an int or bool tensor would be cast silently into float weights)
     validate_state_dict(state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, path)
     try:
@@ -80,19 +84,46 @@ def load_weights(
     return model.to(device=device, dtype=dtype).eval()
 
 
-def save_weights(model: WanModel, path: str | Path, **metadata: str) -> Path:
+def save_weights(model: WanModel, path: str | Path, *, int8: bool = False, **metadata: str) -> Path:
     """float16 safetensors (the shipped precision) with the model's config in the metadata, written to a temporary
-    name and renamed: complete or absent."""
+    name and renamed: complete or absent. ``int8``: matrices of at least :data:`INT8_MIN_NUMEL` entries stored as
+    int8 with one float16 scale per output row (absmax / 127; half the file — how the re-made teacher is kept in
+    ``data/teacher``); :func:`load_weights` turns them back into floats."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {}
+    for name, value in model.state_dict().items():
+        value = value.detach().float().cpu()
+        if int8 and value.dim() >= 2 and value.numel() >= INT8_MIN_NUMEL:
+            rows = value.reshape(value.shape[0], -1)
+            scale = (rows.abs().amax(1).clamp_min(1e-12) / 127).half()  # rounded first: the loader multiplies by it
+            state[name] = (rows / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8).reshape(value.shape)
+            state[name + INT8_SCALE] = scale
+        else:
+            state[name] = value.half().contiguous()
+    precision = dict(precision="int8 per-row, float16 scales") if int8 else {}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "model": "bundled",
-                                               "config": json.dumps(model.cfg.to_dict()), **metadata})
+                                               "config": json.dumps(model.cfg.to_dict()), **precision, **metadata})
     tmp.replace(path)
     return path
+
+
+def _dequantized(state: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor]:
+    """``state`` with every int8 tensor that has its ``INT8_SCALE`` partner turned into float32 (an int8 tensor
+    without one stays int8, and strict validation rejects it; a scale without its tensor is an error here)."""
+    out = {k: v for k, v in state.items() if not k.endswith(INT8_SCALE)}
+    for key in state:
+        if not key.endswith(INT8_SCALE):
+            continue
+        name, scale = key[: -len(INT8_SCALE)], state[key]
+        q = state.get(name)
+        if q is None or q.dtype != torch.int8 or scale.dim() != 1 or scale.numel() != q.shape[0]:
+            raise CheckpointError(f"{path}: scale {key} has no int8 tensor {name} of {scale.numel()} rows")
+        out[name] = q.float() * scale.float().view(-1, *([1] * (q.dim() - 1)))
+    return out
 
 
 def encode_prompt(prompts: str | data.Prompt | list) -> torch.Tensor:
