@@ -12,6 +12,24 @@ byte counts and measured times: ``kernels/NOTES.md``; benchmark: ``toolkit bench
 """
 
 import importlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+if __name__ == "kernels":
+    # This folder is `toolkit.kernels`; it is found under the top-level name only when the repository root is on
+    # sys.path (`python -m ...` run from the root). Hand that name to the PyPI package `kernels` (a dependency of
+    # transformers, which diffusers imports when installed) so that it is never shadowed, or fail as a missing one.
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
+    if _spec is None:
+        raise ModuleNotFoundError("No module named 'kernels' (the repository's kernels/ is toolkit.kernels)",
+                                  name="kernels")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module  # what `import kernels` returns once this file has run
+    _spec.loader.exec_module(_module)
 
 # Lazy exports: importing toolkit.kernels (e.g. for `toolkit bench --help`) does not load torch or Triton.
 _EXPORTS = {
