@@ -28,6 +28,17 @@ from toolkit.models.wan import WanModel
 GOAL_S = 20.0
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), so runs on different machines are told apart."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("results"))
@@ -80,6 +91,8 @@ def main() -> None:
         dtype="float32",
         cpu_count=os.cpu_count(),
         cpu=platform.processor() or platform.machine(),
+        cpu_model=_cpu_model(),
+        date=time.strftime("%Y-%m-%d"),
         torch=torch.__version__,
         toolkit=toolkit.__version__,
         python=platform.python_version(),
