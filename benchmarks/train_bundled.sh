@@ -4,6 +4,8 @@
 #     PART=base bash benchmarks/train_bundled.sh          # the student's architecture, flow matching, in a time budget
 #     PART=teacher bash benchmarks/train_bundled.sh       # stage (a): the larger teacher, then its CFG scale
 #     PART=teacher_more bash benchmarks/train_bundled.sh  # the same teacher trained further (continue_teacher.py)
+#     PART=kept_teacher bash benchmarks/train_bundled.sh  # instead of the three above: base from data/bundled/stages,
+#                                                         # the teacher kept in data/teacher (int8), their records
 #     PART=ode_init bash benchmarks/train_bundled.sh      # stage (b): ODE pool + regression, evaluation, artifacts
 #     PART=self_forcing bash benchmarks/train_bundled.sh  # stage (c), evaluation of (b) and (b)+(c), artifacts
 # with DEST (default ${OUT:-data}/bundled) kept from one call to the next. On one machine without that limit,
@@ -23,10 +25,20 @@ case "${PART:-base}" in
           2>&1 | tee "$DEST/train_teacher.log" ;;
   teacher_more) python3 benchmarks/continue_teacher.py --out "$DEST" --seconds "${TEACHER_MORE_SECONDS:-420}" \
           --batch 32 --lr 6e-4 --warmup 50 --seed 7 2>&1 | tee "$DEST/train_teacher_more.log" ;;
+  kept_teacher) mkdir -p "$DEST/stages"
+          cp data/bundled/stages/base.safetensors data/teacher/teacher.safetensors "$DEST/stages/"
+          python3 - "$DEST/stages/log.json" <<'PY'
+import json, sys
+base, teacher = (json.load(open(f)) for f in ("data/bundled/stages/log.json", "data/teacher/train_log.json"))
+record = {**base, **{k: v for k, v in teacher.items() if k != "stages"}}
+record["stages"] = {"base": base["stages"]["base"], "teacher": teacher["stages"]["teacher"]}
+json.dump(record, open(sys.argv[1], "w"), indent=1)
+PY
+          ;;
   ode_init) "${cli[@]}" --stages ode_init "${student[@]}" --ode-pairs "${ODE_PAIRS:-3072}" --ode-pair-batch 256 \
           --ode-grid 20 --ode-steps 100000 --ode-lr 3e-4 --ode-seconds "${ODE_SECONDS:-300}" \
           2>&1 | tee "$DEST/train_ode_init.log" ;;
   self_forcing) "${cli[@]}" --stages self_forcing "${student[@]}" --sf-steps 100000 --sf-seconds "${SF_SECONDS:-440}" \
           2>&1 | tee "$DEST/train_self_forcing.log" ;;
-  *) echo "PART must be base, teacher, teacher_more, ode_init or self_forcing" >&2; exit 2 ;;
+  *) echo "PART must be base, teacher, teacher_more, kept_teacher, ode_init or self_forcing" >&2; exit 2 ;;
 esac
