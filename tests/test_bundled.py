@@ -126,14 +126,72 @@ def _tiny_setup(clip=(6, 8, 12)):
     return cfg, ClipSetup.of(cfg, "cpu")
 
 
-def test_teacher_stage_lowers_the_heldout_flow_loss():
+@pytest.mark.parametrize("prediction", ["flow", "x0"])
+def test_teacher_stage_lowers_the_heldout_flow_loss(prediction):
     cfg, setup = _tiny_setup()
-    model = WanModel(cfg)
+    model = WanModel(replace(cfg, prediction=prediction))
     with use_backend(model, setup.backend):
         record = train_teacher(model, TeacherSettings(steps=60, batch=4, lr=2e-3, warmup=10), log=lambda *_: None)
     assert record["stage"] == "teacher" and len(record["curve"]) >= 1
-    # measured (seed 0): 1.55 -> 0.55
+    # measured (seed 0): flow 1.55 -> 0.60, x0 2.16 -> 0.28
     assert record["heldout_loss_end"] < 0.6 * record["heldout_loss_init"], record
+
+
+def _x0_twins(seed: int = 0, clip=(6, 12, 20)) -> tuple[WanModel, WanModel]:
+    """The same random float64 weights as a flow model and as an x0 model (head randomised: not zero)."""
+    flow = _tiny_model(seed, clip)
+    with torch.no_grad():
+        flow.head.head.weight.normal_(0, 0.1)
+    x0 = copy.deepcopy(flow)
+    x0.cfg = replace(flow.cfg, prediction="x0")
+    return flow, x0
+
+
+@torch.no_grad()
+def test_x0_prediction_returns_the_flow_its_clean_sample_implies():
+    """With ``prediction="x0"`` the forward returns v = (x − head) / σ per frame, so x − σ·v is the head's x̂0 and
+    one Euler step to σ = 0 lands on it; the teacher-forced path (clean half at t = 0) stays finite."""
+    flow, x0 = _x0_twins()
+    torch.manual_seed(1)
+    b, frames = 2, 6
+    x = torch.randn(b, 3, frames, 12, 20, dtype=torch.float64)
+    context = procedural.encode_prompts(procedural.random_prompts(b, torch.Generator().manual_seed(2)))
+    sigma = torch.tensor([[0.93, 0.93, 0.93, 0.31, 0.31, 0.31], [0.6, 0.6, 0.6, 0.0007, 0.0007, 0.0007]],
+                         dtype=torch.float64)
+    head = flow(x, 1000 * sigma, context.double())  # the shared weights' raw output = the x0 model's x̂0
+    v = x0(x, 1000 * sigma, context.double())
+    s = sigma.clamp_min(1e-3).view(b, 1, frames, 1, 1)
+    torch.testing.assert_close(v, (x - head) / s, rtol=1e-12, atol=1e-12)
+    above = sigma.view(b, 1, frames, 1, 1).expand_as(x) >= 1e-3  # below the floor (t ≈ 0) σ·v is not x − x̂0
+    torch.testing.assert_close((x - sigma.view(b, 1, frames, 1, 1) * v)[above], head[above], rtol=1e-12, atol=1e-12)
+    assert (v - head).abs().amax() > 0.1  # not the flow model's answer
+    mask = teacher_forcing_mask(frames, 3 * 5, 3)
+    assert torch.isfinite(x0(torch.cat([x, x], 2), torch.cat([torch.zeros_like(sigma), 1000 * sigma], 1),
+                             context.double(), frame_index=torch.arange(frames).repeat(2), attn_mask=mask)).all()
+
+
+@torch.no_grad()
+def test_x0_flow_loss_weighs_the_clean_error_by_one_over_sigma_capped():
+    """The flow loss of an x0 model is mean(((x̂0 − x0) / max(σ, 0.05))²) — the flow error with 1/σ capped — against
+    a float64 reference built from the twin flow model's raw output, σ on both sides of the cap."""
+    from toolkit.models.bundled.teacher import X0_LOSS_SIGMA_MIN, teacher_forced_flow
+
+    flow, x0 = _x0_twins(seed=3)
+    torch.manual_seed(4)
+    b, frames = 3, 6
+    clean = torch.rand(b, 3, frames, 12, 20, dtype=torch.float64) * 2 - 1
+    noise = torch.randn_like(clean)
+    context = procedural.encode_prompts(procedural.random_prompts(b, torch.Generator().manual_seed(5))).double()
+    sigma = torch.tensor([[0.011] * 3 + [0.2] * 3, [0.049] * 3 + [0.999] * 3, [0.051] * 3 + [0.7] * 3],
+                         dtype=torch.float64)
+    mask = teacher_forcing_mask(frames, 3 * 5, 3)
+    s = sigma.view(b, 1, frames, 1, 1)
+    x_hat = teacher_forced_flow(flow, clean, (1 - s) * clean + s * noise, context, sigma, mask)
+    want = ((x_hat - clean) / s.clamp_min(X0_LOSS_SIGMA_MIN)).pow(2)
+    got = flow_matching_loss(x0, clean, context, noise, sigma, mask, per_sample=True)
+    torch.testing.assert_close(got, want.flatten(1).mean(1).float(), rtol=1e-6, atol=0)
+    uncapped = ((x_hat - clean) / s).pow(2).flatten(1).mean(1)
+    assert uncapped[0] > 2 * got[0]  # the cap acted on the σ = 0.011 chunk
 
 
 def test_teacher_time_budget_fixes_the_steps_after_the_probe():
@@ -534,9 +592,11 @@ def test_stage_weights_carry_their_config_and_a_file_without_one_is_refused(tmp_
     from toolkit.models.bundled.model import save_weights
 
     torch.manual_seed(0)
-    teacher = WanModel(tiny_teacher_config())
+    teacher = WanModel(tiny_teacher_config(prediction="x0"))
     back = load_weights(save_weights(teacher, tmp_path / "t.safetensors"))
-    assert back.cfg == teacher.cfg
+    assert back.cfg == teacher.cfg and back.cfg.prediction == "x0"
+    with pytest.raises(CheckpointError, match="prediction 'eps' is not one of flow, x0"):
+        tiny_teacher_config(prediction="eps")
     assert all(torch.equal(a.half().float(), b) for a, b in zip(teacher.state_dict().values(),
                                                                back.state_dict().values()))
     save_file({k: v.half().contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "bare.safetensors"))

@@ -9,10 +9,11 @@ from dataclasses import replace
 
 from toolkit.commands.generate import seed_type
 from toolkit.models.bundled import DEFAULT_DIR, tiny_config
-from toolkit.models.bundled.config import tiny_teacher_config
+from toolkit.models.bundled.config import teacher_config, tiny_teacher_config
 from toolkit.models.bundled.finetune import OBJECTIVES, FinetuneSettings
 from toolkit.models.bundled.recipe import STAGES, Recipe, train_bundled
 from toolkit.models.bundled.teacher import TeacherSettings
+from toolkit.models.wan import PREDICTIONS
 
 
 def _stages(text: str) -> tuple[str, ...]:
@@ -71,6 +72,9 @@ updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.cri
     p.add_argument("--teacher-seconds", type=float, default=None, metavar="S",
                    help="time budget of stage (a): after 20 timed steps, train only the steps that fit (the cosine "
                         "schedule spans them); the card records the steps run")
+    p.add_argument("--teacher-prediction", choices=PREDICTIONS, default=teacher_config().prediction,
+                   help="what the teacher's head outputs: flow (v = noise - clean, as Wan) or x0 (the clean clip; "
+                        "the model still returns the flow it implies); docs/bundled-model.md compares them")
     p.add_argument("--ode-pairs", type=int, default=defaults.ode_init.pairs, help="teacher ODE trajectories")
     p.add_argument("--ode-pair-batch", type=int, default=defaults.ode_init.pair_batch,
                    help="trajectories solved together (GPU memory: about 40 MB each)")
@@ -227,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"toolkit train: replacing {args.out} (--force)", file=sys.stderr)
     record = train_bundled(
         args.out, recipe_from(args), stages=args.stages, cfg=tiny_config() if args.tiny else None,
-        teacher_cfg=tiny_teacher_config() if args.tiny else None,
+        teacher_cfg=(tiny_teacher_config if args.tiny else teacher_config)(prediction=args.teacher_prediction),
         device=args.device, force=args.force, log=(lambda *_: None) if args.quiet else (lambda m: print(m, flush=True)),
     )
     print(json.dumps({k: record[k] for k in ("shipped", "evaluation") if k in record}, indent=1))

@@ -195,8 +195,8 @@ def config_from_json(d: Mapping[str, Any]) -> dict[str, Any]:
 
     Only keys present in the file are returned (Wan's file omits patch_size/text_dim, which keep the WanConfig
     defaults); keys of other tools (``_class_name``, ``model_type``, ...) are ignored. A toolkit config.json's
-    ``extra`` (the bundled family's clip size, chunk length, prompt encoding) is kept: those facts belong to the
-    checkpoint, not to the registry's default config.
+    ``extra`` (the bundled family's clip size, chunk length, prompt encoding) and ``prediction`` are kept: those facts
+    belong to the checkpoint, not to the registry's default config.
     """
     if "num_attention_heads" in d:  # diffusers WanTransformer3DModel
         out: dict[str, Any] = {
@@ -213,6 +213,8 @@ def config_from_json(d: Mapping[str, Any]) -> dict[str, Any]:
         out["patch_size"] = tuple(out["patch_size"])
     if isinstance(d.get("extra"), dict):
         out["extra"] = dict(d["extra"])
+    if "prediction" in d:  # a toolkit config.json of an x0-predicting model (never a released Wan)
+        out["prediction"] = d["prediction"]
     return out
 
 

@@ -17,6 +17,12 @@ Forward, following the Self-Forcing / Wan2.1 reference code (``docs/self-forcing
         x += gate_ff * FFN(LN2(x) * (1 + scale_ff) + shift_ff)
     head: Linear(LN(x) * (1 + scale) + shift), (shift, scale) = head.modulation + e  -> unpatchify -> flow v = eps - x0
 
+``prediction="x0"`` (never a released Wan; the bundled recipe's teacher may use it): the head outputs the clean
+sample x̂0 and the forward returns the flow it implies, v = (x − x̂0) / σ with σ = t / 1000, so every sampler, loss
+and score reads a flow either way. Why: with 8 × 8 × 3 = 192 pixel values per token the noise a flow carries is
+high-dimensional next to the width, while clean sprite videos are not, which favours predicting the clean sample
+(Li & He, "Back to Basics: Let Denoising Generative Models Denoise", 2025: x-prediction with a v-loss).
+
 Parameter names equal the native Wan checkpoint names (``blocks.N.self_attn.q.weight`` ...), so a native
 state dict loads with ``load_state_dict`` directly; other formats are mapped in ``checkpoints.py``.
 """
@@ -39,6 +45,8 @@ from toolkit.models.seam import AttentionContext, AttentionSeam
 CONFIG_BOUNDS = {"dim": 65536, "ffn_dim": 262144, "num_heads": 1024, "num_layers": 256, "in_dim": 4096,
                  "out_dim": 4096, "text_dim": 65536, "text_len": 65536, "freq_dim": 65536,
                  "rope_max_positions": 1 << 20}
+PREDICTIONS = ("flow", "x0")  # WanConfig.prediction: the head's output (module docstring)
+X0_SIGMA_FLOOR = 1e-3  # x0 prediction: σ below this (t = 0, the clean pass) divides by it; that output is unused
 
 
 def _is_int(value) -> bool:
@@ -64,6 +72,7 @@ class WanConfig:
     cross_attn_norm: bool = True
     rope_theta: float = 10000.0
     rope_max_positions: int = 1024
+    prediction: str = "flow"  # what the head outputs: PREDICTIONS; forward always returns the flow
     extra: dict = field(default_factory=dict)  # free-form notes carried with the config (e.g. bundled model)
 
     def __post_init__(self) -> None:
@@ -96,6 +105,8 @@ class WanConfig:
         for name in ("qk_norm", "cross_attn_norm"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} {getattr(self, name)!r} is not true/false")
+        if self.prediction not in PREDICTIONS:
+            problems.append(f"prediction {self.prediction!r} is not one of {', '.join(PREDICTIONS)}")
         if not isinstance(self.extra, dict):
             problems.append(f"extra {self.extra!r} is not a mapping")
         if problems:
@@ -464,7 +475,8 @@ class WanModel(nn.Module):
         frame_index: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Flow prediction v = ε − x0 for ``x`` [b c F Hl Wl] at timesteps ``t`` ([b] or per frame [b F]).
+        """Flow prediction v = ε − x0 for ``x`` [b c F Hl Wl] at timesteps ``t`` ([b] or per frame [b F]) (also
+        with ``cfg.prediction == "x0"``: converted from the head's x̂0).
 
         Causal use: pass ``kv_cache`` and the chunk's ``start_frame``; the chunk's K/V go into the cache and its
         queries attend to the frames the cache keeps up to the chunk's end (all of them unless it rolls), each at its
@@ -513,7 +525,12 @@ class WanModel(nn.Module):
         )
         for block in self.blocks:
             tokens = block(tokens, e0, context, cos, sin, ctx, kv_cache)
-        return self.unpatchify(self.head(tokens, e), grid).to(x.dtype)
+        out = self.unpatchify(self.head(tokens, e), grid)
+        if cfg.prediction == "x0":  # out is x̂0; return the flow v = (x − x̂0) / σ (at least float32)
+            wide = torch.promote_types(out.dtype, torch.float32)
+            sigma = (t.to(wide) / 1000).clamp_min(X0_SIGMA_FLOOR).repeat_interleave(cfg.patch_size[0], 1)
+            out = (x.to(wide) - out.to(wide)) / sigma.view(b, 1, -1, 1, 1)
+        return out.to(x.dtype)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

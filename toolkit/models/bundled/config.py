@@ -89,9 +89,9 @@ def tiny_config(clip: tuple[int, int, int] = (6, 16, 24)) -> WanConfig:
     return cfg
 
 
-def tiny_teacher_config(clip: tuple[int, int, int] = (6, 16, 24)) -> WanConfig:
+def tiny_teacher_config(clip: tuple[int, int, int] = (6, 16, 24), **overrides) -> WanConfig:
     """``teacher_config`` at ``tiny_config`` scale (same clip, 8 × 8 patches)."""
-    cfg = teacher_config(dim=48, ffn_dim=96, num_heads=2, num_layers=2)
+    cfg = teacher_config(**{**dict(dim=48, ffn_dim=96, num_heads=2, num_layers=2), **overrides})
     cfg.extra["clip"] = dict(frames=clip[0], height=clip[1], width=clip[2])
     return cfg
 

@@ -45,6 +45,7 @@ from toolkit.models.wan import WanConfig, WanModel
 
 SHIFT = 5.0  # the samplers' warp, the ODE pairs' timesteps, the DMD noise levels
 TEACHER_SHIFT = 3.0  # σ sampling of the teacher's flow-matching loss (see the module docstring)
+X0_LOSS_SIGMA_MIN = 0.05  # x0-predicting models: the flow loss weighs x̂0's error by 1/max(σ, this)² (as JiT)
 HELDOUT_SEED = 1_000_003  # held-out clips, noise and σ; training seeds are seed + small offsets
 Log = Callable[[str], None]
 
@@ -162,11 +163,17 @@ def flow_matching_loss(
     per_sample: bool = False,
 ) -> torch.Tensor:
     """Teacher-forced flow-matching MSE on the noisy half. x0, noise [b c F H W]; sigma [b F]; mask from
-    ``teacher_forcing_mask``. Returns the mean (or [b] with ``per_sample``), float32."""
+    ``teacher_forcing_mask``. Returns the mean (or [b] with ``per_sample``), float32. For a model that predicts x0
+    (``cfg.prediction``) the same flow error is (x̂0 − x0) / σ; its weight is capped below σ = X0_LOSS_SIGMA_MIN,
+    where 1/σ² would let a few nearly clean samples dominate the batch."""
     b, _, frames = x0.shape[:3]
     s = sigma.view(b, 1, frames, 1, 1).to(x0.dtype)
     pred = teacher_forced_flow(model, x0, (1 - s) * x0 + s * noise, context, sigma, mask)
-    err = (pred.float() - (noise - x0).float()).pow(2)
+    err = pred.float() - (noise - x0).float()
+    if model.cfg.prediction == "x0":  # err = (x̂0 − x0) / σ: cap its weight 1/σ² at σ = X0_LOSS_SIGMA_MIN
+        s32 = s.float()
+        err = err * (s32 / s32.clamp_min(X0_LOSS_SIGMA_MIN))
+    err = err.pow(2)
     return err.flatten(1).mean(1) if per_sample else err.mean()
 
 
