@@ -11,7 +11,7 @@
 # with DEST (default ${OUT:-data}/bundled) kept from one call to the next. On one machine without that limit,
 # `toolkit train --out DIR` runs the four stages in one go (one teacher run instead of two).
 # Knobs: BASE_SECONDS, TEACHER_SECONDS, TEACHER_MORE_SECONDS, ODE_SECONDS, SF_SECONDS (time budgets), ODE_PAIRS,
-# GUIDANCE, SEED, TEACHER_PREDICTION (flow or x0).
+# GUIDANCE, SEED, TEACHER_PREDICTION (flow or x0), TEACHER_MORE_SEED.
 set -euo pipefail
 DEST="${DEST:-${OUT:-data}/bundled}"
 mkdir -p "$DEST"
@@ -25,7 +25,7 @@ case "${PART:-base}" in
           --teacher-prediction "${TEACHER_PREDICTION:-flow}" \
           2>&1 | tee "$DEST/train_teacher.log" ;;
   teacher_more) python3 benchmarks/continue_teacher.py --out "$DEST" --seconds "${TEACHER_MORE_SECONDS:-420}" \
-          --batch 32 --lr 6e-4 --warmup 50 --seed 7 2>&1 | tee "$DEST/train_teacher_more.log" ;;
+          --batch 32 --lr 6e-4 --warmup 50 --seed "${TEACHER_MORE_SEED:-7}" 2>&1 | tee "$DEST/train_teacher_more.log" ;;
   kept_teacher) mkdir -p "$DEST/stages"
           cp data/bundled/stages/base.safetensors data/teacher/teacher.safetensors "$DEST/stages/"
           python3 - "$DEST/stages/log.json" <<'PY'
