@@ -19,9 +19,10 @@ Forward, following the Self-Forcing / Wan2.1 reference code (``docs/self-forcing
 
 ``prediction="x0"`` (never a released Wan; the bundled recipe's teacher may use it): the head outputs the clean
 sample x̂0 and the forward returns the flow it implies, v = (x − x̂0) / σ with σ = t / 1000, so every sampler, loss
-and score reads a flow either way. Why: with 8 × 8 × 3 = 192 pixel values per token the noise a flow carries is
-high-dimensional next to the width, while clean sprite videos are not, which favours predicting the clean sample
-(Li & He, "Back to Basics: Let Denoising Generative Models Denoise", 2025: x-prediction with a v-loss).
+and score reads a flow either way. The idea (Li & He, "Back to Basics: Let Denoising Generative Models Denoise",
+2025: x-prediction with a v-loss): with 8 × 8 × 3 = 192 pixel values per token the noise a flow carries is
+high-dimensional next to the width, while clean sprite videos are not. On the bundled teacher it gave a lower
+loss but a worse prompt binding at equal steps (``docs/bundled-model.md``, run 8), so the recipe keeps "flow".
 
 Parameter names equal the native Wan checkpoint names (``blocks.N.self_attn.q.weight`` ...), so a native
 state dict loads with ``load_state_dict`` directly; other formats are mapped in ``checkpoints.py``.
