@@ -3,7 +3,7 @@
 
     python benchmarks/teacher_int8_check.py --float16 runs/t7/stages/teacher.safetensors --out benchmarks/results/
 
-(``data/teacher/teacher.safetensors`` was written from that float16 file, run 7 of ``docs/bundled-model.md``.)
+(Measured on run 7's teacher, which ``data/teacher`` held until run 8 of ``docs/bundled-model.md`` replaced it.)
 """
 
 from __future__ import annotations
