@@ -11,7 +11,8 @@
 # with DEST (default ${OUT:-data}/bundled) kept from one call to the next. On one machine without that limit,
 # `toolkit train --out DIR` runs the four stages in one go (one teacher run instead of two).
 # Knobs: BASE_SECONDS, TEACHER_SECONDS, TEACHER_MORE_SECONDS, ODE_SECONDS, SF_SECONDS (time budgets), ODE_PAIRS,
-# GUIDANCE, SEED, TEACHER_PREDICTION (flow or x0), TEACHER_MORE_SEED.
+# GUIDANCE, SEED, TEACHER_PREDICTION (flow or x0), TEACHER_MORE_SEED, ODE_START (ode_init: stage (b) trains its own
+# earlier student further, on new pairs when SEED differs).
 set -euo pipefail
 DEST="${DEST:-${OUT:-data}/bundled}"
 mkdir -p "$DEST"
@@ -38,6 +39,7 @@ PY
           ;;
   ode_init) "${cli[@]}" --stages ode_init "${student[@]}" --ode-pairs "${ODE_PAIRS:-3072}" --ode-pair-batch 256 \
           --ode-grid 20 --ode-steps 100000 --ode-lr 3e-4 --ode-seconds "${ODE_SECONDS:-300}" \
+          --ode-start "${ODE_START:-base}" \
           2>&1 | tee "$DEST/train_ode_init.log" ;;
   self_forcing) "${cli[@]}" --stages self_forcing "${student[@]}" --sf-steps 100000 --sf-seconds "${SF_SECONDS:-440}" \
           2>&1 | tee "$DEST/train_self_forcing.log" ;;

@@ -539,7 +539,7 @@ def _tree_digest(folder) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_path):
+def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_path, monkeypatch):
     import subprocess
     import sys
 
@@ -582,6 +582,31 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
                           "--ode-grid", "30"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and "--ode-grid 30" in run.stderr
     assert not (tmp_path / "empty").exists()
+    run = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", "--out", str(tmp_path / "empty"), "--tiny",
+                          "--stages", "ode_init", "--ode-start", "ode_init"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and "run stage ode_init first" in run.stderr and not (tmp_path / "empty").exists()
+
+    # stage (b) trained further: it starts from its own earlier student, and the record keeps the first run
+    import toolkit.models.bundled.recipe as recipe_module
+
+    earlier = load_weights(out / "stages" / "ode_init.safetensors").state_dict()
+    base = load_weights(out / "stages" / "base.safetensors").state_dict()
+    started, train_ode_init = {}, recipe_module.train_ode_init
+
+    def spy(student, *args, **kwargs):
+        started.update({k: v.detach().clone() for k, v in student.state_dict().items()})
+        return train_ode_init(student, *args, **kwargs)
+
+    monkeypatch.setattr(recipe_module, "train_ode_init", spy)
+    assert main(["--tiny", "--out", str(out), "--stages", "ode_init", "--ode-start", "ode_init", "--seed", "1",
+                 "--force", "--quiet"]) == 0
+    assert all(torch.equal(started[k], v) for k, v in earlier.items())
+    assert not all(torch.equal(started[k], v) for k, v in base.items())
+    ode = json.loads((out / "train_log.json").read_text())["stages"]["ode_init"]
+    assert ode["heldout_loss_end"] == record["stages"]["ode_init"]["heldout_loss_end"]
+    assert len(ode["continued"]) == 1 and ode["continued"][0]["steps_run"] == 4
+    assert "| ode_init, continued | 4 × 2 |" in (out / "MODEL_CARD.md").read_text()
 
 
 

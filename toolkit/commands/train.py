@@ -11,6 +11,7 @@ from toolkit.commands.generate import seed_type
 from toolkit.models.bundled import DEFAULT_DIR, tiny_config
 from toolkit.models.bundled.config import teacher_config, tiny_teacher_config
 from toolkit.models.bundled.finetune import OBJECTIVES, FinetuneSettings
+from toolkit.models.bundled.ode_init import ODE_STARTS
 from toolkit.models.bundled.recipe import STAGES, Recipe, train_bundled
 from toolkit.models.bundled.teacher import TeacherSettings
 from toolkit.models.wan import PREDICTIONS
@@ -88,6 +89,9 @@ updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.cri
     p.add_argument("--ode-keep-prompted", action="store_true",
                    help="pool only the teacher trajectories whose clip shows the prompt's colours and sprite count "
                         "(the sprite evaluator's match); --ode-pairs are drawn, fewer kept")
+    p.add_argument("--ode-start", choices=ODE_STARTS, default=defaults.ode_init.start,
+                   help="the student's starting weights in stage (b): base, or ode_init to train the stage-(b) "
+                        "student already in --out/stages further on a fresh pool (use another --seed for new pairs)")
     p.add_argument("--sf-steps", type=int, default=defaults.self_forcing.steps, help="Self-Forcing generator updates")
     p.add_argument("--sf-batch", type=int, default=defaults.self_forcing.batch)
     p.add_argument("--sf-lr", type=float, default=defaults.self_forcing.lr)
@@ -136,7 +140,7 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
                         seconds=args.teacher_seconds),
         ode_init=replace(r.ode_init, pairs=args.ode_pairs, pair_batch=args.ode_pair_batch, grid_steps=args.ode_grid,
                          steps=args.ode_steps, batch=args.ode_batch, lr=args.ode_lr, seconds=args.ode_seconds,
-                         keep_prompted=args.ode_keep_prompted),
+                         keep_prompted=args.ode_keep_prompted, start=args.ode_start),
         self_forcing=replace(r.self_forcing, steps=args.sf_steps, batch=args.sf_batch, lr=args.sf_lr,
                              critic_lr=args.sf_critic_lr, seconds=args.sf_seconds),
         guidance_scale=args.guidance,
@@ -147,7 +151,7 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
         recipe = Recipe(
             base=TeacherSettings(steps=6, batch=2, warmup=2),
             teacher=TeacherSettings(steps=6, batch=2, warmup=2),
-            ode_init=replace(r.ode_init, pairs=4, pair_batch=4, steps=4, batch=2, warmup=2),
+            ode_init=replace(r.ode_init, pairs=4, pair_batch=4, steps=4, batch=2, warmup=2, start=args.ode_start),
             self_forcing=replace(r.self_forcing, steps=2, batch=2, critic_ratio=1),
             guidance_scale=args.guidance,
             guidance_candidates=(1.0, 3.0),
@@ -224,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         ode_grid(args.ode_grid)
     except ValueError as err:
         raise ToolkitError(f"--ode-grid {args.ode_grid}: {err}") from None
-    check_model_output(args.out, args.stages, args.force)  # a model there: refused unless --force
+    check_model_output(args.out, args.stages, args.force, args.ode_start)  # a model there: refused unless --force
     prepare_output_dir(args.out, folder=True, keep=False)  # read-only or uncreatable: now, not after a stage
     out = Path(args.out)
     if args.force and any(p.exists() for p in [out / WEIGHTS_FILE, *(stage_path(out, s) for s in args.stages)]):

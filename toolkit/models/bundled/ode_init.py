@@ -95,6 +95,10 @@ def ode_grid(steps: int) -> tuple[int, ...]:
     return tuple(range(1000, 0, -1000 // steps))
 
 
+# the weights stage (b) may start from (``ODESettings.start``)
+ODE_STARTS = ("base", "ode_init")
+
+
 @dataclass(frozen=True)
 class ODESettings:
     # defaults: the shipped run's (run 6 of docs/bundled-model.md, where a 300 s budget fitted 1452 steps)
@@ -109,6 +113,9 @@ class ODESettings:
     seconds: float | None = None  # time budget of the regression (the pool not counted; ``teacher.fit_to_budget``)
     compile: bool = True  # torch.compile the student's blocks on CUDA for the regression
     keep_prompted: bool = False  # pool only trajectories whose teacher output matches its prompt (module docstring)
+    # the student's starting weights: "base", or "ode_init" to train an earlier stage-(b) student further on a fresh
+    # pool (a run split over several 10-minute device calls; the record lists the later runs under "continued")
+    start: str = "base"
 
 
 def make_pool(

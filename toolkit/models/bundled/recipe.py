@@ -48,7 +48,7 @@ from toolkit.models.bundled.config import (
     teacher_config,
 )
 from toolkit.models.bundled.model import generate, load_weights, save_weights
-from toolkit.models.bundled.ode_init import ODESettings, train_ode_init
+from toolkit.models.bundled.ode_init import ODE_STARTS, ODESettings, train_ode_init
 from toolkit.models.bundled.pictures import save_gif, save_strip
 from toolkit.models.bundled.self_forcing import SelfForcingSettings, train_self_forcing
 from toolkit.models.bundled.teacher import TEACHER_SHIFT, ClipSetup, Log, TeacherSettings, autocast, train_teacher
@@ -97,9 +97,10 @@ def refuse_overwrite(out: Path, writes: Sequence[Path], force: bool) -> None:
         raise ToolkitError(f"{out} already holds a model ({existing[0].name}); pass --force to replace it")
 
 
-def check_output(out: str | Path, stages: Sequence[str], force: bool) -> Path:
+def check_output(out: str | Path, stages: Sequence[str], force: bool, ode_start: str = "base") -> Path:
     """Refuse (one line) to overwrite a model in ``out`` unless ``force``; check that the stages the ones asked for
-    build on have left their weights there (or are asked for too). Nothing is written."""
+    build on have left their weights there (or are asked for too; ``ode_start="ode_init"``: stage (b) continues its
+    own earlier weights). Nothing is written."""
     out = Path(out)
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
@@ -111,8 +112,16 @@ def check_output(out: str | Path, stages: Sequence[str], force: bool) -> Path:
     if "ode_init" in ordered or "self_forcing" in ordered:
         writes.append(out / WEIGHTS_FILE)
     refuse_overwrite(out, writes, force)
+    if ode_start not in ODE_STARTS:
+        raise ToolkitError(f"the ODE stage starts from one of {', '.join(ODE_STARTS)}, not {ode_start!r}")
     for stage in ordered:
-        for earlier in NEEDS[stage]:
+        needs = NEEDS[stage]
+        if stage == "ode_init" and ode_start == "ode_init":  # its own earlier weights, not base's
+            if not stage_path(out, stage).is_file():
+                raise ToolkitError(f"continuing stage ode_init needs {stage_path(out, stage)} (run stage ode_init "
+                                   "first)")
+            needs = tuple(n for n in needs if n != "base")
+        for earlier in needs:
             if earlier not in ordered and not stage_path(out, earlier).is_file():
                 raise ToolkitError(f"stage {stage} needs {stage_path(out, earlier)} (run stage {earlier} first)")
     return out
@@ -148,7 +157,7 @@ def train_bundled(
     """Run ``stages`` of ``recipe`` into ``out`` (see the module docstring); returns the training record. ``cfg``:
     the student's (shipped) architecture, ``teacher_cfg`` the teacher's; stages loaded from ``out`` bring their
     own."""
-    out = check_output(out, stages, force)
+    out = check_output(out, stages, force, recipe.ode_init.start)
     dev = resolve_device(device or None)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -204,10 +213,17 @@ def train_bundled(
     setup, scores = ClipSetup.of(cfg, dev), ClipSetup.of(teacher.cfg, dev)
 
     if "ode_init" in stages:
-        student = copy.deepcopy(base if "base" in stages else load("base")).requires_grad_(True)
+        start = recipe.ode_init.start
+        earlier = record["stages"].get("ode_init") if start == "ode_init" else None
+        if start == "ode_init" and earlier is None:
+            raise ToolkitError(f"{out / 'stages'} holds no earlier ode_init stage to continue")
+        student = copy.deepcopy(base if start == "base" and "base" in stages else load(start)).requires_grad_(True)
         with use_backend(student, setup.backend), use_backend(teacher, scores.backend):
-            save("ode_init", student, train_ode_init(student, teacher, recipe.ode_init, seed=recipe.seed,
-                                                     guidance_scale=guidance, log=log))
+            summary = train_ode_init(student, teacher, recipe.ode_init, seed=recipe.seed, guidance_scale=guidance,
+                                     log=log)
+        if earlier is not None:  # as continue_teacher.py records the teacher's: the first run, then the later ones
+            summary = {**earlier, "continued": [*earlier.get("continued", []), summary]}
+        save("ode_init", student, summary)
     else:
         student = load("ode_init").requires_grad_(True)
     ode_student = copy.deepcopy(student).eval().requires_grad_(False)
@@ -378,8 +394,9 @@ def plot_curves(path: Path, record: dict) -> None:
         ax.plot(steps, [c[1] for c in curve], label=stage.replace("_", " "))
         offset = steps[-1]
         for i, more in enumerate(stages[stage].get("continued", [])):  # continued runs, after the first
+            shift = f", σ shift {TEACHER_SHIFT:g}" if stage == "teacher" else ""
             ax.plot([offset + c[0] for c in more["curve"]], [c[1] for c in more["curve"]], color=f"C{i + 2}",
-                    label=f"continued ({more['seconds']:.0f} s, σ shift {TEACHER_SHIFT:g})")
+                    label=f"continued ({more['seconds']:.0f} s{shift})")
             offset += more["curve"][-1][0]
         if stages[stage].get("continued"):
             ax.legend(fontsize=7, loc="lower left")
@@ -423,12 +440,15 @@ def model_card(record: dict, model: WanModel) -> str:
         steps = s.get("steps_run", cfgs["steps"])
         rows.append(f"| {name} | {steps} × {cfgs['batch']} | {s['seconds']:.0f} s | {loss} | {extra} | "
                     f"`{s.get('commit', '?')}` |")
-        for more in s.get("continued", []):  # benchmarks/continue_teacher.py: the same weights trained further
+        for more in s.get("continued", []):  # the same weights trained further (continue_teacher.py, --ode-start)
             c = more["settings"]
             mode = "compiled" if more.get("compile_seconds") else "eager"
+            how = (f"{c['pairs']} new ODE pairs, teacher CFG {more.get('guidance_scale', '?')} "
+                   f"({more.get('pool_seconds', 0):.0f} s to solve), lr {c['lr']}" if name == "ode_init"
+                   else f"lr {c['lr']} (cosine), shift-{TEACHER_SHIFT:g} σ, {mode}")
             rows.append(f"| {name}, continued | {more['steps_run']} × {c['batch']} | {more['seconds']:.0f} s | "
-                        f"{more['heldout_loss_init']:.4f} → {more['heldout_loss_end']:.4f} | lr {c['lr']} (cosine), "
-                        f"shift-3 σ, {mode} | `{more.get('commit', '?')}` |")
+                        f"{more['heldout_loss_init']:.4f} → {more['heldout_loss_end']:.4f} | {how} | "
+                        f"`{more.get('commit', '?')}` |")
     ev = record.get("evaluation", {})
     ev_rows = [f"| {name.replace('_', ' ')} | {format_summary(r, markdown=True)} |" for name, r in ev.items()]
     header = " | ".join(title for _, title, _ in SUMMARY_COLUMNS)
