@@ -107,3 +107,19 @@ def test_resources_entries_name_their_kernels_arguments():
         assert set(consts) == constexprs, fn.__name__
         assert set(ptrs) <= set(fn.arg_names) - constexprs, fn.__name__
         assert warps in (1, 2, 4, 8, 16) and stages >= 1
+
+
+def test_fused_floor_benchmark_checks_its_kernels_on_the_cpu(tmp_path):
+    """benchmarks/bench_fused_floor.py --tiny: both micro-kernels run through the interpreter and match torch
+    (the script asserts it) before anything would be timed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fused_floor.py"
+    run = subprocess.run([sys.executable, str(script), "--tiny", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr
+    rows = json.loads((tmp_path / "bench_fused_floor.json").read_text())["rows"]
+    assert {r["kind"] for r in rows} == {"reread", "thin_dot"} and all("median_ms" not in r for r in rows)
