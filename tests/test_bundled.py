@@ -599,6 +599,7 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
         return train_ode_init(student, *args, **kwargs)
 
     monkeypatch.setattr(recipe_module, "train_ode_init", spy)
+    monkeypatch.setenv("TOOLKIT_COMMIT", "later")
     assert main(["--tiny", "--out", str(out), "--stages", "ode_init", "--ode-start", "ode_init", "--seed", "1",
                  "--force", "--quiet"]) == 0
     assert all(torch.equal(started[k], v) for k, v in earlier.items())
@@ -606,6 +607,7 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
     ode = json.loads((out / "train_log.json").read_text())["stages"]["ode_init"]
     assert ode["heldout_loss_end"] == record["stages"]["ode_init"]["heldout_loss_end"]
     assert len(ode["continued"]) == 1 and ode["continued"][0]["steps_run"] == 4
+    assert ode["commit"] == record["stages"]["ode_init"]["commit"] != "later" == ode["continued"][0]["commit"]
     assert "| ode_init, continued | 4 × 2 |" in (out / "MODEL_CARD.md").read_text()
 
 

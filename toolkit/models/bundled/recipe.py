@@ -174,7 +174,7 @@ def train_bundled(
     record.setdefault("stages", {})
 
     def save(stage: str, model: WanModel, summary: dict) -> None:
-        summary["commit"] = _git_commit()
+        summary.setdefault("commit", _git_commit())  # a continued stage keeps its first run's
         record["stages"][stage] = summary
         if stage == "teacher":
             record["teacher_config"] = model.cfg.to_dict()
@@ -222,7 +222,7 @@ def train_bundled(
             summary = train_ode_init(student, teacher, recipe.ode_init, seed=recipe.seed, guidance_scale=guidance,
                                      log=log)
         if earlier is not None:  # as continue_teacher.py records the teacher's: the first run, then the later ones
-            summary = {**earlier, "continued": [*earlier.get("continued", []), summary]}
+            summary = {**earlier, "continued": [*earlier.get("continued", []), {**summary, "commit": _git_commit()}]}
         save("ode_init", student, summary)
     else:
         student = load("ode_init").requires_grad_(True)
