@@ -1,0 +1,147 @@
+// Read bandwidth of distributed shared memory (a thread-block cluster's blocks reading each other's shared memory)
+// against a block reading its own: the rate a fused Monarch forward would hand α/Y between SMs at
+// (kernels/NOTES.md, "The two rates, measured": the candidate whose R-step programs pass their results to the
+// L-step programs of the same cluster).
+//
+// Each block fills 64 KB of shared memory with a pattern, the cluster synchronises, then every thread reads
+// 16-byte vectors from the shared memory of block (rank + 1) mod C of its cluster (or its own, "local"), coalesced,
+// `iters` passes over the 64 KB, and sums them. A check pass first copies one remote pass to global memory and the
+// host compares it with the neighbour's pattern. Prints one JSON object (medians of 10 timed launches after 2
+// warm-ups, CUDA events).
+//
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o dsmem benchmarks/dsmem_bandwidth.cu && ./dsmem
+
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 512;
+constexpr int kVectors = 64 * 1024 / 16;  // float4 per block: 64 KB
+constexpr int kPerThread = kVectors / kThreads;
+
+#define CHECK(call)                                                                          \
+  do {                                                                                       \
+    cudaError_t err_ = (call);                                                               \
+    if (err_ != cudaSuccess) {                                                               \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(err_)); \
+      std::exit(1);                                                                          \
+    }                                                                                        \
+  } while (0)
+
+__device__ __forceinline__ float4 sum_passes(const float4* src, int iters) {
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int it = 0; it < iters; ++it) {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      // rotate the start each pass so the loads cannot be hoisted out of the loop
+      const float4 v = src[(threadIdx.x + (j + it) * kThreads) & (kVectors - 1)];
+      acc.x += v.x;
+      acc.y += v.y;
+      acc.z += v.z;
+      acc.w += v.w;
+    }
+  }
+  return acc;
+}
+
+__global__ void read_cluster_smem(float4* out, int iters, int remote, int check) {
+  extern __shared__ float4 buf[];
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank();
+  for (int i = threadIdx.x; i < kVectors; i += kThreads)
+    buf[i] = make_float4(float(i), float(blockIdx.x), 1.0f, 0.5f);
+  cluster.sync();  // every block's buffer written before any block reads another's
+  const float4* src = remote ? cluster.map_shared_rank(buf, (rank + 1) % cluster.num_blocks()) : buf;
+  if (check) {
+    for (int j = 0; j < kPerThread; ++j) {
+      const int idx = threadIdx.x + j * kThreads;
+      out[size_t(blockIdx.x) * kVectors + idx] = src[idx];
+    }
+  } else {
+    // own memory through `buf` itself, so the compiler emits shared-memory loads (LDS), not generic ones
+    const float4 acc = remote ? sum_passes(src, iters) : sum_passes(buf, iters);
+    out[size_t(blockIdx.x) * kThreads + threadIdx.x] = acc;
+  }
+  cluster.sync();  // no block leaves while another may still read its shared memory
+}
+
+static void launch(int cluster, int blocks, float4* out, int iters, int remote, int check) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = kVectors * sizeof(float4);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  CHECK(cudaLaunchKernelEx(&cfg, read_cluster_smem, out, iters, remote, check));
+  CHECK(cudaGetLastError());
+}
+
+int main() {
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  CHECK(cudaFuncSetAttribute(read_cluster_smem, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             kVectors * int(sizeof(float4))));
+  const int iters = 1000;
+  std::printf("{\"gpu\": \"%s\", \"multiprocessors\": %d, \"bytes_per_block_pass\": %d, \"iters\": %d, \"rows\": [",
+              prop.name, prop.multiProcessorCount, kVectors * 16, iters);
+  bool first = true;
+  for (int cluster : {2, 4, 8}) {
+    const int blocks = (2 * prop.multiProcessorCount) / cluster * cluster;
+    float4* out;
+    CHECK(cudaMalloc(&out, size_t(blocks) * kVectors * sizeof(float4)));
+    // check: one remote pass copied out equals the neighbour's pattern
+    CHECK(cudaMemset(out, 0xff, size_t(blocks) * kVectors * sizeof(float4)));  // NaN poison
+    launch(cluster, blocks, out, 0, 1, 1);
+    CHECK(cudaDeviceSynchronize());
+    std::vector<float4> host(size_t(blocks) * kVectors);
+    CHECK(cudaMemcpy(host.data(), out, host.size() * sizeof(float4), cudaMemcpyDeviceToHost));
+    long bad = 0;
+    for (int b = 0; b < blocks; ++b) {
+      const int neighbour = b - b % cluster + (b % cluster + 1) % cluster;
+      for (int i = 0; i < kVectors; ++i) {
+        const float4 v = host[size_t(b) * kVectors + i];
+        bad += !(v.x == float(i) && v.y == float(neighbour) && v.z == 1.0f && v.w == 0.5f);
+      }
+    }
+    for (int remote : {1, 0}) {
+      cudaEvent_t start, stop;
+      CHECK(cudaEventCreate(&start));
+      CHECK(cudaEventCreate(&stop));
+      for (int w = 0; w < 2; ++w) launch(cluster, blocks, out, iters, remote, 0);
+      std::vector<float> ms;
+      for (int r = 0; r < 10; ++r) {
+        CHECK(cudaEventRecord(start));
+        launch(cluster, blocks, out, iters, remote, 0);
+        CHECK(cudaEventRecord(stop));
+        CHECK(cudaEventSynchronize(stop));
+        float t;
+        CHECK(cudaEventElapsedTime(&t, start, stop));
+        ms.push_back(t);
+      }
+      std::sort(ms.begin(), ms.end());
+      const double median = 0.5 * (ms[4] + ms[5]);
+      const double bytes = double(blocks) * iters * kVectors * 16.0;
+      std::printf("%s\n {\"cluster\": %d, \"blocks\": %d, \"source\": \"%s\", \"check_mismatches\": %ld, "
+                  "\"median_ms\": %.4f, \"TB_per_s\": %.3f}",
+                  first ? "" : ",", cluster, blocks, remote ? "neighbour's shared memory" : "own shared memory",
+                  remote ? bad : 0L, median, bytes / (median * 1e-3) / 1e12);
+      first = false;
+      CHECK(cudaEventDestroy(start));
+      CHECK(cudaEventDestroy(stop));
+    }
+    CHECK(cudaFree(out));
+  }
+  std::printf("\n]}\n");
+  return 0;
+}
