@@ -9,7 +9,8 @@ L2. And its products are thin: N = the few columns it owns. So:
   own starting block, so programs do not walk in lockstep), for B from 4 MB to 34 MB (one head's K + V at the
   full clip is 16.8 MB; the L2 is 60 MB in two halves), against one read of a 2 GB buffer (HBM);
 * ``thin_dot``: tensor-core rate of acc[M, N] += A[M, Kd] · B[Kd, N] with B held in registers and A streamed
-  from a small, L2-resident buffer (the K rows of the fused R-step: M = key columns l, N = query columns j),
+  from a small, L2-resident buffer (``.cg`` loads: L2, not L1; the rate at which A arrives is reported too) —
+  the K rows of the fused R-step: M = key columns l, N = query columns j —
   for N = 16 (the least ``tl.dot`` takes), 32, 64 and a square 128 reference.
 
 Each kernel is checked against torch on its first launch (sums of every program; products of two programs in
@@ -32,14 +33,22 @@ import triton.language as tl
 
 @triton.jit
 def _reread(X, OUT, n_blocks, BLOCK: tl.constexpr):
-    """Program p sums all n_blocks · BLOCK values of X, starting at block (p · 97) mod n_blocks."""
+    """Program p sums all n_blocks · BLOCK values of X (n_blocks a multiple of 4), starting at block
+    (p · 97) mod n_blocks; four loads in flight per step, through L2 only (``.cg``: no L1 hits between programs)."""
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     first = (pid * 97) % n_blocks
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(0, n_blocks):
-        blk = (first + i) % n_blocks
-        acc += tl.load(X + blk.to(tl.int64) * BLOCK + offs).to(tl.float32)
+    for i in range(0, n_blocks, 4):
+        b0 = ((first + i) % n_blocks).to(tl.int64) * BLOCK
+        b1 = ((first + i + 1) % n_blocks).to(tl.int64) * BLOCK
+        b2 = ((first + i + 2) % n_blocks).to(tl.int64) * BLOCK
+        b3 = ((first + i + 3) % n_blocks).to(tl.int64) * BLOCK
+        x0 = tl.load(X + b0 + offs, cache_modifier=".cg")
+        x1 = tl.load(X + b1 + offs, cache_modifier=".cg")
+        x2 = tl.load(X + b2 + offs, cache_modifier=".cg")
+        x3 = tl.load(X + b3 + offs, cache_modifier=".cg")
+        acc += (x0.to(tl.float32) + x1.to(tl.float32)) + (x2.to(tl.float32) + x3.to(tl.float32))
     tl.store(OUT + pid, tl.sum(acc, 0))
 
 
@@ -58,7 +67,7 @@ def _thin_dot(A, B, OUT, n_iter, n_tiles, M: tl.constexpr, N: tl.constexpr, KD: 
     acc = tl.zeros((M, N), dtype=tl.float32)
     tile = offs_m[:, None] * KD + offs_k[None, :]
     for it in range(0, n_iter):
-        a = tl.load(A + ((it + pid) % n_tiles) * (M * KD) + tile)
+        a = tl.load(A + ((it + pid) % n_tiles) * (M * KD) + tile, cache_modifier=".cg")  # from L2, not L1
         if UPCAST:
             a = a.to(tl.float32)
         acc = tl.dot(a, b, acc)
@@ -67,7 +76,7 @@ def _thin_dot(A, B, OUT, n_iter, n_tiles, M: tl.constexpr, N: tl.constexpr, KD: 
 
 def reread(buffer_bytes: int, programs: int, device: str, block: int, warps: int, check: bool) -> tuple:
     """(launcher, bytes read per launch); checked against torch once when ``check``."""
-    n = buffer_bytes // 2 // block * block
+    n = buffer_bytes // 2 // (4 * block) * (4 * block)
     x = torch.randn(n, device=device).to(torch.bfloat16)
     out = torch.full((programs,), float("nan"), device=device)
 
@@ -86,7 +95,8 @@ def reread(buffer_bytes: int, programs: int, device: str, block: int, warps: int
 
 def thin_dot(m: int, n: int, kd: int, programs: int, n_iter: int, n_tiles: int, device: str, warps: int,
              stages: int, check: bool) -> tuple:
-    """(launcher, FLOPs per launch); checked against float64 on two programs once when ``check``."""
+    """(launcher, FLOPs per launch, bytes of A read per launch); checked against float64 on two programs once
+    when ``check``."""
     upcast = os.environ.get("TRITON_INTERPRET") == "1"
     a = torch.randn(n_tiles, m, kd, device=device).to(torch.bfloat16)
     b = torch.randn(kd, n, device=device).to(torch.bfloat16)
@@ -103,7 +113,7 @@ def thin_dot(m: int, n: int, kd: int, programs: int, n_iter: int, n_tiles: int, 
             want = a[idx].double().sum(0) @ b.double()
             err = ((out[pid].double() - want).norm() / want.norm()).item()
             assert err < 1e-3, f"thin_dot {m}x{n}x{kd}: relative error {err:.2e} (program {pid})"
-    return run, programs * n_iter * 2 * m * n * kd
+    return run, programs * n_iter * 2 * m * n * kd, programs * n_iter * m * kd * 2
 
 
 def main() -> None:
@@ -143,12 +153,13 @@ def main() -> None:
     for m, n, kd in shapes:
         for warps, stages in ((4, 3), (8, 3)) if gpu else ((4, 2),):
             programs, n_iter = (sms * 4, 2000) if gpu else (3, 5)
-            run, flops = thin_dot(m, n, kd, programs, n_iter, 64, device, warps, stages, check=True)
+            run, flops, a_bytes = thin_dot(m, n, kd, programs, n_iter, 64, device, warps, stages, check=True)
             row = dict(kind="thin_dot", M=m, N=n, K=kd, warps=warps, stages=stages, programs=programs,
-                       iterations=n_iter, flops=flops)
+                       iterations=n_iter, flops=flops, a_bytes=a_bytes)
             if gpu:
                 row["median_ms"] = bench(run)
                 row["TFLOP_per_s"] = flops / (row["median_ms"] * 1e-3) / 1e12
+                row["A_TB_per_s"] = a_bytes / (row["median_ms"] * 1e-3) / 1e12
             rows.append(row)
 
     result = dict(gpu=torch.cuda.get_device_name() if gpu else "cpu (interpreter: checks only)",
@@ -165,7 +176,8 @@ def main() -> None:
                 else f"thin_dot M{r['M']} N{r['N']} K{r['K']} {r['warps']}w/{r['stages']}s"
                 if r["kind"] == "thin_dot" else r["kind"])
         rate = (f"{r['TB_per_s']:.2f} TB/s" if "TB_per_s" in r else
-                f"{r['TFLOP_per_s']:.0f} TFLOP/s" if "TFLOP_per_s" in r else "checked")
+                f"{r['TFLOP_per_s']:.0f} TFLOP/s, A at {r['A_TB_per_s']:.1f} TB/s" if "TFLOP_per_s" in r
+                else "checked")
         print(f"  {what:42s} {r.get('median_ms', float('nan')):8.3f} ms  {rate}")
 
 

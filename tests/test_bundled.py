@@ -582,10 +582,18 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
                           "--ode-grid", "30"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and "--ode-grid 30" in run.stderr
     assert not (tmp_path / "empty").exists()
-    run = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", "--out", str(tmp_path / "empty"), "--tiny",
-                          "--stages", "ode_init", "--ode-start", "ode_init"], capture_output=True, text=True,
-                         timeout=120)
-    assert run.returncode == 2 and "run stage ode_init first" in run.stderr and not (tmp_path / "empty").exists()
+    # continuing stage (b): refused in one line, nothing written, without its earlier weights, without the stage
+    # itself, or with base or teacher retrained beside it
+    for folder, stages, message in ((tmp_path / "empty", "ode_init", "run stage ode_init first"),
+                                    (out, "self_forcing", "add it to the stages"),
+                                    (out, "base,ode_init", "runs without base and teacher"),
+                                    (out, "teacher,ode_init", "runs without base and teacher")):
+        run = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", "--out", str(folder), "--tiny", "--force",
+                              "--stages", stages, "--ode-start", "ode_init"], capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 2 and message in run.stderr, (stages, run.stderr)
+        assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert not (tmp_path / "empty").exists() and _tree_digest(out) == before
 
     # stage (b) trained further: it starts from its own earlier student, and the record keeps the first run
     import toolkit.models.bundled.recipe as recipe_module
@@ -608,7 +616,32 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
     assert ode["heldout_loss_end"] == record["stages"]["ode_init"]["heldout_loss_end"]
     assert len(ode["continued"]) == 1 and ode["continued"][0]["steps_run"] == 4
     assert ode["commit"] == record["stages"]["ode_init"]["commit"] != "later" == ode["continued"][0]["commit"]
-    assert "| ode_init, continued | 4 × 2 |" in (out / "MODEL_CARD.md").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "| ode_init, continued | 4 × 2 |" in card and "4 new ODE pairs (seed 1)" in card
+    later = json.loads((out / "train_log.json").read_text())
+    assert later["seed"] == 0 and ode["seed"] == 0 and ode["continued"][0]["seed"] == 1
+    # the stage (c) of the first run was trained from the student this replaced: no longer in the record
+    assert "self_forcing" not in later["stages"] and "| self_forcing |" not in card
+
+
+def test_continuing_stage_b_needs_its_record_too(tmp_path):
+    from toolkit.errors import ToolkitError
+    from toolkit.models.bundled.recipe import check_output
+
+    stages = tmp_path / "stages"
+    stages.mkdir()
+    (stages / "ode_init.safetensors").write_bytes(b"weights")
+    (stages / "teacher.safetensors").write_bytes(b"weights")
+    for log in ('{"stages": {"base": {}}}', "not json", None):
+        if log is not None:
+            (stages / "log.json").write_text(log)
+        with pytest.raises(ToolkitError, match="its record in"):
+            check_output(tmp_path, ["ode_init"], True, "ode_init")
+        (stages / "log.json").unlink(missing_ok=True)
+    (stages / "log.json").write_text('{"stages": {"ode_init": {"seconds": 1}}}')
+    assert check_output(tmp_path, ["ode_init"], True, "ode_init") == tmp_path
+    with pytest.raises(ToolkitError, match="starts from one of base, ode_init"):
+        check_output(tmp_path, ["ode_init"], True, "teacher")
 
 
 

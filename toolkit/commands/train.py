@@ -91,7 +91,8 @@ updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.cri
                         "(the sprite evaluator's match); --ode-pairs are drawn, fewer kept")
     p.add_argument("--ode-start", choices=ODE_STARTS, default=defaults.ode_init.start,
                    help="the student's starting weights in stage (b): base, or ode_init to train the stage-(b) "
-                        "student already in --out/stages further on a fresh pool (use another --seed for new pairs)")
+                        "student already in --out/stages further (with --stages ode_init[,self_forcing] and "
+                        "--force; another --seed draws new pairs)")
     p.add_argument("--sf-steps", type=int, default=defaults.self_forcing.steps, help="Self-Forcing generator updates")
     p.add_argument("--sf-batch", type=int, default=defaults.self_forcing.batch)
     p.add_argument("--sf-lr", type=float, default=defaults.self_forcing.lr)

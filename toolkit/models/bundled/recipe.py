@@ -114,12 +114,23 @@ def check_output(out: str | Path, stages: Sequence[str], force: bool, ode_start:
     refuse_overwrite(out, writes, force)
     if ode_start not in ODE_STARTS:
         raise ToolkitError(f"the ODE stage starts from one of {', '.join(ODE_STARTS)}, not {ode_start!r}")
+    if ode_start == "ode_init":  # stage (b) continues its own weights and record, against the same teacher
+        if "ode_init" not in ordered:
+            raise ToolkitError("--ode-start ode_init continues stage ode_init: add it to the stages")
+        if "base" in ordered or "teacher" in ordered:
+            raise ToolkitError("continuing stage ode_init runs without base and teacher (they would replace the "
+                               "record and teacher it continues)")
+        log_file = out / "stages" / "log.json"
+        try:
+            recorded = json.loads(log_file.read_text()).get("stages", {})
+        except (OSError, ValueError, AttributeError):
+            recorded = {}
+        if not stage_path(out, "ode_init").is_file() or "ode_init" not in recorded:
+            raise ToolkitError(f"continuing stage ode_init needs {stage_path(out, 'ode_init')} and its record in "
+                               f"{log_file} (run stage ode_init first)")
     for stage in ordered:
         needs = NEEDS[stage]
-        if stage == "ode_init" and ode_start == "ode_init":  # its own earlier weights, not base's
-            if not stage_path(out, stage).is_file():
-                raise ToolkitError(f"continuing stage ode_init needs {stage_path(out, stage)} (run stage ode_init "
-                                   "first)")
+        if stage == "ode_init" and ode_start == "ode_init":  # its own earlier weights (checked above), not base's
             needs = tuple(n for n in needs if n != "base")
         for earlier in needs:
             if earlier not in ordered and not stage_path(out, earlier).is_file():
@@ -169,12 +180,14 @@ def train_bundled(
     log_file = out / "stages" / "log.json"
     ordered = [s for s in STAGES if s in stages]
     record = json.loads(log_file.read_text()) if log_file.is_file() and ordered[0] != STAGES[0] else {}
-    record.update(config=cfg.to_dict(), seed=recipe.seed, device=_device_name(dev), torch=torch.__version__,
+    record.setdefault("seed", recipe.seed)  # the first stage's; each stage's summary records its own
+    record.update(config=cfg.to_dict(), device=_device_name(dev), torch=torch.__version__,
                   precision="bf16 autocast" if dev.type == "cuda" else "float32")
     record.setdefault("stages", {})
 
     def save(stage: str, model: WanModel, summary: dict) -> None:
         summary.setdefault("commit", _git_commit())  # a continued stage keeps its first run's
+        summary.setdefault("seed", recipe.seed)
         record["stages"][stage] = summary
         if stage == "teacher":
             record["teacher_config"] = model.cfg.to_dict()
@@ -214,16 +227,17 @@ def train_bundled(
 
     if "ode_init" in stages:
         start = recipe.ode_init.start
-        earlier = record["stages"].get("ode_init") if start == "ode_init" else None
-        if start == "ode_init" and earlier is None:
-            raise ToolkitError(f"{out / 'stages'} holds no earlier ode_init stage to continue")
+        earlier = record["stages"]["ode_init"] if start == "ode_init" else None  # there: check_output
         student = copy.deepcopy(base if start == "base" and "base" in stages else load(start)).requires_grad_(True)
         with use_backend(student, setup.backend), use_backend(teacher, scores.backend):
             summary = train_ode_init(student, teacher, recipe.ode_init, seed=recipe.seed, guidance_scale=guidance,
                                      log=log)
         if earlier is not None:  # as continue_teacher.py records the teacher's: the first run, then the later ones
-            summary = {**earlier, "continued": [*earlier.get("continued", []), {**summary, "commit": _git_commit()}]}
+            more = {**summary, "commit": _git_commit(), "seed": recipe.seed}
+            summary = {**earlier, "continued": [*earlier.get("continued", []), more]}
         save("ode_init", student, summary)
+        if "self_forcing" not in stages:  # a stage (c) recorded earlier was trained from the replaced student
+            record["stages"].pop("self_forcing", None)
     else:
         student = load("ode_init").requires_grad_(True)
     ode_student = copy.deepcopy(student).eval().requires_grad_(False)
@@ -407,7 +421,8 @@ def plot_curves(path: Path, record: dict) -> None:
         else:
             ax.set_yscale("log")
         s = stages[stage]
-        ax.text(0.98, 0.95, f"{s['seconds']:.0f} s", ha="right", va="top", transform=ax.transAxes, fontsize=8)
+        seconds = s["seconds"] + sum(more["seconds"] for more in s.get("continued", []))
+        ax.text(0.98, 0.95, f"{seconds:.0f} s", ha="right", va="top", transform=ax.transAxes, fontsize=8)
     fig.suptitle(f"bundled model training on {record['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -443,8 +458,10 @@ def model_card(record: dict, model: WanModel) -> str:
         for more in s.get("continued", []):  # the same weights trained further (continue_teacher.py, --ode-start)
             c = more["settings"]
             mode = "compiled" if more.get("compile_seconds") else "eager"
-            how = (f"{c['pairs']} new ODE pairs, teacher CFG {more.get('guidance_scale', '?')} "
-                   f"({more.get('pool_seconds', 0):.0f} s to solve), lr {c['lr']}" if name == "ode_init"
+            fresh = "new" if more.get("seed") != s.get("seed", record["seed"]) else "the same"
+            how = (f"{c['pairs']} {fresh} ODE pairs (seed {more.get('seed', '?')}), teacher CFG "
+                   f"{more.get('guidance_scale', '?')} ({more.get('pool_seconds', 0):.0f} s to solve), lr {c['lr']}"
+                   if name == "ode_init"
                    else f"lr {c['lr']} (cosine), shift-{TEACHER_SHIFT:g} σ, {mode}")
             rows.append(f"| {name}, continued | {more['steps_run']} × {c['batch']} | {more['seconds']:.0f} s | "
                         f"{more['heldout_loss_init']:.4f} → {more['heldout_loss_end']:.4f} | {how} | "
