@@ -618,6 +618,7 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
     assert ode["commit"] == record["stages"]["ode_init"]["commit"] != "later" == ode["continued"][0]["commit"]
     card = (out / "MODEL_CARD.md").read_text()
     assert "| ode_init, continued | 4 × 2 |" in card and "4 new ODE pairs (seed 1)" in card
+    assert "--ode-start ode_init --force --seed S` (S = 1)." in card
     later = json.loads((out / "train_log.json").read_text())
     assert later["seed"] == 0 and ode["seed"] == 0 and ode["continued"][0]["seed"] == 1
     # the stage (c) of the first run was trained from the student this replaced: no longer in the record

@@ -482,6 +482,12 @@ def model_card(record: dict, model: WanModel) -> str:
         "fixes their step count after 20 timed steps); `--stages base`, `--stages teacher` and then `--stages "
         "ode_init,self_forcing` split it over processes (a command on the GPU machine may run 10 minutes): "
         "`benchmarks/train_bundled.sh`.")
+    continued = st.get("ode_init", {}).get("continued", [])
+    if continued:
+        seeds = ", ".join(str(more.get("seed", "?")) for more in continued)
+        then = ", before stage (c)" if "self_forcing" in st else ""
+        default_reproduce += (f" Stage (b) was then trained further with `--stages ode_init --ode-start ode_init "
+                              f"--force --seed S` (S = {seeds}){then}.")
     tc = record.get("teacher_config")
     if tc:
         t = WanConfig.from_dict(tc)
