@@ -405,12 +405,14 @@ def plot_curves(path: Path, record: dict) -> None:
             ax.set_yticks([])
             continue
         steps = [c[0] for c in curve]
-        ax.plot(steps, [c[1] for c in curve], label=stage.replace("_", " "))
+        marker = "o" if len(curve) < 3 else None  # a short run (a smoke test) has one or two points per curve
+        ax.plot(steps, [c[1] for c in curve], label=stage.replace("_", " "), marker=marker)
         offset = steps[-1]
         for i, more in enumerate(stages[stage].get("continued", [])):  # continued runs, after the first
             shift = f", σ shift {TEACHER_SHIFT:g}" if stage == "teacher" else ""
             ax.plot([offset + c[0] for c in more["curve"]], [c[1] for c in more["curve"]], color=f"C{i + 2}",
-                    label=f"continued ({more['seconds']:.0f} s{shift})")
+                    label=f"continued ({more['seconds']:.0f} s{shift})",
+                    marker="o" if len(more["curve"]) < 3 else None)
             offset += more["curve"][-1][0]
         if stages[stage].get("continued"):
             ax.legend(fontsize=7, loc="lower left")
