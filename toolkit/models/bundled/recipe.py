@@ -409,7 +409,7 @@ def plot_curves(path: Path, record: dict) -> None:
         ax.plot(steps, [c[1] for c in curve], label=stage.replace("_", " "), marker=marker)
         offset = steps[-1]
         for i, more in enumerate(stages[stage].get("continued", [])):  # continued runs, after the first
-            shift = f", σ shift {TEACHER_SHIFT:g}" if stage == "teacher" else ""
+            shift = f", σ shift {TEACHER_SHIFT:g}" if stage in ("base", "teacher") else ""
             ax.plot([offset + c[0] for c in more["curve"]], [c[1] for c in more["curve"]], color=f"C{i + 2}",
                     label=f"continued ({more['seconds']:.0f} s{shift})",
                     marker="o" if len(more["curve"]) < 3 else None)
