@@ -16,25 +16,16 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdio>
-#include <cstdlib>
 #include <vector>
+
+#include "cuda_timing.cuh"
 
 namespace cg = cooperative_groups;
 
 constexpr int kThreads = 512;
 constexpr int kVectors = 64 * 1024 / 16;  // float4 per block: 64 KB
 constexpr int kPerThread = kVectors / kThreads;
-
-#define CHECK(call)                                                                          \
-  do {                                                                                       \
-    cudaError_t err_ = (call);                                                               \
-    if (err_ != cudaSuccess) {                                                               \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(err_)); \
-      std::exit(1);                                                                          \
-    }                                                                                        \
-  } while (0)
 
 __device__ __forceinline__ float4 sum_passes(const float4* src, int iters, int stride) {
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -150,24 +141,8 @@ int main() {
                        remote ? "remote" : "local", iters, bad_sums);
           return 1;
         }
-        launch(cluster, blocks, out, iters, remote, 0);  // warm-up 2
-        cudaEvent_t start, stop;
-        CHECK(cudaEventCreate(&start));
-        CHECK(cudaEventCreate(&stop));
-        std::vector<float> ms;
-        for (int r = 0; r < 10; ++r) {
-          CHECK(cudaEventRecord(start));
-          launch(cluster, blocks, out, iters, remote, 0);
-          CHECK(cudaEventRecord(stop));
-          CHECK(cudaEventSynchronize(stop));
-          float t;
-          CHECK(cudaEventElapsedTime(&t, start, stop));
-          ms.push_back(t);
-        }
-        CHECK(cudaEventDestroy(start));
-        CHECK(cudaEventDestroy(stop));
-        std::sort(ms.begin(), ms.end());
-        median[p] = 0.5 * (ms[4] + ms[5]);
+        // the checked launch was warm-up 1
+        median[p] = median_ms([&] { launch(cluster, blocks, out, iters, remote, 0); }, 1);
       }
       const double bytes = double(blocks) * pass_counts[1] * kVectors * 16.0;
       std::printf("%s\n {\"cluster\": %d, \"blocks\": %d, \"source\": \"%s\", \"checked\": true, "

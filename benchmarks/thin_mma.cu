@@ -22,17 +22,10 @@
 #include <random>
 #include <vector>
 
+#include "cuda_timing.cuh"
+
 constexpr int kM = 64, kK = 128, kPad = 136, kTiles = 4, kWarps = 4;
 constexpr int kSmemBytes = kTiles * kM * kPad * 2;
-
-#define CHECK(call)                                                                                   \
-  do {                                                                                                \
-    cudaError_t err_ = (call);                                                                        \
-    if (err_ != cudaSuccess) {                                                                        \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(err_));   \
-      std::exit(1);                                                                                   \
-    }                                                                                                 \
-  } while (0)
 
 __device__ __forceinline__ uint32_t pack(__nv_bfloat16 lo, __nv_bfloat16 hi) {
   return uint32_t(__bfloat16_as_ushort(lo)) | (uint32_t(__bfloat16_as_ushort(hi)) << 16);
@@ -148,23 +141,8 @@ static void run_case(int blocks, bool& first, std::mt19937& rng) {
   }
 
   const int iters = 4000;
-  for (int w = 0; w < 2; ++w) thin_mma<NB><<<blocks, kWarps * 32, kSmemBytes>>>(da, db, dout, iters, stride);
-  CHECK(cudaGetLastError());
-  cudaEvent_t start, stop;
-  CHECK(cudaEventCreate(&start));
-  CHECK(cudaEventCreate(&stop));
-  std::vector<float> ms;
-  for (int r = 0; r < 10; ++r) {
-    CHECK(cudaEventRecord(start));
-    thin_mma<NB><<<blocks, kWarps * 32, kSmemBytes>>>(da, db, dout, iters, stride);
-    CHECK(cudaEventRecord(stop));
-    CHECK(cudaEventSynchronize(stop));
-    float t;
-    CHECK(cudaEventElapsedTime(&t, start, stop));
-    ms.push_back(t);
-  }
-  std::sort(ms.begin(), ms.end());
-  const double median = 0.5 * (ms[4] + ms[5]);
+  const double median =
+      median_ms([&] { thin_mma<NB><<<blocks, kWarps * 32, kSmemBytes>>>(da, db, dout, iters, stride); });
   const double flops = double(blocks) * kWarps * iters * 2.0 * kM * N * kK;
   const double a_bytes = double(blocks) * kWarps * iters * kM * kK * 2.0;
   std::printf("%s\n {\"N\": %d, \"M\": %d, \"K\": %d, \"blocks\": %d, \"warps_per_block\": %d, \"iters\": %d, "
@@ -173,8 +151,6 @@ static void run_case(int blocks, bool& first, std::mt19937& rng) {
               first ? "" : ",", N, kM, kK, blocks, kWarps, iters, worst, median, flops / (median * 1e-3) / 1e12,
               a_bytes / (median * 1e-3) / 1e12);
   first = false;
-  CHECK(cudaEventDestroy(start));
-  CHECK(cudaEventDestroy(stop));
   CHECK(cudaFree(da));
   CHECK(cudaFree(db));
   CHECK(cudaFree(dout));
