@@ -391,6 +391,9 @@ def plot_curves(path: Path, record: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def marker(points: list) -> str | None:  # a short run (a smoke test) has one or two points per curve
+        return "o" if len(points) < 3 else None
+
     stages = record["stages"]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
     titles = {"base": "base (student architecture): flow-matching loss", "teacher": "(a) teacher: flow-matching loss",
@@ -405,14 +408,13 @@ def plot_curves(path: Path, record: dict) -> None:
             ax.set_yticks([])
             continue
         steps = [c[0] for c in curve]
-        marker = "o" if len(curve) < 3 else None  # a short run (a smoke test) has one or two points per curve
-        ax.plot(steps, [c[1] for c in curve], label=stage.replace("_", " "), marker=marker)
+        ax.plot(steps, [c[1] for c in curve], label=stage.replace("_", " "), marker=marker(curve))
         offset = steps[-1]
         for i, more in enumerate(stages[stage].get("continued", [])):  # continued runs, after the first
             shift = f", σ shift {TEACHER_SHIFT:g}" if stage in ("base", "teacher") else ""
             ax.plot([offset + c[0] for c in more["curve"]], [c[1] for c in more["curve"]], color=f"C{i + 2}",
                     label=f"continued ({more['seconds']:.0f} s{shift})",
-                    marker="o" if len(more["curve"]) < 3 else None)
+                    marker=marker(more["curve"]))
             offset += more["curve"][-1][0]
         if stages[stage].get("continued"):
             ax.legend(fontsize=7, loc="lower left")
@@ -459,7 +461,7 @@ def model_card(record: dict, model: WanModel) -> str:
                     f"`{s.get('commit', '?')}` |")
         for more in s.get("continued", []):  # the same weights trained further (continue_teacher.py, --ode-start)
             c = more["settings"]
-            mode = "compiled" if more.get("compile_seconds") else "eager"
+            mode = "compiled" if more.get("compile_seconds") else "eager"  # the teacher's continuations
             fresh = "new" if more.get("seed") != s.get("seed", record["seed"]) else "the same"
             how = (f"{c['pairs']} {fresh} ODE pairs (seed {more.get('seed', '?')}), teacher CFG "
                    f"{more.get('guidance_scale', '?')} ({more.get('pool_seconds', 0):.0f} s to solve), lr {c['lr']}"
