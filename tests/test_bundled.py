@@ -736,8 +736,8 @@ def test_shipped_model_draws_prompted_sprites_and_random_init_does_not():
     shipped = evaluate_model(model, prompts)
     torch.manual_seed(0)
     random = evaluate_model(WanModel(model.cfg).eval(), prompts[:1])
-    # measured on 2 CPU cores (float32): persistence 0.54, count match 2/4 on these 4 prompts (card, 64 prompts on
-    # the H200 in bf16: persistence 75 %, colours 52 %, count 44 %)
-    assert shipped["persistence"] >= 0.35 and shipped["count_match"] >= 0.25, shipped
-    assert card["persistence"] >= 0.6 and card["colour_match"] >= 0.4, card
+    # measured on 2 CPU cores (float32): persistence 0.64, count match 1/4, colour match 0/4 on these 4 prompts
+    # (card, 64 prompts on the H200 in bf16: persistence 83 %, colours 58 %, count 53 %, score 38 %)
+    assert shipped["persistence"] >= 0.45, shipped
+    assert card["persistence"] >= 0.75 and card["colour_match"] >= 0.5 and card["score"] >= 0.3, card
     assert random["persistence"] == 0 and random["colour_match"] == 0, random
