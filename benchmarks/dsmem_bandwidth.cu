@@ -9,7 +9,8 @@
 // for the host to compare with the neighbour's pattern, and the sums of a full launch are compared with their exact
 // values; a mismatch exits non-zero. The pass order depends on a run-time argument so the compiler cannot keep a
 // pass in registers, and each case runs at two pass counts: the time must scale with them. Prints one JSON object
-// (medians of 10 timed launches after 2 warm-ups, CUDA events).
+// (medians of 10 timed launches after 2 warm-ups, CUDA events), ending with the number of clusters of 1–8 blocks
+// that can be resident at once for this test's blocks and for one-block-per-SM blocks of 200 KB.
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o dsmem benchmarks/dsmem_bandwidth.cu && ./dsmem
 
@@ -152,6 +153,34 @@ int main() {
       first = false;
     }
     CHECK(cudaFree(out));
+  }
+  // How many clusters can be resident at once (cudaOccupancyMaxActiveClusters), for this test's blocks (512
+  // threads, 64 KB: two per SM) and for blocks shaped like a fused Monarch forward's (256 threads, 200 KB: one per
+  // SM): the reads above fell for clusters of 4 and 8, and a fused design needs clusters of 8 on every SM.
+  constexpr int kFusedSmem = 200 * 1024;
+  CHECK(cudaFuncSetAttribute(read_cluster_smem, cudaFuncAttributeMaxDynamicSharedMemorySize, kFusedSmem));
+  std::printf("\n], \"max_active_clusters\": [");
+  first = true;
+  for (const int threads : {kThreads, 256}) {
+    const int smem = threads == kThreads ? kVectors * int(sizeof(float4)) : kFusedSmem;
+    for (int cluster : {1, 2, 4, 8}) {
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(cluster * prop.multiProcessorCount);
+      cfg.blockDim = dim3(threads);
+      cfg.dynamicSmemBytes = smem;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = cluster;
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      int clusters = 0;
+      CHECK(cudaOccupancyMaxActiveClusters(&clusters, read_cluster_smem, &cfg));
+      std::printf("%s\n {\"threads\": %d, \"shared_bytes\": %d, \"cluster\": %d, \"clusters\": %d, "
+                  "\"blocks\": %d}", first ? "" : ",", threads, smem, cluster, clusters, clusters * cluster);
+      first = false;
+    }
   }
   std::printf("\n]}\n");
   return 0;
