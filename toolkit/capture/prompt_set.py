@@ -190,6 +190,9 @@ def process_group(ranks: Ranks) -> Iterator[Ranks]:
     dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world, timeout=GATHER_TIMEOUT)
     try:
         yield ranks
+        # every rank's sends are finished before any rank tears the group down: a gloo worker thread still
+        # holding the last gather_object's work aborts the process ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
