@@ -66,20 +66,30 @@ __global__ void read_cluster_smem(float4* out, int iters, int stride, int remote
   cluster.sync();  // no block leaves while another may still read its shared memory
 }
 
+// `blocks` blocks of `threads` threads and `smem` bytes of dynamic shared memory, in clusters of `cluster` along x:
+// what a launch and an occupancy query both take. Not copyable: `cfg.attrs` points at the member `attr`.
+struct ClusterLaunch {
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr = {};
+  ClusterLaunch(int cluster, int blocks, int threads, int smem) {
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = cluster;
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
 static void launch(int cluster, int blocks, float4* out, int iters, int remote, int check) {
   const int stride = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(blocks);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = kVectors * sizeof(float4);
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  CHECK(cudaLaunchKernelEx(&cfg, read_cluster_smem, out, iters, stride, remote, check));
+  const ClusterLaunch config(cluster, blocks, kThreads, kVectors * int(sizeof(float4)));
+  CHECK(cudaLaunchKernelEx(&config.cfg, read_cluster_smem, out, iters, stride, remote, check));
   CHECK(cudaGetLastError());
 }
 
@@ -164,19 +174,9 @@ int main() {
   for (const int threads : {kThreads, 256}) {
     const int smem = threads == kThreads ? kVectors * int(sizeof(float4)) : kFusedSmem;
     for (int cluster : {1, 2, 4, 8}) {
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(cluster * prop.multiProcessorCount);
-      cfg.blockDim = dim3(threads);
-      cfg.dynamicSmemBytes = smem;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = cluster;
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
+      const ClusterLaunch config(cluster, cluster * prop.multiProcessorCount, threads, smem);
       int clusters = 0;
-      CHECK(cudaOccupancyMaxActiveClusters(&clusters, read_cluster_smem, &cfg));
+      CHECK(cudaOccupancyMaxActiveClusters(&clusters, read_cluster_smem, &config.cfg));
       std::printf("%s\n {\"threads\": %d, \"shared_bytes\": %d, \"cluster\": %d, \"clusters\": %d, "
                   "\"blocks\": %d}", first ? "" : ",", threads, smem, cluster, clusters, clusters * cluster);
       first = false;
