@@ -222,7 +222,7 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
     """Check and time every variant at one shape; appends to ``rows``, returns the shape's accounting."""
     import torch
     from toolkit.kernels import _common
-    from toolkit.kernels.monarch import _VERSIONS, _default_version, _forward
+    from toolkit.kernels.monarch import _VERSIONS, FUSED, _default_version, _forward
 
     from toolkit.attention.monarch import monarch_attention
 
@@ -272,6 +272,16 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
                 versions[f"monarch{tiling}-{ver}"] = ver
     variants[f"monarch{tiling}"] = (monarch_fn(version=default), monarch_check, mflops)
     versions[f"monarch{tiling}"] = default
+    if cuda:  # the one-kernel CUDA forward, where its tile limits allow
+        from toolkit.kernels._common import TileGeometry
+        from toolkit.kernels.monarch_fused import fused_unsupported
+
+        why = fused_unsupported(q, TileGeometry(grid, tiling, qf), TileGeometry(grid, tiling, kf))
+        if why:
+            rows.append(Row(name, f"monarch{tiling}-{FUSED}", skipped=why))
+        else:
+            variants[f"monarch{tiling}-{FUSED}"] = (monarch_fn(version=FUSED), monarch_check, mflops)
+            versions[f"monarch{tiling}-{FUSED}"] = FUSED
     extra = {}
     if args.low_memory:  # scratch ≤ size(q) (head groups of one query tile): with the output, extra ≤ 2 × size(q)
         extra["lowmem"] = dict(scratch_bytes=q_bytes)
@@ -317,8 +327,8 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
             except Exception as err:  # noqa: BLE001
                 row.error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
                 row.ok = False
-    for vname, (row, fn) in live.items():
-        if row.ok and vname.startswith("monarch") and not any(vname.endswith(f"-{tag}") for tag in extra):
+    for vname, (row, fn) in live.items():  # launch-config source and per-stage split of the two-stage kernels
+        if row.ok and vname.startswith("monarch") and not any(vname.endswith(f"-{tag}") for tag in (*extra, FUSED)):
             try:  # would a new process re-tune? forget the in-memory choice and look again
                 _common._PICKED.clear()
                 n_log = len(_common.TUNING_LOG)

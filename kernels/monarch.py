@@ -62,6 +62,7 @@ from toolkit.kernels.monarch_backward import (
     monarch_attention_backward,
     scratch_share,
 )
+from toolkit.kernels.monarch_fused import monarch_fused_forward
 
 from toolkit.errors import ToolkitError
 
@@ -70,6 +71,7 @@ DEFAULT_SCRATCH_BYTES = 1 << 30
 # R-step kernel versions (kernels/NOTES.md): v1 = _monarch_rows_fwd (any b2), v2 = _monarch_rows_fwd_v2
 # (b2 ≤ 64, faster at every measured shape: used wherever it applies). Only the benchmark picks one explicitly.
 _VERSIONS = ("v1", "v2")
+FUSED = "fused"  # `_forward(version=FUSED)`: the one-kernel CUDA forward of monarch_fused.py
 
 
 @triton.jit
@@ -549,8 +551,14 @@ def _forward(
         raise ToolkitError(f"stages must be both, rows or cols, not {stages!r}")
     b1, b2, A, F = gq.b1, gq.b2, gq.num_tiles, gk.num_tiles
     version = version or _default_version(b2)
+    if version == FUSED:
+        if stages != "both" or after_rows is not None:
+            raise ToolkitError("the fused forward has no separate stages and keeps no intermediates")
+        return monarch_fused_forward(q, k, v, grid, tiling, query_frames=query_frames, key_frames=key_frames,
+                                     block_causal_frames=block_causal_frames,
+                                     scale=D**-0.5 if scale is None else float(scale), out=out)
     if version not in _VERSIONS:
-        raise ToolkitError(f"version must be one of {', '.join(_VERSIONS)}, not {version!r}")
+        raise ToolkitError(f"version must be one of {', '.join((*_VERSIONS, FUSED))}, not {version!r}")
     if version == "v2" and _default_version(b2) != "v2":
         version = "v1"
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
