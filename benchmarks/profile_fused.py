@@ -29,7 +29,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ABLATIONS = {
     "whole kernel": (),
-    "whole kernel, no cluster": ("NO_CLUSTER",),
     "no K/V copies": ("MF_SKIP_LOAD=1",),
     "no R-step": ("MF_SKIP_RSTEP=1",),
     "no R-step phase 2": ("MF_SKIP_PHASE2=1",),
@@ -45,9 +44,7 @@ def time_shape(name: str, variants: list[str]) -> list[dict]:
     qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
 
     def fused(defines):
-        cluster = "NO_CLUSTER" not in defines
-        defines = tuple(x for x in defines if x != "NO_CLUSTER")
-        return lambda: monarch_fused_forward(q, k, v, grid, tiling, **kw, _defines=defines, _cluster=cluster)
+        return lambda: monarch_fused_forward(q, k, v, grid, tiling, **kw, _defines=defines)
 
     def cudnn():
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
@@ -71,13 +68,13 @@ def time_shape(name: str, variants: list[str]) -> list[dict]:
 PHASES = ("wait + barrier + issue", "phase 1", "softmax", "phase 2", "chunk barrier", "L-step", "slab barrier")
 
 
-def phase_cycles(name: str, cluster: bool) -> dict:
+def phase_cycles(name: str) -> dict:
     """Per-phase clock64 cycles of a ``MF_TIMING`` build at one shape: two blocks, mean and max over warps."""
     grid, tiling, qf, kf = SHAPES[name]
     q, k, v = _inputs(grid, qf, kf, 12, 128, torch.bfloat16, "cuda")
     timing = torch.zeros(2, 8, len(PHASES), dtype=torch.int64, device="cuda")
     monarch_fused_forward(q, k, v, grid, tiling, query_frames=qf, key_frames=kf, block_causal_frames=None,
-                          scale=128**-0.5, _defines=("MF_TIMING=1",), _timing=timing, _cluster=cluster)
+                          scale=128**-0.5, _defines=("MF_TIMING=1",), _timing=timing)
     t = timing.double().cpu()
     blocks = {}
     for b, label in enumerate(("first block", "middle block")):
@@ -86,8 +83,8 @@ def phase_cycles(name: str, cluster: bool) -> dict:
         total = t[b].sum(1)
         blocks[label]["total"] = {"mean": round(total.mean().item()), "max": round(total.max().item())}
         cycles = ", ".join(f"{ph} {v['mean']}" for ph, v in blocks[label].items())
-        print(f"{name} {label} (cluster {cluster}): {cycles}", flush=True)
-    return {"shape": name, "cluster": cluster, "cycles": blocks}
+        print(f"{name} {label}: {cycles}", flush=True)
+    return {"shape": name, "cycles": blocks}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
               "python": platform.python_version(), "heads": 12, "head_dim": 128, "dtype": "bf16", "rows": []}
     for name in args.shapes:
         if args.timing:
-            result.setdefault("phase_cycles", []).extend(phase_cycles(name, c) for c in (True, False))
+            result.setdefault("phase_cycles", []).append(phase_cycles(name))
         result["rows"] += time_shape(name, args.variants)
         (args.out / "profile_fused.json").write_text(json.dumps(result, indent=1))
     return 0

@@ -4,6 +4,8 @@
   bidirectional, block-causal and KV-cache (raster-order cache), seam contract; runs as the ``torch.library``
   custom op ``toolkit::monarch_attention``, so models using it work under ``torch.compile``; its gradients come
   from the backward kernels of ``monarch_backward`` (op ``toolkit::monarch_attention_backward``).
+* ``monarch_fused`` — the same forward as one CUDA C++ kernel (``monarch_fused.cu``, built by nvcc at first use),
+  α/Y kept on chip; private (``monarch._forward(version="fused")``) while it is slower than the two-stage kernel.
 * :func:`monarch_factors_apply` / :func:`apply_factors` — M·V and row sums from explicit factors (L, R).
 * :func:`monarch_compare` — per query row ‖A − M‖², ‖(A − M)V‖ against dense softmax attention, streaming.
 

@@ -62,14 +62,6 @@
 #ifndef MF_SKIP_LSTEP
 #define MF_SKIP_LSTEP 0
 #endif
-// MF_CLUSTER = n > 0: the n column blocks of one (batch·head, query tile) form a thread-block cluster (grid x = n)
-// and each K/V row reaches all of them by bulk-copy multicast (cp.async.bulk ... .multicast::cluster, completion on
-// an mbarrier per slot), each block issuing the copies of every n-th token; a slot is refilled only after every
-// block of the cluster has released it (an "empty" mbarrier with one remote arrival per block). L2 reads of K/V
-// fall n-fold. MF_CLUSTER = 0: each block copies its own rows with cp.async.
-#ifndef MF_CLUSTER
-#define MF_CLUSTER 0
-#endif
 // MF_TIMING: block (0, 0, 0) and block (0, gridDim.y / 2, gridDim.z / 2) write the clock64 cycles of each phase, per warp, to p.timing (padding rows count under phase 0).
 #ifndef MF_TIMING
 #define MF_TIMING 0
@@ -128,7 +120,7 @@ struct Params {
 
 // Shared memory, in elements of elem_t unless noted (offsets computed by Layout).
 struct Layout {
-  int q, kv, slab_a, slab_y, zero, p, c, stats, bars, bytes;
+  int q, kv, slab_a, slab_y, zero, p, c, stats, bytes;
   __host__ __device__ explicit Layout(int b2) {
     int off = 0;
     q = off;      off += BJ * QCOL;                      // [j][i][ROW], column stride QCOL
@@ -140,8 +132,6 @@ struct Layout {
     off = (off + 1) & ~1;                                // fp32 from here (4-byte aligned)
     c = off;      off += 2 * BJ * CHUNK;                 // fp32 [j][kk]
     stats = off;  off += 2 * 3 * 4 * BJ * 2;             // fp32 [group][max|sum|spx][warp][j]
-    off = (off + 3) & ~3;                                // 8-byte mbarriers from here
-    bars = off;   off += 2 * 2 * 2 * 4;                  // u64 [group][slot][full|empty]
     bytes = off * 2;
   }
 };
@@ -190,48 +180,6 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
-// mbarriers and bulk copies of the cluster path (MF_CLUSTER > 0).
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n" ::"r"(bar),
-               "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nWAIT_%=:\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-// One arrival on the mbarrier at the same offset in block `rank` of the cluster.
-__device__ __forceinline__ void mbar_arrive_remote(uint32_t bar, uint32_t rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
-}
-// `bytes` from global memory to offset `dst` of the shared memory of every block in `mask`, completing on the
-// mbarrier at offset `bar` of each.
-__device__ __forceinline__ void bulk_multicast(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar,
-                                               uint16_t mask) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1], %2, [%3], "
-      "%4;\n" ::"r"(dst),
-      "l"(src), "r"(bytes), "r"(bar), "h"(mask)
-      : "memory");
-}
-
 // Barrier of the 4 warps of one R-step group (ids 1, 2; __syncthreads uses 0).
 __device__ __forceinline__ void group_sync(int group) {
   asm volatile("bar.sync %0, 128;\n" ::"r"(group + 1) : "memory");
@@ -264,13 +212,7 @@ __device__ __forceinline__ float row_sum(float x) {
 
 }  // namespace
 
-#if MF_CLUSTER
-#define CLUSTER_DIMS __cluster_dims__(MF_CLUSTER, 1, 1)
-#else
-#define CLUSTER_DIMS
-#endif
-
-extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(THREADS, 1) monarch_fused_fwd(const Params p) {
+extern "C" __global__ void __launch_bounds__(THREADS, 1) monarch_fused_fwd(const Params p) {
   extern __shared__ __align__(16) elem_t smem[];
   const Layout lay(p.b2);
   elem_t* sq = smem + lay.q;
@@ -312,37 +254,6 @@ extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(THREADS, 1) monarch_fu
     k = chunk * CHUNK + 4 * grp + r;
   };
   auto kv_slot = [&](int slot, int which) { return skv + (((grp * 2 + slot) * 2 + which) * b2) * ROW; };
-#if MF_CLUSTER
-  // full[slot]: this block's copies of the slot's row landed (expect_tx by this block, bytes from every block);
-  // empty[slot]: every block of the cluster is done with the slot's previous row (one remote arrival per block).
-  const uint32_t bars = smem_addr(smem + lay.bars) + 16u * 2u * grp;  // [slot][full|empty], 8 bytes each
-  auto full_bar = [&](int slot) { return bars + 16u * slot; };
-  auto empty_bar = [&](int slot) { return bars + 16u * slot + 8u; };
-  const uint32_t rank = cluster_rank();
-  int issued[2] = {0, 0}, consumed[2] = {0, 0};  // rows through each slot so far: the mbarrier phases
-  int to_release = -1;                           // slot of the last consumed row, released at the next row
-  // Row n into its slot: this block's share of the tokens (l ≡ rank mod MF_CLUSTER), multicast to the cluster.
-  auto load_row = [&](int n) {
-    if (MF_SKIP_LOAD || n >= rows_per_group) return;
-    int f, k;
-    row_of(n, f, k);
-    if (k >= b1) return;
-    const int slot = n & 1;
-    if (gtid == 0) mbar_expect_tx(full_bar(slot), 2u * b2 * D * sizeof(elem_t));
-    if (wq == 0) {
-      if (issued[slot] > 0) mbar_wait(empty_bar(slot), (issued[slot] - 1) & 1);
-      const long long tok0 = tile_token(p, f, k, 0);
-      for (int c = lane; c < 2 * b2; c += 32) {
-        const int l = c % b2;
-        if (l % MF_CLUSTER != (int)rank) continue;
-        const elem_t* src = (c < b2 ? kh + (tok0 + l) * p.sk_t : vh + (tok0 + l) * p.sv_t);
-        bulk_multicast(smem_addr(kv_slot(slot, c >= b2) + l * ROW), src, D * sizeof(elem_t), full_bar(slot),
-                       (uint16_t)((1u << MF_CLUSTER) - 1));
-      }
-    }
-    ++issued[slot];
-  };
-#else
   // cp.async of key row k of tile f (K and V, b2 × D each) into `slot`, spread over the group's 128 threads.
   auto load_row = [&](int n) {
     if (MF_SKIP_LOAD || n >= rows_per_group) return;
@@ -358,7 +269,6 @@ extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(THREADS, 1) monarch_fu
       cp_async16(smem_addr(dv + l * ROW + 8 * c8), vh + (tok0 + l) * p.sv_t + 8 * c8);
     }
   };
-#endif
 
   // ---- L-step state of this warp's column: rows 16·mt + g (+ 8), head-dim columns 8·nt + 2t (+ 1).
   float acc[MI][D / 8][4];
@@ -373,21 +283,9 @@ extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(THREADS, 1) monarch_fu
   const elem_t* sq_col = sq + warp * QCOL;  // this warp's column j0 + warp
   const float scale_log2 = p.scale_log2;
 
-#if MF_CLUSTER
-  if (tid == 0)
-    for (int i = 0; i < 2 * 2; ++i) {  // both groups: full (1 arrival + bytes), empty (one per block)
-      mbar_init(smem_addr(smem + lay.bars) + 16u * i, 1);
-      mbar_init(smem_addr(smem + lay.bars) + 16u * i + 8u, MF_CLUSTER);
-    }
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  cluster_sync();  // every block's barriers exist before any copy or arrival reaches them
-  load_row(0);
-  __syncthreads();  // queries and the zero row in place
-#else
   load_row(0);
   cp_async_commit();
   __syncthreads();  // queries and the zero row in place
-#endif
 
   long long cycles[TIMED_PHASES] = {};
   long long t_last = MF_TIMING ? clock64() : 0;
@@ -404,23 +302,10 @@ extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(THREADS, 1) monarch_fu
     for (int chunk = 0; chunk < n_chunks; ++chunk) {
       for (int r = 0; r < 4; ++r, ++n) {
         const int k = chunk * CHUNK + 4 * grp + r, kk = 4 * grp + r;
-#if MF_CLUSTER
-        group_sync(grp);  // every warp of the group is done with row n − 1
-        if (to_release >= 0 && gtid == 0)
-          for (int r2 = 0; r2 < MF_CLUSTER; ++r2) mbar_arrive_remote(empty_bar(to_release), r2);
-        to_release = -1;
-        load_row(n + 1);  // into the slot row n − 1 used, once the whole cluster released it
-        if (k < b1 && !MF_SKIP_LOAD) {
-          mbar_wait(full_bar(n & 1), consumed[n & 1] & 1);
-          ++consumed[n & 1];
-          to_release = n & 1;
-        }
-#else
         cp_async_wait_all();
         group_sync(grp);  // row n landed for every thread; every warp of the group is done with row n − 1
         load_row(n + 1);  // into the slot row n − 1 used
         cp_async_commit();
-#endif
         mark(0);
         if (k >= b1 || MF_SKIP_RSTEP) {  // padding row of the last chunk: weight 0 in the L-step
           for (int idx = gtid; idx < BJ * D; idx += 128) {
@@ -627,11 +512,7 @@ extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(THREADS, 1) monarch_fu
       mark(6);
     }
   }
-#if MF_CLUSTER
-  cluster_sync();  // no block leaves while a peer may still arrive on its barriers
-#else
   cp_async_wait_all();
-#endif
   if (MF_TIMING && lane == 0) {
     const int which = blockIdx.z == 0 && blockIdx.y == 0 && blockIdx.x == 0 ? 0
                       : blockIdx.z == gridDim.z / 2 && blockIdx.y == gridDim.y / 2 && blockIdx.x == 0 ? 1 : -1;

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -48,21 +49,19 @@ def smem_bytes(b2: int, d: int, n_l: int, m_i: int) -> int:
     elems = BJ * (16 * m_i * row + 8) + 8 * b2 * row + 2 * BJ * CHUNK * row + row + 2 * BJ * prow
     elems = (elems + 1) & ~1
     elems += 2 * BJ * CHUNK + 2 * 3 * 4 * BJ * 2
-    elems = (elems + 3) & ~3
-    elems += 2 * 2 * 2 * 4  # mbarriers
     return 2 * elems
 
 
 def fused_unsupported(q: torch.Tensor, gq: TileGeometry, gk: TileGeometry) -> str | None:
     """Why the fused kernel cannot run this call (None if it can)."""
-    if not q.is_cuda:
-        return "the fused kernel is CUDA only"
     if q.dtype not in (torch.bfloat16, torch.float16):
         return f"the fused kernel takes bf16 or fp16, not {q.dtype}"
     if q.shape[-1] not in (64, 128):
         return f"the fused kernel takes head dim 64 or 128, not {q.shape[-1]}"
     if gq.b1 > MAX_B1 or gq.b2 > MAX_B2:
         return f"tile {gq.b1} × {gq.b2} is over the fused kernel's {MAX_B1} × {MAX_B2}"
+    if not q.is_cuda:
+        return "the fused kernel is CUDA only"
     if torch.cuda.get_device_capability(q.device) < (8, 0):
         return "the fused kernel needs sm_80 or newer (mma.sync bf16, cp.async)"
     n_l, m_i = _tiles(gq.b2, gq.b1)
@@ -99,6 +98,23 @@ def build(d: int, n_l: int, m_i: int, fp16: bool, arch: str, defines: tuple[str,
         raise ToolkitError(f"nvcc failed on {SOURCE.name} ({' '.join(flags)}):\n{done.stderr[-2000:]}")
     tmp.replace(out)
     return out
+
+
+def compile_report(d: int, n_l: int, m_i: int, fp16: bool = False, arch: str = "90a") -> dict:
+    """ptxas's resource report of one variant, compiled here without a GPU: registers, stack and spill bytes."""
+    flags = ["-cubin", "-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
+             f"-DMF_D={d}", f"-DMF_NL={n_l}", f"-DMF_MI={m_i}", f"-DMF_FP16={int(fp16)}"]
+    done = subprocess.run([_nvcc(), *flags, "-o", os.devnull, str(SOURCE)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ToolkitError(f"nvcc failed on {SOURCE.name} ({' '.join(flags)}):\n{done.stderr[-2000:]}")
+    # the report lists each kernel: "Function properties for <name>" then its frame/spill and register lines
+    text = done.stderr.split("Compiling entry function 'monarch_fused_fwd'")[-1].split("Compiling entry function")[0]
+    report = {"registers": int(re.search(r"Used (\d+) registers", text).group(1))}
+    for key, pattern in (("stack_bytes", r"(\d+) bytes stack frame"),
+                         ("spill_store_bytes", r"(\d+) bytes spill stores"),
+                         ("spill_load_bytes", r"(\d+) bytes spill loads")):
+        report[key] = int(re.search(pattern, text).group(1))
+    return report
 
 
 class _Params(ctypes.Structure):  # the kernel's `Params`, field for field
@@ -174,14 +190,12 @@ def monarch_fused_forward(
     out: torch.Tensor | None = None,
     _defines: tuple[str, ...] = (),
     _timing: torch.Tensor | None = None,
-    _cluster: bool | None = None,
 ) -> torch.Tensor:
     """Monarch attention (T = 1) of raster-order ``q`` (``b i h d``) against ``k, v`` (``b j h d``) in one kernel;
     same arguments and result as ``monarch._forward`` (frames and scale resolved by the caller). ``out``: a
     buffer to write (``b i h d``, contiguous head dim), e.g. NaN-filled by a test. ``_defines`` and ``_timing``
     (int64, 2 × 8 × 7) serve ``benchmarks/profile_fused.py``: ablation macros and the per-phase cycle counts of a
-    ``MF_TIMING`` build. ``_cluster``: multicast K/V rows within a cluster of the column blocks (default on
-    sm_90 and newer) or copy them per block."""
+    ``MF_TIMING`` build."""
     gq = TileGeometry(tuple(grid), tuple(tiling), tuple(query_frames))
     gk = TileGeometry(tuple(grid), tuple(tiling), tuple(key_frames))
     why = fused_unsupported(q, gq, gk)
@@ -200,10 +214,7 @@ def monarch_fused_forward(
     smem = smem_bytes(gq.b2, D, n_l, m_i)
     major, minor = torch.cuda.get_device_capability(q.device)
     arch = f"{major}{minor}" + ("a" if major >= 9 else "")
-    col_blocks = -(-gq.b2 // BJ)
-    cluster = major >= 9 if _cluster is None else _cluster  # thread-block clusters and bulk multicast: sm_90+
-    defines = (*_defines, f"MF_CLUSTER={col_blocks if cluster else 0}")
-    cubin = build(D, n_l, m_i, q.dtype == torch.float16, arch, defines)
+    cubin = build(D, n_l, m_i, q.dtype == torch.float16, arch, _defines)
     drv = _driver()
     fn = drv.function(q.device.index, cubin, smem)
     params = _Params(
@@ -212,7 +223,7 @@ def monarch_fused_forward(
         *token_strides(q), *token_strides(k), *token_strides(v), *token_strides(out),
         H, gq.b1, gq.b2, *gq.args(), float(scale) * LOG2E,
     )
-    launch_grid = (col_blocks, gq.num_tiles, B * H)  # with clusters, grid x is one cluster
+    launch_grid = (-(-gq.b2 // BJ), gq.num_tiles, B * H)
     if B * H > 65535:
         raise ToolkitError(f"batch × heads = {B * H} is over the grid's 65535")
     drv.launch(fn, launch_grid, WARPS * 32, smem, torch.cuda.current_stream(q.device).cuda_stream, params)
