@@ -70,27 +70,24 @@
 
 #if MF_FP16
 typedef __half elem_t;
+typedef __half2 elem2_t;
 #define MF_MMA_TYPE "f16"
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-__device__ __forceinline__ void store2(elem_t* p, float lo, float hi) {
-  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(lo, hi);
-}
+__device__ __forceinline__ elem2_t to_elem2(float lo, float hi) { return __floats2half2_rn(lo, hi); }
 __device__ __forceinline__ elem_t to_elem(float x) { return __float2half_rn(x); }
 #else
 typedef __nv_bfloat16 elem_t;
+typedef __nv_bfloat162 elem2_t;
 #define MF_MMA_TYPE "bf16"
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+__device__ __forceinline__ elem2_t to_elem2(float lo, float hi) { return __floats2bfloat162_rn(lo, hi); }
+__device__ __forceinline__ elem_t to_elem(float x) { return __float2bfloat16_rn(x); }
+#endif
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {  // two values as one mma operand register
+  elem2_t h = to_elem2(lo, hi);
   return *reinterpret_cast<uint32_t*>(&h);
 }
 __device__ __forceinline__ void store2(elem_t* p, float lo, float hi) {
-  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(lo, hi);
+  *reinterpret_cast<elem2_t*>(p) = to_elem2(lo, hi);
 }
-__device__ __forceinline__ elem_t to_elem(float x) { return __float2bfloat16_rn(x); }
-#endif
 
 namespace {
 
