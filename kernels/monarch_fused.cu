@@ -19,9 +19,10 @@
 //           K and V of that row (b2 × D each) are copied to shared memory with cp.async one row ahead.
 //           Phase 1: warp q of the group computes S^T = K·Q^T for l in [16q, 16q + 16) and the 8 columns
 //           (mma m16n8k16, N = 8: the 8 columns are the product's N); the softmax over l is completed across the
-//           group through shared memory (max, then sum and Σ p·(x − max)), and p^T goes to shared memory as bf16.
+//           group through shared memory (max, then sum and Σ p·(x − max)), and p^T goes to shared memory in the
+//           input dtype.
 //           Phase 2: warp q computes α^T = K^T·p^T and Y^T = V^T·p^T for its quarter of D, scales by 1 / sum and
-//           writes α, Y (bf16) and c (fp32) of the row into the chunk's slab in shared memory.
+//           writes α, Y (input dtype) and c (fp32) of the row into the chunk's slab in shared memory.
 //   L-step  after the chunk's 8 rows: warp w runs flash attention of q[a, ·, j0 + w] (32 rows) over the chunk's 8
 //           "keys" α with bias −c and "values" Y (m16n8k16 for the logits, m16n8k8 for p·Y, base-2 online
 //           softmax), then the block moves to the next chunk.
@@ -32,7 +33,8 @@
 //
 // Compile-time shape (nvcc -D): MF_D (head dim, 64 or 128), MF_NL (16-column l tiles, b2 ≤ 16·MF_NL ≤ 64), MF_MI
 // (16-row i tiles per warp, b1 ≤ 16·MF_MI ≤ 32), MF_FP16 (fp16 instead of bf16). Launch: grid (⌈b2 / 8⌉,
-// query tiles, batch·heads), 256 threads, shared memory from fused_smem_bytes() (mirrored in monarch_fused.py).
+// query tiles, batch·heads), 256 threads, Layout(b2).bytes of dynamic shared memory (mirrored by smem_bytes in
+// monarch_fused.py; a CPU test compares the two).
 // Needs sm_80 or newer (mma.sync, ldmatrix, cp.async).
 
 #include <cuda_bf16.h>
@@ -62,7 +64,8 @@
 #ifndef MF_SKIP_LSTEP
 #define MF_SKIP_LSTEP 0
 #endif
-// MF_TIMING: block (0, 0, 0) and block (0, gridDim.y / 2, gridDim.z / 2) write the clock64 cycles of each phase, per warp, to p.timing (padding rows count under phase 0).
+// MF_TIMING: blocks (0, 0, 0) and (0, gridDim.y / 2, gridDim.z / 2) write the clock64 cycles of each phase, per
+// warp, to p.timing (padding rows count under phase 0).
 #ifndef MF_TIMING
 #define MF_TIMING 0
 #endif
