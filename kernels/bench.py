@@ -276,7 +276,7 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
         from toolkit.kernels._common import TileGeometry
         from toolkit.kernels.monarch_fused import fused_unsupported
 
-        why = fused_unsupported(q, TileGeometry(grid, tiling, qf), TileGeometry(grid, tiling, kf))
+        why = fused_unsupported(q, TileGeometry(grid, tiling, qf))
         if why:
             rows.append(Row(name, f"monarch{tiling}-{FUSED}", skipped=why))
         else:

@@ -52,8 +52,8 @@ def smem_bytes(b2: int, d: int, n_l: int, m_i: int) -> int:
     return 2 * elems
 
 
-def fused_unsupported(q: torch.Tensor, gq: TileGeometry, gk: TileGeometry) -> str | None:
-    """Why the fused kernel cannot run this call (None if it can)."""
+def fused_unsupported(q: torch.Tensor, gq: TileGeometry) -> str | None:
+    """Why the fused kernel cannot run queries ``q`` tiled as ``gq`` (None if it can; keys share the tiling)."""
     if q.dtype not in (torch.bfloat16, torch.float16):
         return f"the fused kernel takes bf16 or fp16, not {q.dtype}"
     if q.shape[-1] not in (64, 128):
@@ -198,7 +198,7 @@ def monarch_fused_forward(
     ``MF_TIMING`` build."""
     gq = TileGeometry(tuple(grid), tuple(tiling), tuple(query_frames))
     gk = TileGeometry(tuple(grid), tuple(tiling), tuple(key_frames))
-    why = fused_unsupported(q, gq, gk)
+    why = fused_unsupported(q, gq)
     if why:
         raise ToolkitError(why)
     # 16-byte vector loads: contiguous head dim, token and head strides multiples of 8 elements, aligned bases

@@ -78,7 +78,7 @@ def test_cubins_are_cached_by_source_and_options(tmp_path, monkeypatch):
 def test_fused_unsupported_names_the_reason(grid, tiling, dtype, dim, reason):
     q = torch.zeros(1, grid[0] * grid[1] * grid[2], 1, dim, dtype=dtype)
     geometry = TileGeometry(grid, tiling, (0, grid[0]))
-    assert reason in monarch_fused.fused_unsupported(q, geometry, geometry)
+    assert reason in monarch_fused.fused_unsupported(q, geometry)
 
 
 def test_fused_version_refuses_cpu_tensors_and_stage_switches():
