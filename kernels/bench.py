@@ -1,4 +1,5 @@
-"""Benchmark: Monarch Triton kernels vs PyTorch SDPA (cuDNN, flash, efficient) at the paper's shapes.
+"""Benchmark: Monarch Triton kernels (and, on CUDA where it applies, the fused CUDA forward of ``monarch_fused``)
+vs PyTorch SDPA (cuDNN, flash, efficient) at the paper's shapes.
 
 Run as ``toolkit bench --out DIR`` or ``python benchmarks/bench_kernels.py --out DIR`` (same arguments). Every
 variant is checked against a reference before it is timed, and a failure of one variant (compile error, OOM,
@@ -67,7 +68,7 @@ class Row:
     tuning: list[dict] = field(default_factory=list)
     stage_ms: dict | None = None  # Monarch: median ms of the rows (R-step) and cols (L-step) kernels alone
     reload_from_disk: str | None = None  # Monarch: where configs came from after forgetting them in memory
-    version: str | None = None  # Monarch: R-step kernel version (kernels/monarch.py _VERSIONS)
+    version: str | None = None  # Monarch: R-step kernel version (kernels/monarch.py _VERSIONS) or "fused"
     skipped: str | None = None  # why the variant was not run (not a failure), e.g. "needs CUDA"
 
     @property

@@ -536,8 +536,10 @@ def _forward(
     BLOCK_J v1's). ``out``: buffer to write (``b i h d``, e.g. NaN-filled in tests). ``stages``: "both"; "rows"
     or "cols" launch only that kernel (per-stage timing; the result is then not the attention output).
     ``version``: R-step kernel ``v1`` or ``v2`` (default :func:`_default_version`; v2 falls back to v1 where b2
-    > 64). Both give the same result (tested). ``after_rows``: called as ``after_rows((h0, h1, a0, a1), (alpha, y,
-    c))`` after each scratch chunk's R-step instead of the L-step (the backward's recomputation; no output, None).
+    > 64). Both give the same result (tested). ``fused``: the one-kernel CUDA forward of ``monarch_fused.py``
+    (CUDA only, b1 ≤ 32, b2 ≤ 64; the same function, tested against this launcher on the GPU). ``after_rows``:
+    called as ``after_rows((h0, h1, a0, a1), (alpha, y, c))`` after each scratch chunk's R-step instead of the
+    L-step (the backward's recomputation; no output, None).
     """
     grid = tuple(int(x) for x in grid)
     tiling = tuple(int(x) for x in tiling)
