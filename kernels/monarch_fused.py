@@ -81,29 +81,44 @@ def _nvcc() -> str:
     return str(Path(home) / "bin" / "nvcc") if home else "nvcc"
 
 
+def _flags(d: int, n_l: int, m_i: int, fp16: bool, arch: str, defines: tuple[str, ...] = ()) -> list[str]:
+    return ["-cubin", "-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", f"-DMF_D={d}",
+            f"-DMF_NL={n_l}", f"-DMF_MI={m_i}", f"-DMF_FP16={int(fp16)}", *(f"-D{x}" for x in defines)]
+
+
+def _arch(device: torch.device) -> str:
+    """The nvcc target of ``device``: sm_90a on Hopper (its own instructions), plain sm_XY elsewhere."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}{minor}" + ("a" if major >= 9 else "")
+
+
+_BUILT: dict[tuple, Path] = {}  # (cache folder, flags) -> cubin: a launch after the first costs a dict lookup
+
+
 def build(d: int, n_l: int, m_i: int, fp16: bool, arch: str, defines: tuple[str, ...] = ()) -> Path:
-    """The cubin of one variant (compiled on first use, then read from the cache). ``defines``: extra ``-D``
-    macros (the timing ablations of ``benchmarks/profile_fused.py``)."""
-    flags = ["-cubin", "-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-             f"-DMF_D={d}", f"-DMF_NL={n_l}", f"-DMF_MI={m_i}", f"-DMF_FP16={int(fp16)}", *(f"-D{x}" for x in defines)]
+    """The cubin of one variant (compiled on first use, then read from the disk cache; in-process after the first
+    call). ``defines``: extra ``-D`` macros (the timing ablations of ``benchmarks/profile_fused.py``)."""
+    flags = _flags(d, n_l, m_i, fp16, arch, defines)
+    memo = (str(cache_path()), *flags)
+    if memo in _BUILT:
+        return _BUILT[memo]
     version = subprocess.run([_nvcc(), "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:20]
     out = cache_path().parent / "monarch_fused" / f"{key}.cubin"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    done = subprocess.run([_nvcc(), *flags, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise ToolkitError(f"nvcc failed on {SOURCE.name} ({' '.join(flags)}):\n{done.stderr[-2000:]}")
-    tmp.replace(out)
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        done = subprocess.run([_nvcc(), *flags, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ToolkitError(f"nvcc failed on {SOURCE.name} ({' '.join(flags)}):\n{done.stderr[-2000:]}")
+        tmp.replace(out)
+    _BUILT[memo] = out
     return out
 
 
 def compile_report(d: int, n_l: int, m_i: int, fp16: bool = False, arch: str = "90a") -> dict:
     """ptxas's resource report of one variant, compiled here without a GPU: registers, stack and spill bytes."""
-    flags = ["-cubin", "-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
-             f"-DMF_D={d}", f"-DMF_NL={n_l}", f"-DMF_MI={m_i}", f"-DMF_FP16={int(fp16)}"]
+    flags = [*_flags(d, n_l, m_i, fp16, arch), "-Xptxas", "-v"]
     done = subprocess.run([_nvcc(), *flags, "-o", os.devnull, str(SOURCE)], capture_output=True, text=True)
     if done.returncode != 0:
         raise ToolkitError(f"nvcc failed on {SOURCE.name} ({' '.join(flags)}):\n{done.stderr[-2000:]}")
@@ -209,12 +224,12 @@ def monarch_fused_forward(
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif tuple(out.shape) != tuple(q.shape) or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ToolkitError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a contiguous head dim")
+    if B * H > 65535:
+        raise ToolkitError(f"batch × heads = {B * H} is over the grid's 65535")
     allowed = key_tiles_allowed_on(q.device, gq, gk, block_causal_frames)
     n_l, m_i = _tiles(gq.b2, gq.b1)
     smem = smem_bytes(gq.b2, D, n_l, m_i)
-    major, minor = torch.cuda.get_device_capability(q.device)
-    arch = f"{major}{minor}" + ("a" if major >= 9 else "")
-    cubin = build(D, n_l, m_i, q.dtype == torch.float16, arch, _defines)
+    cubin = build(D, n_l, m_i, q.dtype == torch.float16, _arch(q.device), _defines)
     drv = _driver()
     fn = drv.function(q.device.index, cubin, smem)
     params = _Params(
@@ -224,8 +239,6 @@ def monarch_fused_forward(
         H, gq.b1, gq.b2, *gq.args(), float(scale) * LOG2E,
     )
     launch_grid = (-(-gq.b2 // BJ), gq.num_tiles, B * H)
-    if B * H > 65535:
-        raise ToolkitError(f"batch × heads = {B * H} is over the grid's 65535")
     drv.launch(fn, launch_grid, WARPS * 32, smem, torch.cuda.current_stream(q.device).cuda_stream, params)
     return out
 
@@ -234,8 +247,7 @@ def device_smem_bytes(b2: int, d: int, device: torch.device | str = "cuda") -> i
     """The kernel's own shared-memory count (``monarch_fused_smem_bytes``), to check :func:`smem_bytes` against."""
     device = torch.device(device)
     n_l, m_i = _tiles(b2, MAX_B1)
-    major, minor = torch.cuda.get_device_capability(device)
-    cubin = build(d, n_l, m_i, False, f"{major}{minor}" + ("a" if major >= 9 else ""))
+    cubin = build(d, n_l, m_i, False, _arch(device))
     drv = _driver()
     fn = drv.function(device.index or 0, cubin, 0, "monarch_fused_smem_bytes")
     result = torch.zeros(1, dtype=torch.int32, device=device)

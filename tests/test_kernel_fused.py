@@ -63,6 +63,9 @@ def test_cubins_are_cached_by_source_and_options(tmp_path, monkeypatch):
     first = monarch_fused.build(64, 2, 1, False, "90a")
     stamp = first.stat().st_mtime_ns
     again = monarch_fused.build(64, 2, 1, False, "90a")
+    assert again == first and again.stat().st_mtime_ns == stamp  # remembered in this process
+    monkeypatch.setattr(monarch_fused, "_BUILT", {})  # as a new process: the disk cache, not nvcc
+    again = monarch_fused.build(64, 2, 1, False, "90a")
     assert again == first and again.stat().st_mtime_ns == stamp  # read, not rebuilt
     other = monarch_fused.build(64, 2, 1, False, "90a", ("MF_SKIP_LSTEP=1",))
     assert other != first and other.read_bytes() != first.read_bytes()
