@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 import triton
 import triton.testing
-from toolkit.kernels.bench import SHAPES, _inputs
+from toolkit.kernels.bench import SHAPES, _dense_fn, _inputs
 from toolkit.kernels.monarch import _forward
 from toolkit.kernels.monarch_fused import monarch_fused_forward
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ABLATIONS = {
     "whole kernel": (),
@@ -36,25 +35,19 @@ ABLATIONS = {
 }
 
 
-def time_shape(name: str, variants: list[str]) -> list[dict]:
+def time_shape(name: str, variants: list[str], q, k, v) -> list[dict]:
     """Median ms of every variant at one shape (rows of the JSON)."""
     grid, tiling, qf, kf = SHAPES[name]
-    q, k, v = _inputs(grid, qf, kf, 12, 128, torch.bfloat16, "cuda")
-    kw = dict(query_frames=qf, key_frames=kf, block_causal_frames=None, scale=128**-0.5)
-    qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    kw = dict(query_frames=qf, key_frames=kf, block_causal_frames=None, scale=q.shape[-1] ** -0.5)
 
     def fused(defines):
         return lambda: monarch_fused_forward(q, k, v, grid, tiling, **kw, _defines=defines)
-
-    def cudnn():
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh)
 
     runs = {f"fused: {label}": fused(ABLATIONS[label]) for label in variants}
     runs["two-stage (default configs)"] = lambda: _forward(q, k, v, grid, tiling, **kw, autotune=False)
     q_bytes = q.numel() * q.element_size()  # the low-memory mode: scratch of size(q), extra memory ≤ 2 × size(q)
     runs["two-stage low-memory"] = lambda: _forward(q, k, v, grid, tiling, **kw, autotune=False, scratch_bytes=q_bytes)
-    runs["cuDNN SDPA"] = cudnn
+    runs["cuDNN SDPA"] = _dense_fn("cudnn", *(x.transpose(1, 2).contiguous() for x in (q, k, v)), kw["scale"])
     rows = []
     for label, fn in runs.items():
         fn()  # compile
@@ -68,13 +61,12 @@ def time_shape(name: str, variants: list[str]) -> list[dict]:
 PHASES = ("wait + barrier + issue", "phase 1", "softmax", "phase 2", "chunk barrier", "L-step", "slab barrier")
 
 
-def phase_cycles(name: str) -> dict:
+def phase_cycles(name: str, q, k, v) -> dict:
     """Per-phase clock64 cycles of a ``MF_TIMING`` build at one shape: two blocks, mean and max over warps."""
     grid, tiling, qf, kf = SHAPES[name]
-    q, k, v = _inputs(grid, qf, kf, 12, 128, torch.bfloat16, "cuda")
     timing = torch.zeros(2, 8, len(PHASES), dtype=torch.int64, device="cuda")
     monarch_fused_forward(q, k, v, grid, tiling, query_frames=qf, key_frames=kf, block_causal_frames=None,
-                          scale=128**-0.5, _defines=("MF_TIMING=1",), _timing=timing)
+                          scale=q.shape[-1] ** -0.5, _defines=("MF_TIMING=1",), _timing=timing)
     t = timing.double().cpu()
     blocks = {}
     for b, label in enumerate(("first block", "middle block")):
@@ -101,9 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "python": platform.python_version(), "heads": 12, "head_dim": 128, "dtype": "bf16", "rows": []}
     for name in args.shapes:
+        grid, _, qf, kf = SHAPES[name]
+        qkv = _inputs(grid, qf, kf, 12, 128, torch.bfloat16, "cuda")
         if args.timing:
-            result.setdefault("phase_cycles", []).append(phase_cycles(name))
-        result["rows"] += time_shape(name, args.variants)
+            result.setdefault("phase_cycles", []).append(phase_cycles(name, *qkv))
+        result["rows"] += time_shape(name, args.variants, *qkv)
         (args.out / "profile_fused.json").write_text(json.dumps(result, indent=1))
     return 0
 
