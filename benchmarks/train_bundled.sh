@@ -6,13 +6,16 @@
 #     PART=teacher_more bash benchmarks/train_bundled.sh  # the same teacher trained further (continue_teacher.py)
 #     PART=kept_teacher bash benchmarks/train_bundled.sh  # instead of the three above: base from data/bundled/stages,
 #                                                         # the teacher kept in data/teacher (int8), their records
+#     PART=kept_student bash benchmarks/train_bundled.sh  # as kept_teacher, plus the shipped stage-(c) student and its
+#                                                         # record, for SF_START=self_forcing PART=self_forcing
 #     PART=ode_init bash benchmarks/train_bundled.sh      # stage (b): ODE pool + regression, evaluation, artifacts
 #     PART=self_forcing bash benchmarks/train_bundled.sh  # stage (c), evaluation of (b) and (b)+(c), artifacts
 # with DEST (default ${OUT:-data}/bundled) kept from one call to the next. On one machine without that limit,
 # `toolkit train --out DIR` runs the four stages in one go (one teacher run instead of two).
 # Knobs: BASE_SECONDS, TEACHER_SECONDS, TEACHER_MORE_SECONDS, ODE_SECONDS, SF_SECONDS (time budgets), ODE_PAIRS,
 # GUIDANCE, SEED, TEACHER_PREDICTION (flow or x0), TEACHER_MORE_SEED, ODE_START (ode_init: stage (b) trains its own
-# earlier student further, on new pairs when SEED differs).
+# earlier student further, on new pairs when SEED differs), SF_START (self_forcing: stage (c) trains its own earlier
+# student further, against the teacher now in DEST/stages, with a fresh critic).
 set -euo pipefail
 DEST="${DEST:-${OUT:-data}/bundled}"
 mkdir -p "$DEST"
@@ -37,11 +40,28 @@ record["stages"] = {"base": base["stages"]["base"], "teacher": teacher["stages"]
 json.dump(record, open(sys.argv[1], "w"), indent=1)
 PY
           ;;
+  kept_student) mkdir -p "$DEST/stages"
+          cp data/bundled/stages/base.safetensors data/teacher/teacher.safetensors "$DEST/stages/"
+          cp data/bundled/model.safetensors "$DEST/stages/self_forcing.safetensors"
+          python3 - "$DEST/stages/log.json" <<'PY'
+import json, sys
+from safetensors import safe_open
+with safe_open("data/bundled/model.safetensors", "pt") as f:
+    assert f.metadata()["stage"] == "self_forcing", "the shipped student is not a stage-(c) one"
+shipped, teacher = (json.load(open(f)) for f in ("data/bundled/train_log.json", "data/teacher/train_log.json"))
+record = {k: v for k, v in shipped.items() if k not in ("stages_note", "reproduce", "shipped")}
+record["stages"] = {**shipped["stages"], "teacher": teacher["stages"]["teacher"]}
+record["teacher_config"] = teacher["teacher_config"]
+json.dump(record, open(sys.argv[1], "w"), indent=1)
+PY
+          ;;
   ode_init) "${cli[@]}" --stages ode_init "${student[@]}" --ode-pairs "${ODE_PAIRS:-3072}" --ode-pair-batch 256 \
           --ode-grid 20 --ode-steps 100000 --ode-lr 3e-4 --ode-seconds "${ODE_SECONDS:-300}" \
           --ode-start "${ODE_START:-base}" \
           2>&1 | tee "$DEST/train_ode_init.log" ;;
   self_forcing) "${cli[@]}" --stages self_forcing "${student[@]}" --sf-steps 100000 --sf-seconds "${SF_SECONDS:-440}" \
+          --sf-start "${SF_START:-ode_init}" \
           2>&1 | tee "$DEST/train_self_forcing.log" ;;
-  *) echo "PART must be base, teacher, teacher_more, kept_teacher, ode_init or self_forcing" >&2; exit 2 ;;
+  *) echo "PART must be base, teacher, teacher_more, kept_teacher, kept_student, ode_init or self_forcing" >&2
+     exit 2 ;;
 esac

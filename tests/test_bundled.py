@@ -624,6 +624,52 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
     # the stage (c) of the first run was trained from the student this replaced: no longer in the record
     assert "self_forcing" not in later["stages"] and "| self_forcing |" not in card
 
+    # stage (c) trained further (--sf-start self_forcing): refused in one line without its weights or beside an
+    # earlier stage; then it starts from its own earlier student, keeps the first run in the record and the (b)
+    # student's numbers from the evaluation that trained it
+    assert main(["--tiny", "--out", str(out), "--stages", "self_forcing", "--force", "--quiet"]) == 0
+    before = _tree_digest(out)
+    for stages, message in (("ode_init,self_forcing", "runs without base, teacher and ode_init"),
+                            ("ode_init", "add it to the stages")):
+        run = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", "--out", str(out), "--tiny", "--force",
+                              "--stages", stages, "--sf-start", "self_forcing"], capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 2 and message in run.stderr, (stages, run.stderr)
+        assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert _tree_digest(out) == before
+    first_sf = json.loads((out / "train_log.json").read_text())
+    earlier = load_weights(out / "stages" / "self_forcing.safetensors").state_dict()
+    started.clear()
+    train_self_forcing = recipe_module.train_self_forcing
+
+    def spy_sf(student, *args, **kwargs):
+        started.update({k: v.detach().clone() for k, v in student.state_dict().items()})
+        return train_self_forcing(student, *args, **kwargs)
+
+    monkeypatch.setattr(recipe_module, "train_self_forcing", spy_sf)
+    monkeypatch.setenv("TOOLKIT_COMMIT", "latest")
+    assert main(["--tiny", "--out", str(out), "--stages", "self_forcing", "--sf-start", "self_forcing", "--seed", "2",
+                 "--force", "--quiet"]) == 0
+    assert all(torch.equal(started[k], v) for k, v in earlier.items())
+    latest = json.loads((out / "train_log.json").read_text())
+    sf = latest["stages"]["self_forcing"]
+    assert sf["steps_run"] == first_sf["stages"]["self_forcing"]["steps_run"] and sf["commit"] == "later"
+    more = sf["continued"]
+    assert len(more) == 1 and more[0]["seed"] == 2 and more[0]["commit"] == "latest" and more[0]["steps_run"] == 2
+    teacher_record = latest["stages"]["teacher"]
+    assert more[0]["teacher_steps"] == teacher_record["steps_run"] > 0
+    assert list(latest["evaluation"]) == ["random_init", "ode_init", "self_forcing_start", "self_forcing",
+                                          "teacher_40_euler_steps", "ground_truth"]
+    assert latest["evaluation"]["ode_init"] == {**first_sf["evaluation"]["ode_init"],
+                                                "evaluated": "by the run that trained it"}
+    assert latest["evaluation"]["self_forcing_start"].keys() == first_sf["evaluation"]["self_forcing"].keys()
+    assert latest["shipped"] in ("self_forcing_start", "self_forcing")
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "| self_forcing, continued | 2 × 2 |" in card and "seed 2, a fresh critic" in card
+    assert "| ode init (evaluated by the run that trained it) |" in card and "| self forcing start |" in card
+    assert "--sf-start self_forcing --force --seed S` (S = 2)." in card
+    assert "before and after its last continued run" in card
+
 
 def test_continuing_stage_b_needs_its_record_too(tmp_path):
     from toolkit.errors import ToolkitError

@@ -13,6 +13,7 @@ from toolkit.models.bundled.config import teacher_config, tiny_teacher_config
 from toolkit.models.bundled.finetune import OBJECTIVES, FinetuneSettings
 from toolkit.models.bundled.ode_init import ODE_STARTS
 from toolkit.models.bundled.recipe import STAGES, Recipe, train_bundled
+from toolkit.models.bundled.self_forcing import SF_STARTS
 from toolkit.models.bundled.teacher import TeacherSettings
 from toolkit.models.wan import PREDICTIONS
 
@@ -93,6 +94,10 @@ updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.cri
                    help="the student's starting weights in stage (b): base, or ode_init to train the stage-(b) "
                         "student already in --out/stages further (with --stages ode_init[,self_forcing] and "
                         "--force; another --seed draws new pairs)")
+    p.add_argument("--sf-start", choices=SF_STARTS, default=defaults.self_forcing.start,
+                   help="the student's starting weights in stage (c): ode_init, or self_forcing to train the "
+                        "stage-(c) student already in --out/stages further, e.g. against a teacher trained longer "
+                        "since (with --stages self_forcing and --force; a fresh critic from that teacher)")
     p.add_argument("--sf-steps", type=int, default=defaults.self_forcing.steps, help="Self-Forcing generator updates")
     p.add_argument("--sf-batch", type=int, default=defaults.self_forcing.batch)
     p.add_argument("--sf-lr", type=float, default=defaults.self_forcing.lr)
@@ -143,7 +148,7 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
                          steps=args.ode_steps, batch=args.ode_batch, lr=args.ode_lr, seconds=args.ode_seconds,
                          keep_prompted=args.ode_keep_prompted, start=args.ode_start),
         self_forcing=replace(r.self_forcing, steps=args.sf_steps, batch=args.sf_batch, lr=args.sf_lr,
-                             critic_lr=args.sf_critic_lr, seconds=args.sf_seconds),
+                             critic_lr=args.sf_critic_lr, seconds=args.sf_seconds, start=args.sf_start),
         guidance_scale=args.guidance,
         seed=args.seed,
         eval_prompts=args.eval_prompts,
@@ -153,7 +158,7 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
             base=TeacherSettings(steps=6, batch=2, warmup=2),
             teacher=TeacherSettings(steps=6, batch=2, warmup=2),
             ode_init=replace(r.ode_init, pairs=4, pair_batch=4, steps=4, batch=2, warmup=2, start=args.ode_start),
-            self_forcing=replace(r.self_forcing, steps=2, batch=2, critic_ratio=1),
+            self_forcing=replace(r.self_forcing, steps=2, batch=2, critic_ratio=1, start=args.sf_start),
             guidance_scale=args.guidance,
             guidance_candidates=(1.0, 3.0),
             validation_prompts=2,
@@ -229,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
         ode_grid(args.ode_grid)
     except ValueError as err:
         raise ToolkitError(f"--ode-grid {args.ode_grid}: {err}") from None
-    check_model_output(args.out, args.stages, args.force, args.ode_start)  # a model there: refused unless --force
+    # a model there: refused unless --force
+    check_model_output(args.out, args.stages, args.force, args.ode_start, args.sf_start)
     prepare_output_dir(args.out, folder=True, keep=False)  # read-only or uncreatable: now, not after a stage
     out = Path(args.out)
     if args.force and any(p.exists() for p in [out / WEIGHTS_FILE, *(stage_path(out, s) for s in args.stages)]):

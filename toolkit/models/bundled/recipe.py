@@ -50,7 +50,7 @@ from toolkit.models.bundled.config import (
 from toolkit.models.bundled.model import generate, load_weights, save_weights
 from toolkit.models.bundled.ode_init import ODE_STARTS, ODESettings, train_ode_init
 from toolkit.models.bundled.pictures import save_gif, save_strip
-from toolkit.models.bundled.self_forcing import SelfForcingSettings, train_self_forcing
+from toolkit.models.bundled.self_forcing import SF_STARTS, SelfForcingSettings, train_self_forcing
 from toolkit.models.bundled.teacher import TEACHER_SHIFT, ClipSetup, Log, TeacherSettings, autocast, train_teacher
 from toolkit.models.seam import use_backend
 from toolkit.models.wan import WanConfig, WanModel
@@ -97,10 +97,11 @@ def refuse_overwrite(out: Path, writes: Sequence[Path], force: bool) -> None:
         raise ToolkitError(f"{out} already holds a model ({existing[0].name}); pass --force to replace it")
 
 
-def check_output(out: str | Path, stages: Sequence[str], force: bool, ode_start: str = "base") -> Path:
+def check_output(out: str | Path, stages: Sequence[str], force: bool, ode_start: str = "base",
+                 sf_start: str = "ode_init") -> Path:
     """Refuse (one line) to overwrite a model in ``out`` unless ``force``; check that the stages the ones asked for
-    build on have left their weights there (or are asked for too; ``ode_start="ode_init"``: stage (b) continues its
-    own earlier weights). Nothing is written."""
+    build on have left their weights there (or are asked for too; ``ode_start="ode_init"`` / ``sf_start=
+    "self_forcing"``: stage (b) / (c) continues its own earlier weights). Nothing is written."""
     out = Path(out)
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
@@ -114,28 +115,42 @@ def check_output(out: str | Path, stages: Sequence[str], force: bool, ode_start:
     refuse_overwrite(out, writes, force)
     if ode_start not in ODE_STARTS:
         raise ToolkitError(f"the ODE stage starts from one of {', '.join(ODE_STARTS)}, not {ode_start!r}")
-    if ode_start == "ode_init":  # stage (b) continues its own weights and record, against the same teacher
-        if "ode_init" not in ordered:
-            raise ToolkitError("--ode-start ode_init continues stage ode_init: add it to the stages")
-        if "base" in ordered or "teacher" in ordered:
-            raise ToolkitError("continuing stage ode_init runs without base and teacher (they would replace the "
-                               "record and teacher it continues)")
+    if sf_start not in SF_STARTS:
+        raise ToolkitError(f"the Self-Forcing stage starts from one of {', '.join(SF_STARTS)}, not {sf_start!r}")
+    continued = [stage for stage, start in (("ode_init", ode_start), ("self_forcing", sf_start)) if start == stage]
+    for stage in continued:  # the stage trains its own earlier weights further: they and their record must be there
+        flag = "--ode-start ode_init" if stage == "ode_init" else "--sf-start self_forcing"
+        if stage not in ordered:
+            raise ToolkitError(f"{flag} continues stage {stage}: add it to the stages")
+        earlier = STAGES[:STAGES.index(stage)]
+        if any(s in ordered for s in earlier):
+            named = f"{', '.join(earlier[:-1])} and {earlier[-1]}"
+            raise ToolkitError(f"continuing stage {stage} runs without {named} (they would replace "
+                               "the record and the weights it continues)")
         log_file = out / "stages" / "log.json"
         try:
             recorded = json.loads(log_file.read_text()).get("stages", {})
         except (OSError, ValueError, AttributeError):
             recorded = {}
-        if not stage_path(out, "ode_init").is_file() or "ode_init" not in recorded:
-            raise ToolkitError(f"continuing stage ode_init needs {stage_path(out, 'ode_init')} and its record in "
-                               f"{log_file} (run stage ode_init first)")
+        if not stage_path(out, stage).is_file() or stage not in recorded:
+            raise ToolkitError(f"continuing stage {stage} needs {stage_path(out, stage)} and its record in "
+                               f"{log_file} (run stage {stage} first)")
     for stage in ordered:
         needs = NEEDS[stage]
-        if stage == "ode_init" and ode_start == "ode_init":  # its own earlier weights (checked above), not base's
-            needs = tuple(n for n in needs if n != "base")
+        if stage in continued:  # its own earlier weights (checked above), not the stage before's
+            needs = tuple(n for n in needs if n == "teacher")
         for earlier in needs:
             if earlier not in ordered and not stage_path(out, earlier).is_file():
                 raise ToolkitError(f"stage {stage} needs {stage_path(out, earlier)} (run stage {earlier} first)")
     return out
+
+
+def teacher_steps(record: dict) -> int | None:
+    """The teacher's optimizer steps in ``record``, its continued runs included (None: no teacher recorded)."""
+    t = record.get("stages", {}).get("teacher")
+    if not t:
+        return None
+    return t.get("steps_run", t["settings"]["steps"]) + sum(more["steps_run"] for more in t.get("continued", []))
 
 
 def _git_commit() -> str:
@@ -168,7 +183,7 @@ def train_bundled(
     """Run ``stages`` of ``recipe`` into ``out`` (see the module docstring); returns the training record. ``cfg``:
     the student's (shipped) architecture, ``teacher_cfg`` the teacher's; stages loaded from ``out`` bring their
     own."""
-    out = check_output(out, stages, force, recipe.ode_init.start)
+    out = check_output(out, stages, force, recipe.ode_init.start, recipe.self_forcing.start)
     dev = resolve_device(device or None)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -225,26 +240,30 @@ def train_bundled(
     guidance = record["guidance"]["scale"]
     setup, scores = ClipSetup.of(cfg, dev), ClipSetup.of(teacher.cfg, dev)
 
+    def continued(stage: str, summary: dict) -> dict:  # as continue_teacher.py records the teacher's runs
+        earlier = record["stages"][stage]
+        more = {**summary, "commit": _git_commit(), "seed": recipe.seed, "teacher_steps": teacher_steps(record)}
+        return {**earlier, "continued": [*earlier.get("continued", []), more]}
+
+    earlier_evaluation = record.get("evaluation", {})
+    sf_continues = "self_forcing" in stages and recipe.self_forcing.start == "self_forcing"  # checked: check_output
     if "ode_init" in stages:
         start = recipe.ode_init.start
-        earlier = record["stages"]["ode_init"] if start == "ode_init" else None  # there: check_output
         student = copy.deepcopy(base if start == "base" and "base" in stages else load(start)).requires_grad_(True)
         with use_backend(student, setup.backend), use_backend(teacher, scores.backend):
             summary = train_ode_init(student, teacher, recipe.ode_init, seed=recipe.seed, guidance_scale=guidance,
                                      log=log)
-        if earlier is not None:  # as continue_teacher.py records the teacher's: the first run, then the later ones
-            more = {**summary, "commit": _git_commit(), "seed": recipe.seed}
-            summary = {**earlier, "continued": [*earlier.get("continued", []), more]}
-        save("ode_init", student, summary)
+        save("ode_init", student, continued("ode_init", summary) if start == "ode_init" else summary)
         if "self_forcing" not in stages:  # a stage (c) recorded earlier was trained from the replaced student
             record["stages"].pop("self_forcing", None)
     else:
-        student = load("ode_init").requires_grad_(True)
-    ode_student = copy.deepcopy(student).eval().requires_grad_(False)
-    candidates = {"ode_init": ode_student}
+        student = load("self_forcing" if sf_continues else "ode_init").requires_grad_(True)
+    candidates = {"self_forcing_start" if sf_continues else "ode_init": copy.deepcopy(student).eval()
+                  .requires_grad_(False)}
     if "self_forcing" in stages:
-        save("self_forcing", student, train_self_forcing(student, teacher, recipe.self_forcing, seed=recipe.seed,
-                                                         guidance_scale=guidance, log=log))
+        summary = train_self_forcing(student, teacher, recipe.self_forcing, seed=recipe.seed,
+                                     guidance_scale=guidance, log=log)
+        save("self_forcing", student, continued("self_forcing", summary) if sf_continues else summary)
         candidates["self_forcing"] = student.eval().requires_grad_(False)
 
     # evaluation: the same held-out prompts and seeds for every model
@@ -259,9 +278,13 @@ def train_bundled(
     results["ground_truth"] = results["random_init"]["reference"]
     for r in results.values():
         r.pop("reference", None)
+    if sf_continues and "ode_init" in earlier_evaluation:  # the (b) student is not loaded again: its earlier numbers
+        ode = {**earlier_evaluation["ode_init"], "evaluated": "by the run that trained it"}
+        results = {"random_init": results.pop("random_init"), "ode_init": ode, **results}
     shipped = max(candidates, key=lambda n: (results[n]["colour_match"], results[n]["score"]))
     record.update(evaluation=results, evaluation_seconds=round(time.perf_counter() - start, 1), shipped=shipped,
                   eval_prompts=len(prompts))
+    log_file.write_text(json.dumps(record, indent=1) + "\n")  # a later continued stage reads the evaluation here
     log(f"shipping the {shipped} student")
     write_artifacts(out, candidates[shipped], teacher, record, log)
     return record
@@ -409,18 +432,20 @@ def plot_curves(path: Path, record: dict) -> None:
             continue
         steps = [c[0] for c in curve]
         ax.plot(steps, [c[1] for c in curve], label=stage.replace("_", " "), marker=marker(curve))
-        offset = steps[-1]
-        for i, more in enumerate(stages[stage].get("continued", [])):  # continued runs, after the first
+        runs = [(0, curve)]  # (steps before it, curve) of the first run and each continued one
+        for i, more in enumerate(stages[stage].get("continued", [])):
+            offset = runs[-1][0] + runs[-1][1][-1][0]
             shift = f", σ shift {TEACHER_SHIFT:g}" if stage in ("base", "teacher") else ""
             ax.plot([offset + c[0] for c in more["curve"]], [c[1] for c in more["curve"]], color=f"C{i + 2}",
                     label=f"continued ({more['seconds']:.0f} s{shift})",
                     marker=marker(more["curve"]))
-            offset += more["curve"][-1][0]
+            runs.append((offset, more["curve"]))
         if stages[stage].get("continued"):
             ax.legend(fontsize=7, loc="lower left")
         if stage == "self_forcing":
             twin = ax.twinx()
-            twin.plot(steps, [c[2] for c in curve], color="C1", label="DMD grad rms")
+            for offset, run in runs:
+                twin.plot([offset + c[0] for c in run], [c[2] for c in run], color="C1", ls=":" if offset else "-")
             twin.set_ylabel("DMD grad rms", color="C1", fontsize=8)
         else:
             ax.set_yscale("log")
@@ -459,27 +484,38 @@ def model_card(record: dict, model: WanModel) -> str:
         steps = s.get("steps_run", cfgs["steps"])
         rows.append(f"| {name} | {steps} × {cfgs['batch']} | {s['seconds']:.0f} s | {loss} | {extra} | "
                     f"`{s.get('commit', '?')}` |")
-        for more in s.get("continued", []):  # the same weights trained further (continue_teacher.py, --ode-start)
+        for more in s.get("continued", []):  # the same weights trained further (continue_teacher.py, --*-start)
             c = more["settings"]
-            mode = "compiled" if more.get("compile_seconds") else "eager"  # the teacher's continuations
             fresh = "new" if more.get("seed") != s.get("seed", record["seed"]) else "the same"
-            how = (f"{c['pairs']} {fresh} ODE pairs (seed {more.get('seed', '?')}), teacher CFG "
-                   f"{more.get('guidance_scale', '?')} ({more.get('pool_seconds', 0):.0f} s to solve), lr {c['lr']}"
-                   if name == "ode_init"
-                   else f"lr {c['lr']} (cosine), shift-{TEACHER_SHIFT:g} σ, {mode}")
+            trained_by = f", teacher at {more['teacher_steps']} steps" if more.get("teacher_steps") else ""
+            if name == "self_forcing":
+                loss = f"critic {more['curve'][-1][1]:.4f}" if more.get("curve") else ""
+                how = (f"critic ratio {c['critic_ratio']}, lr {c['lr']} / {c['critic_lr']}, teacher CFG "
+                       f"{more.get('guidance_scale', '?')}{trained_by}, seed {more.get('seed', '?')}, a fresh critic")
+            else:
+                loss = f"{more['heldout_loss_init']:.4f} → {more['heldout_loss_end']:.4f}"
+                mode = "compiled" if more.get("compile_seconds") else "eager"  # the teacher's continuations
+                how = (f"{c['pairs']} {fresh} ODE pairs (seed {more.get('seed', '?')}), teacher CFG "
+                       f"{more.get('guidance_scale', '?')} ({more.get('pool_seconds', 0):.0f} s to solve), "
+                       f"lr {c['lr']}{trained_by}" if name == "ode_init"
+                       else f"lr {c['lr']} (cosine), shift-{TEACHER_SHIFT:g} σ, {mode}")
             rows.append(f"| {name}, continued | {more['steps_run']} × {c['batch']} | {more['seconds']:.0f} s | "
-                        f"{more['heldout_loss_init']:.4f} → {more['heldout_loss_end']:.4f} | {how} | "
-                        f"`{more.get('commit', '?')}` |")
+                        f"{loss} | {how} | `{more.get('commit', '?')}` |")
     ev = record.get("evaluation", {})
-    ev_rows = [f"| {name.replace('_', ' ')} | {format_summary(r, markdown=True)} |" for name, r in ev.items()]
+    ev_rows = []
+    for name, r in ev.items():
+        label = name.replace("_", " ") + (f" (evaluated {r['evaluated']})" if r.get("evaluated") else "")
+        ev_rows.append(f"| {label} | {format_summary(r, markdown=True)} |")
     header = " | ".join(title for _, title, _ in SUMMARY_COLUMNS)
     guidance = record.get("guidance", {})
     validation = "\n".join(f"| {g} | {format_summary(r, markdown=True)} |"
                            for g, r in guidance.get("validation", {}).items())
     if validation:
         validation = (f"\n\n| CFG scale | {header} |\n|---|{'---|' * len(SUMMARY_COLUMNS)}\n{validation}")
-    choice = ("the better of (b) and (b)+(c) on the evaluation below" if "self_forcing" in st
-              else "stage (c) was not run for these weights")
+    sf_runs = st.get("self_forcing", {}).get("continued", [])
+    choice = ("the better of (b) and (b)+(c) on the evaluation below" if "self_forcing" in st and not sf_runs
+              else "the better of the stage-(c) student before and after its last continued run, on the evaluation "
+                   "below" if sf_runs else "stage (c) was not run for these weights")
     default_reproduce = (
         f"`toolkit train --out DIR --seed {record['seed']}` runs the four stages with the settings above (`toolkit "
         "train --help`; `--base-seconds` and `--teacher-seconds` give the pretraining stages a time budget, which "
@@ -492,6 +528,10 @@ def model_card(record: dict, model: WanModel) -> str:
         then = ", before stage (c)" if "self_forcing" in st else ""
         default_reproduce += (f" Stage (b) was then trained further with `--stages ode_init --ode-start ode_init "
                               f"--force --seed S` (S = {seeds}){then}.")
+    if sf_runs:
+        seeds = ", ".join(str(more.get("seed", "?")) for more in sf_runs)
+        default_reproduce += (f" Stage (c) was then trained further with `--stages self_forcing --sf-start "
+                              f"self_forcing --force --seed S` (S = {seeds}).")
     tc = record.get("teacher_config")
     if tc:
         t = WanConfig.from_dict(tc)

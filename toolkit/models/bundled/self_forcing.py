@@ -48,6 +48,9 @@ from toolkit.models.sampling import self_forcing_rollout, shift_sigma
 from toolkit.models.seam import Backend, use_backend
 from toolkit.models.wan import WanModel
 
+# the weights stage (c) may start from (``SelfForcingSettings.start``)
+SF_STARTS = ("ode_init", "self_forcing")
+
 
 @dataclass(frozen=True)
 class SelfForcingSettings:
@@ -60,6 +63,9 @@ class SelfForcingSettings:
     grad_clip: float = 10.0
     ema_decay: float = 0.99
     seconds: float | None = None  # time budget (``teacher.fit_to_budget``)
+    # the student's starting weights: "ode_init" (the recipe), or "self_forcing" to train an earlier stage-(c)
+    # student further, e.g. against a teacher trained longer since (a fresh critic, initialised from that teacher)
+    start: str = "ode_init"
 
 
 def student_rollout(
