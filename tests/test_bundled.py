@@ -692,6 +692,26 @@ def test_continuing_stage_b_needs_its_record_too(tmp_path):
 
 
 
+def test_as_stored_is_what_the_saved_file_loads_back(tmp_path):
+    """The recipe evaluates ``as_stored`` copies so that the card's numbers are those of the shipped float16 file."""
+    from toolkit.models.bundled.config import tiny_teacher_config
+    from toolkit.models.bundled.model import as_stored, save_weights
+
+    torch.manual_seed(3)
+    model = WanModel(tiny_teacher_config())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)  # off the float16 grid
+    stored = as_stored(model)
+    back = load_weights(save_weights(model, tmp_path / "m.safetensors"))
+    for name, value in back.state_dict().items():
+        assert stored.state_dict()[name].dtype == torch.float32
+        assert torch.equal(stored.state_dict()[name], value), name
+    assert not all(torch.equal(model.state_dict()[k], v) for k, v in back.state_dict().items())
+    assert not any(p.requires_grad for p in stored.parameters()) and not stored.training
+    assert any(p.requires_grad for p in model.parameters())  # the original is untouched
+
+
 def test_stage_weights_carry_their_config_and_a_file_without_one_is_refused(tmp_path):
     from safetensors.torch import save_file
 

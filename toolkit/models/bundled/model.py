@@ -9,6 +9,7 @@ cross-attention exactly like umT5 embeddings. Why the grid and size: ``config.py
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -82,6 +83,18 @@ def load_weights(
         first = str(err).strip().splitlines()
         raise CheckpointError(f"{path} does not match the bundled config: {' '.join(first[:3])[:400]}") from None
     return model.to(device=device, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def as_stored(model: WanModel) -> WanModel:
+    """A copy of ``model`` (eval mode, no gradients) with every float tensor rounded to float16, as
+    :func:`save_weights` stores it: what :func:`load_weights` gives back from that file, so evaluating the copy
+    evaluates the file (the rounding alone moves the held-out scores by a few rollouts)."""
+    stored = copy.deepcopy(model).eval().requires_grad_(False)
+    for value in stored.state_dict().values():
+        if value.is_floating_point():
+            value.copy_(value.half())
+    return stored
 
 
 def save_weights(model: WanModel, path: str | Path, *, int8: bool = False, **metadata: str) -> Path:

@@ -47,7 +47,7 @@ from toolkit.models.bundled.config import (
     frames_per_chunk,
     teacher_config,
 )
-from toolkit.models.bundled.model import generate, load_weights, save_weights
+from toolkit.models.bundled.model import as_stored, generate, load_weights, save_weights
 from toolkit.models.bundled.ode_init import ODE_STARTS, ODESettings, train_ode_init
 from toolkit.models.bundled.pictures import save_gif, save_strip
 from toolkit.models.bundled.self_forcing import SF_STARTS, SelfForcingSettings, train_self_forcing
@@ -258,13 +258,13 @@ def train_bundled(
             record["stages"].pop("self_forcing", None)
     else:
         student = load("self_forcing" if sf_continues else "ode_init").requires_grad_(True)
-    candidates = {"self_forcing_start" if sf_continues else "ode_init": copy.deepcopy(student).eval()
-                  .requires_grad_(False)}
+    # the candidates as their files hold them (float16): the evaluation below is of the weights that ship
+    candidates = {"self_forcing_start" if sf_continues else "ode_init": as_stored(student)}
     if "self_forcing" in stages:
         summary = train_self_forcing(student, teacher, recipe.self_forcing, seed=recipe.seed,
                                      guidance_scale=guidance, log=log)
         save("self_forcing", student, continued("self_forcing", summary) if sf_continues else summary)
-        candidates["self_forcing"] = student.eval().requires_grad_(False)
+        candidates["self_forcing"] = as_stored(student)
 
     # evaluation: the same held-out prompts and seeds for every model
     prompts = evaluate.heldout_prompts(recipe.eval_prompts)
