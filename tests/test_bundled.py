@@ -539,6 +539,19 @@ def _tree_digest(folder) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _record_start(monkeypatch, module, name: str) -> dict:
+    """Wrap the stage function ``module.name`` so that it first copies the student's starting weights into the
+    returned dict."""
+    started, train = {}, getattr(module, name)
+
+    def spy(student, *args, **kwargs):
+        started.update({k: v.detach().clone() for k, v in student.state_dict().items()})
+        return train(student, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return started
+
+
 def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_path, monkeypatch):
     import subprocess
     import sys
@@ -600,13 +613,7 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
 
     earlier = load_weights(out / "stages" / "ode_init.safetensors").state_dict()
     base = load_weights(out / "stages" / "base.safetensors").state_dict()
-    started, train_ode_init = {}, recipe_module.train_ode_init
-
-    def spy(student, *args, **kwargs):
-        started.update({k: v.detach().clone() for k, v in student.state_dict().items()})
-        return train_ode_init(student, *args, **kwargs)
-
-    monkeypatch.setattr(recipe_module, "train_ode_init", spy)
+    started = _record_start(monkeypatch, recipe_module, "train_ode_init")
     monkeypatch.setenv("TOOLKIT_COMMIT", "later")
     assert main(["--tiny", "--out", str(out), "--stages", "ode_init", "--ode-start", "ode_init", "--seed", "1",
                  "--force", "--quiet"]) == 0
@@ -639,14 +646,7 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
     assert _tree_digest(out) == before
     first_sf = json.loads((out / "train_log.json").read_text())
     earlier = load_weights(out / "stages" / "self_forcing.safetensors").state_dict()
-    started.clear()
-    train_self_forcing = recipe_module.train_self_forcing
-
-    def spy_sf(student, *args, **kwargs):
-        started.update({k: v.detach().clone() for k, v in student.state_dict().items()})
-        return train_self_forcing(student, *args, **kwargs)
-
-    monkeypatch.setattr(recipe_module, "train_self_forcing", spy_sf)
+    started = _record_start(monkeypatch, recipe_module, "train_self_forcing")
     monkeypatch.setenv("TOOLKIT_COMMIT", "latest")
     assert main(["--tiny", "--out", str(out), "--stages", "self_forcing", "--sf-start", "self_forcing", "--seed", "2",
                  "--force", "--quiet"]) == 0
