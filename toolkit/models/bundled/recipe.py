@@ -13,8 +13,11 @@ teacher-forcing objective (``teacher.train_teacher``).
 ``train_bundled(out, Recipe())`` runs the stages in order from one seed (``toolkit train`` maps its flags onto
 ``Recipe``). Each stage leaves its weights, with their config, in ``out/stages/<stage>.safetensors``, so stages can
 also be run in separate processes (``stages=("base",)``, ``("teacher",)``, then ``("ode_init", "self_forcing")``:
-the later ones load the earlier weights from the folder). After the last stage the evaluator (``evaluate.py``)
-scores the student of (b) and of (b)+(c) on held-out prompts and seeds; the better one is shipped as
+the later ones load the earlier weights from the folder). Stage (b) or (c) can also train its own earlier weights
+further (``ODESettings.start == "ode_init"``, ``SelfForcingSettings.start == "self_forcing"``); the record keeps the
+first run and lists the later ones under ``continued``. After the last stage the evaluator (``evaluate.py``)
+scores the student of (b) and of (b)+(c) (a continued (c): before and after) on held-out prompts and seeds, as their
+float16 files hold them; the better one is shipped as
 ``out/model.safetensors`` with ``config.json``, ``MODEL_CARD.md`` (every stage's steps, batch, time, device, losses
 and both evaluations), ``train_log.json``, ``curves.png`` and ``rollout.png``/``.gif``.
 
