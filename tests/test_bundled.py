@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import tiny_wan
 from PIL import Image
+from safetensors import safe_open
 
 from toolkit.errors import CheckpointError, WeightsNotFound
 from toolkit.models import bundled
@@ -664,6 +665,8 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
                                                 "evaluated": "by the run that trained it"}
     assert latest["evaluation"]["self_forcing_start"].keys() == first_sf["evaluation"]["self_forcing"].keys()
     assert latest["shipped"] in ("self_forcing_start", "self_forcing")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.metadata()["stage"] == "self_forcing"  # either candidate is stage (c)'s weights
     card = (out / "MODEL_CARD.md").read_text()
     assert "| self_forcing, continued | 2 × 2 |" in card and "seed 2, a fresh critic" in card
     assert "| ode init (evaluated by the run that trained it) |" in card and "| self forcing start |" in card

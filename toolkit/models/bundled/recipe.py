@@ -360,7 +360,8 @@ def format_summary(summary: dict, markdown: bool = False) -> str:
 def write_artifacts(out: Path, model: WanModel, teacher: WanModel, record: dict, log: Log) -> None:
     """model.safetensors + config.json first (nothing below may lose them), then pictures and the card."""
     cfg = model.cfg
-    save_weights(model, out / WEIGHTS_FILE, stage=record["shipped"])
+    # the stage whose weights these are ("self_forcing_start": stage (c)'s, before its continued run)
+    save_weights(model, out / WEIGHTS_FILE, stage=record["shipped"].removesuffix("_start"))
     (out / CONFIG_FILE).write_text(json.dumps({**cfg.to_dict(), "training": _summary(record)}, indent=2) + "\n")
     (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
     truth, videos = save_showcase(out / "rollout.png", [
