@@ -54,6 +54,19 @@ def smem_bytes(b2: int, d: int, n_l: int, m_i: int) -> int:
 
 def fused_unsupported(q: torch.Tensor, gq: TileGeometry) -> str | None:
     """Why the fused kernel cannot run queries ``q`` tiled as ``gq`` (None if it can; keys share the tiling)."""
+    return _outside_coverage(q, gq) or _missing_nvcc()
+
+
+def _missing_nvcc() -> str | None:
+    """Why no cubin can be built here (None: nvcc is there). Asked before a build, not on every launch (a PATH
+    search, about 40 µs)."""
+    if shutil.which(_nvcc()) is None:
+        return f"the fused kernel is built at run time and needs nvcc ({_nvcc()}; set TOOLKIT_NVCC or CUDA_HOME)"
+    return None
+
+
+def _outside_coverage(q: torch.Tensor, gq: TileGeometry) -> str | None:
+    """:func:`fused_unsupported` without the compiler: the dtype, head dim, tile, device and shared memory."""
     if q.dtype not in (torch.bfloat16, torch.float16):
         return f"the fused kernel takes bf16 or fp16, not {q.dtype}"
     if q.shape[-1] not in (64, 128):
@@ -69,8 +82,6 @@ def fused_unsupported(q: torch.Tensor, gq: TileGeometry) -> str | None:
     have = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
     if need > have:
         return f"the fused kernel needs {need} B of shared memory per block, the GPU gives {have}"
-    if shutil.which(_nvcc()) is None:
-        return f"the fused kernel is built at run time and needs nvcc ({_nvcc()}; set TOOLKIT_NVCC or CUDA_HOME)"
     return None
 
 
@@ -102,26 +113,32 @@ def build(d: int, n_l: int, m_i: int, fp16: bool, arch: str, defines: tuple[str,
     memo = (str(cache_path()), *flags)
     if memo in _BUILT:
         return _BUILT[memo]
+    why = _missing_nvcc()
+    if why:
+        raise ToolkitError(why)
     version = subprocess.run([_nvcc(), "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:20]
     out = cache_path().parent / "monarch_fused" / f"{key}.cubin"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        done = subprocess.run([_nvcc(), *flags, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise ToolkitError(f"nvcc failed on {SOURCE.name} ({' '.join(flags)}):\n{done.stderr[-2000:]}")
+        _compile(flags, str(tmp))
         tmp.replace(out)
     _BUILT[memo] = out
     return out
 
 
-def compile_report(d: int, n_l: int, m_i: int, fp16: bool = False, arch: str = "90a") -> dict:
-    """ptxas's resource report of one variant, compiled here without a GPU: registers, stack and spill bytes."""
-    flags = [*_flags(d, n_l, m_i, fp16, arch), "-Xptxas", "-v"]
-    done = subprocess.run([_nvcc(), *flags, "-o", os.devnull, str(SOURCE)], capture_output=True, text=True)
+def _compile(flags: list[str], out: str) -> subprocess.CompletedProcess:
+    """nvcc on the kernel source with ``flags``, writing ``out``; its stderr holds ptxas's report."""
+    done = subprocess.run([_nvcc(), *flags, "-o", out, str(SOURCE)], capture_output=True, text=True)
     if done.returncode != 0:
         raise ToolkitError(f"nvcc failed on {SOURCE.name} ({' '.join(flags)}):\n{done.stderr[-2000:]}")
+    return done
+
+
+def compile_report(d: int, n_l: int, m_i: int, fp16: bool = False, arch: str = "90a") -> dict:
+    """ptxas's resource report of one variant, compiled here without a GPU: registers, stack and spill bytes."""
+    done = _compile([*_flags(d, n_l, m_i, fp16, arch), "-Xptxas", "-v"], os.devnull)
     # the report lists each kernel: "Function properties for <name>" then its frame/spill and register lines
     text = done.stderr.split("Compiling entry function 'monarch_fused_fwd'")[-1].split("Compiling entry function")[0]
     report = {"registers": int(re.search(r"Used (\d+) registers", text).group(1))}
@@ -213,7 +230,7 @@ def monarch_fused_forward(
     ``MF_TIMING`` build."""
     gq = TileGeometry(tuple(grid), tuple(tiling), tuple(query_frames))
     gk = TileGeometry(tuple(grid), tuple(tiling), tuple(key_frames))
-    why = fused_unsupported(q, gq)
+    why = _outside_coverage(q, gq)  # nvcc: asked by build() only when it has no cubin for this variant
     if why:
         raise ToolkitError(why)
     # 16-byte vector loads: contiguous head dim, token and head strides multiples of 8 elements, aligned bases
