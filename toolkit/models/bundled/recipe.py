@@ -60,6 +60,8 @@ from toolkit.models.wan import WanConfig, WanModel
 
 STAGES = ("base", "teacher", "ode_init", "self_forcing")
 NEEDS = {"base": (), "teacher": (), "ode_init": ("base", "teacher"), "self_forcing": ("ode_init", "teacher")}
+# the flags that make stage (b) or (c) train its own earlier weights further
+CONTINUE_FLAGS = {"ode_init": "--ode-start ode_init", "self_forcing": "--sf-start self_forcing"}
 SHOWCASE_PROMPTS = (
     "1 sprite: red circle",
     "2 sprites: blue square, yellow triangle; pan left",
@@ -122,9 +124,8 @@ def check_output(out: str | Path, stages: Sequence[str], force: bool, ode_start:
         raise ToolkitError(f"the Self-Forcing stage starts from one of {', '.join(SF_STARTS)}, not {sf_start!r}")
     continued = [stage for stage, start in (("ode_init", ode_start), ("self_forcing", sf_start)) if start == stage]
     for stage in continued:  # the stage trains its own earlier weights further: they and their record must be there
-        flag = "--ode-start ode_init" if stage == "ode_init" else "--sf-start self_forcing"
         if stage not in ordered:
-            raise ToolkitError(f"{flag} continues stage {stage}: add it to the stages")
+            raise ToolkitError(f"{CONTINUE_FLAGS[stage]} continues stage {stage}: add it to the stages")
         earlier = STAGES[:STAGES.index(stage)]
         if any(s in ordered for s in earlier):
             named = f"{', '.join(earlier[:-1])} and {earlier[-1]}"
@@ -490,7 +491,6 @@ def model_card(record: dict, model: WanModel) -> str:
                     f"`{s.get('commit', '?')}` |")
         for more in s.get("continued", []):  # the same weights trained further (continue_teacher.py, --*-start)
             c = more["settings"]
-            fresh = "new" if more.get("seed") != s.get("seed", record["seed"]) else "the same"
             trained_by = f", teacher at {more['teacher_steps']} steps" if more.get("teacher_steps") else ""
             if name == "self_forcing":
                 loss = f"critic {more['curve'][-1][1]:.4f}" if more.get("curve") else ""
@@ -499,6 +499,7 @@ def model_card(record: dict, model: WanModel) -> str:
             else:
                 loss = f"{more['heldout_loss_init']:.4f} → {more['heldout_loss_end']:.4f}"
                 mode = "compiled" if more.get("compile_seconds") else "eager"  # the teacher's continuations
+                fresh = "new" if more.get("seed") != s.get("seed", record["seed"]) else "the same"
                 how = (f"{c['pairs']} {fresh} ODE pairs (seed {more.get('seed', '?')}), teacher CFG "
                        f"{more.get('guidance_scale', '?')} ({more.get('pool_seconds', 0):.0f} s to solve), "
                        f"lr {c['lr']}{trained_by}" if name == "ode_init"
@@ -516,26 +517,25 @@ def model_card(record: dict, model: WanModel) -> str:
                            for g, r in guidance.get("validation", {}).items())
     if validation:
         validation = (f"\n\n| CFG scale | {header} |\n|---|{'---|' * len(SUMMARY_COLUMNS)}\n{validation}")
-    sf_runs = st.get("self_forcing", {}).get("continued", [])
-    choice = ("the better of (b) and (b)+(c) on the evaluation below" if "self_forcing" in st and not sf_runs
-              else "the better of the stage-(c) student before and after its last continued run, on the evaluation "
-                   "below" if sf_runs else "stage (c) was not run for these weights")
+    if st.get("self_forcing", {}).get("continued"):
+        choice = "the better of the stage-(c) student before and after its last continued run, on the evaluation below"
+    elif "self_forcing" in st:
+        choice = "the better of (b) and (b)+(c) on the evaluation below"
+    else:
+        choice = "stage (c) was not run for these weights"
     default_reproduce = (
         f"`toolkit train --out DIR --seed {record['seed']}` runs the four stages with the settings above (`toolkit "
         "train --help`; `--base-seconds` and `--teacher-seconds` give the pretraining stages a time budget, which "
         "fixes their step count after 20 timed steps); `--stages base`, `--stages teacher` and then `--stages "
         "ode_init,self_forcing` split it over processes (a command on the GPU machine may run 10 minutes): "
         "`benchmarks/train_bundled.sh`.")
-    continued = st.get("ode_init", {}).get("continued", [])
-    if continued:
-        seeds = ", ".join(str(more.get("seed", "?")) for more in continued)
-        then = ", before stage (c)" if "self_forcing" in st else ""
-        default_reproduce += (f" Stage (b) was then trained further with `--stages ode_init --ode-start ode_init "
-                              f"--force --seed S` (S = {seeds}){then}.")
-    if sf_runs:
-        seeds = ", ".join(str(more.get("seed", "?")) for more in sf_runs)
-        default_reproduce += (f" Stage (c) was then trained further with `--stages self_forcing --sf-start "
-                              f"self_forcing --force --seed S` (S = {seeds}).")
+    for stage, label in (("ode_init", "(b)"), ("self_forcing", "(c)")):
+        continued = st.get(stage, {}).get("continued", [])
+        if continued:
+            seeds = ", ".join(str(more.get("seed", "?")) for more in continued)
+            then = ", before stage (c)" if stage == "ode_init" and "self_forcing" in st else ""
+            default_reproduce += (f" Stage {label} was then trained further with `--stages {stage} "
+                                  f"{CONTINUE_FLAGS[stage]} --force --seed S` (S = {seeds}){then}.")
     tc = record.get("teacher_config")
     if tc:
         t = WanConfig.from_dict(tc)
