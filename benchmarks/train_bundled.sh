@@ -7,14 +7,16 @@
 #     PART=kept_teacher bash benchmarks/train_bundled.sh  # instead of the three above: base from data/bundled/stages,
 #                                                         # the teacher kept in data/teacher (int8), their records
 #     PART=kept_student bash benchmarks/train_bundled.sh  # as kept_teacher, plus the shipped stage-(c) student and its
-#                                                         # record, for SF_START=self_forcing PART=self_forcing
+#                                                         # record, for SF_START=self_forcing PART=self_forcing or
+#                                                         # ODE_START=self_forcing PART=ode_init
 #     PART=ode_init bash benchmarks/train_bundled.sh      # stage (b): ODE pool + regression, evaluation, artifacts
 #     PART=self_forcing bash benchmarks/train_bundled.sh  # stage (c), evaluation of (b) and (b)+(c), artifacts
 # with DEST (default ${OUT:-data}/bundled) kept from one call to the next. On one machine without that limit,
 # `toolkit train --out DIR` runs the four stages in one go (one teacher run instead of two).
 # Knobs: BASE_SECONDS, TEACHER_SECONDS, TEACHER_MORE_SECONDS, ODE_SECONDS, SF_SECONDS (time budgets), ODE_PAIRS,
 # GUIDANCE, SEED, TEACHER_PREDICTION (flow or x0), TEACHER_MORE_SEED, ODE_START (ode_init: stage (b) trains its own
-# earlier student further, on new pairs when SEED differs), SF_START (self_forcing: stage (c) trains its own earlier
+# earlier student further, on new pairs when SEED differs; self_forcing: a second round of (b) from the stage-(c)
+# student), SF_START (self_forcing: stage (c) trains its own earlier
 # student further, against the teacher now in DEST/stages, with a fresh critic).
 set -euo pipefail
 DEST="${DEST:-${OUT:-data}/bundled}"

@@ -673,6 +673,27 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
     assert "--sf-start self_forcing --force --seed S` (S = 2)." in card
     assert "before and after its last continued run" in card
 
+    # a second round of stage (b) from the stage-(c) student (--ode-start self_forcing): it starts from those
+    # weights, and the record keeps the stage-(c) record it started from inside the continued run
+    earlier = load_weights(out / "stages" / "self_forcing.safetensors").state_dict()
+    started = _record_start(monkeypatch, recipe_module, "train_ode_init")
+    assert main(["--tiny", "--out", str(out), "--stages", "ode_init", "--ode-start", "self_forcing", "--seed", "3",
+                 "--force", "--quiet"]) == 0
+    assert all(torch.equal(started[k], v) for k, v in earlier.items())
+    second = json.loads((out / "train_log.json").read_text())
+    rounds = second["stages"]["ode_init"]["continued"]
+    assert [more["seed"] for more in rounds] == [1, 3] and "start_record" not in rounds[0]
+    assert rounds[1]["start_record"] == latest["stages"]["self_forcing"] and "self_forcing" not in second["stages"]
+    assert main(["--tiny", "--out", str(out), "--stages", "self_forcing", "--seed", "4", "--force", "--quiet"]) == 0
+    card = (out / "MODEL_CARD.md").read_text()
+    table = [line for line in card.splitlines() if line.startswith(("| ode_init", "| self_forcing"))]
+    assert [line.split(" | ")[0] for line in table] == [
+        "| ode_init", "| ode_init, continued", "| self_forcing", "| self_forcing, continued", "| ode_init, continued",
+        "| self_forcing"]
+    assert "seed 3), teacher CFG" in table[4] and table[4].count("from the self_forcing student above") == 1
+    assert ("After stage (c), stage (b) started a second round from the stage-(c) student with `--stages ode_init "
+            "--ode-start self_forcing --force --seed S` (S = 3), then stage (c) again.") in card
+
 
 def test_continuing_stage_b_needs_its_record_too(tmp_path):
     from toolkit.errors import ToolkitError
@@ -690,8 +711,19 @@ def test_continuing_stage_b_needs_its_record_too(tmp_path):
         (stages / "log.json").unlink(missing_ok=True)
     (stages / "log.json").write_text('{"stages": {"ode_init": {"seconds": 1}}}')
     assert check_output(tmp_path, ["ode_init"], True, "ode_init") == tmp_path
-    with pytest.raises(ToolkitError, match="starts from one of base, ode_init"):
+    with pytest.raises(ToolkitError, match="starts from one of base, ode_init, self_forcing"):
         check_output(tmp_path, ["ode_init"], True, "teacher")
+    # a second round from the stage-(c) student needs its weights and both records
+    with pytest.raises(ToolkitError, match="needs .*self_forcing.safetensors and the records of ode_init and "
+                                           "self_forcing in .*run stage self_forcing first"):
+        check_output(tmp_path, ["ode_init"], True, "self_forcing")
+    (stages / "self_forcing.safetensors").write_bytes(b"weights")
+    with pytest.raises(ToolkitError, match="the records of ode_init and self_forcing"):
+        check_output(tmp_path, ["ode_init"], True, "self_forcing")
+    (stages / "log.json").write_text('{"stages": {"ode_init": {}, "self_forcing": {}}}')
+    assert check_output(tmp_path, ["ode_init"], True, "self_forcing") == tmp_path
+    with pytest.raises(ToolkitError, match="--ode-start self_forcing continues stage ode_init: add it"):
+        check_output(tmp_path, ["self_forcing"], True, "self_forcing")
 
 
 

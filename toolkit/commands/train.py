@@ -91,9 +91,10 @@ updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.cri
                    help="pool only the teacher trajectories whose clip shows the prompt's colours and sprite count "
                         "(the sprite evaluator's match); --ode-pairs are drawn, fewer kept")
     p.add_argument("--ode-start", choices=ODE_STARTS, default=defaults.ode_init.start,
-                   help="the student's starting weights in stage (b): base, or ode_init to train the stage-(b) "
-                        "student already in --out/stages further (with --stages ode_init[,self_forcing] and "
-                        "--force; another --seed draws new pairs)")
+                   help="the student's starting weights in stage (b): base; ode_init to train the stage-(b) "
+                        "student already in --out/stages further; self_forcing to start a second round from the "
+                        "stage-(c) student there, e.g. on pairs of a teacher trained longer since (both with "
+                        "--stages ode_init[,self_forcing] and --force; another --seed draws new pairs)")
     p.add_argument("--sf-start", choices=SF_STARTS, default=defaults.self_forcing.start,
                    help="the student's starting weights in stage (c): ode_init, or self_forcing to train the "
                         "stage-(c) student already in --out/stages further, e.g. against a teacher trained longer "

@@ -96,7 +96,7 @@ def ode_grid(steps: int) -> tuple[int, ...]:
 
 
 # the weights stage (b) may start from (``ODESettings.start``)
-ODE_STARTS = ("base", "ode_init")
+ODE_STARTS = ("base", "ode_init", "self_forcing")
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,10 @@ class ODESettings:
     seconds: float | None = None  # time budget of the regression (the pool not counted; ``teacher.fit_to_budget``)
     compile: bool = True  # torch.compile the student's blocks on CUDA for the regression
     keep_prompted: bool = False  # pool only trajectories whose teacher output matches its prompt (module docstring)
-    # the student's starting weights: "base", or "ode_init" to train an earlier stage-(b) student further on a fresh
-    # pool (a run split over several 10-minute device calls; the record lists the later runs under "continued")
+    # the student's starting weights: "base"; "ode_init" to train an earlier stage-(b) student further on a fresh
+    # pool (a run split over several 10-minute device calls; the record lists the later runs under "continued");
+    # "self_forcing" to start a second round from the stage-(c) student, e.g. on pairs of a teacher trained longer
+    # since (listed under "continued" too, with the record of the stage-(c) student it started from)
     start: str = "base"
 
 

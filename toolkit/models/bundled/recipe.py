@@ -14,10 +14,11 @@ teacher-forcing objective (``teacher.train_teacher``).
 ``Recipe``). Each stage leaves its weights, with their config, in ``out/stages/<stage>.safetensors``, so stages can
 also be run in separate processes (``stages=("base",)``, ``("teacher",)``, then ``("ode_init", "self_forcing")``:
 the later ones load the earlier weights from the folder). Stage (b) or (c) can also train its own earlier weights
-further (``ODESettings.start == "ode_init"``, ``SelfForcingSettings.start == "self_forcing"``); the record keeps the
-first run and lists the later ones under ``continued``. After the last stage the evaluator (``evaluate.py``)
-scores the student of (b) and of (b)+(c) (a continued (c): before and after) on held-out prompts and seeds, as their
-float16 files hold them; the better one is shipped as
+further (``ODESettings.start == "ode_init"``, ``SelfForcingSettings.start == "self_forcing"``), and stage (b) can
+start a second round from the stage-(c) student (``ODESettings.start == "self_forcing"``); the record keeps the
+first run and lists the later ones under ``continued`` (a second round with the stage-(c) record it started from).
+After the last stage the evaluator (``evaluate.py``) scores the student of (b) and of (b)+(c) (a continued (c):
+before and after) on held-out prompts and seeds, as their float16 files hold them; the better one is shipped as
 ``out/model.safetensors`` with ``config.json``, ``MODEL_CARD.md`` (every stage's steps, batch, time, device, losses
 and both evaluations), ``train_log.json``, ``curves.png`` and ``rollout.png``/``.gif``.
 
@@ -60,8 +61,9 @@ from toolkit.models.wan import WanConfig, WanModel
 
 STAGES = ("base", "teacher", "ode_init", "self_forcing")
 NEEDS = {"base": (), "teacher": (), "ode_init": ("base", "teacher"), "self_forcing": ("ode_init", "teacher")}
-# the flags that make stage (b) or (c) train its own earlier weights further
-CONTINUE_FLAGS = {"ode_init": "--ode-start ode_init", "self_forcing": "--sf-start self_forcing"}
+# the flags that choose the weights stage (b) or (c) starts from; starting from its own or a later stage's weights
+# continues the lineage recorded in the folder (``check_output``)
+START_FLAGS = {"ode_init": "--ode-start", "self_forcing": "--sf-start"}
 SHOWCASE_PROMPTS = (
     "1 sprite: red circle",
     "2 sprites: blue square, yellow triangle; pan left",
@@ -106,7 +108,8 @@ def check_output(out: str | Path, stages: Sequence[str], force: bool, ode_start:
                  sf_start: str = "ode_init") -> Path:
     """Refuse (one line) to overwrite a model in ``out`` unless ``force``; check that the stages the ones asked for
     build on have left their weights there (or are asked for too; ``ode_start="ode_init"`` / ``sf_start=
-    "self_forcing"``: stage (b) / (c) continues its own earlier weights). Nothing is written."""
+    "self_forcing"``: stage (b) / (c) continues its own earlier weights; ``ode_start="self_forcing"``: stage (b)
+    starts a second round from the stage-(c) student). Nothing is written."""
     out = Path(out)
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
@@ -122,10 +125,13 @@ def check_output(out: str | Path, stages: Sequence[str], force: bool, ode_start:
         raise ToolkitError(f"the ODE stage starts from one of {', '.join(ODE_STARTS)}, not {ode_start!r}")
     if sf_start not in SF_STARTS:
         raise ToolkitError(f"the Self-Forcing stage starts from one of {', '.join(SF_STARTS)}, not {sf_start!r}")
-    continued = [stage for stage, start in (("ode_init", ode_start), ("self_forcing", sf_start)) if start == stage]
-    for stage in continued:  # the stage trains its own earlier weights further: they and their record must be there
+    starts = {"ode_init": ode_start, "self_forcing": sf_start}
+    # a stage that starts from its own or a later stage's weights continues the lineage recorded in the folder:
+    # those weights, its own record and theirs must be there
+    continued = {stage: start for stage, start in starts.items() if STAGES.index(start) >= STAGES.index(stage)}
+    for stage, start in continued.items():
         if stage not in ordered:
-            raise ToolkitError(f"{CONTINUE_FLAGS[stage]} continues stage {stage}: add it to the stages")
+            raise ToolkitError(f"{START_FLAGS[stage]} {start} continues stage {stage}: add it to the stages")
         earlier = STAGES[:STAGES.index(stage)]
         if any(s in ordered for s in earlier):
             named = f"{', '.join(earlier[:-1])} and {earlier[-1]}"
@@ -136,12 +142,14 @@ def check_output(out: str | Path, stages: Sequence[str], force: bool, ode_start:
             recorded = json.loads(log_file.read_text()).get("stages", {})
         except (OSError, ValueError, AttributeError):
             recorded = {}
-        if not stage_path(out, stage).is_file() or stage not in recorded:
-            raise ToolkitError(f"continuing stage {stage} needs {stage_path(out, stage)} and its record in "
-                               f"{log_file} (run stage {stage} first)")
+        needed = dict.fromkeys((stage, start))
+        if not stage_path(out, start).is_file() or any(s not in recorded for s in needed):
+            records = "its record" if start == stage else f"the records of {' and '.join(needed)}"
+            raise ToolkitError(f"continuing stage {stage} needs {stage_path(out, start)} and {records} in "
+                               f"{log_file} (run stage {start} first)")
     for stage in ordered:
         needs = NEEDS[stage]
-        if stage in continued:  # its own earlier weights (checked above), not the stage before's
+        if stage in continued:  # the weights it continues (checked above), not the stage before's
             needs = tuple(n for n in needs if n == "teacher")
         for earlier in needs:
             if earlier not in ordered and not stage_path(out, earlier).is_file():
@@ -257,7 +265,9 @@ def train_bundled(
         with use_backend(student, setup.backend), use_backend(teacher, scores.backend):
             summary = train_ode_init(student, teacher, recipe.ode_init, seed=recipe.seed, guidance_scale=guidance,
                                      log=log)
-        save("ode_init", student, continued("ode_init", summary) if start == "ode_init" else summary)
+        if start == "self_forcing":  # a second round: the stage-(c) student it started from goes into its record
+            summary["start_record"] = record["stages"]["self_forcing"]
+        save("ode_init", student, summary if start == "base" else continued("ode_init", summary))
         if "self_forcing" not in stages:  # a stage (c) recorded earlier was trained from the replaced student
             record["stages"].pop("self_forcing", None)
     else:
@@ -469,11 +479,8 @@ def model_card(record: dict, model: WanModel) -> str:
     frames, height, width = clip_shape(cfg)
     grid = (frames // cfg.patch_size[0], height // cfg.patch_size[1], width // cfg.patch_size[2])
     st = record["stages"]
-    rows = []
-    for name in STAGES:
-        s = st.get(name)
-        if not s:
-            continue
+
+    def stage_rows(name: str, s: dict) -> list[str]:  # a stage's first run, then each continued one
         cfgs = s["settings"]
         if name in ("base", "teacher"):
             extra = f"lr {cfgs['lr']} (cosine), cond. dropout {cfgs['cond_dropout']}, EMA {cfgs['ema_decay']}"
@@ -487,8 +494,8 @@ def model_card(record: dict, model: WanModel) -> str:
         loss = (f"{s['heldout_loss_init']:.4f} → {s['heldout_loss_end']:.4f}" if "heldout_loss_end" in s
                 else f"critic {s['curve'][-1][1]:.4f}" if s.get("curve") else "")
         steps = s.get("steps_run", cfgs["steps"])
-        rows.append(f"| {name} | {steps} × {cfgs['batch']} | {s['seconds']:.0f} s | {loss} | {extra} | "
-                    f"`{s.get('commit', '?')}` |")
+        rows = [f"| {name} | {steps} × {cfgs['batch']} | {s['seconds']:.0f} s | {loss} | {extra} | "
+                f"`{s.get('commit', '?')}` |"]
         for more in s.get("continued", []):  # the same weights trained further (continue_teacher.py, --*-start)
             c = more["settings"]
             trained_by = f", teacher at {more['teacher_steps']} steps" if more.get("teacher_steps") else ""
@@ -504,8 +511,14 @@ def model_card(record: dict, model: WanModel) -> str:
                        f"{more.get('guidance_scale', '?')} ({more.get('pool_seconds', 0):.0f} s to solve), "
                        f"lr {c['lr']}{trained_by}" if name == "ode_init"
                        else f"lr {c['lr']} (cosine), shift-{TEACHER_SHIFT:g} σ, {mode}")
+            if "start_record" in more:  # a second round of (b), from the stage-(c) student of the first
+                rows += stage_rows("self_forcing", more["start_record"])
+                how += ", from the self_forcing student above"
             rows.append(f"| {name}, continued | {more['steps_run']} × {c['batch']} | {more['seconds']:.0f} s | "
                         f"{loss} | {how} | `{more.get('commit', '?')}` |")
+        return rows
+
+    rows = [row for name in STAGES if st.get(name) for row in stage_rows(name, st[name])]
     ev = record.get("evaluation", {})
     ev_rows = []
     for name, r in ev.items():
@@ -530,12 +543,19 @@ def model_card(record: dict, model: WanModel) -> str:
         "ode_init,self_forcing` split it over processes (a command on the GPU machine may run 10 minutes): "
         "`benchmarks/train_bundled.sh`.")
     for stage, label in (("ode_init", "(b)"), ("self_forcing", "(c)")):
-        continued = st.get(stage, {}).get("continued", [])
-        if continued:
-            seeds = ", ".join(str(more.get("seed", "?")) for more in continued)
-            then = ", before stage (c)" if stage == "ode_init" and "self_forcing" in st else ""
-            default_reproduce += (f" Stage {label} was then trained further with `--stages {stage} "
-                                  f"{CONTINUE_FLAGS[stage]} --force --seed S` (S = {seeds}){then}.")
+        seeds: dict[str, list[str]] = {}  # start -> the seeds of the continued runs from it
+        for more in st.get(stage, {}).get("continued", []):
+            start = "self_forcing" if "start_record" in more else stage
+            seeds.setdefault(start, []).append(str(more.get("seed", "?")))
+        for start, s in seeds.items():
+            command = f"`--stages {stage} {START_FLAGS[stage]} {start} --force --seed S` (S = {', '.join(s)})"
+            if start == stage:
+                then = ", before stage (c)" if stage == "ode_init" and "self_forcing" in st else ""
+                default_reproduce += f" Stage {label} was then trained further with {command}{then}."
+            else:
+                then = ", then stage (c) again" if "self_forcing" in st else ""
+                default_reproduce += (f" After stage (c), stage {label} started a second round from the stage-(c) "
+                                      f"student with {command}{then}.")
     tc = record.get("teacher_config")
     if tc:
         t = WanConfig.from_dict(tc)
