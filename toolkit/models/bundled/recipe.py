@@ -451,12 +451,13 @@ def plot_curves(path: Path, record: dict) -> None:
         for i, more in enumerate(stages[stage].get("continued", [])):
             offset = runs[-1][0] + runs[-1][1][-1][0]
             shift = f", σ shift {TEACHER_SHIFT:g}" if stage in ("base", "teacher") else ""
+            shift += ", from the (c) student" if "start_record" in more else ""
             ax.plot([offset + c[0] for c in more["curve"]], [c[1] for c in more["curve"]], color=f"C{i + 2}",
                     label=f"continued ({more['seconds']:.0f} s{shift})",
                     marker=marker(more["curve"]))
             runs.append((offset, more["curve"]))
         if stages[stage].get("continued"):
-            ax.legend(fontsize=7, loc="lower left")
+            ax.legend(fontsize=7, loc="best")
         if stage == "self_forcing":
             twin = ax.twinx()
             for offset, run in runs:
