@@ -4,8 +4,10 @@
 #     PART=base bash benchmarks/train_bundled.sh          # the student's architecture, flow matching, in a time budget
 #     PART=teacher bash benchmarks/train_bundled.sh       # stage (a): the larger teacher, then its CFG scale
 #     PART=teacher_more bash benchmarks/train_bundled.sh  # the same teacher trained further (continue_teacher.py)
-#     PART=kept_teacher bash benchmarks/train_bundled.sh  # instead of the three above: base from data/bundled/stages,
-#                                                         # the teacher kept in data/teacher (int8), their records
+#     PART=kept_teacher bash benchmarks/train_bundled.sh  # instead of the three above: base from data/bundled/stages
+#                                                         # (or the one PART=base left in DEST, e.g. of another
+#                                                         # STUDENT size), the teacher kept in data/teacher (int8),
+#                                                         # their records
 #     PART=kept_student bash benchmarks/train_bundled.sh  # as kept_teacher, plus the shipped stage-(c) student and its
 #                                                         # record, for SF_START=self_forcing PART=self_forcing or
 #                                                         # ODE_START=self_forcing PART=ode_init
@@ -14,10 +16,10 @@
 # with DEST (default ${OUT:-data}/bundled) kept from one call to the next. On one machine without that limit,
 # `toolkit train --out DIR` runs the four stages in one go (one teacher run instead of two).
 # Knobs: BASE_SECONDS, TEACHER_SECONDS, TEACHER_MORE_SECONDS, ODE_SECONDS, SF_SECONDS (time budgets), ODE_PAIRS,
-# GUIDANCE, SEED, TEACHER_PREDICTION (flow or x0), TEACHER_MORE_SEED, ODE_START (ode_init: stage (b) trains its own
-# earlier student further, on new pairs when SEED differs; self_forcing: a second round of (b) from the stage-(c)
-# student), SF_START (self_forcing: stage (c) trains its own earlier
-# student further, against the teacher now in DEST/stages, with a fresh critic).
+# GUIDANCE, SEED, TEACHER_PREDICTION (flow or x0), TEACHER_MORE_SEED, STUDENT (PART=base: the student's size,
+# LAYERSxWIDTH[/HEADS], e.g. 6x256), ODE_START (ode_init: stage (b) trains its own earlier student further, on new
+# pairs when SEED differs; self_forcing: a second round of (b) from the stage-(c) student), SF_START (self_forcing:
+# stage (c) trains its own earlier student further, against the teacher now in DEST/stages, with a fresh critic).
 set -euo pipefail
 DEST="${DEST:-${OUT:-data}/bundled}"
 mkdir -p "$DEST"
@@ -26,6 +28,7 @@ cli=(python3 -m toolkit.commands.train --out "$DEST" --seed "${SEED:-0}")
 student=(--guidance "${GUIDANCE:-3}" --force)  # --force: stage (b) wrote a model that stage (c) replaces
 case "${PART:-base}" in
   base) "${cli[@]}" --stages base --base-seconds "${BASE_SECONDS:-500}" --base-steps 20000 \
+          ${STUDENT:+--student-size "$STUDENT"} \
           2>&1 | tee "$DEST/train_base.log" ;;
   teacher) "${cli[@]}" --stages teacher --teacher-seconds "${TEACHER_SECONDS:-385}" --teacher-steps 20000 \
           --teacher-prediction "${TEACHER_PREDICTION:-flow}" \
@@ -33,10 +36,13 @@ case "${PART:-base}" in
   teacher_more) python3 benchmarks/continue_teacher.py --out "$DEST" --seconds "${TEACHER_MORE_SECONDS:-420}" \
           --batch 32 --lr 6e-4 --warmup 50 --seed "${TEACHER_MORE_SEED:-7}" 2>&1 | tee "$DEST/train_teacher_more.log" ;;
   kept_teacher) mkdir -p "$DEST/stages"
-          cp data/bundled/stages/base.safetensors data/teacher/teacher.safetensors "$DEST/stages/"
-          python3 - "$DEST/stages/log.json" <<'PY'
+          from=data/bundled/stages
+          if [ -f "$DEST/stages/base.safetensors" ]; then from="$DEST/stages"  # a base trained here: kept
+          else cp "$from/base.safetensors" "$DEST/stages/"; fi
+          cp data/teacher/teacher.safetensors "$DEST/stages/"
+          python3 - "$DEST/stages/log.json" "$from/log.json" <<'PY'
 import json, sys
-base, teacher = (json.load(open(f)) for f in ("data/bundled/stages/log.json", "data/teacher/train_log.json"))
+base, teacher = (json.load(open(f)) for f in (sys.argv[2], "data/teacher/train_log.json"))
 record = {**base, **{k: v for k, v in teacher.items() if k != "stages"}}
 record["stages"] = {"base": base["stages"]["base"], "teacher": teacher["stages"]["teacher"]}
 json.dump(record, open(sys.argv[1], "w"), indent=1)

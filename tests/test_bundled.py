@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -554,9 +556,6 @@ def _record_start(monkeypatch, module, name: str) -> dict:
 
 
 def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_path, monkeypatch):
-    import subprocess
-    import sys
-
     from toolkit.commands.train import main
 
     out = tmp_path / "model"
@@ -693,6 +692,27 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
     assert "seed 3), teacher CFG" in table[4] and table[4].count("from the self_forcing student above") == 1
     assert ("After stage (c), stage (b) started a second round from the stage-(c) student with `--stages ode_init "
             "--ode-start self_forcing --force --seed S` (S = 3), then stage (c) again.") in card
+
+
+def test_student_size_sets_the_base_and_the_later_stages_follow_it(tmp_path):
+    from toolkit.commands.train import main
+
+    out = tmp_path / "wide"
+    assert main(["--tiny", "--out", str(out), "--stages", "base,teacher", "--student-size", "3x48/2", "--quiet"]) == 0
+    base = load_weights(out / "stages" / "base.safetensors")
+    assert (base.cfg.num_layers, base.cfg.dim, base.cfg.num_heads, base.cfg.ffn_dim) == (3, 48, 2, 192)
+    assert main(["--tiny", "--out", str(out), "--stages", "ode_init,self_forcing", "--quiet"]) == 0
+    model, info = bundled.load_bundled(path=out)
+    record = json.loads((out / "train_log.json").read_text())
+    assert (model.cfg.num_layers, model.cfg.dim) == (3, 48) and record["config"]["dim"] == 48
+    assert "A 3-layer Wan DiT (width 48, 2 heads × 24" in (out / "MODEL_CARD.md").read_text()
+    for argv, message in ((["--student-size", "6x250/4"], "not divisible"),
+                          (["--student-size", "6by256"], "LAYERSxWIDTH"),
+                          (["--stages", "ode_init", "--student-size", "6x256"], "add base to --stages")):
+        run = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", "--out", str(tmp_path / "none"), "--tiny",
+                              *argv], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and message in run.stderr, (argv, run.stderr)
+        assert len(run.stderr.strip().splitlines()) == 1 and not (tmp_path / "none").exists(), run.stderr
 
 
 def test_continuing_stage_b_needs_its_record_too(tmp_path):

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import replace
 
 from toolkit.commands.generate import seed_type
+from toolkit.errors import ToolkitError
 from toolkit.models.bundled import DEFAULT_DIR, tiny_config
-from toolkit.models.bundled.config import teacher_config, tiny_teacher_config
+from toolkit.models.bundled.config import bundled_config, teacher_config, tiny_teacher_config
 from toolkit.models.bundled.finetune import OBJECTIVES, FinetuneSettings
 from toolkit.models.bundled.ode_init import ODE_STARTS
 from toolkit.models.bundled.recipe import STAGES, Recipe, train_bundled
 from toolkit.models.bundled.self_forcing import SF_STARTS
 from toolkit.models.bundled.teacher import TeacherSettings
-from toolkit.models.wan import PREDICTIONS
+from toolkit.models.wan import PREDICTIONS, WanConfig
 
 
 def _stages(text: str) -> tuple[str, ...]:
@@ -25,6 +27,20 @@ def _stages(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(f"unknown stage(s) {', '.join(bad) or '(none)'}; choose from "
                                          f"{', '.join(STAGES)}")
     return stages
+
+
+def _student_size(text: str) -> dict:
+    """``LAYERSxWIDTH[/HEADS]`` (e.g. ``6x256``, ``8x160/4``) -> bundled_config overrides; FFN = 4 × width."""
+    m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*(?:/\s*(\d+))?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYERSxWIDTH[/HEADS], e.g. 6x256 or 6x256/4")
+    layers, width, heads = int(m.group(1)), int(m.group(2)), int(m.group(3) or 4)
+    size = dict(num_layers=layers, dim=width, ffn_dim=4 * width, num_heads=heads)
+    try:
+        bundled_config(**size)
+    except ToolkitError as err:  # the config's own check (heads divide the width into even head dims, bounds)
+        raise argparse.ArgumentTypeError(f"{text}: {err}") from None
+    return size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,6 +79,10 @@ updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.cri
                    help="replace a model (or the stages asked for) already in --out; later stages continue from "
                         "earlier ones in --out/stages/ without it")
     p.add_argument("--seed", type=seed_type, default=0, help="seed of data, initialisation and sampling (64-bit)")
+    p.add_argument("--student-size", type=_student_size, default=None, metavar="LxW[/H]",
+                   help="the student's architecture for the base stage: layers x width (heads, default 4; FFN 4 x "
+                        "width), e.g. 6x256; default the shipped 6x160/4. Later stages take it from "
+                        "--out/stages/base.safetensors")
     p.add_argument("--base-steps", type=int, default=defaults.base.steps)
     p.add_argument("--base-batch", type=int, default=defaults.base.batch)
     p.add_argument("--base-lr", type=float, default=defaults.base.lr)
@@ -177,7 +197,7 @@ def run_finetune(args: argparse.Namespace, log) -> int:
 
     from toolkit.attention.backends import backend_for, check_attention
     from toolkit.device import resolve_device
-    from toolkit.errors import ToolkitError, prepare_output_dir
+    from toolkit.errors import prepare_output_dir
     from toolkit.models.bundled import WEIGHTS_FILE, load_bundled
     from toolkit.models.bundled.finetune import save_finetuned, train_finetune
     from toolkit.models.bundled.model import load_weights
@@ -215,11 +235,19 @@ def run_finetune(args: argparse.Namespace, log) -> int:
     return 0
 
 
+def student_config(args: argparse.Namespace) -> WanConfig | None:
+    """The base stage's architecture from --tiny and --student-size (None: the shipped one)."""
+    size = args.student_size or {}
+    if args.tiny:
+        return tiny_config(**size)
+    return bundled_config(**size) if size else None
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from toolkit.device import check_device
-    from toolkit.errors import ToolkitError, check_output, prepare_output_dir
+    from toolkit.errors import check_output, prepare_output_dir
     from toolkit.models.bundled.ode_init import ode_grid
     from toolkit.models.bundled.recipe import WEIGHTS_FILE, stage_path
     from toolkit.models.bundled.recipe import check_output as check_model_output
@@ -231,6 +259,9 @@ def run(args: argparse.Namespace) -> int:
         return run_finetune(args, (lambda *_: None) if args.quiet else (lambda m: print(m, flush=True)))
     if args.attention:
         raise ToolkitError("--attention is for --finetune; the recipe's stages train with dense attention")
+    if args.student_size and "base" not in args.stages:
+        raise ToolkitError("--student-size sets the base stage's architecture (later stages take it from "
+                           "stages/base.safetensors): add base to --stages")
     try:
         ode_grid(args.ode_grid)
     except ValueError as err:
@@ -242,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
     if args.force and any(p.exists() for p in [out / WEIGHTS_FILE, *(stage_path(out, s) for s in args.stages)]):
         print(f"toolkit train: replacing {args.out} (--force)", file=sys.stderr)
     record = train_bundled(
-        args.out, recipe_from(args), stages=args.stages, cfg=tiny_config() if args.tiny else None,
+        args.out, recipe_from(args), stages=args.stages, cfg=student_config(args),
         teacher_cfg=(tiny_teacher_config if args.tiny else teacher_config)(prediction=args.teacher_prediction),
         device=args.device, force=args.force, log=(lambda *_: None) if args.quiet else (lambda m: print(m, flush=True)),
     )

@@ -82,9 +82,9 @@ def teacher_config(**overrides) -> WanConfig:
     return cfg
 
 
-def tiny_config(clip: tuple[int, int, int] = (6, 16, 24)) -> WanConfig:
+def tiny_config(clip: tuple[int, int, int] = (6, 16, 24), **overrides) -> WanConfig:
     """A few-thousand-parameter config of the same family, for CPU tests and ``toolkit train --tiny``."""
-    cfg = bundled_config(dim=64, ffn_dim=128, num_heads=2, num_layers=2)
+    cfg = bundled_config(**{**dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2), **overrides})
     cfg.extra["clip"] = dict(frames=clip[0], height=clip[1], width=clip[2])
     return cfg
 

@@ -58,22 +58,26 @@ def load_bundled(
     return model, info
 
 
+def stored_config(path: str | Path) -> WanConfig:
+    """The config ``save_weights`` stored in the metadata of the weights at ``path``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        stored = (f.metadata() or {}).get("config")
+    if stored is None:
+        raise CheckpointError(f"{path} holds no config in its metadata; pass the config it was trained with")
+    return WanConfig.from_dict(json.loads(stored))
+
+
 def load_weights(
     path: str | Path, cfg: WanConfig | None = None, device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> WanModel:
     """``WanModel(cfg)`` with the safetensors weights at ``path``, strictly (every tensor, right shapes), eval mode.
     ``cfg=None``: the config ``save_weights`` stored in the file's metadata (a training stage's weights)."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    if cfg is None:
-        with safe_open(str(path), "pt") as f:
-            stored = (f.metadata() or {}).get("config")
-        if stored is None:
-            raise CheckpointError(f"{path} holds no config in its metadata; pass the config it was trained with")
-        cfg = WanConfig.from_dict(json.loads(stored))
-    model = WanModel(cfg)
+    model = WanModel(cfg or stored_config(path))
     state = _dequantized(load_file(str(path)), path)
     # names, shapes and dtypes (an int or bool tensor would be cast silently into float weights)
     validate_state_dict(state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, path)

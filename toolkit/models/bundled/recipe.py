@@ -51,7 +51,7 @@ from toolkit.models.bundled.config import (
     frames_per_chunk,
     teacher_config,
 )
-from toolkit.models.bundled.model import as_stored, generate, load_weights, save_weights
+from toolkit.models.bundled.model import as_stored, generate, load_weights, save_weights, stored_config
 from toolkit.models.bundled.ode_init import ODE_STARTS, ODESettings, train_ode_init
 from toolkit.models.bundled.pictures import save_gif, save_strip
 from toolkit.models.bundled.self_forcing import SF_STARTS, SelfForcingSettings, train_self_forcing
@@ -193,13 +193,15 @@ def train_bundled(
     log: Log = print,
 ) -> dict:
     """Run ``stages`` of ``recipe`` into ``out`` (see the module docstring); returns the training record. ``cfg``:
-    the student's (shipped) architecture, ``teacher_cfg`` the teacher's; stages loaded from ``out`` bring their
-    own."""
+    the student's architecture for the base stage (default: the shipped one), ``teacher_cfg`` the teacher's;
+    stages loaded from ``out`` bring their own."""
     out = check_output(out, stages, force, recipe.ode_init.start, recipe.self_forcing.start)
     dev = resolve_device(device or None)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if "base" not in stages and stage_path(out, "base").is_file():  # trained earlier: the student is its size
+        cfg = stored_config(stage_path(out, "base"))
     cfg = cfg or bundled_config()
     teacher_cfg = teacher_cfg or teacher_config()
     if (clip_shape(cfg), frames_per_chunk(cfg)) != (clip_shape(teacher_cfg), frames_per_chunk(teacher_cfg)):
