@@ -17,15 +17,17 @@
 # `toolkit train --out DIR` runs the four stages in one go (one teacher run instead of two).
 # Knobs: BASE_SECONDS, TEACHER_SECONDS, TEACHER_MORE_SECONDS, ODE_SECONDS, SF_SECONDS (time budgets), ODE_PAIRS,
 # GUIDANCE, SEED, TEACHER_PREDICTION (flow or x0), TEACHER_MORE_SEED, STUDENT (PART=base: the student's size,
-# LAYERSxWIDTH[/HEADS], e.g. 6x256), ODE_START (ode_init: stage (b) trains its own earlier student further, on new
-# pairs when SEED differs; self_forcing: a second round of (b) from the stage-(c) student), SF_START (self_forcing:
-# stage (c) trains its own earlier student further, against the teacher now in DEST/stages, with a fresh critic).
+# LAYERSxWIDTH[/HEADS], e.g. 6x256), EVAL_SEEDS (noise seeds per held-out prompt), ODE_START (ode_init: stage (b)
+# trains its own earlier student further, on new pairs when SEED differs; self_forcing: a second round of (b) from
+# the stage-(c) student), SF_START (self_forcing: stage (c) trains its own earlier student further, against the
+# teacher now in DEST/stages, with a fresh critic).
 set -euo pipefail
 DEST="${DEST:-${OUT:-data}/bundled}"
 mkdir -p "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 cli=(python3 -m toolkit.commands.train --out "$DEST" --seed "${SEED:-0}")
-student=(--guidance "${GUIDANCE:-3}" --force)  # --force: stage (b) wrote a model that stage (c) replaces
+# --force: stage (b) wrote a model that stage (c) replaces
+student=(--guidance "${GUIDANCE:-3}" --eval-seeds "${EVAL_SEEDS:-1}" --force)
 case "${PART:-base}" in
   base) "${cli[@]}" --stages base --base-seconds "${BASE_SECONDS:-500}" --base-steps 20000 \
           ${STUDENT:+--student-size "$STUDENT"} \

@@ -701,11 +701,20 @@ def test_student_size_sets_the_base_and_the_later_stages_follow_it(tmp_path):
     assert main(["--tiny", "--out", str(out), "--stages", "base,teacher", "--student-size", "3x48/2", "--quiet"]) == 0
     base = load_weights(out / "stages" / "base.safetensors")
     assert (base.cfg.num_layers, base.cfg.dim, base.cfg.num_heads, base.cfg.ffn_dim) == (3, 48, 2, 192)
-    assert main(["--tiny", "--out", str(out), "--stages", "ode_init,self_forcing", "--quiet"]) == 0
+    assert main(["--tiny", "--out", str(out), "--stages", "ode_init,self_forcing", "--eval-seeds", "2",
+                 "--quiet"]) == 0
     model, info = bundled.load_bundled(path=out)
     record = json.loads((out / "train_log.json").read_text())
     assert (model.cfg.num_layers, model.cfg.dim) == (3, 48) and record["config"]["dim"] == 48
-    assert "A 3-layer Wan DiT (width 48, 2 heads × 24" in (out / "MODEL_CARD.md").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "A 3-layer Wan DiT (width 48, 2 heads × 24" in card
+    # two noise seeds per prompt, and (b)+(c) compared with (b) clip by clip
+    assert record["eval_seeds"] == 2 and record["evaluation"]["self_forcing"]["clips"] == 2 * record["eval_prompts"]
+    split = record["paired"]["self_forcing vs ode_init"]
+    assert set(split) == {"colour_match", "count_match", "score"}
+    ode, sf = (record["evaluation"][n]["outcomes"]["score"] for n in ("ode_init", "self_forcing"))
+    assert split["score"]["gained"] == sum(a == "0" and b == "1" for a, b in zip(ode, sf))
+    assert "2 rollouts each (noise seeds" in card and "Clip by clip, self forcing vs ode init: colour match +" in card
     for argv, message in ((["--student-size", "6x250/4"], "not divisible"),
                           (["--student-size", "6by256"], "LAYERSxWIDTH"),
                           (["--stages", "ode_init", "--student-size", "6x256"], "add base to --stages")):

@@ -179,3 +179,31 @@ def test_evaluate_generator_scores_a_generator_against_ground_truth():
     text = json.dumps(dataclasses.asdict(good), allow_nan=False)
     assert json.loads(text)["reference"]["clips"] == 24
     assert math.isfinite(good.persistence)
+    # per clip, in prompts x seeds order: what ``paired`` compares
+    for summary in (good, bad):
+        assert set(summary.outcomes) == set(E.PAIRED)
+        for key, flags in summary.outcomes.items():
+            assert len(flags) == 24 and set(flags) <= {"0", "1"}
+            assert flags.count("1") / 24 == pytest.approx(getattr(summary, key))
+    split = E.paired(bad.outcomes["colour_match"], good.outcomes["colour_match"])
+    assert split["lost"] == 0 and split["gained"] == good.outcomes["colour_match"].count("1") > 8
+    assert split["p_value"] < 0.01
+
+
+@pytest.mark.parametrize("clips", [1, 7, 64, 129])
+def test_paired_sign_test_matches_scipy(clips):
+    from scipy.stats import binomtest
+
+    rng = np.random.default_rng(clips)
+    for _ in range(20):
+        before = "".join(rng.choice(["0", "1"], clips))
+        flip = rng.random(clips) < rng.uniform(0, 0.5)
+        after = "".join(str(int(b) ^ int(f)) if rng.random() < 0.7 else b for b, f in zip(before, flip))
+        split = E.paired(before, after)
+        gained = sum(b == "0" and a == "1" for b, a in zip(before, after))
+        lost = sum(b == "1" and a == "0" for b, a in zip(before, after))
+        assert (split["gained"], split["lost"]) == (gained, lost)
+        expected = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
+        assert split["p_value"] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    with pytest.raises(ValueError, match="same clips"):
+        E.paired("0101", "010")

@@ -130,6 +130,9 @@ updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.cri
                         "samples (default: the best of " + ", ".join(f"{g:g}" for g in defaults.guidance_candidates)
                         + " on validation prompts, chosen after stage (a))")
     p.add_argument("--eval-prompts", type=int, default=defaults.eval_prompts)
+    p.add_argument("--eval-seeds", type=int, default=defaults.eval_seeds,
+                   help="noise seeds per held-out prompt (the first is the one-seed evaluation's); each candidate is "
+                        "also compared with the first clip by clip (gained / lost clips, sign test)")
     f = p.add_argument_group(
         "finetuning with another attention (--finetune)",
         "Continue training a bundled model with --attention at every seam (gradients through the Triton Monarch "
@@ -173,6 +176,7 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
         guidance_scale=args.guidance,
         seed=args.seed,
         eval_prompts=args.eval_prompts,
+        eval_seeds=args.eval_seeds,
     )
     if args.tiny:
         recipe = Recipe(
@@ -185,6 +189,7 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
             validation_prompts=2,
             seed=args.seed,
             eval_prompts=4,
+            eval_seeds=args.eval_seeds,
         )
     return recipe
 
@@ -259,6 +264,8 @@ def run(args: argparse.Namespace) -> int:
         return run_finetune(args, (lambda *_: None) if args.quiet else (lambda m: print(m, flush=True)))
     if args.attention:
         raise ToolkitError("--attention is for --finetune; the recipe's stages train with dense attention")
+    if args.eval_prompts < 1 or args.eval_seeds < 1:
+        raise ToolkitError("--eval-prompts and --eval-seeds must be >= 1")
     if args.student_size and "base" not in args.stages:
         raise ToolkitError("--student-size sets the base stage's architecture (later stages take it from "
                            "stages/base.safetensors): add base to --stages")

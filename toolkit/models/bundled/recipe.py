@@ -89,7 +89,8 @@ class Recipe:
     guidance_candidates: tuple[float, ...] = GUIDANCE_CANDIDATES
     validation_prompts: int = 32
     seed: int = 0
-    eval_prompts: int = 64  # held-out prompts, one seed each
+    eval_prompts: int = 64  # held-out prompts
+    eval_seeds: int = 1  # noise seeds per prompt (``evaluate.heldout_seeds``; the first is the one-seed protocol's)
 
 
 def stage_path(out: Path, stage: str) -> Path:
@@ -284,13 +285,21 @@ def train_bundled(
 
     # evaluation: the same held-out prompts and seeds for every model
     prompts = evaluate.heldout_prompts(recipe.eval_prompts)
+    seeds = evaluate.heldout_seeds(recipe.eval_seeds)
     results = {}
     start = time.perf_counter()
     models = [("random_init", random_init.eval(), {}), *[(n, m, {}) for n, m in candidates.items()],
               ("teacher_40_euler_steps", teacher, teacher_sampler(guidance))]
     for name, model, sampler in models:  # ground truth depends only on the prompts and seeds: scored once
-        results[name] = evaluate_model(model, prompts, reference=name == "random_init", **sampler)
+        results[name] = evaluate_model(model, prompts, seeds, reference=name == "random_init", **sampler)
         log(f"evaluation, {name}: {format_summary(results[name])}")
+    first, *later = candidates  # each later candidate against the first, clip by clip (the same prompts and noise)
+    comparisons = {f"{name} vs {first}": {key: evaluate.paired(results[first]["outcomes"][key],
+                                                               results[name]["outcomes"][key])
+                                          for key in evaluate.PAIRED} for name in later}
+    for label, by_key in comparisons.items():
+        log(f"paired, {label}: " + ", ".join(f"{key.replace('_', ' ')} +{c['gained']} −{c['lost']} clips "
+                                            f"(p = {c['p_value']:.2g})" for key, c in by_key.items()))
     results["ground_truth"] = results["random_init"]["reference"]
     for r in results.values():
         r.pop("reference", None)
@@ -299,7 +308,7 @@ def train_bundled(
         results = {"random_init": results.pop("random_init"), "ode_init": ode, **results}
     shipped = max(candidates, key=lambda n: (results[n]["colour_match"], results[n]["score"]))
     record.update(evaluation=results, evaluation_seconds=round(time.perf_counter() - start, 1), shipped=shipped,
-                  eval_prompts=len(prompts))
+                  eval_prompts=len(prompts), eval_seeds=len(seeds), paired=comparisons)
     log_file.write_text(json.dumps(record, indent=1) + "\n")  # a later continued stage reads the evaluation here
     log(f"shipping the {shipped} student")
     write_artifacts(out, candidates[shipped], teacher, record, log)
@@ -418,7 +427,7 @@ def save_showcase(
 
 
 def _summary(record: dict) -> dict:
-    keep = ("seed", "device", "torch", "precision", "shipped", "eval_prompts")
+    keep = ("seed", "device", "torch", "precision", "shipped", "eval_prompts", "eval_seeds", "paired")
     out = {k: record[k] for k in keep if k in record}
     out["stages"] = {k: {x: v for x, v in s.items() if x != "curve"} for k, s in record["stages"].items()}
     out["evaluation"] = record.get("evaluation", {})
@@ -528,6 +537,13 @@ def model_card(record: dict, model: WanModel) -> str:
         label = name.replace("_", " ") + (f" (evaluated {r['evaluated']})" if r.get("evaluated") else "")
         ev_rows.append(f"| {label} | {format_summary(r, markdown=True)} |")
     header = " | ".join(title for _, title, _ in SUMMARY_COLUMNS)
+    seeds = record.get("eval_seeds", 1)
+    rollouts = "one rollout each" if seeds == 1 else f"{seeds} rollouts each (noise seeds `evaluate.heldout_seeds`)"
+    paired = "".join(
+        f"\nClip by clip, {label.replace('_', ' ')}: "
+        + "; ".join(f"{key.replace('_', ' ')} +{c['gained']} / −{c['lost']} clips (sign test p = {c['p_value']:.2g})"
+                    for key, c in by_key.items()) + ".\n"
+        for label, by_key in record.get("paired", {}).items())
     guidance = record.get("guidance", {})
     validation = "\n".join(f"| {g} | {format_summary(r, markdown=True)} |"
                            for g, r in guidance.get("validation", {}).items())
@@ -601,7 +617,7 @@ Shipped: the **{record.get('shipped', '?')}** student ({choice}). {record.get('s
 
 ## Evaluation
 
-{record.get('eval_prompts', '?')} held-out prompts (`evaluate.heldout_prompts`), one rollout each from the same
+{record.get('eval_prompts', '?')} held-out prompts (`evaluate.heldout_prompts`), {rollouts} from the same
 noise for every model, scored by the sprite evaluator (`toolkit/models/bundled/evaluate.py`, whose docstring
 defines each column; "ground truth" is procedural clips of the same prompts). Score = colours and count right,
 prompted sprites seen in ≥ 90 % of frames, no teleport. Random init and the teacher (40 Euler steps, not a
@@ -610,7 +626,7 @@ prompted sprites seen in ≥ 90 % of frames, no teleport. Random init and the te
 | model | {header} |
 |---|{'---|' * len(SUMMARY_COLUMNS)}
 {chr(10).join(ev_rows)}
-
+{paired}
 ![rollouts next to ground truth](rollout.png)
 
 ## Reproduce
