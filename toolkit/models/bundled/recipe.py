@@ -562,12 +562,12 @@ def model_card(record: dict, model: WanModel) -> str:
         "ode_init,self_forcing` split it over processes (a command on the GPU machine may run 10 minutes): "
         "`benchmarks/train_bundled.sh`.")
     for stage, label in (("ode_init", "(b)"), ("self_forcing", "(c)")):
-        seeds: dict[str, list[str]] = {}  # start -> the seeds of the continued runs from it
+        seeds_by_start: dict[str, list[str]] = {}  # start -> the seeds of the continued runs from it
         for more in st.get(stage, {}).get("continued", []):
             start = "self_forcing" if "start_record" in more else stage
-            seeds.setdefault(start, []).append(str(more.get("seed", "?")))
-        for start, s in seeds.items():
-            command = f"`--stages {stage} {START_FLAGS[stage]} {start} --force --seed S` (S = {', '.join(s)})"
+            seeds_by_start.setdefault(start, []).append(str(more.get("seed", "?")))
+        for start, run_seeds in seeds_by_start.items():
+            command = f"`--stages {stage} {START_FLAGS[stage]} {start} --force --seed S` (S = {', '.join(run_seeds)})"
             if start == stage:
                 then = ", before stage (c)" if stage == "ode_init" and "self_forcing" in st else ""
                 default_reproduce += f" Stage {label} was then trained further with {command}{then}."
