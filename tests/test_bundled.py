@@ -555,6 +555,14 @@ def _record_start(monkeypatch, module, name: str) -> dict:
     return started
 
 
+def _train_refused(argv: list[str], message: str) -> None:
+    """``toolkit train ARGV`` exits 2 with one line on stderr, which contains ``message``."""
+    run = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", *argv], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and message in run.stderr, (argv, run.stderr)
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
 def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_path, monkeypatch):
     from toolkit.commands.train import main
 
@@ -585,15 +593,10 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
         assert len(lines) == 1 and "already holds a model" in lines[0] and "--force" in lines[0], run.stderr
     assert _tree_digest(out) == before
     # a later stage without the earlier stage's weights is one line too
-    run = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", "--out", str(tmp_path / "empty"), "--tiny",
-                          "--stages", "self_forcing"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "run stage ode_init first" in run.stderr and not (tmp_path / "empty").exists()
-    run = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", "--out", str(tmp_path / "empty"), "--tiny",
-                          "--stages", "ode_init"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "run stage base first" in run.stderr and not (tmp_path / "empty").exists()
-    run = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", "--out", str(tmp_path / "empty"), "--tiny",
-                          "--ode-grid", "30"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and "--ode-grid 30" in run.stderr
+    empty = ["--out", str(tmp_path / "empty"), "--tiny"]
+    _train_refused([*empty, "--stages", "self_forcing"], "run stage ode_init first")
+    _train_refused([*empty, "--stages", "ode_init"], "run stage base first")
+    _train_refused([*empty, "--ode-grid", "30"], "--ode-grid 30")
     assert not (tmp_path / "empty").exists()
     # continuing stage (b): refused in one line, nothing written, without its earlier weights, without the stage
     # itself, or with base or teacher retrained beside it
@@ -601,11 +604,8 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
                                     (out, "self_forcing", "add it to the stages"),
                                     (out, "base,ode_init", "runs without base and teacher"),
                                     (out, "teacher,ode_init", "runs without base and teacher")):
-        run = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", "--out", str(folder), "--tiny", "--force",
-                              "--stages", stages, "--ode-start", "ode_init"], capture_output=True, text=True,
-                             timeout=120)
-        assert run.returncode == 2 and message in run.stderr, (stages, run.stderr)
-        assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+        _train_refused(["--out", str(folder), "--tiny", "--force", "--stages", stages, "--ode-start", "ode_init"],
+                       message)
     assert not (tmp_path / "empty").exists() and _tree_digest(out) == before
 
     # stage (b) trained further: it starts from its own earlier student, and the record keeps the first run
@@ -638,11 +638,8 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
     before = _tree_digest(out)
     for stages, message in (("ode_init,self_forcing", "runs without base, teacher and ode_init"),
                             ("ode_init", "add it to the stages")):
-        run = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", "--out", str(out), "--tiny", "--force",
-                              "--stages", stages, "--sf-start", "self_forcing"], capture_output=True, text=True,
-                             timeout=120)
-        assert run.returncode == 2 and message in run.stderr, (stages, run.stderr)
-        assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+        _train_refused(["--out", str(out), "--tiny", "--force", "--stages", stages, "--sf-start", "self_forcing"],
+                       message)
     assert _tree_digest(out) == before
     first_sf = json.loads((out / "train_log.json").read_text())
     earlier = load_weights(out / "stages" / "self_forcing.safetensors").state_dict()
@@ -718,10 +715,8 @@ def test_student_size_sets_the_base_and_the_later_stages_follow_it(tmp_path):
     for argv, message in ((["--student-size", "6x250/4"], "not divisible"),
                           (["--student-size", "6by256"], "LAYERSxWIDTH"),
                           (["--stages", "ode_init", "--student-size", "6x256"], "add base to --stages")):
-        run = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", "--out", str(tmp_path / "none"), "--tiny",
-                              *argv], capture_output=True, text=True, timeout=120)
-        assert run.returncode == 2 and message in run.stderr, (argv, run.stderr)
-        assert len(run.stderr.strip().splitlines()) == 1 and not (tmp_path / "none").exists(), run.stderr
+        _train_refused(["--out", str(tmp_path / "none"), "--tiny", *argv], message)
+        assert not (tmp_path / "none").exists()
 
 
 def test_continuing_stage_b_needs_its_record_too(tmp_path):
