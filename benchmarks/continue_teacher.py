@@ -1,11 +1,13 @@
-"""Continue a stage-(a) teacher in a recipe folder for a time budget, in place: ``DIR/stages/teacher.safetensors``
-is trained further with ``train_teacher`` (current settings: compiled blocks, shift-3 σ, batch 16) and the run is
-recorded under ``stages.teacher.continued`` of ``DIR/stages/log.json`` (the model card shows it). Then
+"""Continue a pretraining stage in a recipe folder for a time budget, in place: ``DIR/stages/<stage>.safetensors``
+(the stage-(a) teacher, or with ``--stage base`` the student's base) is trained further with ``train_teacher``
+(current settings: compiled blocks, shift-3 σ, batch 16) and the run is recorded under
+``stages.<stage>.continued`` of ``DIR/stages/log.json`` (the model card shows it). Then
 ``toolkit train --out DIR --stages ode_init,self_forcing`` takes over.
 
-    python benchmarks/continue_teacher.py --out DIR --seconds 240 [--lr 1e-3] [--seed 1]
+    python benchmarks/continue_teacher.py --out DIR --seconds 240 [--stage base] [--lr 1e-3] [--seed 1]
 
-How the shipped teacher was made when one GPU session could not hold a from-scratch run (MODEL_CARD.md says so).
+How the shipped teacher and base were made when one GPU session (or one 10-minute device call) could not hold a
+from-scratch run (MODEL_CARD.md says so).
 """
 
 from __future__ import annotations
@@ -22,27 +24,33 @@ from toolkit.models.bundled.teacher import ClipSetup, TeacherSettings, train_tea
 from toolkit.models.seam import use_backend
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="recipe folder holding stages/teacher.safetensors")
+    p.add_argument("--out", type=Path, required=True, help="recipe folder holding stages/<stage>.safetensors")
+    p.add_argument("--stage", choices=("teacher", "base"), default="teacher",
+                   help="which pretraining stage to continue (both use the teacher's objective)")
     p.add_argument("--seconds", type=float, required=True, help="training budget (after compiling)")
+    p.add_argument("--steps", type=int, default=100_000, help="at most this many steps")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=1, help="data and noise seed (not the first run's)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     log_file = args.out / "stages" / "log.json"
     record = json.loads(log_file.read_text())
-    model = load_weights(stage_path(args.out, "teacher"), None, dev)  # the architecture from the file's metadata
-    settings = TeacherSettings(steps=100_000, batch=args.batch, lr=args.lr, warmup=args.warmup, seconds=args.seconds)
+    model = load_weights(stage_path(args.out, args.stage), None, dev)  # the architecture from the file's metadata
+    settings = TeacherSettings(steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
+                               seconds=args.seconds)
     with use_backend(model, ClipSetup.of(model.cfg, dev).backend):
-        run = train_teacher(model, settings, seed=args.seed, log=lambda m: print(m, flush=True), every=100)
+        run = train_teacher(model, settings, seed=args.seed, log=lambda m: print(m, flush=True), every=100,
+                            name=args.stage)
     run["commit"] = _git_commit()
-    record["stages"]["teacher"].setdefault("continued", []).append(run)
-    record.pop("guidance", None)  # a new teacher: its CFG scale is chosen again
-    save_weights(model, stage_path(args.out, "teacher"), stage="teacher")
+    record["stages"][args.stage].setdefault("continued", []).append(run)
+    if args.stage == "teacher":
+        record.pop("guidance", None)  # a new teacher: its CFG scale is chosen again
+    save_weights(model, stage_path(args.out, args.stage), stage=args.stage)
     log_file.write_text(json.dumps(record, indent=1) + "\n")
 
 

@@ -3,6 +3,8 @@
 # GPU machine may run 10 minutes), each stage continuing from the earlier ones' weights in DEST/stages/:
 #     PART=base bash benchmarks/train_bundled.sh          # the student's architecture, flow matching, in a time budget
 #     PART=teacher bash benchmarks/train_bundled.sh       # stage (a): the larger teacher, then its CFG scale
+#     PART=base_more bash benchmarks/train_bundled.sh     # the base in DEST trained further (continue_teacher.py):
+#                                                         # a base split over calls shorter than one device call
 #     PART=teacher_more bash benchmarks/train_bundled.sh  # the same teacher trained further (continue_teacher.py)
 #     PART=kept_teacher bash benchmarks/train_bundled.sh  # instead of the three above: base from data/bundled/stages
 #                                                         # (or the one PART=base left in DEST, e.g. of another
@@ -15,12 +17,12 @@
 #     PART=self_forcing bash benchmarks/train_bundled.sh  # stage (c), evaluation of (b) and (b)+(c), artifacts
 # with DEST (default ${OUT:-data}/bundled) kept from one call to the next. On one machine without that limit,
 # `toolkit train --out DIR` runs the four stages in one go (one teacher run instead of two).
-# Knobs: BASE_SECONDS, TEACHER_SECONDS, TEACHER_MORE_SECONDS, ODE_SECONDS, SF_SECONDS (time budgets), ODE_PAIRS,
-# GUIDANCE, SEED, TEACHER_PREDICTION (flow or x0), TEACHER_MORE_SEED, STUDENT (PART=base: the student's size,
-# LAYERSxWIDTH[/HEADS], e.g. 6x256), EVAL_SEEDS (noise seeds per held-out prompt), ODE_START (ode_init: stage (b)
-# trains its own earlier student further, on new pairs when SEED differs; self_forcing: a second round of (b) from
-# the stage-(c) student), SF_START (self_forcing: stage (c) trains its own earlier student further, against the
-# teacher now in DEST/stages, with a fresh critic).
+# Knobs: BASE_SECONDS, BASE_MORE_SECONDS, BASE_MORE_SEED, TEACHER_SECONDS, TEACHER_MORE_SECONDS, ODE_SECONDS,
+# SF_SECONDS (time budgets), ODE_PAIRS, GUIDANCE, SEED, TEACHER_PREDICTION (flow or x0), TEACHER_MORE_SEED, STUDENT
+# (PART=base: the student's size, LAYERSxWIDTH[/HEADS], e.g. 6x256), EVAL_SEEDS (noise seeds per held-out prompt),
+# ODE_START (ode_init: stage (b) trains its own earlier student further, on new pairs when SEED differs;
+# self_forcing: a second round of (b) from the stage-(c) student), SF_START (self_forcing: stage (c) trains its own
+# earlier student further, against the teacher now in DEST/stages, with a fresh critic).
 set -euo pipefail
 DEST="${DEST:-${OUT:-data}/bundled}"
 mkdir -p "$DEST"
@@ -32,6 +34,8 @@ case "${PART:-base}" in
   base) "${cli[@]}" --stages base --base-seconds "${BASE_SECONDS:-500}" --base-steps 20000 \
           ${STUDENT:+--student-size "$STUDENT"} \
           2>&1 | tee "$DEST/train_base.log" ;;
+  base_more) python3 benchmarks/continue_teacher.py --out "$DEST" --stage base --seconds "${BASE_MORE_SECONDS:-300}" \
+          --batch 16 --lr 6e-4 --warmup 50 --seed "${BASE_MORE_SEED:-1}" 2>&1 | tee -a "$DEST/train_base_more.log" ;;
   teacher) "${cli[@]}" --stages teacher --teacher-seconds "${TEACHER_SECONDS:-385}" --teacher-steps 20000 \
           --teacher-prediction "${TEACHER_PREDICTION:-flow}" \
           2>&1 | tee "$DEST/train_teacher.log" ;;
@@ -72,6 +76,6 @@ PY
   self_forcing) "${cli[@]}" --stages self_forcing "${student[@]}" --sf-steps 100000 --sf-seconds "${SF_SECONDS:-440}" \
           --sf-start "${SF_START:-ode_init}" \
           2>&1 | tee "$DEST/train_self_forcing.log" ;;
-  *) echo "PART must be base, teacher, teacher_more, kept_teacher, kept_student, ode_init or self_forcing" >&2
+  *) echo "PART must be base, base_more, teacher, teacher_more, kept_teacher, kept_student, ode_init or self_forcing" >&2
      exit 2 ;;
 esac

@@ -7,9 +7,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import runpy
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -698,6 +700,18 @@ def test_student_size_sets_the_base_and_the_later_stages_follow_it(tmp_path):
     assert main(["--tiny", "--out", str(out), "--stages", "base,teacher", "--student-size", "3x48/2", "--quiet"]) == 0
     base = load_weights(out / "stages" / "base.safetensors")
     assert (base.cfg.num_layers, base.cfg.dim, base.cfg.num_heads, base.cfg.ffn_dim) == (3, 48, 2, 192)
+    # a base split over device calls: continue_teacher.py --stage base trains it further in place, keeps its size
+    # and records the run under the base's "continued"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "continue_teacher.py"
+    continue_teacher = runpy.run_path(str(script))["main"]
+    continue_teacher(["--out", str(out), "--stage", "base", "--seconds", "600", "--steps", "3", "--batch", "2",
+                      "--warmup", "1", "--seed", "5"])
+    more = load_weights(out / "stages" / "base.safetensors")
+    assert (more.cfg.num_layers, more.cfg.dim) == (3, 48)
+    assert any(not torch.equal(a, b) for a, b in zip(base.state_dict().values(), more.state_dict().values()))
+    record = json.loads((out / "stages" / "log.json").read_text())
+    assert [r["steps_run"] for r in record["stages"]["base"]["continued"]] == [3]
+    assert "teacher" in record["stages"] and "continued" not in record["stages"]["teacher"]
     assert main(["--tiny", "--out", str(out), "--stages", "ode_init,self_forcing", "--eval-seeds", "2",
                  "--quiet"]) == 0
     model, info = bundled.load_bundled(path=out)
@@ -705,6 +719,7 @@ def test_student_size_sets_the_base_and_the_later_stages_follow_it(tmp_path):
     assert (model.cfg.num_layers, model.cfg.dim) == (3, 48) and record["config"]["dim"] == 48
     card = (out / "MODEL_CARD.md").read_text()
     assert "A 3-layer Wan DiT (width 48, 2 heads × 24" in card
+    assert "| base, continued | 3 × 2 |" in card
     # two noise seeds per prompt, and (b)+(c) compared with (b) clip by clip
     assert record["eval_seeds"] == 2 and record["evaluation"]["self_forcing"]["clips"] == 2 * record["eval_prompts"]
     split = record["paired"]["self_forcing vs ode_init"]
