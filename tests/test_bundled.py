@@ -734,6 +734,45 @@ def test_student_size_sets_the_base_and_the_later_stages_follow_it(tmp_path):
         assert not (tmp_path / "none").exists()
 
 
+def test_widening_the_student_stages_keeps_their_function_and_the_next_run_trains_them_wide(tmp_path):
+    from toolkit.commands.train import main
+
+    out = tmp_path / "lineage"
+    assert main(["--tiny", "--out", str(out), "--quiet"]) == 0
+    narrow = load_weights(out / "stages" / "self_forcing.safetensors")
+    before = _tree_digest(out)
+    _train_refused(["--out", str(out), "--widen", "2"], "pass --force")  # it replaces weights
+    _train_refused(["--out", str(out), "--widen", "1", "--force"], "integer >= 2")
+    _train_refused(["--out", str(out), "--widen", "2", "--force", "--student-size", "6x256"], "leave out")
+    _train_refused(["--out", str(tmp_path / "empty"), "--widen", "2", "--force"], "no student stage")
+    assert _tree_digest(out) == before
+    assert main(["--out", str(out), "--widen", "2", "--force", "--seed", "4", "--quiet"]) == 0
+    record = json.loads((out / "stages" / "log.json").read_text())
+    (entry,) = record["widened"]
+    assert entry["stages"] == ["base", "ode_init", "self_forcing"] and entry["runs_before"] == {
+        "base": 1, "ode_init": 1, "self_forcing": 1}
+    for stage in entry["stages"]:
+        wide = load_weights(out / "stages" / f"{stage}.safetensors")
+        assert (wide.cfg.dim, wide.cfg.num_heads, wide.cfg.ffn_dim) == (2 * narrow.cfg.dim, 2 * narrow.cfg.num_heads,
+                                                                         2 * narrow.cfg.ffn_dim)
+    # the same function up to float16 storage of the split weights
+    assert 0 < max(entry["max_relative_difference"].values()) < 2e-3
+    wide = load_weights(out / "stages" / "self_forcing.safetensors")
+    prompt = "2 sprites: red circle, blue square"
+    with torch.no_grad():
+        video, video_wide = (bundled.generate(m, prompt, seed=1) for m in (narrow, wide))
+    assert (video_wide - video).abs().max() < 5e-3
+    assert _tree_digest(out)["model.safetensors"] == before["model.safetensors"]  # only the stages are widened
+    # stage (c) continues the wide student; the card says which runs trained wide copies
+    assert main(["--tiny", "--out", str(out), "--stages", "self_forcing", "--sf-start", "self_forcing", "--force",
+                 "--quiet"]) == 0
+    model, _ = bundled.load_bundled(path=out)
+    assert model.cfg.dim == 2 * narrow.cfg.dim
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "Widened at `" in card and "--widen 2 --seed 4 --force" in card
+    assert "| self_forcing, continued, 2× wide |" in card and "| self_forcing |" in card and "| base |" in card
+
+
 def test_continuing_stage_b_needs_its_record_too(tmp_path):
     from toolkit.errors import ToolkitError
     from toolkit.models.bundled.recipe import check_output

@@ -63,6 +63,7 @@ examples:
   toolkit train --out runs/bundled                       all four stages (what data/bundled ships)
   toolkit train --out runs/bundled --stages base,teacher then: --stages ode_init,self_forcing
   toolkit train --tiny --out /tmp/tiny                   a CPU smoke run of every stage (seconds)
+  toolkit train --out DIR --widen 2 --force              the student stages in DIR, 2x as wide, same function
 
 defaults: base {defaults.base.steps} steps x {defaults.base.batch}; teacher {defaults.teacher.steps} steps x
 {defaults.teacher.batch}; ODE pool {defaults.ode_init.pairs}
@@ -83,6 +84,11 @@ updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.cri
                    help="the student's architecture for the base stage: layers x width (heads, default 4; FFN 4 x "
                         "width), e.g. 6x256; default the shipped 6x160/4. Later stages take it from "
                         "--out/stages/base.safetensors")
+    p.add_argument("--widen", type=int, default=None, metavar="F",
+                   help="only widen: replace the student stages in --out/stages (base, ode_init, self_forcing) by "
+                        "copies F x as wide (width, FFN and heads; head dim kept) that compute the same function, "
+                        "then stop (needs --force); continue them with e.g. --stages self_forcing --sf-start "
+                        "self_forcing --force (toolkit/models/bundled/widen.py)")
     p.add_argument("--base-steps", type=int, default=defaults.base.steps)
     p.add_argument("--base-batch", type=int, default=defaults.base.batch)
     p.add_argument("--base-lr", type=float, default=defaults.base.lr)
@@ -254,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     from toolkit.device import check_device
     from toolkit.errors import check_output, prepare_output_dir
     from toolkit.models.bundled.ode_init import ode_grid
-    from toolkit.models.bundled.recipe import WEIGHTS_FILE, stage_path
+    from toolkit.models.bundled.recipe import WEIGHTS_FILE, stage_path, widen_students
     from toolkit.models.bundled.recipe import check_output as check_model_output
 
     if args.device is not None:
@@ -264,6 +270,14 @@ def run(args: argparse.Namespace) -> int:
         return run_finetune(args, (lambda *_: None) if args.quiet else (lambda m: print(m, flush=True)))
     if args.attention:
         raise ToolkitError("--attention is for --finetune; the recipe's stages train with dense attention")
+    if args.widen is not None:
+        if args.widen < 2:
+            raise ToolkitError(f"--widen {args.widen}: the factor is an integer >= 2")
+        if args.student_size:
+            raise ToolkitError("--widen takes the size from the stages in --out; leave out --student-size")
+        widen_students(args.out, args.widen, seed=args.seed, force=args.force,
+                       log=(lambda *_: None) if args.quiet else (lambda m: print(m, flush=True)))
+        return 0
     if args.eval_prompts < 1 or args.eval_seeds < 1:
         raise ToolkitError("--eval-prompts and --eval-seeds must be >= 1")
     if args.student_size and "base" not in args.stages:

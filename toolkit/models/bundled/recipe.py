@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import platform
 import subprocess
@@ -51,16 +52,25 @@ from toolkit.models.bundled.config import (
     frames_per_chunk,
     teacher_config,
 )
-from toolkit.models.bundled.model import as_stored, generate, load_weights, save_weights, stored_config
+from toolkit.models.bundled.model import (
+    as_stored,
+    generate,
+    load_weights,
+    save_weights,
+    stored_config,
+    to_model_space,
+)
 from toolkit.models.bundled.ode_init import ODE_STARTS, ODESettings, train_ode_init
 from toolkit.models.bundled.pictures import save_gif, save_strip
 from toolkit.models.bundled.self_forcing import SF_STARTS, SelfForcingSettings, train_self_forcing
 from toolkit.models.bundled.teacher import TEACHER_SHIFT, ClipSetup, Log, TeacherSettings, autocast, train_teacher
+from toolkit.models.bundled.widen import widened
 from toolkit.models.seam import use_backend
 from toolkit.models.wan import WanConfig, WanModel
 
 STAGES = ("base", "teacher", "ode_init", "self_forcing")
 NEEDS = {"base": (), "teacher": (), "ode_init": ("base", "teacher"), "self_forcing": ("ode_init", "teacher")}
+STUDENT_STAGES = ("base", "ode_init", "self_forcing")  # the student's architecture (``widen_students``)
 # the flags that choose the weights stage (b) or (c) starts from; starting from its own or a later stage's weights
 # continues the lineage recorded in the folder (``check_output``)
 START_FLAGS = {"ode_init": "--ode-start", "self_forcing": "--sf-start"}
@@ -156,6 +166,62 @@ def check_output(out: str | Path, stages: Sequence[str], force: bool, ode_start:
             if earlier not in ordered and not stage_path(out, earlier).is_file():
                 raise ToolkitError(f"stage {stage} needs {stage_path(out, earlier)} (run stage {earlier} first)")
     return out
+
+
+def widen_students(out: str | Path, factor: int = 2, *, seed: int = 0, force: bool = False,
+                   log: Log = print) -> dict:
+    """Replace every student stage in ``out/stages`` (base, ode_init, self_forcing) by a copy ``factor`` × as wide
+    that computes the same function (``widen.py``: ``dim``, ``ffn_dim`` and heads × ``factor``), so that a continued
+    stage (``--ode-start self_forcing``, ``--sf-start self_forcing``, ``--ode-start ode_init``) trains it with more
+    capacity; later stages take the new size from ``stages/base.safetensors``. Recorded under ``widened`` in the
+    folder's record, with the largest difference of one forward of each file before and after, relative to the
+    output's largest value (the card shows it). Replaces weights, so it needs ``force``; returns the record."""
+    out = Path(out)
+    students = [s for s in STUDENT_STAGES if stage_path(out, s).is_file()]
+    if not students:
+        raise ToolkitError(f"{out / 'stages'} holds no student stage to widen ({', '.join(STUDENT_STAGES)})")
+    log_file = out / "stages" / "log.json"
+    try:
+        record = json.loads(log_file.read_text())
+        recorded = set(record["stages"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ToolkitError(f"widening needs the stages' record {log_file}") from None
+    if missing := [s for s in students if s not in recorded]:
+        raise ToolkitError(f"{log_file} has no record of {', '.join(missing)}: the stage files and the record differ")
+    refuse_overwrite(out, [stage_path(out, s) for s in students], force)
+    narrow = {s: load_weights(stage_path(out, s), None, "cpu") for s in students}
+    sizes = {(m.cfg.num_layers, m.cfg.dim, m.cfg.num_heads, m.cfg.ffn_dim) for m in narrow.values()}
+    if len(sizes) > 1:
+        raise ToolkitError(f"the student stages in {out / 'stages'} differ in size ({sorted(sizes)}): none widened")
+    wide = {s: widened(m, factor, seed=seed + i) for i, (s, m) in enumerate(narrow.items())}
+    # one forward of a procedural clip at σ = 0.5, before and after, each model as its file holds it
+    cfg = next(iter(narrow.values())).cfg
+    gen = torch.Generator().manual_seed(seed)
+    frames, height, width = clip_shape(cfg)
+    video, context, _ = data.sample_batch(1, gen, frames=frames, height=height, width=width, device="cpu")
+    x, t = (to_model_space(video) + torch.randn(video.shape, generator=gen)) / 2, torch.tensor([500.0])
+    differences = {}
+    with torch.no_grad():
+        for s in students:
+            before, after = (as_stored(m).float()(x, t, context) for m in (narrow[s], wide[s]))
+            differences[s] = float((after - before).abs().max() / before.abs().max())
+    for s in students:
+        save_weights(wide[s], stage_path(out, s), stage=s)
+    w = wide[students[0]].cfg
+    record.setdefault("widened", []).append(dict(
+        factor=factor, seed=seed, stages=students, commit=_git_commit(),
+        # the runs of each stage so far: the card marks the later ones as trained wide
+        runs_before={s: 1 + len(record["stages"][s].get("continued", [])) if s in record["stages"] else 0
+                     for s in STUDENT_STAGES},
+        from_size=dict(num_layers=cfg.num_layers, dim=cfg.dim, num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim),
+        to_size=dict(num_layers=w.num_layers, dim=w.dim, num_heads=w.num_heads, ffn_dim=w.ffn_dim),
+        max_relative_difference={s: round(d, 6) for s, d in differences.items()}))
+    record["config"] = w.to_dict()
+    log_file.write_text(json.dumps(record, indent=1) + "\n")
+    log(f"widened {', '.join(students)}: {cfg.num_layers} × {cfg.dim} ({cfg.num_heads} heads) -> {w.num_layers} × "
+        f"{w.dim} ({w.num_heads} heads); one forward differs by at most "
+        + ", ".join(f"{d:.1e}" for d in differences.values()) + " of its largest value")
+    return record
 
 
 def teacher_steps(record: dict) -> int | None:
@@ -492,6 +558,10 @@ def model_card(record: dict, model: WanModel) -> str:
     grid = (frames // cfg.patch_size[0], height // cfg.patch_size[1], width // cfg.patch_size[2])
     st = record["stages"]
 
+    def wide(name: str, run: int) -> str:  # run 0 is a stage's first run; widened weights: how much wider
+        factor = math.prod(w["factor"] for w in record.get("widened", []) if run >= w["runs_before"].get(name, 0))
+        return f", {factor}× wide" if factor > 1 else ""
+
     def stage_rows(name: str, s: dict) -> list[str]:  # a stage's first run, then each continued one
         cfgs = s["settings"]
         if name in ("base", "teacher"):
@@ -506,9 +576,10 @@ def model_card(record: dict, model: WanModel) -> str:
         loss = (f"{s['heldout_loss_init']:.4f} → {s['heldout_loss_end']:.4f}" if "heldout_loss_end" in s
                 else f"critic {s['curve'][-1][1]:.4f}" if s.get("curve") else "")
         steps = s.get("steps_run", cfgs["steps"])
-        rows = [f"| {name} | {steps} × {cfgs['batch']} | {s['seconds']:.0f} s | {loss} | {extra} | "
+        rows = [f"| {name}{wide(name, 0)} | {steps} × {cfgs['batch']} | {s['seconds']:.0f} s | {loss} | {extra} | "
                 f"`{s.get('commit', '?')}` |"]
-        for more in s.get("continued", []):  # the same weights trained further (continue_teacher.py, --*-start)
+        for run, more in enumerate(s.get("continued", []), 1):  # the same weights trained further
+            # (continue_teacher.py, --*-start)
             c = more["settings"]
             trained_by = f", teacher at {more['teacher_steps']} steps" if more.get("teacher_steps") else ""
             if name == "self_forcing":
@@ -526,7 +597,8 @@ def model_card(record: dict, model: WanModel) -> str:
             if "start_record" in more:  # a second round of (b), from the stage-(c) student of the first
                 rows += stage_rows("self_forcing", more["start_record"])
                 how += ", from the self_forcing student above"
-            rows.append(f"| {name}, continued | {more['steps_run']} × {c['batch']} | {more['seconds']:.0f} s | "
+            rows.append(f"| {name}, continued{wide(name, run)} | {more['steps_run']} × {c['batch']} | "
+                        f"{more['seconds']:.0f} s | "
                         f"{loss} | {how} | `{more.get('commit', '?')}` |")
         return rows
 
@@ -575,6 +647,20 @@ def model_card(record: dict, model: WanModel) -> str:
                 then = ", then stage (c) again" if "self_forcing" in st else ""
                 default_reproduce += (f" After stage (c), stage {label} started a second round from the stage-(c) "
                                       f"student with {command}{then}.")
+    widenings = record.get("widened", [])
+    first = widenings[0]["from_size"] if widenings else dict(num_layers=cfg.num_layers, dim=cfg.dim)
+    base_size = f"{first['num_layers']} × {first['dim']}"
+    widened = ""
+    for w in widenings:
+        a, b = w["from_size"], w["to_size"]
+        widened += (
+            f"\n\nWidened at `{w['commit']}`: the student stages {', '.join(w['stages'])} were replaced by copies "
+            f"{w['factor']} × as wide that compute the same function ({a['num_layers']} × {a['dim']}, {a['num_heads']} "
+            f"heads → {b['num_layers']} × {b['dim']}, {b['num_heads']} heads; `toolkit/models/bundled/widen.py`; one "
+            f"forward of each file changed by at most {max(w['max_relative_difference'].values()):.1e} of its "
+            "largest value); the runs recorded after it trained the wide copies.")
+        default_reproduce += (f" The student stages were widened with `toolkit train --out DIR --widen {w['factor']} "
+                              f"--seed {w['seed']} --force` at `{w['commit']}`.")
     tc = record.get("teacher_config")
     if tc:
         t = WanConfig.from_dict(tc)
@@ -607,9 +693,9 @@ The teacher's classifier-free guidance (null prompt = all-zero context), used fo
 score and for its own samples: **{guidance.get('scale', '?')}** ({guidance.get('chosen_by', '?')}; its 40-step
 samples on validation prompts, seeds disjoint from the evaluation's):{validation}
 
-The student starts from **base** (the shipped architecture, {cfg.num_layers} × {cfg.dim}, pretrained by the same
+The student starts from **base** (the shipped architecture, {base_size}, pretrained by the same
 flow-matching objective as the teacher); the **teacher** is {teacher_text}: its 40-step samples are the ODE pairs'
-source and it is DMD's real score (Self-Forcing's roles of Wan2.1-1.3B and Wan2.1-14B).
+source and it is DMD's real score (Self-Forcing's roles of Wan2.1-1.3B and Wan2.1-14B).{widened}
 
 Shipped: the **{record.get('shipped', '?')}** student ({choice}). {record.get('stages_note', '')}
 
