@@ -13,11 +13,14 @@
 #     PART=kept_student bash benchmarks/train_bundled.sh  # as kept_teacher, plus the shipped stage-(c) student and its
 #                                                         # record, for SF_START=self_forcing PART=self_forcing or
 #                                                         # ODE_START=self_forcing PART=ode_init
+#     PART=widen bash benchmarks/train_bundled.sh         # the student stages in DEST, WIDEN (default 2) x as wide,
+#                                                         # the same function (toolkit train --widen), for a continued
+#                                                         # (b) or (c) with more capacity
 #     PART=ode_init bash benchmarks/train_bundled.sh      # stage (b): ODE pool + regression, evaluation, artifacts
 #     PART=self_forcing bash benchmarks/train_bundled.sh  # stage (c), evaluation of (b) and (b)+(c), artifacts
 # with DEST (default ${OUT:-data}/bundled) kept from one call to the next. On one machine without that limit,
 # `toolkit train --out DIR` runs the four stages in one go (one teacher run instead of two).
-# Knobs: BASE_SECONDS, BASE_MORE_SECONDS, BASE_MORE_SEED, TEACHER_SECONDS, TEACHER_MORE_SECONDS, ODE_SECONDS,
+# Knobs: WIDEN, BASE_SECONDS, BASE_MORE_SECONDS, BASE_MORE_SEED, TEACHER_SECONDS, TEACHER_MORE_SECONDS, ODE_SECONDS,
 # SF_SECONDS (time budgets), ODE_PAIRS, GUIDANCE, SEED, TEACHER_PREDICTION (flow or x0), TEACHER_MORE_SEED, STUDENT
 # (PART=base: the student's size, LAYERSxWIDTH[/HEADS], e.g. 6x256), EVAL_SEEDS (noise seeds per held-out prompt),
 # ODE_START (ode_init: stage (b) trains its own earlier student further, on new pairs when SEED differs;
@@ -69,6 +72,7 @@ record["teacher_config"] = teacher["teacher_config"]
 json.dump(record, open(sys.argv[1], "w"), indent=1)
 PY
           ;;
+  widen) "${cli[@]}" --widen "${WIDEN:-2}" --force 2>&1 | tee -a "$DEST/train_widen.log" ;;
   ode_init) "${cli[@]}" --stages ode_init "${student[@]}" --ode-pairs "${ODE_PAIRS:-3072}" --ode-pair-batch 256 \
           --ode-grid 20 --ode-steps 100000 --ode-lr 3e-4 --ode-seconds "${ODE_SECONDS:-300}" \
           --ode-start "${ODE_START:-base}" \
@@ -76,6 +80,7 @@ PY
   self_forcing) "${cli[@]}" --stages self_forcing "${student[@]}" --sf-steps 100000 --sf-seconds "${SF_SECONDS:-440}" \
           --sf-start "${SF_START:-ode_init}" \
           2>&1 | tee "$DEST/train_self_forcing.log" ;;
-  *) echo "PART must be base, base_more, teacher, teacher_more, kept_teacher, kept_student, ode_init or self_forcing" >&2
+  *) echo "PART must be base, base_more, teacher, teacher_more, kept_teacher, kept_student, widen, ode_init or" \
+       "self_forcing" >&2
      exit 2 ;;
 esac
