@@ -578,8 +578,8 @@ def model_card(record: dict, model: WanModel) -> str:
         steps = s.get("steps_run", cfgs["steps"])
         rows = [f"| {name}{wide(name, 0)} | {steps} × {cfgs['batch']} | {s['seconds']:.0f} s | {loss} | {extra} | "
                 f"`{s.get('commit', '?')}` |"]
-        for run, more in enumerate(s.get("continued", []), 1):  # the same weights trained further
-            # (continue_teacher.py, --*-start)
+        # the same weights trained further (continue_teacher.py, --*-start); run 0 was the first
+        for run, more in enumerate(s.get("continued", []), 1):
             c = more["settings"]
             trained_by = f", teacher at {more['teacher_steps']} steps" if more.get("teacher_steps") else ""
             if name == "self_forcing":
@@ -650,10 +650,10 @@ def model_card(record: dict, model: WanModel) -> str:
     widenings = record.get("widened", [])
     first = widenings[0]["from_size"] if widenings else dict(num_layers=cfg.num_layers, dim=cfg.dim)
     base_size = f"{first['num_layers']} × {first['dim']}"
-    widened = ""
+    widen_text = ""
     for w in widenings:
         a, b = w["from_size"], w["to_size"]
-        widened += (
+        widen_text += (
             f"\n\nWidened at `{w['commit']}`: the student stages {', '.join(w['stages'])} were replaced by copies "
             f"{w['factor']} × as wide that compute the same function ({a['num_layers']} × {a['dim']}, {a['num_heads']} "
             f"heads → {b['num_layers']} × {b['dim']}, {b['num_heads']} heads; `toolkit/models/bundled/widen.py`; one "
@@ -695,7 +695,7 @@ samples on validation prompts, seeds disjoint from the evaluation's):{validation
 
 The student starts from **base** (the shipped architecture, {base_size}, pretrained by the same
 flow-matching objective as the teacher); the **teacher** is {teacher_text}: its 40-step samples are the ODE pairs'
-source and it is DMD's real score (Self-Forcing's roles of Wan2.1-1.3B and Wan2.1-14B).{widened}
+source and it is DMD's real score (Self-Forcing's roles of Wan2.1-1.3B and Wan2.1-14B).{widen_text}
 
 Shipped: the **{record.get('shipped', '?')}** student ({choice}). {record.get('stages_note', '')}
 
