@@ -771,6 +771,7 @@ def test_widening_the_student_stages_keeps_their_function_and_the_next_run_train
     card = (out / "MODEL_CARD.md").read_text()
     assert "Widened at `" in card and "--widen 2 --seed 4 --force" in card
     assert "| self_forcing, continued, 2× wide |" in card and "| self_forcing |" in card and "| base |" in card
+    assert "| teacher |" in card and "teacher, 2× wide" not in card  # only the student is widened
 
 
 def test_continuing_stage_b_needs_its_record_too(tmp_path):

@@ -500,6 +500,14 @@ def _summary(record: dict) -> dict:
     return out
 
 
+def wide_label(record: dict, stage: str, run: int) -> str:
+    """", 2× wide" for run ``run`` of ``stage`` (0: its first run, then each continued one) if it trained student
+    weights widened before it (``widen_students``); "" otherwise."""
+    factor = math.prod(w["factor"] for w in record.get("widened", [])
+                       if stage in w["runs_before"] and run >= w["runs_before"][stage])
+    return f", {factor}× wide" if factor > 1 else ""
+
+
 def plot_curves(path: Path, record: dict) -> None:
     import matplotlib
 
@@ -529,6 +537,7 @@ def plot_curves(path: Path, record: dict) -> None:
             offset = runs[-1][0] + runs[-1][1][-1][0]
             shift = f", σ shift {TEACHER_SHIFT:g}" if stage in ("base", "teacher") else ""
             shift += ", from the (c) student" if "start_record" in more else ""
+            shift += wide_label(record, stage, i + 1)
             ax.plot([offset + c[0] for c in more["curve"]], [c[1] for c in more["curve"]], color=f"C{i + 2}",
                     label=f"continued ({more['seconds']:.0f} s{shift})",
                     marker=marker(more["curve"]))
@@ -558,10 +567,6 @@ def model_card(record: dict, model: WanModel) -> str:
     grid = (frames // cfg.patch_size[0], height // cfg.patch_size[1], width // cfg.patch_size[2])
     st = record["stages"]
 
-    def wide(name: str, run: int) -> str:  # run 0 is a stage's first run; widened weights: how much wider
-        factor = math.prod(w["factor"] for w in record.get("widened", []) if run >= w["runs_before"].get(name, 0))
-        return f", {factor}× wide" if factor > 1 else ""
-
     def stage_rows(name: str, s: dict) -> list[str]:  # a stage's first run, then each continued one
         cfgs = s["settings"]
         if name in ("base", "teacher"):
@@ -576,8 +581,8 @@ def model_card(record: dict, model: WanModel) -> str:
         loss = (f"{s['heldout_loss_init']:.4f} → {s['heldout_loss_end']:.4f}" if "heldout_loss_end" in s
                 else f"critic {s['curve'][-1][1]:.4f}" if s.get("curve") else "")
         steps = s.get("steps_run", cfgs["steps"])
-        rows = [f"| {name}{wide(name, 0)} | {steps} × {cfgs['batch']} | {s['seconds']:.0f} s | {loss} | {extra} | "
-                f"`{s.get('commit', '?')}` |"]
+        rows = [f"| {name}{wide_label(record, name, 0)} | {steps} × {cfgs['batch']} | {s['seconds']:.0f} s | "
+                f"{loss} | {extra} | `{s.get('commit', '?')}` |"]
         # the same weights trained further (continue_teacher.py, --*-start); run 0 was the first
         for run, more in enumerate(s.get("continued", []), 1):
             c = more["settings"]
@@ -597,7 +602,7 @@ def model_card(record: dict, model: WanModel) -> str:
             if "start_record" in more:  # a second round of (b), from the stage-(c) student of the first
                 rows += stage_rows("self_forcing", more["start_record"])
                 how += ", from the self_forcing student above"
-            rows.append(f"| {name}, continued{wide(name, run)} | {more['steps_run']} × {c['batch']} | "
+            rows.append(f"| {name}, continued{wide_label(record, name, run)} | {more['steps_run']} × {c['batch']} | "
                         f"{more['seconds']:.0f} s | "
                         f"{loss} | {how} | `{more.get('commit', '?')}` |")
         return rows
@@ -655,7 +660,7 @@ def model_card(record: dict, model: WanModel) -> str:
         a, b = w["from_size"], w["to_size"]
         widen_text += (
             f"\n\nWidened at `{w['commit']}`: the student stages {', '.join(w['stages'])} were replaced by copies "
-            f"{w['factor']} × as wide that compute the same function ({a['num_layers']} × {a['dim']}, {a['num_heads']} "
+            f"{w['factor']}× as wide that compute the same function ({a['num_layers']} × {a['dim']}, {a['num_heads']} "
             f"heads → {b['num_layers']} × {b['dim']}, {b['num_heads']} heads; `toolkit/models/bundled/widen.py`; one "
             f"forward of each file changed by at most {max(w['max_relative_difference'].values()):.1e} of its "
             "largest value); the runs recorded after it trained the wide copies.")
