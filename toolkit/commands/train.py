@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     defaults = Recipe()
     p = subparsers.add_parser(
         "train",
-        help="train the bundled model (reproduces data/bundled; one GPU, about 20 minutes)",
+        help="train the bundled model (its recipe; data/bundled took about an hour of training on one H200)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"""Train the bundled Wan DiT on procedural sprite videos the way Self-Forcing was made:
   base              the shipped architecture pretrained by flow matching (the student's starting point)
@@ -65,10 +65,11 @@ examples:
   toolkit train --tiny --out /tmp/tiny                   a CPU smoke run of every stage (seconds)
   toolkit train --out DIR --widen 2 --force              the student stages in DIR, 2x as wide, same function
 
-defaults: base {defaults.base.steps} steps x {defaults.base.batch}; teacher {defaults.teacher.steps} steps x
-{defaults.teacher.batch}; ODE pool {defaults.ode_init.pairs}
-pairs, {defaults.ode_init.steps} x {defaults.ode_init.batch}; Self-Forcing {defaults.self_forcing.steps} generator
-updates x {defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.critic_ratio}).""",
+defaults: base {defaults.base.steps} steps x {defaults.base.batch}; teacher {defaults.teacher.steps} steps x \
+{defaults.teacher.batch}; ODE pool {defaults.ode_init.pairs} pairs, {defaults.ode_init.steps} x \
+{defaults.ode_init.batch};
+Self-Forcing {defaults.self_forcing.steps} generator updates x \
+{defaults.self_forcing.batch} (critic ratio {defaults.self_forcing.critic_ratio}).""",
     )
     p.add_argument("--out", default=str(DEFAULT_DIR),
                    help="output folder (default: data/bundled of the repository); one holding a model is refused "

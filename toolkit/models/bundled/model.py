@@ -45,7 +45,7 @@ def load_bundled(
     if not weights.is_file():
         raise WeightsNotFound(
             f"bundled weights not found at {weights}; train them with `toolkit train --out {folder}` "
-            "(one GPU, about 20 minutes) or pass the folder that has them"
+            "(one GPU; the shipped weights took about an hour of training on an H200) or pass the folder that has them"
         )
     # config.json = WanConfig.to_dict() plus a "training" summary (ignored by WanConfig.from_dict)
     try:
