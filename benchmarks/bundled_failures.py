@@ -3,10 +3,11 @@ colours, and whether a failure is a prompted colour missing or an unprompted one
 too high), by the sprite evaluator (``toolkit/models/bundled/evaluate.py``).
 
     python benchmarks/bundled_failures.py --prompts 32 --out benchmarks/results/bundled_training_h200/
+    python benchmarks/bundled_failures.py --prompts 64 --weights DIR/stages/self_forcing.safetensors --name wide
 
 The first ``--prompts`` held-out prompts (``evaluate.heldout_prompts``), one rollout each from the held-out noise
-seed, float32 on the CPU (about 19 s a rollout on 2 cores). Prints the table and writes
-``bundled_failures_cpu.json``.
+seed, float32 on the CPU (about 19 s a rollout on 2 cores). ``--weights``: a stage file of a recipe folder (its own
+config) instead of the shipped model. Prints the table and writes ``bundled_failures_cpu[_NAME].json``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from timing import write_result
 
 from toolkit.models import bundled
 from toolkit.models.bundled import evaluate
+from toolkit.models.bundled.model import load_weights
 
 COLUMNS = ("clips", "colour_match", "missing_any", "extra_any", "missing", "extra", "count_low", "count_high")
 
@@ -31,9 +33,15 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=32, help="first N held-out prompts (default 32)")
     p.add_argument("--batch", type=int, default=8, help="rollouts generated together")
     p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--weights", type=Path, default=None, help="a stage file (default: the shipped model)")
+    p.add_argument("--name", default="", help="suffix of the JSON's name")
     args = p.parse_args()
 
-    model, info = bundled.load_bundled("cpu", torch.float32)
+    if args.weights is None:
+        model, info = bundled.load_bundled("cpu", torch.float32)
+        weights = info["path"]
+    else:
+        model, weights = load_weights(args.weights, None, "cpu").float().eval(), str(args.weights)
     prompts = evaluate.heldout_prompts(64)[: args.prompts]
     start = time.perf_counter()
     metrics = []
@@ -54,12 +62,12 @@ def main() -> None:
     for n, r in sorted(rows.items()):
         print(f"{n:>7} " + " ".join(f"{r[c]:>12}" for c in COLUMNS))
     result = dict(
-        weights=info["path"], prompts=len(prompts), seed=evaluate.HELDOUT_NOISE_SEED, dtype="float32",
+        weights=weights, prompts=len(prompts), seed=evaluate.HELDOUT_NOISE_SEED, dtype="float32",
         device="cpu", cpu=platform.processor() or platform.machine(), torch=torch.__version__,
         seconds=round(time.perf_counter() - start, 1),
         by_sprite_count={str(n): {c: r[c] for c in COLUMNS} for n, r in sorted(rows.items())},
     )
-    write_result(args.out, "bundled_failures_cpu.json", result)
+    write_result(args.out, f"bundled_failures_cpu{'_' + args.name if args.name else ''}.json", result)
 
 
 if __name__ == "__main__":
