@@ -189,12 +189,16 @@ def widen_students(out: str | Path, factor: int = 2, *, seed: int = 0, force: bo
     if missing := [s for s in students if s not in recorded]:
         raise ToolkitError(f"{log_file} has no record of {', '.join(missing)}: the stage files and the record differ")
     refuse_overwrite(out, [stage_path(out, s) for s in students], force)
+    def size(c: WanConfig) -> dict:  # the fields widening changes, and the depth
+        return dict(num_layers=c.num_layers, dim=c.dim, num_heads=c.num_heads, ffn_dim=c.ffn_dim)
+
     narrow = {s: load_weights(stage_path(out, s), None, "cpu") for s in students}
-    sizes = {(m.cfg.num_layers, m.cfg.dim, m.cfg.num_heads, m.cfg.ffn_dim) for m in narrow.values()}
+    sizes = {tuple(size(m.cfg).values()) for m in narrow.values()}
     if len(sizes) > 1:
         raise ToolkitError(f"the student stages in {out / 'stages'} differ in size ({sorted(sizes)}): none widened")
     wide = {s: widened(m, factor, seed=seed + i) for i, (s, m) in enumerate(narrow.items())}
-    # one forward of a procedural clip at σ = 0.5, before and after, each model as its file holds it
+    # one forward of a procedural clip at σ = 0.5, before and after, each model as its file holds it (the narrow
+    # ones were just loaded from theirs)
     cfg = next(iter(narrow.values())).cfg
     gen = torch.Generator().manual_seed(seed)
     frames, height, width = clip_shape(cfg)
@@ -203,7 +207,7 @@ def widen_students(out: str | Path, factor: int = 2, *, seed: int = 0, force: bo
     differences = {}
     with torch.no_grad():
         for s in students:
-            before, after = (as_stored(m).float()(x, t, context) for m in (narrow[s], wide[s]))
+            before, after = narrow[s](x, t, context), as_stored(wide[s])(x, t, context)
             differences[s] = float((after - before).abs().max() / before.abs().max())
     for s in students:
         save_weights(wide[s], stage_path(out, s), stage=s)
@@ -213,8 +217,7 @@ def widen_students(out: str | Path, factor: int = 2, *, seed: int = 0, force: bo
         # the runs of each stage so far: the card marks the later ones as trained wide
         runs_before={s: 1 + len(record["stages"][s].get("continued", [])) if s in record["stages"] else 0
                      for s in STUDENT_STAGES},
-        from_size=dict(num_layers=cfg.num_layers, dim=cfg.dim, num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim),
-        to_size=dict(num_layers=w.num_layers, dim=w.dim, num_heads=w.num_heads, ffn_dim=w.ffn_dim),
+        from_size=size(cfg), to_size=size(w),
         max_relative_difference={s: round(d, 6) for s, d in differences.items()}))
     record["config"] = w.to_dict()
     log_file.write_text(json.dumps(record, indent=1) + "\n")
