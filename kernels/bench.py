@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -76,8 +77,9 @@ class Row:
         return sorted(self.median_ms)[len(self.median_ms) // 2] if self.median_ms else None
 
 
-def monarch_flops(grid, tiling, query_frames=None, key_frames=None, heads: int = 12, head_dim: int = 128,
-                  batch: int = 1, block_causal_frames: int | None = None) -> float:
+def monarch_flops(grid: Sequence[int], tiling: Sequence[int], query_frames: Sequence[int] | None = None,
+                  key_frames: Sequence[int] | None = None, heads: int = 12, head_dim: int = 128, batch: int = 1,
+                  block_causal_frames: int | None = None) -> float:
     """FLOPs the two Monarch kernels execute (2 per multiply-add, no padding): 3·b2²·d per (a, f, k, j) row pair
     for the R-step products, 2·b1·d per (a, f, k, j, i) for the L-step, summed over allowed tile pairs."""
     from toolkit.kernels._common import TileGeometry, key_tiles_allowed
@@ -350,7 +352,7 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
     return info
 
 
-def run_benchmark(args, save=None) -> dict:
+def run_benchmark(args: argparse.Namespace, save: Callable[[dict], None] | None = None) -> dict:
     """All shapes; ``save(result)`` is called after each shape so a run cut short keeps what it measured."""
     import torch
 
@@ -446,7 +448,7 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_analysis(args) -> list[dict]:
+def run_analysis(args: argparse.Namespace) -> list[dict]:
     """Explicit-factor M·V and the streaming comparison at one shape (last AR chunk, framewise), one head
     checked against the reference, all heads timed."""
     import torch

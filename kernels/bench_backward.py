@@ -93,7 +93,10 @@ def _choose_configs(fn, device: torch.device) -> dict:
     return {"tuning_s": round(time.perf_counter() - t0, 3), "tuning": log}
 
 
-def bench_shape(name: str, spec, heads: int, dim: int, dtype, device, warmup: int, repeats: int) -> list[dict]:
+def bench_shape(
+    name: str, spec: tuple[tuple[int, int, int], tuple[int, int, int], tuple[int, int], tuple[int, int]],
+    heads: int, dim: int, dtype: torch.dtype, device: torch.device, warmup: int, repeats: int,
+) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     grid, tiling, qf, kf = spec

@@ -21,6 +21,7 @@ Y = Σ_l R v. Costs about three dense attention matmuls; memory is O(rows).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from toolkit.kernels._common import (
@@ -38,6 +39,9 @@ from toolkit.kernels._common import (
 from toolkit.kernels.explicit import factor_shapes
 
 from toolkit.errors import ToolkitError
+
+if TYPE_CHECKING:
+    from toolkit.attention.monarch import MonarchErrors
 
 
 @triton.jit
@@ -181,7 +185,7 @@ class RowErrors:
     monarch_row_sum: torch.Tensor
     n_entries: int = 0
 
-    def per_head(self):
+    def per_head(self) -> MonarchErrors:
         """Sums over query rows as ``toolkit.attention.monarch.MonarchErrors`` with ``b h`` leading dims (the
         same numbers as its ``map_errors`` / ``exact_projection``, float64)."""
         from toolkit.attention.monarch import MonarchErrors

@@ -20,6 +20,8 @@ where a Triton lacks tf32x3): this is an analysis path.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from toolkit.kernels._common import (
     TileGeometry,
@@ -35,6 +37,9 @@ from toolkit.kernels._common import (
 )
 
 from toolkit.errors import ToolkitError
+
+if TYPE_CHECKING:
+    from toolkit.attention.monarch import MonarchFactors
 
 DEFAULT_SCRATCH_BYTES = 1 << 30
 
@@ -192,7 +197,9 @@ def monarch_factors_apply(
     return out, row_sums
 
 
-def apply_factors(factors, v: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_factors(
+    factors: MonarchFactors, v: torch.Tensor, **kwargs: int | torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`monarch_factors_apply` for a ``toolkit.attention.monarch.MonarchFactors`` (``fh,w`` aligned layout;
     head-leading factors ``b h ...`` as ``monarch_attention`` / ``exact_projection`` on ``b h`` inputs return)."""
     layout = factors.layout

@@ -37,6 +37,7 @@ Benchmark switches (R-step version, launch configs, one stage alone, an output b
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from toolkit.kernels._common import (
@@ -65,6 +66,9 @@ from toolkit.kernels.monarch_backward import (
 from toolkit.kernels.monarch_fused import monarch_fused_forward
 
 from toolkit.errors import ToolkitError
+
+if TYPE_CHECKING:
+    from toolkit.models.seam import Backend
 
 # Intermediates budget (bytes) when the caller gives none: α + Y + c for this many bytes per query-tile chunk.
 DEFAULT_SCRATCH_BYTES = 1 << 30
@@ -665,7 +669,7 @@ def scratch_chunk(B: int, H: int, A: int, per_unit: int, budget: int) -> tuple[i
 
 def monarch_backend_triton(
     tiling: tuple[int, int, int] = (1, 1, 1), *, block_causal_frames: int = 3, cpu_fallback: bool = True
-):
+) -> Backend:
     """Seam backend ``fn(q, k, v, ctx) -> out`` running :func:`monarch_attention_triton` with ``tiling``.
 
     Bidirectional calls and KV-cache calls (queries of one chunk, keys = the cache up to its end) need no mask;

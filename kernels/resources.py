@@ -17,6 +17,10 @@ import os
 import subprocess
 import sys
 import tempfile
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from triton.runtime import JITFunction
 
 os.environ.setdefault("TRITON_INTERPRET", "0")
 
@@ -24,7 +28,9 @@ STRIDES = ("sq_b", "sq_n", "sq_h", "sk_b", "sk_n", "sk_h", "sv_b", "sv_n", "sv_h
            "sr_b", "sr_n", "sr_h", "sd_b", "sd_n", "sd_h", "sg_b", "sg_n", "sg_h")
 
 
-def compile_report(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int) -> dict:
+def compile_report(
+    fn: JITFunction, pointers: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int
+) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

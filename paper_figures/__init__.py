@@ -25,7 +25,9 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from toolkit.paper_figures.common import Context, FigureSettings, default_focus, default_pairs
@@ -49,7 +51,7 @@ OPTIONAL = {"kernels": lambda s: bool(s.bench)}
 __all__ = ["FIGURES", "FigureSettings", "figure_module", "make_figures", "resolve_figures"]
 
 
-def figure_module(name: str):
+def figure_module(name: str) -> ModuleType:
     return importlib.import_module(f"toolkit.paper_figures.{FIGURES[name]}")
 
 
@@ -82,7 +84,8 @@ def _versions() -> dict[str, str]:
 
 
 def make_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, settings: FigureSettings | None = None,
-                 *, log=print, progress: bool = True, plotted: dict | None = None) -> dict[str, Any]:
+                 *, log: Callable[[str], None] = print, progress: bool = True,
+                 plotted: dict | None = None) -> dict[str, Any]:
     """Make the selected figures of one capture into ``out_dir``; returns the manifest (also written as
     ``manifest.json``). Every figure's requirements are checked before any analysis runs. ``plotted``, if given,
     receives each figure's plotted arrays (``{NAME: {label: array}}``) for checks against the analyses. A figure

@@ -9,11 +9,15 @@ Relative Frobenius error ‖A − M‖_F / ‖A‖_F, median over the heads of t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from toolkit.paper_figures import style
 from toolkit.paper_figures.common import Context, require_all_queries, require_records, require_stored
 from toolkit.paper_figures.fig1_mse_sparsity import monarch_selection
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 NAME = "alignment_tiling"
 TITLE = "error vs effective sparsity: aligned bases, tilings, misaligned controls"
@@ -33,13 +37,13 @@ def data(ctx: Context) -> dict:
     return dict(monarch=mon.isel(record=np.nonzero(sel)[0]), step=ctx.step, chunk=ctx.chunk)
 
 
-def per_config(mon, name: str) -> np.ndarray:
+def per_config(mon: xr.Dataset, name: str) -> np.ndarray:
     """A per-config property (``effective_sparsity``, ``base``): identical in every record, stored per record."""
     v = mon[name]
     return (v.isel(record=0) if "record" in v.dims else v).values
 
 
-def summary(mon, var: str) -> dict[str, np.ndarray]:
+def summary(mon: xr.Dataset, var: str) -> dict[str, np.ndarray]:
     """Median, min and max of ``var`` over records × heads, per config."""
     v = mon[var]
     if "iters" in v.dims:

@@ -9,10 +9,14 @@ it), ``data(ctx) -> dict`` (analysis Datasets / arrays it plots) and ``plot(data
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import ToolkitError
+
+if TYPE_CHECKING:
+    from toolkit.capture.reader import Capture
 
 # The paper's Fig. 1 heads on Self-Forcing (30 layers × 12 heads).
 PAPER_PAIRS = ((0, 0), (8, 7))
@@ -61,12 +65,12 @@ class Context:
         return sorted({layer for layer, _ in self.pairs})
 
 
-def stored_options(cap) -> list[str]:
+def stored_options(cap: Capture) -> list[str]:
     """What the capture stored, in ``--store`` vocabulary (``frame_mass`` & offsets = ``pooled``)."""
     return [{"frame_mass": "pooled"}.get(x, x) for x in cap.stored]
 
 
-def require_stored(cap, figure: str, items: tuple[str, ...] = ("q", "k", "lse")) -> None:
+def require_stored(cap: Capture, figure: str, items: tuple[str, ...] = ("q", "k", "lse")) -> None:
     have = stored_options(cap)
     if any(x not in have for x in items):
         want = list(items) + [x for x in have if x not in items]
@@ -74,7 +78,7 @@ def require_stored(cap, figure: str, items: tuple[str, ...] = ("q", "k", "lse"))
                            f"{','.join(have) or 'nothing'}: capture with --store {','.join(want)}")
 
 
-def require_all_queries(cap, figure: str) -> None:
+def require_all_queries(cap: Capture, figure: str) -> None:
     """Monarch tiles and frame zooms need every query of a frame (no stride / random subset)."""
     if len(cap.queries) != cap.layout.num_tokens:
         spec = cap.selection.get("queries", "a subset")
@@ -82,7 +86,7 @@ def require_all_queries(cap, figure: str) -> None:
                            f"'{spec}' ({len(cap.queries)} of {cap.layout.num_tokens}): capture with --queries all")
 
 
-def require_in_model(cap, figure: str, *, layers=(), heads=()) -> None:
+def require_in_model(cap: Capture, figure: str, *, layers: Sequence[int] = (), heads: Sequence[int] = ()) -> None:
     """Layers/heads the model does not have cannot be captured: say so (and what it has) instead of suggesting a
     capture option that would be refused."""
     n_layers, n_heads = cap.layout.num_layers, cap.layout.num_heads
@@ -95,7 +99,9 @@ def require_in_model(cap, figure: str, *, layers=(), heads=()) -> None:
         raise ToolkitError(f"figure '{figure}' asks for {what}: choose --pairs/--layers/--heads among them")
 
 
-def require_records(cap, figure: str, *, layers, heads=(), step: int, chunk: int) -> None:
+def require_records(
+    cap: Capture, figure: str, *, layers: Sequence[int], heads: Sequence[int] = (), step: int, chunk: int
+) -> None:
     require_in_model(cap, figure, layers=layers, heads=heads)
     missing_layers = sorted(set(layers) - set(cap.layers))
     missing_heads = sorted(set(heads) - set(cap.heads))
@@ -120,7 +126,7 @@ def require_pair_records(ctx: Context, figure: str) -> None:
     require_records(ctx.cap, figure, layers=layers, heads=heads, **ctx.focus)
 
 
-def default_focus(cap) -> tuple[int, int]:
+def default_focus(cap: Capture) -> tuple[int, int]:
     """The last chunk at its last denoising step (not the clean pass) among the stored records."""
     keys = cap.records
     if not keys:
@@ -132,7 +138,9 @@ def default_focus(cap) -> tuple[int, int]:
     return (noisy or steps)[-1], chunk
 
 
-def default_pairs(cap, heads: list[int] | None = None, layers: list[int] | None = None) -> list[tuple[int, int]]:
+def default_pairs(
+    cap: Capture, heads: list[int] | None = None, layers: list[int] | None = None
+) -> list[tuple[int, int]]:
     """L0H0 and L8H7 (the paper's) when stored; otherwise the analogues at the same relative depth and head
     position among the stored (and asked) layers/heads: the first head of the first layer and the head ~7/11 through the
     heads of the layer ~8/29 deep."""

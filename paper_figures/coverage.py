@@ -9,6 +9,7 @@ as a layer × head map; (c) the median per layer at each step.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
@@ -17,6 +18,9 @@ from toolkit.paper_figures.common import Context, require_stored
 
 from toolkit.analysis.records import RecordSelection
 from toolkit.analysis.topk import COVERAGE_MASSES, TopkOptions
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 NAME = "coverage"
 TITLE = "fraction of keys for 95 % of the attention mass, per head, across layers and steps"
@@ -39,7 +43,7 @@ def data(ctx: Context) -> dict:
     return dict(topk=tk, mass=ctx.settings.mass)
 
 
-def pooled(tk, mass: float, *, layer: int, head: int, step: int | None = None) -> np.ndarray:
+def pooled(tk: xr.Dataset, mass: float, *, layer: int, head: int, step: int | None = None) -> np.ndarray:
     """All finite coverage fractions of ``head`` in the records of ``layer`` (and ``step``): the values one box
     of panel (a) summarises."""
     sel = tk["layer"].values == layer

@@ -14,6 +14,7 @@ default pairs on a model other than Self-Forcing the title names the head standi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from toolkit.paper_figures import style
@@ -22,6 +23,10 @@ from toolkit.paper_figures.results import record_of
 
 from toolkit.analysis.monarch import MonarchOptions
 from toolkit.analysis.records import RecordSelection
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    import xarray as xr
 
 NAME = "fig1_mse_vs_sparsity"
 TITLE = "map MSE vs sparsity: Monarch (projection, variational T=1) vs oracle top-k"
@@ -79,13 +84,13 @@ def tiling_label(config: str) -> str:
     return config[len(BASE):].strip() if config.startswith(BASE) else config
 
 
-def needs_log(*arrays) -> bool:
+def needs_log(*arrays: npt.ArrayLike) -> bool:
     values = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays])
     values = values[np.isfinite(values) & (values > 0)]
     return values.size > 1 and values.max() / values.min() > LOG_RANGE
 
 
-def monarch_curve(m, var: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def monarch_curve(m: xr.Dataset, var: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(effective sparsity, value, config names) of the ``BASE`` configs, sorted by sparsity."""
     sel = (m["base"].values == BASE) & (m["effective_sparsity"].values >= 0)
     x = m["effective_sparsity"].values[sel]

@@ -13,6 +13,7 @@ exact tile ``Capture.tile`` (no statistics are computed here).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from toolkit.paper_figures import style
@@ -21,6 +22,9 @@ from toolkit.paper_figures.results import record_of
 
 from toolkit.analysis.records import RecordSelection
 from toolkit.errors import ToolkitError
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 NAME = "fig2_structure"
 TITLE = "3-D attention structure: frame blocks, frame-pair zoom, spikes, separable kernel"
@@ -76,7 +80,7 @@ def block_view(parts: list) -> np.ndarray:
     return fm
 
 
-def spike_threshold(focus) -> float:
+def spike_threshold(focus: xr.Dataset) -> float:
     """The focus record's A − D spike threshold: a variable when it differs between the stacked records, the
     file attribute when it is the same for all (e.g. one bidirectional record, or equal key counts)."""
     if "spike_threshold" in focus.variables:

@@ -15,14 +15,18 @@ import hashlib
 import importlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import xarray as xr
 
 from toolkit.analysis import RECORD_KEY, open_results, stack_records
 from toolkit.analysis.partial import PartialResults, read_key, recording
 from toolkit.analysis.records import RecordSelection, options_dict
+
+if TYPE_CHECKING:
+    from toolkit.capture.reader import Capture
 
 ANALYSES = ("periodic", "topk", "monarch")
 
@@ -38,7 +42,8 @@ def _options_class(name: str):
 class ResultCache:
     """Analysis Datasets of one capture, cached in ``out_dir`` (see module docstring)."""
 
-    def __init__(self, cap, out_dir: str | os.PathLike, input_sha256: str, *, log=print, progress: bool = True,
+    def __init__(self, cap: Capture, out_dir: str | os.PathLike, input_sha256: str, *,
+                 log: Callable[[str], None] = print, progress: bool = True,
                  device: str | None = None) -> None:
         self.cap, self.out_dir, self.sha = cap, Path(out_dir), input_sha256
         self.log, self.progress, self.device = log, progress, device

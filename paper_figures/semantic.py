@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -484,7 +485,7 @@ def plot(c: Correspondence, out_dir: str | Path, *, name: str = NAME) -> list[Pa
 
 
 def make(model: torch.nn.Module, out_dir: str | Path, *, prompt: str | data.Prompt, seed: int = 0,
-         log=print, **options) -> list[Path]:
+         log: Callable[[str], None] = print, **options: int | str | torch.Tensor | None) -> list[Path]:
     """``semantic_correspondence(model, prompt, seed=seed, **options)``, then the figure (PNG + PDF) and its numbers
     (``NAME.json``) in ``out_dir``; returns the paths written."""
     c = semantic_correspondence(model, prompt, seed=seed, **options)

@@ -11,11 +11,24 @@ Colours have fixed meanings across figures (``COLORS``), so "Monarch" is the sam
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import matplotlib.pyplot as plt
+
+if TYPE_CHECKING:
+    from typing import ParamSpec, TypeVar
+
+    import numpy as np
+    import numpy.typing as npt
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    _P = ParamSpec("_P")
+    _R = TypeVar("_R")
 
 # Okabe & Ito (2008), "Color Universal Design".
 OKABE_ITO = {
@@ -69,13 +82,13 @@ RC = {
 
 
 @contextmanager
-def styled():
+def styled() -> Iterator[None]:
     """Apply the toolkit style inside a ``with`` block (leaves the caller's rcParams alone)."""
     with plt.rc_context(RC):
         yield
 
 
-def use_style(plot):
+def use_style(plot: Callable[_P, _R]) -> Callable[_P, _R]:
     """Decorator: run a figure's ``plot`` function inside the toolkit style (rcParams apply when artists are made)."""
 
     @functools.wraps(plot)
@@ -86,13 +99,15 @@ def use_style(plot):
     return wrapper
 
 
-def subplots(nrows: int = 1, ncols: int = 1, *, width: float = 3.2, height: float = 2.6, **kw):
+def subplots(
+    nrows: int = 1, ncols: int = 1, *, width: float = 3.2, height: float = 2.6, **kw: Any
+) -> tuple[Figure, np.ndarray]:
     """``plt.subplots`` in the toolkit style; ``width``/``height`` are per panel, in inches."""
     return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False,
                         constrained_layout=True, **kw)
 
 
-def save(fig, out_dir: str | Path, name: str, *, close: bool = True) -> list[Path]:
+def save(fig: Figure, out_dir: str | Path, name: str, *, close: bool = True) -> list[Path]:
     """Write ``name.png`` and ``name.pdf`` into ``out_dir``; returns the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +122,7 @@ def save(fig, out_dir: str | Path, name: str, *, close: bool = True) -> list[Pat
     return paths
 
 
-def log_norm(values, dynamic_range: float = 1e4):
+def log_norm(values: npt.ArrayLike, dynamic_range: float = 1e4) -> LogNorm | None:
     """LogNorm over the positive finite ``values``, clipped to ``dynamic_range`` below the maximum (None if none)."""
     import numpy as np
     from matplotlib.colors import LogNorm

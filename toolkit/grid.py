@@ -36,6 +36,7 @@ density |L|+|R| over dense), attention FLOP ratio vs dense ``(3·b2 + 2·b1)/(2�
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -81,7 +82,7 @@ class TokenGrid:
         tokens = torch.as_tensor(tokens, dtype=torch.long)
         return tokens // self.tokens_per_frame, (tokens // self.width) % self.height, tokens % self.width
 
-    def index(self, frame, row, col) -> torch.Tensor:
+    def index(self, frame: torch.Tensor | int, row: torch.Tensor | int, col: torch.Tensor | int) -> torch.Tensor:
         """(frame, row, col) -> raster token index (broadcasting)."""
         frame, row, col = (torch.as_tensor(x, dtype=torch.long) for x in (frame, row, col))
         return (frame * self.height + row) * self.width + col
@@ -107,7 +108,7 @@ class TokenGrid:
         return start, start + n // self.tokens_per_frame
 
 
-def as_grid(grid) -> TokenGrid:
+def as_grid(grid: TokenGrid | Sequence[int]) -> TokenGrid:
     return grid if isinstance(grid, TokenGrid) else TokenGrid(*(int(x) for x in grid))
 
 
@@ -131,7 +132,9 @@ class MonarchLayout:
     tiling: tuple[int, int, int] | None = None
 
     @classmethod
-    def aligned(cls, grid, base: str = "fh,w", tiling: tuple[int, int, int] = (1, 1, 1)) -> MonarchLayout:
+    def aligned(
+        cls, grid: TokenGrid | Sequence[int], base: str = "fh,w", tiling: tuple[int, int, int] = (1, 1, 1)
+    ) -> MonarchLayout:
         grid = as_grid(grid)
         if base not in ALIGNED_BASES:
             raise ToolkitError(f"unknown Monarch base {base!r}; choose one of {', '.join(ALIGNED_BASES)}")
@@ -150,7 +153,7 @@ class MonarchLayout:
         return cls(grid, f"{base} ({f_t},{c_h},{c_w})", b1, b2, tokens, base, (f_t, c_h, c_w))
 
     @classmethod
-    def contiguous(cls, grid, b1: int, b2: int) -> MonarchLayout:
+    def contiguous(cls, grid: TokenGrid | Sequence[int], b1: int, b2: int) -> MonarchLayout:
         """Tiles of ``b1·b2`` consecutive raster tokens (MonarchAttention's layout, untiled if b1·b2 = N)."""
         grid = as_grid(grid)
         _divides(grid.n_tokens, b1 * b2, f"contiguous tile size {b1}x{b2}")
@@ -179,7 +182,7 @@ class MonarchLayout:
         return flop_ratio(self.b1, self.b2, iters)
 
     def intermediate_bytes(
-        self, n_queries: int, n_key_tiles: int | None = None, head_dim: int = 128, heads: int = 12, dtype_bytes=2
+        self, n_queries: int, n_key_tiles: int | None = None, head_dim: int = 128, heads: int = 12, dtype_bytes: int = 2
     ) -> int:
         """Bytes of the kernel's α_L and Y intermediates (each ``N_q · F · d`` per head, F = key tiles)."""
         f = self.num_tiles if n_key_tiles is None else n_key_tiles
@@ -255,7 +258,11 @@ PAPER_CONFIGS = (  # (label, grid, base, tiling, where used) — docs/monarch.md
 )
 
 
-def config_table(configs=PAPER_CONFIGS, head_dim: int = 128, heads: int = 12) -> list[dict]:
+def config_table(
+    configs: Sequence[tuple[str, tuple[int, int, int], str, tuple[int, int, int], str]] = PAPER_CONFIGS,
+    head_dim: int = 128,
+    heads: int = 12,
+) -> list[dict]:
     """Rows of the paper's configuration table (effective sparsity, FLOP ratio, bf16 intermediates)."""
     rows = []
     for label, grid, base, tiling, note in configs:

@@ -103,7 +103,7 @@ def load_prompt_embeds(path: str, text_dim: int | None) -> torch.Tensor:
 
 
 def condition(spec: registry.ModelSpec, prompt: str, *, prompt_embeds: str | torch.Tensor | None,
-              device: torch.device):
+              device: torch.device) -> torch.Tensor:
     """Prompt -> context [1, L, text_dim] as the model is conditioned: the bundled model's structured toy prompt,
     else umT5-XXL embeddings (cached on disk) or a user-supplied ``--prompt-embeds`` file (or its loaded tensor)."""
     if spec.conditioning == "toy":
@@ -257,7 +257,7 @@ def redraw(run: Run, *, prompt: str, seed: int, prompt_embeds: Any = None) -> Ru
 
 
 def sample(run: Run, *, progress: bool = True, on_chunk: Callable[[int, torch.Tensor], None] | None = None,
-           video_only: bool = False):
+           video_only: bool = False) -> torch.Tensor:
     """Run the model's own sampler; returns latents (pixels in [-1, 1] for a model without an autoencoder).
     ``video_only``: skip forwards that cannot change the video (Self-Forcing's clean pass after the last chunk);
     a capture keeps them, since it records every forward the released loop runs."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import product
 from typing import TYPE_CHECKING, Any
@@ -50,7 +51,7 @@ from toolkit.attention.families import (
     tokens_context,
 )
 from toolkit.errors import ToolkitError
-from toolkit.grid import as_grid
+from toolkit.grid import TokenGrid, as_grid
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -171,8 +172,9 @@ def template_kind(fam: str) -> str:
     raise ToolkitError(f"unknown family {fam!r}; {UNKNOWN}")
 
 
-def expand_levels(families: tuple[str, ...], densities: tuple[float, ...], grid, query_frames=None,
-                  key_frames=None) -> list[list[Level]]:
+def expand_levels(families: tuple[str, ...], densities: tuple[float, ...], grid: TokenGrid | Sequence[int],
+                  query_frames: tuple[int, int] | None = None,
+                  key_frames: tuple[int, int] | None = None) -> list[list[Level]]:
     """Per family, one `Level` per density (see the module docstring); ``grid`` = the capture's (frames, height,
     width), ``query_frames`` / ``key_frames`` the record's (Monarch tilings must fit them; None: the whole clip).
     Bad templates and specs are refused in one line before anything is computed."""

@@ -66,7 +66,10 @@ def _misaligned_block(tile_tokens: int, width: int) -> tuple[int, int] | None:
     return tile_tokens // b2, b2
 
 
-def default_layouts(grid, query_frames=None, key_frames=None, block_causal_frames=None) -> list[MonarchLayout]:
+def default_layouts(
+    grid: TokenGrid | Sequence[int], query_frames: tuple[int, int] | None = None,
+    key_frames: tuple[int, int] | None = None, block_causal_frames: int | None = None,
+) -> list[MonarchLayout]:
     """The paper's fh,w tilings; every aligned base framewise, per chunk and untiled; and misaligned contiguous
     controls (one chunk or one frame per tile). Only layouts valid for the given frame ranges, b1, b2 ≥ 2."""
     grid = as_grid(grid)
@@ -98,7 +101,7 @@ def _check_layout(layout: MonarchLayout, query_frames, key_frames, block_causal_
     allowed_tiles(layout, qf, kf, block_causal_frames)
 
 
-def parse_layout(spec: str, grid) -> MonarchLayout:
+def parse_layout(spec: str, grid: TokenGrid | Sequence[int]) -> MonarchLayout:
     """``fh,w:1,2,1`` (aligned base : tiling) or ``contiguous:18x20`` (b1 x b2)."""
     name, _, params = spec.partition(":")
     try:
@@ -117,7 +120,10 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def tiling_sweep_layouts(grid, query_frames=None, key_frames=None) -> list[MonarchLayout]:
+def tiling_sweep_layouts(
+    grid: TokenGrid | Sequence[int], query_frames: tuple[int, int] | None = None,
+    key_frames: tuple[int, int] | None = None,
+) -> list[MonarchLayout]:
     """Every ``fh,w`` tiling (f_tied dividing the query frames or 3, any h_reduce | height, w_reduce | width) with
     b1, b2 ≥ 2, by effective sparsity: the points of a Fig. 1-style error-vs-sparsity curve (at 480p these
     include all the sweep points of ``docs/monarch.md`` "Configurations", from (2,2) at 0 % to (90,52) at 97 %)."""
@@ -139,7 +145,10 @@ def tiling_sweep_layouts(grid, query_frames=None, key_frames=None) -> list[Monar
     return sorted(layouts, key=lambda lay: (lay.effective_sparsity, lay.name))
 
 
-def resolve_layouts(specs: Sequence[str], grid, query_frames=None, key_frames=None) -> list[MonarchLayout]:
+def resolve_layouts(
+    specs: Sequence[str], grid: TokenGrid | Sequence[int], query_frames: tuple[int, int] | None = None,
+    key_frames: tuple[int, int] | None = None,
+) -> list[MonarchLayout]:
     """Layout specs -> layouts: ``default`` (:func:`default_layouts`), ``fh,w:all`` (:func:`tiling_sweep_layouts`),
     or single layouts as in :func:`parse_layout`; duplicates dropped, order kept."""
     out: dict[str, MonarchLayout] = {}

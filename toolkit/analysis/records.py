@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from toolkit.errors import ToolkitError
 
 if TYPE_CHECKING:
     import torch
+    from xarray.core.indexing import IndexSelResult
 
 # The coordinates that identify a record of a result (``run`` only when several captures are stacked).
 RECORD_KEY = ("run", "prompt", "seed", "step", "chunk", "layer")  # prompt, seed: a prompt set's captures
@@ -151,14 +152,16 @@ class RecordIndex(xr.Index):
         self.labels, self.dim = labels, dim
 
     @classmethod
-    def from_variables(cls, variables, *, options) -> RecordIndex:
+    def from_variables(cls, variables: Mapping[Any, xr.Variable], *, options: Mapping[str, Any]) -> RecordIndex:
         dims = {v.dims for v in variables.values()}
         if len(dims) != 1 or len(next(iter(dims))) != 1:
             raise ValueError(f"RecordIndex needs 1-D coordinates of one dim, got {sorted(map(str, dims))}")
         return cls({str(k): np.asarray(v.values) for k, v in variables.items()}, next(iter(dims))[0])
 
     @classmethod
-    def concat(cls, indexes, dim, positions=None) -> RecordIndex:
+    def concat(
+        cls, indexes: Sequence[RecordIndex], dim: Hashable, positions: Iterable[Iterable[int]] | None = None
+    ) -> RecordIndex:
         names = list(indexes[0].labels)
         if any(list(i.labels) != names for i in indexes):
             raise ValueError("cannot concatenate record indexes over different coordinates")
@@ -168,7 +171,7 @@ class RecordIndex(xr.Index):
             labels = {n: v[order] for n, v in labels.items()}
         return cls(labels, dim)
 
-    def create_variables(self, variables=None) -> dict:
+    def create_variables(self, variables: Mapping[Any, xr.Variable] | None = None) -> dict[Any, xr.Variable]:
         variables = variables or {}
         out = {}
         for name, values in self.labels.items():  # input variables may be stale (before isel): metadata only
@@ -177,7 +180,7 @@ class RecordIndex(xr.Index):
                                     None if old is None else old.encoding)
         return out
 
-    def isel(self, indexers) -> RecordIndex | None:
+    def isel(self, indexers: Mapping[Any, int | slice | np.ndarray | xr.Variable]) -> RecordIndex | None:
         where = indexers.get(self.dim, slice(None))
         if isinstance(where, xr.Variable):
             where = where.values
@@ -185,7 +188,7 @@ class RecordIndex(xr.Index):
             return None  # one record left: no dim to index
         return type(self)({n: v[where] for n, v in self.labels.items()}, self.dim)
 
-    def sel(self, labels, method=None, tolerance=None):
+    def sel(self, labels: dict[Any, Any], method: str | None = None, tolerance: Any = None) -> IndexSelResult:
         from xarray.core.indexing import IndexSelResult
 
         if method is not None or tolerance is not None:
@@ -202,11 +205,11 @@ class RecordIndex(xr.Index):
         one = set(labels) == set(self.labels) and all(np.ndim(v) == 0 for v in labels.values()) and len(found) == 1
         return IndexSelResult({self.dim: int(found[0]) if one else found})
 
-    def equals(self, other, *, exclude=None) -> bool:
+    def equals(self, other: xr.Index, *, exclude: frozenset[Hashable] | None = None) -> bool:
         return (isinstance(other, RecordIndex) and list(self.labels) == list(other.labels)
                 and all(np.array_equal(v, other.labels[n]) for n, v in self.labels.items()))
 
-    def rename(self, name_dict, dims_dict) -> RecordIndex:
+    def rename(self, name_dict: Mapping[Any, Hashable], dims_dict: Mapping[Any, Hashable]) -> RecordIndex:
         labels = {str(name_dict.get(n, n)): v for n, v in self.labels.items()}
         return type(self)(labels, dims_dict.get(self.dim, self.dim))
 

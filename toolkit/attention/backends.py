@@ -39,7 +39,7 @@ chunk or head it does not have is refused in one line.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -49,7 +49,7 @@ from torch import nn
 from toolkit.attention.families import FAMILY_FORMS, Family, family_backend, parse_family
 from toolkit.attention.monarch import monarch_backend
 from toolkit.errors import ToolkitError
-from toolkit.grid import MonarchLayout
+from toolkit.grid import MonarchLayout, TokenGrid
 from toolkit.indices import index_range
 from toolkit.models.layout import RunLayout
 from toolkit.models.seam import AttentionContext, Backend, dense_attention, seams, set_backend, use_backend
@@ -72,7 +72,7 @@ class MonarchSpec:
     block: tuple[int, int] | None = None
     iters: int = 1
 
-    def layout(self, grid) -> MonarchLayout:
+    def layout(self, grid: TokenGrid | Sequence[int]) -> MonarchLayout:
         if self.block is not None:
             return MonarchLayout.contiguous(grid, *self.block)
         return MonarchLayout.aligned(grid, "fh,w", self.tiling or (1, 1, 1))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from toolkit.attention import exact
 from toolkit.errors import ToolkitError
-from toolkit.grid import as_grid
+from toolkit.grid import TokenGrid, as_grid
 from toolkit.models.seam import AttentionContext, Backend
 
 Tile = tuple[int, int, int]  # (frames, rows, columns) of one tile of the token grid
@@ -58,9 +58,9 @@ class Coords(NamedTuple):
     col: torch.Tensor
 
 
-def call_context(grid, scale: float, query_frames: tuple[int, int] | None = None,
+def call_context(grid: TokenGrid | Sequence[int], scale: float, query_frames: tuple[int, int] | None = None,
                  key_frames: tuple[int, int] | None = None, attn_mask: torch.Tensor | None = None,
-                 **where) -> AttentionContext:
+                 **where: int | bool | float) -> AttentionContext:
     """An `AttentionContext` for analysing captured q, k, v outside the model (whole clip by default);
     ``where`` may set ``layer``, ``step``, ``chunk``, ``is_clean``, ``timestep`` (labels only)."""
     grid = as_grid(grid)
@@ -70,14 +70,18 @@ def call_context(grid, scale: float, query_frames: tuple[int, int] | None = None
                             key_frames=key_frames or frames, attn_mask=attn_mask)
 
 
-def tokens_context(grid, scale: float, query_tokens: torch.Tensor, key_tokens: torch.Tensor) -> AttentionContext:
+def tokens_context(
+    grid: TokenGrid | Sequence[int], scale: float, query_tokens: torch.Tensor, key_tokens: torch.Tensor
+) -> AttentionContext:
     """The context of a captured record from its clip raster indices (``RecordTensors.query_tokens`` /
     ``key_tokens``), which must be runs of whole frames (a strided capture is refused in one line)."""
     grid = as_grid(grid)
     return call_context(grid, scale, grid.frame_range(query_tokens), grid.frame_range(key_tokens))
 
 
-def token_coords(ctx: AttentionContext, frames: tuple[int, int], n: int, device=None) -> Coords:
+def token_coords(
+    ctx: AttentionContext, frames: tuple[int, int], n: int, device: torch.device | str | None = None
+) -> Coords:
     """Coordinates of the ``n`` raster tokens of ``frames``; a `ToolkitError` unless they are exactly those frames."""
     grid = as_grid(ctx.grid)
     expected = (frames[1] - frames[0]) * grid.tokens_per_frame
@@ -88,13 +92,15 @@ def token_coords(ctx: AttentionContext, frames: tuple[int, int], n: int, device=
     return Coords(token // grid.tokens_per_frame, (token // grid.width) % grid.height, token % grid.width)
 
 
-def call_coords(ctx: AttentionContext, n_queries: int, n_keys: int, device=None) -> tuple[Coords, Coords]:
+def call_coords(
+    ctx: AttentionContext, n_queries: int, n_keys: int, device: torch.device | str | None = None
+) -> tuple[Coords, Coords]:
     """(query, key) coordinates of a call."""
     return (token_coords(ctx, ctx.query_frames, n_queries, device),
             token_coords(ctx, ctx.key_frames, n_keys, device))
 
 
-def exact_pairs(ctx: AttentionContext, device=None) -> torch.Tensor | None:
+def exact_pairs(ctx: AttentionContext, device: torch.device | str | None = None) -> torch.Tensor | None:
     """The pairs the exact attention computes: ``ctx.attn_mask`` (bool ``i j`` or ``b h i j``), None for all."""
     mask = ctx.attn_mask
     if mask is None:
@@ -119,7 +125,9 @@ def check_rows(mask: torch.Tensor, what: str) -> torch.Tensor:
     return mask
 
 
-def tile_index(coords: Coords, tile: Tile, grid) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[int, ...]]:
+def tile_index(
+    coords: Coords, tile: Tile, grid: TokenGrid | Sequence[int]
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[int, ...]]:
     """Tile of each token over the clip: (flat tile index ``n``, per-axis tile index, tiles per axis)."""
     grid = as_grid(grid)
     axes = tuple(c // t for c, t in zip(coords, tile))
@@ -195,7 +203,7 @@ class Family:
         mask = self.mask(q, k, v, ctx)
         return Approximation(masked_attention(q, k, v, mask, ctx.scale), mask, density(mask, ctx))
 
-    def clip_density(self, grid) -> float | None:
+    def clip_density(self, grid: TokenGrid | Sequence[int]) -> float | None:
         """Density on a bidirectional call over the whole clip ``grid``, without data; None where it depends on
         q and k (or on more than the grid)."""
         return None
@@ -266,7 +274,7 @@ class OracleBlockTopK(Family):
     def __str__(self) -> str:
         return f"blocktopk:{self.keep:g}:{','.join(map(str, self.tile))}"
 
-    def clip_density(self, grid) -> float | None:
+    def clip_density(self, grid: TokenGrid | Sequence[int]) -> float | None:
         """⌈keep · n⌉ / n over n equal tiles when the tiles divide the grid (else tiles differ in size: None)."""
         grid = as_grid(grid)
         if any(size % t for size, t in zip(grid, self.tile)):
@@ -274,8 +282,8 @@ class OracleBlockTopK(Family):
         n = math.prod(size // t for size, t in zip(grid, self.tile))
         return int(keep_count(self.keep, torch.tensor(n))) / n
 
-    def block_mass(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, q_tile, k_tile,
-                   n_tiles: int) -> torch.Tensor:
+    def block_mass(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, q_tile: torch.Tensor,
+                   k_tile: torch.Tensor, n_tiles: int) -> torch.Tensor:
         """Exact attention mass of every (query tile, key tile) block: ``... T T`` (compute dtype)."""
         leading = math.prod(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]))
         mass = None
@@ -286,7 +294,7 @@ class OracleBlockTopK(Family):
             mass = part if mass is None else mass + part
         return mass
 
-    def mask(self, q, k, v, ctx):
+    def mask(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         if self.tile == (1, 1, 1):
             return check_rows(restrict(self.token_mask(q, k, ctx), ctx), str(self))
         q_tile, k_tile, present, own = _tile_pairs(ctx, self.tile, q.shape[-2], k.shape[-2], q.device)
@@ -318,8 +326,8 @@ class PredictedBlockTopK(OracleBlockTopK):
     def __str__(self) -> str:
         return f"blocktopk-pred:{self.keep:g}:{','.join(map(str, self.tile))}"
 
-    def pooled_scores(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, q_tile, k_tile,
-                      n_tiles: int) -> torch.Tensor:
+    def pooled_scores(self, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext, q_tile: torch.Tensor,
+                      k_tile: torch.Tensor, n_tiles: int) -> torch.Tensor:
         """scale · q̄ k̄ᵀ over tiles: ``... T T`` (tiles without tokens pool to zero; they are never present)."""
         dt = exact.compute_dtype(q, k)
 
@@ -331,7 +339,7 @@ class PredictedBlockTopK(OracleBlockTopK):
 
         return torch.matmul(pooled(q, q_tile), pooled(k, k_tile).transpose(-1, -2)) * ctx.scale
 
-    def mask(self, q, k, v, ctx):
+    def mask(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         q_tile, k_tile, present, own = _tile_pairs(ctx, self.tile, q.shape[-2], k.shape[-2], q.device)
         score = self.pooled_scores(q, k, ctx, q_tile, k_tile, own.shape[0])
         kept = top_tiles(score, present, own, self.keep)
@@ -359,7 +367,7 @@ class SlidingTileAttention(Family):
     def __str__(self) -> str:
         return f"sta:{','.join(map(str, self.window))}:{','.join(map(str, self.tile))}"
 
-    def clip_density(self, grid) -> float:
+    def clip_density(self, grid: TokenGrid | Sequence[int]) -> float:
         """The window is a product over axes, so its pairs are the product of each axis's kept coordinate pairs."""
         kept = 1.0
         for n, size, t in zip(as_grid(grid), self.window, self.tile):
@@ -369,7 +377,7 @@ class SlidingTileAttention(Family):
             kept *= float(((tiles[None, :] >= start) & (tiles[None, :] < start + min(size, count))).sum()) / n**2
         return kept
 
-    def mask(self, q, k, v, ctx):
+    def mask(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         qc, kc = call_coords(ctx, q.shape[-2], k.shape[-2], q.device)
         _, q_axes, counts = tile_index(qc, self.tile, ctx.grid)
         _, k_axes, _ = tile_index(kc, self.tile, ctx.grid)
@@ -406,7 +414,7 @@ class RadialAttention(Family):
     def __str__(self) -> str:
         return f"radial:{self.dense_frames},{self.radius}"
 
-    def clip_density(self, grid) -> float:
+    def clip_density(self, grid: TokenGrid | Sequence[int]) -> float:
         """Σ over frame pairs of the spatial pairs within that pair's radius; a Chebyshev square is a product of a
         row band and a column band."""
         grid = as_grid(grid)
@@ -423,7 +431,7 @@ class RadialAttention(Family):
         decayed = torch.full_like(distance, self.radius) // 2 ** decay_band(distance, self.dense_frames)
         return torch.where(distance <= self.dense_frames, torch.iinfo(torch.long).max, decayed)
 
-    def mask(self, q, k, v, ctx):
+    def mask(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         call_coords(ctx, q.shape[-2], k.shape[-2])  # refuses calls that are not whole frames
         grid = as_grid(ctx.grid)
         q_frames = torch.arange(*ctx.query_frames, device=q.device)
@@ -437,7 +445,7 @@ class RadialAttention(Family):
         return check_rows(restrict(mask, ctx), str(self))
 
 
-def sampled_rows(n_queries: int, rows: int, device=None) -> torch.Tensor:
+def sampled_rows(n_queries: int, rows: int, device: torch.device | str | None = None) -> torch.Tensor:
     """``rows`` query rows spread evenly over ``n_queries`` (all when rows ≥ n_queries), sorted, distinct."""
     if rows >= n_queries:
         return torch.arange(n_queries, device=device)
@@ -461,7 +469,9 @@ class SparseVideoGen(Family):
     def __str__(self) -> str:
         return f"svg:{self.rows}:{self.frame_band},{self.spatial_band}"
 
-    def candidate_masks(self, ctx: AttentionContext, n_queries: int, n_keys: int, device=None):
+    def candidate_masks(
+        self, ctx: AttentionContext, n_queries: int, n_keys: int, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(spatial, temporal) masks ``i j`` (or ``... i j`` with an attn_mask)."""
         qc, kc = call_coords(ctx, n_queries, n_keys, device)
         spatial = (kc.frame[None, :] - qc.frame[:, None]).abs() <= self.frame_band
@@ -469,7 +479,10 @@ class SparseVideoGen(Family):
             (kc.col[None, :] - qc.col[:, None]).abs() <= self.spatial_band)
         return restrict(spatial, ctx), restrict(temporal, ctx)
 
-    def is_spatial(self, q, k, v, ctx, candidates: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def is_spatial(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
+        candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Which heads (leading indices) take the spatial mask: bool ``...``."""
         spatial, temporal = candidates or self.candidate_masks(ctx, q.shape[-2], k.shape[-2], q.device)
         rows = sampled_rows(q.shape[-2], self.rows, q.device)
@@ -481,7 +494,7 @@ class SparseVideoGen(Family):
                  for m in (spatial, temporal)]
         return error[0] <= error[1]
 
-    def mask(self, q, k, v, ctx):
+    def mask(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         spatial, temporal = self.candidate_masks(ctx, q.shape[-2], k.shape[-2], q.device)
         choice = self.is_spatial(q, k, v, ctx, (spatial, temporal))[..., None, None]
         return check_rows(torch.where(choice, spatial, temporal), str(self))
@@ -501,7 +514,7 @@ class UserFamily(Family):
     def __str__(self) -> str:
         return f"py:{self.module}:{self.function}"
 
-    def call(self, q, k, v, ctx) -> torch.Tensor:
+    def call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Run the callable on heads-first ``... i d`` inputs; its answer in the seam's layout."""
         seam = [(x if x.dim() == 4 else x.unsqueeze(0)).transpose(1, 2) for x in (q, k, v)]
         return self.fn(*seam, ctx)
@@ -516,16 +529,16 @@ class UserFamily(Family):
             raise ToolkitError(f"{self}: the mask has shape {tuple(answer.shape)}, the call needs {shape}") from None
         return check_rows(restrict(answer.to(q.device), ctx), str(self))
 
-    def mask(self, q, k, v, ctx):
+    def mask(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         answer = self.call(q, k, v, ctx)
         if answer.dtype != torch.bool:
             raise ToolkitError(f"{self} returns an output, not a mask")
         return self._as_mask(answer, q, k, ctx)
 
-    def output(self, q, k, v, ctx):
+    def output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         return self.evaluate(q, k, v, ctx).out
 
-    def evaluate(self, q, k, v, ctx) -> Approximation:
+    def evaluate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> Approximation:
         answer = self.call(q, k, v, ctx)
         if answer.dtype == torch.bool:
             mask = self._as_mask(answer, q, k, ctx)

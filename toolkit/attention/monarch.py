@@ -60,14 +60,18 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from toolkit.attention import exact
 from toolkit.errors import ToolkitError
 from toolkit.grid import MonarchLayout, TokenGrid, as_grid
+
+if TYPE_CHECKING:
+    from toolkit.models.seam import AttentionContext
 
 # Entries of one exact probability block in the tile loops.
 DEFAULT_BLOCK_ENTRIES = exact.DEFAULT_BLOCK_ENTRIES
@@ -261,7 +265,7 @@ def monarch_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    grid,
+    grid: TokenGrid | Sequence[int] | None,
     tiling: tuple[int, int, int] = (1, 1, 1),
     *,
     query_frames: tuple[int, int] | None = None,
@@ -289,7 +293,9 @@ def monarch_attention(
     return (out, factors) if return_factors else out
 
 
-def check_block_causal_mask(mask: torch.Tensor, grid: TokenGrid, chunk_frames: int, ctx) -> None:
+def check_block_causal_mask(
+    mask: torch.Tensor, grid: TokenGrid, chunk_frames: int, ctx: AttentionContext
+) -> None:
     """Raise unless ``mask`` (``i j`` or ``b h i j``, True = attend) of the no-cache training path is the
     ``chunk_frames`` block-causal mask (checked on each query frame's first row)."""
     tpf = grid.tokens_per_frame

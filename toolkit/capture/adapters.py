@@ -67,6 +67,7 @@ import inspect
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -215,7 +216,7 @@ class SDPAAdapter(nn.Module):
 
     @classmethod
     def for_diffusers(cls, transformer: nn.Module, latent_shape: Sequence[int], *, batch_index: int = 0,
-                      **forward_kwargs) -> SDPAAdapter:
+                      **forward_kwargs: Any) -> SDPAAdapter:
         """Adapter for a diffusers video transformer of ``DIFFUSERS_MODELS``; ``latent_shape`` is the shape of the
         ``hidden_states`` it will be called with (LTX-Video: the unpacked ``b c F H W``, or give its ``num_frames,
         height, width`` keywords); ``batch_index``: the sample captured (``DiTSpec.cfg`` says which one is the

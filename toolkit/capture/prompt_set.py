@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from toolkit.capture.selection import Plan, Selection, resolve
 from toolkit.errors import OutputError, ToolkitError
@@ -512,7 +512,7 @@ def _complete_on_disk(path: str) -> bool:
         return False
 
 
-def print_index_summary(index: dict, out=sys.stderr) -> None:
+def print_index_summary(index: dict, out: TextIO = sys.stderr) -> None:
     """One line: how many captures are complete, the mean time per capture and where."""
     n = len(index["captures"])
     ok = sum(c["status"] == "complete" for c in index["captures"])

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from functools import cached_property
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import h5py
 import numpy as np
@@ -35,6 +36,9 @@ from toolkit.capture.store import FORMAT_NAME, FORMAT_VERSION, from_storage
 from toolkit.device import resolve_device
 from toolkit.errors import ToolkitError
 from toolkit.models.layout import check_window
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 # Largest probability block rows()/tile() return (float32 entries).
 MAX_TILE_ENTRIES = exact.DEFAULT_BLOCK_ENTRIES
@@ -113,15 +117,17 @@ class Record:
         data = data[np.argsort(order)] if len(pos) > 1 else data
         return from_storage(data, str(ds.attrs.get("dtype_logical", "float32")), device)
 
-    def q(self, heads=None, device=None) -> torch.Tensor:
+    def q(self, heads: int | Sequence[int] | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         """Post-RoPE queries ``h i d`` of the stored query tokens (float32, on ``device``, default CPU)."""
         return self._read("q", (self._s, self._l, slice(self._qa, self._qb)), heads, device)
 
-    def lse(self, heads=None, device=None) -> torch.Tensor:
+    def lse(self, heads: int | Sequence[int] | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         """Natural-log LSE of ``scale·q·k`` over the attended keys, ``h i``."""
         return self._read("lse", (self._s, self._l, slice(self._qa, self._qb)), heads, device)
 
-    def text_mass(self, heads=None, device=None) -> torch.Tensor:
+    def text_mass(
+        self, heads: int | Sequence[int] | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         """Attention mass of each stored query on the text tokens of a joint text+video attention (0 for a model
         without them), ``h i``: its row over the video keys sums to 1 minus this (``store`` ``text_mass``)."""
         return self._read("text_mass", (self._s, self._l, slice(self._qa, self._qb)), heads, device)
@@ -144,11 +150,11 @@ class Record:
                                 device))
         return torch.cat(parts, dim=-2)
 
-    def k(self, heads=None, device=None) -> torch.Tensor:
+    def k(self, heads: int | Sequence[int] | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         """Post-RoPE keys ``h j d`` the record attended (``key_tokens``), reassembled from per-step slices."""
         return self._keys("k", heads, device)
 
-    def v(self, heads=None, device=None) -> torch.Tensor:
+    def v(self, heads: int | Sequence[int] | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         """Values ``h j d`` the record attended."""
         return self._keys("v", heads, device)
 
@@ -356,7 +362,7 @@ class Capture:
         return record if isinstance(record, Record) else self.record(*record)
 
     @cached_property
-    def dataset(self):
+    def dataset(self) -> xr.Dataset:
         """The whole file as a lazy xarray Dataset (the ``toolkit`` engine: h5netcdf with bf16 bits and float16
         decoded to float32, so ``q``/``k``/``v`` equal ``Record.q()``/``k()``/``v()``; dask chunks = storage
         chunks). ``k``/``v`` are indexed by the step that *wrote* each token: a record's keys are ``attended``.
@@ -372,7 +378,7 @@ class Capture:
         out.set_close(ds._close)  # closing the view closes the file
         return out
 
-    def attended(self, record, heads=None):
+    def attended(self, record: Record | tuple[int, int, int], heads: int | Sequence[int] | None = None) -> xr.Dataset:
         """Lazy view of exactly what ``record``'s queries attended, as an ``xarray.Dataset``: ``k`` and ``v``
         (``head, key, dim``) over the attended keys — the clean-pass (``context_step``) K/V of the frames before the
         record's chunk, then the chunk's own K/V at the record's step, read by reference as ``Record.k()`` does —
@@ -450,7 +456,10 @@ class Capture:
             raise ToolkitError(f"{rows} × {cols} probabilities ({human_bytes(rows * cols * 4)}) exceed the tile limit "
                                f"of {MAX_TILE_ENTRIES} entries; ask for fewer queries or a smaller tile")
 
-    def rows(self, record, head: int, queries=None, *, device=None):
+    def rows(
+        self, record: Record | tuple[int, int, int], head: int, queries: torch.Tensor | Sequence[int] | None = None, *,
+        device: torch.device | str | None = None,
+    ) -> xr.DataArray:
         """Exact probability rows ``P[query, key]`` of stored ``queries`` (clip token ids; None = all) over all
         attended keys, as a labelled ``xarray.DataArray``."""
         rec = self._as_record(record)
@@ -467,7 +476,10 @@ class Capture:
             p = exact.probs(q, k, lse, rec.scale)
         return self._labelled(p, rec, head, q_tok, rec.key_tokens)
 
-    def tile(self, record, head: int, q_range: tuple[int, int], k_range: tuple[int, int], *, device=None):
+    def tile(
+        self, record: Record | tuple[int, int, int], head: int, q_range: tuple[int, int], k_range: tuple[int, int], *,
+        device: torch.device | str | None = None,
+    ) -> xr.DataArray:
         """Exact probabilities of the stored queries with clip token in ``[q_range)`` on the attended keys in
         ``[k_range)`` (clip token ids), labelled."""
         rec = self._as_record(record)
@@ -481,7 +493,10 @@ class Capture:
             p = exact.probs(q[qd], k[kd], lse[qd], rec.scale)
         return self._labelled(p, rec, head, q_tok[qsel], k_tok[ksel])
 
-    def pooled(self, record, heads=None, *, source: str = "auto", device=None):
+    def pooled(
+        self, record: Record | tuple[int, int, int], heads: int | Sequence[int] | None = None, *, source: str = "auto",
+        device: torch.device | str | None = None,
+    ) -> xr.Dataset:
         """Frame×frame mass and (Δt, Δh, Δw) offset profiles of a record as an ``xarray.Dataset``.
 
         ``source``: ``recompute`` from q/k/lse (exact, streamed), ``stored`` (pooled views written during
@@ -531,7 +546,9 @@ class Capture:
                    "source": source})
 
     # -------------------------------------------------------------------------------------------- integrity
-    def verify(self, records: int | None = None, rows: int = 64, *, seed: int = 0, device=None) -> str:
+    def verify(
+        self, records: int | None = None, rows: int = 64, *, seed: int = 0, device: torch.device | str | None = None
+    ) -> str:
         """Integrity check on a sample: for ``records`` complete records (evenly spread; 0 = all; None = as many as
         about ``VERIFY_BUDGET`` keys × heads × channels allow, at least 8) and ``rows``
         stored queries of each (random with ``seed``; 0 = all), every head's row recomputed from the stored q and

@@ -66,6 +66,7 @@ import socket
 import threading
 import warnings
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -74,6 +75,9 @@ import torch
 from toolkit._version import __version__
 from toolkit.capture.selection import Plan, resolve_storage_dtype
 from toolkit.errors import ToolkitError
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 FORMAT_NAME = "toolkit-capture"
 # Version 2 = key sets with an attention sink (rolling KV cache); files without one are still written as 1, which
@@ -496,7 +500,8 @@ def _leaves(value, prefix: str) -> dict[str, object]:
     return {prefix: value.tolist() if hasattr(value, "tolist") else value}
 
 
-def resume_mismatches(attrs, plan: Plan, provenance: dict, model_dtype: torch.dtype | None) -> list[str]:
+def resume_mismatches(attrs: h5py.AttributeManager, plan: Plan, provenance: dict,
+                      model_dtype: torch.dtype | None) -> list[str]:
     """``setting (was → now)`` for each setting of the file that differs from the new run's (empty: same run)."""
     now = {"layout": _attr(plan.layout.to_attrs()), "selection": _attr(_selection_attrs(plan))}
     now.update({k: _attr(v) for k, v in provenance.items() if k in RESUME_KEYS})
@@ -544,7 +549,8 @@ class AsyncWriter:
     later items are dropped, and it is re-raised (one line) by the next ``check``/``put``/``mark``/``close`` in
     the main thread (the recorder's hook checks on every seam call, so the sampler stops)."""
 
-    def __init__(self, store: CaptureStore, *, max_inflight_bytes: int = 2 << 30, progress=None) -> None:
+    def __init__(self, store: CaptureStore, *, max_inflight_bytes: int = 2 << 30,
+                 progress: tqdm | None = None) -> None:
         self.store = store
         self.max_inflight = max_inflight_bytes
         self.inflight = 0

@@ -11,14 +11,23 @@ bit for bit. It is registered under the name ``toolkit`` through the ``xarray.ba
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from xarray.backends import BackendEntrypoint
 
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    import xarray as xr
+    from xarray.backends.common import T_PathFileOrDataStore
+    from xarray.coders import CFDatetimeCoder
+    from xarray.core.types import Lock
+
 DECODED_LOGICAL = ("bfloat16", "float16")
 
 
-def bf16_bits_to_float32(bits) -> np.ndarray:
+def bf16_bits_to_float32(bits: npt.ArrayLike) -> np.ndarray:
     """Raw bf16 bit patterns (uint16 / int16) -> float32 (``float32 bits = uint32(x) << 16``), exactly as torch widens
     bf16."""
     bits = np.asarray(bits)
@@ -29,7 +38,7 @@ def _float16_to_float32(x) -> np.ndarray:
     return np.asarray(x).astype(np.float32)
 
 
-def decode_variable(var):
+def decode_variable(var: xr.Variable) -> xr.Variable:
     """``var`` (an ``xarray.Variable``) with stored bf16 bits / float16 values decoded to float32, lazily; any other
     variable unchanged."""
     import xarray as xr
@@ -46,7 +55,7 @@ def decode_variable(var):
                        dict(var.encoding))
 
 
-def decode_dataset(ds):
+def decode_dataset(ds: xr.Dataset) -> xr.Dataset:
     """Decode every bf16 / float16 tensor variable of a capture dataset to float32 (lazy)."""
     variables = {name: decode_variable(var) for name, var in ds.variables.items()}
     out = ds.copy()
@@ -66,8 +75,18 @@ class ToolkitBackendEntrypoint(BackendEntrypoint):
     open_dataset_parameters = ("filename_or_obj", "drop_variables", "decode_bits", "mask_and_scale", "decode_times",
                                "decode_coords", "lock", "phony_dims")
 
-    def open_dataset(self, filename_or_obj, *, drop_variables=None, decode_bits=True, mask_and_scale=True,
-                     decode_times=True, decode_coords=True, lock=None, phony_dims=None):
+    def open_dataset(
+        self,
+        filename_or_obj: T_PathFileOrDataStore,
+        *,
+        drop_variables: str | Iterable[str] | None = None,
+        decode_bits: bool = True,
+        mask_and_scale: bool | Mapping[str, bool] = True,
+        decode_times: bool | CFDatetimeCoder | Mapping[str, bool | CFDatetimeCoder] = True,
+        decode_coords: Literal["coordinates", "all"] | bool = True,
+        lock: Lock | Literal[False] | None = None,
+        phony_dims: Literal["sort", "access"] | None = None,
+    ) -> xr.Dataset:
         from xarray.backends.h5netcdf_ import H5netcdfBackendEntrypoint
 
         ds = H5netcdfBackendEntrypoint().open_dataset(
@@ -75,7 +94,7 @@ class ToolkitBackendEntrypoint(BackendEntrypoint):
             decode_coords=decode_coords, lock=lock, phony_dims=phony_dims)
         return decode_dataset(ds) if decode_bits else ds
 
-    def guess_can_open(self, filename_or_obj) -> bool:
+    def guess_can_open(self, filename_or_obj: T_PathFileOrDataStore) -> bool:
         if not isinstance(filename_or_obj, (str, os.PathLike)):
             return False
         try:

@@ -23,7 +23,16 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
+    import xarray as xr
+
+    from toolkit.analysis.approximations import ApproximationOptions
+    from toolkit.analysis.monarch import MonarchOptions
+    from toolkit.analysis.partial import RecordSink
+    from toolkit.analysis.periodic import PeriodicOptions
     from toolkit.analysis.records import RecordSelection
+    from toolkit.analysis.topk import TopkOptions
 
 # name -> module; order = order in the help text.
 ANALYSES = {
@@ -278,7 +287,7 @@ ARGUMENTS = {"periodic": add_periodic_arguments, "topk": add_topk_arguments, "mo
              "approximations": add_approximations_arguments}
 
 
-def build_parser(name: str, module=None) -> argparse.ArgumentParser:
+def build_parser(name: str, module: ModuleType | None = None) -> argparse.ArgumentParser:
     """Parser of ``toolkit analyze NAME`` (``module``: the loaded analysis, for its description)."""
     module = module or _load(name)
     from toolkit.commands import OneLineParser
@@ -290,7 +299,7 @@ def build_parser(name: str, module=None) -> argparse.ArgumentParser:
     return parser
 
 
-def records_from_args(args: argparse.Namespace):
+def records_from_args(args: argparse.Namespace) -> RecordSelection:
     """``--steps/--chunks/--layers/--heads/--allow-incomplete`` -> `RecordSelection`."""
     from toolkit.analysis.records import RecordSelection
 
@@ -298,7 +307,9 @@ def records_from_args(args: argparse.Namespace):
                            allow_incomplete=args.allow_incomplete)
 
 
-def options_from_args(name: str, args: argparse.Namespace):
+def options_from_args(
+    name: str, args: argparse.Namespace
+) -> TopkOptions | PeriodicOptions | MonarchOptions | ApproximationOptions:
     """Parsed ``toolkit analyze NAME`` arguments -> the analysis' options dataclass."""
     if name == "topk":
         from toolkit.analysis.topk import TopkOptions
@@ -338,9 +349,11 @@ def _load(name: str):
     return module
 
 
-def analyze_file(name: str, path: str, records, options, *, device: str | None = None, progress: bool = True,
+def analyze_file(name: str, path: str, records: RecordSelection | None,
+                 options: TopkOptions | PeriodicOptions | MonarchOptions | ApproximationOptions | None, *,
+                 device: str | None = None, progress: bool = True,
                  progress_position: int | None = None, label: str | None = None, coords: dict | None = None,
-                 sink=None):
+                 sink: RecordSink | None = None) -> xr.Dataset:
     """One RUN file -> Dataset with coordinate ``run`` = ``label`` (default: the basename) and ``coords`` (a prompt
     set's ``prompt`` and ``seed``) on every record (the unit of work dask schedules; it re-imports by name so it
     pickles). ``sink``: a `toolkit.analysis.partial.RecordSink` each finished record is written through (None:
@@ -355,7 +368,7 @@ def analyze_file(name: str, path: str, records, options, *, device: str | None =
         return label_run(ds.load(), label or os.path.basename(path), coords)
 
 
-def label_run(ds, label: str, coords: dict | None = None):
+def label_run(ds: xr.Dataset, label: str, coords: dict | None = None) -> xr.Dataset:
     """The ``run`` coordinate (and ``coords``: name -> value, e.g. a prompt set's ``prompt`` and ``seed``) on every
     record of one capture's result, record index set."""
     from toolkit.analysis import index_records
@@ -365,7 +378,7 @@ def label_run(ds, label: str, coords: dict | None = None):
                                           **{k: ("record", [v] * n) for k, v in (coords or {}).items()}))
 
 
-def combine_runs(parts: list):
+def combine_runs(parts: list) -> xr.Dataset:
     """Per-capture results -> one Dataset along ``record`` (numbered 0..n-1)."""
     import xarray as xr
 
@@ -458,7 +471,9 @@ def _check_files(runs: list[str], out: str) -> None:
     prepare_output_dir(out)  # a read-only folder fails now, not after the analysis
 
 
-def resume_key(name: str, runs: list[str], records, options, device: str | None) -> dict:
+def resume_key(name: str, runs: list[str], records: RecordSelection | None,
+               options: TopkOptions | PeriodicOptions | MonarchOptions | ApproximationOptions | None,
+               device: str | None) -> dict:
     """Everything that decides the numbers of a result: the analysis, its options, the record selection, the
     inputs (path, size, modification time) and the device type. ``--resume`` refuses a different key."""
     import datetime

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from toolkit.commands.compare import seeds_type
 from toolkit.commands.generate import add_run_arguments, seed_type
+
+if TYPE_CHECKING:
+    import torch
+
+    from toolkit.capture.prompt_set import RunSettings
+    from toolkit.capture.selection import Plan, Selection
+    from toolkit.models.layout import RunLayout
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,7 +91,7 @@ def parse_bytes(text: str) -> int:
         raise SelectionError(f"cannot read size '{text}' (a finite size such as 4GB or 512MiB)") from None
 
 
-def describe_plan(plan, model_dtype=None) -> str:
+def describe_plan(plan: Plan, model_dtype: torch.dtype | None = None) -> str:
     from toolkit.capture.selection import human_bytes
 
     est = plan.estimate_bytes(model_dtype)
@@ -174,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def complete_records(path: str, args: argparse.Namespace, plan, layout) -> int | None:
+def complete_records(path: str, args: argparse.Namespace, plan: Plan, layout: RunLayout) -> int | None:
     """The number of records of a capture in ``path`` that is complete and was made with these flags (those known
     without loading the model: layout or checkpoint path, selection, model, prompt, seed, attention, noise, dtype),
     else None: then resuming proceeds and the store's own checks say what differs."""
@@ -185,7 +193,7 @@ def complete_records(path: str, args: argparse.Namespace, plan, layout) -> int |
                             .default_prompt, seed=args.seed)
 
 
-def run_settings(args: argparse.Namespace):
+def run_settings(args: argparse.Namespace) -> RunSettings:
     """The run flags (model, weights, device, dtype, attention, noise, clip length) -> `prompt_set.RunSettings`."""
     from toolkit.capture.prompt_set import RunSettings
     from toolkit.commands.generate import sampling_options
@@ -194,7 +202,7 @@ def run_settings(args: argparse.Namespace):
                        attention=args.attention, noise=args.noise, sampling=sampling_options(args))
 
 
-def run_prompt_set(args: argparse.Namespace, select, plan) -> int:
+def run_prompt_set(args: argparse.Namespace, select: Selection, plan: Plan) -> int:
     """``--prompts FILE`` / ``--seeds LIST``: one capture per (prompt, seed) into the folder ``--out``, sharded over
     torchrun's ranks (`toolkit.capture.prompt_set`)."""
     import sys

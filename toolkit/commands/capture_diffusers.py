@@ -6,8 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from toolkit.errors import ToolkitError
+
+if TYPE_CHECKING:
+    import torch
+
+    from toolkit.capture.selection import Plan, Selection
 
 
 def pipeline_arg(text: str) -> tuple[str, object]:
@@ -21,7 +28,7 @@ def pipeline_arg(text: str) -> tuple[str, object]:
         return key.strip(), value
 
 
-def run(args: argparse.Namespace, select, describe_plan) -> int:
+def run(args: argparse.Namespace, select: Selection, describe_plan: Callable[[Plan, torch.dtype | None], str]) -> int:
     """The capture of ``args.diffusers`` with ``select``; ``describe_plan(plan, dtype)`` words the plan (the
     ``toolkit capture`` line, passed in so this module does not import its caller)."""
     import sys

@@ -4,6 +4,7 @@ figures --figures semantic`` makes the one figure that needs the bundled model i
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from toolkit.commands.generate import seed_type
 
@@ -169,7 +170,7 @@ def semantic_options(args: argparse.Namespace) -> dict:
     return dict(prompt=prompt, seed=args.seed, step=args.step, layer=layer, head=head, sprite=args.sprite)
 
 
-def make_semantic(args: argparse.Namespace, log) -> None:
+def make_semantic(args: argparse.Namespace, log: Callable[[str], None]) -> None:
     import torch
 
     from toolkit.device import resolve_device

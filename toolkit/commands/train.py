@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 
 from toolkit.commands.generate import seed_type
@@ -201,7 +202,7 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
     return recipe
 
 
-def run_finetune(args: argparse.Namespace, log) -> int:
+def run_finetune(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     """``--finetune``: everything checked (spec, folders, teacher) before the model trains."""
     from pathlib import Path
 

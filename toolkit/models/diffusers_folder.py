@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from toolkit.errors import ToolkitError, WeightsNotFound
 
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
 
 def load_pipeline(path: str | os.PathLike, *, device: torch.device | str = "cpu",
-                  dtype: torch.dtype | None = None):
+                  dtype: torch.dtype | None = None) -> DiffusionPipeline:
     """``DiffusionPipeline.from_pretrained(path)`` without network access, on ``device`` in ``dtype`` (None: as
     saved); one-line errors for a missing folder, a folder that is not a pipeline, or one without a transformer."""
     path = os.fspath(path)
@@ -59,7 +63,7 @@ class _FirstCall(Exception):
     """Raised by the probe hook to stop the pipeline at its transformer's first call."""
 
 
-def probe(pipe, call: dict) -> TransformerCall:
+def probe(pipe: DiffusionPipeline, call: dict) -> TransformerCall:
     """Run ``pipe(**call)`` up to its transformer's first call (text encoding and latent preparation only) and
     return what that call gets; the scheduler has set its timesteps by then."""
     import inspect

@@ -7,9 +7,14 @@ Which key frames a chunk attends is decided here once (``attended_frames``), for
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import ToolkitError
+
+if TYPE_CHECKING:
+    import torch
 
 Span = tuple[int, int]  # frames [start, end)
 
@@ -123,8 +128,8 @@ class RunLayout:
 
     @classmethod
     def self_forcing(
-        cls, cfg, grid: tuple[int, int, int], timesteps, frames_per_chunk: int = 3, local_attn_size: int = -1,
-        sink_size: int = 0,
+        cls, cfg: Any, grid: tuple[int, int, int], timesteps: Sequence[float] | torch.Tensor, frames_per_chunk: int = 3,
+        local_attn_size: int = -1, sink_size: int = 0,
     ) -> RunLayout:
         """Layout of ``self_forcing_rollout``: denoising steps 0..n-1, then the clean pass (step n, t = 0)."""
         ts = tuple(float(t) for t in timesteps) + (0.0,)
@@ -132,7 +137,9 @@ class RunLayout:
                    local_attn_size=local_attn_size, sink_size=sink_size)
 
     @classmethod
-    def bidirectional(cls, cfg, grid: tuple[int, int, int], timesteps) -> RunLayout:
+    def bidirectional(
+        cls, cfg: Any, grid: tuple[int, int, int], timesteps: Sequence[float] | torch.Tensor
+    ) -> RunLayout:
         """Layout of a bidirectional sampler (``wan_sample``): one chunk, no clean pass."""
         return cls(tuple(grid), cfg.num_layers, cfg.num_heads, cfg.head_dim, tuple(float(t) for t in timesteps))
 

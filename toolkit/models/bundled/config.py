@@ -31,6 +31,7 @@ attention costs 16× less and the model can be wide: on one H200 a compiled trai
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from toolkit.models.bundled import data
 from toolkit.models.wan import WanConfig
@@ -45,7 +46,7 @@ SELF_FORCING_STEPS = (1000, 750, 500, 250)  # warped to t = 1000, 937.5, 833.3, 
 MANY_STEPS = tuple(range(1000, 0, -25))  # 40 steps: the teacher's ODE grid, which contains SELF_FORCING_STEPS
 
 
-def bundled_config(**overrides) -> WanConfig:
+def bundled_config(**overrides: Any) -> WanConfig:
     """The bundled architecture (``overrides`` e.g. ``dim=64, num_layers=2`` for tiny CPU tests)."""
     kwargs = dict(
         dim=160,  # 4 heads x 40
@@ -72,7 +73,7 @@ def bundled_config(**overrides) -> WanConfig:
     return WanConfig(**kwargs)
 
 
-def teacher_config(**overrides) -> WanConfig:
+def teacher_config(**overrides: Any) -> WanConfig:
     """The recipe's teacher (stage (a)): the same clip and prompt encoding, wider and with 8 × 8 patches (module
     docstring)."""
     kwargs = dict(dim=320, ffn_dim=1280, num_heads=5, num_layers=8, patch_size=TEACHER_PATCH)
@@ -82,14 +83,14 @@ def teacher_config(**overrides) -> WanConfig:
     return cfg
 
 
-def tiny_config(clip: tuple[int, int, int] = (6, 16, 24), **overrides) -> WanConfig:
+def tiny_config(clip: tuple[int, int, int] = (6, 16, 24), **overrides: Any) -> WanConfig:
     """A few-thousand-parameter config of the same family, for CPU tests and ``toolkit train --tiny``."""
     cfg = bundled_config(**{**dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2), **overrides})
     cfg.extra["clip"] = dict(frames=clip[0], height=clip[1], width=clip[2])
     return cfg
 
 
-def tiny_teacher_config(clip: tuple[int, int, int] = (6, 16, 24), **overrides) -> WanConfig:
+def tiny_teacher_config(clip: tuple[int, int, int] = (6, 16, 24), **overrides: Any) -> WanConfig:
     """``teacher_config`` at ``tiny_config`` scale (same clip, 8 × 8 patches)."""
     cfg = teacher_config(**{**dict(dim=48, ffn_dim=96, num_heads=2, num_layers=2), **overrides})
     cfg.extra["clip"] = dict(frames=clip[0], height=clip[1], width=clip[2])

@@ -37,6 +37,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -409,7 +410,7 @@ def choose_guidance(teacher: WanModel, recipe: Recipe, log: Log = print) -> dict
 
 @torch.no_grad()
 def evaluate_model(model: WanModel, prompts: list, seeds: Sequence[int] = (evaluate.HELDOUT_NOISE_SEED,), *,
-                   reference: bool = False, **sampler) -> dict:
+                   reference: bool = False, **sampler: Any) -> dict:
     """The evaluator's summary (a JSON-ready dict) for rollouts of ``model`` on ``prompts`` x ``seeds``; with
     ``reference``, also ground truth of the same prompts and seeds scored the same way (under ``"reference"``)."""
     device = next(model.parameters()).device

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -54,7 +54,9 @@ Log = Callable[[str], None]
 # Teacher forcing: one forward over [clean | noisy] = every chunk's KV-cache denoising step
 
 
-def teacher_forcing_mask(frames: int, tokens_per_frame: int, frames_per_chunk: int, device=None) -> torch.Tensor:
+def teacher_forcing_mask(
+    frames: int, tokens_per_frame: int, frames_per_chunk: int, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Bool [2L, 2L] (True = attend), L = frames·tokens_per_frame, over the sequence [clean clip | noisy clip].
 
     Clean chunk c attends clean chunks ≤ c (as the clean pass at inference); noisy chunk c attends clean
@@ -110,21 +112,23 @@ class ClipSetup:
         mask = teacher_forcing_mask(frames, per_frame, chunk, device)
         return cls(frames, height, width, chunk, mask, chunked_attention(frames, per_frame, chunk))
 
-    def prompts_and_noise(self, batch: int, channels: int, generator: torch.Generator, device
+    def prompts_and_noise(self, batch: int, channels: int, generator: torch.Generator, device: torch.device | str
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """Random prompts' context [b L D] and sampler noise [b c F H W], drawn in that order from ``generator``
         (CPU), on ``device``: the inputs of every stage that samples from pure noise."""
         _, context, noise = self.prompts_context_noise(batch, channels, generator, device)
         return context, noise
 
-    def prompts_context_noise(self, batch: int, channels: int, generator: torch.Generator, device
+    def prompts_context_noise(self, batch: int, channels: int, generator: torch.Generator, device: torch.device | str
                               ) -> tuple[list[data.Prompt], torch.Tensor, torch.Tensor]:
         """:meth:`prompts_and_noise` with the prompts themselves (same draws from ``generator``)."""
         prompts = data.random_prompts(batch, generator)
         noise = torch.randn(batch, channels, self.frames, self.height, self.width, generator=generator)
         return prompts, data.encode_prompts(prompts).to(device), noise.to(device)
 
-    def sample(self, batch: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor, list]:
+    def sample(
+        self, batch: int, generator: torch.Generator, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Procedural clips in model space: (x0 [b c F H W], context [b L D], prompts)."""
         video, context, prompts = data.sample_batch(
             batch, generator, frames=self.frames, height=self.height, width=self.width, device=device
@@ -216,7 +220,7 @@ def lr_at(step: int, total: int, lr: float, warmup: int, final_frac: float = 0.0
     return lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def autocast(device: torch.device | str):
+def autocast(device: torch.device | str) -> torch.autocast:
     """bf16 autocast on CUDA (training and sampling there), full precision elsewhere."""
     device = torch.device(device)
     if device.type == "cuda":
@@ -387,6 +391,6 @@ def train_teacher(
     )
 
 
-def warped_timesteps(denoising_steps) -> list[float]:
+def warped_timesteps(denoising_steps: Sequence[int]) -> list[float]:
     """The sampler's timesteps for a list of denoising steps (shift-5 warp)."""
     return self_forcing_timesteps(SHIFT, denoising_steps).tolist()
