@@ -98,7 +98,7 @@ CASES = {
     "no record_complete": (_delete("record_complete"), "dataset 'record_complete' is missing"),
     "no record_key_start_frame": (_delete("record_key_start_frame"), "'record_key_start_frame' is missing"),
     "lse of the wrong shape": (_lse_shape, "dataset 'lse' has shape (5, 3, 3, 80)"),
-    # 108 tokens in the layout, 90 in the data: topk used to read 36 queries per chunk instead of 30
+    # 108 tokens in the layout, 90 in the data: read blindly, topk would take 36 queries per chunk instead of 30
     "grid with more tokens": (_layout(grid=[6, 3, 6]), "dataset 'key' has shape (90,)"),
     "grid of the same size": (_layout(grid=[6, 5, 3]), "disagrees with the layout grid [6, 5, 3]"),
     "head outside the layout": (_layout(num_heads=2), "dataset 'head' holds [0, 1, 2]"),
