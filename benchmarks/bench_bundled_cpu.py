@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from timing import write_result
+from timing import cpu_model, write_result
 
 import toolkit
 from toolkit.errors import WeightsNotFound
@@ -29,17 +29,6 @@ from toolkit.models import bundled
 from toolkit.models.wan import WanModel
 
 GOAL_S = 20.0
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), so runs on different machines are told apart."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def main() -> None:
@@ -102,7 +91,7 @@ def main() -> None:
         dtype="float32",
         cpu_count=os.cpu_count(),
         cpu=platform.processor() or platform.machine(),
-        cpu_model=_cpu_model(),
+        cpu_model=cpu_model(),
         date=time.strftime("%Y-%m-%d"),
         torch=torch.__version__,
         toolkit=toolkit.__version__,

@@ -54,3 +54,14 @@ def write_result(out: Path, name: str, result: dict) -> Path:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), so runs on different machines are told apart."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"

@@ -2,8 +2,9 @@
 the paper's "48–84 % of tokens" statistic (reported by a secondary source; ``docs/metrics.md`` "Coverage").
 
 (a) per head (grouped by layer) the distribution over every stored query of every selected step and chunk of
-``coverage_fraction`` at mass p (``toolkit.analysis.topk``): box = quartiles, whiskers = 5–95 %; (b) its median
-as a layer × head map; (c) the median per layer at each step.
+``coverage_fraction`` at mass p (``toolkit.analysis.topk``): box = quartiles, whiskers = 5–95 %, shades
+alternating by layer; (b) its median as a layer × head map; (c) the median per layer at each step (the clean pass
+named "clean").
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def pooled(tk: xr.Dataset, mass: float, *, layer: int, head: int, step: int | No
     return cf[np.isfinite(cf)]
 
 
+def step_names(tk: xr.Dataset, steps: list[int]) -> str:
+    """``"0, 1, 2, 3, clean"``: the steps' numbers, with the clean pass (KV-cache refresh) named."""
+    clean = {int(s) for s, c in zip(tk["step"].values, tk["is_clean"].values) if c} if "is_clean" in tk else set()
+    return ", ".join("clean" if s in clean else str(s) for s in steps)
+
+
 @style.use_style
 def plot(d: dict, out_dir: str | Path) -> dict:
     tk, mass = d["topk"], d["mass"]
@@ -76,13 +83,14 @@ def plot(d: dict, out_dir: str | Path) -> dict:
                     medianprops={"color": style.OKABE_ITO["black"]})
     for patch, color in zip(box["boxes"], colors):
         patch.set(facecolor=color, alpha=0.6)
-    a.axhspan(*PAPER_RANGE, color=style.COLORS["topk"], alpha=0.12, lw=0,
-              label="48–84 % (reported for some Self-Forcing heads)")
+    a.axhspan(*PAPER_RANGE, color=style.COLORS["topk"], alpha=0.12, lw=0)  # named in the title, not over the boxes
     centres = [li * (len(heads) + 1) + (len(heads) - 1) / 2 for li in range(len(layers))]
     a.set_xticks(centres, [f"L{layer}" for layer in layers])
-    a.set(ylim=(0, 1), xlabel="layer (one box per head, heads left to right)",
-          ylabel=f"fraction of keys for {mass:.0%} mass", title=f"(a) coverage per head, steps {steps}")
-    a.legend(loc="upper right")
+    a.set(ylim=(0, 1), xlabel="layer (one box per head, heads left to right; shades alternate by layer)",
+          ylabel=f"fraction of keys for {mass:.0%} mass",
+          title=f"(a) coverage per head, every query of steps {step_names(tk, steps)}: "
+                "box = quartiles, whiskers = 5–95 %\n"
+                f"shaded band: {PAPER_RANGE[0]:.0%}–{PAPER_RANGE[1]:.0%}, reported for some Self-Forcing heads")
     im = b.imshow(median, cmap=style.SEQUENTIAL, aspect="auto", origin="lower")  # colour range = data range
     b.set(xlabel="head", ylabel="layer", xticks=range(len(heads)), xticklabels=heads, yticks=range(len(layers)),
           yticklabels=layers, title="(b) median coverage")
@@ -95,7 +103,8 @@ def plot(d: dict, out_dir: str | Path) -> dict:
             v = np.concatenate([pooled(tk, mass, layer=layer, head=h, step=step) for h in heads])
             per_step[li, si] = np.median(v) if v.size else np.nan
         c.plot(steps, per_step[li], marker="o", ms=3, color=cmap(li / max(1, len(layers) - 1)), label=f"L{layer}")
-    c.set(xlabel="step", ylabel="median fraction of keys", xticks=steps, title="(c) median over heads, per layer")
+    c.set(xlabel="step", ylabel="median fraction of keys", title="(c) median over heads, per layer")
+    c.set_xticks(steps, step_names(tk, steps).split(", "))
     if len(layers) <= 10:
         c.legend(fontsize=6, ncol=2)
     else:  # too many lines for a legend: a layer colour bar

@@ -13,6 +13,7 @@ default pairs on a model other than Self-Forcing the title names the head standi
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -100,6 +101,13 @@ def monarch_curve(m: xr.Dataset, var: str) -> tuple[np.ndarray, np.ndarray, list
     return x[order], y[order], [names[i] for i in order]
 
 
+def drawable(x: np.ndarray, y: np.ndarray, log_y: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The points an axis can show: finite, and positive on a log axis (top-k's error is 0 at sparsity 0, which a
+    log axis would clip into a vertical cliff)."""
+    keep = np.isfinite(y) & ((y > 0) if log_y else True)
+    return x[keep], y[keep]
+
+
 @style.use_style
 def plot(d: dict, out_dir: str | Path) -> dict:
     pairs = d["pairs"]
@@ -109,33 +117,39 @@ def plot(d: dict, out_dir: str | Path) -> dict:
         label = style.head_label(layer, head)
         t = r["topk"]
         xs, ys = t["sparsity"].values, t["map_mse"].values
-        a.plot(xs, ys, marker="o", ms=3, color=style.COLORS["topk"], label="oracle top-k (renormalised)")
-        plotted[f"{label}/topk_sparsity"], plotted[f"{label}/topk_mse"] = xs, ys
         m = r["monarch"]
         x, y, names = monarch_curve(m, "projection_map_mse")
-        a.plot(x, y, marker="s", ms=4, color=style.COLORS["monarch"],
-               label="Monarch, exact projection\n(labels: f,h,w tiling)")
-        plotted[f"{label}/monarch_sparsity"], plotted[f"{label}/projection_mse"] = x, y
         tilings = [tiling_label(n) for n in names]
-        plotted[f"{label}/monarch_tiling"] = tilings
         series = [ys, y]
         var = m["variational_map_mse"].sel(iters=1) if "variational_map_mse" in m else None
-        if var is not None:
-            _, yv, _ = monarch_curve(m.assign(variational_t1=var), "variational_t1")
-            a.plot(x, yv, marker="^", ms=4, ls="--", color=style.COLORS["variational"],
-                   label="MonarchAttention, T = 1")
-            plotted[f"{label}/variational_mse"] = yv
+        yv = monarch_curve(m.assign(variational_t1=var), "variational_t1")[1] if var is not None else None
+        if yv is not None:
             series.append(yv)
         log_y = needs_log(*series)
+        drawn = functools.partial(drawable, log_y=log_y)
+
+        a.plot(*drawn(xs, ys), marker="o", ms=3, color=style.COLORS["topk"], label="oracle top-k (renormalised)")
+        plotted[f"{label}/topk_sparsity"], plotted[f"{label}/topk_mse"] = xs, ys
+        a.plot(*drawn(x, y), marker="s", ms=4, color=style.COLORS["monarch"],
+               label="Monarch, exact projection\n(top axis: its f,h,w tiling)")
+        plotted[f"{label}/monarch_sparsity"], plotted[f"{label}/projection_mse"] = x, y
+        plotted[f"{label}/monarch_tiling"] = tilings
+        if yv is not None:
+            a.plot(*drawn(x, yv), marker="^", ms=4, ls="--", color=style.COLORS["variational"],
+                   label="MonarchAttention, T = 1")
+            plotted[f"{label}/variational_mse"] = yv
         if log_y:
             a.set_yscale("log")
         else:
             a.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
         plotted[f"{label}/yscale"] = a.get_yscale()
-        for i, (xi, yi, name) in enumerate(zip(x, y, tilings)):  # each Monarch point: its (f, h, w) tiling
-            if np.isfinite(yi) and (yi > 0 or not log_y):  # alternate below / above so neighbours stay legible
-                a.annotate(name, (xi, yi), textcoords="offset points", xytext=(2, -10 if i % 2 else 5), fontsize=6,
-                           ha="center", color=style.COLORS["monarch"])
+        shown = np.concatenate([drawn(xs, ys)[0], drawn(x, y)[0]])
+        if shown.size:  # the sparsities that have points, not an empty half of the axis
+            a.set_xlim(max(0.0, shown.min() - 0.04), min(1.0, shown.max() + 0.02) + 0.01)
+        # each Monarch point's (f, h, w) tiling on a top axis: neighbours 1.6 points of sparsity apart stay legible
+        top = a.secondary_xaxis("top")
+        top.set_xticks(x, tilings, rotation=90, fontsize=6, color=style.COLORS["monarch"])
+        top.tick_params(length=2, color=style.COLORS["monarch"])
         title = (f"{pair_title(layer, head, d.get('stand_ins', {}).get((layer, head)))}\n"
                  f"step {d['step']}, chunk {d['chunk']}")
         a.set(xlabel="sparsity (top-k: keys dropped; Monarch: 1 − (b1+b2)/(b1·b2))",

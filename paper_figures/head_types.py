@@ -2,7 +2,8 @@
 
 Types and thresholds are the periodic analysis' (``toolkit.analysis.periodic``: temporal if the mean mass on the
 query's own (row, col) in other frames ≥ ``temporal_threshold``, else spatial if the mean mass inside the query's
-frame ≥ ``spatial_threshold``, else global). Right: every head's two mean masses with the thresholds drawn.
+frame ≥ ``spatial_threshold``, else global). Left: the map, each cell coloured by its spatial mass and lettered with
+its type and both masses. Right: every head's two mean masses with the thresholds drawn.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from matplotlib.colors import ListedColormap
-from matplotlib.patches import Patch
 from toolkit.paper_figures import style
 from toolkit.paper_figures.common import Context, require_stored
 from toolkit.paper_figures.fig2_structure import periodic_selection
@@ -45,20 +44,29 @@ def plot(d: dict, out_dir: str | Path) -> dict:
     colors = [style.HEAD_TYPE_COLORS.get(x, style.OKABE_ITO["black"]) for x in types]
     fig, ax = style.subplots(1, 2, width=3.6, height=3.0)
     a, b = ax[0]
-    a.imshow(code, cmap=ListedColormap(colors), vmin=-0.5, vmax=len(types) - 0.5, aspect="auto", origin="lower")
+    # (a) the spatial mass as the colour, each cell lettered with its type and both masses: when every head has
+    # one type, a map of types alone would be a single flat colour
+    im = a.imshow(spatial, cmap=style.SEQUENTIAL, vmin=0, vmax=1, aspect="auto", origin="lower")
+    fig.colorbar(im, ax=a, shrink=0.85, label="mean mass in the query's frame")
+    for (layer, head), name in np.ndenumerate(kind):
+        a.text(head, layer, f"{name[0].upper()}\n{spatial[layer, head]:.2f} / {temporal[layer, head]:.2f}",
+               ha="center", va="center", fontsize=5.5, color="white" if spatial[layer, head] < 0.6 else "black")
     heads, layers = t["head_type"]["head"].values, t["head_type"]["layer"].values
     a.set(xlabel="head", ylabel="layer", xticks=range(len(heads)), xticklabels=heads, yticks=range(len(layers)),
-          yticklabels=layers, title=f"(a) head types, step {d['step']}, chunk {d['chunk']}")
+          yticklabels=layers,
+          title=f"(a) head types, step {d['step']}, chunk {d['chunk']}\n"
+                f"{', '.join(f'{n[0].upper()} {n}' for n in types)}; spatial / temporal mass")
     a.grid(False)
-    a.legend(handles=[Patch(color=c, label=n) for c, n in zip(colors, types)], loc="upper left",
-             bbox_to_anchor=(1.0, 1.0), fontsize=7)
     for i, name in enumerate(types):
         sel = code == i
         b.scatter(spatial[sel], temporal[sel], s=16, color=colors[i], label=name)
     if d["spatial_threshold"] is not None:
-        b.axvline(d["spatial_threshold"], color=style.COLORS["reference"], lw=0.7, ls="--")
+        b.axvline(d["spatial_threshold"], color=style.COLORS["reference"], lw=0.7, ls="--",
+                  label=f"spatial threshold {d['spatial_threshold']:g}")
     if d["temporal_threshold"] is not None:
-        b.axhline(d["temporal_threshold"], color=style.COLORS["reference"], lw=0.7, ls=":")
+        b.axhline(d["temporal_threshold"], color=style.COLORS["reference"], lw=0.7, ls=":",
+                  label=f"temporal threshold {d['temporal_threshold']:g}")
+    b.legend(loc="upper right", fontsize=7)
     b.set(xlabel="mean mass in the query's frame", ylabel="mean mass at its (row, col), other frames",
           xlim=(0, 1), ylim=(0, max(1e-3, float(np.nanmax(temporal)) * 1.1, (d["temporal_threshold"] or 0) * 1.2)),
           title="(b) spatial vs temporal mass per head")

@@ -3,7 +3,7 @@
 The profile (``toolkit.analysis.periodic``: mean attention weight over all query/key pairs at a key − query
 offset) is a 3-D array; each row of panels shows its three central slices — (Δh, Δw) within the query's frame
 (Δt = 0), (Δt, Δw) on the query's row (Δh = 0) and (Δt, Δh) on its column (Δw = 0). Log colour scale; blank
-where no pair has the offset.
+where no pair has the offset, and the y axis cut to the offsets some pair has.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ def plot(d: dict, out_dir: str | Path) -> dict:
             a.set(xlabel=AXIS_LABEL[xdim], ylabel=AXIS_LABEL[ydim],
                   title=f"{style.head_label(layer, head)}: {AXIS_LABEL[fixed].split()[-1]} = 0")
             a.grid(False)
+            rows = sl[ydim].values[np.isfinite(sl.values).any(axis=1)]
+            if rows.size:  # offsets no pair has (Δt past the chunk in a causal run) would be a blank band
+                a.set_ylim(rows.min() - 0.5, rows.max() + 0.5)
             plotted[f"{style.head_label(layer, head)}/{ydim}_{xdim}"] = sl.values
         fig.colorbar(im, ax=ax[row][-1], shrink=0.8, label="mean attention weight")
     fig.suptitle(f"offset profiles, step {d['step']}, chunk {d['chunk']}")

@@ -1,9 +1,9 @@
 """Beyond the paper: power spectra of attention rows along the raster key axis, and periodicity scores.
 
-Left: the mean power spectrum (``toolkit.analysis.periodic`` ``power``) of the chosen heads with the frame
-period (h·w tokens) and row period (w tokens) and their harmonics marked. Right: the analysis'
-``frame_periodicity`` and ``row_periodicity`` (power share at those harmonics relative to a flat spectrum; 1 = no
-periodicity) for every layer × head at the focus record.
+Left: the mean power spectrum (``toolkit.analysis.periodic`` ``power``) of the chosen heads on log axes, with the
+frame period (h·w tokens) and its first harmonics and the row period (w tokens) and all its harmonics marked.
+Right: the analysis' ``frame_periodicity`` and ``row_periodicity`` (power share at those harmonics relative to a
+flat spectrum; 1 = no periodicity) for every layer × head at the focus record.
 """
 
 from __future__ import annotations
@@ -41,15 +41,20 @@ def plot(d: dict, out_dir: str | Path) -> dict:
     for (layer, head), pw in d["power"].items():
         valid = np.isfinite(pw.values)
         freq, p = pw["freq"].values[valid][1:], pw.values[valid][1:]  # drop DC (the row sum, always 1)
-        a.semilogy(freq, p, lw=0.9, label=style.head_label(layer, head))
+        a.loglog(freq, p, lw=0.9, label=style.head_label(layer, head))
         plotted[f"{style.head_label(layer, head)}/power"] = p
-    for period, color, name in ((height * width, style.OKABE_ITO["vermillion"], "frame period h·w"),
-                                (width, style.OKABE_ITO["bluish_green"], "row period w")):
-        for m in range(1, 4):
-            a.axvline(m / period, color=color, lw=0.7, ls="--", label=name if m == 1 else None)
-    a.set(xlabel="frequency along the key axis (cycles / token)", ylabel="mean power |FFT(row)|²",
+    # log frequency: the frame period (1 / h·w) sits two decades below the row harmonics; every harmonic marked
+    for period, harmonics, color, name in (
+            (height * width, 3, style.OKABE_ITO["vermillion"], "frame period h·w and 2 harmonics"),
+            (width, width // 2, style.OKABE_ITO["bluish_green"], "row period w and its harmonics")):
+        for m in range(1, harmonics + 1):
+            a.axvline(m / period, color=color, lw=0.6, ls="--", alpha=0.8, label=name if m == 1 else None)
+    a.set(xlabel="frequency along the key axis (cycles / token, log)", ylabel="mean power |FFT(row)|²",
           title=f"(a) row spectra, step {d['step']}, chunk {d['chunk']}")
-    a.legend(fontsize=7)
+    lowest = min((float(np.nanmin(v)) for k, v in plotted.items() if k.endswith("/power") and v.size), default=None)
+    if lowest is not None and lowest > 0:
+        a.set_ylim(bottom=lowest / 100)  # two empty decades below the spectra hold the legend
+    a.legend(fontsize=6, loc="lower left")
     for a, (var, table) in zip(ax[0][1:], d["scores"].items()):
         im = a.imshow(table.values, cmap=style.SEQUENTIAL, aspect="auto",
                       origin="lower")
@@ -57,7 +62,7 @@ def plot(d: dict, out_dir: str | Path) -> dict:
               xticklabels=table["head"].values, yticklabels=table["layer"].values,
               title=f"({'b' if var.startswith('frame') else 'c'}) {var.replace('_', ' ')}")
         a.grid(False)
-        fig.colorbar(im, ax=a, shrink=0.8, label="× flat spectrum")
+        fig.colorbar(im, ax=a, shrink=0.8, label="harmonics' power ÷ flat spectrum's")
         plotted[var] = table.values
     style.save(fig, out_dir, NAME)
     return plotted

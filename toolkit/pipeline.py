@@ -275,7 +275,8 @@ def save_outputs(run: Run, latents: torch.Tensor, out_dir: str | Path) -> list[P
     meta = {k: v for k, v in run.provenance().items() if k != "config"}
     if run.spec.output == "pixels":
         video = to_pixels(latents)[0]
-        written.append(save_strip([video], out / "video.png", labels=[run.prompt]))
+        chunk = run.info.sampler.get("frames_per_chunk") if run.spec.causal else None
+        written.append(save_strip([video], out / "video.png", labels=[run.prompt], frames_per_chunk=chunk))
         written.append(save_gif(video, out / "video.gif"))
     else:
         from safetensors.torch import save_file

@@ -214,7 +214,7 @@ def widen_students(out: str | Path, factor: int = 2, *, seed: int = 0, force: bo
         save_weights(wide[s], stage_path(out, s), stage=s)
     w = wide[students[0]].cfg
     record.setdefault("widened", []).append(dict(
-        factor=factor, seed=seed, stages=students, commit=_git_commit(),
+        factor=factor, seed=seed, stages=students, commit=git_commit(),
         # the runs of each stage so far: the card marks the later ones as trained wide
         runs_before={s: 1 + len(record["stages"][s].get("continued", [])) if s in record["stages"] else 0
                      for s in STUDENT_STAGES},
@@ -236,7 +236,7 @@ def teacher_steps(record: dict) -> int | None:
     return t.get("steps_run", t["settings"]["steps"]) + sum(more["steps_run"] for more in t.get("continued", []))
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     """The checkout's short commit; ``TOOLKIT_COMMIT`` overrides it (a copy of the tree whose git is stale)."""
     if os.environ.get("TOOLKIT_COMMIT"):
         return os.environ["TOOLKIT_COMMIT"]
@@ -286,7 +286,7 @@ def train_bundled(
     record.setdefault("stages", {})
 
     def save(stage: str, model: WanModel, summary: dict) -> None:
-        summary.setdefault("commit", _git_commit())  # a continued stage keeps its first run's
+        summary.setdefault("commit", git_commit())  # a continued stage keeps its first run's
         summary.setdefault("seed", recipe.seed)
         record["stages"][stage] = summary
         if stage == "teacher":
@@ -327,7 +327,7 @@ def train_bundled(
 
     def continued(stage: str, summary: dict) -> dict:  # as continue_teacher.py records the teacher's runs
         earlier = record["stages"][stage]
-        more = {**summary, "commit": _git_commit(), "seed": recipe.seed, "teacher_steps": teacher_steps(record)}
+        more = {**summary, "commit": git_commit(), "seed": recipe.seed, "teacher_steps": teacher_steps(record)}
         return {**earlier, "continued": [*earlier.get("continued", []), more]}
 
     earlier_evaluation = record.get("evaluation", {})
@@ -492,7 +492,10 @@ def save_showcase(
         for (label, _, _), video in zip(samplers, videos):
             rows.append(video[i])
             labels.append(f"{label}, seed 0: {p}")
-    save_strip(rows, path, labels, title="4 chunks x 3 frames; same prompts, independent samples")
+    cfg = samplers[0][1].cfg
+    chunk = frames_per_chunk(cfg)
+    save_strip(rows, path, labels, frames_per_chunk=chunk,
+               title=f"{clip_shape(cfg)[0] // chunk} chunks × {chunk} frames; same prompts, independent samples")
     return truth, videos
 
 
@@ -502,6 +505,17 @@ def _summary(record: dict) -> dict:
     out["stages"] = {k: {x: v for x, v in s.items() if x != "curve"} for k, s in record["stages"].items()}
     out["evaluation"] = record.get("evaluation", {})
     return out
+
+
+def showcase_note(record: dict) -> str:
+    """A line under the rollout strip when it was redrawn after training (``benchmarks/bundled_showcase.py``
+    records how in ``record["showcase"]``); empty for the strip the recipe drew."""
+    s = record.get("showcase")
+    if not s:
+        return ""
+    return (f"\nThe strip was redrawn after training at `{s['commit']}` by `benchmarks/bundled_showcase.py` "
+            f"(on {s['device']}, {s['precision']}; the teacher's rows: {s['teacher']}), so its pixels differ a "
+            "little from the training machine's rollouts of the same prompts and noise.\n")
 
 
 def wide_label(record: dict, stage: str, run: int) -> str:
@@ -723,7 +737,7 @@ prompted sprites seen in ≥ 90 % of frames, no teleport. Random init and the te
 {chr(10).join(ev_rows)}
 {paired}
 ![rollouts next to ground truth](rollout.png)
-
+{showcase_note(record)}
 ## Reproduce
 
 {record.get('reproduce') or default_reproduce}
