@@ -536,9 +536,12 @@ def plot_curves(path: Path, record: dict) -> None:
         return "o" if len(points) < 3 else None
 
     stages = record["stages"]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
-    titles = {"base": "base (student architecture): flow-matching loss", "teacher": "(a) teacher: flow-matching loss",
-              "ode_init": "(b) ODE regression: x0 loss", "self_forcing": "(c) Self-Forcing: critic loss / DMD grad rms"}
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    titles = {"base": "base (student architecture): flow matching", "teacher": "(a) teacher: flow matching",
+              "ode_init": "(b) ODE regression", "self_forcing": "(c) Self-Forcing (DMD)"}
+    ylabels = {"base": "flow-matching loss", "teacher": "flow-matching loss", "ode_init": "x0 loss",
+               "self_forcing": "critic loss"}
+    thousands = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}k" if abs(v) >= 1000 else f"{v:g}")
     for ax, stage in zip(axes, STAGES):
         ax.set_title(titles[stage], fontsize=9)
         ax.set_xlabel("step")
@@ -548,6 +551,8 @@ def plot_curves(path: Path, record: dict) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
             continue
+        ax.set_ylabel(ylabels[stage] + ", training batches", fontsize=8)
+        ax.xaxis.set_major_formatter(thousands)  # 15,000 steps would otherwise run their tick labels together
         steps = [c[0] for c in curve]
         ax.plot(steps, [c[1] for c in curve], label=stage.replace("_", " "), marker=marker(curve))
         runs = [(0, curve)]  # (steps before it, curve) of the first run and each continued one
@@ -561,17 +566,18 @@ def plot_curves(path: Path, record: dict) -> None:
                     marker=marker(more["curve"]))
             runs.append((offset, more["curve"]))
         if stages[stage].get("continued"):
-            ax.legend(fontsize=7, loc="best")
+            ax.legend(fontsize=7, loc="upper right")  # loss curves fall away from this corner
         if stage == "self_forcing":
             twin = ax.twinx()
             for offset, run in runs:
                 twin.plot([offset + c[0] for c in run], [c[2] for c in run], color="C1", ls=":" if offset else "-")
-            twin.set_ylabel("DMD grad rms", color="C1", fontsize=8)
+            twin.set_ylabel("DMD grad rms (orange; continued runs dotted)", color="C1", fontsize=8)
+            ax.set_ylabel("critic loss (blue)", fontsize=8)
         else:
             ax.set_yscale("log")
         s = stages[stage]
         seconds = s["seconds"] + sum(more["seconds"] for more in s.get("continued", []))
-        ax.text(0.98, 0.95, f"{seconds:.0f} s", ha="right", va="top", transform=ax.transAxes, fontsize=8)
+        ax.set_title(f"{titles[stage]}, {seconds:.0f} s in all", fontsize=9)
     fig.suptitle(f"bundled model training on {record['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
