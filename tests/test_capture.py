@@ -277,6 +277,34 @@ def test_float16_storage_option_records_original_dtype(tmp_path):
         assert torch.equal(rec.q(), ref[(0, 0, 2)]["q"].half().float().transpose(0, 1))
 
 
+@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
+def test_narrower_storage_keeps_the_file_exact_about_itself(tmp_path, storage):
+    """q/k rounded on disk: lse, maps and pooled views are computed from the rounded values, so exp(s·q·k − lse)
+    rebuilt in float64 from the file gives rows that sum to 1 and equal its stored maps."""
+    model = make_model(7)
+    path = tmp_path / f"{storage}.h5"
+    ref: dict = {}
+    run(model, Selection(layers="1", steps="1,4", chunks="1-2", dtype=storage, store=("q", "k", "lse", "maps")),
+        path, reference=ref)
+    with open_capture(path) as cap:
+        assert cap.file.attrs["lse_computed_from"] == "the stored q and k"
+        cap.verify(records=0, rows=0)  # raises past its tolerance, 1e-3 for such a file (0.25 before)
+        maps = cap.file["maps"]
+        for key in cap.records:
+            rec = cap.record(*key)
+            q, k, lse = rec.q().double(), rec.k().double(), rec.lse().double()  # h i d, h j d, h i
+            logits = cap.file.attrs["sm_scale"] * q @ k.transpose(-1, -2)
+            torch.testing.assert_close(lse, torch.logsumexp(logits, -1), rtol=0, atol=2e-5)
+            p = (logits - lse[..., None]).exp()
+            torch.testing.assert_close(p.sum(-1), torch.ones_like(lse), rtol=0, atol=5e-5)
+            s, l = cap.step_index[key.step], cap.layer_index[key.layer]
+            qa, qb = cap.chunk_queries(key.chunk)
+            stored = torch.from_numpy(maps[s, l, :, qa:qb, : p.shape[-1]]).double()
+            torch.testing.assert_close(stored, p, rtol=1e-4, atol=1e-6)
+            # and the rounding is real: the model's own q differ from the stored ones
+            assert not torch.equal(rec.q(), ref[tuple(key)]["q"].float().transpose(0, 1))
+
+
 def test_maps_are_stored_under_the_size_guard_and_equal_probabilities(tmp_path):
     model = make_model(6)
     ref: dict = {}

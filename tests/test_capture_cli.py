@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 
@@ -29,9 +30,10 @@ def toolkit(*args: str) -> subprocess.CompletedProcess:
 
 def test_capture_then_inspect(checkpoint, tmp_path):
     out = tmp_path / "run.h5"
-    proc = toolkit("capture", "--checkpoint", str(checkpoint), "--out", str(out), "--layers", "1",
-                   "--steps", "2,clean", "--chunks", "0,3", "--queries", "random:4", "--store", "q,k,lse,pooled",
-                   "--seed", "5", "--prompt", "2 sprites: red circle, blue square; pan left")
+    argv = ["capture", "--checkpoint", str(checkpoint), "--out", str(out), "--layers", "1", "--steps", "2,clean",
+            "--chunks", "0,3", "--queries", "random:4", "--store", "q,k,lse,pooled", "--seed", "5",
+            "--query-seed", "0", "--prompt", "2 sprites: red circle, blue square; pan left"]
+    proc = toolkit(*argv)
     assert proc.returncode == 0, proc.stderr
     assert "capture plan: 4 records" in proc.stdout and "4 records" in proc.stdout.splitlines()[-1]
     with open_capture(out) as cap:
@@ -41,7 +43,9 @@ def test_capture_then_inspect(checkpoint, tmp_path):
         a = cap.attrs
         assert a["model"] == "bundled" and a["seed"] == 5 and a["prompt"].startswith("2 sprites")
         assert len(a["checkpoint_sha256"]) == 64 and a["sampler"]["frames_per_chunk"] == 3
-        assert "--layers 1" in a["history_command"] and a["history"].endswith(a["history_command"])
+        assert a["history"].endswith(a["history_command"])
+        # the command as typed, quoted for a shell: the prompt's ";" and a zero seed survive the round trip
+        assert shlex.split(a["history_command"]) == ["toolkit", *argv]
         rec = cap.record(step=2, chunk=3, layer=1)
         assert rec.k().shape == (4, 12 * 640, 16) and len(rec.query_tokens) == 3 * 4
         rows = cap.rows(rec, 3)

@@ -82,6 +82,28 @@ def test_open_dataset_engine_toolkit_decodes(which, bf16_capture, f16_capture):
             assert raw.q.dtype == cap.file["q"].dtype  # the stored representation on request
 
 
+def test_engine_toolkit_refuses_what_open_capture_refuses(f16_capture, tmp_path):
+    import shutil
+
+    import h5py
+
+    from toolkit.errors import ToolkitError
+
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.attrs["format"] = "something"
+        f["x"] = np.arange(3)
+    newer = tmp_path / "newer.h5"
+    shutil.copy(f16_capture, newer)
+    with h5py.File(newer, "r+") as f:
+        f.attrs["format_version"] = 99
+    for path, message in ((other, "is not a toolkit capture file"), (newer, "format version 99")):
+        with pytest.raises(ToolkitError, match=message):
+            xr.open_dataset(path, engine="toolkit")
+        with pytest.raises(ToolkitError, match=message):
+            open_capture(path)
+
+
 def test_plain_h5netcdf_shows_bf16_bits_as_documented(bf16_capture):
     path, _ = bf16_capture
     with xr.open_dataset(path, engine="h5netcdf") as ds:

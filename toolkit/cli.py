@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 from toolkit.commands import OneLineParser
@@ -48,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["toolkit", *argv])  # as typed, quoted: what a capture's provenance records
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -32,7 +32,7 @@ import torch
 from toolkit.attention import exact
 from toolkit.capture.pooled import pooled_sums, tf32_for_bf16_values
 from toolkit.capture.selection import RunLayout, chunk_query_range, human_bytes
-from toolkit.capture.store import FORMAT_NAME, FORMAT_VERSION, from_storage
+from toolkit.capture.store import FORMAT_NAME, FORMAT_VERSION, LSE_FROM, LSE_FROM_STORED, from_storage
 from toolkit.device import resolve_device
 from toolkit.errors import ToolkitError
 from toolkit.models.layout import check_window
@@ -603,8 +603,11 @@ class Capture:
                 f"(max |sum - 1| = {worst:.2e}, tolerance {tol:g})")
 
     def _verify_tolerance(self) -> float:
-        """The stored LSE was computed from the model's q/k; stored values narrower than the model's (e.g. bf16 of a
-        float32 model) move logits by up to ~2^-9 of their size, so rows may then miss 1 by a few percent."""
+        """Rows of a file whose LSE comes from its own stored q/k sum to 1 up to float32 rounding. Older files
+        computed it from the model's q/k: stored values narrower than the model's (e.g. bf16 of a float32 model) move
+        logits by up to ~2^-9 of their size, so their rows may miss 1 by a few percent."""
+        if _text(self.file.attrs.get(LSE_FROM, "")) == LSE_FROM_STORED:
+            return 1e-3
         stored = str(_text(self.file.attrs.get("storage_dtype", "float32")))
         model = str(_text(self.file.attrs.get("model_dtype", stored)))
         return 0.25 if stored not in ("float32", model) else 1e-3

@@ -31,7 +31,14 @@ import torch
 from toolkit.attention import exact
 from toolkit.capture.pooled import accumulate_pooled, packed_bins, tf32_for_bf16_values, unpack
 from toolkit.capture.selection import Plan, RunLayout, Selection, resolve
-from toolkit.capture.store import AsyncWriter, CaptureLock, CaptureStore, CaptureWriteError, to_storage
+from toolkit.capture.store import (
+    AsyncWriter,
+    CaptureLock,
+    CaptureStore,
+    CaptureWriteError,
+    as_stored,
+    to_storage,
+)
 from toolkit.errors import ToolkitError
 from toolkit.models.seam import AttentionContext, seams
 
@@ -174,6 +181,8 @@ class Recorder:
             cell = self._cell(ctx, s_i, q.device)
             if {"lse", "maps", "pooled", "text_mass"} & plan.store:
                 ks = (k[b] if self.all_heads else k[b].index_select(1, heads)).transpose(0, 1)  # h j d, all keys
+                if store.lse_from_stored:  # identity unless the storage rounds (store.LSE_FROM)
+                    qs, ks = as_stored(qs, store.storage), as_stored(ks, store.storage)
                 if "pooled" in plan.store:  # the pooled kernel's pass 1 is the row LSE
                     lse = accumulate_pooled(qs, ks, ctx.scale, tokens, ctx.key_frames, ctx.grid, cell.bins[l_i])
                 else:
@@ -288,6 +297,11 @@ def runtime_provenance(model: torch.nn.Module) -> dict:
         commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         if commit.returncode == 0:
             out["toolkit_git_commit"] = commit.stdout.strip()
+            # tracked files edited since that commit: the commit alone would not say what ran
+            changed = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                     capture_output=True, text=True, timeout=5)
+            if changed.returncode == 0:
+                out["toolkit_git_modified"] = int(bool(changed.stdout.strip()))
     except (OSError, subprocess.SubprocessError):
         pass
     return out

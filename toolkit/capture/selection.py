@@ -38,7 +38,7 @@ class Selection:
     steps: str = "all"
     chunks: str = "all"
     queries: str = "all"
-    seed: int = 0
+    seed: int = 0  # of random:N queries (the noise seed is the run's, in the file's top-level `seed`)
     store: tuple[str, ...] = DEFAULT_STORE
     dtype: str = "auto"  # storage of q/k/v: auto = the model's dtype (bf16 as lossless uint16 bits)
     compression: str = "none"

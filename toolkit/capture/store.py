@@ -84,6 +84,11 @@ FORMAT_NAME = "toolkit-capture"
 # every earlier reader understands. Readers refuse versions above FORMAT_VERSION.
 FORMAT_VERSION = 2
 BF16_DECODE = "float32 bits = uint32(x) << 16"
+# Where lse (and maps, pooled views) come from. Stored q/k narrower than the model's (bf16 of a float32 model) are
+# rounded; computing lse from the rounded values keeps every row of the file's maps an exact softmax of its own q
+# and k (rows sum to 1). Files without the attribute computed it from the model's unrounded q/k.
+LSE_FROM = "lse_computed_from"
+LSE_FROM_STORED = "the stored q and k"
 NO_CHUNK_CACHE = {"rdcc_nbytes": 0, "rdcc_nslots": 1}  # writes are synchronous: see "Write errors" above
 
 
@@ -129,6 +134,13 @@ def to_storage(x: torch.Tensor, storage: str) -> torch.Tensor:
     if storage == "bfloat16":
         return x.to(torch.bfloat16).view(torch.int16)
     return x.to(torch.float16 if storage == "float16" else torch.float32)
+
+
+def as_stored(x: torch.Tensor, storage: str) -> torch.Tensor:
+    """``x`` rounded to the storage precision, in ``x``'s dtype: the values a reader of the file gets back."""
+    if storage == "bfloat16":
+        return x.to(torch.bfloat16).to(x.dtype)
+    return x.to(torch.float16).to(x.dtype) if storage == "float16" else x
 
 
 def from_storage(arr: np.ndarray, dtype_logical: str, device: torch.device | str | None = None) -> torch.Tensor:
@@ -216,6 +228,7 @@ class CaptureStore:
 
     def __init__(self, path: str, plan: Plan, file: h5py.File, storage: str) -> None:
         self.path, self.plan, self.file, self.storage = path, plan, file, storage
+        self.lse_from_stored = True  # lse / maps / pooled from the q, k as stored (see LSE_FROM)
         self.resumed = False
         self.datasets: dict[str, h5py.Dataset] = {}  # opened once: see "Write errors" above
         self.step_index = {s: i for i, s in enumerate(plan.stored_steps)}
@@ -271,6 +284,7 @@ class CaptureStore:
                 raise ToolkitError(f"{path} was captured with a different {', '.join(differ)}; --resume needs the "
                                    "same run (use a new --out, or --force to replace it)")
             store = cls(path, plan, f, str(f.attrs["storage_dtype"]))
+            store.lse_from_stored = f.attrs.get(LSE_FROM) == LSE_FROM_STORED  # a file keeps its first run's rule
             done = {_key(store, idx) for idx in zip(*np.nonzero(f["record_complete"][...]))}
             kv = {_key(store, idx) for idx in zip(*np.nonzero(f["kv_complete"][...]))}
             # No metadata is touched here (an interrupted file already says complete = 0): a kill while
@@ -302,6 +316,7 @@ class CaptureStore:
             "h5py_version": h5py.version.version, "hdf5_version": h5py.version.hdf5_version,
             "layout": _attr(lay.to_attrs()), "selection": _attr(_selection_attrs(plan)),
             "storage_dtype": self.storage, "model_dtype": str(model_dtype).replace("torch.", ""),
+            LSE_FROM: LSE_FROM_STORED,
             "context_step": lay.clean_step if lay.clean_step is not None else lay.num_steps - 1,
             "grid": np.array(lay.grid, dtype=np.int64), "batch_index": plan.selection.batch_index,
             "sm_scale": lay.softmax_scale,

@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from xarray.backends import BackendEntrypoint
 
+from toolkit.capture.store import FORMAT_NAME, FORMAT_VERSION
+from toolkit.errors import ToolkitError
+
 if TYPE_CHECKING:
     import numpy.typing as npt
     import xarray as xr
@@ -66,6 +69,20 @@ def decode_dataset(ds: xr.Dataset) -> xr.Dataset:
     return out
 
 
+def check_format(attrs: Mapping, source: object) -> None:
+    """Refuse, as ``open_capture`` does, a file that is not a capture or is of a newer format than this toolkit's."""
+    name = attrs.get("format")
+    if name != FORMAT_NAME:
+        raise ToolkitError(f"{source} is not a toolkit capture file (format attribute {name!r})")
+    try:
+        version = int(attrs.get("format_version"))
+    except (TypeError, ValueError):
+        raise ToolkitError(f"{source}: damaged capture file: format_version {attrs.get('format_version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise ToolkitError(f"{source} has format version {version}; this toolkit reads <= {FORMAT_VERSION} "
+                           "(upgrade the toolkit)")
+
+
 class ToolkitBackendEntrypoint(BackendEntrypoint):
     """``xarray.open_dataset(path, engine="toolkit")``: a capture file with bf16 / float16 tensors decoded to
     float32 (set ``decode_bits=False`` for the stored representation)."""
@@ -92,6 +109,11 @@ class ToolkitBackendEntrypoint(BackendEntrypoint):
         ds = H5netcdfBackendEntrypoint().open_dataset(
             filename_or_obj, drop_variables=drop_variables, mask_and_scale=mask_and_scale, decode_times=decode_times,
             decode_coords=decode_coords, lock=lock, phony_dims=phony_dims)
+        try:
+            check_format(ds.attrs, filename_or_obj)
+        except ToolkitError:
+            ds.close()
+            raise
         return decode_dataset(ds) if decode_bits else ds
 
     def guess_can_open(self, filename_or_obj: T_PathFileOrDataStore) -> bool:
@@ -101,6 +123,6 @@ class ToolkitBackendEntrypoint(BackendEntrypoint):
             import h5py
 
             with h5py.File(filename_or_obj, "r", locking=False) as f:
-                return f.attrs.get("format") == "toolkit-capture"
+                return f.attrs.get("format") == FORMAT_NAME
         except (OSError, TypeError, ValueError):
             return False

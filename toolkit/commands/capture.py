@@ -44,9 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--query-seed", type=seed_type, default=0,
                    help="seed of random:N queries, a 64-bit integer (default 0)")
     g.add_argument("--store", default="q,k,v,lse",
-                   help="comma list of q,k,v,lse,maps,pooled (default q,k,v,lse; maps only under --max-map-bytes)")
+                   help="comma list of q,k,v,lse,maps,pooled,text_mass (default q,k,v,lse; maps only under "
+                        "--max-map-bytes; text_mass: attention on a joint model's text tokens)")
     g.add_argument("--storage-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="q/k/v on disk: auto = the model's dtype (bf16 as lossless uint16 bits)")
+                   help="q/k/v on disk: auto = the model's dtype, lossless (bf16 as uint16 bits); a narrower one "
+                        "rounds them, and lse, maps and pooled views are then computed from the rounded values")
     g.add_argument("--compression", default="none", choices=["none", "gzip", "lzf"],
                    help="none (default: fastest, crash-safe), gzip (portable, ~1.4x smaller for bf16), lzf (h5py only)")
     g.add_argument("--max-map-bytes", default="4GB", help="size guard for --store maps (default 4GB)")
@@ -159,9 +161,7 @@ def run(args: argparse.Namespace) -> int:
     if r.layout() != layout:  # a --checkpoint whose config differs from the registry's: check the plan again
         layout = r.layout()
         resolve(select, layout)
-    provenance = {**r.provenance(), "history_command": "toolkit capture " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
-        if k not in ("func", "command") and v not in (None, False))}
+    provenance = {**r.provenance(), "history_command": command_line(args)}
     if note and not args.resume:  # said once the run is ready to write: refusals before this point stay one line
         print(f"toolkit capture: {note}", file=sys.stderr)
     if args.force and os.path.exists(args.out):
@@ -191,6 +191,11 @@ def complete_records(path: str, args: argparse.Namespace, plan: Plan, layout: Ru
 
     return finished_records(path, plan, run_settings(args), prompt=args.prompt or registry.get_spec(args.model)
                             .default_prompt, seed=args.seed)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as typed, shell-quoted (``toolkit.cli.main`` keeps it), for the file's ``history``."""
+    return getattr(args, "command_line", None) or "toolkit capture (arguments parsed outside toolkit.cli.main)"
 
 
 def run_settings(args: argparse.Namespace) -> RunSettings:
@@ -228,12 +233,8 @@ def run_prompt_set(args: argparse.Namespace, select: Selection, plan: Plan) -> i
               f"{f' over {ranks.world} ranks' if ranks.world > 1 else ''}; each {describe_plan(plan)}")
     if args.dry_run:
         return 0
-    command = "toolkit capture " + " ".join(
-        f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in sorted(vars(args).items())
-        if k not in ("func", "command", "resume", "force") and v not in (None, False))
     index = capture_prompt_set(args.out, prompt_set, select, run_settings(args), resume=args.resume,
-                               force=args.force, ranks=ranks, command=command, say=say, progress=False)
+                               force=args.force, ranks=ranks, command=command_line(args), say=say, progress=False)
     if index is not None and not args.quiet:
         print_index_summary(index, out=sys.stdout)
     return 0
