@@ -39,10 +39,7 @@ def plot(ds: xr.Dataset, out_dir: str | Path, heads: list[tuple[int, int]] | Non
         ds = ds.expand_dims("record")
     heads = heads or []
     families = [str(f) for f in ds["family"].values]
-    colours = {f: ("#0072B2" if f.startswith("monarch") else None) for f in families}
-    free = iter(c for c in style.CYCLE if c != "#0072B2")
-    colours = {f: c or next(free, "grey") for f, c in colours.items()}
-    fig, axes = style.subplots(1, 1 + len(heads), width=4.0, height=3.2)
+    fig, axes = style.subplots(1, 1 + len(heads), width=4.0, height=3.2, sharey=True)  # one error scale
     panels = [("every record and head", ds, ("record", "head"))]
     for layer, head in heads:
         sel = ds.isel(record=np.flatnonzero(ds["layer"].values == layer)).sel(head=head)
@@ -51,8 +48,9 @@ def plot(ds: xr.Dataset, out_dir: str | Path, heads: list[tuple[int, int]] | Non
     for ax, (title, part, dims) in zip(axes[0], panels):
         for fam in families:
             x, y = _curve(part, fam, metric, dims)
+            colour, label = style.family_style(fam)
             style_kw = dict(ls="--" if fam == "monarch" else "-", marker="s" if fam.startswith("monarch") else "o")
-            ax.plot(x, y, color=colours[fam], ms=3.5, lw=1.3, label=fam, **style_kw)
+            ax.plot(x, y, color=colour, ms=3.5, lw=1.3, label=label, **style_kw)
             drawn[(title, fam)] = dict(density=x.tolist(), value=y.tolist())
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -61,8 +59,10 @@ def plot(ds: xr.Dataset, out_dir: str | Path, heads: list[tuple[int, int]] | Non
         ax.grid(True, which="both", alpha=0.3)
     axes[0, 0].set_ylabel(LABELS.get(metric, metric))
     fig.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    step = ds["step"].values if "step" in ds else []
-    where = f"steps {sorted(set(int(s) for s in np.atleast_1d(step)))}" if len(np.atleast_1d(step)) else ""
-    fig.suptitle(f"approximation families vs the exact attention ({ds.sizes['record']} record(s), {where})", fontsize=9)
+    steps = sorted({int(s) for s in np.atleast_1d(ds["step"].values)}) if "step" in ds else []
+    where = f", step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))}" if steps else ""
+    n = ds.sizes["record"]
+    fig.suptitle(f"approximation families vs the exact attention: first panel the mean over {n} record"
+                 f"{'s' if n > 1 else ''} × {ds.sizes['head']} heads{where}; the others one head each", fontsize=9)
     paths = style.save(fig, out_dir, name)
     return {"curves": drawn, "files": [str(p) for p in paths]}

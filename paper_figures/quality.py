@@ -54,9 +54,7 @@ def plot(ds: xr.Dataset, out_dir: str | Path, name: str = NAME) -> dict:
     pts = points(ds)
     numeric = bool(pts) and all(math.isfinite(p["density"]) for p in pts)
     families = list(dict.fromkeys(p["family"] for p in pts))
-    fixed = {"dense": style.COLORS["reference"], "monarch": style.COLORS["monarch"]}
-    free = iter(c for c in style.CYCLE if c not in fixed.values())
-    colours = {f: fixed[f] if f in fixed else next(free, "grey") for f in families}
+    colours = {f: style.family_style(f)[0] for f in families}
     if not numeric:
         xs = {p["spec"]: i for i, p in enumerate(pts)}
     fig, axes = style.subplots(1, 2, width=3.9, height=3.0)
@@ -77,7 +75,7 @@ def plot(ds: xr.Dataset, out_dir: str | Path, name: str = NAME) -> dict:
             y = np.array([p[key] for p in sel])
             err = np.array([[p[key] - p[f"{key}_lo"] for p in sel], [p[f"{key}_hi"] - p[key] for p in sel]])
             ax.errorbar(x, y, yerr=np.clip(err, 0, None), color=colours[fam], marker="o", ms=4, capsize=2,
-                        lw=1.2 if numeric else 0, elinewidth=0.8, label=fam)
+                        lw=1.2 if numeric else 0, elinewidth=0.8, label=style.family_style(fam)[1])
             if numeric and named:  # labels on the PSNR panel; on the SSIM panel only for specs it lacks
                 for i, (p, xi, yi) in enumerate(zip(sel, x, y)):
                     if key == "psnr" or p["spec"] in identical:
@@ -85,7 +83,7 @@ def plot(ds: xr.Dataset, out_dir: str | Path, name: str = NAME) -> dict:
                                     fontsize=6.5, color=colours[fam], ha="right" if xi > 0.9 else "left")
         ax.set_ylabel(ylabel)
         if numeric:
-            ax.set_xlabel("density (fraction of dense attention entries kept)")
+            ax.set_xlabel("density (Monarch: its parameter fraction)")
             lo, hi = min(p["density"] for p in pts), max(p["density"] for p in pts)
             if lo < 0.2:  # densities spanning a decade or more (Monarch on real grids: 0.05-0.1): log axis
                 ax.set_xscale("log")
@@ -107,7 +105,8 @@ def plot(ds: xr.Dataset, out_dir: str | Path, name: str = NAME) -> dict:
     if families:  # beside the panels: with many specs, inside it would cover points
         axes[0, 1].legend(title="family", loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7)
     clips = f"{ds.sizes['prompt']} prompt(s) × {ds.sizes['seed']} seed(s)"
-    fig.suptitle(f"{ds.attrs.get('model', '')}: {TITLE} (mean over {clips}; whiskers: min–max per video)",
+    nudged = "; families drawn a few % apart along x" if numeric and not named else ""
+    fig.suptitle(f"{ds.attrs.get('model', '')}: {TITLE} (mean over {clips}; whiskers: min–max per video{nudged})",
                  fontsize=9)
     paths = style.save(fig, out_dir, name)
     return {"points": pts, "numeric": numeric, "files": [str(p) for p in paths]}

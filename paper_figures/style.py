@@ -53,6 +53,29 @@ COLORS = {
     "spike": OKABE_ITO["vermillion"],
     "reference": OKABE_ITO["black"],
 }
+# Approximation family (``toolkit/attention/families.py``, the part of a spec before its first ":") -> colour and
+# legend label, for every figure that compares families (approximations, quality): one family, one colour.
+FAMILIES = {
+    "dense": (OKABE_ITO["black"], "dense"),
+    "topk": (COLORS["topk"], "oracle top-k"),
+    "monarch": (COLORS["variational"], "MonarchAttention, T = 1"),
+    "monarch-projection": (COLORS["monarch"], "Monarch, exact projection"),
+    "blocktopk": (OKABE_ITO["vermillion"], "oracle block top-k"),
+    "blocktopk-pred": (OKABE_ITO["reddish_purple"], "predicted block top-k"),
+    "sta": (OKABE_ITO["bluish_green"], "sliding tile attention"),
+    "radial": ("#B8A200", "radial"),  # Okabe-Ito yellow, darkened to show on white
+    "svg": ("#7F7F7F", "Sparse VideoGen"),
+}
+
+
+def family_style(family: str) -> tuple[str, str]:
+    """(colour, label) of an approximation family or spec (``blocktopk:1,4,4`` -> oracle block top-k, 1,4,4): the
+    README's names, so a legend reads as its tables do."""
+    name, _, params = family.partition(":")
+    colour, label = FAMILIES.get(name, ("#444444", name))
+    return colour, f"{label}, {params}" if params else label
+
+
 SEQUENTIAL = "viridis"  # magnitudes (attention mass, power)
 SEQUENTIAL_ALT = "cividis"  # a second sequential map where two magnitudes sit side by side
 HEAD_TYPE_COLORS = {"spatial": OKABE_ITO["blue"], "temporal": OKABE_ITO["orange"], "global": OKABE_ITO["bluish_green"],
