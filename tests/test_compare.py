@@ -57,6 +57,19 @@ def test_monarch_gives_a_nonzero_error(result):
     assert len(lines) == ds.sizes["spec"] * ds.sizes["prompt"] * ds.sizes["seed"]
 
 
+def test_frames_samples_a_shorter_clip_and_refuses_partial_chunks(tiny_model, result):
+    from toolkit.errors import ToolkitError
+    from toolkit.models.bundled import clip_shape, frames_per_chunk
+
+    chunk = frames_per_chunk(tiny_model.cfg)
+    short = quality.compare_attention(tiny_model, PROMPTS[:1], [0], SPECS[:2], frames=chunk)
+    assert short.sizes["frame"] == chunk < result[0].sizes["frame"] == clip_shape(tiny_model.cfg)[0]
+    assert short.sizes["chunk"] == 1
+    for bad in (chunk + 1, 0, clip_shape(tiny_model.cfg)[0] + chunk):
+        with pytest.raises(ToolkitError, match="whole chunks"):
+            quality.compare_attention(tiny_model, PROMPTS[:1], [0], SPECS[:1], frames=bad)
+
+
 def test_metrics_equal_scikit_image_on_the_same_frames(tiny_model, result):
     """The dataset's numbers are scikit-image's on the frames sampled from the same noise: re-made here from the
     public bundled rollout (``bundled.generate``, same seed), which compare's reference must equal."""

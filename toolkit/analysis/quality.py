@@ -175,8 +175,9 @@ def parse_prompts(items: Sequence[str]) -> list[str]:
     return prompts
 
 
-def _module_run(model: torch.nn.Module, prompt: str):
-    """A ``pipeline.Run`` around an already loaded bundled-family model (its own clip size, e.g. ``tiny_config``)."""
+def _module_run(model: torch.nn.Module, prompt: str, frames: int | None = None):
+    """A ``pipeline.Run`` around an already loaded bundled-family model (its own clip size, e.g. ``tiny_config``,
+    or ``frames`` latent frames of it)."""
     from toolkit.models import registry
     from toolkit.models.bundled import clip_shape, frames_per_chunk
     from toolkit.models.sampling import SelfForcingSampler
@@ -191,7 +192,14 @@ def _module_run(model: torch.nn.Module, prompt: str):
                 "denoising_steps": sampler.denoising_steps, "shift": sampler.shift}
     info = registry.ModelInfo(name="bundled", causal=True, checkpoint=Path("<in-memory model>"), files=[],
                               sha256=None, format="module", entry=None, config=cfg.to_dict(), sampler=settings)
-    noise = torch.zeros(1, cfg.in_dim, *clip_shape(cfg), device=device, dtype=model.dtype)
+    clip = clip_shape(cfg)
+    if frames is not None:
+        per_chunk = frames_per_chunk(cfg) * cfg.patch_size[0]
+        if frames < 1 or frames % per_chunk or frames > clip[0]:
+            raise ToolkitError(f"frames {frames}: this model takes a positive multiple of {per_chunk} latent frames "
+                               f"up to its {clip[0]} (whole chunks)")
+        clip = (frames, *clip[1:])
+    noise = torch.zeros(1, cfg.in_dim, *clip, device=device, dtype=model.dtype)
     return Run(model, registry.get_spec("bundled"), info, prompt, 0, torch.zeros(0), None, noise, sampler, device)
 
 
@@ -252,17 +260,20 @@ def compare_attention(
     device: str = "auto",
     dtype: str = "auto",
     decode: bool = True,
+    frames: int | None = None,
     report: Callable[[str], None] | None = None,
 ) -> xr.Dataset:
     """Sample the dense reference and every spec of ``specs`` for each prompt × seed from the same noise and measure
     them against the reference (module docstring). ``model``: a registry name (loaded through ``toolkit.pipeline``
     as ``toolkit generate`` does, with ``checkpoint``) or a loaded model of the bundled family (sampled at its own
     clip size). ``prompt_embeds``: one embeddings file per prompt for the umT5 models (skips the text
-    encoder). ``decode=False`` skips the Wan VAE. ``report`` gets one line per finished video.
+    encoder). ``decode=False`` skips the Wan VAE. ``frames``: latent frames of the clip (default the model's; a
+    causal model takes whole chunks), e.g. a short clip for a quick look. ``report`` gets one line per finished
+    video.
 
     Every spec is checked (``check_attention``, against the run's layout) and scikit-image is looked for before
     anything is sampled."""
-    from toolkit.pipeline import prepare_run
+    from toolkit.pipeline import prepare_run, spec_layout
 
     prompts, seeds, specs = list(prompts), [int(s) for s in seeds], list(specs)
     if not prompts or not seeds or not specs:
@@ -280,12 +291,13 @@ def compare_attention(
         from toolkit.models.registry import get_spec
 
         if checkpoint is None:
+            layout = spec_layout(model, frames=frames) if frames is not None else get_spec(model).layout()
             for spec in specs:
-                check_attention(spec, get_spec(model).layout())
+                check_attention(spec, layout)
         base = prepare_run(model, prompt=prompts[0], prompt_embeds=embeds[0], seed=seeds[0], checkpoint=checkpoint,
-                           device=device, dtype=dtype)
+                           device=device, dtype=dtype, frames=frames)
     else:
-        base = _module_run(model, prompts[0])
+        base = _module_run(model, prompts[0], frames)
     layout = base.layout()
     for spec in specs:
         check_attention(spec, layout)

@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--frames", type=int, metavar="N",
+                   help="latent frames of the clip (default: the model's); a causal model takes whole chunks, e.g. "
+                        "--frames 6 for a quick two-chunk look at the bundled model")
     p.add_argument("--no-decode", action="store_true", help="Wan models: latent metrics only, skip the Wan VAE")
     p.add_argument("--out", default="out/compare",
                    help="output folder (default: out/compare); results already there are refused unless --force")
@@ -76,11 +79,12 @@ def run(args: argparse.Namespace) -> int:
     from toolkit.device import check_device
     from toolkit.errors import ToolkitError, check_output, prepare_output_dir
     from toolkit.models.registry import get_spec
+    from toolkit.pipeline import spec_layout
 
     # everything refusable from the flags alone, before any model loads
     check_device(args.device)
     spec = get_spec(args.model)
-    layout = spec.layout() if args.checkpoint is None else None
+    layout = spec_layout(args.model, frames=args.frames) if args.checkpoint is None else None
     for attention in args.attention:
         check_attention(attention, layout)
     if len(set(args.attention)) != len(args.attention):
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ds = compare_attention(args.model, prompts, args.seeds, args.attention, checkpoint=args.checkpoint,
                            prompt_embeds=args.prompt_embeds, device=args.device, dtype=args.dtype,
-                           decode=not args.no_decode, report=None if args.quiet else report)
+                           decode=not args.no_decode, frames=args.frames, report=None if args.quiet else report)
     out = Path(args.out)
     if args.force:
         for name in COMPARE_OUTPUTS:
