@@ -184,12 +184,22 @@ def no_loading(monkeypatch):
     ("capture", "monarch@heads=2-99", "rule 'monarch@heads=2-99': head 4 does not exist"),
     ("capture", "monarch@chunks=50", "chunk 50 does not exist"),
     ("generate", "monarch@depth=1", "not a condition"),
+    # tiles that do not fit the 12 x 20 x 32 grid or straddle a 3-frame chunk, as the backend would say later
+    ("capture", "monarch:7,7,7", "f_tied must divide the number of frames: 7 does not divide 12"),
+    ("capture", "dense@layers=0+monarch:2,1,1", "tiles straddle the frame range 0..3"),
+    ("generate", "monarch:1,3,1@layers=1", "h_reduce must divide the height: 3 does not divide 20"),
+    ("compare", "monarch:1,1,3", "w_reduce must divide the width"),
 ])
 def test_cli_refuses_a_rule_the_model_cannot_have_before_loading(command, spec, says, no_loading, tmp_path, capsys):
-    out = str(tmp_path / ("run.h5" if command == "capture" else "gen"))
-    assert main([command, "--attention", spec, "--out", out, "--quiet"]) == 2
+    out = tmp_path / ("run.h5" if command == "capture" else "gen")
+    if command == "capture":  # with --force an existing capture must survive a refusal
+        out.write_bytes(b"an earlier capture")
+    force = ["--force"] if command == "capture" else []
+    assert main([command, "--attention", spec, "--out", str(out), "--quiet", *force]) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    if command == "capture":
+        assert out.read_bytes() == b"an earlier capture"
 
 
 def test_prepare_run_refuses_before_loading(no_loading):

@@ -258,7 +258,7 @@ def test_capture_plan_of_a_long_video_has_the_window_layout(capsys, tmp_path):
     assert main(["capture", "--dry-run", "--frames", "24", "--local-attn-size", "9", "--sink-size", "3",
                  "--layers", "0", "--heads", "0", "--steps", "clean", "--out", str(tmp_path / "c.h5")]) == 0
     out = capsys.readouterr().out
-    assert "8 records (1 steps × 8 chunks × 1 layers × 1 heads" in out, out
+    assert "8 records (1 steps × 8 chunks × 1 layers), each 1 heads" in out, out
     from toolkit.pipeline import spec_layout
 
     layout = spec_layout("bundled", frames=24, local_attn_size=9, sink_size=3)

@@ -49,7 +49,7 @@ from torch import nn
 from toolkit.attention.families import FAMILY_FORMS, Family, family_backend, parse_family
 from toolkit.attention.monarch import monarch_backend
 from toolkit.errors import ToolkitError
-from toolkit.grid import MonarchLayout, TokenGrid
+from toolkit.grid import MonarchLayout, TokenGrid, as_grid
 from toolkit.indices import index_range
 from toolkit.models.layout import RunLayout
 from toolkit.models.seam import AttentionContext, Backend, dense_attention, seams, set_backend, use_backend
@@ -247,7 +247,34 @@ def check_attention(spec: str, layout: RunLayout | None = None, *, num_layers: i
         if rule.clean and layout is not None and layout.clean_step is None:
             raise ToolkitError(f"--attention rule {str(rule)!r}: steps=clean, but this model's sampler has no "
                                "clean-context pass")
+        if layout is not None:
+            try:
+                check_on_grid(rule.attention, layout)
+            except ToolkitError as err:
+                raise ToolkitError(f"--attention rule {str(rule)!r}: {err}") from None
     return rules
+
+
+def check_on_grid(attention: str, layout: RunLayout) -> None:
+    """Refuse a Monarch backend whose tiles do not fit the run: tilings that do not divide the token grid, and tiles
+    that straddle the frames of a call (a chunk's queries or a run of its keys), as the backend itself would at the
+    first forward; checked from the layout alone, so before a model loads or an output is touched."""
+    name, params = parse_attention(attention)
+    if name != "monarch":
+        return
+    grid = as_grid(layout.grid)
+    monarch = monarch_layout(params, grid)
+    for chunk in range(layout.num_chunks):
+        for frames in (layout.chunk_frames(chunk), *layout.key_frame_spans(chunk)):
+            monarch.tiles_of_frames(frames)
+
+
+def monarch_layout(params: tuple[int, int, int] | MonarchSpec, grid: TokenGrid) -> MonarchLayout:
+    """The Monarch layout a ``monarch`` backend spec's parameters give on ``grid`` (the ``fh,w`` base for a
+    tiling)."""
+    if isinstance(params, MonarchSpec):
+        return params.layout(grid)
+    return MonarchLayout.aligned(grid, "fh,w", params)
 
 
 def backend_density(attention: str, grid: tuple[int, int, int]) -> float | None:
@@ -260,9 +287,7 @@ def backend_density(attention: str, grid: tuple[int, int, int]) -> float | None:
         return 1.0
     if isinstance(params, Family):
         return params.clip_density(grid)
-    if isinstance(params, MonarchSpec):
-        return float(params.layout(grid).density)
-    return float(MonarchLayout.aligned(grid, "fh,w", params).density)
+    return float(monarch_layout(params, as_grid(grid)).density)
 
 
 def _single_backend(spec: str, device: torch.device | str) -> Backend | None:

@@ -99,8 +99,8 @@ def describe_plan(plan: Plan, model_dtype: torch.dtype | None = None) -> str:
     est = plan.estimate_bytes(model_dtype)
     parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in est.items())
     return (f"{len(plan.records)} records ({len(plan.steps)} steps × {len(plan.chunks)} chunks × "
-            f"{len(plan.layers)} layers × {len(plan.heads)} heads, {len(plan.queries)} query rows of "
-            f"{plan.layout.num_tokens}); about {human_bytes(sum(est.values()))}: {parts}")
+            f"{len(plan.layers)} layers), each {len(plan.heads)} heads, {len(plan.queries)} query rows of "
+            f"{plan.layout.num_tokens} tokens; about {human_bytes(sum(est.values()))}: {parts}")
 
 
 def run(args: argparse.Namespace) -> int:
