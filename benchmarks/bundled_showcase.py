@@ -37,6 +37,7 @@ def main() -> None:
     args = p.parse_args()
 
     torch.set_grad_enabled(False)
+    commit = git_commit()  # the code that draws: the checkout may move on during the run
     start = time.perf_counter()
     model, _ = bundled.load_bundled(path=args.model)
     teacher = load_weights(args.teacher)
@@ -52,7 +53,7 @@ def main() -> None:
     log_file = folder / "train_log.json"
     if Path(out).resolve() == folder.resolve() and log_file.exists():  # the card says how its strip was drawn
         record = json.loads(log_file.read_text())
-        record["showcase"] = dict(commit=git_commit(), device=f"CPU ({cpu_model()}, {torch.get_num_threads()} threads)",
+        record["showcase"] = dict(commit=commit, device=f"CPU ({cpu_model()}, {torch.get_num_threads()} threads)",
                                   precision="float32", teacher=f"{args.teacher_label}, CFG {args.guidance:g}",
                                   seconds=round(seconds, 1))
         log_file.write_text(json.dumps(record, indent=1) + "\n")
