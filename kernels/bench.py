@@ -541,8 +541,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--force", action="store_true", help="replace bench_kernels.json / .md already in --out")
     p.add_argument("--shapes", nargs="*", choices=sorted({*SHAPES, *TINY_SHAPES}), default=None,
                    help="subset of shapes (default: all)")
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--dim", type=int, default=128, help="head dim (64 or 128)")
+    p.add_argument("--heads", type=int, default=12, help="attention heads (default 12; --tiny uses 2)")
+    p.add_argument("--dim", type=int, default=128, help="head dim, 64 or 128 (default 128; --tiny uses 16)")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     p.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds per shape")
     p.add_argument("--check-heads", type=int, default=1, help="heads checked against the PyTorch reference")
@@ -557,14 +557,41 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
+def check_args(args: argparse.Namespace, backward: bool = False) -> None:
+    """Refuse, in one line and before any output is touched, what cannot be benchmarked: no GPU without --tiny,
+    shapes of the other mode, and counts that are not positive."""
+    import torch
+
+    from toolkit.errors import ToolkitError
+
+    if not args.tiny and not torch.cuda.is_available():
+        raise ToolkitError("the kernel benchmark needs a CUDA GPU; --tiny runs a CPU smoke test through the Triton "
+                           "interpreter")
+    allowed = TINY_SHAPES if args.tiny else SHAPES
+    wrong = [s for s in args.shapes or () if s not in allowed]
+    if wrong:
+        raise ToolkitError(f"--shapes {' '.join(wrong)}: {'--tiny' if args.tiny else 'the GPU run'} has "
+                           f"{', '.join(allowed)}")
+    if backward:
+        return
+    for name in ("rounds", "heads", "check_heads"):
+        if getattr(args, name) < 1:
+            raise ToolkitError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.check_heads > args.heads:
+        raise ToolkitError(f"--check-heads {args.check_heads}: more than the {args.heads} --heads")
+    if args.dim not in (64, 128):
+        raise ToolkitError(f"--dim {args.dim}: the benchmark times head dims 64 and 128")
+
+
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
-    from toolkit.errors import OutputError, check_output, prepare_output_dir
+    from toolkit.errors import ToolkitError, check_output, prepare_output_dir
 
     args = args or build_parser().parse_args(argv)
     try:  # the toolkit's overwrite policy, also when run as benchmarks/bench_kernels.py (one line, exit 2)
+        check_args(args)
         note = check_output(args.out, force=getattr(args, "force", False), folder=True, outputs=BENCH_OUTPUTS)
         prepare_output_dir(args.out, folder=True)
-    except OutputError as err:
+    except ToolkitError as err:  # OutputError too
         print(f"toolkit bench: error: {err}", file=sys.stderr)
         return 2
     if note:

@@ -26,6 +26,25 @@ def test_bench_tiny_on_cpu_reports_cuda_baselines_as_skipped(tmp_path, monkeypat
     assert md.count("skipped (needs CUDA)") == 3
 
 
+@pytest.mark.parametrize(("argv", "says"), [
+    ([], "needs a CUDA GPU; --tiny runs a CPU smoke test"),
+    (["--backward"], "needs a CUDA GPU"),
+    (["--tiny", "--shapes", "full-111"], "--shapes full-111: --tiny has tiny-111"),
+    (["--tiny", "--rounds", "0"], "--rounds 0: must be at least 1"),
+    (["--tiny", "--heads", "2", "--check-heads", "3"], "--check-heads 3: more than the 2 --heads"),
+    (["--tiny", "--dim", "7"], "--dim 7"),
+])
+def test_bench_refuses_in_one_line_and_keeps_earlier_results(argv, says, tmp_path, capsys, monkeypatch):
+    from toolkit.cli import main as cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "bench_kernels.json").write_text("earlier")
+    assert cli(["bench", *argv, "--force", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+    assert (tmp_path / "bench_kernels.json").read_text() == "earlier"
+
+
 def test_bench_backward_tiny_writes_its_table_and_refuses_to_overwrite(tmp_path, capsys):
     """`toolkit bench --backward --tiny`: every variant measured with finite gradients, backward = fwd+bwd - fwd;
     a second run into the same folder is one line, exit 2, files untouched."""

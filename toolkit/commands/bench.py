@@ -45,6 +45,9 @@ def run_backward(args: argparse.Namespace) -> int:
 
     if args.repeats < 1:
         raise ToolkitError("--repeats must be >= 1")
+    from toolkit.kernels.bench import check_args
+
+    check_args(args, backward=True)
     if args.tiny:  # before the kernels are first imported: Triton reads it when it decorates them
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from toolkit.kernels import bench_backward
