@@ -161,13 +161,39 @@ Self-Forcing {defaults.self_forcing.steps} generator updates x \
     f.add_argument("--teacher", metavar="FILE",
                    help="teacher weights for --objective self_forcing: data/teacher/teacher.safetensors, or "
                         "stages/teacher.safetensors of a recipe run")
-    f.add_argument("--ft-steps", type=int, default=FinetuneSettings.steps, help="student updates")
+    f.add_argument("--ft-steps", type=int, default=None,
+                   help=f"student updates (default {FinetuneSettings.steps}; {TINY_FT_STEPS} with --tiny)")
     f.add_argument("--ft-batch", type=int, default=FinetuneSettings.batch)
     f.add_argument("--ft-lr", type=float, default=FinetuneSettings.lr)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--tiny", action="store_true", help="tiny model, clip and step counts: CPU smoke run only")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny model, clip and step counts: CPU smoke run only (the stage size flags do not apply)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, stage_defaults={name: p.get_default(name) for name in STAGE_FLAGS})
+
+
+TINY_FT_STEPS = 4  # --finetune --tiny: a smoke run
+
+# Each stage's size flags: positive, and fixed by --tiny (which is refused with any of them changed).
+STAGE_FLAGS = (
+    "base_steps", "base_batch", "base_lr", "base_seconds",
+    "teacher_steps", "teacher_batch", "teacher_lr", "teacher_seconds",
+    "ode_pairs", "ode_pair_batch", "ode_steps", "ode_batch", "ode_lr", "ode_seconds",
+    "sf_steps", "sf_batch", "sf_lr", "sf_critic_lr", "sf_seconds",
+)
+
+
+def check_stage_flags(args: argparse.Namespace) -> None:
+    """One line for a stage flag that is not positive, or one that --tiny would silently replace."""
+    for name in STAGE_FLAGS:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ToolkitError(f"--{name.replace('_', '-')} {value}: must be positive")
+    if args.tiny:
+        changed = [name for name in STAGE_FLAGS if getattr(args, name) != args.stage_defaults[name]]
+        if changed:
+            raise ToolkitError(f"--tiny fixes every stage's size and steps; leave out "
+                               f"{', '.join('--' + n.replace('_', '-') for n in changed)}")
 
 
 def recipe_from(args: argparse.Namespace) -> Recipe:
@@ -225,8 +251,14 @@ def run_finetune(args: argparse.Namespace, log: Callable[[str], None]) -> int:
                            "stages/teacher.safetensors of a `toolkit train --stages teacher` run)")
     if args.teacher and not Path(args.teacher).is_file():
         raise ToolkitError(f"--teacher {args.teacher}: no such file")
+    if args.ft_steps is None:
+        args.ft_steps = TINY_FT_STEPS if args.tiny else FinetuneSettings.steps
     if min(args.ft_steps, args.ft_batch) < 1 or not args.ft_lr > 0:
         raise ToolkitError("--ft-steps and --ft-batch must be >= 1 and --ft-lr > 0")
+    if args.tiny and args.source is not None:
+        raise ToolkitError("--tiny finetunes a random tiny model; leave out --from")
+    if args.source is not None and not Path(args.source).is_dir():
+        raise ToolkitError(f"--from {args.source}: no such model folder")
     out = Path(args.out)
     refuse_overwrite(out, [out / WEIGHTS_FILE], args.force)
     dev = resolve_device(args.device)
@@ -282,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.eval_prompts < 1 or args.eval_seeds < 1:
         raise ToolkitError("--eval-prompts and --eval-seeds must be >= 1")
+    check_stage_flags(args)
     if args.student_size and "base" not in args.stages:
         raise ToolkitError("--student-size sets the base stage's architecture (later stages take it from "
                            "stages/base.safetensors): add base to --stages")
