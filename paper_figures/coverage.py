@@ -3,8 +3,8 @@ the paper's "48–84 % of tokens" statistic (reported by a secondary source; ``d
 
 (a) per head (grouped by layer) the distribution over every stored query of every selected step and chunk of
 ``coverage_fraction`` at mass p (``toolkit.analysis.topk``): box = quartiles, whiskers = 5–95 %, shades
-alternating by layer; (b) its median as a layer × head map; (c) the median per layer at each step (the clean pass
-named "clean").
+alternating by layer; (b) its median as a layer × head map; (c) per layer and step the median over every query of
+every head, pooled (the clean pass named "clean").
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def plot(d: dict, out_dir: str | Path) -> dict:
             v = np.concatenate([pooled(tk, mass, layer=layer, head=h, step=step) for h in heads])
             per_step[li, si] = np.median(v) if v.size else np.nan
         c.plot(steps, per_step[li], marker="o", ms=3, color=cmap(li / max(1, len(layers) - 1)), label=f"L{layer}")
-    c.set(xlabel="step", ylabel="median fraction of keys", title="(c) median over heads, per layer")
+    c.set(xlabel="step", ylabel="median fraction of keys", title="(c) per layer: median over its heads' queries")
     c.set_xticks(steps, step_names(tk, steps).split(", "))
     if len(layers) <= 10:
         c.legend(fontsize=6, ncol=2)

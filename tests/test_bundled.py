@@ -921,3 +921,17 @@ def test_shipped_model_draws_prompted_sprites_and_random_init_does_not():
     assert shipped["persistence"] >= 0.45, shipped
     assert card["persistence"] >= 0.75 and card["colour_match"] >= 0.5 and card["score"] >= 0.3, card
     assert random["persistence"] == 0 and random["colour_match"] == 0, random
+
+
+def test_saved_weights_are_readable_as_any_other_file(tmp_path):
+    """safetensors writes 0600; the weights of a shared run folder get the umask's mode like its logs."""
+    import os
+
+    from toolkit.models.bundled.model import save_weights
+
+    umask = os.umask(0o022)
+    try:
+        path = save_weights(WanModel(bundled.tiny_config()), tmp_path / "w.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -207,3 +207,15 @@ def test_paired_sign_test_matches_scipy(clips):
         assert split["p_value"] == pytest.approx(expected, rel=1e-12, abs=1e-15)
     with pytest.raises(ValueError, match="same clips"):
         E.paired("0101", "010")
+
+
+def test_heldout_prompts_are_distinct_and_keep_the_plain_draws():
+    """A repeated draw is skipped, so any N held-out prompts are distinct (``toolkit compare --prompts heldout:N``
+    refuses repeats) while the first 87, every evaluation's, are the plain draws."""
+    from toolkit.models.bundled import data
+    from toolkit.models.bundled.evaluate import HELDOUT_PROMPT_SEED, heldout_prompts
+
+    plain = data.random_prompts(120, torch.Generator().manual_seed(HELDOUT_PROMPT_SEED), 0.3)
+    prompts = heldout_prompts(120)
+    assert len(set(prompts)) == 120 and len(set(plain)) < 120
+    assert prompts[:87] == plain[:87]

@@ -103,7 +103,21 @@ CASES = {
                              "already holds output (manifest.json); pass --force"),
     "bench over results": (["bench", "--tiny", "--out", "{tmp}/bench"], "already holds output (bench_kernels.json)"),
     "train over a model": (["train", "--tiny", "--out", "{tmp}/model"], "pass --force to replace it"),
+    "inspect a folder": (["inspect", "{tmp}/empty"], "is a folder, not a capture file"),
+    "scheduler for one run": (["analyze", "topk", "{file}", "--out", "{tmp}/x.nc", "--scheduler", "nonsense"],
+                              "--scheduler maps several RUN files"),
 }
+
+
+def test_help_keeps_hyphenated_examples_and_flags_whole(capsys):
+    """Wrapped help text breaks at spaces only, so an example rule or a flag copies out of it whole."""
+    from toolkit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = capsys.readouterr().out
+    assert "@heads=0-3+monarch" in text and "--local-attn-size" in text
+    assert not any(line.rstrip().endswith("-") and not line.rstrip().endswith("--") for line in text.splitlines())
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:

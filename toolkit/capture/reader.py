@@ -165,6 +165,9 @@ class Capture:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
         self.live = False  # opened while a capture is still writing it
+        if os.path.isdir(self.path):
+            raise ToolkitError(f"{self.path} is a folder, not a capture file (a prompt set's captures are the "
+                               "files its index.json lists)")
         try:
             self.file = h5py.File(self.path, "r")
         except OSError as err:

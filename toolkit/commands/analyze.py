@@ -548,7 +548,7 @@ def _compute_many(name: str, args: argparse.Namespace, records, options, partial
             raise ToolkitError("--scheduler needs dask.distributed (pip install distributed)") from None
         try:  # fail fast on a wrong address instead of dask's long default wait
             client = Client(args.scheduler, timeout="10s")
-        except (OSError, TimeoutError) as err:
+        except (OSError, TimeoutError, ValueError) as err:  # ValueError: not an address (no port, no host)
             raise ToolkitError(f"--scheduler {args.scheduler}: cannot reach it ({err})") from None
         with client:
             return list(client.compute(tasks, sync=True))
@@ -566,12 +566,15 @@ def run(args: argparse.Namespace) -> int:
 
     from toolkit.analysis import stack_records
     from toolkit.analysis.partial import PartialResults
+    from toolkit.errors import ToolkitError
 
     name = args.analysis
     module = _load(name)
     opts = build_parser(name, module).parse_args(args.rest)
     prompt_set = expand_prompt_set(opts)
     _check_files(opts.runs, opts.out)
+    if getattr(opts, "scheduler", None) and len(opts.runs) == 1:
+        raise ToolkitError("--scheduler maps several RUN files over a dask cluster; one RUN file is analysed here")
     quick = apply_cpu_default(name, opts)
     if quick:
         print(f"toolkit analyze: {quick}", file=sys.stderr)

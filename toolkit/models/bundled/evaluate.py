@@ -440,8 +440,16 @@ def paired(before: str, after: str) -> dict:
 
 
 def heldout_prompts(n: int = 64, seed: int = HELDOUT_PROMPT_SEED, pan_prob: float = 0.3) -> list[Prompt]:
-    """Fixed evaluation prompts, drawn like the training prompts (``data.random_prompts``) from a held-out seed."""
-    return data.random_prompts(n, torch.Generator().manual_seed(seed), pan_prob)
+    """Fixed evaluation prompts, drawn like the training prompts (``data.random_prompts``) from a held-out seed,
+    distinct: a prompt drawn again is skipped (the first repeat comes at draw 88, so the first 87 are the plain
+    draws)."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts: list[Prompt] = []
+    while len(prompts) < n:
+        prompt = data.random_prompts(1, generator, pan_prob)[0]  # the same draws as one call for n prompts
+        if prompt not in prompts:
+            prompts.append(prompt)
+    return prompts
 
 
 def heldout_seeds(n: int = 2, seed: int = HELDOUT_NOISE_SEED) -> list[int]:

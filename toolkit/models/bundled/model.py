@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -124,6 +125,9 @@ def save_weights(model: WanModel, path: str | Path, *, int8: bool = False, **met
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "model": "bundled",
                                                "config": json.dumps(model.cfg.to_dict()), **precision, **metadata})
+    umask = os.umask(0)  # safetensors writes 0600; weights get the mode any other file written here gets
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)
     tmp.replace(path)
     return path
 
