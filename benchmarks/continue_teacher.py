@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from toolkit.models.bundled.model import load_weights, save_weights
-from toolkit.models.bundled.recipe import _git_commit, stage_path
+from toolkit.models.bundled.recipe import git_commit, stage_path
 from toolkit.models.bundled.teacher import ClipSetup, TeacherSettings, train_teacher
 from toolkit.models.seam import use_backend
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     with use_backend(model, ClipSetup.of(model.cfg, dev).backend):
         run = train_teacher(model, settings, seed=args.seed, log=lambda m: print(m, flush=True), every=100,
                             name=args.stage)
-    run["commit"] = _git_commit()
+    run["commit"] = git_commit()
     record["stages"][args.stage].setdefault("continued", []).append(run)
     if args.stage == "teacher":
         record.pop("guidance", None)  # a new teacher: its CFG scale is chosen again

@@ -43,6 +43,7 @@ def places(tmp_path: Path) -> dict[str, Path]:
                          ("model", "model.safetensors")):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / name).write_bytes(b"earlier output " + name.encode())
+    (tmp_path / "model" / "train_log.json").write_text("{}\n")  # a recipe's model: its record beside the weights
     (tmp_path / "empty").mkdir()
     from safetensors.torch import save_file
 
@@ -103,6 +104,10 @@ CASES = {
                              "already holds output (manifest.json); pass --force"),
     "bench over results": (["bench", "--tiny", "--out", "{tmp}/bench"], "already holds output (bench_kernels.json)"),
     "train over a model": (["train", "--tiny", "--out", "{tmp}/model"], "pass --force to replace it"),
+    "finetune over a recipe's model": (["train", "--finetune", "--tiny", "--attention", "monarch", "--force",
+                                        "--out", "{tmp}/model"], "finetune into another --out"),
+    "train one stage beside a model": (["train", "--tiny", "--stages", "teacher", "--out", "{tmp}/model"],
+                                       "already holds a model (model.safetensors)"),
     "inspect a folder": (["inspect", "{tmp}/empty"], "is a folder, not a capture file"),
     "scheduler for one run": (["analyze", "topk", "{file}", "--out", "{tmp}/x.nc", "--scheduler", "nonsense"],
                               "--scheduler maps several RUN files"),

@@ -260,6 +260,8 @@ def run_finetune(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     if args.source is not None and not Path(args.source).is_dir():
         raise ToolkitError(f"--from {args.source}: no such model folder")
     out = Path(args.out)
+    if (out / "train_log.json").exists():  # replacing only the weights would leave the card describing others
+        raise ToolkitError(f"{out} holds a recipe's model with its card and stages; finetune into another --out")
     refuse_overwrite(out, [out / WEIGHTS_FILE], args.force)
     dev = resolve_device(args.device)
     if args.tiny:

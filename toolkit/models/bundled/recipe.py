@@ -129,9 +129,9 @@ def check_output(out: str | Path, stages: Sequence[str], force: bool, ode_start:
     if out.exists() and not out.is_dir():
         raise ToolkitError(f"{out} exists and is not a folder")
     ordered = [s for s in STAGES if s in stages]
-    writes = [stage_path(out, s) for s in ordered]
-    if "ode_init" in ordered or "self_forcing" in ordered:
-        writes.append(out / WEIGHTS_FILE)
+    # a folder that holds a model is refused whatever the stages (they rewrite its stage log, and the default
+    # --out is the shipped model's folder), as is one holding the weights these stages write
+    writes = [out / WEIGHTS_FILE, *(stage_path(out, s) for s in ordered)]
     refuse_overwrite(out, writes, force)
     if ode_start not in ODE_STARTS:
         raise ToolkitError(f"the ODE stage starts from one of {', '.join(ODE_STARTS)}, not {ode_start!r}")
