@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from toolkit.commands.compare import seeds_type
-from toolkit.commands.generate import add_run_arguments, seed_type
+from toolkit.commands.generate import add_run_arguments, check_prompts, seed_type
 
 if TYPE_CHECKING:
     import torch
@@ -224,6 +224,7 @@ def run_prompt_set(args: argparse.Namespace, select: Selection, plan: Plan) -> i
         raise ToolkitError(f"--out {args.out}: a prompt set writes a folder of captures (e.g. --out runs/set/)")
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt or registry.get_spec(args.model)
                                                                  .default_prompt]
+    check_prompts(args.model, prompts)  # a bad line is refused before the set's folder or index exists
     prompt_set = PromptSet(prompts, args.seeds if args.seeds is not None else [args.seed])
     ranks = Ranks.from_env()
     say = (lambda line: None) if args.quiet else (lambda line: print(f"toolkit capture: {line}", file=sys.stderr))

@@ -33,6 +33,20 @@ def check_run_arguments(args: argparse.Namespace) -> None:
     if args.prompt is not None and not args.prompt.strip():
         raise ToolkitError(f"--prompt is empty; leave it out to use {args.model}'s default prompt "
                            f"({get_spec(args.model).default_prompt!r})")
+    if args.prompt is not None:
+        check_prompts(args.model, [args.prompt])
+
+
+def check_prompts(model: str, prompts: list[str]) -> None:
+    """Prompts a model cannot read, refused before it loads: the bundled model's toy grammar (a umT5 model reads any
+    text)."""
+    from toolkit.models.registry import get_spec
+
+    if get_spec(model).conditioning == "toy":
+        from toolkit.models.bundled.data import parse_prompt
+
+        for prompt in prompts:
+            parse_prompt(prompt)
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
