@@ -209,7 +209,7 @@ class MonarchOptions:
     def __post_init__(self) -> None:
         if self.layouts is not None:
             object.__setattr__(self, "layouts", tuple(self.layouts))
-        if self.iters < 0:
+        if self.iters is not None and self.iters < 0:  # None: the command line's "default", resolved later
             raise ToolkitError(f"iters {self.iters}: the variational iterations run T = 1..iters (0 skips them)")
         check_r_step(self.r_step)
 

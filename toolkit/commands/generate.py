@@ -33,7 +33,8 @@ def check_run_arguments(args: argparse.Namespace) -> None:
     if args.prompt is not None and not args.prompt.strip():
         raise ToolkitError(f"--prompt is empty; leave it out to use {args.model}'s default prompt "
                            f"({get_spec(args.model).default_prompt!r})")
-    if args.prompt is not None:
+    # the registry model's prompt grammar; a --diffusers pipeline reads text, and a prompt set checks its own lines
+    if args.prompt is not None and not getattr(args, "diffusers", None) and getattr(args, "prompts", None) is None:
         check_prompts(args.model, [args.prompt])
 
 
