@@ -3,6 +3,7 @@ command replaces existing output unless --force (or continues it with --resume, 
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -250,3 +251,26 @@ def test_subprocess_exit_code_and_single_line(tmp_path):
                               cwd=tmp_path, timeout=120)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_every_help_example_parses():
+    """The examples at the end of each command's --help use flags and values the command accepts."""
+    import re
+    import shlex
+
+    from toolkit.cli import build_parser
+    from toolkit.commands import analyze
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    examples = []
+    for command in sub.choices.values():
+        text = (command.epilog or "").replace("\\\n", " ")
+        examples += [re.split(r"\s{2,}", line.strip())[0] for line in text.splitlines()
+                     if line.strip().startswith("toolkit ")]
+    assert len(examples) >= 15
+    for example in examples:
+        argv = shlex.split(example)[1:]
+        args = parser.parse_args(argv)
+        if argv[0] == "analyze":
+            analyze.build_parser(args.analysis, analyze._load(args.analysis)).parse_args(args.rest)

@@ -9,13 +9,16 @@ from typing import Any, NoReturn
 
 class HelpFormatter(argparse.HelpFormatter):
     """argparse's wrapping without breaks at hyphens, so examples (``@heads=0-3``) and flags (``--local-attn-size``)
-    in help texts stay whole and copy-paste."""
+    in help texts stay whole and copy-paste; a description or epilog written with line breaks (examples) is kept as
+    written."""
 
     def _split_lines(self, text: str, width: int) -> list[str]:
         text = self._whitespace_matcher.sub(" ", text).strip()
         return textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:  # written with line breaks (an examples epilog): kept as written
+            return "\n".join(indent + line for line in text.strip("\n").splitlines())
         text = self._whitespace_matcher.sub(" ", text).strip()
         return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False,
                              break_long_words=False)

@@ -46,6 +46,13 @@ ANALYSES = {
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "analyze",
+        epilog=(
+            'examples:\n'
+            '  toolkit analyze topk run.h5 --out topk.nc                    oracle top-k error and coverage\n'
+            '  toolkit analyze monarch run.h5 --out monarch.nc --layers 0   Monarch error per tiling, one layer\n'
+            '  toolkit analyze approximations run.h5 --out approx.nc        every approximation family per map\n'
+            '  toolkit analyze periodic runs/set/ --out periodic.nc         every capture of a prompt set\n'
+        ),
         help="analyse captured attention (periodic structure, oracle top-k, Monarch error, every approximation family)",
         description="Recompute exact attention from a capture's q/k(/v) and analyse it record by record. "
                     "`toolkit analyze NAME --help` lists the options of one analysis.",

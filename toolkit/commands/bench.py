@@ -8,6 +8,12 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
+        epilog=(
+            'examples:\n'
+            '  toolkit bench --tiny --out /tmp/bench                  CPU smoke run through the Triton interpreter\n'
+            '  toolkit bench --out out/bench --shapes full-111 ar-111\n'
+            '  toolkit bench --backward --out out/bwd                 forward + backward against SDPA\n'
+        ),
         help="benchmark the Monarch Triton kernels against PyTorch SDPA (cuDNN, flash, efficient)",
         description=(
             "Check, then time Monarch attention kernels at the MonarchRT shapes (full 480p clip, last "

@@ -29,6 +29,13 @@ def seeds_type(text: str) -> list[int]:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
+        epilog=(
+            'examples:\n'
+            '  toolkit compare --attention monarch:3,1,1 blocktopk:0.05:1,4,4 --out out/compare\n'
+            '  toolkit compare --prompts heldout:6 --seeds 0,1 --attention monarch:3,4,1 sta:4,2,4:1,4,4 \\\n'
+            '      --out out/cmp\n'
+            '  toolkit compare --frames 6 --attention monarch:1,1,1 --out out/quick      two chunks: a quick look\n'
+        ),
         help="quality of attention approximations vs dense (same noise): rel L2, PSNR, SSIM, adherence, time",
         description="Generate the dense video and each --attention spec from the same noise (same seed, same "
                     "re-noising draws) for every prompt x seed and measure them against dense: latent relative L2 "

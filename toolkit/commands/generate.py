@@ -113,6 +113,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
+        epilog=(
+            'examples:\n'
+            "  toolkit generate --out out/gen       the bundled model's default prompt, on a laptop CPU\n"
+            '  toolkit generate --prompt "2 sprites: red circle, blue square; pan left" --seed 3 --out out/gen2\n'
+            '  toolkit generate --attention monarch:3,1,1 --out out/gen_m    MonarchAttention (T = 1) at every seam\n'
+            '  toolkit generate --model self-forcing --prompt "a fox runs through snow" --out out/sf\n'
+            '      (its weights: see toolkit models)\n'
+        ),
         help="sample a video from a model",
         description="Sample a video. Self-Forcing: 7 chunks x (4 denoising steps + clean pass) with a KV cache; "
                     "Wan2.1: bidirectional flow matching with classifier-free guidance; bundled: the Self-Forcing "

@@ -19,6 +19,12 @@ def _count(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect",
+        epilog=(
+            'examples:\n'
+            '  toolkit inspect run.h5              model, prompt, grid, selection, sizes, completeness\n'
+            '  toolkit inspect run.h5 --records    also one line per complete record\n'
+            '  toolkit inspect run.h5 --verify     rows rebuilt from the stored q, k and lse must sum to 1\n'
+        ),
         help="summarise a capture file",
         description="Print what a capture file holds: model, checkpoint, prompt, seed, grid, selection, complete "
                     "and missing records, dataset sizes, versions. Works on interrupted (incomplete) files, and calls "

@@ -10,6 +10,11 @@ from typing import Any
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "models",
+        epilog=(
+            'examples:\n'
+            '  toolkit models            each model, its size, and where its weights were looked for (found or not)\n'
+            '  toolkit models --json\n'
+        ),
         help="list models, their sizes and where weights are looked for (found or not)",
         description=(
             "List the models (bundled, self-forcing, wan2.1-t2v-1.3b) with parameter counts, bf16 sizes, and every "

@@ -335,7 +335,8 @@ def run(args: argparse.Namespace) -> int:
         teacher_cfg=(tiny_teacher_config if args.tiny else teacher_config)(prediction=args.teacher_prediction),
         device=args.device, force=args.force, log=(lambda *_: None) if args.quiet else (lambda m: print(m, flush=True)),
     )
-    print(json.dumps({k: record[k] for k in ("shipped", "evaluation") if k in record}, indent=1))
+    if not args.quiet:  # the card and train_log.json in --out hold the same
+        print(json.dumps({k: record[k] for k in ("shipped", "evaluation") if k in record}, indent=1))
     return 0
 
 
