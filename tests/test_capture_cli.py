@@ -99,3 +99,23 @@ def test_dry_run_estimate_follows_the_compute_dtype(capsys):
     """float32 runs (the CPU default) store q/k/v at 4 bytes: the plan must say so, not assume bf16."""
     assert main(["capture", "--model", "self-forcing", "--dry-run", "--layers", "8", "--dtype", "float32"]) == 0
     assert f"q {35 * 4680 * 12 * 128 * 4 / 1e9:.1f} GB" in capsys.readouterr().out
+
+
+def test_capture_stops_after_the_last_selected_chunk(checkpoint, tmp_path, monkeypatch):
+    """--chunks 0: the rollout ends after chunk 0's clean pass (5 forwards of 20); the file is complete and equal,
+    record for record, to the same records of a capture of every chunk."""
+    from toolkit.models.wan import WanModel
+
+    calls = []
+    forward = WanModel.forward
+    monkeypatch.setattr(WanModel, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    short, full = tmp_path / "short.h5", tmp_path / "full.h5"
+    common = ["capture", "--checkpoint", str(checkpoint), "--layers", "1", "--quiet"]
+    assert main([*common, "--chunks", "0", "--out", str(short)]) == 0
+    assert len(calls) == 5  # 4 denoising steps + the clean pass of chunk 0
+    assert main([*common, "--out", str(full)]) == 0
+    with open_capture(short) as a, open_capture(full) as b:
+        assert a.complete and a.records == [r for r in b.records if r.chunk == 0]
+        for key in a.records:
+            assert torch.equal(a.record(*key).q(), b.record(*key).q())
+            assert torch.equal(a.record(*key).lse(), b.record(*key).lse())

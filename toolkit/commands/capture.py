@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from toolkit.commands.compare import seeds_type
@@ -160,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
                     noise=args.noise, **sampling_options(args))
     if r.layout() != layout:  # a --checkpoint whose config differs from the registry's: check the plan again
         layout = r.layout()
-        resolve(select, layout)
+        plan = resolve(select, layout)
     provenance = {**r.provenance(), "history_command": command_line(args)}
     if note and not args.resume:  # said once the run is ready to write: refusals before this point stay one line
         print(f"toolkit capture: {note}", file=sys.stderr)
@@ -172,7 +173,10 @@ def run(args: argparse.Namespace) -> int:
                  progress=not args.quiet) as rec:
         if note and args.resume:  # the store accepted this run's settings: a refusal stays one line
             print(f"toolkit capture: {note}", file=sys.stderr)
-        sample(r, progress=not args.quiet)
+        try:
+            sample(r, progress=not args.quiet, on_chunk=stop_after(max(plan.chunks), layout.num_chunks))
+        except Captured:  # every selected record is written; later chunks would only be computed and dropped
+            say(f"stopped after chunk {max(plan.chunks)}: no later chunk holds a selected record")
     t2 = time.perf_counter()
     from toolkit.capture.selection import human_bytes
 
@@ -180,6 +184,22 @@ def run(args: argparse.Namespace) -> int:
         f"{human_bytes(rec.bytes_written)} written to {args.out} in {t2 - t1:.1f} s "
         f"(model load {t1 - t0:.1f} s)")
     return 0
+
+
+class Captured(Exception):
+    """Raised from the sampler's ``on_chunk`` once the last chunk with a selected record is done."""
+
+
+def stop_after(last: int, num_chunks: int) -> Callable[[int, torch.Tensor], None]:
+    """An ``on_chunk`` that ends the rollout after chunk ``last`` (causal samplers call it after each chunk's clean
+    pass, so every record and K/V of chunks up to ``last`` is written by then); nothing when ``last`` is the final
+    chunk anyway."""
+
+    def on_chunk(chunk: int, x0: torch.Tensor) -> None:
+        if chunk == last < num_chunks - 1:
+            raise Captured
+
+    return on_chunk
 
 
 def complete_records(path: str, args: argparse.Namespace, plan: Plan, layout: RunLayout) -> int | None:
