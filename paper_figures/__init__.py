@@ -104,6 +104,13 @@ def make_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, se
         if not cap.complete:
             raise ToolkitError(f"{cap.path} is incomplete (interrupted capture): finish it with `toolkit capture "
                                "--resume` and the same options, then make the figures")
+        if settings.layouts:  # a bad spec, or one no asked figure reads, is one line before any analysis runs
+            from toolkit.analysis.monarch import parse_layout
+
+            for spec in settings.layouts:
+                parse_layout(spec, cap.grid)
+            if not {"fig1", "alignment"} & set(names):
+                raise ToolkitError("--layout sets the Monarch layouts of fig1 and alignment; neither is asked for")
         focus = default_focus(cap)
         step = settings.step if settings.step is not None else focus[0]
         chunk = settings.chunk if settings.chunk is not None else focus[1]

@@ -361,3 +361,13 @@ def test_fig1_titles_the_stand_in_head_labels_tilings_and_scales_y(figs):
         wide = values.max() / values.min() > LOG_RANGE
         assert p[f"L0H{head}/yscale"] == ("log" if wide else "linear")
     assert needs_log([1e-6, 1e-3]) and not needs_log([1e-4, 5e-3]) and not needs_log([0.0, 1e-3])
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--layout", "nonsense", "--figures", "fig1"], "unknown Monarch base 'nonsense'"),
+    (["--layout", "fh,w:1,2,1", "--figures", "fig2"], "neither is asked for"),
+])
+def test_layout_is_checked_before_any_analysis(run_h5, tmp_path, capsys, argv, says):
+    out = tmp_path / "f"
+    err = refusal([run_h5, "--out", str(out), *argv], capsys)
+    assert says in err and not out.exists()

@@ -114,6 +114,8 @@ CASES = {
     "prompt set with a bad line": (["capture", "--prompts", "{file}", "--out", "{tmp}/set"], "cannot parse"),
     "negative iterations": (["analyze", "monarch", "{file}", "--out", "{tmp}/m.nc", "--iters", "-1"],
                             "iters -1"),
+    "pipeline arg without a pipeline": (["capture", "--dry-run", "--pipeline-arg", "num_frames=13"],
+                                        "--pipeline-arg is for a --diffusers pipeline"),
     "inspect a folder": (["inspect", "{tmp}/empty"], "is a folder, not a capture file"),
     "scheduler for one run": (["analyze", "topk", "{file}", "--out", "{tmp}/x.nc", "--scheduler", "nonsense"],
                               "--scheduler maps several RUN files"),

@@ -109,10 +109,12 @@ def run(args: argparse.Namespace) -> int:
 
     from toolkit.capture import Selection, capture, resolve
     from toolkit.commands.generate import check_run_arguments
-    from toolkit.errors import check_output, prepare_output_dir
+    from toolkit.errors import ToolkitError, check_output, prepare_output_dir
     from toolkit.models import registry
 
     check_run_arguments(args)  # --attention included
+    if getattr(args, "pipeline_arg", None) and not getattr(args, "diffusers", None):
+        raise ToolkitError("--pipeline-arg is for a --diffusers pipeline")
     select = Selection(layers=args.layers, heads=args.heads, steps=args.steps, chunks=args.chunks,
                        queries=args.queries, seed=args.query_seed,
                        store=tuple(s.strip() for s in args.store.split(",") if s.strip()),
