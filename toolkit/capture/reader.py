@@ -32,7 +32,13 @@ import torch
 from toolkit.attention import exact
 from toolkit.capture.pooled import pooled_sums, tf32_for_bf16_values
 from toolkit.capture.selection import RunLayout, chunk_query_range, human_bytes
-from toolkit.capture.store import FORMAT_NAME, FORMAT_VERSION, LSE_FROM, LSE_FROM_STORED, from_storage
+from toolkit.capture.store import (
+    LSE_FROM,
+    LSE_FROM_STORED,
+    check_format,
+    check_format_version,
+    from_storage,
+)
 from toolkit.device import resolve_device
 from toolkit.errors import ToolkitError
 from toolkit.models.layout import check_window
@@ -195,14 +201,8 @@ class Capture:
         Cheap (no tensor data is read), so a damaged file is refused here in one line instead of failing later in
         an analysis with a traceback or, worse, giving numbers from a grid that is not the data's."""
         a = self.file.attrs
-        if _text(a.get("format")) != FORMAT_NAME:
-            raise ToolkitError(f"{self.path} is not a toolkit capture file")
-        version = _int_attr(self, "format_version")
-        if version > FORMAT_VERSION:
-            raise ToolkitError(f"{self.path} has format version {version}; this toolkit reads <= {FORMAT_VERSION} "
-                               "(upgrade the toolkit)")
-        if version < 1:
-            raise ToolkitError(f"{self.path}: damaged capture file: format_version {version} is not a version")
+        check_format(_text(a.get("format")), self.path)
+        check_format_version(_int_attr(self, "format_version"), self.path)
         complete = _int_attr(self, "complete")
         if complete not in (0, 1):
             raise _damaged(self, f"attribute 'complete' is {complete}, not 0 or 1")

@@ -136,6 +136,21 @@ def to_storage(x: torch.Tensor, storage: str) -> torch.Tensor:
     return x.to(torch.float16 if storage == "float16" else torch.float32)
 
 
+def check_format(name: object, source: object) -> None:
+    """Refuse a file whose ``format`` attribute is not a capture's (``open_capture`` and the xarray engine)."""
+    if name != FORMAT_NAME:
+        raise ToolkitError(f"{source} is not a toolkit capture file (format attribute {name!r})")
+
+
+def check_format_version(version: int, source: object) -> None:
+    """Refuse a capture of a newer format than this toolkit reads, or a version number that is none."""
+    if version > FORMAT_VERSION:
+        raise ToolkitError(f"{source} has format version {version}; this toolkit reads <= {FORMAT_VERSION} "
+                           "(upgrade the toolkit)")
+    if version < 1:
+        raise ToolkitError(f"{source}: damaged capture file: format_version {version} is not a version")
+
+
 def as_stored(x: torch.Tensor, storage: str) -> torch.Tensor:
     """``x`` rounded to the storage precision, in ``x``'s dtype: the values a reader of the file gets back."""
     if storage == "bfloat16":

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from xarray.backends import BackendEntrypoint
 
-from toolkit.capture.store import FORMAT_NAME, FORMAT_VERSION
+from toolkit.capture.store import FORMAT_NAME, check_format, check_format_version
 from toolkit.errors import ToolkitError
 
 if TYPE_CHECKING:
@@ -69,20 +69,6 @@ def decode_dataset(ds: xr.Dataset) -> xr.Dataset:
     return out
 
 
-def check_format(attrs: Mapping, source: object) -> None:
-    """Refuse, as ``open_capture`` does, a file that is not a capture or is of a newer format than this toolkit's."""
-    name = attrs.get("format")
-    if name != FORMAT_NAME:
-        raise ToolkitError(f"{source} is not a toolkit capture file (format attribute {name!r})")
-    try:
-        version = int(attrs.get("format_version"))
-    except (TypeError, ValueError):
-        raise ToolkitError(f"{source}: damaged capture file: format_version {attrs.get('format_version')!r}") from None
-    if version > FORMAT_VERSION:
-        raise ToolkitError(f"{source} has format version {version}; this toolkit reads <= {FORMAT_VERSION} "
-                           "(upgrade the toolkit)")
-
-
 class ToolkitBackendEntrypoint(BackendEntrypoint):
     """``xarray.open_dataset(path, engine="toolkit")``: a capture file with bf16 / float16 tensors decoded to
     float32 (set ``decode_bits=False`` for the stored representation)."""
@@ -109,8 +95,14 @@ class ToolkitBackendEntrypoint(BackendEntrypoint):
         ds = H5netcdfBackendEntrypoint().open_dataset(
             filename_or_obj, drop_variables=drop_variables, mask_and_scale=mask_and_scale, decode_times=decode_times,
             decode_coords=decode_coords, lock=lock, phony_dims=phony_dims)
-        try:
-            check_format(ds.attrs, filename_or_obj)
+        try:  # refused as open_capture refuses it
+            check_format(ds.attrs.get("format"), filename_or_obj)
+            try:
+                version = int(ds.attrs.get("format_version"))
+            except (TypeError, ValueError):
+                raise ToolkitError(f"{filename_or_obj}: damaged capture file: format_version "
+                                   f"{ds.attrs.get('format_version')!r}") from None
+            check_format_version(version, filename_or_obj)
         except ToolkitError:
             ds.close()
             raise
