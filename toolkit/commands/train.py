@@ -302,8 +302,9 @@ def run(args: argparse.Namespace) -> int:
     if args.device is not None:
         check_device(args.device)
     check_output(args.out, folder=True)  # a file, a folder under a file, an unwritable place: one line
+    log = (lambda *_: None) if args.quiet else (lambda m: print(m, flush=True))
     if args.finetune:
-        return run_finetune(args, (lambda *_: None) if args.quiet else (lambda m: print(m, flush=True)))
+        return run_finetune(args, log)
     if args.attention:
         raise ToolkitError("--attention is for --finetune; the recipe's stages train with dense attention")
     if args.widen is not None:
@@ -311,8 +312,7 @@ def run(args: argparse.Namespace) -> int:
             raise ToolkitError(f"--widen {args.widen}: the factor is an integer >= 2")
         if args.student_size:
             raise ToolkitError("--widen takes the size from the stages in --out; leave out --student-size")
-        widen_students(args.out, args.widen, seed=args.seed, force=args.force,
-                       log=(lambda *_: None) if args.quiet else (lambda m: print(m, flush=True)))
+        widen_students(args.out, args.widen, seed=args.seed, force=args.force, log=log)
         return 0
     if args.eval_prompts < 1 or args.eval_seeds < 1:
         raise ToolkitError("--eval-prompts and --eval-seeds must be >= 1")
@@ -333,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
     record = train_bundled(
         args.out, recipe_from(args), stages=args.stages, cfg=student_config(args),
         teacher_cfg=(tiny_teacher_config if args.tiny else teacher_config)(prediction=args.teacher_prediction),
-        device=args.device, force=args.force, log=(lambda *_: None) if args.quiet else (lambda m: print(m, flush=True)),
+        device=args.device, force=args.force, log=log,
     )
     if not args.quiet:  # the card and train_log.json in --out hold the same
         print(json.dumps({k: record[k] for k in ("shipped", "evaluation") if k in record}, indent=1))
