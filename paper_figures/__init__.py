@@ -109,8 +109,10 @@ def make_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, se
 
             for spec in settings.layouts:
                 parse_layout(spec, cap.grid)
-            if not {"fig1", "alignment"} & set(names):
-                raise ToolkitError("--layout sets the Monarch layouts of fig1 and alignment; neither is asked for")
+            readers = [n for n in FIGURES if getattr(figure_module(n), "READS_LAYOUTS", False)]
+            if not set(readers) & set(names):
+                raise ToolkitError(f"--layout sets the Monarch layouts of {' and '.join(readers)}; neither is asked "
+                                   "for")
         focus = default_focus(cap)
         step = settings.step if settings.step is not None else focus[0]
         chunk = settings.chunk if settings.chunk is not None else focus[1]

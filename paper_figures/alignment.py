@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 NAME = "alignment_tiling"
 TITLE = "error vs effective sparsity: aligned bases, tilings, misaligned controls"
+READS_LAYOUTS = True  # --layout chooses its Monarch layouts (monarch_selection)
 METRIC = "rel_fro"
 BASE_MARKERS = {"fh,w": "s", "w,fh": "D", "f,hw": "^", "hw,f": "v", "fw,h": "<", "h,fw": ">", "contiguous": "X"}
 # Horizontal offsets in sparsity so that bases sharing a sparsity (e.g. fh,w and w,fh at 95.2 %) do not hide each

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 NAME = "fig1_mse_vs_sparsity"
 TITLE = "map MSE vs sparsity: Monarch (projection, variational T=1) vs oracle top-k"
+READS_LAYOUTS = True  # --layout chooses its Monarch layouts (monarch_selection)
 BASE = "fh,w"  # the paper's layout
 TOPK_VARIANT = "renormalized"
 LOG_RANGE = 100.0  # log-scale y when the plotted positive values span more than this factor
@@ -128,9 +129,10 @@ def plot(d: dict, out_dir: str | Path) -> dict:
         log_y = needs_log(*series)
         drawn = functools.partial(drawable, log_y=log_y)
 
-        a.plot(*drawn(xs, ys), marker="o", ms=3, color=style.COLORS["topk"], label="oracle top-k (renormalised)")
+        topk_points, monarch_points = drawn(xs, ys), drawn(x, y)
+        a.plot(*topk_points, marker="o", ms=3, color=style.COLORS["topk"], label="oracle top-k (renormalised)")
         plotted[f"{label}/topk_sparsity"], plotted[f"{label}/topk_mse"] = xs, ys
-        a.plot(*drawn(x, y), marker="s", ms=4, color=style.COLORS["monarch"],
+        a.plot(*monarch_points, marker="s", ms=4, color=style.COLORS["monarch"],
                label="Monarch, exact projection\n(top axis: its f,h,w tiling)")
         plotted[f"{label}/monarch_sparsity"], plotted[f"{label}/projection_mse"] = x, y
         plotted[f"{label}/monarch_tiling"] = tilings
@@ -143,7 +145,7 @@ def plot(d: dict, out_dir: str | Path) -> dict:
         else:
             a.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
         plotted[f"{label}/yscale"] = a.get_yscale()
-        shown = np.concatenate([drawn(xs, ys)[0], drawn(x, y)[0]])
+        shown = np.concatenate([topk_points[0], monarch_points[0]])
         if shown.size:  # the sparsities that have points, not an empty half of the axis
             a.set_xlim(max(0.0, shown.min() - 0.04), min(1.0, shown.max() + 0.02) + 0.01)
         # each Monarch point's (f, h, w) tiling on a top axis: neighbours 1.6 points of sparsity apart stay legible

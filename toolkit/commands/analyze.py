@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from toolkit.analysis.records import RecordSelection
     from toolkit.analysis.topk import TopkOptions
 
+    AnalysisOptions = TopkOptions | PeriodicOptions | MonarchOptions | ApproximationOptions
+
 # name -> module; order = order in the help text.
 ANALYSES = {
     "periodic": "toolkit.analysis.periodic",
@@ -316,7 +318,7 @@ def records_from_args(args: argparse.Namespace) -> RecordSelection:
 
 def options_from_args(
     name: str, args: argparse.Namespace
-) -> TopkOptions | PeriodicOptions | MonarchOptions | ApproximationOptions:
+) -> AnalysisOptions:
     """Parsed ``toolkit analyze NAME`` arguments -> the analysis' options dataclass."""
     if name == "topk":
         from toolkit.analysis.topk import TopkOptions
@@ -357,7 +359,7 @@ def _load(name: str):
 
 
 def analyze_file(name: str, path: str, records: RecordSelection | None,
-                 options: TopkOptions | PeriodicOptions | MonarchOptions | ApproximationOptions | None, *,
+                 options: AnalysisOptions | None, *,
                  device: str | None = None, progress: bool = True,
                  progress_position: int | None = None, label: str | None = None, coords: dict | None = None,
                  sink: RecordSink | None = None) -> xr.Dataset:
@@ -479,7 +481,7 @@ def _check_files(runs: list[str], out: str) -> None:
 
 
 def resume_key(name: str, runs: list[str], records: RecordSelection | None,
-               options: TopkOptions | PeriodicOptions | MonarchOptions | ApproximationOptions | None,
+               options: AnalysisOptions | None,
                device: str | None) -> dict:
     """Everything that decides the numbers of a result: the analysis, its options, the record selection, the
     inputs (path, size, modification time) and the device type. ``--resume`` refuses a different key."""
