@@ -4,7 +4,7 @@ the recipe's four showcase prompts, each as ground truth, the 4-step student and
     git show 9b17e03:data/teacher/teacher.safetensors > /tmp/teacher_run8.safetensors   # the shipped student's teacher
     python benchmarks/bundled_showcase.py --teacher /tmp/teacher_run8.safetensors --teacher-label "run-8 teacher"
 
-The recipe draws the same strip at the end of training (``recipe.save_showcase``); this script redraws it when
+The recipe draws the same strip at the end of training (``recipe.save_rollouts``); this script redraws it when
 only the drawing changed. Redrawn into the model folder itself, it records how in ``train_log.json``
 (``showcase``) and regenerates ``MODEL_CARD.md``, which then says so under the strip. Rollouts run in float32 on
 the CPU, most of the time in the teacher's 40-step samples (17 minutes on 2 shared cores); the recipe's ran in bf16
@@ -22,9 +22,8 @@ import torch
 from timing import cpu_model
 
 from toolkit.models import bundled
-from toolkit.models.bundled.config import MANY_STEPS
 from toolkit.models.bundled.model import load_weights
-from toolkit.models.bundled.recipe import git_commit, model_card, save_showcase, teacher_sampler
+from toolkit.models.bundled.recipe import git_commit, model_card, save_rollouts
 
 
 def main() -> None:
@@ -41,17 +40,12 @@ def main() -> None:
     start = time.perf_counter()
     model, _ = bundled.load_bundled(path=args.model)
     teacher = load_weights(args.teacher)
-    out = args.out or args.model or bundled.DEFAULT_DIR
-    truth, videos = save_showcase(Path(out) / "rollout.png", [
-        ("bundled model, 4 steps (Self-Forcing loop)", model, {}),
-        (f"{args.teacher_label}, {len(MANY_STEPS)} Euler steps, CFG {args.guidance:g}", teacher,
-         teacher_sampler(args.guidance)),
-    ])
-    bundled.save_gif(torch.cat([truth[1], videos[0][1]], dim=-1), Path(out) / "rollout.gif")
-    seconds = time.perf_counter() - start
     folder = Path(args.model or bundled.DEFAULT_DIR)
+    out = Path(args.out or folder)
+    save_rollouts(out, model, teacher, args.guidance, args.teacher_label)
+    seconds = time.perf_counter() - start
     log_file = folder / "train_log.json"
-    if Path(out).resolve() == folder.resolve() and log_file.exists():  # the card says how its strip was drawn
+    if out.resolve() == folder.resolve() and log_file.exists():  # the card says how its strip was drawn
         record = json.loads(log_file.read_text())
         record["showcase"] = dict(commit=commit, device=f"CPU ({cpu_model()}, {torch.get_num_threads()} threads)",
                                   precision="float32", teacher=f"{args.teacher_label}, CFG {args.guidance:g}",

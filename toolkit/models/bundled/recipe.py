@@ -456,15 +456,21 @@ def write_artifacts(out: Path, model: WanModel, teacher: WanModel, record: dict,
     save_weights(model, out / WEIGHTS_FILE, stage=record["shipped"].removesuffix("_start"))
     (out / CONFIG_FILE).write_text(json.dumps({**cfg.to_dict(), "training": _summary(record)}, indent=2) + "\n")
     (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
-    truth, videos = save_showcase(out / "rollout.png", [
-        ("bundled model, 4 steps (Self-Forcing loop)", model, {}),
-        (f"teacher, {len(MANY_STEPS)} Euler steps, CFG {record['guidance']['scale']:g}", teacher,
-         teacher_sampler(record["guidance"]["scale"])),
-    ])
-    save_gif(torch.cat([truth[1], videos[0][1]], dim=-1), out / "rollout.gif")
+    save_rollouts(out, model, teacher, record["guidance"]["scale"])
     plot_curves(out / "curves.png", record)
     (out / "MODEL_CARD.md").write_text(model_card(record, model))
     log(f"wrote {out}")
+
+
+def save_rollouts(out: Path, model: WanModel, teacher: WanModel, guidance: float, teacher_label: str = "teacher"
+                  ) -> None:
+    """``out``/rollout.png (the showcase prompts: ground truth, the 4-step ``model``, the 40-step ``teacher`` at CFG
+    ``guidance``) and rollout.gif (the second prompt's ground truth beside the model's rollout)."""
+    truth, videos = save_showcase(out / "rollout.png", [
+        ("bundled model, 4 steps (Self-Forcing loop)", model, {}),
+        (f"{teacher_label}, {len(MANY_STEPS)} Euler steps, CFG {guidance:g}", teacher, teacher_sampler(guidance)),
+    ])
+    save_gif(torch.cat([truth[1], videos[0][1]], dim=-1), out / "rollout.gif")
 
 
 def showcase_truth(cfg: WanConfig) -> torch.Tensor:
