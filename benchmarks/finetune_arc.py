@@ -230,13 +230,15 @@ def plot(results: list, path: Path) -> None:
     for ax, key, label in ((axes[0], "psnr", "PSNR vs dense video (dB)"), (axes[1], "ssim", "SSIM vs dense video")):
         zs = [next(r[key] for r in results if r["spec"] == s and not r["finetuned"]) for s in specs]
         ft = [next((r[key] for r in results if r["spec"] == s and r["finetuned"]), np.nan) for s in specs]
-        ax.bar(x - 0.2, zs, 0.4, label="zero-shot", color="#bbbbbb")
+        # a row with no finetuned model (more iterations, zero-shot only) gets one bar, centred on its tick
+        alone = np.array([not np.isfinite(b) for b in ft])
+        ax.bar(x - np.where(alone, 0.0, 0.2), zs, 0.4, label="zero-shot", color="#bbbbbb")
         ax.bar(x + 0.2, ft, 0.4, label="finetuned", color="#3b7dd8")
         for i, (a, b) in enumerate(zip(zs, ft)):
-            for dx, v in ((-0.2, a), (0.2, b)):
+            for dx, v in ((0.0 if alone[i] else -0.2, a), (0.2, b)):
                 if np.isfinite(v):
                     ax.text(i + dx, v, f"{v:.1f}" if key == "psnr" else f"{v:.2f}", ha="center", va="bottom",
-                            fontsize=6.5)
+                            fontsize=7)
         ax.set_xticks(x, [_tick(s, density.get(s)) for s in specs], fontsize=7.5)
         ax.set_ylabel(label)
         ax.set_ylim(0, max(v for v in zs + ft if np.isfinite(v)) * 1.12)
@@ -249,10 +251,11 @@ def _tick(spec: str, density: float | None) -> str:
     """Two or three short lines per bar group: family, parameters, density."""
     family, _, rest = spec.partition(":")
     family = {"monarch-contiguous": "contiguous", "blocktopk": "top-k"}.get(family, family)
-    rest = rest.replace(":T=", "\nT=")
     if family == "top-k":  # blocktopk:FRACTION:TILE -> the tile; the fraction is the density line
         rest = rest.split(":", 1)[1] if ":" in rest else rest
-    return f"{family}\n{rest}" + ("" if density is None else f"\nd={density:.3f}")
+    params, _, iters = rest.partition(":T=")
+    label = f"{family}\n({params})" + (f"\n{iters} iterations" if iters else "")
+    return label + ("" if density is None else f"\ndensity {density:.1%}")
 
 
 if __name__ == "__main__":
