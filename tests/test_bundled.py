@@ -471,6 +471,42 @@ def test_self_forcing_stage_rolls_out_with_the_sampler_and_trains_the_critic(mon
     assert record["stage"] == "self_forcing" and len(record["curve"]) == 3
 
 
+def test_self_forcing_resumed_from_its_state_equals_one_longer_run(tmp_path):
+    """3 updates, the state through torch.save/load, then 2 resumed ones: bitwise the student (EMA), the live
+    weights and the critic of 5 updates in one run; a fresh critic (no state) is not."""
+    cfg, _ = _tiny_setup()
+    torch.manual_seed(5)
+    teacher = WanModel(cfg).eval()
+    start = copy.deepcopy(teacher)
+    for p in start.parameters():  # a student that differs from the critic's start
+        p.data.add_(0.01 * torch.randn_like(p))
+    settings = SelfForcingSettings(steps=5, batch=2, critic_ratio=2, lr=1e-3, critic_lr=1e-3, ema_decay=0.5)
+    quiet = dict(log=lambda *_: None, every=1)
+
+    whole, whole_state = copy.deepcopy(start).requires_grad_(True), {}
+    train_self_forcing(whole, teacher, settings, seed=4, state=whole_state, **quiet)
+
+    split, state = copy.deepcopy(start).requires_grad_(True), {}
+    first = train_self_forcing(split, teacher, replace(settings, steps=3), seed=4, state=state, **quiet)
+    torch.save(state, tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["updates"] == 3 and not first["resumed"]
+    # the caller loads the stage file (the EMA weights); the state brings the live ones back
+    second = train_self_forcing(split, teacher, replace(settings, steps=2, resume=True), seed=99, state=state,
+                                **quiet)
+    assert second["resumed"] and state["updates"] == 5
+    for a, b in zip(whole.state_dict().values(), split.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for key in ("student", "critic"):
+        for a, b in zip(whole_state[key].values(), state[key].values(), strict=True):
+            assert torch.equal(a, b)
+
+    fresh = copy.deepcopy(start).requires_grad_(True)
+    train_self_forcing(fresh, teacher, replace(settings, steps=3), seed=4, **quiet)
+    train_self_forcing(fresh, teacher, replace(settings, steps=2), seed=4, **quiet)
+    assert any(not torch.equal(a, b) for a, b in zip(whole.state_dict().values(), fresh.state_dict().values()))
+
+
 def _save(model: WanModel, folder, config: dict | None = None) -> None:
     from safetensors.torch import save_file
 
@@ -671,6 +707,26 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
     assert "--sf-start self_forcing --force --seed S` (S = 2)." in card
     assert "before and after its last continued run" in card
 
+    # stage (c) resumed (--sf-resume): from the state the last stage-(c) run left beside its weights; refused
+    # without --sf-start self_forcing, and for a state of other weights
+    from toolkit.errors import ToolkitError
+    from toolkit.models.bundled.recipe import load_sf_state
+
+    state_file = out / "stages" / "self_forcing_state.pt"
+    assert torch.load(state_file, weights_only=True)["updates"] == 2  # the continued run above, a fresh state
+    _train_refused(["--out", str(out), "--tiny", "--force", "--stages", "self_forcing", "--sf-resume"],
+                   "add --sf-start self_forcing")
+    with pytest.raises(ToolkitError, match="is not the state of"):
+        load_sf_state(out, load_weights(out / "stages" / "ode_init.safetensors"))
+    assert main(["--tiny", "--out", str(out), "--stages", "self_forcing", "--sf-start", "self_forcing",
+                 "--sf-resume", "--seed", "5", "--force", "--quiet"]) == 0
+    latest = json.loads((out / "train_log.json").read_text())
+    more = latest["stages"]["self_forcing"]["continued"]
+    assert [run["resumed"] for run in more] == [False, True] and more[1]["seed"] == 5
+    assert torch.load(state_file, weights_only=True)["updates"] == 4
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "resumed: the run above's critic, optimisers, EMA and random streams" in card
+
     # a second round of stage (b) from the stage-(c) student (--ode-start self_forcing): it starts from those
     # weights, and the record keeps the stage-(c) record it started from inside the continued run
     earlier = load_weights(out / "stages" / "self_forcing.safetensors").state_dict()
@@ -682,13 +738,14 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
     rounds = second["stages"]["ode_init"]["continued"]
     assert [more["seed"] for more in rounds] == [1, 3] and "start_record" not in rounds[0]
     assert rounds[1]["start_record"] == latest["stages"]["self_forcing"] and "self_forcing" not in second["stages"]
+    assert not state_file.exists()  # the state of the stage-(c) run the new student replaced
     assert main(["--tiny", "--out", str(out), "--stages", "self_forcing", "--seed", "4", "--force", "--quiet"]) == 0
     card = (out / "MODEL_CARD.md").read_text()
     table = [line for line in card.splitlines() if line.startswith(("| ode_init", "| self_forcing"))]
     assert [line.split(" | ")[0] for line in table] == [
-        "| ode_init", "| ode_init, continued", "| self_forcing", "| self_forcing, continued", "| ode_init, continued",
-        "| self_forcing"]
-    assert "seed 3), teacher CFG" in table[4] and table[4].count("from the self_forcing student above") == 1
+        "| ode_init", "| ode_init, continued", "| self_forcing", "| self_forcing, continued",
+        "| self_forcing, continued", "| ode_init, continued", "| self_forcing"]
+    assert "seed 3), teacher CFG" in table[5] and table[5].count("from the self_forcing student above") == 1
     assert ("After stage (c), stage (b) started a second round from the stage-(c) student with `--stages ode_init "
             "--ode-start self_forcing --force --seed S` (S = 3), then stage (c) again.") in card
 
@@ -739,6 +796,7 @@ def test_widening_the_student_stages_keeps_their_function_and_the_next_run_train
 
     out = tmp_path / "lineage"
     assert main(["--tiny", "--out", str(out), "--quiet"]) == 0
+    assert (out / "stages" / "self_forcing_state.pt").is_file()
     narrow = load_weights(out / "stages" / "self_forcing.safetensors")
     before = _tree_digest(out)
     _train_refused(["--out", str(out), "--widen", "2"], "pass --force")  # it replaces weights
@@ -763,6 +821,10 @@ def test_widening_the_student_stages_keeps_their_function_and_the_next_run_train
         video, video_wide = (bundled.generate(m, prompt, seed=1) for m in (narrow, wide))
     assert (video_wide - video).abs().max() < 5e-3
     assert _tree_digest(out)["model.safetensors"] == before["model.safetensors"]  # only the stages are widened
+    # the narrow stage (c)'s state went with its width: nothing to resume
+    assert not (out / "stages" / "self_forcing_state.pt").exists()
+    _train_refused(["--out", str(out), "--tiny", "--force", "--stages", "self_forcing", "--sf-start", "self_forcing",
+                    "--sf-resume"], "left none")
     # stage (c) continues the wide student; the card says which runs trained wide copies
     assert main(["--tiny", "--out", str(out), "--stages", "self_forcing", "--sf-start", "self_forcing", "--force",
                  "--quiet"]) == 0

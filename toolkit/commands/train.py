@@ -127,6 +127,11 @@ Self-Forcing {defaults.self_forcing.steps} generator updates x \
                    help="the student's starting weights in stage (c): ode_init, or self_forcing to train the "
                         "stage-(c) student already in --out/stages further, e.g. against a teacher trained longer "
                         "since (with --stages self_forcing and --force; a fresh critic from that teacher)")
+    p.add_argument("--sf-resume", action="store_true",
+                   help="with --sf-start self_forcing: continue the earlier stage-(c) run exactly where it stopped "
+                        "(its critic, both optimisers' moments, the live weights, the EMA and the random streams, "
+                        "from --out/stages/self_forcing_state.pt, which every stage-(c) run leaves), so one long run "
+                        "can be split over processes")
     p.add_argument("--sf-steps", type=int, default=defaults.self_forcing.steps, help="Self-Forcing generator updates")
     p.add_argument("--sf-batch", type=int, default=defaults.self_forcing.batch)
     p.add_argument("--sf-lr", type=float, default=defaults.self_forcing.lr)
@@ -206,7 +211,8 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
                          steps=args.ode_steps, batch=args.ode_batch, lr=args.ode_lr, seconds=args.ode_seconds,
                          keep_prompted=args.ode_keep_prompted, start=args.ode_start),
         self_forcing=replace(r.self_forcing, steps=args.sf_steps, batch=args.sf_batch, lr=args.sf_lr,
-                             critic_lr=args.sf_critic_lr, seconds=args.sf_seconds, start=args.sf_start),
+                             critic_lr=args.sf_critic_lr, seconds=args.sf_seconds, start=args.sf_start,
+                             resume=args.sf_resume),
         guidance_scale=args.guidance,
         seed=args.seed,
         eval_prompts=args.eval_prompts,
@@ -217,7 +223,8 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
             base=TeacherSettings(steps=6, batch=2, warmup=2),
             teacher=TeacherSettings(steps=6, batch=2, warmup=2),
             ode_init=replace(r.ode_init, pairs=4, pair_batch=4, steps=4, batch=2, warmup=2, start=args.ode_start),
-            self_forcing=replace(r.self_forcing, steps=2, batch=2, critic_ratio=1, start=args.sf_start),
+            self_forcing=replace(r.self_forcing, steps=2, batch=2, critic_ratio=1, start=args.sf_start,
+                                 resume=args.sf_resume),
             guidance_scale=args.guidance,
             guidance_candidates=(1.0, 3.0),
             validation_prompts=2,
@@ -325,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise ToolkitError(f"--ode-grid {args.ode_grid}: {err}") from None
     # a model there: refused unless --force
-    check_model_output(args.out, args.stages, args.force, args.ode_start, args.sf_start)
+    check_model_output(args.out, args.stages, args.force, args.ode_start, args.sf_start, args.sf_resume)
     prepare_output_dir(args.out, folder=True, keep=False)  # read-only or uncreatable: now, not after a stage
     out = Path(args.out)
     if args.force and any(p.exists() for p in [out / WEIGHTS_FILE, *(stage_path(out, s) for s in args.stages)]):

@@ -108,6 +108,12 @@ def stage_path(out: Path, stage: str) -> Path:
     return out / "stages" / f"{stage}.safetensors"
 
 
+def sf_state_path(out: Path) -> Path:
+    """Where each stage-(c) run leaves its end state (``self_forcing.py``) for a later ``--sf-resume``: float32
+    weights and moments of the student and of the teacher-sized critic, about 215 MB with the shipped sizes."""
+    return out / "stages" / "self_forcing_state.pt"
+
+
 def refuse_overwrite(out: Path, writes: Sequence[Path], force: bool) -> None:
     """One line, nothing written, if any of the files a run ``writes`` into ``out`` exists already (unless
     ``force``): ``toolkit train`` never silently replaces a model."""
@@ -117,11 +123,12 @@ def refuse_overwrite(out: Path, writes: Sequence[Path], force: bool) -> None:
 
 
 def check_output(out: str | Path, stages: Sequence[str], force: bool, ode_start: str = "base",
-                 sf_start: str = "ode_init") -> Path:
+                 sf_start: str = "ode_init", sf_resume: bool = False) -> Path:
     """Refuse (one line) to overwrite a model in ``out`` unless ``force``; check that the stages the ones asked for
     build on have left their weights there (or are asked for too; ``ode_start="ode_init"`` / ``sf_start=
     "self_forcing"``: stage (b) / (c) continues its own earlier weights; ``ode_start="self_forcing"``: stage (b)
-    starts a second round from the stage-(c) student). Nothing is written."""
+    starts a second round from the stage-(c) student; ``sf_resume``: stage (c) continues from the state its
+    earlier run left). Nothing is written."""
     out = Path(out)
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
@@ -137,6 +144,8 @@ def check_output(out: str | Path, stages: Sequence[str], force: bool, ode_start:
         raise ToolkitError(f"the ODE stage starts from one of {', '.join(ODE_STARTS)}, not {ode_start!r}")
     if sf_start not in SF_STARTS:
         raise ToolkitError(f"the Self-Forcing stage starts from one of {', '.join(SF_STARTS)}, not {sf_start!r}")
+    if sf_resume and sf_start != "self_forcing":
+        raise ToolkitError("--sf-resume continues an earlier stage-(c) run: add --sf-start self_forcing")
     starts = {"ode_init": ode_start, "self_forcing": sf_start}
     # a stage that starts from its own or a later stage's weights continues the lineage recorded in the folder:
     # those weights, its own record and theirs must be there
@@ -166,7 +175,28 @@ def check_output(out: str | Path, stages: Sequence[str], force: bool, ode_start:
         for earlier in needs:
             if earlier not in ordered and not stage_path(out, earlier).is_file():
                 raise ToolkitError(f"stage {stage} needs {stage_path(out, earlier)} (run stage {earlier} first)")
+    if sf_resume and not sf_state_path(out).is_file():
+        raise ToolkitError(f"--sf-resume needs {sf_state_path(out)}, which every stage-(c) run leaves; this "
+                           "folder's stage (c) left none (copied in, or widened since)")
     return out
+
+
+def load_sf_state(out: Path, student: WanModel) -> dict:
+    """The state the last stage-(c) run left in ``out``, checked against the stage file it continues (which holds
+    that run's EMA weights, rounded to float16)."""
+    state = torch.load(sf_state_path(out), map_location="cpu", weights_only=True)
+    params = [p.detach().cpu() for p in student.parameters()]
+    if len(params) != len(state["ema"]) or any(
+            p.shape != e.shape or not torch.equal(p, e.half().to(p.dtype)) for p, e in zip(params, state["ema"])):
+        raise ToolkitError(f"{sf_state_path(out)} is not the state of {stage_path(out, 'self_forcing')} (a later "
+                           "stage-(c) file replaced it); run stage (c) without --sf-resume")
+    return state
+
+
+def save_sf_state(out: Path, state: dict) -> None:
+    tmp = sf_state_path(out).with_name(sf_state_path(out).name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(sf_state_path(out))
 
 
 def widen_students(out: str | Path, factor: int = 2, *, seed: int = 0, force: bool = False,
@@ -198,6 +228,9 @@ def widen_students(out: str | Path, factor: int = 2, *, seed: int = 0, force: bo
     if len(sizes) > 1:
         raise ToolkitError(f"the student stages in {out / 'stages'} differ in size ({sorted(sizes)}): none widened")
     wide = {s: widened(m, factor, seed=seed + i) for i, (s, m) in enumerate(narrow.items())}
+    if sf_state_path(out).is_file():  # the narrow run's critic and moments: nothing to resume at the new width
+        sf_state_path(out).unlink()
+        log(f"removed {sf_state_path(out)} (a stage-(c) state of the narrow student)")
     # one forward of a procedural clip at σ = 0.5, before and after, each model as its file holds it (the narrow
     # ones were just loaded from theirs)
     cfg = next(iter(narrow.values())).cfg
@@ -266,7 +299,8 @@ def train_bundled(
     """Run ``stages`` of ``recipe`` into ``out`` (see the module docstring); returns the training record. ``cfg``:
     the student's architecture for the base stage (default: the shipped one), ``teacher_cfg`` the teacher's;
     stages loaded from ``out`` bring their own."""
-    out = check_output(out, stages, force, recipe.ode_init.start, recipe.self_forcing.start)
+    out = check_output(out, stages, force, recipe.ode_init.start, recipe.self_forcing.start,
+                       recipe.self_forcing.resume)
     dev = resolve_device(device or None)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -343,14 +377,17 @@ def train_bundled(
         save("ode_init", student, summary if start == "base" else continued("ode_init", summary))
         if "self_forcing" not in stages:  # a stage (c) recorded earlier was trained from the replaced student
             record["stages"].pop("self_forcing", None)
+            sf_state_path(out).unlink(missing_ok=True)
     else:
         student = load("self_forcing" if sf_continues else "ode_init").requires_grad_(True)
     # the candidates as their files hold them (float16): the evaluation below is of the weights that ship
     candidates = {"self_forcing_start" if sf_continues else "ode_init": as_stored(student)}
     if "self_forcing" in stages:
+        state = load_sf_state(out, student) if recipe.self_forcing.resume else {}
         summary = train_self_forcing(student, teacher, recipe.self_forcing, seed=recipe.seed,
-                                     guidance_scale=guidance, log=log)
+                                     guidance_scale=guidance, log=log, state=state)
         save("self_forcing", student, continued("self_forcing", summary) if sf_continues else summary)
+        save_sf_state(out, state)
         candidates["self_forcing"] = as_stored(student)
 
     # evaluation: the same held-out prompts and seeds for every model
@@ -620,7 +657,9 @@ def model_card(record: dict, model: WanModel) -> str:
             if name == "self_forcing":
                 loss = f"critic {more['curve'][-1][1]:.4f}" if more.get("curve") else ""
                 how = (f"critic ratio {c['critic_ratio']}, lr {c['lr']} / {c['critic_lr']}, teacher CFG "
-                       f"{more.get('guidance_scale', '?')}{trained_by}, seed {more.get('seed', '?')}, a fresh critic")
+                       f"{more.get('guidance_scale', '?')}{trained_by}, "
+                       + ("resumed: the run above's critic, optimisers, EMA and random streams" if more.get("resumed")
+                          else f"seed {more.get('seed', '?')}, a fresh critic"))
             else:
                 loss = f"{more['heldout_loss_init']:.4f} → {more['heldout_loss_end']:.4f}"
                 mode = "compiled" if more.get("compile_seconds") else "eager"  # the teacher's continuations

@@ -18,7 +18,12 @@ The teacher may have another architecture than the student (the recipe's teacher
 Self-Forcing's real score is Wan2.1-14B for a 1.3B student): it sees the same pixels through its own patches and its
 own teacher-forcing mask. The critic ("fake score", initialised from the teacher) learns the student's current
 distribution with the flow-matching loss on fresh no-grad rollouts, ``critic_ratio`` updates per generator update
-(two time-scale rule). β1 = 0 for both optimisers and an EMA of the generator, as Self-Forcing."""
+(two time-scale rule). β1 = 0 for both optimisers and an EMA of the generator, as Self-Forcing.
+
+A run can be split over processes (a device call is limited in time): ``train_self_forcing(state=...)`` fills a
+dict with everything the run's next update would need (the student's live weights, whose EMA the stage file
+holds, the EMA, the critic, both optimisers' moments and both random streams), and a later call given that dict
+continues from there, so N updates and then M resumed ones are the N + M updates of one run."""
 
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -66,6 +72,9 @@ class SelfForcingSettings:
     # the student's starting weights: "ode_init" (the recipe), or "self_forcing" to train an earlier stage-(c)
     # student further, e.g. against a teacher trained longer since (a fresh critic, initialised from that teacher)
     start: str = "ode_init"
+    # with start "self_forcing": continue the earlier run exactly (its saved state: critic, optimisers, live
+    # weights, EMA, random streams) instead of from its EMA weights with a fresh critic
+    resume: bool = False
 
 
 def student_rollout(
@@ -112,10 +121,13 @@ def dmd_gradient(
 def train_self_forcing(
     student: WanModel, teacher: WanModel, settings: SelfForcingSettings, *, seed: int = 0,
     guidance_scale: float = 1.0, log: Log = print, every: int = 5, student_backend: Backend | None = None,
+    state: dict | None = None,
 ) -> dict:
     """Stage (c): train ``student`` in place (ending with its EMA weights); ``teacher`` is the real score (with
     classifier-free guidance ``guidance_scale``) and the critic's initialisation. ``student_backend``: what the
-    student's seams compute (default: dense; finetuning passes another attention, ``finetune.py``)."""
+    student's seams compute (default: dense; finetuning passes another attention, ``finetune.py``). ``state``: a
+    dict that holds this run's end state on return (module docstring); if it already holds one, the run resumes
+    from it (``seed`` is then unused: the random streams continue)."""
     device = next(student.parameters()).device
     setup = ClipSetup.of(student.cfg, device)
     scores = ClipSetup.of(teacher.cfg, device)  # the teacher's and the critic's patches and mask
@@ -129,6 +141,10 @@ def train_self_forcing(
     opt_g = adamw(student, settings.lr, (0.0, 0.999), 0.01)
     opt_c = adamw(critic, settings.critic_lr, (0.0, 0.999), 0.01)
     ema = Ema(student)
+    resumed = bool(state)
+    if resumed:
+        _resume(state, student, critic, opt_g, opt_c, ema, g, g_dev, settings)
+        log(f"self-forcing: resumed after {state['updates']} updates (critic, optimisers, live weights, EMA)")
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
         return setup.prompts_and_noise(settings.batch, student.cfg.in_dim, g, device)
@@ -175,8 +191,52 @@ def train_self_forcing(
                     f"{rate:.2f} it/s")
     synchronize(device)
     seconds = time.perf_counter() - start
+    if state is not None:
+        updates = state.get("updates", 0) + total
+        state.clear()
+        state.update(_end_state(student, critic, opt_g, opt_c, ema, g, g_dev, updates))
     ema.copy_to_model()
     student.eval()
     log(f"self-forcing: {total} generator updates in {seconds:.0f} s")
     return dict(stage="self_forcing", settings=asdict(settings), guidance_scale=guidance_scale, steps_run=total,
-                seconds=round(seconds, 1), curve=curve)
+                seconds=round(seconds, 1), curve=curve, resumed=resumed)
+
+
+def _cpu(tree: Any) -> Any:
+    """A copy of nested dicts / lists of tensors with every tensor on the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu().clone()
+    if isinstance(tree, dict):
+        return {k: _cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_cpu(v) for v in tree)
+    return tree
+
+
+def _end_state(student: WanModel, critic: WanModel, opt_g: torch.optim.Optimizer, opt_c: torch.optim.Optimizer,
+               ema: Ema, g: torch.Generator, g_dev: torch.Generator, updates: int) -> dict:
+    """What the next update needs, as CPU tensors and plain values (``torch.load(weights_only=True)`` reads it)."""
+    return dict(student=_cpu(student.state_dict()), ema=_cpu(ema.shadow), critic=_cpu(critic.state_dict()),
+                student_optimizer=_cpu(opt_g.state_dict()), critic_optimizer=_cpu(opt_c.state_dict()),
+                generator=g.get_state(), device_generator=g_dev.get_state().cpu(),
+                device_type=g_dev.device.type, updates=updates)
+
+
+def _resume(state: dict, student: WanModel, critic: WanModel, opt_g: torch.optim.Optimizer,
+            opt_c: torch.optim.Optimizer, ema: Ema, g: torch.Generator, g_dev: torch.Generator,
+            settings: SelfForcingSettings) -> None:
+    if state.get("device_type") != g_dev.device.type:
+        raise ValueError(f"a stage-(c) state saved on {state.get('device_type')} resumes on that kind of device, "
+                         f"not on {g_dev.device.type}")
+    student.load_state_dict(state["student"])
+    critic.load_state_dict(state["critic"])
+    opt_g.load_state_dict(state["student_optimizer"])
+    opt_c.load_state_dict(state["critic_optimizer"])
+    for opt, lr in ((opt_g, settings.lr), (opt_c, settings.critic_lr)):  # this run's settings, not the saved ones
+        for group in opt.param_groups:
+            group["lr"] = lr
+    with torch.no_grad():
+        for shadow, saved in zip(ema.shadow, state["ema"], strict=True):
+            shadow.copy_(saved)
+    g.set_state(state["generator"])
+    g_dev.set_state(state["device_generator"])
