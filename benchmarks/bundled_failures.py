@@ -4,10 +4,14 @@ too high), by the sprite evaluator (``toolkit/models/bundled/evaluate.py``).
 
     python benchmarks/bundled_failures.py --prompts 32 --out benchmarks/results/bundled_training_h200/
     python benchmarks/bundled_failures.py --prompts 64 --weights DIR/stages/self_forcing.safetensors --name wide
+    python benchmarks/bundled_failures.py --prompts 64 --weights data/teacher/teacher.safetensors --teacher-cfg 2 \
+        --name teacher
 
 The first ``--prompts`` held-out prompts (``evaluate.heldout_prompts``), one rollout each from the held-out noise
 seed, float32 on the CPU (about 19 s a rollout on 2 cores). ``--weights``: a stage file of a recipe folder (its own
-config) instead of the shipped model. Prints the table and writes ``bundled_failures_cpu[_NAME].json``.
+config) instead of the shipped model; ``--teacher-cfg G`` samples it with the teacher's sampler instead of the
+student's 4 steps (40 Euler steps, classifier-free guidance G: ``recipe.teacher_sampler``).
+Prints the table and writes ``bundled_failures_cpu[_NAME].json``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from timing import write_result
 from toolkit.models import bundled
 from toolkit.models.bundled import evaluate
 from toolkit.models.bundled.model import load_weights
+from toolkit.models.bundled.recipe import teacher_sampler
 
 COLUMNS = ("clips", "colour_match", "missing_any", "extra_any", "missing", "extra", "count_low", "count_high")
 
@@ -35,7 +40,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--weights", type=Path, default=None, help="a stage file (default: the shipped model)")
     p.add_argument("--name", default="", help="suffix of the JSON's name")
+    p.add_argument("--teacher-cfg", type=float, default=None, metavar="G",
+                   help="sample with the teacher's 40 Euler steps at classifier-free guidance G")
     args = p.parse_args()
+    sampler = {} if args.teacher_cfg is None else teacher_sampler(args.teacher_cfg)
 
     if args.weights is None:
         model, info = bundled.load_bundled("cpu", torch.float32)
@@ -47,7 +55,7 @@ def main() -> None:
     metrics = []
     for i in range(0, len(prompts), args.batch):
         part = prompts[i : i + args.batch]
-        video = bundled.generate(model, part, seed=evaluate.HELDOUT_NOISE_SEED).float()
+        video = bundled.generate(model, part, seed=evaluate.HELDOUT_NOISE_SEED, **sampler).float()
         metrics += evaluate.evaluate_clips(video, part)
         print(f"{i + len(part)}/{len(prompts)} rollouts ({time.perf_counter() - start:.0f} s)", flush=True)
 
@@ -62,7 +70,8 @@ def main() -> None:
     for n, r in sorted(rows.items()):
         print(f"{n:>7} " + " ".join(f"{r[c]:>12}" for c in COLUMNS))
     result = dict(
-        weights=weights, prompts=len(prompts), seed=evaluate.HELDOUT_NOISE_SEED, dtype="float32",
+        weights=weights, sampler=sampler or "the student's 4 steps", prompts=len(prompts),
+        seed=evaluate.HELDOUT_NOISE_SEED, dtype="float32",
         device="cpu", cpu=platform.processor() or platform.machine(), torch=torch.__version__,
         seconds=round(time.perf_counter() - start, 1),
         by_sprite_count={str(n): {c: r[c] for c in COLUMNS} for n, r in sorted(rows.items())},
