@@ -579,7 +579,9 @@ def plot_curves(path: Path, record: dict) -> None:
         return "o" if len(points) < 3 else None
 
     stages = record["stages"]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    # legends of continued runs go under their panels, where no curve runs
+    most = max((len(s.get("continued", [])) for s in stages.values()), default=0)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4 + (0.25 * (most + 1) if most else 0)), layout="constrained")
     titles = {"base": "base (student architecture): flow matching", "teacher": "(a) teacher: flow matching",
               "ode_init": "(b) ODE regression", "self_forcing": "(c) Self-Forcing (DMD)"}
     ylabels = {"base": "flow-matching loss", "teacher": "flow-matching loss", "ode_init": "x0 loss",
@@ -608,8 +610,6 @@ def plot_curves(path: Path, record: dict) -> None:
                     label=f"continued ({more['seconds']:.0f} s{shift})",
                     marker=marker(more["curve"]))
             runs.append((offset, more["curve"]))
-        if stages[stage].get("continued"):
-            ax.legend(fontsize=7, loc="upper right")  # loss curves fall away from this corner
         if stage == "self_forcing":
             twin = ax.twinx()
             for offset, run in runs:
@@ -618,11 +618,12 @@ def plot_curves(path: Path, record: dict) -> None:
             ax.set_ylabel("critic loss (blue)", fontsize=8)
         else:
             ax.set_yscale("log")
+        if stages[stage].get("continued"):
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
         s = stages[stage]
         seconds = s["seconds"] + sum(more["seconds"] for more in s.get("continued", []))
         ax.set_title(f"{titles[stage]}, {seconds:.0f} s in all", fontsize=9)
     fig.suptitle(f"bundled model training on {record['device']}", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
