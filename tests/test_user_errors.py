@@ -133,6 +133,21 @@ def test_help_keeps_hyphenated_examples_and_flags_whole(capsys):
     assert not any(line.rstrip().endswith("-") and not line.rstrip().endswith("--") for line in text.splitlines())
 
 
+def test_help_of_an_option_group_is_wrapped(capsys, monkeypatch):
+    """A group's one-paragraph description wraps to the terminal, also under a parser whose own description is
+    kept as written (toolkit train's stage table)."""
+    from toolkit.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("finetuning with another attention (--finetune):")
+    group = lines[start + 1:lines.index("", start + 2)]
+    assert len(group) > 2 and all(len(line) <= 80 for line in group)
+    assert "toolkit train --finetune --attention monarch:3,1,1 --out runs/ft_311" in " ".join(group)
+
+
 def snapshot(root: Path) -> dict[str, bytes | None]:
     """Every path under ``root`` (folders as None) with its bytes."""
     return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}

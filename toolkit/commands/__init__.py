@@ -25,9 +25,11 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class RawDescriptionHelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The description as written (examples, tables), the options' help as :class:`HelpFormatter` wraps it."""
+    """The description as written (examples, tables), the options' help as :class:`HelpFormatter` wraps it, and a
+    text of one paragraph (an option group's description) filled to the terminal's width."""
 
     _split_lines = HelpFormatter._split_lines
+    _fill_text = HelpFormatter._fill_text
 
 
 class OneLineParser(argparse.ArgumentParser):
