@@ -65,6 +65,8 @@ examples:
   toolkit train --out runs/bundled --stages base,teacher then: --stages ode_init,self_forcing
   toolkit train --tiny --out /tmp/tiny                   a CPU smoke run of every stage (seconds)
   toolkit train --out DIR --widen 2 --force              the student stages in DIR, 2x as wide, same function
+  toolkit train --out DIR --stages self_forcing --sf-start self_forcing --sf-resume --force
+                                                         stage (c) resumed where its last run stopped
 
 defaults: base {defaults.base.steps} steps x {defaults.base.batch}; teacher {defaults.teacher.steps} steps x \
 {defaults.teacher.batch}; ODE pool {defaults.ode_init.pairs} pairs, {defaults.ode_init.steps} x \
