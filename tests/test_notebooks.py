@@ -1,5 +1,5 @@
-"""Every notebook in notebooks/ runs top to bottom (nbclient, fresh kernel) against the bundled model and fails
-on any error. Until the trained bundled weights are in data/bundled/, a random-weight checkpoint of the same
+"""Every notebook in notebooks/ runs top to bottom (nbclient, fresh kernel) against the shipped bundled model and
+fails on any error. In a checkout without data/bundled/model.safetensors a random-weight checkpoint of the same
 architecture stands in (passed through TOOLKIT_NOTEBOOK_CHECKPOINT, which the notebooks read)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed (ru
 nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed (running notebooks needs it)")
 NotebookClient = nbclient.NotebookClient
 
-pytestmark = pytest.mark.slow  # five notebooks, each under a minute on 2 CPU cores
+pytestmark = pytest.mark.slow  # six notebooks (the quickstart alone took 2 minutes on 2 CPU cores)
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
