@@ -40,22 +40,23 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--weights", type=Path, default=None, help="a stage file (default: the shipped model)")
     p.add_argument("--name", default="", help="suffix of the JSON's name")
+    p.add_argument("--device", default="cpu", help="where the rollouts run, float32 (default cpu)")
     p.add_argument("--teacher-cfg", type=float, default=None, metavar="G",
                    help="sample with the teacher's 40 Euler steps at classifier-free guidance G")
     args = p.parse_args()
     sampler = {} if args.teacher_cfg is None else teacher_sampler(args.teacher_cfg)
 
     if args.weights is None:
-        model, info = bundled.load_bundled("cpu", torch.float32)
+        model, info = bundled.load_bundled(args.device, torch.float32)
         weights = info["path"]
     else:
-        model, weights = load_weights(args.weights, None, "cpu").float().eval(), str(args.weights)
+        model, weights = load_weights(args.weights, None, args.device).float().eval(), str(args.weights)
     prompts = evaluate.heldout_prompts(64)[: args.prompts]
     start = time.perf_counter()
     metrics = []
     for i in range(0, len(prompts), args.batch):
         part = prompts[i : i + args.batch]
-        video = bundled.generate(model, part, seed=evaluate.HELDOUT_NOISE_SEED, **sampler).float()
+        video = bundled.generate(model, part, seed=evaluate.HELDOUT_NOISE_SEED, **sampler).float().cpu()
         metrics += evaluate.evaluate_clips(video, part)
         print(f"{i + len(part)}/{len(prompts)} rollouts ({time.perf_counter() - start:.0f} s)", flush=True)
 
@@ -72,7 +73,8 @@ def main() -> None:
     result = dict(
         weights=weights, sampler=sampler or "the student's 4 steps", prompts=len(prompts),
         seed=evaluate.HELDOUT_NOISE_SEED, dtype="float32",
-        device="cpu", cpu=platform.processor() or platform.machine(), torch=torch.__version__,
+        device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        cpu=platform.processor() or platform.machine(), torch=torch.__version__,
         seconds=round(time.perf_counter() - start, 1),
         by_sprite_count={str(n): {c: r[c] for c in COLUMNS} for n, r in sorted(rows.items())},
     )

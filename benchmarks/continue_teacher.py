@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=1, help="data and noise seed (not the first run's)")
+    p.add_argument("--min-sprites", type=int, default=1, metavar="N",
+                   help="train on clips of at least N sprites only (crowded scenes; default 1: every count)")
     args = p.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     record = json.loads(log_file.read_text())
     model = load_weights(stage_path(args.out, args.stage), None, dev)  # the architecture from the file's metadata
     settings = TeacherSettings(steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
-                               seconds=args.seconds)
+                               seconds=args.seconds, min_sprites=args.min_sprites)
     with use_backend(model, ClipSetup.of(model.cfg, dev).backend):
         run = train_teacher(model, settings, seed=args.seed, log=lambda m: print(m, flush=True), every=100,
                             name=args.stage)

@@ -471,6 +471,19 @@ def test_self_forcing_stage_rolls_out_with_the_sampler_and_trains_the_critic(mon
     assert record["stage"] == "self_forcing" and len(record["curve"]) == 3
 
 
+def test_crowded_prompts_draw_only_high_counts_and_the_default_draws_are_unchanged():
+    from toolkit.models.bundled import data
+
+    def draws(**kw) -> list:
+        return [str(p) for p in data.random_prompts(200, torch.Generator().manual_seed(3), **kw)]
+
+    assert draws() == draws(min_sprites=1)  # what every held-out prompt set was drawn with
+    counts = {len(data.parse_prompt(p).sprites) for p in draws(min_sprites=3)}
+    assert counts == {3, data.MAX_SPRITES}
+    with pytest.raises(ValueError, match="min_sprites"):
+        data.random_prompts(1, torch.Generator(), min_sprites=data.MAX_SPRITES + 1)
+
+
 def test_self_forcing_resumed_from_its_state_equals_one_longer_run(tmp_path):
     """3 updates, the state through torch.save/load, then 2 resumed ones: bitwise the student (EMA), the live
     weights and the critic of 5 updates in one run; a fresh critic (no state) is not."""
@@ -769,6 +782,11 @@ def test_student_size_sets_the_base_and_the_later_stages_follow_it(tmp_path):
     record = json.loads((out / "stages" / "log.json").read_text())
     assert [r["steps_run"] for r in record["stages"]["base"]["continued"]] == [3]
     assert "teacher" in record["stages"] and "continued" not in record["stages"]["teacher"]
+    # the teacher trained further on crowded scenes only (--min-sprites): recorded, and named on the card below
+    continue_teacher(["--out", str(out), "--stage", "teacher", "--seconds", "600", "--steps", "2", "--batch", "2",
+                      "--warmup", "1", "--min-sprites", "3"])
+    record = json.loads((out / "stages" / "log.json").read_text())
+    assert [r["settings"]["min_sprites"] for r in record["stages"]["teacher"]["continued"]] == [3]
     assert main(["--tiny", "--out", str(out), "--stages", "ode_init,self_forcing", "--eval-seeds", "2",
                  "--quiet"]) == 0
     model, info = bundled.load_bundled(path=out)
@@ -777,6 +795,7 @@ def test_student_size_sets_the_base_and_the_later_stages_follow_it(tmp_path):
     card = (out / "MODEL_CARD.md").read_text()
     assert "A 3-layer Wan DiT (width 48, 2 heads × 24" in card
     assert "| base, continued | 3 × 2 |" in card
+    assert "| teacher, continued | 2 × 2 |" in card and "clips of 3+ sprites only" in card
     # two noise seeds per prompt, and (b)+(c) compared with (b) clip by clip
     assert record["eval_seeds"] == 2 and record["evaluation"]["self_forcing"]["clips"] == 2 * record["eval_prompts"]
     split = record["paired"]["self_forcing vs ode_init"]

@@ -126,11 +126,14 @@ def parse_prompt(text: str) -> Prompt:
     return Prompt(tuple(sprites), pan)
 
 
-def random_prompts(n: int, generator: torch.Generator, pan_prob: float = 0.3) -> list[Prompt]:
-    """``n`` prompts: 1..MAX_SPRITES sprites of distinct colours, random shapes, a pan with probability ``pan_prob``."""
+def random_prompts(n: int, generator: torch.Generator, pan_prob: float = 0.3, min_sprites: int = 1) -> list[Prompt]:
+    """``n`` prompts: ``min_sprites``..MAX_SPRITES sprites of distinct colours, random shapes, a pan with probability
+    ``pan_prob`` (``min_sprites`` 1: the draws every held-out prompt set was made with)."""
+    if not 1 <= min_sprites <= MAX_SPRITES:
+        raise ValueError(f"min_sprites must be in 1..{MAX_SPRITES}, not {min_sprites}")
     prompts = []
     for _ in range(n):
-        count = int(torch.randint(1, MAX_SPRITES + 1, (), generator=generator))
+        count = int(torch.randint(min_sprites, MAX_SPRITES + 1, (), generator=generator))
         colours = torch.randperm(len(COLOURS), generator=generator)[:count].tolist()
         shapes = torch.randint(len(SHAPES), (count,), generator=generator).tolist()
         pan = "none"
@@ -324,8 +327,9 @@ def sample_batch(
     width: int,
     device: torch.device | str = "cpu",
     pan_prob: float = 0.3,
+    min_sprites: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, list[Prompt]]:
     """Random prompts and their clips: (video [b 3 f h w] in [0, 1], context [b TEXT_LEN TEXT_DIM], prompts)."""
-    prompts = random_prompts(batch, generator, pan_prob)
+    prompts = random_prompts(batch, generator, pan_prob, min_sprites)
     video = render(prompts, generator, frames=frames, height=height, width=width, device=device)
     return video, encode_prompts(prompts).to(device), prompts

@@ -668,7 +668,8 @@ def model_card(record: dict, model: WanModel) -> str:
                 how = (f"{c['pairs']} {fresh} ODE pairs (seed {more.get('seed', '?')}), teacher CFG "
                        f"{more.get('guidance_scale', '?')} ({more.get('pool_seconds', 0):.0f} s to solve), "
                        f"lr {c['lr']}{trained_by}" if name == "ode_init"
-                       else f"lr {c['lr']} (cosine), shift-{TEACHER_SHIFT:g} σ, {mode}")
+                       else f"lr {c['lr']} (cosine), shift-{TEACHER_SHIFT:g} σ, {mode}"
+                       + (f", clips of {c['min_sprites']}+ sprites only" if c.get("min_sprites", 1) > 1 else ""))
             if "start_record" in more:  # a second round of (b), from the stage-(c) student of the first
                 rows += stage_rows("self_forcing", more["start_record"])
                 how += ", from the self_forcing student above"

@@ -127,11 +127,12 @@ class ClipSetup:
         return prompts, data.encode_prompts(prompts).to(device), noise.to(device)
 
     def sample(
-        self, batch: int, generator: torch.Generator, device: torch.device | str
+        self, batch: int, generator: torch.Generator, device: torch.device | str, min_sprites: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Procedural clips in model space: (x0 [b c F H W], context [b L D], prompts)."""
         video, context, prompts = data.sample_batch(
-            batch, generator, frames=self.frames, height=self.height, width=self.width, device=device
+            batch, generator, frames=self.frames, height=self.height, width=self.width, device=device,
+            min_sprites=min_sprites,
         )
         return to_model_space(video), context, prompts
 
@@ -283,6 +284,9 @@ class TeacherSettings:
     ema_decay: float = 0.999
     seconds: float | None = None  # time budget: after ``PROBE_STEPS`` the plan shrinks to the steps that fit
     compile: bool = True  # torch.compile the blocks on CUDA (eager if compiling fails); ignored on the CPU
+    # training clips of at least this many sprites (1: all counts, as the recipe); more trains a model further on
+    # crowded scenes, where the teacher and the student fail (docs/bundled-model.md, run 15)
+    min_sprites: int = 1
 
 
 PROBE_STEPS = 20  # steps timed before a ``seconds`` budget fixes the number of steps (and the cosine's length)
@@ -357,7 +361,7 @@ def train_teacher(
     start = time.perf_counter()
     step = 0
     while step < total:
-        x0, context, _ = setup.sample(settings.batch, data_gen, device)
+        x0, context, _ = setup.sample(settings.batch, data_gen, device, settings.min_sprites)
         drop = torch.rand(settings.batch, generator=data_gen) < settings.cond_dropout
         context = torch.where(drop.to(device).view(-1, 1, 1), torch.zeros_like(context), context)
         noise = torch.randn(x0.shape, generator=noise_gen, device=device)
