@@ -228,9 +228,6 @@ def widen_students(out: str | Path, factor: int = 2, *, seed: int = 0, force: bo
     if len(sizes) > 1:
         raise ToolkitError(f"the student stages in {out / 'stages'} differ in size ({sorted(sizes)}): none widened")
     wide = {s: widened(m, factor, seed=seed + i) for i, (s, m) in enumerate(narrow.items())}
-    if sf_state_path(out).is_file():  # the narrow run's critic and moments: nothing to resume at the new width
-        sf_state_path(out).unlink()
-        log(f"removed {sf_state_path(out)} (a stage-(c) state of the narrow student)")
     # one forward of a procedural clip at σ = 0.5, before and after, each model as its file holds it (the narrow
     # ones were just loaded from theirs)
     cfg = next(iter(narrow.values())).cfg
@@ -245,6 +242,9 @@ def widen_students(out: str | Path, factor: int = 2, *, seed: int = 0, force: bo
             differences[s] = float((after - before).abs().max() / before.abs().max())
     for s in students:
         save_weights(wide[s], stage_path(out, s), stage=s)
+    if sf_state_path(out).is_file():  # the narrow run's critic and moments: nothing to resume at the new width
+        sf_state_path(out).unlink()
+        log(f"removed {sf_state_path(out)} (a stage-(c) state of the narrow student)")
     w = wide[students[0]].cfg
     record.setdefault("widened", []).append(dict(
         factor=factor, seed=seed, stages=students, commit=git_commit(),
