@@ -231,11 +231,11 @@ def plot(results: list, path: Path) -> None:
         zs = [next(r[key] for r in results if r["spec"] == s and not r["finetuned"]) for s in specs]
         ft = [next((r[key] for r in results if r["spec"] == s and r["finetuned"]), np.nan) for s in specs]
         # a row with no finetuned model (more iterations, zero-shot only) gets one bar, centred on its tick
-        alone = np.array([not np.isfinite(b) for b in ft])
-        ax.bar(x - np.where(alone, 0.0, 0.2), zs, 0.4, label="zero-shot", color="#bbbbbb")
+        zs_dx = np.where(np.isfinite(ft), -0.2, 0.0)
+        ax.bar(x + zs_dx, zs, 0.4, label="zero-shot", color="#bbbbbb")
         ax.bar(x + 0.2, ft, 0.4, label="finetuned", color="#3b7dd8")
         for i, (a, b) in enumerate(zip(zs, ft)):
-            for dx, v in ((0.0 if alone[i] else -0.2, a), (0.2, b)):
+            for dx, v in ((zs_dx[i], a), (0.2, b)):
                 if np.isfinite(v):
                     ax.text(i + dx, v, f"{v:.1f}" if key == "psnr" else f"{v:.2f}", ha="center", va="bottom",
                             fontsize=7)

@@ -20,7 +20,8 @@
 #     PART=self_forcing bash benchmarks/train_bundled.sh  # stage (c), evaluation of (b) and (b)+(c), artifacts
 # with DEST (default ${OUT:-data}/bundled) kept from one call to the next. On one machine without that limit,
 # `toolkit train --out DIR` runs the four stages in one go (one teacher run instead of two).
-# Knobs: TEACHER_MIN_SPRITES (teacher_more: clips of at least that many sprites only), WIDEN, BASE_SECONDS, BASE_MORE_SECONDS, BASE_MORE_SEED, TEACHER_SECONDS, TEACHER_MORE_SECONDS, ODE_SECONDS,
+# Knobs: TEACHER_MIN_SPRITES (teacher_more: clips of at least that many sprites only), WIDEN, BASE_SECONDS,
+# BASE_MORE_SECONDS, BASE_MORE_SEED, TEACHER_SECONDS, TEACHER_MORE_SECONDS, ODE_SECONDS,
 # SF_SECONDS (time budgets), ODE_PAIRS, GUIDANCE, SEED, TEACHER_PREDICTION (flow or x0), TEACHER_MORE_SEED, STUDENT
 # (PART=base: the student's size, LAYERSxWIDTH[/HEADS], e.g. 6x256), EVAL_SEEDS (noise seeds per held-out prompt),
 # ODE_START (ode_init: stage (b) trains its own earlier student further, on new pairs when SEED differs;
