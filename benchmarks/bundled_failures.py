@@ -11,7 +11,8 @@ The first ``--prompts`` held-out prompts (``evaluate.heldout_prompts``), one rol
 seed, float32 on the CPU (about 19 s a rollout on 2 cores). ``--weights``: a stage file of a recipe folder (its own
 config) instead of the shipped model; ``--teacher-cfg G`` samples it with the teacher's sampler instead of the
 student's 4 steps (40 Euler steps, classifier-free guidance G: ``recipe.teacher_sampler``).
-Prints the table and writes ``bundled_failures_cpu[_NAME].json``.
+Prints the table and writes ``bundled_failures_cpu[_NAME].json``; ``--strip N`` also draws the first N rollouts of
+three or more sprites, each under its prompt's ground truth, as ``bundled_failures[_NAME].png``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import torch
 from timing import write_result
 
 from toolkit.models import bundled
-from toolkit.models.bundled import evaluate
+from toolkit.models.bundled import data, evaluate
+from toolkit.models.bundled.config import clip_shape, frames_per_chunk
 from toolkit.models.bundled.model import load_weights
+from toolkit.models.bundled.pictures import save_strip
 from toolkit.models.bundled.recipe import teacher_sampler
 
 COLUMNS = ("clips", "colour_match", "missing_any", "extra_any", "missing", "extra", "count_low", "count_high")
@@ -43,6 +46,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="where the rollouts run, float32 (default cpu)")
     p.add_argument("--teacher-cfg", type=float, default=None, metavar="G",
                    help="sample with the teacher's 40 Euler steps at classifier-free guidance G")
+    p.add_argument("--strip", type=int, default=0, metavar="N",
+                   help="draw the first N rollouts of 3+ sprites under their ground truth (default 0: none)")
     args = p.parse_args()
     sampler = {} if args.teacher_cfg is None else teacher_sampler(args.teacher_cfg)
 
@@ -53,11 +58,13 @@ def main() -> None:
         model, weights = load_weights(args.weights, None, args.device).float().eval(), str(args.weights)
     prompts = evaluate.heldout_prompts(64)[: args.prompts]
     start = time.perf_counter()
-    metrics = []
+    metrics, crowded = [], []
     for i in range(0, len(prompts), args.batch):
         part = prompts[i : i + args.batch]
         video = bundled.generate(model, part, seed=evaluate.HELDOUT_NOISE_SEED, **sampler).float().cpu()
         metrics += evaluate.evaluate_clips(video, part)
+        crowded += [(prompt, clip, m) for prompt, clip, m in zip(part, video, metrics[-len(part):])
+                    if len(prompt.sprites) >= 3][: max(0, args.strip - len(crowded))]
         print(f"{i + len(part)}/{len(prompts)} rollouts ({time.perf_counter() - start:.0f} s)", flush=True)
 
     rows: dict[int, Counter] = defaultdict(Counter)
@@ -78,7 +85,27 @@ def main() -> None:
         seconds=round(time.perf_counter() - start, 1),
         by_sprite_count={str(n): {c: r[c] for c in COLUMNS} for n, r in sorted(rows.items())},
     )
-    write_result(args.out, f"bundled_failures_cpu{'_' + args.name if args.name else ''}.json", result)
+    suffix = "_" + args.name if args.name else ""
+    write_result(args.out, f"bundled_failures_cpu{suffix}.json", result)
+    if crowded:
+        save_crowded(crowded, model.cfg, args.out / f"bundled_failures{suffix}.png", weights, sampler)
+
+
+def save_crowded(crowded: list, cfg, path: Path, weights: str, sampler: dict) -> None:
+    """Each crowded rollout under a ground-truth clip of its prompt (render seed 0: another scene of the same
+    prompt, for what the sprites should look like), labelled with what the evaluator found."""
+    frames, height, width = clip_shape(cfg)
+    prompts = [prompt for prompt, _, _ in crowded]
+    truth = data.render(prompts, torch.Generator().manual_seed(0), frames=frames, height=height, width=width)
+    rows, labels = [], []
+    for (prompt, clip, m), real in zip(crowded, truth):
+        rows += [real, clip.clamp(0, 1)]
+        labels += [f"ground truth: {prompt}",
+                   f"rollout: colours found {sorted(m.colours)}, count {m.count}, "
+                   f"{'match' if m.colour_match else 'no match'}"]
+    how = "40 Euler steps, CFG " + f"{sampler['guidance_scale']:g}" if sampler else "4 steps"
+    save_strip(rows, path, labels, frames_per_chunk=frames_per_chunk(cfg),
+               title=f"{Path(weights).name} ({how}): held-out prompts of 3+ sprites")
 
 
 if __name__ == "__main__":
