@@ -17,3 +17,32 @@ def test_benchmark_script_imports(script, monkeypatch):
     monkeypatch.syspath_prepend(str(script.parent))  # scripts import their neighbour `timing`
     monkeypatch.setattr(sys, "argv", [str(script)])
     runpy.run_path(str(script), run_name="imported_by_test")
+
+
+def test_bundled_failures_counts_every_clip_once_and_draws_the_crowded_ones(tmp_path, monkeypatch):
+    """``bundled_failures.py`` on a tiny random teacher: per sprite count the clips add up to the prompts asked for,
+    each failure column is bounded by its clips, and ``--strip`` draws the crowded prompts only."""
+    import json
+
+    import torch
+
+    from toolkit.models.bundled import evaluate
+    from toolkit.models.bundled.config import tiny_teacher_config
+    from toolkit.models.bundled.model import save_weights
+    from toolkit.models.wan import WanModel
+
+    torch.manual_seed(0)
+    weights = save_weights(WanModel(tiny_teacher_config((6, 16, 24))), tmp_path / "t.safetensors")
+    script = Path(__file__).parents[1] / "benchmarks" / "bundled_failures.py"
+    monkeypatch.syspath_prepend(str(script.parent))
+    monkeypatch.setattr(sys, "argv", [str(script), "--prompts", "6", "--batch", "4", "--weights", str(weights),
+                                      "--teacher-cfg", "2", "--strip", "1", "--out", str(tmp_path), "--name", "x"])
+    runpy.run_path(str(script), run_name="__main__")
+    result = json.loads((tmp_path / "bundled_failures_cpu_x.json").read_text())
+    rows = result["by_sprite_count"]
+    wanted = [len(p.sprites) for p in evaluate.heldout_prompts(64)[:6]]
+    assert {int(n): r["clips"] for n, r in rows.items()} == {n: wanted.count(n) for n in set(wanted)}
+    for r in rows.values():
+        assert all(0 <= r[c] <= r["clips"] for c in ("colour_match", "missing_any", "extra_any", "count_low",
+                                                       "count_high"))
+    assert (tmp_path / "bundled_failures_x.png").is_file() == any(n >= 3 for n in wanted)
