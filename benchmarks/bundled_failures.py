@@ -8,9 +8,12 @@ too high), by the sprite evaluator (``toolkit/models/bundled/evaluate.py``).
         --name teacher
 
 The first ``--prompts`` held-out prompts (``evaluate.heldout_prompts``), one rollout each from the held-out noise
-seed, float32 on the CPU (about 19 s a rollout on 2 cores). ``--weights``: a stage file of a recipe folder (its own
+seed (``--seeds K``: from each of the first K held-out seeds, ``evaluate.heldout_seeds``), float32 on the CPU (about
+19 s a rollout on 2 cores). One noise draw serves a batch, so a clip's noise depends on ``--batch`` too (default 8):
+compare runs made with the same batch. ``--weights``: a stage file of a recipe folder (its own
 config) instead of the shipped model; ``--teacher-cfg G`` samples it with the teacher's sampler instead of the
-student's 4 steps (40 Euler steps, classifier-free guidance G: ``recipe.teacher_sampler``).
+student's 4 steps (40 Euler steps, classifier-free guidance G: ``recipe.teacher_sampler``; ``--teacher-steps N``:
+N uniform steps instead).
 Prints the table and writes ``bundled_failures_cpu[_NAME].json``; ``--strip N`` also draws the first N rollouts of
 three or more sprites, each under its prompt's ground truth, as ``bundled_failures[_NAME].png``.
 """
@@ -46,26 +49,38 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="where the rollouts run, float32 (default cpu)")
     p.add_argument("--teacher-cfg", type=float, default=None, metavar="G",
                    help="sample with the teacher's 40 Euler steps at classifier-free guidance G")
+    p.add_argument("--teacher-steps", type=int, default=None, metavar="N",
+                   help="with --teacher-cfg: N uniform Euler steps instead of 40")
+    p.add_argument("--seeds", type=int, default=1, metavar="K", help="noise seeds per prompt (default 1)")
     p.add_argument("--strip", type=int, default=0, metavar="N",
                    help="draw the first N rollouts of 3+ sprites under their ground truth (default 0: none)")
     args = p.parse_args()
     sampler = {} if args.teacher_cfg is None else teacher_sampler(args.teacher_cfg)
+    if args.teacher_steps is not None:
+        if not sampler or not 1 <= args.teacher_steps <= 1000:
+            p.error("--teacher-steps needs --teacher-cfg and a step count in 1..1000")
+        n = args.teacher_steps  # 40: MANY_STEPS
+        sampler["denoising_steps"] = tuple(round(1000 * (1 - k / n)) for k in range(n))
 
     if args.weights is None:
         model, info = bundled.load_bundled(args.device, torch.float32)
         weights = info["path"]
     else:
         model, weights = load_weights(args.weights, None, args.device).float().eval(), str(args.weights)
+    seeds = evaluate.heldout_seeds(args.seeds)
     prompts = evaluate.heldout_prompts(64)[: args.prompts]
     start = time.perf_counter()
     metrics, crowded = [], []
-    for i in range(0, len(prompts), args.batch):
-        part = prompts[i : i + args.batch]
-        video = bundled.generate(model, part, seed=evaluate.HELDOUT_NOISE_SEED, **sampler).float().cpu()
-        metrics += evaluate.evaluate_clips(video, part)
-        crowded += [(prompt, clip, m) for prompt, clip, m in zip(part, video, metrics[-len(part):])
-                    if len(prompt.sprites) >= 3][: max(0, args.strip - len(crowded))]
-        print(f"{i + len(part)}/{len(prompts)} rollouts ({time.perf_counter() - start:.0f} s)", flush=True)
+    for seed in seeds:
+        for i in range(0, len(prompts), args.batch):
+            part = prompts[i : i + args.batch]
+            video = bundled.generate(model, part, seed=seed, **sampler).float().cpu()
+            metrics += evaluate.evaluate_clips(video, part)
+            crowded += [(prompt, clip, m) for prompt, clip, m in zip(part, video, metrics[-len(part):])
+                        if len(prompt.sprites) >= 3][: max(0, args.strip - len(crowded))]
+            print(f"seed {seed}: {i + len(part)}/{len(prompts)} rollouts ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
+    prompts = prompts * len(seeds)  # clip order: seed-major, as the metrics
 
     rows: dict[int, Counter] = defaultdict(Counter)
     for m, prompt in zip(metrics, prompts):
@@ -78,12 +93,14 @@ def main() -> None:
     for n, r in sorted(rows.items()):
         print(f"{n:>7} " + " ".join(f"{r[c]:>12}" for c in COLUMNS))
     result = dict(
-        weights=weights, sampler=sampler or "the student's 4 steps", prompts=len(prompts),
-        seed=evaluate.HELDOUT_NOISE_SEED, dtype="float32",
+        weights=weights, sampler=sampler or "the student's 4 steps", prompts=args.prompts,
+        seed=seeds[0], seeds=seeds, batch=args.batch, dtype="float32",
         device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         cpu=platform.processor() or platform.machine(), torch=torch.__version__,
         seconds=round(time.perf_counter() - start, 1),
         by_sprite_count={str(n): {c: r[c] for c in COLUMNS} for n, r in sorted(rows.items())},
+        # per clip, seed-major: for sign tests between models scored on the same clips (evaluate.paired)
+        colour_match_outcomes="".join(str(int(m.colour_match)) for m in metrics),
     )
     suffix = "_" + args.name if args.name else ""
     write_result(args.out, f"bundled_failures_cpu{suffix}.json", result)
@@ -103,7 +120,7 @@ def save_crowded(crowded: list, cfg, path: Path, weights: str, sampler: dict) ->
         labels += [f"ground truth: {prompt}",
                    f"rollout: colours found {sorted(m.colours)}, count {m.count}, "
                    f"{'match' if m.colour_match else 'no match'}"]
-    how = "40 Euler steps, CFG " + f"{sampler['guidance_scale']:g}" if sampler else "4 steps"
+    how = f"{len(sampler['denoising_steps'])} Euler steps, CFG {sampler['guidance_scale']:g}" if sampler else "4 steps"
     save_strip(rows, path, labels, frames_per_chunk=frames_per_chunk(cfg),
                title=f"{Path(weights).name} ({how}): held-out prompts of 3+ sprites")
 

@@ -20,8 +20,9 @@ def test_benchmark_script_imports(script, monkeypatch):
 
 
 def test_bundled_failures_counts_every_clip_once_and_draws_the_crowded_ones(tmp_path, monkeypatch):
-    """``bundled_failures.py`` on a tiny random teacher: per sprite count the clips add up to the prompts asked for,
-    each failure column is bounded by its clips, and ``--strip`` draws the crowded prompts only."""
+    """``bundled_failures.py`` on a tiny random teacher: per sprite count the clips add up to prompts x seeds, each
+    failure column is bounded by its clips, the per-clip outcomes add up to the matches, ``--teacher-steps`` sets
+    the sampler, and ``--strip`` draws the crowded prompts only."""
     import json
 
     import torch
@@ -35,13 +36,17 @@ def test_bundled_failures_counts_every_clip_once_and_draws_the_crowded_ones(tmp_
     weights = save_weights(WanModel(tiny_teacher_config((6, 16, 24))), tmp_path / "t.safetensors")
     script = Path(__file__).parents[1] / "benchmarks" / "bundled_failures.py"
     monkeypatch.syspath_prepend(str(script.parent))
-    monkeypatch.setattr(sys, "argv", [str(script), "--prompts", "6", "--batch", "4", "--weights", str(weights),
-                                      "--teacher-cfg", "2", "--strip", "1", "--out", str(tmp_path), "--name", "x"])
+    argv = ["--prompts", "6", "--batch", "4", "--weights", str(weights), "--teacher-cfg", "2", "--teacher-steps", "7",
+            "--seeds", "2", "--strip", "1", "--out", str(tmp_path), "--name", "x"]
+    monkeypatch.setattr(sys, "argv", [str(script), *argv])
     runpy.run_path(str(script), run_name="__main__")
     result = json.loads((tmp_path / "bundled_failures_cpu_x.json").read_text())
     rows = result["by_sprite_count"]
     wanted = [len(p.sprites) for p in evaluate.heldout_prompts(64)[:6]]
-    assert {int(n): r["clips"] for n, r in rows.items()} == {n: wanted.count(n) for n in set(wanted)}
+    assert {int(n): r["clips"] for n, r in rows.items()} == {n: 2 * wanted.count(n) for n in set(wanted)}
+    assert result["seeds"] == evaluate.heldout_seeds(2) and len(result["sampler"]["denoising_steps"]) == 7
+    outcomes = result["colour_match_outcomes"]
+    assert len(outcomes) == 12 and outcomes.count("1") == sum(r["colour_match"] for r in rows.values())
     for r in rows.values():
         assert all(0 <= r[c] <= r["clips"] for c in ("colour_match", "missing_any", "extra_any", "count_low",
                                                        "count_high"))
