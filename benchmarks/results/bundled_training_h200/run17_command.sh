@@ -1,16 +1,31 @@
 #!/usr/bin/env bash
-# Run 17 (docs/bundled-model.md): one stage (c) of about 400 updates with one critic, over two device calls back to
-# back on one warm machine: CALL=1 starts from the shipped student (PART=kept_student), CALL=2 resumes it exactly
-# (SF_RESUME=1, from runs/x/stages/self_forcing_state.pt, which stays on the machine). Each call is evaluated
-# against its start on the same 128 clips (2 noise seeds per held-out prompt); its files are returned under $OUT.
+# Run 17 (docs/bundled-model.md), one device call: how far apart the shipped student and the kept teacher are when
+# each is scored on 256 clips (4 noise seeds x the 64 held-out prompts, float32, batches of 16), and whether the
+# teacher's merged, blobby sprites come from its sampler (100 Euler steps instead of 40; CFG 3 instead of 2; 128
+# clips each). All four run side by side on the one GPU; their JSONs, logs and strips come back in $OUT/run17.tgz.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_INTERPRET=0
 ln -sfn ../kernels toolkit/kernels; ln -sfn ../paper_figures toolkit/paper_figures
-[ "$CALL" = 1 ] && PART=kept_student DEST=runs/x bash benchmarks/train_bundled.sh
-SEED=30 GUIDANCE=2 EVAL_SEEDS=2 SF_SECONDS=${SF_SECONDS:-470} SF_START=self_forcing SF_RESUME=${RESUME:-} \
-  PART=self_forcing DEST=runs/x bash benchmarks/train_bundled.sh > /dev/null 2>&1
-python3 -c "from PIL import Image; Image.open('runs/x/rollout.png').convert('RGB').save('runs/x/rollout.jpg', quality=85)"
-tar czf "$OUT/call$CALL.tgz" runs/x/MODEL_CARD.md runs/x/train_log.json runs/x/rollout.jpg runs/x/curves.png \
-  runs/x/train_self_forcing.log runs/x/stages/log.json
-cp runs/x/model.safetensors "$OUT/model_call$CALL.safetensors"
-tail -12 runs/x/train_self_forcing.log | cut -c1-400
+mkdir -p runs/eval
+nvidia-smi --query-gpu=name,driver_version --format=csv > runs/eval/gpu.txt 2>&1
+score() {  # name, then bundled_failures.py options
+  name=$1; shift
+  timeout 420 python3 benchmarks/bundled_failures.py --prompts 64 --batch 16 --device cuda --name "$name" \
+    --out runs/eval "$@" > "runs/eval/$name.log" 2>&1
+}
+teacher=(--weights data/teacher/teacher.safetensors)
+score student_4seeds --seeds 4 --strip 4 &
+score teacher_cfg2_40steps_4seeds "${teacher[@]}" --teacher-cfg 2 --seeds 4 &
+score teacher_cfg2_100steps "${teacher[@]}" --teacher-cfg 2 --teacher-steps 100 --seeds 2 --strip 4 &
+score teacher_cfg3_40steps "${teacher[@]}" --teacher-cfg 3 --seeds 2 --strip 4 &
+wait
+python3 - <<'PY'
+import glob, os
+from PIL import Image
+for f in glob.glob("runs/eval/*.png"):
+    im = Image.open(f).convert("RGB")
+    im.resize((im.width // 2, im.height // 2), Image.LANCZOS).save(f[:-4] + ".jpg", quality=85)
+    os.remove(f)
+PY
+tar czf "$OUT/run17.tgz" runs/eval
+tail -n 7 runs/eval/*.log
