@@ -51,3 +51,37 @@ def test_bundled_failures_counts_every_clip_once_and_draws_the_crowded_ones(tmp_
         assert all(0 <= r[c] <= r["clips"] for c in ("colour_match", "missing_any", "extra_any", "count_low",
                                                        "count_high"))
     assert (tmp_path / "bundled_failures_x.png").is_file() == any(n >= 3 for n in wanted)
+
+
+def test_compare_failures_pairs_clips_by_prompt_and_seed(monkeypatch):
+    """``compare_failures.compare``: totals per sprite count from each result, a Wilson interval around each
+    fraction, and the paired split counted on the clips both results scored (one seed shared of two)."""
+    import random
+
+    from toolkit.models.bundled import evaluate
+
+    script = Path(__file__).parents[1] / "benchmarks" / "compare_failures.py"
+    compare = runpy.run_path(str(script), run_name="imported_by_test")["compare"]
+    prompts = evaluate.heldout_prompts(64)[:10]
+    rng = random.Random(3)
+
+    def result(seeds: list[int]) -> dict:
+        bits = "".join(rng.choice("01") for _ in range(len(seeds) * len(prompts)))
+        rows: dict[str, dict] = {}
+        for k, bit in enumerate(bits):
+            row = rows.setdefault(str(len(prompts[k % len(prompts)].sprites)), dict(clips=0, colour_match=0))
+            row["clips"] += 1
+            row["colour_match"] += int(bit)
+        return dict(prompts=len(prompts), seed=seeds[0], seeds=seeds, by_sprite_count=rows,
+                    colour_match_outcomes=bits)
+
+    a, b = result(evaluate.heldout_seeds(2)), result(evaluate.heldout_seeds(1))
+    out = compare({"a": a, "b": b})
+    assert out["table"]["all"]["a"]["clips"] == 20 and out["table"]["all"]["b"]["clips"] == 10
+    for name, r in (("a", a), ("b", b)):
+        c = out["table"]["all"][name]
+        assert c["match"] == r["colour_match_outcomes"].count("1")
+        assert c["interval"][0] <= c["match"] / c["clips"] <= c["interval"][1]
+    first_seed = a["colour_match_outcomes"][:10]  # seed-major: the shared seed's clips come first
+    expected = evaluate.paired(first_seed, b["colour_match_outcomes"])
+    assert out["paired"]["b"] == dict(clips=10, **expected)

@@ -1,0 +1,88 @@
+"""``bundled_failures.py`` results side by side: colour match per prompted sprite count with a 95 % Wilson interval,
+and each result against the first one clip by clip, on the clips both scored (the same held-out prompt and noise
+seed; ``evaluate.paired``: clips gained, clips lost, the exact sign-test p-value).
+
+    python benchmarks/compare_failures.py DIR/bundled_failures_cpu_teacher.json DIR/bundled_failures_cpu_student.json
+
+Results written before ``bundled_failures.py`` kept per-clip outcomes give their totals only. Two models sampled
+from the same seed draw independent videos; what the pairing removes is the prompt's difficulty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from toolkit.models.bundled import evaluate
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a binomial fraction k / n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def clip_outcomes(result: dict) -> dict[tuple[int, int], tuple[int, bool]]:
+    """(noise seed, prompt index) -> (prompted sprite count, colour match) for every clip a result kept."""
+    bits = result.get("colour_match_outcomes")
+    if bits is None:
+        return {}
+    seeds = result.get("seeds", [result["seed"]])
+    prompts = evaluate.heldout_prompts(64)[: result["prompts"]]
+    if len(bits) != len(seeds) * len(prompts):
+        raise ValueError(f"{len(bits)} outcomes for {len(seeds)} seeds x {len(prompts)} prompts")
+    return {(seed, i): (len(p.sprites), bits[s * len(prompts) + i] == "1")
+            for s, seed in enumerate(seeds) for i, p in enumerate(prompts)}
+
+
+def compare(results: dict[str, dict]) -> dict:
+    """Per sprite count and in all, each result's matches, clips and interval; and each result after the first
+    paired with the first on their common clips."""
+    table: dict[str, dict[str, dict]] = {}
+    for name, r in results.items():
+        rows = {n: (c["colour_match"], c["clips"]) for n, c in r["by_sprite_count"].items()}
+        rows["all"] = (sum(k for k, _ in rows.values()), sum(n for _, n in rows.values()))
+        for n, (k, clips) in rows.items():
+            table.setdefault(n, {})[name] = dict(match=k, clips=clips, interval=wilson(k, clips))
+    names = list(results)
+    first = clip_outcomes(results[names[0]])
+    pairs = {}
+    for name in names[1:]:
+        other = clip_outcomes(results[name])
+        common = sorted(first.keys() & other.keys())
+        if not common:
+            continue
+        pairs[name] = dict(clips=len(common), **evaluate.paired("".join("01"[first[c][1]] for c in common),
+                                                                  "".join("01"[other[c][1]] for c in common)))
+    return dict(table=table, paired_with=names[0], paired=pairs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", type=Path, help="bundled_failures_cpu_*.json files; the first is the base")
+    args = p.parse_args(argv)
+    results = {path.stem.removeprefix("bundled_failures_cpu_"): json.loads(path.read_text()) for path in args.results}
+    out = compare(results)
+    width = max(22, *(len(n) + 2 for n in results))
+    print("colour match by prompted sprite count (95 % Wilson interval)")
+    print(f"{'sprites':>7} " + "".join(f"{n:>{width}}" for n in results))
+    for count in sorted(out["table"], key=lambda c: (c == "all", c)):
+        cells = []
+        for name in results:
+            c = out["table"][count].get(name)
+            cells.append("-" if c is None else
+                         f"{c['match']}/{c['clips']} ({c['interval'][0]:.0%}–{c['interval'][1]:.0%})")
+        print(f"{count:>7} " + "".join(f"{cell:>{width}}" for cell in cells))
+    for name, s in out["paired"].items():
+        print(f"{name} against {out['paired_with']} on {s['clips']} common clips: +{s['gained']} −{s['lost']} "
+              f"(sign test p = {s['p_value']:.2g})")
+
+
+if __name__ == "__main__":
+    main()
