@@ -21,13 +21,12 @@ three or more sprites, each under its prompt's ground truth, as ``bundled_failur
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
-from timing import write_result
+from timing import cpu_model, write_result
 
 from toolkit.models import bundled
 from toolkit.models.bundled import data, evaluate
@@ -96,7 +95,7 @@ def main() -> None:
         weights=weights, sampler=sampler or "the student's 4 steps", prompts=args.prompts,
         seed=seeds[0], seeds=seeds, batch=args.batch, dtype="float32",
         device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-        cpu=platform.processor() or platform.machine(), torch=torch.__version__,
+        cpu=cpu_model(), torch=torch.__version__,
         seconds=round(time.perf_counter() - start, 1),
         by_sprite_count={str(n): {c: r[c] for c in COLUMNS} for n, r in sorted(rows.items())},
         # per clip, seed-major: for sign tests between models scored on the same clips (evaluate.paired)
