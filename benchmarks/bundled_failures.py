@@ -75,8 +75,9 @@ def main() -> None:
             part = prompts[i : i + args.batch]
             video = bundled.generate(model, part, seed=seed, **sampler).float().cpu()
             metrics += evaluate.evaluate_clips(video, part)
-            crowded += [(prompt, clip, m) for prompt, clip, m in zip(part, video, metrics[-len(part):])
-                        if len(prompt.sprites) >= 3][: max(0, args.strip - len(crowded))]
+            for prompt, clip, m in zip(part, video, metrics[-len(part):]):
+                if len(prompt.sprites) >= 3 and len(crowded) < args.strip:
+                    crowded.append((prompt, clip, m))
             print(f"seed {seed}: {i + len(part)}/{len(prompts)} rollouts ({time.perf_counter() - start:.0f} s)",
                   flush=True)
     prompts = prompts * len(seeds)  # clip order: seed-major, as the metrics

@@ -28,17 +28,16 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def clip_outcomes(result: dict) -> dict[tuple[int, int], tuple[int, bool]]:
-    """(noise seed, prompt index) -> (prompted sprite count, colour match) for every clip a result kept."""
+def clip_outcomes(result: dict) -> dict[tuple[int, int], bool]:
+    """(noise seed, prompt index) -> colour match, for every clip a result kept."""
     bits = result.get("colour_match_outcomes")
     if bits is None:
         return {}
     seeds = result.get("seeds", [result["seed"]])
-    prompts = evaluate.heldout_prompts(64)[: result["prompts"]]
-    if len(bits) != len(seeds) * len(prompts):
-        raise ValueError(f"{len(bits)} outcomes for {len(seeds)} seeds x {len(prompts)} prompts")
-    return {(seed, i): (len(p.sprites), bits[s * len(prompts) + i] == "1")
-            for s, seed in enumerate(seeds) for i, p in enumerate(prompts)}
+    prompts = result["prompts"]
+    if len(bits) != len(seeds) * prompts:
+        raise ValueError(f"{len(bits)} outcomes for {len(seeds)} seeds x {prompts} prompts")
+    return {(seed, i): bits[s * prompts + i] == "1" for s, seed in enumerate(seeds) for i in range(prompts)}
 
 
 def compare(results: dict[str, dict]) -> dict:
@@ -58,8 +57,8 @@ def compare(results: dict[str, dict]) -> dict:
         common = sorted(first.keys() & other.keys())
         if not common:
             continue
-        pairs[name] = dict(clips=len(common), **evaluate.paired("".join("01"[first[c][1]] for c in common),
-                                                                  "".join("01"[other[c][1]] for c in common)))
+        pairs[name] = dict(clips=len(common), **evaluate.paired("".join("01"[first[c]] for c in common),
+                                                                  "".join("01"[other[c]] for c in common)))
     return dict(table=table, paired_with=names[0], paired=pairs)
 
 
