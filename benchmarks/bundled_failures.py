@@ -68,9 +68,10 @@ def main() -> None:
         model, weights = load_weights(args.weights, None, args.device).float().eval(), str(args.weights)
     seeds = evaluate.heldout_seeds(args.seeds)
     prompts = evaluate.heldout_prompts(64)[: args.prompts]
+    suffix = "_" + args.name if args.name else ""
     start = time.perf_counter()
     metrics, crowded = [], []
-    for seed in seeds:
+    for done, seed in enumerate(seeds, 1):
         for i in range(0, len(prompts), args.batch):
             part = prompts[i : i + args.batch]
             video = bundled.generate(model, part, seed=seed, **sampler).float().cpu()
@@ -80,32 +81,35 @@ def main() -> None:
                     crowded.append((prompt, clip, m))
             print(f"seed {seed}: {i + len(part)}/{len(prompts)} rollouts ({time.perf_counter() - start:.0f} s)",
                   flush=True)
-    prompts = prompts * len(seeds)  # clip order: seed-major, as the metrics
+        # written after every seed, so a run cut short keeps the seeds it finished
+        result = dict(
+            weights=weights, sampler=sampler or "the student's 4 steps", prompts=args.prompts,
+            seed=seeds[0], seeds=seeds[:done], seeds_asked=len(seeds), batch=args.batch, dtype="float32",
+            device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+            cpu=cpu_model(), torch=torch.__version__,
+            seconds=round(time.perf_counter() - start, 1),
+            by_sprite_count=by_sprite_count(metrics, prompts * done),
+            # per clip, seed-major: for sign tests between models scored on the same clips (evaluate.paired)
+            colour_match_outcomes="".join(str(int(m.colour_match)) for m in metrics),
+        )
+        write_result(args.out, f"bundled_failures_cpu{suffix}.json", result)
+    print(f"{'sprites':>7} " + " ".join(f"{c:>12}" for c in COLUMNS))
+    for n, r in result["by_sprite_count"].items():
+        print(f"{n:>7} " + " ".join(f"{r[c]:>12}" for c in COLUMNS))
+    if crowded:
+        save_crowded(crowded, model.cfg, args.out / f"bundled_failures{suffix}.png", weights, sampler)
 
+
+def by_sprite_count(metrics: list, prompts: list) -> dict[str, dict[str, int]]:
+    """Per prompted sprite count: clips, colour matches, and how the others fail (``COLUMNS``)."""
     rows: dict[int, Counter] = defaultdict(Counter)
-    for m, prompt in zip(metrics, prompts):
+    for m, prompt in zip(metrics, prompts, strict=True):
         wanted, found = {s.colour for s in prompt.sprites}, set(m.colours)
         r = rows[len(prompt.sprites)]
         r.update(clips=1, colour_match=int(m.colour_match), missing_any=int(bool(wanted - found)),
                  extra_any=int(bool(found - wanted)), missing=len(wanted - found), extra=len(found - wanted),
                  count_low=int(m.count < len(prompt.sprites)), count_high=int(m.count > len(prompt.sprites)))
-    print(f"{'sprites':>7} " + " ".join(f"{c:>12}" for c in COLUMNS))
-    for n, r in sorted(rows.items()):
-        print(f"{n:>7} " + " ".join(f"{r[c]:>12}" for c in COLUMNS))
-    result = dict(
-        weights=weights, sampler=sampler or "the student's 4 steps", prompts=args.prompts,
-        seed=seeds[0], seeds=seeds, batch=args.batch, dtype="float32",
-        device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-        cpu=cpu_model(), torch=torch.__version__,
-        seconds=round(time.perf_counter() - start, 1),
-        by_sprite_count={str(n): {c: r[c] for c in COLUMNS} for n, r in sorted(rows.items())},
-        # per clip, seed-major: for sign tests between models scored on the same clips (evaluate.paired)
-        colour_match_outcomes="".join(str(int(m.colour_match)) for m in metrics),
-    )
-    suffix = "_" + args.name if args.name else ""
-    write_result(args.out, f"bundled_failures_cpu{suffix}.json", result)
-    if crowded:
-        save_crowded(crowded, model.cfg, args.out / f"bundled_failures{suffix}.png", weights, sampler)
+    return {str(n): {c: r[c] for c in COLUMNS} for n, r in sorted(rows.items())}
 
 
 def save_crowded(crowded: list, cfg, path: Path, weights: str, sampler: dict) -> None:

@@ -20,7 +20,8 @@
 #     PART=self_forcing bash benchmarks/train_bundled.sh  # stage (c), evaluation of (b) and (b)+(c), artifacts
 # with DEST (default ${OUT:-data}/bundled) kept from one call to the next. On one machine without that limit,
 # `toolkit train --out DIR` runs the four stages in one go (one teacher run instead of two).
-# Knobs: TEACHER_MIN_SPRITES (teacher_more: clips of at least that many sprites only), WIDEN, BASE_SECONDS,
+# Knobs: TEACHER_MIN_SPRITES (teacher_more: clips of at least that many sprites only), TEACHER_WIDEN and
+# TEACHER_DEEPEN (teacher_more: first grow the teacher K x as wide / deep, the same function), WIDEN, BASE_SECONDS,
 # BASE_MORE_SECONDS, BASE_MORE_SEED, TEACHER_SECONDS, TEACHER_MORE_SECONDS, ODE_SECONDS,
 # SF_SECONDS (time budgets), ODE_PAIRS, GUIDANCE, SEED, TEACHER_PREDICTION (flow or x0), TEACHER_MORE_SEED, STUDENT
 # (PART=base: the student's size, LAYERSxWIDTH[/HEADS], e.g. 6x256), EVAL_SEEDS (noise seeds per held-out prompt),
@@ -47,7 +48,8 @@ case "${PART:-base}" in
           2>&1 | tee "$DEST/train_teacher.log" ;;
   teacher_more) python3 benchmarks/continue_teacher.py --out "$DEST" --seconds "${TEACHER_MORE_SECONDS:-420}" \
           --batch 32 --lr 6e-4 --warmup 50 --seed "${TEACHER_MORE_SEED:-7}" \
-          ${TEACHER_MIN_SPRITES:+--min-sprites "$TEACHER_MIN_SPRITES"} 2>&1 | tee "$DEST/train_teacher_more.log" ;;
+          ${TEACHER_MIN_SPRITES:+--min-sprites "$TEACHER_MIN_SPRITES"} ${TEACHER_WIDEN:+--widen "$TEACHER_WIDEN"} \
+          ${TEACHER_DEEPEN:+--deepen "$TEACHER_DEEPEN"} 2>&1 | tee -a "$DEST/train_teacher_more.log" ;;
   kept_teacher) mkdir -p "$DEST/stages"
           from=data/bundled/stages
           if [ -f "$DEST/stages/base.safetensors" ]; then from="$DEST/stages"  # a base trained here: kept

@@ -51,6 +51,26 @@ def test_bundled_failures_counts_every_clip_once_and_draws_the_crowded_ones(tmp_
         assert all(0 <= r[c] <= r["clips"] for c in ("colour_match", "missing_any", "extra_any", "count_low",
                                                        "count_high"))
     assert (tmp_path / "bundled_failures_x.png").is_file() == any(n >= 3 for n in wanted)
+    assert result["seeds_asked"] == 2
+
+    # a run cut short (here: the second seed fails) keeps the seeds it finished, each clip scored once
+    from toolkit.models import bundled
+
+    generate, second = bundled.generate, evaluate.heldout_seeds(2)[1]
+
+    def fails_on_the_second_seed(model, prompts, seed, **kwargs):
+        if seed == second:
+            raise RuntimeError("cut short")
+        return generate(model, prompts, seed=seed, **kwargs)
+
+    monkeypatch.setattr(bundled, "generate", fails_on_the_second_seed)
+    monkeypatch.setattr(sys, "argv", [str(script), *argv[:-1], "cut"])
+    with pytest.raises(RuntimeError, match="cut short"):
+        runpy.run_path(str(script), run_name="__main__")
+    cut = json.loads((tmp_path / "bundled_failures_cpu_cut.json").read_text())
+    assert cut["seeds"] == evaluate.heldout_seeds(1) and cut["seeds_asked"] == 2
+    assert cut["colour_match_outcomes"] == outcomes[:6]  # the same clips as the full run's first seed
+    assert sum(r["clips"] for r in cut["by_sprite_count"].values()) == 6
 
 
 def test_compare_failures_pairs_clips_by_prompt_and_seed(monkeypatch):

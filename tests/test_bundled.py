@@ -787,6 +787,21 @@ def test_student_size_sets_the_base_and_the_later_stages_follow_it(tmp_path):
                       "--warmup", "1", "--min-sprites", "3"])
     record = json.loads((out / "stages" / "log.json").read_text())
     assert [r["settings"]["min_sprites"] for r in record["stages"]["teacher"]["continued"]] == [3]
+    # the teacher grown first (2x as wide and as deep, the same function), then trained: the later stages use it
+    teacher = load_weights(out / "stages" / "teacher.safetensors")
+    continue_teacher(["--out", str(out), "--stage", "teacher", "--seconds", "600", "--steps", "2", "--batch", "2",
+                      "--warmup", "1", "--widen", "2", "--deepen", "2", "--seed", "6"])
+    grown = load_weights(out / "stages" / "teacher.safetensors")
+    c, g = teacher.cfg, grown.cfg
+    assert (g.num_layers, g.dim, g.num_heads, g.ffn_dim) == tuple(2 * n for n in (c.num_layers, c.dim, c.num_heads,
+                                                                                c.ffn_dim))
+    record = json.loads((out / "stages" / "log.json").read_text())
+    entry = record["stages"]["teacher"]["continued"][-1]["grown"]
+    assert entry["from_size"]["dim"] == c.dim and entry["to_size"]["num_layers"] == 2 * c.num_layers
+    assert 0 < entry["max_relative_difference"] < 2e-3  # float16 rounding of the split weights, no more
+    assert record["teacher_config"]["dim"] == 2 * c.dim
+    with pytest.raises(SystemExit):  # the student stages grow with toolkit train --widen
+        continue_teacher(["--out", str(out), "--stage", "base", "--seconds", "1", "--widen", "2"])
     assert main(["--tiny", "--out", str(out), "--stages", "ode_init,self_forcing", "--eval-seeds", "2",
                  "--quiet"]) == 0
     model, info = bundled.load_bundled(path=out)
@@ -796,6 +811,8 @@ def test_student_size_sets_the_base_and_the_later_stages_follow_it(tmp_path):
     assert "A 3-layer Wan DiT (width 48, 2 heads × 24" in card
     assert "| base, continued | 3 × 2 |" in card
     assert "| teacher, continued | 2 × 2 |" in card and "clips of 3+ sprites only" in card
+    assert f"first grown from {c.num_layers} × {c.dim} ({c.num_heads} heads) to {g.num_layers} × {g.dim}" in card
+    assert f"{g.num_layers} layers × width {g.dim}" in card  # the teacher's description follows its new size
     # two noise seeds per prompt, and (b)+(c) compared with (b) clip by clip
     assert record["eval_seeds"] == 2 and record["evaluation"]["self_forcing"]["clips"] == 2 * record["eval_prompts"]
     split = record["paired"]["self_forcing vs ode_init"]

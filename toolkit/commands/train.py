@@ -92,7 +92,7 @@ Self-Forcing {defaults.self_forcing.steps} generator updates x \
                    help="only widen: replace the student stages in --out/stages (base, ode_init, self_forcing) by "
                         "copies F x as wide (width, FFN and heads; head dim kept) that compute the same function, "
                         "then stop (needs --force); continue them with e.g. --stages self_forcing --sf-start "
-                        "self_forcing --force (toolkit/models/bundled/widen.py)")
+                        "self_forcing --force (toolkit/models/bundled/grow.py)")
     p.add_argument("--base-steps", type=int, default=defaults.base.steps)
     p.add_argument("--base-batch", type=int, default=defaults.base.batch)
     p.add_argument("--base-lr", type=float, default=defaults.base.lr)

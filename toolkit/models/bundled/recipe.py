@@ -53,19 +53,18 @@ from toolkit.models.bundled.config import (
     frames_per_chunk,
     teacher_config,
 )
+from toolkit.models.bundled.grow import function_change, model_size, widened
 from toolkit.models.bundled.model import (
     as_stored,
     generate,
     load_weights,
     save_weights,
     stored_config,
-    to_model_space,
 )
 from toolkit.models.bundled.ode_init import ODE_STARTS, ODESettings, train_ode_init
 from toolkit.models.bundled.pictures import save_gif, save_strip
 from toolkit.models.bundled.self_forcing import SF_STARTS, SelfForcingSettings, train_self_forcing
 from toolkit.models.bundled.teacher import TEACHER_SHIFT, ClipSetup, Log, TeacherSettings, autocast, train_teacher
-from toolkit.models.bundled.widen import widened
 from toolkit.models.seam import use_backend
 from toolkit.models.wan import WanConfig, WanModel
 
@@ -202,7 +201,7 @@ def save_sf_state(out: Path, state: dict) -> None:
 def widen_students(out: str | Path, factor: int = 2, *, seed: int = 0, force: bool = False,
                    log: Log = print) -> dict:
     """Replace every student stage in ``out/stages`` (base, ode_init, self_forcing) by a copy ``factor`` × as wide
-    that computes the same function (``widen.py``: ``dim``, ``ffn_dim`` and heads × ``factor``), so that a continued
+    that computes the same function (``grow.py``: ``dim``, ``ffn_dim`` and heads × ``factor``), so that a continued
     stage (``--ode-start self_forcing``, ``--sf-start self_forcing``, ``--ode-start ode_init``) trains it with more
     capacity; later stages take the new size from ``stages/base.safetensors``. Recorded under ``widened`` in the
     folder's record, with the largest difference of one forward of each file before and after, relative to the
@@ -220,26 +219,14 @@ def widen_students(out: str | Path, factor: int = 2, *, seed: int = 0, force: bo
     if missing := [s for s in students if s not in recorded]:
         raise ToolkitError(f"{log_file} has no record of {', '.join(missing)}: the stage files and the record differ")
     refuse_overwrite(out, [stage_path(out, s) for s in students], force)
-    def size(c: WanConfig) -> dict:  # the fields widening changes, and the depth
-        return dict(num_layers=c.num_layers, dim=c.dim, num_heads=c.num_heads, ffn_dim=c.ffn_dim)
-
     narrow = {s: load_weights(stage_path(out, s), None, "cpu") for s in students}
-    sizes = {tuple(size(m.cfg).values()) for m in narrow.values()}
+    sizes = {tuple(model_size(m.cfg).values()) for m in narrow.values()}
     if len(sizes) > 1:
         raise ToolkitError(f"the student stages in {out / 'stages'} differ in size ({sorted(sizes)}): none widened")
     wide = {s: widened(m, factor, seed=seed + i) for i, (s, m) in enumerate(narrow.items())}
-    # one forward of a procedural clip at σ = 0.5, before and after, each model as its file holds it (the narrow
-    # ones were just loaded from theirs)
     cfg = next(iter(narrow.values())).cfg
-    gen = torch.Generator().manual_seed(seed)
-    frames, height, width = clip_shape(cfg)
-    video, context, _ = data.sample_batch(1, gen, frames=frames, height=height, width=width, device="cpu")
-    x, t = (to_model_space(video) + torch.randn(video.shape, generator=gen)) / 2, torch.tensor([500.0])
-    differences = {}
-    with torch.no_grad():
-        for s in students:
-            before, after = narrow[s](x, t, context), as_stored(wide[s])(x, t, context)
-            differences[s] = float((after - before).abs().max() / before.abs().max())
+    # each model as its file holds it (the narrow ones were just loaded from theirs)
+    differences = {s: function_change(narrow[s], wide[s], seed) for s in students}
     for s in students:
         save_weights(wide[s], stage_path(out, s), stage=s)
     if sf_state_path(out).is_file():  # the narrow run's critic and moments: nothing to resume at the new width
@@ -251,7 +238,7 @@ def widen_students(out: str | Path, factor: int = 2, *, seed: int = 0, force: bo
         # the runs of each stage so far: the card marks the later ones as trained wide
         runs_before={s: 1 + len(record["stages"][s].get("continued", [])) if s in record["stages"] else 0
                      for s in STUDENT_STAGES},
-        from_size=size(cfg), to_size=size(w),
+        from_size=model_size(cfg), to_size=model_size(w),
         max_relative_difference={s: round(d, 6) for s, d in differences.items()}))
     record["config"] = w.to_dict()
     log_file.write_text(json.dumps(record, indent=1) + "\n")
@@ -569,6 +556,16 @@ def wide_label(record: dict, stage: str, run: int) -> str:
     return f", {factor}× wide" if factor > 1 else ""
 
 
+def grown_text(grown: dict | None) -> str:
+    """", first grown to L × width (H heads), the same function" for a continued teacher run that grew it
+    (``continue_teacher.py --widen/--deepen``); "" otherwise."""
+    if not grown:
+        return ""
+    a, b = grown["from_size"], grown["to_size"]
+    return (f", first grown from {a['num_layers']} × {a['dim']} ({a['num_heads']} heads) to {b['num_layers']} × "
+            f"{b['dim']} ({b['num_heads']} heads), the same function (`toolkit/models/bundled/grow.py`)")
+
+
 def plot_curves(path: Path, record: dict) -> None:
     import matplotlib
 
@@ -669,7 +666,8 @@ def model_card(record: dict, model: WanModel) -> str:
                        f"{more.get('guidance_scale', '?')} ({more.get('pool_seconds', 0):.0f} s to solve), "
                        f"lr {c['lr']}{trained_by}" if name == "ode_init"
                        else f"lr {c['lr']} (cosine), shift-{TEACHER_SHIFT:g} σ, {mode}"
-                       + (f", clips of {c['min_sprites']}+ sprites only" if c.get("min_sprites", 1) > 1 else ""))
+                       + (f", clips of {c['min_sprites']}+ sprites only" if c.get("min_sprites", 1) > 1 else "")
+                       + grown_text(more.get("grown")))
             if "start_record" in more:  # a second round of (b), from the stage-(c) student of the first
                 rows += stage_rows("self_forcing", more["start_record"])
                 how += ", from the self_forcing student above"
@@ -732,7 +730,7 @@ def model_card(record: dict, model: WanModel) -> str:
         widen_text += (
             f"\n\nWidened at `{w['commit']}`: the student stages {', '.join(w['stages'])} were replaced by copies "
             f"{w['factor']}× as wide that compute the same function ({a['num_layers']} × {a['dim']}, {a['num_heads']} "
-            f"heads → {b['num_layers']} × {b['dim']}, {b['num_heads']} heads; `toolkit/models/bundled/widen.py`; one "
+            f"heads → {b['num_layers']} × {b['dim']}, {b['num_heads']} heads; `toolkit/models/bundled/grow.py`; one "
             f"forward of each file changed by at most {max(w['max_relative_difference'].values()):.1e} of its "
             "largest value); the runs recorded after it trained the wide copies.")
         default_reproduce += (f" The student stages were widened with `toolkit train --out DIR --widen {w['factor']} "

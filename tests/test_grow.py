@@ -1,4 +1,4 @@
-"""Function-preserving widening of a Wan DiT (toolkit/models/bundled/widen.py)."""
+"""Function-preserving widening and deepening of a Wan DiT (toolkit/models/bundled/grow.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from conftest import tiny_wan
 
 from toolkit.models import bundled
-from toolkit.models.bundled import widen
-from toolkit.models.bundled.widen import widened
+from toolkit.models.bundled import grow
+from toolkit.models.bundled.grow import deepened, widened
 
 # awkward sizes: width 36 in 3 heads of 12, FFN 52 (not a multiple of the width), a 6-frame clip in 2 chunks
 SMALL = dict(dim=36, ffn_dim=52, num_heads=3, num_layers=2)
@@ -52,14 +52,14 @@ def test_widened_model_computes_the_same_function(factor):
 
 
 def test_copies_get_different_gradients_only_with_an_uneven_split(monkeypatch):
-    model, spread = _model(), widen.SPREAD
+    model, spread = _model(), grow.SPREAD
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, 6, 12, 20, generator=gen, dtype=torch.float64)
     context = torch.randn(1, 5, model.cfg.text_dim, generator=gen, dtype=torch.float64)
     target = torch.randn(1, 3, 6, 12, 20, generator=gen, dtype=torch.float64)
 
     def copy_gradients(spread: float) -> tuple[torch.Tensor, torch.Tensor]:
-        monkeypatch.setattr(widen, "SPREAD", spread)
+        monkeypatch.setattr(grow, "SPREAD", spread)
         wide = widened(model, 2, seed=1)
         loss = (wide(x, torch.tensor([500.0], dtype=torch.float64), context) - target).square().mean()
         loss.backward()
@@ -72,7 +72,54 @@ def test_copies_get_different_gradients_only_with_an_uneven_split(monkeypatch):
     assert (a - b).abs().max() > 0.05 * a.abs().max()
 
 
-def test_widening_refuses_a_factor_below_two():
-    for factor in (1, 0, 2.0):
-        with pytest.raises(ValueError, match="integer >= 2"):
-            widened(_model(), factor)
+def test_growing_refuses_a_factor_below_two():
+    for grown in (widened, deepened):
+        for factor in (1, 0, 2.0):
+            with pytest.raises(ValueError, match="integer >= 2"):
+                grown(_model(), factor)
+
+
+def _inputs(seed: int, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 6, 12, 20, generator=gen, dtype=torch.float64)
+    context = torch.randn(2, 5, cfg.text_dim, generator=gen, dtype=torch.float64)
+    return x, torch.tensor([830.0, 140.0], dtype=torch.float64), context
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_deepened_model_computes_exactly_the_same_function(factor):
+    model = _model(seed=10 + factor)
+    deep = deepened(model, factor)
+    c, d = model.cfg, deep.cfg
+    assert (d.num_layers, d.dim, d.ffn_dim, d.num_heads) == (factor * c.num_layers, c.dim, c.ffn_dim, c.num_heads)
+    assert d.extra == c.extra and deep.dtype == torch.float64
+    assert [b.layer for b in deep.blocks] == list(range(d.num_layers))  # hook names and KV-cache slots follow
+    x, t, context = _inputs(factor, c)
+    with torch.no_grad():
+        before, after = model(x, t, context), deep(x, t, context)
+        video, video_deep = (bundled.generate(m, ["3 sprites: red circle, blue square, white ring"], seed=5)
+                             for m in (model, deep))
+    # each new block adds exactly zero to the residual stream: bit-identical, not merely close
+    assert torch.equal(after, before) and torch.equal(video_deep, video)
+    # block i is at factor·i; the new blocks are its copies with zero residual writers
+    for i, block in enumerate(model.blocks):
+        torch.testing.assert_close(deep.blocks[factor * i].state_dict(), block.state_dict(), rtol=0, atol=0)
+        new = deep.blocks[factor * i + 1]
+        assert torch.equal(new.self_attn.q.weight, block.self_attn.q.weight)
+        assert not new.ffn[2].weight.any() and not new.self_attn.o.weight.any() and not new.cross_attn.o.bias.any()
+
+
+def test_new_blocks_learn_from_the_first_step():
+    model = _model(seed=3)
+    deep = deepened(model, 2)
+    x, t, context = _inputs(3, model.cfg)
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    (deep(x, t, context) - target).square().mean().backward()
+    new = deep.blocks[1]
+    for writer in (new.self_attn.o, new.cross_attn.o, new.ffn[2]):  # the gradient at the residual times features
+        assert writer.weight.grad.abs().max() > 1e-6
+    assert not new.self_attn.q.weight.grad.any()  # nothing downstream of q yet: it learns once o is nonzero
+    opt = torch.optim.SGD(deep.parameters(), lr=1e-2)
+    opt.step()
+    with torch.no_grad():
+        assert not torch.equal(deep(x, t, context), model(x, t, context))
