@@ -21,8 +21,8 @@
 # with DEST (default ${OUT:-data}/bundled) kept from one call to the next. On one machine without that limit,
 # `toolkit train --out DIR` runs the four stages in one go (one teacher run instead of two).
 # Knobs: TEACHER_MIN_SPRITES (teacher_more: clips of at least that many sprites only), TEACHER_WIDEN and
-# TEACHER_DEEPEN (teacher_more: first grow the teacher K x as wide / deep, the same function), WIDEN, BASE_SECONDS,
-# BASE_MORE_SECONDS, BASE_MORE_SEED, TEACHER_SECONDS, TEACHER_MORE_SECONDS, ODE_SECONDS,
+# TEACHER_DEEPEN (teacher_more: first grow the teacher K x as wide / deep, the same function), TEACHER_MORE_BATCH,
+# WIDEN, BASE_SECONDS, BASE_MORE_SECONDS, BASE_MORE_SEED, TEACHER_SECONDS, TEACHER_MORE_SECONDS, ODE_SECONDS,
 # SF_SECONDS (time budgets), ODE_PAIRS, GUIDANCE, SEED, TEACHER_PREDICTION (flow or x0), TEACHER_MORE_SEED, STUDENT
 # (PART=base: the student's size, LAYERSxWIDTH[/HEADS], e.g. 6x256), EVAL_SEEDS (noise seeds per held-out prompt),
 # ODE_START (ode_init: stage (b) trains its own earlier student further, on new pairs when SEED differs;
@@ -47,7 +47,7 @@ case "${PART:-base}" in
           --teacher-prediction "${TEACHER_PREDICTION:-flow}" \
           2>&1 | tee "$DEST/train_teacher.log" ;;
   teacher_more) python3 benchmarks/continue_teacher.py --out "$DEST" --seconds "${TEACHER_MORE_SECONDS:-420}" \
-          --batch 32 --lr 6e-4 --warmup 50 --seed "${TEACHER_MORE_SEED:-7}" \
+          --batch "${TEACHER_MORE_BATCH:-32}" --lr 6e-4 --warmup 50 --seed "${TEACHER_MORE_SEED:-7}" \
           ${TEACHER_MIN_SPRITES:+--min-sprites "$TEACHER_MIN_SPRITES"} ${TEACHER_WIDEN:+--widen "$TEACHER_WIDEN"} \
           ${TEACHER_DEEPEN:+--deepen "$TEACHER_DEEPEN"} 2>&1 | tee -a "$DEST/train_teacher_more.log" ;;
   kept_teacher) mkdir -p "$DEST/stages"

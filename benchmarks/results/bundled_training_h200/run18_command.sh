@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Run 18 (docs/bundled-model.md), planned: does more capacity let the teacher draw three and four sprites? The kept
+# teacher (8 x 320) grown into two copies that compute its function, 2x as wide (8 x 640, runs/w) and 2x as deep
+# (16 x 320, runs/d), both trained on side by side on the one GPU over two calls, then scored with the kept teacher
+# and the shipped student. Three calls back to back on one warm machine (runs/ stays there between them):
+#   CALL=1  grow both, train S seconds each (same data seed)       ~9 min
+#   CALL=2  train both S seconds more (a new data seed)             ~9 min
+#   CALL=3  score kept / wide / deep teachers (CFG 2, 128 clips: 2 noise seeds x 64 held-out prompts, batches of
+#           32) and the shipped student (256 clips), strips; the grown teachers come back in int8, split   ~6 min
+# Batch: 32 where the GPU has >= 120 GB (two grown teachers take ~50 GB each at batch 32, estimated from the
+# tensors a CPU forward saves for backward), else 16.
+set -u
+CALL=${CALL:?CALL=1, 2 or 3}
+S=${S:-420}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_INTERPRET=0
+ln -sfn ../kernels toolkit/kernels; ln -sfn ../paper_figures toolkit/paper_figures
+mkdir -p runs/eval
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "runs/gpu_call$CALL.txt" 2>&1
+gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+batch=$([ "${gib:-0}" -ge 120000 ] && echo 32 || echo 16)
+train() {  # dest, then extra environment
+  dest=$1; shift
+  env "$@" TEACHER_MORE_BATCH=$batch TEACHER_MORE_SECONDS=$S PART=teacher_more DEST=runs/$dest \
+    bash benchmarks/train_bundled.sh > "runs/${dest}_call$CALL.out" 2>&1
+}
+case $CALL in
+  1) for d in w d; do PART=kept_teacher DEST=runs/$d bash benchmarks/train_bundled.sh; done
+     train w TEACHER_WIDEN=2 TEACHER_MORE_SEED=18 &
+     train d TEACHER_DEEPEN=2 TEACHER_MORE_SEED=18 &
+     wait ;;
+  2) train w TEACHER_MORE_SEED=19 &
+     train d TEACHER_MORE_SEED=19 &
+     wait ;;
+  3) score() {  # name, then bundled_failures.py options
+       name=$1; shift
+       timeout 540 python3 benchmarks/bundled_failures.py --prompts 64 --batch 32 --device cuda --name "$name" \
+         --out runs/eval "$@" > "runs/eval/$name.log" 2>&1
+     }
+     score teacher_kept --weights data/teacher/teacher.safetensors --teacher-cfg 2 --seeds 2 --strip 4 &
+     score teacher_wide --weights runs/w/stages/teacher.safetensors --teacher-cfg 2 --seeds 2 --strip 4 &
+     score teacher_deep --weights runs/d/stages/teacher.safetensors --teacher-cfg 2 --seeds 2 --strip 4 &
+     score student --seeds 4 --strip 4 &
+     wait
+     python3 - <<'PY'
+import glob, os
+from PIL import Image
+from toolkit.models.bundled.model import load_weights, save_weights
+for f in glob.glob("runs/eval/*.png"):
+    im = Image.open(f).convert("RGB")
+    im.resize((im.width // 2, im.height // 2), Image.LANCZOS).save(f[:-4] + ".jpg", quality=85)
+    os.remove(f)
+for d in ("w", "d"):
+    save_weights(load_weights(f"runs/{d}/stages/teacher.safetensors"), f"runs/{d}/teacher_int8.safetensors",
+                 int8=True, stage="teacher")
+PY
+     for d in w d; do split -b 15m "runs/$d/teacher_int8.safetensors" "$OUT/teacher_$d.int8.part_"; done ;;
+esac
+tar czf "$OUT/run18_call$CALL.tgz" runs/gpu_call*.txt runs/*_call*.out runs/eval runs/w/stages/log.json \
+  runs/d/stages/log.json 2>/dev/null
+tail -n 4 runs/*_call$CALL.out runs/eval/*.log 2>/dev/null | cut -c1-300
+ls -la "$OUT"
