@@ -7,8 +7,8 @@
 #   CALL=2  train both S seconds more (a new data seed)             ~9 min
 #   CALL=3  score kept / wide / deep teachers (CFG 2, 128 clips: 2 noise seeds x 64 held-out prompts, batches of
 #           32) and the shipped student (256 clips), strips; the grown teachers come back in int8, split   ~6 min
-# Batch: 32 where the GPU has >= 120 GB (two grown teachers take ~50 GB each at batch 32, estimated from the
-# tensors a CPU forward saves for backward), else 16.
+# Batch 16 (BATCH): two grown teachers at batch 32 would need about 50 GB each (estimated from the tensors a CPU
+# forward keeps for backward), over an H100's 80 GB together; at 16 they fit either card.
 set -u
 CALL=${CALL:?CALL=1, 2 or 3}
 S=${S:-420}
@@ -16,8 +16,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_INTERPRET=0
 ln -sfn ../kernels toolkit/kernels; ln -sfn ../paper_figures toolkit/paper_figures
 mkdir -p runs/eval
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "runs/gpu_call$CALL.txt" 2>&1
-gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-batch=$([ "${gib:-0}" -ge 120000 ] && echo 32 || echo 16)
+batch=${BATCH:-16}
 train() {  # dest, then extra environment
   dest=$1; shift
   env "$@" TEACHER_MORE_BATCH=$batch TEACHER_MORE_SECONDS=$S PART=teacher_more DEST=runs/$dest \
