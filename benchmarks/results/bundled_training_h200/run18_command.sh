@@ -17,6 +17,7 @@ ln -sfn ../kernels toolkit/kernels; ln -sfn ../paper_figures toolkit/paper_figur
 mkdir -p runs/eval
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "runs/gpu_call$CALL.txt" 2>&1
 batch=${BATCH:-16}
+device=${DEVICE:-cuda}  # DEVICE=cpu PROMPTS=4 with a tiny data/teacher: a dry run of the plumbing
 train() {  # dest, then extra environment
   dest=$1; shift
   env "$@" TEACHER_MORE_BATCH=$batch TEACHER_MORE_SECONDS=$S PART=teacher_more DEST=runs/$dest \
@@ -32,7 +33,8 @@ case $CALL in
      wait ;;
   3) score() {  # name, then bundled_failures.py options
        name=$1; shift
-       timeout 540 python3 benchmarks/bundled_failures.py --prompts 64 --batch 32 --device cuda --name "$name" \
+       timeout 540 python3 benchmarks/bundled_failures.py --prompts "${PROMPTS:-64}" --batch 32 --device "$device" \
+         --name "$name" \
          --out runs/eval "$@" > "runs/eval/$name.log" 2>&1
      }
      score teacher_kept --weights data/teacher/teacher.safetensors --teacher-cfg 2 --seeds 2 --strip 4 &
