@@ -13,7 +13,7 @@ seed (``--seeds K``: from each of the first K held-out seeds, ``evaluate.heldout
 compare runs made with the same batch. ``--weights``: a stage file of a recipe folder (its own
 config) instead of the shipped model; ``--teacher-cfg G`` samples it with the teacher's sampler instead of the
 student's 4 steps (40 Euler steps, classifier-free guidance G: ``recipe.teacher_sampler``; ``--teacher-steps N``:
-N uniform steps instead).
+N uniform steps instead; ``--cfg-interval LO HI``: guidance only at the steps with σ in [LO, HI]).
 Prints the table and writes ``bundled_failures_cpu[_NAME].json``; ``--strip N`` also draws the first N rollouts of
 three or more sprites, each under its prompt's ground truth, as ``bundled_failures[_NAME].png``.
 """
@@ -50,6 +50,8 @@ def main() -> None:
                    help="sample with the teacher's 40 Euler steps at classifier-free guidance G")
     p.add_argument("--teacher-steps", type=int, default=None, metavar="N",
                    help="with --teacher-cfg: N uniform Euler steps instead of 40")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="with --teacher-cfg: guide only the steps with σ in [LO, HI], the conditional flow elsewhere")
     p.add_argument("--seeds", type=int, default=1, metavar="K", help="noise seeds per prompt (default 1)")
     p.add_argument("--strip", type=int, default=0, metavar="N",
                    help="draw the first N rollouts of 3+ sprites under their ground truth (default 0: none)")
@@ -60,6 +62,11 @@ def main() -> None:
             p.error("--teacher-steps needs --teacher-cfg and a step count in 1..1000")
         n = args.teacher_steps  # 40: MANY_STEPS
         sampler["denoising_steps"] = tuple(round(1000 * (1 - k / n)) for k in range(n))
+    if args.cfg_interval is not None:
+        lo, hi = args.cfg_interval
+        if not sampler or not 0 <= lo <= hi:
+            p.error("--cfg-interval needs --teacher-cfg and 0 <= LO <= HI")
+        sampler["guidance_interval"] = (lo, hi)
 
     if args.weights is None:
         model, info = bundled.load_bundled(args.device, torch.float32)
@@ -125,6 +132,8 @@ def save_crowded(crowded: list, cfg, path: Path, weights: str, sampler: dict) ->
                    f"rollout: colours found {sorted(m.colours)}, count {m.count}, "
                    f"{'match' if m.colour_match else 'no match'}"]
     how = f"{len(sampler['denoising_steps'])} Euler steps, CFG {sampler['guidance_scale']:g}" if sampler else "4 steps"
+    if sampler.get("guidance_interval"):
+        how += " for σ in [{:g}, {:g}]".format(*sampler["guidance_interval"])
     save_strip(rows, path, labels, frames_per_chunk=frames_per_chunk(cfg),
                title=f"{Path(weights).name} ({how}): held-out prompts of 3+ sprites")
 

@@ -37,7 +37,7 @@ def test_bundled_failures_counts_every_clip_once_and_draws_the_crowded_ones(tmp_
     script = Path(__file__).parents[1] / "benchmarks" / "bundled_failures.py"
     monkeypatch.syspath_prepend(str(script.parent))
     argv = ["--prompts", "6", "--batch", "4", "--weights", str(weights), "--teacher-cfg", "2", "--teacher-steps", "7",
-            "--seeds", "2", "--strip", "1", "--out", str(tmp_path), "--name", "x"]
+            "--cfg-interval", "0.3", "0.9", "--seeds", "2", "--strip", "1", "--out", str(tmp_path), "--name", "x"]
     monkeypatch.setattr(sys, "argv", [str(script), *argv])
     runpy.run_path(str(script), run_name="__main__")
     result = json.loads((tmp_path / "bundled_failures_cpu_x.json").read_text())
@@ -45,6 +45,7 @@ def test_bundled_failures_counts_every_clip_once_and_draws_the_crowded_ones(tmp_
     wanted = [len(p.sprites) for p in evaluate.heldout_prompts(64)[:6]]
     assert {int(n): r["clips"] for n, r in rows.items()} == {n: 2 * wanted.count(n) for n in set(wanted)}
     assert result["seeds"] == evaluate.heldout_seeds(2) and len(result["sampler"]["denoising_steps"]) == 7
+    assert result["sampler"]["guidance_interval"] == [0.3, 0.9]
     outcomes = result["colour_match_outcomes"]
     assert len(outcomes) == 12 and outcomes.count("1") == sum(r["colour_match"] for r in rows.values())
     for r in rows.values():

@@ -382,25 +382,39 @@ def test_guided_rollout_combines_conditional_and_null_prompt_flows_with_their_ow
     out = self_forcing_rollout(model, noise, context, timesteps=t, solver="euler", guidance_scale=g,
                                negative_context=null)
 
-    caches = {name: KVCache(model.cfg, 2, 6 * 15, "cpu", torch.float64) for name in ("c", "u")}
-    prompts = {"c": context, "u": null}
-    chunks = []
-    for c in range(2):
-        x = noise[:, :, 3 * c : 3 * c + 3]
-        for i in range(len(t)):
-            tt = torch.full((2, 3), t[i])  # float32, as the sampler passes t
-            v = {n: model(x, tt, prompts[n], kv_cache=caches[n], start_frame=3 * c) for n in "cu"}
-            flow = v["u"] + g * (v["c"] - v["u"])
-            if i + 1 < len(t):
-                x = x + (t[i + 1] - t[i]) / 1000 * flow
-        x0 = x - t[-1] / 1000 * flow
-        for n in "cu":
-            model(x0, torch.zeros(2, 3), prompts[n], kv_cache=caches[n], start_frame=3 * c,
-                  is_clean=True)
-        chunks.append(x0)
-    torch.testing.assert_close(out, torch.cat(chunks, 2), rtol=1e-10, atol=1e-10)
+    def by_hand(scales: list[float]) -> torch.Tensor:  # scales[i]: the guidance of step i
+        caches = {name: KVCache(model.cfg, 2, 6 * 15, "cpu", torch.float64) for name in ("c", "u")}
+        prompts = {"c": context, "u": null}
+        chunks = []
+        for c in range(2):
+            x = noise[:, :, 3 * c : 3 * c + 3]
+            for i in range(len(t)):
+                tt = torch.full((2, 3), t[i])  # float32, as the sampler passes t
+                v = {n: model(x, tt, prompts[n], kv_cache=caches[n], start_frame=3 * c) for n in "cu"}
+                flow = v["u"] + scales[i] * (v["c"] - v["u"])
+                if i + 1 < len(t):
+                    x = x + (t[i + 1] - t[i]) / 1000 * flow
+            x0 = x - t[-1] / 1000 * flow
+            for n in "cu":
+                model(x0, torch.zeros(2, 3), prompts[n], kv_cache=caches[n], start_frame=3 * c,
+                      is_clean=True)
+            chunks.append(x0)
+        return torch.cat(chunks, 2)
+
+    torch.testing.assert_close(out, by_hand([g] * len(t)), rtol=1e-10, atol=1e-10)
+    # guidance in an interval of σ: only the steps inside it are guided (t = 1000, 937.5, 833.3, 625: the first two)
+    interval = self_forcing_rollout(model, noise, context, timesteps=t, solver="euler", guidance_scale=g,
+                                    negative_context=null, guidance_interval=(0.9, 1.0))
+    torch.testing.assert_close(interval, by_hand([g, g, 1.0, 1.0]), rtol=1e-10, atol=1e-10)
+    everywhere = self_forcing_rollout(model, noise, context, timesteps=t, solver="euler", guidance_scale=g,
+                                      negative_context=null, guidance_interval=(0.0, 1.0))
+    assert torch.equal(everywhere, out)
     plain = self_forcing_rollout(model, noise, context, timesteps=t, solver="euler")
     assert (plain - out).abs().amax() > 1e-3  # guidance changed the sample
+    assert (interval - out).abs().amax() > 1e-3 and (interval - plain).abs().amax() > 1e-3
+    nowhere = self_forcing_rollout(model, noise, context, timesteps=t, solver="euler", guidance_scale=g,
+                                   negative_context=null, guidance_interval=(2.0, 3.0))
+    torch.testing.assert_close(nowhere, plain, rtol=1e-10, atol=1e-10)  # the conditional flow alone
     with pytest.raises(ValueError, match="negative_context"):
         self_forcing_rollout(model, noise, context, timesteps=t, guidance_scale=2.0)
 
