@@ -4,7 +4,8 @@
 # (16 x 320, runs/d), both trained on side by side on the one GPU over two calls, then scored with the kept teacher
 # and the shipped student. Three calls back to back on one warm machine (runs/ stays there between them):
 #   CALL=1  grow both, train S seconds each (same data seed)       ~9 min
-#   CALL=2  train both S seconds more (a new data seed)             ~9 min
+#   CALL=2  train both S seconds more (a new data seed), and meanwhile score the kept teacher at CFG 4 on every step
+#           and at CFG 4 for σ <= 0.8 only (the guidance interval; 128 clips each, the clips CALL=3 scores)  ~9 min
 #   CALL=3  score kept / wide / deep teachers (CFG 2, 128 clips: 2 noise seeds x 64 held-out prompts, batches of
 #           32) and the shipped student (256 clips), strips; the grown teachers come back in int8, split   ~6 min
 # Batch 16 (BATCH): two grown teachers at batch 32 would need about 50 GB each (estimated from the tensors a CPU
@@ -23,6 +24,12 @@ train() {  # dest, then extra environment
   env "$@" TEACHER_MORE_BATCH=$batch TEACHER_MORE_SECONDS=$S PART=teacher_more DEST=runs/$dest \
     bash benchmarks/train_bundled.sh > "runs/${dest}_call$CALL.out" 2>&1
 }
+score() {  # name, then bundled_failures.py options; 128 or 256 clips in batches of 32, the JSON after each seed
+  name=$1; shift
+  timeout 540 python3 benchmarks/bundled_failures.py --prompts "${PROMPTS:-64}" --batch 32 --device "$device" \
+    --name "$name" --out runs/eval "$@" > "runs/eval/$name.log" 2>&1
+}
+kept=(--weights data/teacher/teacher.safetensors --seeds 2 --strip 4)
 case $CALL in
   1) for d in w d; do PART=kept_teacher DEST=runs/$d bash benchmarks/train_bundled.sh; done
      train w TEACHER_WIDEN=2 TEACHER_MORE_SEED=18 &
@@ -30,32 +37,30 @@ case $CALL in
      wait ;;
   2) train w TEACHER_MORE_SEED=19 &
      train d TEACHER_MORE_SEED=19 &
+     score teacher_kept_cfg4 "${kept[@]}" --teacher-cfg 4 &
+     score teacher_kept_cfg4_sigma_0_0.8 "${kept[@]}" --teacher-cfg 4 --cfg-interval 0 0.8 &
      wait ;;
-  3) score() {  # name, then bundled_failures.py options
-       name=$1; shift
-       timeout 540 python3 benchmarks/bundled_failures.py --prompts "${PROMPTS:-64}" --batch 32 --device "$device" \
-         --name "$name" \
-         --out runs/eval "$@" > "runs/eval/$name.log" 2>&1
-     }
-     score teacher_kept --weights data/teacher/teacher.safetensors --teacher-cfg 2 --seeds 2 --strip 4 &
+  3) score teacher_kept "${kept[@]}" --teacher-cfg 2 &
      score teacher_wide --weights runs/w/stages/teacher.safetensors --teacher-cfg 2 --seeds 2 --strip 4 &
      score teacher_deep --weights runs/d/stages/teacher.safetensors --teacher-cfg 2 --seeds 2 --strip 4 &
      score student --seeds 4 --strip 4 &
      wait
      python3 - <<'PY'
-import glob, os
-from PIL import Image
 from toolkit.models.bundled.model import load_weights, save_weights
-for f in glob.glob("runs/eval/*.png"):
-    im = Image.open(f).convert("RGB")
-    im.resize((im.width // 2, im.height // 2), Image.LANCZOS).save(f[:-4] + ".jpg", quality=85)
-    os.remove(f)
 for d in ("w", "d"):
     save_weights(load_weights(f"runs/{d}/stages/teacher.safetensors"), f"runs/{d}/teacher_int8.safetensors",
                  int8=True, stage="teacher")
 PY
      for d in w d; do split -b 15m "runs/$d/teacher_int8.safetensors" "$OUT/teacher_$d.int8.part_"; done ;;
 esac
+python3 - <<'PY'
+import glob, os
+from PIL import Image
+for f in glob.glob("runs/eval/*.png"):  # strips at half size, as jpg: the returned files stay small
+    im = Image.open(f).convert("RGB")
+    im.resize((im.width // 2, im.height // 2), Image.LANCZOS).save(f[:-4] + ".jpg", quality=85)
+    os.remove(f)
+PY
 tar czf "$OUT/run18_call$CALL.tgz" runs/gpu_call*.txt runs/*_call*.out runs/eval runs/w/stages/log.json \
   runs/d/stages/log.json 2>/dev/null
 tail -n 4 runs/*_call$CALL.out runs/eval/*.log 2>/dev/null | cut -c1-300
