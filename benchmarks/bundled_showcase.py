@@ -42,7 +42,7 @@ def main() -> None:
     teacher = load_weights(args.teacher)
     folder = Path(args.model or bundled.DEFAULT_DIR)
     out = Path(args.out or folder)
-    save_rollouts(out, model, teacher, args.guidance, args.teacher_label)
+    save_rollouts(out, model, teacher, args.guidance, teacher_label=args.teacher_label)
     seconds = time.perf_counter() - start
     log_file = folder / "train_log.json"
     if out.resolve() == folder.resolve() and log_file.exists():  # the card says how its strip was drawn

@@ -23,7 +23,8 @@
 # Knobs: TEACHER_MIN_SPRITES (teacher_more: clips of at least that many sprites only), TEACHER_WIDEN and
 # TEACHER_DEEPEN (teacher_more: first grow the teacher K x as wide / deep, the same function), TEACHER_MORE_BATCH,
 # WIDEN, BASE_SECONDS, BASE_MORE_SECONDS, BASE_MORE_SEED, TEACHER_SECONDS, TEACHER_MORE_SECONDS, ODE_SECONDS,
-# SF_SECONDS (time budgets), ODE_PAIRS, GUIDANCE, SEED, TEACHER_PREDICTION (flow or x0), TEACHER_MORE_SEED, STUDENT
+# SF_SECONDS (time budgets), ODE_PAIRS, GUIDANCE, GUIDANCE_INTERVAL ("LO HI": guide only there), SEED,
+# TEACHER_PREDICTION (flow or x0), TEACHER_MORE_SEED, STUDENT
 # (PART=base: the student's size, LAYERSxWIDTH[/HEADS], e.g. 6x256), EVAL_SEEDS (noise seeds per held-out prompt),
 # ODE_START (ode_init: stage (b) trains its own earlier student further, on new pairs when SEED differs;
 # self_forcing: a second round of (b) from the stage-(c) student), SF_START (self_forcing: stage (c) trains its own
@@ -36,7 +37,8 @@ mkdir -p "$DEST"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 cli=(python3 -m toolkit.commands.train --out "$DEST" --seed "${SEED:-0}")
 # --force: stage (b) wrote a model that stage (c) replaces
-student=(--guidance "${GUIDANCE:-3}" --eval-seeds "${EVAL_SEEDS:-1}" --force)
+student=(--guidance "${GUIDANCE:-3}" ${GUIDANCE_INTERVAL:+--guidance-interval $GUIDANCE_INTERVAL}
+         --eval-seeds "${EVAL_SEEDS:-1}" --force)
 case "${PART:-base}" in
   base) "${cli[@]}" --stages base --base-seconds "${BASE_SECONDS:-500}" --base-steps 20000 \
           ${STUDENT:+--student-size "$STUDENT"} \

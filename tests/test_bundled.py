@@ -244,6 +244,12 @@ def test_ode_pairs_are_the_teachers_euler_sampler_and_its_states():
     torch.testing.assert_close(x0[:, :, :3], x, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="not on the ODE grid"):
         ode_pairs(teacher, context, noise, frames_per_chunk=3, ode_steps=(1000, 800, 600))
+    # guided pairs, guidance at the high-noise steps only: the guided sampler's output
+    guidance = dict(guidance_scale=3.0, guidance_interval=(0.9, 1.0))
+    _, x0 = ode_pairs(teacher, context, noise, frames_per_chunk=3, ode_steps=steps, **guidance)
+    direct = self_forcing_rollout(teacher, noise, context, timesteps=warped_timesteps(steps), solver="euler",
+                                  negative_context=torch.zeros_like(context), **guidance)
+    torch.testing.assert_close(x0, direct, rtol=0, atol=0)
 
 
 @torch.no_grad()
@@ -459,6 +465,18 @@ def test_dmd_gradient_vanishes_when_the_critic_is_the_teacher_and_points_from_fa
     # with guidance the real score moves away from the critic's even when both are the teacher
     guided = dmd_gradient(x, context, teacher, teacher, setup, settings, torch.Generator().manual_seed(1), 3.0)
     assert float(guided.abs().mean()) > 1e-3
+    # guidance in an interval of σ: a clip whose noise level lies outside it gets the unguided real score, so with
+    # the teacher as critic its gradient is exactly zero; an interval holding every σ changes nothing
+    from toolkit.models.bundled import self_forcing
+
+    sigma = self_forcing._dmd_sigma(2, 6, settings, torch.Generator().manual_seed(1))  # the draws dmd_gradient makes
+    lo = float(sigma.max())  # one clip inside, the other outside
+    part = dmd_gradient(x, context, teacher, teacher, setup, settings, torch.Generator().manual_seed(1), 3.0, (lo, 1.0))
+    inside = (sigma >= lo).view(2, 1, 6, 1, 1).expand_as(part)
+    assert inside.any() and (~inside).any()
+    assert float(part[~inside].abs().max()) == 0.0 and float(part[inside].abs().mean()) > 1e-3
+    every = dmd_gradient(x, context, teacher, teacher, setup, settings, torch.Generator().manual_seed(1), 3.0, (0, 1))
+    torch.testing.assert_close(every, guided, rtol=0, atol=0)
 
 
 def test_self_forcing_stage_rolls_out_with_the_sampler_and_trains_the_critic(monkeypatch):
@@ -816,13 +834,20 @@ def test_student_size_sets_the_base_and_the_later_stages_follow_it(tmp_path):
     assert record["teacher_config"]["dim"] == 2 * c.dim
     with pytest.raises(SystemExit):  # the student stages grow with toolkit train --widen
         continue_teacher(["--out", str(out), "--stage", "base", "--seconds", "1", "--widen", "2"])
+    _train_refused(["--tiny", "--out", str(out), "--stages", "ode_init", "--guidance-interval", "0.9", "0.2"],
+                   "0 <= LO <= HI")
+    # the teacher guided only below σ = 0.8 (sampler steps and DMD's noise levels), kept in the record and the card
     assert main(["--tiny", "--out", str(out), "--stages", "ode_init,self_forcing", "--eval-seeds", "2",
-                 "--quiet"]) == 0
+                 "--guidance", "3", "--guidance-interval", "0", "0.8", "--quiet"]) == 0
     model, info = bundled.load_bundled(path=out)
     record = json.loads((out / "train_log.json").read_text())
+    assert record["guidance"] == dict(scale=3.0, chosen_by="recipe", interval=[0.0, 0.8])
+    assert all(record["stages"][s]["guidance_interval"] == [0.0, 0.8] for s in ("ode_init", "self_forcing"))
     assert (model.cfg.num_layers, model.cfg.dim) == (3, 48) and record["config"]["dim"] == 48
     card = (out / "MODEL_CARD.md").read_text()
     assert "A 3-layer Wan DiT (width 48, 2 heads × 24" in card
+    assert "score and for its own samples: **3 for σ in [0, 0.8]**" in card
+    assert "teacher CFG 3 for σ in [0, 0.8]" in card
     assert "| base, continued | 3 × 2 |" in card
     assert "| teacher, continued | 2 × 2 |" in card and "clips of 3+ sprites only" in card
     assert f"first grown from {c.num_layers} × {c.dim} ({c.num_heads} heads) to {g.num_layers} × {g.dim}" in card

@@ -144,6 +144,10 @@ Self-Forcing {defaults.self_forcing.steps} generator updates x \
                    help="the teacher's classifier-free guidance in the ODE pairs, DMD's real score and its own "
                         "samples (default: the best of " + ", ".join(f"{g:g}" for g in defaults.guidance_candidates)
                         + " on validation prompts, chosen after stage (a))")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only where the noise level σ is in [LO, HI] (sampler steps, DMD's noise levels) and "
+                        "take the conditional flow elsewhere, e.g. 0 0.8: the layout, set at high σ, unguided "
+                        "(default: every σ); kept in the folder's record for later stages")
     p.add_argument("--eval-prompts", type=int, default=defaults.eval_prompts)
     p.add_argument("--eval-seeds", type=int, default=defaults.eval_seeds,
                    help="noise seeds per held-out prompt (the first is the one-seed evaluation's); each candidate is "
@@ -216,6 +220,7 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
                              critic_lr=args.sf_critic_lr, seconds=args.sf_seconds, start=args.sf_start,
                              resume=args.sf_resume),
         guidance_scale=args.guidance,
+        guidance_interval=args.guidance_interval and tuple(args.guidance_interval),
         seed=args.seed,
         eval_prompts=args.eval_prompts,
         eval_seeds=args.eval_seeds,
@@ -228,6 +233,7 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
             self_forcing=replace(r.self_forcing, steps=2, batch=2, critic_ratio=1, start=args.sf_start,
                                  resume=args.sf_resume),
             guidance_scale=args.guidance,
+            guidance_interval=args.guidance_interval and tuple(args.guidance_interval),
             guidance_candidates=(1.0, 3.0),
             validation_prompts=2,
             seed=args.seed,
@@ -325,6 +331,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.eval_prompts < 1 or args.eval_seeds < 1:
         raise ToolkitError("--eval-prompts and --eval-seeds must be >= 1")
+    if args.guidance_interval and not 0 <= args.guidance_interval[0] <= args.guidance_interval[1]:
+        raise ToolkitError("--guidance-interval LO HI: noise levels with 0 <= LO <= HI (σ is 1 at pure noise)")
     check_stage_flags(args)
     if args.student_size and "base" not in args.stages:
         raise ToolkitError("--student-size sets the base stage's architecture (later stages take it from "

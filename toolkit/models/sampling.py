@@ -61,6 +61,17 @@ def flow_to_x0(x_t: torch.Tensor, flow: torch.Tensor, timestep: float, num_train
     return (x_t.double() - sigma * flow.double()).to(x_t.dtype)
 
 
+def guidance_at(sigma: float | torch.Tensor, scale: float, interval: tuple[float, float] | None = None
+                ) -> float | torch.Tensor:
+    """The classifier-free guidance scale at noise level σ (a float, or a tensor of them): ``scale`` where σ lies in
+    ``interval`` = (σ_lo, σ_hi), 1 (the conditional flow alone) elsewhere; ``scale`` everywhere without one."""
+    if isinstance(sigma, torch.Tensor):
+        inside = torch.ones_like(sigma, dtype=torch.bool) if interval is None else (
+            (sigma >= interval[0]) & (sigma <= interval[1]))
+        return torch.where(inside, scale, 1.0).to(sigma.dtype)
+    return scale if interval is None or interval[0] <= sigma <= interval[1] else 1.0
+
+
 def self_forcing_rollout(
     model: WanModel,
     noise: torch.Tensor,
@@ -134,11 +145,6 @@ def self_forcing_rollout(
     cache = KVCache(model.cfg, b * (2 if guided else 1), layout.max_key_frames() * layout.tokens_per_frame,
                     noise.device, model.dtype, local_attn_size=local_attn_size, sink_size=sink_size)
 
-    def scale_at(sigma: float) -> float:
-        if guidance_interval is None or guidance_interval[0] <= sigma <= guidance_interval[1]:
-            return guidance_scale
-        return 1.0
-
     def flow_of(x: torch.Tensor, t: torch.Tensor, scale: float = 1.0, **kwargs) -> torch.Tensor:
         if not guided:
             return model(x, t, context, **kwargs)
@@ -164,7 +170,8 @@ def self_forcing_rollout(
                 on_step(chunk, s, x)
             t = torch.full((b, frames_per_chunk), float(timesteps[s]), device=noise.device)
             with torch.set_grad_enabled(s == exit_step and torch.is_grad_enabled()):
-                flow = flow_of(x, t, scale_at(float(timesteps[s]) / 1000), step=s, **common)
+                flow = flow_of(x, t, guidance_at(float(timesteps[s]) / 1000, guidance_scale, guidance_interval),
+                               step=s, **common)
                 x0 = flow_to_x0(x, flow, float(timesteps[s]))
             if s < steps - 1:
                 with torch.no_grad():

@@ -62,11 +62,12 @@ def ode_pairs(
     ode_steps: Sequence[int] = MANY_STEPS,
     keep: Sequence[int] = SELF_FORCING_STEPS,
     guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher ODE trajectories from ``noise`` [b c F H W]: (states [len(keep), b, c, F, H, W] — each chunk's sampler
     input at the warped timesteps of ``keep`` —, x0 [b c F H W] the sampler's output). ``keep`` ⊂ ``ode_steps``;
     ``guidance_scale``: the teacher's classifier-free guidance against the null prompt (as Self-Forcing's pairs come
-    from Wan sampled with CFG)."""
+    from Wan sampled with CFG), applied at the steps whose σ lies in ``guidance_interval`` (every step if None)."""
     missing = [k for k in keep if k not in ode_steps]
     if missing:
         raise ValueError(f"steps {missing} are not on the ODE grid")
@@ -80,7 +81,8 @@ def ode_pairs(
 
     x0 = self_forcing_rollout(
         teacher, noise, context, frames_per_chunk=frames_per_chunk, timesteps=warped_timesteps(ode_steps),
-        solver="euler", guidance_scale=guidance_scale, negative_context=torch.zeros_like(context), on_step=record,
+        solver="euler", guidance_scale=guidance_scale, negative_context=torch.zeros_like(context),
+        guidance_interval=guidance_interval, on_step=record,
     )
     return states, x0
 
@@ -121,7 +123,8 @@ class ODESettings:
 
 
 def make_pool(
-    teacher: WanModel, settings: ODESettings, *, seed: int, guidance_scale: float = 1.0, log: Log = print
+    teacher: WanModel, settings: ODESettings, *, seed: int, guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] | None = None, log: Log = print
 ) -> dict:
     """Draw ``settings.pairs`` prompts and noises and solve the teacher ODE for each (states, x0, context on the
     teacher's device; states and x0 in bfloat16 on CUDA to halve the pool). With ``settings.keep_prompted`` only
@@ -138,7 +141,8 @@ def make_pool(
         prompts, context, noise = setup.prompts_context_noise(n, teacher.cfg.in_dim, g, device)
         with autocast(device):
             s, x0 = ode_pairs(teacher, context, noise, frames_per_chunk=setup.chunk,
-                              ode_steps=ode_grid(settings.grid_steps), guidance_scale=guidance_scale)
+                              ode_steps=ode_grid(settings.grid_steps), guidance_scale=guidance_scale,
+                              guidance_interval=guidance_interval)
         if settings.keep_prompted:
             scores = evaluate.evaluate_clips(to_pixels(x0).cpu(), prompts, frames_per_chunk=setup.chunk)
             keep = torch.tensor([m.colour_match and m.count_match for m in scores], device=x0.device)
@@ -180,15 +184,16 @@ def ode_regression_loss(
 
 def train_ode_init(
     student: WanModel, teacher: WanModel, settings: ODESettings, *, seed: int = 0, guidance_scale: float = 1.0,
-    log: Log = print, every: int = 50,
+    guidance_interval: tuple[float, float] | None = None, log: Log = print, every: int = 50,
 ) -> dict:
-    """Stage (b): fill the ODE pool from ``teacher`` (sampled with ``guidance_scale``) and regress ``student`` (in
-    place) onto it."""
+    """Stage (b): fill the ODE pool from ``teacher`` (sampled with ``guidance_scale``, in ``guidance_interval`` of
+    σ if given) and regress ``student`` (in place) onto it."""
     device = next(student.parameters()).device
     setup = ClipSetup.of(student.cfg, device)
-    pool = make_pool(teacher, settings, seed=seed + 11, guidance_scale=guidance_scale, log=log)
+    guidance = dict(guidance_scale=guidance_scale, guidance_interval=guidance_interval)
+    pool = make_pool(teacher, settings, seed=seed + 11, log=log, **guidance)
     heldout = make_pool(teacher, ODESettings(pairs=16, pair_batch=16, grid_steps=settings.grid_steps),
-                        seed=seed + 12, guidance_scale=guidance_scale, log=lambda *_: None)
+                        seed=seed + 12, log=lambda *_: None, **guidance)
     g = torch.Generator().manual_seed(seed + 13)
     g_eval = torch.Generator().manual_seed(seed + 14)
 
@@ -229,6 +234,7 @@ def train_ode_init(
         f"{loss_init:.4f} -> {loss_end:.4f}")
     return dict(
         stage="ode_init", settings=asdict(settings), guidance_scale=guidance_scale, steps_run=total,
+        **({"guidance_interval": list(guidance_interval)} if guidance_interval else {}),
         pool_seconds=round(pool["seconds"], 1), pool_kept=pool["kept"], seconds=round(seconds, 1),
         compile_seconds=None if compile_seconds is None else round(compile_seconds, 1),
         curve=curve, heldout_loss_init=round(loss_init, 5), heldout_loss_end=round(loss_end, 5),

@@ -97,6 +97,9 @@ class Recipe:
     # None: the candidate that scores best on validation prompts right after stage (a)
     guidance_scale: float | None = None
     guidance_candidates: tuple[float, ...] = GUIDANCE_CANDIDATES
+    # (σ_lo, σ_hi): guide only the steps (ODE pairs, samples) and noise levels (DMD) with σ in it, the conditional
+    # flow elsewhere (``sampling.guidance_at``); None: every σ
+    guidance_interval: tuple[float, float] | None = None
     validation_prompts: int = 32
     seed: int = 0
     eval_prompts: int = 64  # held-out prompts
@@ -336,14 +339,15 @@ def train_bundled(
         teacher = load("teacher")
     if teacher is not None:
         teacher.eval().requires_grad_(False)
-    if teacher is not None and ("teacher" in stages or "guidance" not in record or recipe.guidance_scale is not None):
+    if teacher is not None and ("teacher" in stages or "guidance" not in record or recipe.guidance_scale is not None
+                                or recipe.guidance_interval is not None):
         record["guidance"] = choose_guidance(teacher, recipe, log)
         log_file.write_text(json.dumps(record, indent=1) + "\n")
-        guided = f"teacher, {len(MANY_STEPS)} Euler steps, CFG {record['guidance']['scale']:g}"
-        save_showcase(out / "stages" / "teacher.png", [(guided, teacher, teacher_sampler(record["guidance"]["scale"]))])
+        guided = f"teacher, {len(MANY_STEPS)} Euler steps, CFG {cfg_label(*guidance_of(record))}"
+        save_showcase(out / "stages" / "teacher.png", [(guided, teacher, teacher_sampler(*guidance_of(record)))])
     if "ode_init" not in stages and "self_forcing" not in stages:
         return record
-    guidance = record["guidance"]["scale"]
+    guidance, interval = guidance_of(record)
     setup, scores = ClipSetup.of(cfg, dev), ClipSetup.of(teacher.cfg, dev)
 
     def continued(stage: str, summary: dict) -> dict:  # as continue_teacher.py records the teacher's runs
@@ -358,7 +362,7 @@ def train_bundled(
         student = copy.deepcopy(base if start == "base" and "base" in stages else load(start)).requires_grad_(True)
         with use_backend(student, setup.backend), use_backend(teacher, scores.backend):
             summary = train_ode_init(student, teacher, recipe.ode_init, seed=recipe.seed, guidance_scale=guidance,
-                                     log=log)
+                                     guidance_interval=interval, log=log)
         if start == "self_forcing":  # a second round: the stage-(c) student it started from goes into its record
             summary["start_record"] = record["stages"]["self_forcing"]
         save("ode_init", student, summary if start == "base" else continued("ode_init", summary))
@@ -372,7 +376,7 @@ def train_bundled(
     if "self_forcing" in stages:
         state = load_sf_state(out, student) if recipe.self_forcing.resume else {}
         summary = train_self_forcing(student, teacher, recipe.self_forcing, seed=recipe.seed,
-                                     guidance_scale=guidance, log=log, state=state)
+                                     guidance_scale=guidance, guidance_interval=interval, log=log, state=state)
         save("self_forcing", student, continued("self_forcing", summary) if sf_continues else summary)
         save_sf_state(out, state)
         candidates["self_forcing"] = as_stored(student)
@@ -383,7 +387,7 @@ def train_bundled(
     results = {}
     start = time.perf_counter()
     models = [("random_init", random_init.eval(), {}), *[(n, m, {}) for n, m in candidates.items()],
-              ("teacher_40_euler_steps", teacher, teacher_sampler(guidance))]
+              ("teacher_40_euler_steps", teacher, teacher_sampler(guidance, interval))]
     for name, model, sampler in models:  # ground truth depends only on the prompts and seeds: scored once
         results[name] = evaluate_model(model, prompts, seeds, reference=name == "random_init", **sampler)
         log(f"evaluation, {name}: {format_summary(results[name])}")
@@ -409,27 +413,44 @@ def train_bundled(
     return record
 
 
-def teacher_sampler(guidance_scale: float) -> dict:
-    """``generate`` options of the teacher's many-step sampler: 40 Euler steps of its flow ODE, with CFG."""
-    return dict(denoising_steps=MANY_STEPS, solver="euler", guidance_scale=guidance_scale)
+def teacher_sampler(guidance_scale: float, guidance_interval: tuple[float, float] | None = None) -> dict:
+    """``generate`` options of the teacher's many-step sampler: 40 Euler steps of its flow ODE, with CFG (only at the
+    steps with σ in ``guidance_interval``, if given)."""
+    sampler = dict(denoising_steps=MANY_STEPS, solver="euler", guidance_scale=guidance_scale)
+    if guidance_interval is not None:
+        sampler["guidance_interval"] = tuple(guidance_interval)
+    return sampler
+
+
+def guidance_of(record: dict) -> tuple[float, tuple[float, float] | None]:
+    """(scale, interval or None) of the teacher's guidance a recipe folder's record holds."""
+    interval = record["guidance"].get("interval")
+    return record["guidance"]["scale"], None if interval is None else tuple(interval)
+
+
+def cfg_label(scale: float, interval: tuple[float, float] | None = None) -> str:
+    """"2", or "4 for σ in [0, 0.8]" for guidance in an interval."""
+    return f"{scale:g}" + ("" if interval is None else " for σ in [{:g}, {:g}]".format(*interval))
 
 
 def choose_guidance(teacher: WanModel, recipe: Recipe, log: Log = print) -> dict:
     """The teacher's CFG scale: ``recipe.guidance_scale``, or the candidate whose 40-step samples score best
     (score, then colour match) on validation prompts (seeds disjoint from the evaluation's); returns the choice and
     the validation summaries."""
+    interval = {} if recipe.guidance_interval is None else {"interval": list(recipe.guidance_interval)}
     if recipe.guidance_scale is not None:
-        return dict(scale=recipe.guidance_scale, chosen_by="recipe")
+        return dict(scale=recipe.guidance_scale, chosen_by="recipe", **interval)
     prompts = evaluate.heldout_prompts(recipe.validation_prompts, seed=VALIDATION_PROMPT_SEED)
     results = {}
     for scale in recipe.guidance_candidates:
-        results[scale] = evaluate_model(teacher, prompts, (VALIDATION_NOISE_SEED,), **teacher_sampler(scale))
+        results[scale] = evaluate_model(teacher, prompts, (VALIDATION_NOISE_SEED,),
+                                        **teacher_sampler(scale, recipe.guidance_interval))
         log(f"teacher, guidance {scale:g}: {format_summary(results[scale])}")
     best = max(results, key=lambda g: (results[g]["score"], results[g]["colour_match"]))
     log(f"teacher guidance scale {best:g} (best of {', '.join(f'{g:g}' for g in results)} on "
         f"{len(prompts)} validation prompts)")
     return dict(scale=best, chosen_by=f"validation, {len(prompts)} prompts",
-                validation={f"{g:g}": r for g, r in results.items()})
+                validation={f"{g:g}": r for g, r in results.items()}, **interval)
 
 
 @torch.no_grad()
@@ -480,19 +501,21 @@ def write_artifacts(out: Path, model: WanModel, teacher: WanModel, record: dict,
     save_weights(model, out / WEIGHTS_FILE, stage=record["shipped"].removesuffix("_start"))
     (out / CONFIG_FILE).write_text(json.dumps({**cfg.to_dict(), "training": _summary(record)}, indent=2) + "\n")
     (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
-    save_rollouts(out, model, teacher, record["guidance"]["scale"])
+    save_rollouts(out, model, teacher, *guidance_of(record))
     plot_curves(out / "curves.png", record)
     (out / "MODEL_CARD.md").write_text(model_card(record, model))
     log(f"wrote {out}")
 
 
-def save_rollouts(out: Path, model: WanModel, teacher: WanModel, guidance: float, teacher_label: str = "teacher"
-                  ) -> None:
+def save_rollouts(out: Path, model: WanModel, teacher: WanModel, guidance: float,
+                  interval: tuple[float, float] | None = None, teacher_label: str = "teacher") -> None:
     """``out``/rollout.png (the showcase prompts: ground truth, the 4-step ``model``, the 40-step ``teacher`` at CFG
-    ``guidance``) and rollout.gif (the second prompt's ground truth beside the model's rollout)."""
+    ``guidance``, in ``interval`` of σ if given) and rollout.gif (the second prompt's ground truth beside the
+    model's rollout)."""
+    label = f"{teacher_label}, {len(MANY_STEPS)} Euler steps, CFG {cfg_label(guidance, interval)}"
     truth, videos = save_showcase(out / "rollout.png", [
         ("bundled model, 4 steps (Self-Forcing loop)", model, {}),
-        (f"{teacher_label}, {len(MANY_STEPS)} Euler steps, CFG {guidance:g}", teacher, teacher_sampler(guidance)),
+        (label, teacher, teacher_sampler(guidance, interval)),
     ])
     save_gif(torch.cat([truth[1], videos[0][1]], dim=-1), out / "rollout.gif")
 
@@ -554,6 +577,14 @@ def wide_label(record: dict, stage: str, run: int) -> str:
     factor = math.prod(w["factor"] for w in record.get("widened", [])
                        if stage in w["runs_before"] and run >= w["runs_before"][stage])
     return f", {factor}× wide" if factor > 1 else ""
+
+
+def stage_cfg(run: dict) -> str:
+    """The teacher guidance a stage's run used, as the card writes it ("?" if its record has none)."""
+    if "guidance_scale" not in run:
+        return "?"
+    interval = run.get("guidance_interval")
+    return cfg_label(run["guidance_scale"], None if interval is None else tuple(interval))
 
 
 def grown_text(grown: dict | None) -> str:
@@ -638,11 +669,11 @@ def model_card(record: dict, model: WanModel) -> str:
             extra = f"lr {cfgs['lr']} (cosine), cond. dropout {cfgs['cond_dropout']}, EMA {cfgs['ema_decay']}"
         elif name == "ode_init":
             kept = f" ({s['pool_kept']} kept: prompt matched)" if cfgs.get("keep_prompted") else ""
-            extra = (f"{cfgs['pairs']} ODE pairs{kept}, teacher CFG {s.get('guidance_scale', '?')} "
+            extra = (f"{cfgs['pairs']} ODE pairs{kept}, teacher CFG {stage_cfg(s)} "
                      f"({s.get('pool_seconds', 0):.0f} s to solve), lr {cfgs['lr']}")
         else:
             extra = (f"critic ratio {cfgs['critic_ratio']}, lr {cfgs['lr']} / {cfgs['critic_lr']}, "
-                     f"teacher CFG {s.get('guidance_scale', '?')}, EMA {cfgs['ema_decay']}")
+                     f"teacher CFG {stage_cfg(s)}, EMA {cfgs['ema_decay']}")
         loss = (f"{s['heldout_loss_init']:.4f} → {s['heldout_loss_end']:.4f}" if "heldout_loss_end" in s
                 else f"critic {s['curve'][-1][1]:.4f}" if s.get("curve") else "")
         steps = s.get("steps_run", cfgs["steps"])
@@ -655,7 +686,7 @@ def model_card(record: dict, model: WanModel) -> str:
             if name == "self_forcing":
                 loss = f"critic {more['curve'][-1][1]:.4f}" if more.get("curve") else ""
                 how = (f"critic ratio {c['critic_ratio']}, lr {c['lr']} / {c['critic_lr']}, teacher CFG "
-                       f"{more.get('guidance_scale', '?')}{trained_by}, "
+                       f"{stage_cfg(more)}{trained_by}, "
                        + ("resumed: the run above's critic, optimisers, EMA and random streams" if more.get("resumed")
                           else f"seed {more.get('seed', '?')}, a fresh critic"))
             else:
@@ -663,7 +694,7 @@ def model_card(record: dict, model: WanModel) -> str:
                 mode = "compiled" if more.get("compile_seconds") else "eager"  # the teacher's continuations
                 fresh = "new" if more.get("seed") != s.get("seed", record["seed"]) else "the same"
                 how = (f"{c['pairs']} {fresh} ODE pairs (seed {more.get('seed', '?')}), teacher CFG "
-                       f"{more.get('guidance_scale', '?')} ({more.get('pool_seconds', 0):.0f} s to solve), "
+                       f"{stage_cfg(more)} ({more.get('pool_seconds', 0):.0f} s to solve), "
                        f"lr {c['lr']}{trained_by}" if name == "ode_init"
                        else f"lr {c['lr']} (cosine), shift-{TEACHER_SHIFT:g} σ, {mode}"
                        + (f", clips of {c['min_sprites']}+ sprites only" if c.get("min_sprites", 1) > 1 else "")
@@ -691,6 +722,7 @@ def model_card(record: dict, model: WanModel) -> str:
                     for key, c in by_key.items()) + ".\n"
         for label, by_key in record.get("paired", {}).items())
     guidance = record.get("guidance", {})
+    guidance_text = cfg_label(*guidance_of(record)) if guidance else "?"
     validation = "\n".join(f"| {g} | {format_summary(r, markdown=True)} |"
                            for g, r in guidance.get("validation", {}).items())
     if validation:
@@ -764,7 +796,7 @@ torch {record['torch']}.
 {chr(10).join(rows)}
 
 The teacher's classifier-free guidance (null prompt = all-zero context), used for its ODE pairs, as DMD's real
-score and for its own samples: **{guidance.get('scale', '?')}** ({guidance.get('chosen_by', '?')}; its 40-step
+score and for its own samples: **{guidance_text}** ({guidance.get('chosen_by', '?')}; its 40-step
 samples on validation prompts, seeds disjoint from the evaluation's):{validation}
 
 The student starts from **base** (the shipped architecture, {base_size}, pretrained by the same

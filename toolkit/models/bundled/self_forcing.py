@@ -50,7 +50,7 @@ from toolkit.models.bundled.teacher import (
     teacher_forced_flow,
     warped_timesteps,
 )
-from toolkit.models.sampling import self_forcing_rollout, shift_sigma
+from toolkit.models.sampling import guidance_at, self_forcing_rollout, shift_sigma
 from toolkit.models.seam import Backend, use_backend
 from toolkit.models.wan import WanModel
 
@@ -97,10 +97,12 @@ def _dmd_sigma(batch: int, frames: int, settings: SelfForcingSettings, g: torch.
 def dmd_gradient(
     x: torch.Tensor, context: torch.Tensor, real: WanModel, fake: WanModel, setup: ClipSetup,
     settings: SelfForcingSettings, generator: torch.Generator, guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """DMD's gradient direction for videos ``x`` [b c F H W] (detached; see the module docstring, items 2–4);
     ``setup``: the score models' (real and fake share an architecture); ``guidance_scale``: the classifier-free
-    guidance g of the real score."""
+    guidance g of the real score, applied where σ (one per clip) lies in ``guidance_interval`` (everywhere if
+    None)."""
     b = x.shape[0]
     sigma = _dmd_sigma(b, setup.frames, settings, generator).to(x.device)  # b F
     s = sigma.view(b, 1, setup.frames, 1, 1)
@@ -111,7 +113,8 @@ def dmd_gradient(
         flow_c = teacher_forced_flow(real, x, x_t, context, sigma, setup.mask).float()
         if guidance_scale != 1.0:
             flow_u = teacher_forced_flow(real, x, x_t, torch.zeros_like(context), sigma, setup.mask).float()
-            flow_c = flow_u + guidance_scale * (flow_c - flow_u)
+            g = guidance_at(sigma, guidance_scale, guidance_interval).view(b, 1, setup.frames, 1, 1)
+            flow_c = flow_u + g * (flow_c - flow_u)
         x0_real = x_t - s * flow_c
         x0_fake = x_t - s * teacher_forced_flow(fake, x, x_t, context, sigma, setup.mask).float()
         norm = (x - x0_real).abs().flatten(1).mean(1).clamp_min(1e-6).view(b, 1, 1, 1, 1)
@@ -120,11 +123,12 @@ def dmd_gradient(
 
 def train_self_forcing(
     student: WanModel, teacher: WanModel, settings: SelfForcingSettings, *, seed: int = 0,
-    guidance_scale: float = 1.0, log: Log = print, every: int = 5, student_backend: Backend | None = None,
-    state: dict | None = None,
+    guidance_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None, log: Log = print,
+    every: int = 5, student_backend: Backend | None = None, state: dict | None = None,
 ) -> dict:
     """Stage (c): train ``student`` in place (ending with its EMA weights); ``teacher`` is the real score (with
-    classifier-free guidance ``guidance_scale``) and the critic's initialisation. ``student_backend``: what the
+    classifier-free guidance ``guidance_scale``, in ``guidance_interval`` of σ if given) and the critic's
+    initialisation. ``student_backend``: what the
     student's seams compute (default: dense; finetuning passes another attention, ``finetune.py``). ``state``: a
     dict that holds this run's end state on return (module docstring); if it already holds one, the run resumes
     from it (``seed`` is then unused: the random streams continue)."""
@@ -175,7 +179,8 @@ def train_self_forcing(
             context, noise = batch()
             with autocast(device):
                 x = student_rollout(student, context, noise, setup, g_dev, exit_step()).float()
-                grad = dmd_gradient(x, context, teacher, critic, scores, settings, g, guidance_scale)
+                grad = dmd_gradient(x, context, teacher, critic, scores, settings, g, guidance_scale,
+                                    guidance_interval)
             loss_g = 0.5 * (x - (x - grad).detach()).pow(2).mean()
             optimizer_step(opt_g, loss_g, student, settings.grad_clip)
             ema.update(settings.ema_decay)
@@ -199,7 +204,8 @@ def train_self_forcing(
     student.eval()
     log(f"self-forcing: {total} generator updates in {seconds:.0f} s")
     return dict(stage="self_forcing", settings=asdict(settings), guidance_scale=guidance_scale, steps_run=total,
-                seconds=round(seconds, 1), curve=curve, resumed=resumed)
+                seconds=round(seconds, 1), curve=curve, resumed=resumed,
+                **({"guidance_interval": list(guidance_interval)} if guidance_interval else {}))
 
 
 def _cpu(tree: Any) -> Any:
