@@ -73,7 +73,7 @@ def widened(model: WanModel, factor: int = 2, *, seed: int = 0) -> WanModel:
         return torch.cat([torch.cat([p] * factor, dim) for p in parts], dim)
 
     def split(w: torch.Tensor) -> torch.Tensor:  # (out, in) -> (out, factor · in): W ⊙ R_c per input copy
-        return torch.cat([(w.double() * r).to(w.dtype) for r in shares(w.shape)], 1)
+        return torch.cat([(w.double() * r.to(w.device)).to(w.dtype) for r in shares(w.shape)], 1)
 
     state = {}
     for name, module in model.named_modules():
