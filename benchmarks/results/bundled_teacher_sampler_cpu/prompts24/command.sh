@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# CPU (2 cores, AMD EPYC, 2026-12-05): the kept teacher on the first 24 held-out prompts, same noise (batch 8,
+# seed 0): CFG 2, CFG 4 for σ <= 0.8, CFG 4; run from the repository root, then the JSONs and logs copied here and
+# the strips as half-size jpgs.
+cd /work/main
+out=runs/cfg24; mkdir -p $out
+w=data/teacher/teacher.safetensors
+run() { name=$1; shift; python3 benchmarks/bundled_failures.py --prompts 24 --batch 8 --weights $w --strip 8 --out $out --name $name "$@" > $out/$name.log 2>&1; }
+run teacher_cfg2 --teacher-cfg 2
+run teacher_cfg4_sigma_0_0.8 --teacher-cfg 4 --cfg-interval 0 0.8
+run teacher_cfg4 --teacher-cfg 4
