@@ -2,7 +2,6 @@
 # CPU (2 cores, AMD EPYC, 2026-12-05): the kept teacher on the first 24 held-out prompts, same noise (batch 8,
 # seed 0): CFG 2, CFG 4 for σ <= 0.8, CFG 4; run from the repository root, then the JSONs and logs copied here and
 # the strips as half-size jpgs.
-cd /work/main
 out=runs/cfg24; mkdir -p $out
 w=data/teacher/teacher.safetensors
 run() { name=$1; shift; python3 benchmarks/bundled_failures.py --prompts 24 --batch 8 --weights $w --strip 8 --out $out --name $name "$@" > $out/$name.log 2>&1; }
