@@ -8,3 +8,6 @@ run() { name=$1; shift; python3 benchmarks/bundled_failures.py --prompts 24 --ba
 run teacher_cfg2 --teacher-cfg 2
 run teacher_cfg4_sigma_0_0.8 --teacher-cfg 4 --cfg-interval 0 0.8
 run teacher_cfg4 --teacher-cfg 4
+# then, the same way:
+run teacher_cfg4_sigma_0_0.9 --teacher-cfg 4 --cfg-interval 0 0.9
+run teacher_cfg6_sigma_0_0.8 --teacher-cfg 6 --cfg-interval 0 0.8
