@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Run 17 (docs/bundled-model.md), one device call: how far apart the shipped student and the kept teacher are when
-# each is scored on 256 clips (4 noise seeds x the 64 held-out prompts, float32, batches of 16), and the teacher at
-# CFG 3 instead of 2 (128 clips; 100 Euler steps instead of 40 changed nothing on the CPU, docs/bundled-model.md).
-# All three run side by side on the one GPU; their JSONs, logs and strips come back in $OUT/run17.tgz.
+# Run 17 (docs/bundled-model.md), one device call: the shipped student on 256 clips (4 noise seeds x the 64 held-out
+# prompts) and the kept teacher on 128 (2 seeds) at CFG 2, at CFG 4 on every step and at CFG 4 for σ <= 0.8 only
+# (the guidance interval measured on 24 CPU clips), float32, batches of 32, all side by side on the one GPU; JSONs
+# (written after every seed), logs and strips come back in $OUT/run17.tgz.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_INTERPRET=0
 ln -sfn ../kernels toolkit/kernels; ln -sfn ../paper_figures toolkit/paper_figures
@@ -10,13 +10,14 @@ mkdir -p runs/eval
 nvidia-smi --query-gpu=name,driver_version --format=csv > runs/eval/gpu.txt 2>&1
 score() {  # name, then bundled_failures.py options
   name=$1; shift
-  timeout 420 python3 benchmarks/bundled_failures.py --prompts 64 --batch 16 --device cuda --name "$name" \
+  timeout 480 python3 benchmarks/bundled_failures.py --prompts 64 --batch 32 --device cuda --name "$name" \
     --out runs/eval "$@" > "runs/eval/$name.log" 2>&1
 }
-teacher=(--weights data/teacher/teacher.safetensors)
+kept=(--weights data/teacher/teacher.safetensors --seeds 2 --strip 4)
 score student_4seeds --seeds 4 --strip 4 &
-score teacher_cfg2_40steps_4seeds "${teacher[@]}" --teacher-cfg 2 --seeds 4 &
-score teacher_cfg3_40steps "${teacher[@]}" --teacher-cfg 3 --seeds 2 --strip 4 &
+score teacher_cfg2 "${kept[@]}" --teacher-cfg 2 &
+score teacher_cfg4 "${kept[@]}" --teacher-cfg 4 &
+score teacher_cfg4_sigma_0_0.8 "${kept[@]}" --teacher-cfg 4 --cfg-interval 0 0.8 &
 wait
 python3 - <<'PY'
 import glob, os
