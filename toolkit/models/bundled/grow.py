@@ -118,10 +118,9 @@ def deepened(model: WanModel, factor: int = 2) -> WanModel:
             state[name] = p
             continue
         _, layer, rest = name.split(".", 2)
-        for copy in range(factor):
-            writer = rest.rsplit(".", 1)[0] in RESIDUAL_WRITERS
-            new = torch.zeros_like(p) if copy and writer else p
-            state[f"blocks.{factor * int(layer) + copy}.{rest}"] = new.clone()
+        writer = rest.rsplit(".", 1)[0] in RESIDUAL_WRITERS
+        for copy in range(factor):  # load_state_dict copies each tensor into its own parameter
+            state[f"blocks.{factor * int(layer) + copy}.{rest}"] = torch.zeros_like(p) if copy and writer else p
     p0 = next(model.parameters())
     deep = WanModel(deep_cfg).to(device=p0.device, dtype=p0.dtype)
     deep.load_state_dict(state, strict=True)
