@@ -56,6 +56,8 @@ def main() -> None:
     p.add_argument("--strip", type=int, default=0, metavar="N",
                    help="draw the first N rollouts of 3+ sprites under their ground truth (default 0: none)")
     args = p.parse_args()
+    if args.seeds < 1 or args.prompts < 1:
+        p.error("--seeds and --prompts must be >= 1")
     sampler = {} if args.teacher_cfg is None else teacher_sampler(args.teacher_cfg)
     if args.teacher_steps is not None:
         if not sampler or not 1 <= args.teacher_steps <= 1000:
