@@ -4,8 +4,7 @@
 # (16 x 320, runs/d), both trained on side by side on the one GPU over two calls, then scored with the kept teacher
 # and the shipped student. Three calls back to back on one warm machine (runs/ stays there between them):
 #   CALL=1  grow both, train S seconds each (same data seed)       ~9 min
-#   CALL=2  train both S seconds more (a new data seed), and meanwhile score the kept teacher at CFG 4 on every step
-#           and at CFG 4 for σ <= 0.8 only (the guidance interval; 128 clips each, the clips CALL=3 scores)  ~9 min
+#   CALL=2  train both S seconds more (a new data seed)                                  ~9 min
 #   CALL=3  score kept / wide / deep teachers (CFG 2, 128 clips: 2 noise seeds x 64 held-out prompts, batches of
 #           32) and the shipped student (256 clips), strips; the grown teachers come back in int8, split   ~6 min
 # Batch 16 (BATCH): two grown teachers at batch 32 would need about 50 GB each (estimated from the tensors a CPU
@@ -37,8 +36,6 @@ case $CALL in
      wait ;;
   2) train w TEACHER_MORE_SEED=19 &
      train d TEACHER_MORE_SEED=19 &
-     score teacher_kept_cfg4 "${kept[@]}" --teacher-cfg 4 &
-     score teacher_kept_cfg4_sigma_0_0.8 "${kept[@]}" --teacher-cfg 4 --cfg-interval 0 0.8 &
      wait ;;
   3) score teacher_kept "${kept[@]}" --teacher-cfg 2 &
      score teacher_wide --weights runs/w/stages/teacher.safetensors --teacher-cfg 2 --seeds 2 --strip 4 &
