@@ -52,6 +52,9 @@ def main() -> None:
                    help="with --teacher-cfg: N uniform Euler steps instead of 40")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="with --teacher-cfg: guide only the steps with σ in [LO, HI], the conditional flow elsewhere")
+    p.add_argument("--teacher-eta", type=float, default=None, metavar="E",
+                   help="with --teacher-cfg: sample stochastically (DDIM's step with eta E in [0, 1]; 1: the DDPM "
+                        "posterior) instead of the Euler ODE")
     p.add_argument("--seeds", type=int, default=1, metavar="K", help="noise seeds per prompt (default 1)")
     p.add_argument("--strip", type=int, default=0, metavar="N",
                    help="draw the first N rollouts of 3+ sprites under their ground truth (default 0: none)")
@@ -69,6 +72,10 @@ def main() -> None:
         if not sampler or not 0 <= lo <= hi:
             p.error("--cfg-interval needs --teacher-cfg and 0 <= LO <= HI")
         sampler["guidance_interval"] = (lo, hi)
+    if args.teacher_eta is not None:
+        if not sampler or not 0 <= args.teacher_eta <= 1:
+            p.error("--teacher-eta needs --teacher-cfg and 0 <= E <= 1")
+        sampler.update(solver="ancestral", eta=args.teacher_eta)
 
     if args.weights is None:
         model, info = bundled.load_bundled(args.device, torch.float32)

@@ -37,7 +37,7 @@ def test_bundled_failures_counts_every_clip_once_and_draws_the_crowded_ones(tmp_
     script = Path(__file__).parents[1] / "benchmarks" / "bundled_failures.py"
     monkeypatch.syspath_prepend(str(script.parent))
     argv = ["--prompts", "6", "--batch", "4", "--weights", str(weights), "--teacher-cfg", "2", "--teacher-steps", "7",
-            "--cfg-interval", "0.3", "0.9", "--seeds", "2", "--strip", "1", "--out", str(tmp_path), "--name", "x"]
+            "--cfg-interval", "0.3", "0.9", "--teacher-eta", "0.5", "--seeds", "2", "--strip", "1", "--out", str(tmp_path), "--name", "x"]
     monkeypatch.setattr(sys, "argv", [str(script), *argv])
     runpy.run_path(str(script), run_name="__main__")
     result = json.loads((tmp_path / "bundled_failures_cpu_x.json").read_text())
@@ -46,6 +46,7 @@ def test_bundled_failures_counts_every_clip_once_and_draws_the_crowded_ones(tmp_
     assert {int(n): r["clips"] for n, r in rows.items()} == {n: 2 * wanted.count(n) for n in set(wanted)}
     assert result["seeds"] == evaluate.heldout_seeds(2) and len(result["sampler"]["denoising_steps"]) == 7
     assert result["sampler"]["guidance_interval"] == [0.3, 0.9]
+    assert result["sampler"]["solver"] == "ancestral" and result["sampler"]["eta"] == 0.5
     outcomes = result["colour_match_outcomes"]
     assert len(outcomes) == 12 and outcomes.count("1") == sum(r["colour_match"] for r in rows.values())
     for r in rows.values():
@@ -72,6 +73,14 @@ def test_bundled_failures_counts_every_clip_once_and_draws_the_crowded_ones(tmp_
     assert cut["seeds"] == evaluate.heldout_seeds(1) and cut["seeds_asked"] == 2
     assert cut["colour_match_outcomes"] == outcomes[:6]  # the same clips as the full run's first seed
     assert sum(r["clips"] for r in cut["by_sprite_count"].values()) == 6
+
+    # bad options: one line and a non-zero exit before anything is generated or written
+    for bad in (["--seeds", "0"], ["--teacher-eta", "1.5", "--teacher-cfg", "2"], ["--teacher-eta", "1"]):
+        monkeypatch.setattr(sys, "argv", [str(script), "--weights", str(weights), "--out", str(tmp_path / "bad"), *bad])
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_path(str(script), run_name="__main__")
+        assert exit_.value.code == 2
+    assert not (tmp_path / "bad").exists()
 
 
 def test_compare_failures_pairs_clips_by_prompt_and_seed(monkeypatch):

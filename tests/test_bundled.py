@@ -425,6 +425,51 @@ def test_guided_rollout_combines_conditional_and_null_prompt_flows_with_their_ow
         self_forcing_rollout(model, noise, context, timesteps=t, guidance_scale=2.0)
 
 
+@torch.no_grad()
+def test_ancestral_solver_is_ddim_with_eta_and_eta_zero_is_the_euler_ode():
+    """``solver="ancestral"``: per step DDIM's update with stochasticity η, checked against a hand loop written in
+    DDIM's own variance-preserving coordinates (x̄ = x / √(α² + σ²), ᾱ = α² / (α² + σ²), the paper's σ_η), with the
+    same fresh noise; η = 0 is the Euler step of the flow ODE (float64)."""
+    model = _tiny_model(clip=(6, 12, 20))
+    context = bundled.encode_prompt(["2 sprites: red circle, blue square", "white ring"]).double()
+    noise = torch.randn(2, 3, 6, 12, 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    t = warped_timesteps((1000, 750, 500, 250))
+
+    def by_hand(eta: float, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        cache = KVCache(model.cfg, 2, 6 * 15, "cpu", torch.float64)
+        chunks = []
+        for c in range(2):
+            x = noise[:, :, 3 * c : 3 * c + 3]
+            for i in range(len(t)):
+                sig = t[i] / 1000
+                v = model(x, torch.full((2, 3), t[i]), context, kv_cache=cache, start_frame=3 * c)
+                x0 = x - sig * v
+                if i + 1 < len(t):
+                    nxt = t[i + 1] / 1000
+                    bar_t, bar_s = ((1 - u) ** 2 / ((1 - u) ** 2 + u**2) for u in (sig, nxt))
+                    norm_t, norm_s = (((1 - u) ** 2 + u**2) ** 0.5 for u in (sig, nxt))
+                    eps = (x / norm_t - bar_t**0.5 * x0) / (1 - bar_t) ** 0.5
+                    s_eta = eta * ((1 - bar_s) / (1 - bar_t) * (1 - bar_t / bar_s)) ** 0.5
+                    z = torch.randn(x.shape, generator=g, dtype=torch.float64)
+                    x = norm_s * (bar_s**0.5 * x0 + (1 - bar_s - s_eta**2) ** 0.5 * eps + s_eta * z)
+            model(x0, torch.zeros(2, 3), context, kv_cache=cache, start_frame=3 * c, is_clean=True)
+            chunks.append(x0)
+        return torch.cat(chunks, 2)
+
+    for eta in (1.0, 0.6):
+        out = self_forcing_rollout(model, noise, context, timesteps=t, solver="ancestral", eta=eta,
+                                   generator=torch.Generator().manual_seed(9))
+        torch.testing.assert_close(out, by_hand(eta, 9), rtol=1e-9, atol=1e-9)
+    euler = self_forcing_rollout(model, noise, context, timesteps=t, solver="euler")
+    ddim = self_forcing_rollout(model, noise, context, timesteps=t, solver="ancestral", eta=0.0,
+                                generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(ddim, euler, rtol=1e-10, atol=1e-10)
+    assert (out - euler).abs().amax() > 1e-2  # the fresh noise changed the sample
+    with pytest.raises(ValueError, match="eta"):
+        self_forcing_rollout(model, noise, context, timesteps=t, solver="ancestral", eta=1.5)
+
+
 def test_exit_step_rollout_is_the_sampler_truncated_with_gradient_through_one_forward_per_chunk():
     model = _tiny_model(clip=(6, 12, 20), dtype=torch.float32)
     context = bundled.encode_prompt("2 sprites: red circle, blue square")

@@ -72,6 +72,20 @@ def guidance_at(sigma: float | torch.Tensor, scale: float, interval: tuple[float
     return scale if interval is None or interval[0] <= sigma <= interval[1] else 1.0
 
 
+def _ancestral_step(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float, eta: float,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """x_σ -> x_σ' (σ' < σ) given the predicted x0: DDIM's step with stochasticity ``eta`` (``self_forcing_rollout``).
+
+    For x_σ = α_σ·x0 + σ·ε with α_σ = 1 − σ, the forward transition σ' -> σ has α_{σ|σ'} = α_σ / α_σ' and variance
+    σ² − α_{σ|σ'}²·σ'², and the posterior q(x_σ' | x_σ, x0) has variance τ² = (σ² − α_{σ|σ'}²·σ'²)·σ'² / σ²."""
+    alpha, alpha_next = 1 - sigma, 1 - sigma_next
+    tau2 = (sigma**2 - (alpha / alpha_next) ** 2 * sigma_next**2) * sigma_next**2 / sigma**2
+    c = eta * math.sqrt(max(tau2, 0.0))
+    eps = (x.double() - alpha * x0.double()) / sigma  # the ε the prediction implies
+    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+    return (alpha_next * x0.double() + math.sqrt(sigma_next**2 - c * c) * eps + c * z).to(x.dtype)
+
+
 def self_forcing_rollout(
     model: WanModel,
     noise: torch.Tensor,
@@ -88,6 +102,7 @@ def self_forcing_rollout(
     guidance_scale: float = 1.0,
     negative_context: torch.Tensor | None = None,
     guidance_interval: tuple[float, float] | None = None,
+    eta: float = 1.0,
     progress: bool = False,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
     on_chunk: Callable[[int, torch.Tensor], None] | None = None,
@@ -97,7 +112,11 @@ def self_forcing_rollout(
 
     ``solver``: ``"renoise"`` is Self-Forcing's loop (x0 re-noised to the next timestep with fresh noise from
     ``generator``); ``"euler"`` integrates the flow ODE deterministically (x += (σ' − σ)·v), the many-step sampler
-    of a flow-matching teacher. Both end each chunk with the x0 predicted at the last timestep.
+    of a flow-matching teacher; ``"ancestral"`` is DDIM's step with stochasticity ``eta`` on the path
+    x_σ = (1 − σ)·x0 + σ·ε: the predicted x0 and ε are recombined at σ' with a part of ε replaced by fresh noise of
+    standard deviation c = eta·τ, where τ² is the variance of the true posterior q(x_σ' | x_σ, x0)
+    (eta = 1: the DDPM posterior step, eta = 0: exactly the Euler step). All end each chunk with the x0 predicted at
+    the last timestep.
 
     ``noise_layout``: how the re-noising noise is drawn. ``"toolkit"``: shaped like the chunk, ``[b c f h w]``, from
     ``generator``; ``"official"``: as the released Self-Forcing pipeline, ``[(b f) c h w]`` in the chunk's dtype from
@@ -127,8 +146,10 @@ def self_forcing_rollout(
     ``final_clean_pass=False`` skips the clean pass after the last chunk: it only refreshes a cache no later chunk
     reads, so the video is the same with one forward fewer (generation). The released loop runs it, and a capture
     records it, so it is on by default."""
-    if solver not in ("renoise", "euler"):
-        raise ValueError(f"unknown solver {solver!r}: renoise or euler")
+    if solver not in ("renoise", "euler", "ancestral"):
+        raise ValueError(f"unknown solver {solver!r}: renoise, euler or ancestral")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1], not {eta}")
     timesteps = self_forcing_timesteps() if timesteps is None else torch.as_tensor(timesteps, dtype=torch.float64)
     b, _, frames, _, _ = noise.shape
     pt = model.cfg.patch_size[0]
@@ -178,6 +199,8 @@ def self_forcing_rollout(
                     sigma, sigma_next = float(timesteps[s]) / 1000, float(timesteps[s + 1]) / 1000
                     if solver == "euler":
                         x = (x.double() + (sigma_next - sigma) * flow.double()).to(x.dtype)
+                    elif solver == "ancestral":
+                        x = _ancestral_step(x, x0, sigma, sigma_next, eta, generator)
                     else:
                         if noise_layout == "official":
                             eps = official_noise(x0.shape, x0.dtype, x0.device, merge_batch_and_frames=True)

@@ -175,6 +175,7 @@ def generate(
     solver: str = "renoise",
     guidance_scale: float = 1.0,
     guidance_interval: tuple[float, float] | None = None,
+    eta: float = 1.0,
     progress: bool = False,
 ) -> torch.Tensor:
     """Self-Forcing rollout of the bundled model: prompts -> video [b, 3, frames, height, width] in [0, 1].
@@ -182,7 +183,8 @@ def generate(
     ``denoising_steps`` go through the shift-5 warp as in Self-Forcing (default: its 4 steps). The teacher of the
     training recipe is sampled with ``MANY_STEPS``, ``solver="euler"`` (its flow ODE, chunk by chunk) and
     classifier-free guidance against the null prompt (all-zero context) when ``guidance_scale`` ≠ 1 (only at the
-    steps whose σ lies in ``guidance_interval``, if given: ``self_forcing_rollout``). Noise and
+    steps whose σ lies in ``guidance_interval``, if given: ``self_forcing_rollout``); ``solver="ancestral"`` samples
+    it stochastically instead, with DDIM's ``eta``. Noise and
     re-noising noise come from one generator seeded with ``seed`` on the model's device."""
     device = next(model.parameters()).device
     context = encode_prompt(prompts).to(device)
@@ -195,7 +197,7 @@ def generate(
     x = self_forcing_rollout(
         model, noise, context, frames_per_chunk=chunk, timesteps=timesteps, generator=g, solver=solver,
         guidance_scale=guidance_scale, negative_context=torch.zeros_like(context),
-        guidance_interval=guidance_interval, progress=progress,
+        guidance_interval=guidance_interval, eta=eta, progress=progress,
         final_clean_pass=False,  # nothing reads the cache after the last chunk
     )
     return to_pixels(x)
