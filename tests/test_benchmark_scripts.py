@@ -37,7 +37,8 @@ def test_bundled_failures_counts_every_clip_once_and_draws_the_crowded_ones(tmp_
     script = Path(__file__).parents[1] / "benchmarks" / "bundled_failures.py"
     monkeypatch.syspath_prepend(str(script.parent))
     argv = ["--prompts", "6", "--batch", "4", "--weights", str(weights), "--teacher-cfg", "2", "--teacher-steps", "7",
-            "--cfg-interval", "0.3", "0.9", "--teacher-eta", "0.5", "--seeds", "2", "--strip", "1", "--out", str(tmp_path), "--name", "x"]
+            "--cfg-interval", "0.3", "0.9", "--teacher-eta", "0.5", "--seeds", "2", "--strip", "1",
+            "--out", str(tmp_path), "--name", "x"]
     monkeypatch.setattr(sys, "argv", [str(script), *argv])
     runpy.run_path(str(script), run_name="__main__")
     result = json.loads((tmp_path / "bundled_failures_cpu_x.json").read_text())
