@@ -140,7 +140,10 @@ def save_crowded(crowded: list, cfg, path: Path, weights: str, sampler: dict) ->
         labels += [f"ground truth: {prompt}",
                    f"rollout: colours found {sorted(m.colours)}, count {m.count}, "
                    f"{'match' if m.colour_match else 'no match'}"]
-    how = f"{len(sampler['denoising_steps'])} Euler steps, CFG {sampler['guidance_scale']:g}" if sampler else "4 steps"
+    how = "4 steps"
+    if sampler:
+        solver = "Euler" if sampler["solver"] == "euler" else f"ancestral (η = {sampler['eta']:g})"
+        how = f"{len(sampler['denoising_steps'])} {solver} steps, CFG {sampler['guidance_scale']:g}"
     if sampler.get("guidance_interval"):
         how += " for σ in [{:g}, {:g}]".format(*sampler["guidance_interval"])
     save_strip(rows, path, labels, frames_per_chunk=frames_per_chunk(cfg),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Planned, not yet run (docs/bundled-model.md): one stage (c) of about 400 updates with one critic, over two device
-# calls back to back on one warm machine: CALL=1 starts from the shipped student (PART=kept_student), CALL=2 resumes
+# Ran as run 19 (docs/bundled-model.md; run19_command.sh calls it with SF_SECONDS=380): one stage (c) of about 400
+# updates with one critic, over two device calls back to back on one warm machine: CALL=1 starts from the shipped student (PART=kept_student), CALL=2 resumes
 # it exactly (RESUME=1, from runs/x/stages/self_forcing_state.pt, which stays on the machine). Each call is evaluated
 # against its start on the same 128 clips (2 noise seeds per held-out prompt); its files are returned under $OUT.
 set -u

@@ -11,3 +11,6 @@ run teacher_cfg4 --teacher-cfg 4
 # then, the same way:
 run teacher_cfg4_sigma_0_0.9 --teacher-cfg 4 --cfg-interval 0 0.9
 run teacher_cfg6_sigma_0_0.8 --teacher-cfg 6 --cfg-interval 0 0.8
+# 2026-12-05 (fourteenth session), the same 24 clips sampled stochastically (solver "ancestral", DDIM's eta = 1);
+# the strip re-titled afterwards (the caption then still said "Euler steps").
+run teacher_cfg2_eta1 --teacher-cfg 2 --teacher-eta 1
