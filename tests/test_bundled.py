@@ -466,6 +466,12 @@ def test_ancestral_solver_is_ddim_with_eta_and_eta_zero_is_the_euler_ode():
                                 generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(ddim, euler, rtol=1e-10, atol=1e-10)
     assert (out - euler).abs().amax() > 1e-2  # the fresh noise changed the sample
+    # ``generate`` hands the solver and eta through (pixels, so a looser bound)
+    prompts = ["2 sprites: red circle, blue square", "white ring"]
+    videos = [bundled.generate(model, prompts, seed=3, denoising_steps=(1000, 750, 500, 250), **options)
+              for options in (dict(solver="euler"), dict(solver="ancestral", eta=0.0), dict(solver="ancestral"))]
+    torch.testing.assert_close(videos[1], videos[0], rtol=0, atol=1e-6)
+    assert (videos[2] - videos[0]).abs().amax() > 1e-3
     with pytest.raises(ValueError, match="eta"):
         self_forcing_rollout(model, noise, context, timesteps=t, solver="ancestral", eta=1.5)
 

@@ -6,7 +6,9 @@
 #   CALL=1  grow both, train S seconds each (same data seed)       ~9 min
 #   CALL=2  train both S seconds more (a new data seed)                                  ~9 min
 #   CALL=3  score kept / wide / deep teachers (CFG 2, 128 clips: 2 noise seeds x 64 held-out prompts, batches of
-#           32) and the shipped student (256 clips), strips; the grown teachers come back in int8, split   ~6 min
+#           32), each with its Euler ODE and with the ancestral sampler at eta = 1 (run 19: 98 against 88 for the
+#           kept teacher), and the shipped student (256 clips), strips; the grown teachers come back in int8, split
+#           ~8 min
 # Batch 16 (BATCH): two grown teachers at batch 32 would need about 50 GB each (estimated from the tensors a CPU
 # forward keeps for backward), over an H100's 80 GB together; at 16 they fit either card.
 set -u
@@ -37,9 +39,13 @@ case $CALL in
   2) train w TEACHER_MORE_SEED=19 &
      train d TEACHER_MORE_SEED=19 &
      wait ;;
-  3) score teacher_kept "${kept[@]}" --teacher-cfg 2 &
-     score teacher_wide --weights runs/w/stages/teacher.safetensors --teacher-cfg 2 --seeds 2 --strip 4 &
-     score teacher_deep --weights runs/d/stages/teacher.safetensors --teacher-cfg 2 --seeds 2 --strip 4 &
+  3) for eta in "" 1; do  # the Euler ODE, then the ancestral sampler (eta = 1)
+       score "teacher_kept${eta:+_eta$eta}" "${kept[@]}" --teacher-cfg 2 ${eta:+--teacher-eta $eta} &
+       for d in wide deep; do
+         score "teacher_$d${eta:+_eta$eta}" --weights "runs/${d:0:1}/stages/teacher.safetensors" --teacher-cfg 2 \
+           --seeds 2 --strip 4 ${eta:+--teacher-eta $eta} &
+       done
+     done
      score student --seeds 4 --strip 4 &
      wait
      python3 - <<'PY'
