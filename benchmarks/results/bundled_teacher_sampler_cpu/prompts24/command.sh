@@ -14,3 +14,4 @@ run teacher_cfg6_sigma_0_0.8 --teacher-cfg 6 --cfg-interval 0 0.8
 # 2026-12-05 (fourteenth session), the same 24 clips sampled stochastically (solver "ancestral", DDIM's eta = 1);
 # the strip re-titled afterwards (the caption then still said "Euler steps").
 run teacher_cfg2_eta1 --teacher-cfg 2 --teacher-eta 1
+run teacher_cfg3_eta1 --teacher-cfg 3 --teacher-eta 1
