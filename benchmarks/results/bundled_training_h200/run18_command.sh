@@ -6,8 +6,8 @@
 #   CALL=1  grow both, train S seconds each (same data seed)       ~9 min
 #   CALL=2  train both S seconds more (a new data seed)                                  ~9 min
 #   CALL=3  score kept / wide / deep teachers (CFG 2, 128 clips: 2 noise seeds x 64 held-out prompts, batches of
-#           32), each with its Euler ODE and with the ancestral sampler at eta = 1 (run 19: 98 against 88 for the
-#           kept teacher), and the shipped student (256 clips), strips; the grown teachers come back in int8, split
+#           32; the kept one on 256), each with its Euler ODE and with the ancestral sampler at eta = 1 (run 19: 98
+#           against 88 for the kept teacher), and the shipped student (256 clips), strips; the grown teachers come back in int8, split
 #           ~8 min
 # Batch 16 (BATCH): two grown teachers at batch 32 would need about 50 GB each (estimated from the tensors a CPU
 # forward keeps for backward), over an H100's 80 GB together; at 16 they fit either card.
@@ -40,7 +40,8 @@ case $CALL in
      train d TEACHER_MORE_SEED=19 &
      wait ;;
   3) for eta in "" 1; do  # the Euler ODE, then the ancestral sampler (eta = 1)
-       score "teacher_kept${eta:+_eta$eta}" "${kept[@]}" --teacher-cfg 2 ${eta:+--teacher-eta $eta} &
+       # the kept teacher on 256 clips: the first 128 are run 19's, the other 128 new for the two samplers' pairing
+       score "teacher_kept${eta:+_eta$eta}" "${kept[@]}" --seeds 4 --teacher-cfg 2 ${eta:+--teacher-eta $eta} &
        for d in wide deep; do
          score "teacher_$d${eta:+_eta$eta}" --weights "runs/${d:0:1}/stages/teacher.safetensors" --teacher-cfg 2 \
            --seeds 2 --strip 4 ${eta:+--teacher-eta $eta} &
