@@ -13,7 +13,8 @@ seed (``--seeds K``: from each of the first K held-out seeds, ``evaluate.heldout
 compare runs made with the same batch. ``--weights``: a stage file of a recipe folder (its own
 config) instead of the shipped model; ``--teacher-cfg G`` samples it with the teacher's sampler instead of the
 student's 4 steps (40 Euler steps, classifier-free guidance G: ``recipe.teacher_sampler``; ``--teacher-steps N``:
-N uniform steps instead; ``--cfg-interval LO HI``: guidance only at the steps with σ in [LO, HI]).
+N uniform steps instead; ``--cfg-interval LO HI``: guidance only at the steps with σ in [LO, HI]; ``--teacher-eta
+E``: DDIM's stochastic step with eta E, ``solver="ancestral"``, instead of Euler's).
 Prints the table and writes ``bundled_failures_cpu[_NAME].json``; ``--strip N`` also draws the first N rollouts of
 three or more sprites, each under its prompt's ground truth, as ``bundled_failures[_NAME].png``.
 """
@@ -49,7 +50,7 @@ def main() -> None:
     p.add_argument("--teacher-cfg", type=float, default=None, metavar="G",
                    help="sample with the teacher's 40 Euler steps at classifier-free guidance G")
     p.add_argument("--teacher-steps", type=int, default=None, metavar="N",
-                   help="with --teacher-cfg: N uniform Euler steps instead of 40")
+                   help="with --teacher-cfg: N uniform steps instead of 40")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="with --teacher-cfg: guide only the steps with σ in [LO, HI], the conditional flow elsewhere")
     p.add_argument("--teacher-eta", type=float, default=None, metavar="E",
