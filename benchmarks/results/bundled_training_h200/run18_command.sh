@@ -43,6 +43,7 @@ case $CALL in
        # the kept teacher on 256 clips: the first 128 are run 19's, the other 128 new for the two samplers' pairing
        score "teacher_kept${eta:+_eta$eta}" "${kept[@]}" --seeds 4 --teacher-cfg 2 ${eta:+--teacher-eta $eta} &
        for d in wide deep; do
+         [ -f "runs/${d:0:1}/stages/teacher.safetensors" ] || continue  # CALL=3 alone: the kept teacher and student
          score "teacher_$d${eta:+_eta$eta}" --weights "runs/${d:0:1}/stages/teacher.safetensors" --teacher-cfg 2 \
            --seeds 2 --strip 4 ${eta:+--teacher-eta $eta} &
        done
@@ -51,11 +52,15 @@ case $CALL in
      wait
      python3 - <<'PY'
 from toolkit.models.bundled.model import load_weights, save_weights
+import os
 for d in ("w", "d"):
-    save_weights(load_weights(f"runs/{d}/stages/teacher.safetensors"), f"runs/{d}/teacher_int8.safetensors",
-                 int8=True, stage="teacher")
+    if os.path.exists(f"runs/{d}/stages/teacher.safetensors"):
+        save_weights(load_weights(f"runs/{d}/stages/teacher.safetensors"), f"runs/{d}/teacher_int8.safetensors",
+                     int8=True, stage="teacher")
 PY
-     for d in w d; do split -b 15m "runs/$d/teacher_int8.safetensors" "$OUT/teacher_$d.int8.part_"; done ;;
+     for d in w d; do
+       [ -f "runs/$d/teacher_int8.safetensors" ] && split -b 15m "runs/$d/teacher_int8.safetensors" "$OUT/teacher_$d.int8.part_"
+     done ;;
 esac
 python3 - <<'PY'
 import glob, os
