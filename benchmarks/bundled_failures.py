@@ -141,14 +141,26 @@ def save_crowded(crowded: list, cfg, path: Path, weights: str, sampler: dict) ->
         labels += [f"ground truth: {prompt}",
                    f"rollout: colours found {sorted(m.colours)}, count {m.count}, "
                    f"{'match' if m.colour_match else 'no match'}"]
-    how = "4 steps"
-    if sampler:
-        solver = "Euler" if sampler["solver"] == "euler" else f"ancestral (η = {sampler['eta']:g})"
-        how = f"{len(sampler['denoising_steps'])} {solver} steps, CFG {sampler['guidance_scale']:g}"
+    save_strip(rows, path, labels, frames_per_chunk=frames_per_chunk(cfg),
+               title=f"{short_path(weights)} ({sampler_text(sampler)}): held-out prompts of 3+ sprites")
+
+
+def sampler_text(sampler: dict | str) -> str:
+    """How a result was sampled, as strips and tables name it: "4 steps" (the student's), "40 Euler steps, CFG 2",
+    "40 ancestral (η = 1) steps, CFG 2", "... for σ in [LO, HI]"."""
+    if not isinstance(sampler, dict) or not sampler:  # results record the student's as a sentence
+        return "4 steps"
+    solver = "Euler" if sampler.get("solver", "euler") == "euler" else f"ancestral (η = {sampler['eta']:g})"
+    how = f"{len(sampler['denoising_steps'])} {solver} steps, CFG {sampler['guidance_scale']:g}"
     if sampler.get("guidance_interval"):
         how += " for σ in [{:g}, {:g}]".format(*sampler["guidance_interval"])
-    save_strip(rows, path, labels, frames_per_chunk=frames_per_chunk(cfg),
-               title=f"{Path(weights).name} ({how}): held-out prompts of 3+ sprites")
+    return how
+
+
+def short_path(weights: str) -> str:
+    """The last three parts of a weights path (data/teacher/teacher.safetensors, d/stages/teacher.safetensors):
+    enough to tell runs apart, without the machine's folders."""
+    return "/".join(Path(weights).parts[-3:])
 
 
 if __name__ == "__main__":

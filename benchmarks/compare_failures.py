@@ -6,6 +6,13 @@ seed; ``evaluate.paired``: clips gained, clips lost, the exact sign-test p-value
 
 Results written before ``bundled_failures.py`` kept per-clip outcomes give their totals only. Two models sampled
 from the same seed draw independent videos; what the pairing removes is the prompt's difficulty.
+
+``--card DIR`` also puts the table into a model folder's card: it stores the rows in ``DIR/train_log.json``
+(``clip_comparison``, replacing an earlier one) and rewrites ``DIR/MODEL_CARD.md`` from that record (run from the
+repository root, so the card names the results' folder as the repository does):
+
+    python benchmarks/compare_failures.py R/bundled_failures_cpu_teacher_kept.json \
+        R/bundled_failures_cpu_teacher_kept_eta1.json R/bundled_failures_cpu_student.json --card data/bundled
 """
 
 from __future__ import annotations
@@ -13,9 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
+from bundled_failures import sampler_text, short_path
+
+from toolkit.models import bundled
 from toolkit.models.bundled import evaluate
+from toolkit.models.bundled.recipe import git_commit, model_card
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -62,10 +74,34 @@ def compare(results: dict[str, dict]) -> dict:
     return dict(table=table, paired_with=names[0], paired=pairs)
 
 
+def card_entry(results: dict[str, dict], out: dict, source: str, commit: str) -> dict:
+    """``compare``'s totals as the card's rows (``recipe.clip_comparison_text``): per result its weights, sampler,
+    colour match with interval, four-sprite matches, count too low / too high, and the pairing with the first."""
+    rows = []
+    for name, r in results.items():
+        total, counts = out["table"]["all"][name], r["by_sprite_count"]
+        four = counts.get("4")
+        rows.append(dict(name=name, weights=short_path(r["weights"]), sampler=sampler_text(r.get("sampler", {})),
+                         match=total["match"], clips=total["clips"], interval=list(total["interval"]),
+                         four_sprites=None if four is None else [four["colour_match"], four["clips"]],
+                         count_low=sum(c.get("count_low", 0) for c in counts.values()),
+                         count_high=sum(c.get("count_high", 0) for c in counts.values()),
+                         paired=out["paired"].get(name)))
+    return dict(source=source, commit=commit, devices=sorted({r.get("device", "?") for r in results.values()}),
+                paired_with=out["paired_with"], rows=rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", type=Path, help="bundled_failures_cpu_*.json files; the first is the base")
+    p.add_argument("--card", type=Path, default=None, metavar="DIR",
+                   help="also store the table in DIR/train_log.json and rewrite DIR/MODEL_CARD.md (a model folder)")
     args = p.parse_args(argv)
+    missing = [str(path) for path in args.results if not path.is_file()]
+    if missing:
+        p.error(f"no such result: {', '.join(missing)}")
+    if args.card is not None and not all((args.card / f).is_file() for f in ("train_log.json", "model.safetensors")):
+        p.error(f"--card {args.card}: not a model folder (it needs train_log.json and model.safetensors)")
     results = {path.stem.removeprefix("bundled_failures_cpu_"): json.loads(path.read_text()) for path in args.results}
     out = compare(results)
     width = max(22, *(len(n) + 2 for n in results))
@@ -81,6 +117,15 @@ def main(argv: list[str] | None = None) -> None:
     for name, s in out["paired"].items():
         print(f"{name} against {out['paired_with']} on {s['clips']} common clips: +{s['gained']} −{s['lost']} "
               f"(sign test p = {s['p_value']:.2g})")
+    if args.card is not None:
+        log_file = args.card / "train_log.json"
+        record = json.loads(log_file.read_text())
+        source = os.path.commonpath([str(path.parent) for path in args.results])
+        record["clip_comparison"] = card_entry(results, out, source, git_commit())
+        card = model_card(record, bundled.load_bundled("cpu", path=args.card)[0])  # both files change, or neither
+        log_file.write_text(json.dumps(record, indent=1) + "\n")
+        (args.card / "MODEL_CARD.md").write_text(card)
+        print(f"wrote the table into {log_file} and {args.card / 'MODEL_CARD.md'}")
 
 
 if __name__ == "__main__":

@@ -116,3 +116,70 @@ def test_compare_failures_pairs_clips_by_prompt_and_seed(monkeypatch):
     first_seed = a["colour_match_outcomes"][:10]  # seed-major: the shared seed's clips come first
     expected = evaluate.paired(first_seed, b["colour_match_outcomes"])
     assert out["paired"]["b"] == dict(clips=10, **expected)
+
+
+def test_compare_failures_writes_its_table_into_a_model_card(tmp_path, monkeypatch):
+    """``compare_failures.py --card DIR``: the rows land in ``DIR/train_log.json`` (the rest of the record as it was)
+    and in ``DIR/MODEL_CARD.md`` with each model's totals, sampler and pairing; a folder that is not a model folder,
+    or a missing result, exits 2 with every file as it was."""
+    import json
+    import random
+    import shutil
+
+    from toolkit.models.bundled import evaluate
+
+    here = Path(__file__).parents[1]
+    monkeypatch.syspath_prepend(str(here / "benchmarks"))
+    main = runpy.run_path(str(here / "benchmarks" / "compare_failures.py"), run_name="imported_by_test")["main"]
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in ("train_log.json", "model.safetensors", "config.json"):
+        shutil.copy(here / "data" / "bundled" / f, model / f)
+    before = json.loads((model / "train_log.json").read_text())
+    prompts, rng = evaluate.heldout_prompts(64)[:12], random.Random(5)
+    euler = dict(denoising_steps=list(range(1000, 0, -25)), solver="euler", guidance_scale=3.0)
+
+    def write(name: str, sampler) -> dict:
+        seeds = evaluate.heldout_seeds(2)
+        bits = "".join(rng.choice("01") for _ in range(len(seeds) * len(prompts)))
+        rows: dict[str, dict] = {}
+        for k, bit in enumerate(bits):
+            row = rows.setdefault(str(len(prompts[k % len(prompts)].sprites)),
+                                  dict(clips=0, colour_match=0, count_low=0, count_high=0))
+            row["clips"] += 1
+            row["colour_match"] += int(bit)
+            row["count_low"] += int(bit == "0" and k % 2 == 0)
+        r = dict(weights=f"/somewhere/runs/x/{name}.safetensors", sampler=sampler, prompts=len(prompts),
+                 seed=seeds[0], seeds=seeds, device="a card", by_sprite_count=rows, colour_match_outcomes=bits)
+        (tmp_path / f"bundled_failures_cpu_{name}.json").write_text(json.dumps(r))
+        return r
+
+    a = write("teacher", euler)
+    b = write("teacher_eta", {**euler, "solver": "ancestral", "eta": 0.5})
+    c = write("student", "the student's 4 steps")
+    paths = [str(tmp_path / f"bundled_failures_cpu_{n}.json") for n in ("teacher", "teacher_eta", "student")]
+
+    for bad in (["--card", str(tmp_path)], [str(tmp_path / "nothing.json"), "--card", str(model)]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*paths, *bad])
+        assert exit_.value.code == 2
+    assert json.loads((model / "train_log.json").read_text()) == before
+    assert not (model / "MODEL_CARD.md").exists()
+
+    main([*paths, "--card", str(model)])
+    record = json.loads((model / "train_log.json").read_text())
+    entry = record.pop("clip_comparison")
+    before.pop("clip_comparison", None)  # the shipped record's own table, replaced
+    assert record == before
+    assert entry["source"] == str(tmp_path) and entry["devices"] == ["a card"] and entry["paired_with"] == "teacher"
+    card = (model / "MODEL_CARD.md").read_text()
+    for name, r, sampler in (("teacher", a, "40 Euler steps, CFG 3"), ("teacher_eta", b, "40 ancestral (η = 0.5) "
+                             "steps, CFG 3"), ("student", c, "4 steps")):
+        bits = r["colour_match_outcomes"]
+        low = sum(row["count_low"] for row in r["by_sprite_count"].values())
+        row = next(line for line in card.splitlines() if f"`runs/x/{name}.safetensors`" in line)
+        assert row.startswith(f"| {name} | `runs/x/{name}.safetensors` | {sampler} | {bits.count('1')} / {len(bits)} (")
+        assert f"| {low} / 0 |" in row
+        if name != "teacher":
+            p = evaluate.paired(a["colour_match_outcomes"], bits)
+            assert row.endswith(f"| +{p['gained']} −{p['lost']} of {len(bits)} (p = {p['p_value']:.2g}) |")

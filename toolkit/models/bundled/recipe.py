@@ -571,6 +571,34 @@ def showcase_note(record: dict) -> str:
             "little from the training machine's rollouts of the same prompts and noise.\n")
 
 
+def clip_comparison_text(record: dict) -> str:
+    """The card's table of models scored on more held-out clips than the recipe's evaluation, each against the first
+    clip by clip (``benchmarks/compare_failures.py --card`` writes ``record["clip_comparison"]``); empty without."""
+    c = record.get("clip_comparison")
+    if not c:
+        return ""
+    rows = []
+    for r in c["rows"]:
+        lo, hi = r["interval"]
+        p = r.get("paired")
+        against = "" if p is None else f"+{p['gained']} −{p['lost']} of {p['clips']} (p = {p['p_value']:.2g})"
+        four = "-" if r["four_sprites"] is None else "{} / {}".format(*r["four_sprites"])
+        rows.append(f"| {r['name']} | `{r['weights']}` | {r['sampler']} | {r['match']} / {r['clips']} "
+                    f"({lo:.0%}–{hi:.0%}) | {four} | {r['count_low']} / {r['count_high']} | {against} |")
+    return f"""
+### Colour match on more clips
+
+From `benchmarks/compare_failures.py --card` at `{c['commit']}` on the results in `{c['source']}`
+(`benchmarks/bundled_failures.py`: the first held-out prompts × noise seeds, float32, on {', '.join(c['devices'])}).
+Colour match with its 95 % Wilson interval; against the first row, on the clips both scored (same prompt, same
+initial noise): the clips gained and lost and the exact sign test's p.
+
+| model | weights | sampler | colour match | 4-sprite prompts | count too low / high | against {c['paired_with']} |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
 def wide_label(record: dict, stage: str, run: int) -> str:
     """", 2× wide" for run ``run`` of ``stage`` (0: its first run, then each continued one) if it trained student
     weights widened before it (``widen_students``); "" otherwise."""
@@ -818,7 +846,7 @@ prompted sprites seen in ≥ 90 % of frames, no teleport. Random init and the te
 | model | {header} |
 |---|{'---|' * len(SUMMARY_COLUMNS)}
 {chr(10).join(ev_rows)}
-{paired}
+{paired}{clip_comparison_text(record)}
 ![rollouts next to ground truth](rollout.png)
 {showcase_note(record)}
 ## Reproduce
