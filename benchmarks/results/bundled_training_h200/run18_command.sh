@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Run 18 (docs/bundled-model.md), planned: does more capacity let the teacher draw three and four sprites? The kept
+# Run 18 (docs/bundled-model.md; results in run18/). Ran on one warm NVIDIA H100 as CALL=1 (S=380; 573 s) and then
+# CALL=3 (521 s); CALL=2 was skipped: failed starts had left 641 s of the session's device time after call 1.
+# The question: does more capacity let the teacher draw three and four sprites? The kept
 # teacher (8 x 320) grown into two copies that compute its function, 2x as wide (8 x 640, runs/w) and 2x as deep
 # (16 x 320, runs/d), both trained on side by side on the one GPU over two calls, then scored with the kept teacher
 # and the shipped student. Three calls back to back on one warm machine (runs/ stays there between them):
