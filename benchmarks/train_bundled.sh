@@ -30,7 +30,8 @@
 # self_forcing: a second round of (b) from the stage-(c) student), SF_START (self_forcing: stage (c) trains its own
 # earlier student further, against the teacher now in DEST/stages, with a fresh critic), SF_RESUME (set, with
 # SF_START=self_forcing: continue the last stage-(c) run exactly, from DEST/stages/self_forcing_state.pt, which stays
-# on the machine only while it is warm: about 215 MB at the shipped size, over the limit of a returned file).
+# on the machine only while it is warm: about 215 MB at the shipped size, over the limit of a returned file),
+# SF_LR, SF_CRITIC_LR, SF_CRITIC_RATIO (stage (c)'s learning rates and critic updates per generator update).
 set -euo pipefail
 DEST="${DEST:-${OUT:-data}/bundled}"
 mkdir -p "$DEST"
@@ -86,7 +87,8 @@ PY
           --ode-start "${ODE_START:-base}" \
           2>&1 | tee "$DEST/train_ode_init.log" ;;
   self_forcing) "${cli[@]}" --stages self_forcing "${student[@]}" --sf-steps 100000 --sf-seconds "${SF_SECONDS:-440}" \
-          --sf-start "${SF_START:-ode_init}" ${SF_RESUME:+--sf-resume} \
+          --sf-start "${SF_START:-ode_init}" ${SF_RESUME:+--sf-resume} ${SF_LR:+--sf-lr "$SF_LR"} \
+          ${SF_CRITIC_LR:+--sf-critic-lr "$SF_CRITIC_LR"} ${SF_CRITIC_RATIO:+--sf-critic-ratio "$SF_CRITIC_RATIO"} \
           2>&1 | tee "$DEST/train_self_forcing.log" ;;
   *) echo "PART must be base, base_more, teacher, teacher_more, kept_teacher, kept_student, widen, ode_init or" \
        "self_forcing" >&2

@@ -1123,3 +1123,21 @@ def test_saved_weights_are_readable_as_any_other_file(tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_stage_c_flags_reach_its_settings():
+    """``toolkit train --sf-lr/--sf-critic-lr/--sf-critic-ratio`` set stage (c)'s settings, and only those."""
+    import argparse
+
+    from toolkit.commands.train import recipe_from, register
+    from toolkit.models.bundled.recipe import Recipe
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--out", "x", "--sf-lr", "7e-5", "--sf-critic-lr", "3e-5",
+                              "--sf-critic-ratio", "3"])
+    recipe, default = recipe_from(args), Recipe()
+    sf = recipe.self_forcing
+    assert (sf.lr, sf.critic_lr, sf.critic_ratio) == (7e-5, 3e-5, 3)
+    assert replace(sf, lr=default.self_forcing.lr, critic_lr=default.self_forcing.critic_lr,
+                   critic_ratio=default.self_forcing.critic_ratio) == default.self_forcing

@@ -136,8 +136,12 @@ Self-Forcing {defaults.self_forcing.steps} generator updates x \
                         "can be split over processes")
     p.add_argument("--sf-steps", type=int, default=defaults.self_forcing.steps, help="Self-Forcing generator updates")
     p.add_argument("--sf-batch", type=int, default=defaults.self_forcing.batch)
-    p.add_argument("--sf-lr", type=float, default=defaults.self_forcing.lr)
-    p.add_argument("--sf-critic-lr", type=float, default=defaults.self_forcing.critic_lr)
+    p.add_argument("--sf-lr", type=float, default=defaults.self_forcing.lr,
+                   help="the student's learning rate in stage (c) (AdamW, β1 = 0, constant)")
+    p.add_argument("--sf-critic-lr", type=float, default=defaults.self_forcing.critic_lr,
+                   help="the critic's (DMD's fake score's) learning rate")
+    p.add_argument("--sf-critic-ratio", type=int, default=defaults.self_forcing.critic_ratio, metavar="K",
+                   help="critic updates per generator update (the two time-scale rule)")
     p.add_argument("--sf-seconds", type=float, default=None, metavar="S",
                    help="time budget of stage (c) (as --teacher-seconds)")
     p.add_argument("--guidance", type=float, default=None, metavar="G",
@@ -190,7 +194,7 @@ STAGE_FLAGS = (
     "base_steps", "base_batch", "base_lr", "base_seconds",
     "teacher_steps", "teacher_batch", "teacher_lr", "teacher_seconds",
     "ode_pairs", "ode_pair_batch", "ode_steps", "ode_batch", "ode_lr", "ode_seconds",
-    "sf_steps", "sf_batch", "sf_lr", "sf_critic_lr", "sf_seconds",
+    "sf_steps", "sf_batch", "sf_lr", "sf_critic_lr", "sf_critic_ratio", "sf_seconds",
 )
 
 
@@ -217,8 +221,8 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
                          steps=args.ode_steps, batch=args.ode_batch, lr=args.ode_lr, seconds=args.ode_seconds,
                          keep_prompted=args.ode_keep_prompted, start=args.ode_start),
         self_forcing=replace(r.self_forcing, steps=args.sf_steps, batch=args.sf_batch, lr=args.sf_lr,
-                             critic_lr=args.sf_critic_lr, seconds=args.sf_seconds, start=args.sf_start,
-                             resume=args.sf_resume),
+                             critic_lr=args.sf_critic_lr, critic_ratio=args.sf_critic_ratio,
+                             seconds=args.sf_seconds, start=args.sf_start, resume=args.sf_resume),
         guidance_scale=args.guidance,
         guidance_interval=args.guidance_interval and tuple(args.guidance_interval),
         seed=args.seed,
