@@ -31,7 +31,8 @@
 # earlier student further, against the teacher now in DEST/stages, with a fresh critic), SF_RESUME (set, with
 # SF_START=self_forcing: continue the last stage-(c) run exactly, from DEST/stages/self_forcing_state.pt, which stays
 # on the machine only while it is warm: about 215 MB at the shipped size, over the limit of a returned file),
-# SF_LR, SF_CRITIC_LR, SF_CRITIC_RATIO (stage (c)'s learning rates and critic updates per generator update).
+# SF_LR, SF_CRITIC_LR, SF_CRITIC_RATIO, SF_BATCH (stage (c)'s learning rates, critic updates per generator update,
+# clips per update), EVAL_PROMPTS (held-out prompts of the evaluation; fewer for a dry run on the CPU).
 set -euo pipefail
 DEST="${DEST:-${OUT:-data}/bundled}"
 mkdir -p "$DEST"
@@ -39,7 +40,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 cli=(python3 -m toolkit.commands.train --out "$DEST" --seed "${SEED:-0}")
 # --force: stage (b) wrote a model that stage (c) replaces
 student=(--guidance "${GUIDANCE:-3}" ${GUIDANCE_INTERVAL:+--guidance-interval $GUIDANCE_INTERVAL}
-         --eval-seeds "${EVAL_SEEDS:-1}" --force)
+         --eval-seeds "${EVAL_SEEDS:-1}" ${EVAL_PROMPTS:+--eval-prompts "$EVAL_PROMPTS"} --force)
 case "${PART:-base}" in
   base) "${cli[@]}" --stages base --base-seconds "${BASE_SECONDS:-500}" --base-steps 20000 \
           ${STUDENT:+--student-size "$STUDENT"} \
@@ -87,6 +88,7 @@ PY
           --ode-start "${ODE_START:-base}" \
           2>&1 | tee "$DEST/train_ode_init.log" ;;
   self_forcing) "${cli[@]}" --stages self_forcing "${student[@]}" --sf-steps 100000 --sf-seconds "${SF_SECONDS:-440}" \
+          ${SF_BATCH:+--sf-batch "$SF_BATCH"} \
           --sf-start "${SF_START:-ode_init}" ${SF_RESUME:+--sf-resume} ${SF_LR:+--sf-lr "$SF_LR"} \
           ${SF_CRITIC_LR:+--sf-critic-lr "$SF_CRITIC_LR"} ${SF_CRITIC_RATIO:+--sf-critic-ratio "$SF_CRITIC_RATIO"} \
           2>&1 | tee "$DEST/train_self_forcing.log" ;;
