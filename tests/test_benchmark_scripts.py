@@ -92,6 +92,7 @@ def test_compare_failures_pairs_clips_by_prompt_and_seed(monkeypatch):
     from toolkit.models.bundled import evaluate
 
     script = Path(__file__).parents[1] / "benchmarks" / "compare_failures.py"
+    monkeypatch.syspath_prepend(str(script.parent))  # it imports its neighbour bundled_failures
     compare = runpy.run_path(str(script), run_name="imported_by_test")["compare"]
     prompts = evaluate.heldout_prompts(64)[:10]
     rng = random.Random(3)
