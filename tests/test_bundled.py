@@ -1141,3 +1141,24 @@ def test_stage_c_flags_reach_its_settings():
     assert (sf.lr, sf.critic_lr, sf.critic_ratio) == (7e-5, 3e-5, 3)
     assert replace(sf, lr=default.self_forcing.lr, critic_lr=default.self_forcing.critic_lr,
                    critic_ratio=default.self_forcing.critic_ratio) == default.self_forcing
+
+
+def test_new_weights_drop_the_notes_written_about_earlier_ones(tmp_path):
+    """A record carried into a later stage run (as ``train_bundled.sh PART=kept_student`` does) may hold what scripts
+    wrote about the weights then in the folder: a redrawn strip (``showcase``), a table of more clips
+    (``clip_comparison``). The run's new weights, record and card drop both."""
+    from toolkit.commands.train import main
+
+    out = tmp_path / "m"
+    assert main(["--tiny", "--out", str(out), "--quiet"]) == 0
+    log_file = out / "stages" / "log.json"
+    record = json.loads(log_file.read_text())
+    record["showcase"] = dict(commit="abc1234", device="elsewhere", precision="float32", teacher="t", seconds=1.0)
+    record["clip_comparison"] = dict(source="x", commit="abc1234", devices=["a card"], paired_with="a", rows=[])
+    log_file.write_text(json.dumps(record))
+    assert main(["--tiny", "--out", str(out), "--stages", "self_forcing", "--sf-start", "self_forcing", "--seed", "2",
+                 "--force", "--quiet"]) == 0
+    latest = json.loads((out / "train_log.json").read_text())
+    assert "showcase" not in latest and "clip_comparison" not in latest
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "redrawn after training" not in card and "Colour match on more clips" not in card

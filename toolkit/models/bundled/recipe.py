@@ -494,9 +494,16 @@ def format_summary(summary: dict, markdown: bool = False) -> str:
 # Artifacts
 
 
+# What scripts add to a folder's record after training, about the weights then in it (a redrawn strip:
+# bundled_showcase.py; a table of more clips: compare_failures.py --card); new weights drop them.
+AFTER_TRAINING_NOTES = ("showcase", "clip_comparison")
+
+
 def write_artifacts(out: Path, model: WanModel, teacher: WanModel, record: dict, log: Log) -> None:
     """model.safetensors + config.json first (nothing below may lose them), then pictures and the card."""
     cfg = model.cfg
+    for key in AFTER_TRAINING_NOTES:  # e.g. carried in from a kept model's record: they describe other weights
+        record.pop(key, None)
     # the stage whose weights these are ("self_forcing_start": stage (c)'s, before its continued run)
     save_weights(model, out / WEIGHTS_FILE, stage=record["shipped"].removesuffix("_start"))
     (out / CONFIG_FILE).write_text(json.dumps({**cfg.to_dict(), "training": _summary(record)}, indent=2) + "\n")
