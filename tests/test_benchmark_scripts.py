@@ -84,6 +84,20 @@ def test_bundled_failures_counts_every_clip_once_and_draws_the_crowded_ones(tmp_
     assert not (tmp_path / "bad").exists()
 
 
+def random_result(prompts: list, seeds: list[int], rng) -> dict:
+    """A ``bundled_failures.py`` result with random per-clip colour matches (seed-major, as the script keeps them),
+    its per-sprite-count totals, and the count too low on every other clip that missed."""
+    bits = "".join(rng.choice("01") for _ in range(len(seeds) * len(prompts)))
+    rows: dict[str, dict] = {}
+    for k, bit in enumerate(bits):
+        row = rows.setdefault(str(len(prompts[k % len(prompts)].sprites)),
+                              dict(clips=0, colour_match=0, count_low=0, count_high=0))
+        row["clips"] += 1
+        row["colour_match"] += int(bit)
+        row["count_low"] += int(bit == "0" and k % 2 == 0)
+    return dict(prompts=len(prompts), seed=seeds[0], seeds=seeds, by_sprite_count=rows, colour_match_outcomes=bits)
+
+
 def test_compare_failures_pairs_clips_by_prompt_and_seed(monkeypatch):
     """``compare_failures.compare``: totals per sprite count from each result, a Wilson interval around each
     fraction, and the paired split counted on the clips both results scored (one seed shared of two)."""
@@ -96,18 +110,7 @@ def test_compare_failures_pairs_clips_by_prompt_and_seed(monkeypatch):
     compare = runpy.run_path(str(script), run_name="imported_by_test")["compare"]
     prompts = evaluate.heldout_prompts(64)[:10]
     rng = random.Random(3)
-
-    def result(seeds: list[int]) -> dict:
-        bits = "".join(rng.choice("01") for _ in range(len(seeds) * len(prompts)))
-        rows: dict[str, dict] = {}
-        for k, bit in enumerate(bits):
-            row = rows.setdefault(str(len(prompts[k % len(prompts)].sprites)), dict(clips=0, colour_match=0))
-            row["clips"] += 1
-            row["colour_match"] += int(bit)
-        return dict(prompts=len(prompts), seed=seeds[0], seeds=seeds, by_sprite_count=rows,
-                    colour_match_outcomes=bits)
-
-    a, b = result(evaluate.heldout_seeds(2)), result(evaluate.heldout_seeds(1))
+    a, b = (random_result(prompts, evaluate.heldout_seeds(n), rng) for n in (2, 1))
     out = compare({"a": a, "b": b})
     assert out["table"]["all"]["a"]["clips"] == 20 and out["table"]["all"]["b"]["clips"] == 10
     for name, r in (("a", a), ("b", b)):
@@ -141,17 +144,8 @@ def test_compare_failures_writes_its_table_into_a_model_card(tmp_path, monkeypat
     euler = dict(denoising_steps=list(range(1000, 0, -25)), solver="euler", guidance_scale=3.0)
 
     def write(name: str, sampler) -> dict:
-        seeds = evaluate.heldout_seeds(2)
-        bits = "".join(rng.choice("01") for _ in range(len(seeds) * len(prompts)))
-        rows: dict[str, dict] = {}
-        for k, bit in enumerate(bits):
-            row = rows.setdefault(str(len(prompts[k % len(prompts)].sprites)),
-                                  dict(clips=0, colour_match=0, count_low=0, count_high=0))
-            row["clips"] += 1
-            row["colour_match"] += int(bit)
-            row["count_low"] += int(bit == "0" and k % 2 == 0)
-        r = dict(weights=f"/somewhere/runs/x/{name}.safetensors", sampler=sampler, prompts=len(prompts),
-                 seed=seeds[0], seeds=seeds, device="a card", by_sprite_count=rows, colour_match_outcomes=bits)
+        r = dict(random_result(prompts, evaluate.heldout_seeds(2), rng), sampler=sampler, device="a card",
+                 weights=f"/somewhere/runs/x/{name}.safetensors")
         (tmp_path / f"bundled_failures_cpu_{name}.json").write_text(json.dumps(r))
         return r
 

@@ -81,9 +81,10 @@ def _ancestral_step(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next:
     alpha, alpha_next = 1 - sigma, 1 - sigma_next
     tau2 = (sigma**2 - (alpha / alpha_next) ** 2 * sigma_next**2) * sigma_next**2 / sigma**2
     c = eta * math.sqrt(max(tau2, 0.0))
-    eps = (x.double() - alpha * x0.double()) / sigma  # the ε the prediction implies
+    x0 = x0.double()
+    eps = (x.double() - alpha * x0) / sigma  # the ε the prediction implies
     z = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float64)
-    return (alpha_next * x0.double() + math.sqrt(sigma_next**2 - c * c) * eps + c * z).to(x.dtype)
+    return (alpha_next * x0 + math.sqrt(sigma_next**2 - c * c) * eps + c * z).to(x.dtype)
 
 
 def self_forcing_rollout(
