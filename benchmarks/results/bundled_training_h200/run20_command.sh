@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run 20 (docs/bundled-model.md), planned: is stage (c)'s learning rate what holds the student at 55 %? Stage (c) has
+# Run 20 (docs/bundled-model.md; ran 2026-12-05 on one warm H100, 525 s and 511 s): is stage (c)'s learning rate what holds the student at 55 %? Stage (c) has
 # run at lr 2e-5 (student and critic, AdamW with β1 = 0, constant) in every run so far, and more updates at that rate
 # did not move the student (run 19: 55 -> 55 -> 52 % over 172 updates). Three runs of stage (c) side by side on one
 # GPU, each from the shipped student with a fresh critic from the kept teacher (PART=kept_student, SEED=30, CFG 2, as
