@@ -14,7 +14,9 @@ compare runs made with the same batch. ``--weights``: a stage file of a recipe f
 config) instead of the shipped model; ``--teacher-cfg G`` samples it with the teacher's sampler instead of the
 student's 4 steps (40 Euler steps, classifier-free guidance G: ``recipe.teacher_sampler``; ``--teacher-steps N``:
 N uniform steps instead; ``--cfg-interval LO HI``: guidance only at the steps with σ in [LO, HI]; ``--teacher-eta
-E``: DDIM's stochastic step with eta E, ``solver="ancestral"``, instead of Euler's).
+E``: DDIM's stochastic step with eta E, ``solver="ancestral"``, instead of Euler's; ``--guide WEIGHTS
+--guide-scale W``: autoguidance by a weaker model, v_g + W·(v − v_g), beside the classifier-free guidance;
+``--leave-one-out``: guidance against the prompt with each sprite left out in turn instead of the null prompt).
 Prints the table and writes ``bundled_failures_cpu[_NAME].json``; ``--strip N`` also draws the first N rollouts of
 three or more sprites, each under its prompt's ground truth, as ``bundled_failures[_NAME].png``.
 """
@@ -56,6 +58,14 @@ def main() -> None:
     p.add_argument("--teacher-eta", type=float, default=None, metavar="E",
                    help="with --teacher-cfg: sample stochastically (DDIM's step with eta E in [0, 1]; 1: the DDPM "
                         "posterior) instead of the Euler ODE")
+    p.add_argument("--guide", type=Path, default=None, metavar="WEIGHTS",
+                   help="with --teacher-cfg and --guide-scale: autoguidance by this weaker model (a stage file, e.g. "
+                        "an earlier teacher)")
+    p.add_argument("--guide-scale", type=float, default=None, metavar="W",
+                   help="autoguidance weight: the flow becomes v_g + W·(v − v_g) (W = 1: the model alone)")
+    p.add_argument("--leave-one-out", action="store_true",
+                   help="with --teacher-cfg: guide against the prompt with each sprite left out in turn, "
+                        "v_c + (G − 1)·Σ_j (v_c − v_j), instead of against the null prompt")
     p.add_argument("--seeds", type=int, default=1, metavar="K", help="noise seeds per prompt (default 1)")
     p.add_argument("--strip", type=int, default=0, metavar="N",
                    help="draw the first N rollouts of 3+ sprites under their ground truth (default 0: none)")
@@ -77,7 +87,19 @@ def main() -> None:
         if not sampler or not 0 <= args.teacher_eta <= 1:
             p.error("--teacher-eta needs --teacher-cfg and 0 <= E <= 1")
         sampler.update(solver="ancestral", eta=args.teacher_eta)
+    if args.leave_one_out:
+        if not sampler:
+            p.error("--leave-one-out needs --teacher-cfg")
+        sampler["negatives"] = "leave_one_out"
+    if (args.guide is None) != (args.guide_scale is None) or (args.guide is not None and not sampler):
+        p.error("--guide and --guide-scale go together, with --teacher-cfg")
+    if args.guide is not None and not args.guide.is_file():
+        p.error(f"--guide {args.guide}: no such file")
 
+    guide = {}
+    if args.guide is not None:
+        sampler.update(guide=short_path(str(args.guide)), guide_scale=args.guide_scale)
+        guide = dict(guide=load_weights(args.guide, None, args.device).float().eval(), guide_scale=args.guide_scale)
     if args.weights is None:
         model, info = bundled.load_bundled(args.device, torch.float32)
         weights = info["path"]
@@ -91,7 +113,8 @@ def main() -> None:
     for done, seed in enumerate(seeds, 1):
         for i in range(0, len(prompts), args.batch):
             part = prompts[i : i + args.batch]
-            video = bundled.generate(model, part, seed=seed, **sampler).float().cpu()
+            options = {k: v for k, v in sampler.items() if k not in ("guide", "guide_scale")}
+            video = bundled.generate(model, part, seed=seed, **options, **guide).float().cpu()
             metrics += evaluate.evaluate_clips(video, part)
             for prompt, clip, m in zip(part, video, metrics[-len(part):]):
                 if len(prompt.sprites) >= 3 and len(crowded) < args.strip:
@@ -147,13 +170,18 @@ def save_crowded(crowded: list, cfg, path: Path, weights: str, sampler: dict) ->
 
 def sampler_text(sampler: dict | str) -> str:
     """How a result was sampled, as strips and tables name it: "4 steps" (the student's), "40 Euler steps, CFG 2",
-    "40 ancestral (η = 1) steps, CFG 2", "... for σ in [LO, HI]"."""
+    "40 ancestral (η = 1) steps, CFG 2", "... for σ in [LO, HI]", "... against each sprite left out",
+    "..., autoguided by a/b/c.safetensors at 2"."""
     if not isinstance(sampler, dict) or not sampler:  # results record the student's as a sentence
         return "4 steps"
     solver = "Euler" if sampler.get("solver", "euler") == "euler" else f"ancestral (η = {sampler['eta']:g})"
     how = f"{len(sampler['denoising_steps'])} {solver} steps, CFG {sampler['guidance_scale']:g}"
     if sampler.get("guidance_interval"):
         how += " for σ in [{:g}, {:g}]".format(*sampler["guidance_interval"])
+    if sampler.get("negatives") == "leave_one_out":
+        how += " against each sprite left out"
+    if sampler.get("guide"):
+        how += f", autoguided by {sampler['guide']} at {sampler['guide_scale']:g}"
     return how
 
 

@@ -34,11 +34,12 @@ def test_bundled_failures_counts_every_clip_once_and_draws_the_crowded_ones(tmp_
 
     torch.manual_seed(0)
     weights = save_weights(WanModel(tiny_teacher_config((6, 16, 24))), tmp_path / "t.safetensors")
+    weak = save_weights(WanModel(tiny_teacher_config((6, 16, 24), num_layers=1)), tmp_path / "weak.safetensors")
     script = Path(__file__).parents[1] / "benchmarks" / "bundled_failures.py"
     monkeypatch.syspath_prepend(str(script.parent))
     argv = ["--prompts", "6", "--batch", "4", "--weights", str(weights), "--teacher-cfg", "2", "--teacher-steps", "7",
-            "--cfg-interval", "0.3", "0.9", "--teacher-eta", "0.5", "--seeds", "2", "--strip", "1",
-            "--out", str(tmp_path), "--name", "x"]
+            "--cfg-interval", "0.3", "0.9", "--teacher-eta", "0.5", "--guide", str(weak), "--guide-scale", "1.5",
+            "--leave-one-out", "--seeds", "2", "--strip", "1", "--out", str(tmp_path), "--name", "x"]
     monkeypatch.setattr(sys, "argv", [str(script), *argv])
     runpy.run_path(str(script), run_name="__main__")
     result = json.loads((tmp_path / "bundled_failures_cpu_x.json").read_text())
@@ -48,6 +49,11 @@ def test_bundled_failures_counts_every_clip_once_and_draws_the_crowded_ones(tmp_
     assert result["seeds"] == evaluate.heldout_seeds(2) and len(result["sampler"]["denoising_steps"]) == 7
     assert result["sampler"]["guidance_interval"] == [0.3, 0.9]
     assert result["sampler"]["solver"] == "ancestral" and result["sampler"]["eta"] == 0.5
+    assert result["sampler"]["guide"].endswith("weak.safetensors") and result["sampler"]["guide_scale"] == 1.5
+    sampler_text = runpy.run_path(str(script), run_name="imported_by_test")["sampler_text"]
+    assert sampler_text(result["sampler"]) == (
+        f"7 ancestral (η = 0.5) steps, CFG 2 for σ in [0.3, 0.9] against each sprite left out, autoguided by "
+        f"{result['sampler']['guide']} at 1.5")
     outcomes = result["colour_match_outcomes"]
     assert len(outcomes) == 12 and outcomes.count("1") == sum(r["colour_match"] for r in rows.values())
     for r in rows.values():
@@ -62,6 +68,8 @@ def test_bundled_failures_counts_every_clip_once_and_draws_the_crowded_ones(tmp_
     generate, second = bundled.generate, evaluate.heldout_seeds(2)[1]
 
     def fails_on_the_second_seed(model, prompts, seed, **kwargs):
+        assert kwargs["guide_scale"] == 1.5 and kwargs["guide"].cfg.num_layers == 1  # the weak model, loaded
+        assert kwargs["negatives"] == "leave_one_out"
         if seed == second:
             raise RuntimeError("cut short")
         return generate(model, prompts, seed=seed, **kwargs)
@@ -76,7 +84,10 @@ def test_bundled_failures_counts_every_clip_once_and_draws_the_crowded_ones(tmp_
     assert sum(r["clips"] for r in cut["by_sprite_count"].values()) == 6
 
     # bad options: one line and a non-zero exit before anything is generated or written
-    for bad in (["--seeds", "0"], ["--teacher-eta", "1.5", "--teacher-cfg", "2"], ["--teacher-eta", "1"]):
+    for bad in (["--seeds", "0"], ["--teacher-eta", "1.5", "--teacher-cfg", "2"], ["--teacher-eta", "1"],
+                ["--teacher-cfg", "2", "--guide", str(weak)], ["--leave-one-out"],
+                ["--guide", str(weak), "--guide-scale", "2"],
+                ["--teacher-cfg", "2", "--guide", str(tmp_path / "none.safetensors"), "--guide-scale", "2"]):
         monkeypatch.setattr(sys, "argv", [str(script), "--weights", str(weights), "--out", str(tmp_path / "bad"), *bad])
         with pytest.raises(SystemExit) as exit_:
             runpy.run_path(str(script), run_name="__main__")

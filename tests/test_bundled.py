@@ -426,6 +426,126 @@ def test_guided_rollout_combines_conditional_and_null_prompt_flows_with_their_ow
 
 
 @torch.no_grad()
+def test_autoguidance_extrapolates_from_a_weaker_model_with_its_own_cache_and_patch():
+    """``guide``: per step v = v_g + w·(v − v_g), v the model's flow (classifier-free guided or not) and v_g a weaker
+    model's conditional flow from its own KV cache on its own token grid (here 2 × 2 patches against 4 × 4), filled
+    by its own clean passes — checked against a hand loop with three caches (float64)."""
+    model = _tiny_model(clip=(6, 12, 20))
+    weak_cfg = bundled.bundled_config(**{**TINY, "dim": 32, "num_layers": 1, "patch_size": (1, 2, 2)})
+    weak_cfg.extra["clip"] = dict(frames=6, height=12, width=20)
+    weak = tiny_wan(weak_cfg, seed=7, dtype=torch.float64)
+    context = bundled.encode_prompt(["2 sprites: red circle, blue square", "white ring"]).double()
+    null = torch.zeros_like(context)
+    noise = torch.randn(2, 3, 6, 12, 20, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    t = warped_timesteps((1000, 750, 500, 250))
+
+    def by_hand(cfg_scale: float, w: float) -> torch.Tensor:
+        nets = {"c": (model, context, 15), "u": (model, null, 15), "g": (weak, context, 60)}  # tokens per frame
+        caches = {n: KVCache(net.cfg, 2, 6 * tpf, "cpu", torch.float64) for n, (net, _, tpf) in nets.items()}
+        chunks = []
+        for c in range(2):
+            x = noise[:, :, 3 * c : 3 * c + 3]
+            for i in range(len(t)):
+                tt = torch.full((2, 3), t[i])
+                v = {n: net(x, tt, ctx, kv_cache=caches[n], start_frame=3 * c) for n, (net, ctx, _) in nets.items()}
+                flow = v["u"] + cfg_scale * (v["c"] - v["u"])
+                flow = v["g"] + w * (flow - v["g"])
+                if i + 1 < len(t):
+                    x = x + (t[i + 1] - t[i]) / 1000 * flow
+            x0 = x - t[-1] / 1000 * flow
+            for n, (net, ctx, _) in nets.items():
+                net(x0, torch.zeros(2, 3), ctx, kv_cache=caches[n], start_frame=3 * c, is_clean=True)
+            chunks.append(x0)
+        return torch.cat(chunks, 2)
+
+    for cfg_scale, w in ((1.0, 2.0), (2.5, 1.7)):
+        out = self_forcing_rollout(model, noise, context, timesteps=t, solver="euler", guidance_scale=cfg_scale,
+                                   negative_context=null, guide=weak, guide_scale=w)
+        torch.testing.assert_close(out, by_hand(cfg_scale, w), rtol=1e-10, atol=1e-10)
+    plain = self_forcing_rollout(model, noise, context, timesteps=t, solver="euler")
+    assert (out - plain).abs().amax() > 1e-3  # the guide changed the sample
+    same = self_forcing_rollout(model, noise, context, timesteps=t, solver="euler", guide=weak, guide_scale=1.0)
+    assert torch.equal(same, plain)  # w = 1: the model alone
+    itself = self_forcing_rollout(model, noise, context, timesteps=t, solver="euler", guide=model, guide_scale=3.0)
+    torch.testing.assert_close(itself, plain, rtol=1e-12, atol=1e-12)  # guided by itself: nothing to push from
+    # ``generate`` hands the guide through (pixels)
+    prompts = ["2 sprites: red circle, blue square", "white ring"]
+    videos = [bundled.generate(model, prompts, seed=3, denoising_steps=(1000, 750, 500, 250), solver="euler", **o)
+              for o in (dict(), dict(guide=weak, guide_scale=2.0))]
+    assert (videos[1] - videos[0]).abs().amax() > 1e-3
+    frame_patch = bundled.bundled_config(**{**TINY, "patch_size": (2, 4, 4)})
+    frame_patch.extra["clip"] = dict(frames=6, height=12, width=20)
+    with pytest.raises(ValueError, match="temporal patch"):
+        self_forcing_rollout(model, noise, context, timesteps=t, guide=tiny_wan(frame_patch, dtype=torch.float64),
+                             guide_scale=2.0)
+
+
+def test_leave_one_out_contexts_drop_each_sprite_in_turn_and_pad_with_the_prompt_itself():
+    prompts = [procedural.parse_prompt(p) for p in ("3 sprites: red circle, blue square, white ring; pan up",
+                                                     "green diamond", "2 sprites: cyan ring, orange triangle")]
+    negs = procedural.leave_one_out_contexts(prompts)
+    assert negs.shape == (3, 3, procedural.TEXT_LEN, procedural.TEXT_DIM)
+    own = procedural.encode_prompts(prompts)
+    assert [str(p) for p in procedural.decode_prompts(negs[:, 0])] == [
+        "2 sprites: blue square, white ring; pan up", "2 sprites: red circle, white ring; pan up",
+        "2 sprites: red circle, blue square; pan up"]
+    assert torch.equal(negs[0, 1], torch.zeros_like(own[1]))  # one sprite left out: the null prompt
+    assert torch.equal(negs[1, 1], own[1]) and torch.equal(negs[2, 1], own[1])  # padding: the prompt itself
+    left = procedural.decode_prompts(negs[:2, 2])
+    assert [str(p) for p in left] == ["1 sprite: orange triangle", "1 sprite: cyan ring"]
+    assert torch.equal(negs[2, 2], own[2])
+
+
+@torch.no_grad()
+def test_guidance_against_several_negative_prompts_sums_their_terms_each_from_its_own_cache():
+    """``negative_context`` [m b L D]: per step v = v_c + (g − 1)·Σ_j (v_c − v_j), each v_j from its own KV cache
+    filled by clean passes under its own prompt — checked against a hand loop (float64); one negative given as
+    [1 b L D] is plain CFG, and ``generate(negatives="leave_one_out")`` is plain CFG for one-sprite prompts."""
+    model = _tiny_model(clip=(6, 12, 20))
+    prompts = [procedural.parse_prompt(p) for p in ("3 sprites: red circle, blue square, white ring", "white ring")]
+    context = procedural.encode_prompts(prompts).double()
+    negs = procedural.leave_one_out_contexts(prompts).double()
+    noise = torch.randn(2, 3, 6, 12, 20, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    t = warped_timesteps((1000, 750, 500, 250))
+    g = 2.5
+    out = self_forcing_rollout(model, noise, context, timesteps=t, solver="euler", guidance_scale=g,
+                               negative_context=negs)
+
+    contexts = [context, *negs]
+    caches = [KVCache(model.cfg, 2, 6 * 15, "cpu", torch.float64) for _ in contexts]
+    chunks = []
+    for c in range(2):
+        x = noise[:, :, 3 * c : 3 * c + 3]
+        for i in range(len(t)):
+            tt = torch.full((2, 3), t[i])
+            v = [model(x, tt, ctx, kv_cache=cache, start_frame=3 * c) for ctx, cache in zip(contexts, caches)]
+            flow = v[0] + (g - 1) * sum(v[0] - vj for vj in v[1:])
+            if i + 1 < len(t):
+                x = x + (t[i + 1] - t[i]) / 1000 * flow
+        x0 = x - t[-1] / 1000 * flow
+        for ctx, cache in zip(contexts, caches):
+            model(x0, torch.zeros(2, 3), ctx, kv_cache=cache, start_frame=3 * c, is_clean=True)
+        chunks.append(x0)
+    torch.testing.assert_close(out, torch.cat(chunks, 2), rtol=1e-10, atol=1e-10)
+
+    null = torch.zeros_like(context)
+    cfg = self_forcing_rollout(model, noise, context, timesteps=t, solver="euler", guidance_scale=g,
+                               negative_context=null)
+    assert torch.equal(cfg, self_forcing_rollout(model, noise, context, timesteps=t, solver="euler",
+                                                 guidance_scale=g, negative_context=null[None]))
+    assert (out[:1] - cfg[:1]).abs().amax() > 1e-3  # three sprites: other negatives, another sample
+    kwargs = dict(seed=3, denoising_steps=(1000, 750, 500, 250), solver="euler", guidance_scale=g)
+    one = ["white ring", "green diamond; pan left"]
+    assert torch.equal(bundled.generate(model, one, negatives="leave_one_out", **kwargs),
+                       bundled.generate(model, one, **kwargs))
+    many = ["3 sprites: red circle, blue square, white ring", "white ring"]
+    assert (bundled.generate(model, many, negatives="leave_one_out", **kwargs)
+            - bundled.generate(model, many, **kwargs)).abs().amax() > 1e-3
+    with pytest.raises(ValueError, match="negatives"):
+        bundled.generate(model, one, negatives="everything", **kwargs)
+
+
+@torch.no_grad()
 def test_ancestral_solver_is_ddim_with_eta_and_eta_zero_is_the_euler_ode():
     """``solver="ancestral"``: per step DDIM's update with stochasticity η, checked against a hand loop written in
     DDIM's own variance-preserving coordinates (x̄ = x / √(α² + σ²), ᾱ = α² / (α² + σ²), the paper's σ_η), with the

@@ -103,6 +103,8 @@ def self_forcing_rollout(
     guidance_scale: float = 1.0,
     negative_context: torch.Tensor | None = None,
     guidance_interval: tuple[float, float] | None = None,
+    guide: WanModel | None = None,
+    guide_scale: float = 1.0,
     eta: float = 1.0,
     progress: bool = False,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
@@ -136,10 +138,18 @@ def self_forcing_rollout(
 
     ``guidance_scale`` g ≠ 1 (classifier-free guidance, the many-step sampler of a teacher): every forward runs the
     batch twice, with ``context`` and with ``negative_context`` (the bundled model's null prompt is all zeros), each
-    half with its own KV cache (clean passes included), and the flow is v_u + g·(v_c − v_u).
+    half with its own KV cache (clean passes included), and the flow is v_u + g·(v_c − v_u). Several negative
+    prompts, ``negative_context`` [m b L D], each with its own cache: v_c + (g − 1)·Σ_j (v_c − v_j) (for m = 1 the
+    same flow), e.g. the prompt with each of its sprites left out in turn, so that the guidance asks for every
+    sprite rather than for the prompt as a whole (``bundled.data.leave_one_out_contexts``).
     ``guidance_interval`` (σ_lo, σ_hi): guide only the steps whose σ lies in it and take the conditional flow v_c
     elsewhere (both halves still run, so both caches stay filled) — guidance in a limited interval, as Kynkäänniemi
     et al. 2024 found better than guiding every step (at high noise guidance sets the layout, at low noise little).
+    ``guide`` with ``guide_scale`` w ≠ 1 (autoguidance, Karras et al. 2024, "Guiding a diffusion model with a bad
+    version of itself"): a weaker model of the same clip (fewer steps trained, or smaller; any patch size) runs
+    beside with the conditional prompt and its own KV cache, and the flow becomes v_g + w·(v − v_g), v the flow
+    above (classifier-free guided or not): the sample is pushed away from the errors the weaker model makes more
+    often, rather than away from the unconditional model.
 
     ``on_step(chunk, step, x)`` sees each model input before its forward (ODE trajectories); ``on_chunk(chunk, x0)``
     each finished chunk (streaming consumers, progress).
@@ -160,18 +170,39 @@ def self_forcing_rollout(
     grid = model.grid_size(noise)
     layout = RunLayout.self_forcing(model.cfg, grid, timesteps.tolist(), frames_per_chunk, local_attn_size, sink_size)
     guided = guidance_scale != 1.0
+    copies = 1  # prompts per clip in one batch: the conditional, then the negatives
     if guided:
         if negative_context is None:
             raise ValueError("guidance_scale != 1 needs a negative_context")
-        context = torch.cat([context, negative_context.expand_as(context)])  # [cond | uncond] halves of one batch
-    cache = KVCache(model.cfg, b * (2 if guided else 1), layout.max_key_frames() * layout.tokens_per_frame,
+        negatives = negative_context if negative_context.dim() == 4 else negative_context.unsqueeze(0)
+        copies += negatives.shape[0]
+        context = torch.cat([context, *negatives.expand(-1, *context.shape)])  # [cond | neg_1 | ... ] of one batch
+    cache = KVCache(model.cfg, b * copies, layout.max_key_frames() * layout.tokens_per_frame,
                     noise.device, model.dtype, local_attn_size=local_attn_size, sink_size=sink_size)
+    auto = guide is not None and guide_scale != 1.0
+    if auto:
+        if guide.cfg.patch_size[0] != pt:
+            raise ValueError(f"the guide's temporal patch {guide.cfg.patch_size[0]} differs from the model's {pt}")
+        guide_layout = RunLayout.self_forcing(guide.cfg, guide.grid_size(noise), timesteps.tolist(), frames_per_chunk,
+                                              local_attn_size, sink_size)
+        guide_cache = KVCache(guide.cfg, b, guide_layout.max_key_frames() * guide_layout.tokens_per_frame,
+                              noise.device, guide.dtype, local_attn_size=local_attn_size, sink_size=sink_size)
+        guide_context = context[:b]  # the conditional prompt
 
-    def flow_of(x: torch.Tensor, t: torch.Tensor, scale: float = 1.0, **kwargs) -> torch.Tensor:
+    def flow_of(x: torch.Tensor, t: torch.Tensor, scale: float = 1.0, *, kv_cache: KVCache, **kwargs) -> torch.Tensor:
         if not guided:
-            return model(x, t, context, **kwargs)
-        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), context, **kwargs).chunk(2)
-        return cond if scale == 1.0 else uncond + scale * (cond - uncond)
+            flow = model(x, t, context, kv_cache=kv_cache, **kwargs)
+        elif copies == 2:
+            cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), context, kv_cache=kv_cache, **kwargs).chunk(2)
+            flow = cond if scale == 1.0 else uncond + scale * (cond - uncond)
+        else:
+            cond, *negs = model(torch.cat([x] * copies), torch.cat([t] * copies), context, kv_cache=kv_cache,
+                                **kwargs).chunk(copies)
+            flow = cond if scale == 1.0 else cond + (scale - 1) * sum(cond - neg for neg in negs)
+        if not auto:
+            return flow
+        weak = guide(x.to(guide.dtype), t, guide_context, kv_cache=guide_cache, **kwargs).to(flow.dtype)
+        return weak + guide_scale * (flow - weak)
 
     num_chunks = frames // latent_per_chunk
     steps = len(timesteps) if exit_step is None else exit_step + 1

@@ -160,6 +160,20 @@ def encode_prompts(prompts: list[Prompt]) -> torch.Tensor:
     return out
 
 
+def leave_one_out_contexts(prompts: list[Prompt]) -> torch.Tensor:
+    """Negative prompts for guidance that asks for every sprite (``generate(negatives="leave_one_out")``): context
+    [slots, b, TEXT_LEN, TEXT_DIM], slots = the most sprites of any prompt; slot j of a prompt of n sprites is the
+    prompt with sprite j left out (z-order of the others kept; for n = 1 the null prompt, all zeros), and for j ≥ n
+    the prompt itself, whose guidance term v_c − v_j is then zero."""
+    slots = max(len(p.sprites) for p in prompts)
+    out = encode_prompts(prompts).unsqueeze(0).repeat(slots, 1, 1, 1)
+    for i, p in enumerate(prompts):
+        for j in range(len(p.sprites)):
+            rest = p.sprites[:j] + p.sprites[j + 1 :]
+            out[j, i] = encode_prompts([Prompt(rest, p.pan)])[0] if rest else 0
+    return out
+
+
 def decode_prompts(context: torch.Tensor) -> list[Prompt]:
     """Inverse of ``encode_prompts`` (context [b, TEXT_LEN, TEXT_DIM])."""
     prompts = []

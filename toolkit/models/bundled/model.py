@@ -176,6 +176,9 @@ def generate(
     guidance_scale: float = 1.0,
     guidance_interval: tuple[float, float] | None = None,
     eta: float = 1.0,
+    guide: WanModel | None = None,
+    guide_scale: float = 1.0,
+    negatives: str = "null",
     progress: bool = False,
 ) -> torch.Tensor:
     """Self-Forcing rollout of the bundled model: prompts -> video [b, 3, frames, height, width] in [0, 1].
@@ -184,10 +187,18 @@ def generate(
     training recipe is sampled with ``MANY_STEPS``, ``solver="euler"`` (its flow ODE, chunk by chunk) and
     classifier-free guidance against the null prompt (all-zero context) when ``guidance_scale`` ≠ 1 (only at the
     steps whose σ lies in ``guidance_interval``, if given: ``self_forcing_rollout``); ``solver="ancestral"`` samples
-    it stochastically instead, with DDIM's ``eta``. Noise and
+    it stochastically instead, with DDIM's ``eta``; ``guide`` (a weaker bundled model) with ``guide_scale`` ≠ 1
+    adds autoguidance (``self_forcing_rollout``). ``negatives="leave_one_out"`` guides against the prompt with each
+    sprite left out in turn (``data.leave_one_out_contexts``) instead of against the null prompt. Noise and
     re-noising noise come from one generator seeded with ``seed`` on the model's device."""
+    if negatives not in ("null", "leave_one_out"):
+        raise ValueError(f"negatives must be 'null' or 'leave_one_out', not {negatives!r}")
     device = next(model.parameters()).device
     context = encode_prompt(prompts).to(device)
+    negative_context = torch.zeros_like(context)
+    if negatives == "leave_one_out":
+        parsed = data.decode_prompts(context)
+        negative_context = data.leave_one_out_contexts(parsed).to(device)
     frames, height, width = clip_shape(model.cfg)
     g = torch.Generator(device).manual_seed(seed)
     noise = torch.randn(context.shape[0], model.cfg.in_dim, frames, height, width, generator=g, device=device)
@@ -196,8 +207,8 @@ def generate(
     timesteps = self_forcing_timesteps(denoising_steps=denoising_steps)
     x = self_forcing_rollout(
         model, noise, context, frames_per_chunk=chunk, timesteps=timesteps, generator=g, solver=solver,
-        guidance_scale=guidance_scale, negative_context=torch.zeros_like(context),
-        guidance_interval=guidance_interval, eta=eta, progress=progress,
+        guidance_scale=guidance_scale, negative_context=negative_context,
+        guidance_interval=guidance_interval, guide=guide, guide_scale=guide_scale, eta=eta, progress=progress,
         final_clean_pass=False,  # nothing reads the cache after the last chunk
     )
     return to_pixels(x)

@@ -15,3 +15,9 @@ run teacher_cfg6_sigma_0_0.8 --teacher-cfg 6 --cfg-interval 0 0.8
 # the strip re-titled afterwards (the caption then still said "Euler steps").
 run teacher_cfg2_eta1 --teacher-cfg 2 --teacher-eta 1
 run teacher_cfg3_eta1 --teacher-cfg 3 --teacher-eta 1
+# 2026-12-05 (sixteenth session): autoguidance by the run-7 teacher (7,644 steps, data/teacher at commit 89335e9),
+# v_g + 2·(v − v_g), beside CFG 2; and guidance against each sprite left out in turn instead of the null prompt.
+# (Run with absolute paths from /tmp; the strips drawn with --strip 4.)
+mkdir -p runs/guides && git show 89335e9:data/teacher/teacher.safetensors > runs/guides/teacher_7644.safetensors
+run teacher_cfg2_ag7644_w2 --teacher-cfg 2 --guide runs/guides/teacher_7644.safetensors --guide-scale 2
+run teacher_cfg2_loo --teacher-cfg 2 --leave-one-out
