@@ -21,3 +21,4 @@ run teacher_cfg3_eta1 --teacher-cfg 3 --teacher-eta 1
 mkdir -p runs/guides && git show 89335e9:data/teacher/teacher.safetensors > runs/guides/teacher_7644.safetensors
 run teacher_cfg2_ag7644_w2 --teacher-cfg 2 --guide runs/guides/teacher_7644.safetensors --guide-scale 2
 run teacher_cfg2_loo --teacher-cfg 2 --leave-one-out
+run teacher_cfg2_eta1_ag7644_w2 --teacher-cfg 2 --teacher-eta 1 --guide runs/guides/teacher_7644.safetensors --guide-scale 2
