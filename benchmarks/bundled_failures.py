@@ -96,10 +96,10 @@ def main() -> None:
     if args.guide is not None and not args.guide.is_file():
         p.error(f"--guide {args.guide}: no such file")
 
-    guide = {}
+    options = dict(sampler)  # generate's arguments; the record names the guide by its path
     if args.guide is not None:
         sampler.update(guide=short_path(str(args.guide)), guide_scale=args.guide_scale)
-        guide = dict(guide=load_weights(args.guide, None, args.device).float().eval(), guide_scale=args.guide_scale)
+        options.update(guide=load_weights(args.guide, None, args.device).float().eval(), guide_scale=args.guide_scale)
     if args.weights is None:
         model, info = bundled.load_bundled(args.device, torch.float32)
         weights = info["path"]
@@ -113,8 +113,7 @@ def main() -> None:
     for done, seed in enumerate(seeds, 1):
         for i in range(0, len(prompts), args.batch):
             part = prompts[i : i + args.batch]
-            options = {k: v for k, v in sampler.items() if k not in ("guide", "guide_scale")}
-            video = bundled.generate(model, part, seed=seed, **options, **guide).float().cpu()
+            video = bundled.generate(model, part, seed=seed, **options).float().cpu()
             metrics += evaluate.evaluate_clips(video, part)
             for prompt, clip, m in zip(part, video, metrics[-len(part):]):
                 if len(prompt.sprites) >= 3 and len(crowded) < args.strip:

@@ -190,15 +190,14 @@ def self_forcing_rollout(
         guide_context = context[:b]  # the conditional prompt
 
     def flow_of(x: torch.Tensor, t: torch.Tensor, scale: float = 1.0, *, kv_cache: KVCache, **kwargs) -> torch.Tensor:
-        if not guided:
-            flow = model(x, t, context, kv_cache=kv_cache, **kwargs)
-        elif copies == 2:
-            cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), context, kv_cache=kv_cache, **kwargs).chunk(2)
-            flow = cond if scale == 1.0 else uncond + scale * (cond - uncond)
+        xs, ts = (x, t) if copies == 1 else (torch.cat([x] * copies), torch.cat([t] * copies))  # once per prompt
+        cond, *negs = model(xs, ts, context, kv_cache=kv_cache, **kwargs).chunk(copies)
+        if not negs or scale == 1.0:
+            flow = cond
+        elif len(negs) == 1:  # written as CFG always was, so one null prompt samples bit for bit as before
+            flow = negs[0] + scale * (cond - negs[0])
         else:
-            cond, *negs = model(torch.cat([x] * copies), torch.cat([t] * copies), context, kv_cache=kv_cache,
-                                **kwargs).chunk(copies)
-            flow = cond if scale == 1.0 else cond + (scale - 1) * sum(cond - neg for neg in negs)
+            flow = cond + (scale - 1) * sum(cond - neg for neg in negs)
         if not auto:
             return flow
         weak = guide(x.to(guide.dtype), t, guide_context, kv_cache=guide_cache, **kwargs).to(flow.dtype)

@@ -150,10 +150,14 @@ def _dequantized(state: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor
 def encode_prompt(prompts: str | data.Prompt | list) -> torch.Tensor:
     """Text (``"2 sprites: red circle, blue square; pan left"``), Prompt, or a list of either -> context
     [b, TEXT_LEN, TEXT_DIM] float32."""
+    return data.encode_prompts(parse_prompts(prompts))
+
+
+def parse_prompts(prompts: str | data.Prompt | list) -> list[data.Prompt]:
+    """Text, Prompt, or a list of either -> a list of Prompts."""
     if not isinstance(prompts, list):
         prompts = [prompts]
-    parsed = [data.parse_prompt(p) if isinstance(p, str) else p for p in prompts]
-    return data.encode_prompts(parsed)
+    return [data.parse_prompt(p) if isinstance(p, str) else p for p in prompts]
 
 
 def to_model_space(video: torch.Tensor) -> torch.Tensor:
@@ -194,10 +198,10 @@ def generate(
     if negatives not in ("null", "leave_one_out"):
         raise ValueError(f"negatives must be 'null' or 'leave_one_out', not {negatives!r}")
     device = next(model.parameters()).device
-    context = encode_prompt(prompts).to(device)
+    parsed = parse_prompts(prompts)
+    context = data.encode_prompts(parsed).to(device)
     negative_context = torch.zeros_like(context)
     if negatives == "leave_one_out":
-        parsed = data.decode_prompts(context)
         negative_context = data.leave_one_out_contexts(parsed).to(device)
     frames, height, width = clip_shape(model.cfg)
     g = torch.Generator(device).manual_seed(seed)
