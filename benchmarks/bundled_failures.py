@@ -17,6 +17,8 @@ N uniform steps instead; ``--cfg-interval LO HI``: guidance only at the steps wi
 E``: DDIM's stochastic step with eta E, ``solver="ancestral"``, instead of Euler's; ``--guide WEIGHTS
 --guide-scale W``: autoguidance by a weaker model, v_g + W·(v − v_g), beside the classifier-free guidance;
 ``--leave-one-out``: guidance against the prompt with each sprite left out in turn instead of the null prompt).
+``--placed``: the same held-out prompts with a start place named for each sprite (the summary then has
+``place_match``).
 Prints the table and writes ``bundled_failures_cpu[_NAME].json``; ``--strip N`` also draws the first N rollouts of
 three or more sprites, each under its prompt's ground truth, as ``bundled_failures[_NAME].png``.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections import Counter, defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -66,6 +69,8 @@ def main() -> None:
     p.add_argument("--leave-one-out", action="store_true",
                    help="with --teacher-cfg: guide against the prompt with each sprite left out in turn, "
                         "v_c + (G − 1)·Σ_j (v_c − v_j), instead of against the null prompt")
+    p.add_argument("--placed", action="store_true",
+                   help="the held-out prompts with a start place named for each sprite (evaluate.heldout_prompts)")
     p.add_argument("--seeds", type=int, default=1, metavar="K", help="noise seeds per prompt (default 1)")
     p.add_argument("--strip", type=int, default=0, metavar="N",
                    help="draw the first N rollouts of 3+ sprites under their ground truth (default 0: none)")
@@ -106,7 +111,7 @@ def main() -> None:
     else:
         model, weights = load_weights(args.weights, None, args.device).float().eval(), str(args.weights)
     seeds = evaluate.heldout_seeds(args.seeds)
-    prompts = evaluate.heldout_prompts(64)[: args.prompts]
+    prompts = evaluate.heldout_prompts(64, placed=args.placed)[: args.prompts]
     suffix = "_" + args.name if args.name else ""
     start = time.perf_counter()
     metrics, crowded = [], []
@@ -130,11 +135,16 @@ def main() -> None:
             by_sprite_count=by_sprite_count(metrics, prompts * done),
             # per clip, seed-major: for sign tests between models scored on the same clips (evaluate.paired)
             colour_match_outcomes="".join(str(int(m.colour_match)) for m in metrics),
+            placed=args.placed, summary=asdict(evaluate.summarise(metrics)),
         )
         write_result(args.out, f"bundled_failures_cpu{suffix}.json", result)
     print(f"{'sprites':>7} " + " ".join(f"{c:>12}" for c in COLUMNS))
     for n, r in result["by_sprite_count"].items():
         print(f"{n:>7} " + " ".join(f"{r[c]:>12}" for c in COLUMNS))
+    summary = result["summary"]
+    print(f"all {summary['clips']} clips: colour match {summary['colour_match']:.3f}, count match "
+          f"{summary['count_match']:.3f}, score {summary['score']:.3f}"
+          + (f", place match {summary['place_match']:.3f}" if summary["place_match"] is not None else ""))
     if crowded:
         save_crowded(crowded, model.cfg, args.out / f"bundled_failures{suffix}.png", weights, sampler)
 

@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=1, help="data and noise seed (not the first run's)")
     p.add_argument("--min-sprites", type=int, default=1, metavar="N",
                    help="train on clips of at least N sprites only (crowded scenes; default 1: every count)")
+    p.add_argument("--placed", type=float, default=0.0, metavar="P",
+                   help="fraction of training prompts that name each sprite's start place (default 0: none)")
     p.add_argument("--widen", type=int, default=1, metavar="K",
                    help="first make the teacher K x as wide, the same function (default 1: as it is)")
     p.add_argument("--deepen", type=int, default=1, metavar="K",
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{grown['max_relative_difference']:.1e} of its largest value", flush=True)
     model = model.to(dev)
     settings = TeacherSettings(steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
-                               seconds=args.seconds, min_sprites=args.min_sprites)
+                               seconds=args.seconds, min_sprites=args.min_sprites, placed=args.placed)
     with use_backend(model, ClipSetup.of(model.cfg, dev).backend):
         run = train_teacher(model, settings, seed=args.seed, log=lambda m: print(m, flush=True), every=100,
                             name=args.stage)

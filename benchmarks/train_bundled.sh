@@ -32,7 +32,9 @@
 # SF_START=self_forcing: continue the last stage-(c) run exactly, from DEST/stages/self_forcing_state.pt, which stays
 # on the machine only while it is warm: about 215 MB at the shipped size, over the limit of a returned file),
 # SF_LR, SF_CRITIC_LR, SF_CRITIC_RATIO, SF_BATCH (stage (c)'s learning rates, critic updates per generator update,
-# clips per update), EVAL_PROMPTS (held-out prompts of the evaluation; fewer for a dry run on the CPU).
+# clips per update), EVAL_PROMPTS (held-out prompts of the evaluation; fewer for a dry run on the CPU), PLACED (the
+# fraction of training prompts that name each sprite's start place, in teacher_more, ode_init and self_forcing; the
+# student stages then evaluate on held-out prompts that name places).
 set -euo pipefail
 DEST="${DEST:-${OUT:-data}/bundled}"
 mkdir -p "$DEST"
@@ -40,7 +42,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 cli=(python3 -m toolkit.commands.train --out "$DEST" --seed "${SEED:-0}")
 # --force: stage (b) wrote a model that stage (c) replaces
 student=(--guidance "${GUIDANCE:-3}" ${GUIDANCE_INTERVAL:+--guidance-interval $GUIDANCE_INTERVAL}
-         --eval-seeds "${EVAL_SEEDS:-1}" ${EVAL_PROMPTS:+--eval-prompts "$EVAL_PROMPTS"} --force)
+         --eval-seeds "${EVAL_SEEDS:-1}" ${EVAL_PROMPTS:+--eval-prompts "$EVAL_PROMPTS"} ${PLACED:+--placed "$PLACED"}
+         --force)
 case "${PART:-base}" in
   base) "${cli[@]}" --stages base --base-seconds "${BASE_SECONDS:-500}" --base-steps 20000 \
           ${STUDENT:+--student-size "$STUDENT"} \
@@ -53,7 +56,7 @@ case "${PART:-base}" in
   teacher_more) python3 benchmarks/continue_teacher.py --out "$DEST" --seconds "${TEACHER_MORE_SECONDS:-420}" \
           --batch "${TEACHER_MORE_BATCH:-32}" --lr 6e-4 --warmup 50 --seed "${TEACHER_MORE_SEED:-7}" \
           ${TEACHER_MIN_SPRITES:+--min-sprites "$TEACHER_MIN_SPRITES"} ${TEACHER_WIDEN:+--widen "$TEACHER_WIDEN"} \
-          ${TEACHER_DEEPEN:+--deepen "$TEACHER_DEEPEN"} 2>&1 | tee -a "$DEST/train_teacher_more.log" ;;
+          ${TEACHER_DEEPEN:+--deepen "$TEACHER_DEEPEN"} ${PLACED:+--placed "$PLACED"} 2>&1 | tee -a "$DEST/train_teacher_more.log" ;;
   kept_teacher) mkdir -p "$DEST/stages"
           from=data/bundled/stages
           if [ -f "$DEST/stages/base.safetensors" ]; then from="$DEST/stages"  # a base trained here: kept

@@ -347,6 +347,39 @@ def test_student_stages_stop_at_their_time_budget():
     assert record["steps_run"] == PROBE_STEPS and record["curve"][-1][0] == PROBE_STEPS
 
 
+def test_every_stage_draws_prompts_with_places_when_asked(monkeypatch):
+    """``placed`` on a stage's settings is the fraction of its prompts that name start places: the teacher's clips,
+    the ODE pool's prompts and stage (c)'s rollouts all draw through ``ClipSetup``, which carries it;
+    ``recipe.with_places`` sets it on every stage and the evaluation."""
+    from toolkit.models.bundled import ode_init, recipe
+    from toolkit.models.bundled import teacher as teacher_stage
+
+    cfg, _ = _tiny_setup()
+    setup = ClipSetup.of(cfg, "cpu", placed=1.0)
+    _, context, prompts = setup.sample(6, torch.Generator().manual_seed(1), "cpu")
+    assert all(s.place for p in prompts for s in p.sprites) and procedural.decode_prompts(context) == prompts
+    assert not any(s.place for p in ClipSetup.of(cfg, "cpu").sample(6, torch.Generator(), "cpu")[2]
+                   for s in p.sprites)
+    teacher = WanModel(cfg).eval().requires_grad_(False)
+    pool = ode_init.make_pool(teacher, ODESettings(pairs=3, pair_batch=3, grid_steps=8, placed=1.0), seed=3,
+                              log=lambda *_: None)
+    assert all(s.place for p in procedural.decode_prompts(pool["context"]) for s in p.sprites)
+    drawn = []
+    real = teacher_stage.ClipSetup.prompts_context_noise
+
+    def spy(self, *args, **kw):
+        drawn.append(self.placed)
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(teacher_stage.ClipSetup, "prompts_context_noise", spy)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    train_self_forcing(student, teacher, SelfForcingSettings(steps=1, batch=1, critic_ratio=1, placed=0.5),
+                       log=lambda *_: None)
+    assert drawn and set(drawn) == {0.5}
+    r = recipe.with_places(recipe.Recipe(), 0.25)
+    assert (r.base.placed, r.teacher.placed, r.ode_init.placed, r.self_forcing.placed, r.placed) == (0.25,) * 5
+
+
 def test_ode_regression_loss_is_the_x0_error_of_one_kv_cache_step_per_chunk():
     """For a pool entry and a chosen state per chunk, the loss equals the MSE of x0 predicted by the KV-cache
     sampler step (clean passes over the ODE output of earlier chunks, then the chunk's state) — float64."""
@@ -1030,6 +1063,14 @@ def test_student_size_sets_the_base_and_the_later_stages_follow_it(tmp_path):
     ode, sf = (record["evaluation"][n]["outcomes"]["score"] for n in ("ode_init", "self_forcing"))
     assert split["score"]["gained"] == sum(a == "0" and b == "1" for a, b in zip(ode, sf))
     assert "2 rollouts each (noise seeds" in card and "Clip by clip, self forcing vs ode init: colour match +" in card
+    # prompts that name start places: every student stage trains on them and the evaluation asks for them
+    assert main(["--tiny", "--out", str(out), "--stages", "ode_init,self_forcing", "--placed", "1", "--guidance",
+                 "2", "--force", "--quiet"]) == 0
+    record = json.loads((out / "train_log.json").read_text())
+    assert record["eval_placed"] is True
+    assert all(record["stages"][s]["settings"]["placed"] == 1.0 for s in ("ode_init", "self_forcing"))
+    assert all(record["evaluation"][n]["place_match"] is not None for n in ("ode_init", "self_forcing"))
+    assert "each sprite's start place named" in (out / "MODEL_CARD.md").read_text()
     for argv, message in ((["--student-size", "6x250/4"], "not divisible"),
                           (["--student-size", "6by256"], "LAYERSxWIDTH"),
                           (["--stages", "ode_init", "--student-size", "6x256"], "add base to --stages")):

@@ -219,3 +219,27 @@ def test_heldout_prompts_are_distinct_and_keep_the_plain_draws():
     prompts = heldout_prompts(120)
     assert len(set(prompts)) == 120 and len(set(plain)) < 120
     assert prompts[:87] == plain[:87]
+
+
+def test_place_match_on_ground_truth_and_on_wrong_places():
+    """Ground truth of prompts that name places scores place_match >= 0.98 from pixels alone (1.0 with its Truth);
+    the same clips judged against prompts with the places drawn again score near chance."""
+    prompts = [D.with_places(p, _gen(90_010)) for p in D.random_prompts(128, _gen(90_011))]
+    video, truth = D.render(prompts, _gen(90_012), with_truth=True, **CLIP)
+    pixels = E.summarise(E.evaluate_clips(video, prompts, frames_per_chunk=FRAMES_PER_CHUNK))
+    judged = E.summarise(E.evaluate_clips(video, prompts, truth, frames_per_chunk=FRAMES_PER_CHUNK))
+    assert pixels.place_match >= 0.98 and judged.place_match == 1.0
+    shuffled = [D.with_places(p, _gen(90_100 + i)) for i, p in enumerate(prompts)]
+    wrong = E.summarise(E.evaluate_clips(video, shuffled, frames_per_chunk=FRAMES_PER_CHUNK))
+    assert wrong.place_match < 0.3
+    plain = E.evaluate_clips(video, [D.Prompt(tuple(D.Sprite(s.colour, s.shape) for s in p.sprites), p.pan)
+                                     for p in prompts])
+    assert all(m.place_match is None for m in plain) and E.summarise(plain).place_match is None
+
+
+def test_placed_heldout_prompts_are_the_plain_ones_with_places():
+    plain, placed = E.heldout_prompts(64), E.heldout_prompts(64, placed=True)
+    assert [[(s.colour, s.shape) for s in p.sprites] for p in plain] == \
+        [[(s.colour, s.shape) for s in p.sprites] for p in placed]
+    assert all(s.place is not None for p in placed for s in p.sprites)
+    assert all(len({s.place for s in p.sprites}) == len(p.sprites) for p in placed)

@@ -115,3 +115,46 @@ def test_parse_prompt_forms_and_errors():
             P.parse_prompt(bad)
     with pytest.raises(ToolkitError, match="one per prompt"):  # two camera motions: never keep just the last
         P.parse_prompt("red circle; pan left; pan right")
+
+
+def test_places_round_trip_and_parse():
+    prompts = P.random_prompts(60, _gen(4), placed=0.5)
+    placed = [p for p in prompts if p.sprites[0].place is not None]
+    assert 10 < len(placed) < 50  # about half, each sprite of a placed prompt in its own cell
+    for p in placed:
+        assert all(s.place in P.PLACES for s in p.sprites) and len({s.place for s in p.sprites}) == len(p.sprites)
+    for p in prompts:
+        assert P.parse_prompt(str(p)) == p
+    assert P.decode_prompts(P.encode_prompts(prompts)) == prompts
+    p = P.parse_prompt("2 sprites: Red circle top-left, blue square center; pan up")
+    assert [s.place for s in p.sprites] == ["top-left", "centre"]
+    assert str(p) == "2 sprites: red circle top-left, blue square centre; pan up"
+    with pytest.raises(ToolkitError, match="unknown place"):
+        P.parse_prompt("red circle middle")
+    with pytest.raises(ValueError, match="probability"):
+        P.random_prompts(1, _gen(0), placed=1.5)
+
+
+def test_placed_sprites_start_in_their_cell_and_unplaced_draws_are_unchanged():
+    """A named place puts the first-frame centre inside that third of each axis; a prompt without places draws
+    and renders as before places existed: the same random stream, the centres of the same draws
+    (radius + (size - 2 radius) u; the first frame's goes through the bounce's arithmetic, so to rounding)."""
+    h, w = 48, 80
+    prompts = P.random_prompts(48, _gen(5), placed=1.0)
+    _, truth = P.render(prompts, _gen(6), with_truth=True, **CLIP)
+    for i, p in enumerate(prompts):
+        for z, s in enumerate(p.sprites):
+            row, col = P.place_cell(s.place)
+            y, x = truth.centres[i, z, 0].tolist()
+            assert row * h / 3 <= y <= (row + 1) * h / 3 and col * w / 3 <= x <= (col + 1) * w / 3
+    # unplaced: the prompt draws stop where they always stopped, and the centres follow the old formula
+    g1, g2 = _gen(7), _gen(7)
+    assert P.random_prompts(30, g1) == P.random_prompts(30, g2, placed=0.0)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    plain = P.random_prompts(8, _gen(8))
+    _, t = P.render(plain, _gen(9), with_truth=True, **CLIP)
+    g = _gen(9)
+    radius = (min(h, w) / 48.0) * (6.0 + 4.0 * torch.rand(8, P.MAX_SPRITES, generator=g))
+    cy = radius + (h - 2 * radius) * torch.rand(8, P.MAX_SPRITES, generator=g)
+    cx = radius + (w - 2 * radius) * torch.rand(8, P.MAX_SPRITES, generator=g)
+    torch.testing.assert_close(t.centres[:, :, 0], torch.stack([cy, cx], -1), rtol=0, atol=1e-5)

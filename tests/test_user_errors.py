@@ -88,6 +88,7 @@ CASES = {
     "train zero lr": (["train", "--stages", "ode_init", "--ode-lr", "0", "--out", "{tmp}/t"], "--ode-lr 0.0"),
     "train zero critic ratio": (["train", "--stages", "self_forcing", "--sf-critic-ratio", "0", "--out", "{tmp}/t"],
                                 "--sf-critic-ratio 0: must be positive"),
+    "train placed above one": (["train", "--tiny", "--placed", "2", "--out", "{tmp}/t"], "--placed"),
     "train tiny with a stage flag": (["train", "--tiny", "--sf-steps", "9", "--out", "{tmp}/t"],
                                      "--tiny fixes every stage's size and steps; leave out --sf-steps"),
     "finetune from nowhere": (["train", "--finetune", "--attention", "monarch", "--from", "{tmp}/none", "--out",

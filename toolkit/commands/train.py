@@ -15,7 +15,7 @@ from toolkit.models.bundled import DEFAULT_DIR, tiny_config
 from toolkit.models.bundled.config import bundled_config, teacher_config, tiny_teacher_config
 from toolkit.models.bundled.finetune import OBJECTIVES, FinetuneSettings
 from toolkit.models.bundled.ode_init import ODE_STARTS
-from toolkit.models.bundled.recipe import STAGES, Recipe, train_bundled
+from toolkit.models.bundled.recipe import STAGES, Recipe, train_bundled, with_places
 from toolkit.models.bundled.self_forcing import SF_STARTS
 from toolkit.models.bundled.teacher import TeacherSettings
 from toolkit.models.wan import PREDICTIONS, WanConfig
@@ -28,6 +28,16 @@ def _stages(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(f"unknown stage(s) {', '.join(bad) or '(none)'}; choose from "
                                          f"{', '.join(STAGES)}")
     return stages
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in [0, 1]")
+    return value
 
 
 def _student_size(text: str) -> dict:
@@ -152,6 +162,10 @@ Self-Forcing {defaults.self_forcing.steps} generator updates x \
                    help="guide only where the noise level σ is in [LO, HI] (sampler steps, DMD's noise levels) and "
                         "take the conditional flow elsewhere, e.g. 0 0.8: the layout, set at high σ, unguided "
                         "(default: every σ); kept in the folder's record for later stages")
+    p.add_argument("--placed", type=_fraction, default=defaults.placed, metavar="P",
+                   help="fraction of every stage's training prompts that name where each sprite starts, e.g. 'red "
+                        "circle top-left' (default 0: none); above 0 the validation and evaluation prompts name "
+                        "places too")
     p.add_argument("--eval-prompts", type=int, default=defaults.eval_prompts)
     p.add_argument("--eval-seeds", type=int, default=defaults.eval_seeds,
                    help="noise seeds per held-out prompt (the first is the one-seed evaluation's); each candidate is "
@@ -244,7 +258,7 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
             eval_prompts=4,
             eval_seeds=args.eval_seeds,
         )
-    return recipe
+    return with_places(recipe, args.placed)
 
 
 def run_finetune(args: argparse.Namespace, log: Callable[[str], None]) -> int:

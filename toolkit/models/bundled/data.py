@@ -5,11 +5,14 @@ ring) moving with constant velocity and bouncing off the frame edges, drawn in p
 earlier ones), over a textured background. An optional camera pan scrolls the background by a constant
 velocity (the sprites live in screen coordinates, so they keep bouncing inside the frame while the world slides).
 
-The "prompt" is what a caption would say: which sprites (colour + shape, in z-order) and which pan. Positions,
-velocities, sizes and textures are *not* in the prompt: the model has to invent them in the first chunk and keep them
-consistent afterwards, which is exactly the job of its causal self-attention.
+The "prompt" is what a caption would say: which sprites (colour + shape, in z-order) and which pan, and optionally
+where each sprite starts, as one cell of a 3 x 3 grid over the frame (``PLACES``: "red circle top-left"). Exact
+positions, velocities, sizes and textures are *not* in the prompt: the model has to invent them in the first chunk
+(inside the named cell, where one is named) and keep them consistent afterwards, which is exactly the job of its
+causal self-attention.
 
     Prompt  <->  "2 sprites: red circle, blue square; pan left"   (``parse_prompt`` / ``str(prompt)``)
+    Prompt  <->  "2 sprites: red circle top-left, blue square centre"
     Prompt  -->  context [L_txt = 1 + MAX_SPRITES, TEXT_DIM]      (``encode_prompts``: one global token, one token
                                                                      per sprite slot, empty slots all zero)
     Prompt  -->  video [3, frames, height, width] in [0, 1]        (``render``; ``with_truth=True`` also gives each
@@ -45,6 +48,8 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 COLOUR_NAMES = tuple(COLOURS)
 SHAPES = ("circle", "square", "triangle", "diamond", "ring")
 PANS = ("none", "left", "right", "up", "down")
+# Where a sprite starts (its centre in the first frame): a cell of the 3 x 3 grid over the frame, row-major.
+PLACES = ("top-left", "top", "top-right", "left", "centre", "right", "bottom-left", "bottom", "bottom-right")
 MAX_SPRITES = 4
 TEXT_DIM = 32
 TEXT_LEN = 1 + MAX_SPRITES
@@ -54,18 +59,25 @@ SHADE_MIN = 0.8
 
 # Layout of the prompt tokens (TEXT_DIM channels). Global token: flag, sprite count one-hot, pan one-hot.
 _G_FLAG, _G_COUNT, _G_PAN = 0, 1, 1 + MAX_SPRITES
-# Sprite token: flag, colour one-hot, shape one-hot, z-order one-hot.
+# Sprite token: flag, colour one-hot, shape one-hot, z-order one-hot, then the start cell: a flag and its
+# (row, column) in {-1, 0, 1} (all zero for a sprite without a place, which models trained before places existed
+# read as before).
 _S_FLAG = _G_PAN + len(PANS)
 _S_COLOUR = _S_FLAG + 1
 _S_SHAPE = _S_COLOUR + len(COLOURS)
 _S_Z = _S_SHAPE + len(SHAPES)
-assert _S_Z + MAX_SPRITES <= TEXT_DIM
+_S_PLACE = _S_Z + MAX_SPRITES
+assert _S_PLACE + 3 <= TEXT_DIM
 
 
 @dataclass(frozen=True)
 class Sprite:
     colour: str
     shape: str
+    place: str | None = None  # start cell (one of PLACES), or None: anywhere
+
+    def __str__(self) -> str:
+        return f"{self.colour} {self.shape}" + (f" {self.place}" if self.place else "")
 
 
 @dataclass(frozen=True)
@@ -86,20 +98,23 @@ class Prompt:
                 raise ToolkitError(f"unknown colour {s.colour!r}; choose from {', '.join(COLOURS)}")
             if s.shape not in SHAPES:
                 raise ToolkitError(f"unknown shape {s.shape!r}; choose from {', '.join(SHAPES)}")
+            if s.place is not None and s.place not in PLACES:
+                raise ToolkitError(f"unknown place {s.place!r}; choose from {', '.join(PLACES)}")
         if self.pan not in PANS:
             raise ToolkitError(f"unknown pan {self.pan!r}; choose from {', '.join(PANS)}")
 
     def __str__(self) -> str:
         n = len(self.sprites)
-        text = f"{n} sprite{'s' if n > 1 else ''}: " + ", ".join(f"{s.colour} {s.shape}" for s in self.sprites)
+        text = f"{n} sprite{'s' if n > 1 else ''}: " + ", ".join(str(s) for s in self.sprites)
         return text + ("" if self.pan == "none" else f"; pan {self.pan}")
 
 
 def parse_prompt(text: str) -> Prompt:
-    """Parse e.g. ``"2 sprites: red circle, blue square; pan left"`` (count and pan optional, case-insensitive)."""
+    """Parse e.g. ``"2 sprites: red circle, blue square; pan left"`` or ``"red circle top-left, blue square
+    centre"`` (count, places and pan optional, case-insensitive; "center" is read as "centre")."""
     usage = (
-        f"expected e.g. '2 sprites: red circle, blue square; pan left' (colours: {', '.join(COLOURS)}; "
-        f"shapes: {', '.join(SHAPES)}; pan: {', '.join(PANS[1:])})"
+        f"expected e.g. '2 sprites: red circle top-left, blue square; pan left' (colours: {', '.join(COLOURS)}; "
+        f"shapes: {', '.join(SHAPES)}; optional start place: {', '.join(PLACES)}; pan: {', '.join(PANS[1:])})"
     )
     parts = [p.strip() for p in text.lower().split(";")]
     body, pans = parts[0], []
@@ -117,20 +132,27 @@ def parse_prompt(text: str) -> Prompt:
         count, body = int(m.group(1)), m.group(2)
     sprites = []
     for item in filter(None, (s.strip() for s in body.split(","))):
-        words = item.split()
-        if len(words) != 2:
+        words = item.replace("center", "centre").split()
+        known = len(words) == 3 and words[0] in COLOURS and words[1] in SHAPES  # a sprite, then maybe a place
+        if len(words) not in (2, 3) or (len(words) == 3 and not known):
             raise ToolkitError(f"cannot parse sprite {item!r} in prompt {text!r}; {usage}")
-        sprites.append(Sprite(colour=words[0], shape=words[1]))
+        sprites.append(Sprite(colour=words[0], shape=words[1], place=words[2] if len(words) == 3 else None))
     if count is not None and count != len(sprites):
         raise ToolkitError(f"prompt {text!r} announces {count} sprites but lists {len(sprites)}")
     return Prompt(tuple(sprites), pan)
 
 
-def random_prompts(n: int, generator: torch.Generator, pan_prob: float = 0.3, min_sprites: int = 1) -> list[Prompt]:
+def random_prompts(
+    n: int, generator: torch.Generator, pan_prob: float = 0.3, min_sprites: int = 1, placed: float = 0.0
+) -> list[Prompt]:
     """``n`` prompts: ``min_sprites``..MAX_SPRITES sprites of distinct colours, random shapes, a pan with probability
-    ``pan_prob`` (``min_sprites`` 1: the draws every held-out prompt set was made with)."""
+    ``pan_prob``; with probability ``placed`` a prompt names a distinct start cell for each sprite (``with_places``).
+    ``min_sprites`` 1 and ``placed`` 0 make the draws every held-out prompt set was made with (a prompt without
+    places draws nothing more)."""
     if not 1 <= min_sprites <= MAX_SPRITES:
         raise ValueError(f"min_sprites must be in 1..{MAX_SPRITES}, not {min_sprites}")
+    if not 0.0 <= placed <= 1.0:
+        raise ValueError(f"placed is a probability, not {placed}")
     prompts = []
     for _ in range(n):
         count = int(torch.randint(min_sprites, MAX_SPRITES + 1, (), generator=generator))
@@ -139,9 +161,23 @@ def random_prompts(n: int, generator: torch.Generator, pan_prob: float = 0.3, mi
         pan = "none"
         if float(torch.rand((), generator=generator)) < pan_prob:
             pan = PANS[1 + int(torch.randint(len(PANS) - 1, (), generator=generator))]
-        sprites = tuple(Sprite(COLOUR_NAMES[c], SHAPES[s]) for c, s in zip(colours, shapes))
-        prompts.append(Prompt(sprites, pan))
+        prompt = Prompt(tuple(Sprite(COLOUR_NAMES[c], SHAPES[s]) for c, s in zip(colours, shapes)), pan)
+        if placed > 0 and float(torch.rand((), generator=generator)) < placed:
+            prompt = with_places(prompt, generator)
+        prompts.append(prompt)
     return prompts
+
+
+def with_places(prompt: Prompt, generator: torch.Generator) -> Prompt:
+    """``prompt`` with a distinct random start cell (``PLACES``) for each sprite."""
+    cells = torch.randperm(len(PLACES), generator=generator)[: len(prompt.sprites)].tolist()
+    sprites = tuple(Sprite(s.colour, s.shape, PLACES[c]) for s, c in zip(prompt.sprites, cells))
+    return Prompt(sprites, prompt.pan)
+
+
+def place_cell(place: str) -> tuple[int, int]:
+    """(row, column) in 0..2 of a start place's cell in the 3 x 3 grid."""
+    return divmod(PLACES.index(place), 3)
 
 
 def encode_prompts(prompts: list[Prompt]) -> torch.Tensor:
@@ -157,6 +193,9 @@ def encode_prompts(prompts: list[Prompt]) -> torch.Tensor:
             tok[_S_COLOUR + COLOUR_NAMES.index(s.colour)] = 1
             tok[_S_SHAPE + SHAPES.index(s.shape)] = 1
             tok[_S_Z + z] = 1
+            if s.place is not None:
+                row, col = place_cell(s.place)
+                tok[_S_PLACE : _S_PLACE + 3] = torch.tensor([1.0, row - 1.0, col - 1.0])
     return out
 
 
@@ -183,6 +222,8 @@ def decode_prompts(context: torch.Tensor) -> list[Prompt]:
             Sprite(
                 COLOUR_NAMES[int(tok[_S_COLOUR : _S_COLOUR + len(COLOURS)].argmax())],
                 SHAPES[int(tok[_S_SHAPE : _S_SHAPE + len(SHAPES)].argmax())],
+                PLACES[3 * (round(float(tok[_S_PLACE + 1])) + 1) + round(float(tok[_S_PLACE + 2])) + 1]
+                if tok[_S_PLACE] > 0.5 else None,
             )
             for tok in c[1:]
             if tok[_S_FLAG] > 0.5
@@ -222,6 +263,18 @@ def _bounce(start: torch.Tensor, velocity: torch.Tensor, low: torch.Tensor, high
     return low + span - (y - span).abs()
 
 
+def _start(u: torch.Tensor, radius: torch.Tensor, cell: torch.Tensor, size: int) -> torch.Tensor:
+    """First-frame centre along one axis from u ~ U(0, 1): anywhere the sprite fits (cell -1), or inside the
+    named third of the axis (cell 0..2) where it fits; the same draw either way, so prompts without places render
+    as they always have."""
+    third = size / 3.0
+    placed = cell >= 0
+    low = torch.where(placed, torch.maximum(radius, cell * third), radius)
+    high = torch.minimum(size - radius, (cell + 1) * third)
+    span = torch.where(placed, high - low, size - 2 * radius)  # the unplaced span exactly as it was always computed
+    return low + span * u
+
+
 @dataclass
 class Truth:
     """What the renderer knows about a batch of clips (sprite slots in prompt order, z-order).
@@ -257,14 +310,17 @@ def render(
     present = torch.zeros(b, k)
     colour = torch.zeros(b, k, 3)
     shape = torch.zeros(b, k, dtype=torch.long)
+    cell = torch.full((b, k, 2), -1)  # start cell (row, column), -1: anywhere
     for i, p in enumerate(prompts):
         for z, s in enumerate(p.sprites):
             present[i, z] = 1
             colour[i, z] = torch.tensor(COLOURS[s.colour])
             shape[i, z] = SHAPES.index(s.shape)
+            if s.place is not None:
+                cell[i, z] = torch.tensor(place_cell(s.place))
     radius = scale * (6.0 + 4.0 * torch.rand(b, k, generator=g))  # 6-10 px: each sprite covers 3-8 % of a frame
-    cy = radius + (height - 2 * radius) * torch.rand(b, k, generator=g)
-    cx = radius + (width - 2 * radius) * torch.rand(b, k, generator=g)
+    cy = _start(torch.rand(b, k, generator=g), radius, cell[..., 0], height)
+    cx = _start(torch.rand(b, k, generator=g), radius, cell[..., 1], width)
     speed = scale * (1.0 + 1.5 * torch.rand(b, k, generator=g))  # pixels per frame
     angle = 2 * math.pi * torch.rand(b, k, generator=g)
     vy, vx = speed * torch.sin(angle), speed * torch.cos(angle)
@@ -342,8 +398,9 @@ def sample_batch(
     device: torch.device | str = "cpu",
     pan_prob: float = 0.3,
     min_sprites: int = 1,
+    placed: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, list[Prompt]]:
     """Random prompts and their clips: (video [b 3 f h w] in [0, 1], context [b TEXT_LEN TEXT_DIM], prompts)."""
-    prompts = random_prompts(batch, generator, pan_prob, min_sprites)
+    prompts = random_prompts(batch, generator, pan_prob, min_sprites, placed)
     video = render(prompts, generator, frames=frames, height=height, width=width, device=device)
     return video, encode_prompts(prompts).to(device), prompts

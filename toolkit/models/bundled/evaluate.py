@@ -31,6 +31,10 @@ Metrics per clip (``evaluate_clips``), against the prompt:
   is their mean, ``max_jump`` the largest; ``boundary_jump`` averages those that cross a chunk boundary (last frame
   of a chunk to the first of the next), ``within_jump`` the others: a causal model that loses track of a sprite
   between chunks has boundary_jump >> within_jump (ratio ~1.0 on ground truth).
+* ``place_match`` (prompts that name start places, else None): every placed sprite's centroid in the first frame of
+  the first chunk where it is seen lies in its prompted cell of the 3 x 3 grid, widened by ``PLACE_MARGIN`` of the
+  frame on each side (a sprite moves up to 0.052 * min(h, w) px per frame, and a partly hidden one's centroid
+  wanders). Not part of ``score``, whose definition predates places.
 * ``score`` in {0, 1}: 1 iff colour_match and count_match and persistence >= ``PERSISTENCE_MIN`` (0.9) and no jump
   exceeds ``JUMP_LIMIT`` (0.25) * min(h, w) px per frame. Sprites move at most 2.5 * scale = 0.052 * min(h, w) px per
   frame and occlusion moves the centroid of what is visible a little more: the largest ground-truth jump over 1024
@@ -74,6 +78,7 @@ PERSISTENCE_MIN = 0.9  # score: prompted sprites seen in >= 90 % of (sprite, fra
 JUMP_LIMIT = 0.25  # score: no centroid jump above 0.25 * min(h, w) px per frame (~5x the fastest sprite)
 SOLID = 0.5  # jumps: only frames where a sprite shows >= half its median area (a sliver's centroid wanders)
 MIN_PIXELS_PER_SCALE2 = 12.0  # default min_pixels = 12 * scale**2: a fifth of the smallest sprite
+PLACE_MARGIN = 0.08  # place_match: the prompted cell widened by this fraction of the frame on each side
 HELDOUT_PROMPT_SEED = 1_000_103  # far from the small training seeds (and from the teacher's held-out 1_000_003)
 HELDOUT_NOISE_SEED = 1_000_203
 PAIRED = ("colour_match", "count_match", "score")  # the per-clip outcomes a Summary keeps for ``paired``
@@ -231,6 +236,7 @@ class ClipMetrics:
     track_error: float | None
     jump_limit: float
     score: float
+    place_match: bool | None = None
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -317,6 +323,7 @@ def _clip_metrics(
         track_error = _mean(np.linalg.norm(tracks[unoccluded] - truth_centres[unoccluded], axis=-1).tolist())
 
     ok = colour_match and count_match and persistence >= PERSISTENCE_MIN and (max_jump or 0.0) <= jump_limit
+    place_match = _place_match(prompt, seen, tracks, expected, size, frames_per_chunk)
     return ClipMetrics(
         prompt=str(prompt),
         colours=list(det.colours),
@@ -334,7 +341,31 @@ def _clip_metrics(
         track_error=track_error,
         jump_limit=jump_limit,
         score=float(ok),
+        place_match=place_match,
     )
+
+
+def _place_match(prompt: Prompt, seen: np.ndarray, tracks: np.ndarray, expected: np.ndarray,
+                 size: tuple[int, int], frames_per_chunk: int) -> bool | None:
+    """Every placed sprite starts in its cell (module docstring); seen, expected [sprites, f], tracks [sprites f 2].
+    A sprite not expected in the first chunk (hidden there by the renderer) is not asked for; None: no places."""
+    placed = [z for z, s in enumerate(prompt.sprites) if s.place is not None]
+    if not placed:
+        return None
+    h, w = size
+    for z in placed:
+        if not expected[z, :frames_per_chunk].any():
+            continue
+        first = np.flatnonzero(seen[z, :frames_per_chunk])
+        if not len(first):
+            return False
+        y, x = tracks[z, first[0]]
+        row, col = data.place_cell(prompt.sprites[z].place)
+        inside_y = (row / 3 - PLACE_MARGIN) * h <= y <= ((row + 1) / 3 + PLACE_MARGIN) * h
+        inside_x = (col / 3 - PLACE_MARGIN) * w <= x <= ((col + 1) / 3 + PLACE_MARGIN) * w
+        if not (inside_y and inside_x):
+            return False
+    return True
 
 
 def evaluate_clips(
@@ -389,6 +420,7 @@ class Summary:
     teleports: float
     truth_jump: float | None
     track_error: float | None
+    place_match: float | None = None  # over the clips whose prompts name places
     thresholds: dict = field(default_factory=dict)
     # per clip, in evaluation order (prompts x seeds), "1"/"0" per clip for each of PAIRED: what ``paired`` compares
     outcomes: dict = field(default_factory=dict)
@@ -420,7 +452,9 @@ def summarise(metrics: Sequence[ClipMetrics]) -> Summary:
         teleports=_mean([float(m.max_jump is not None and m.max_jump > m.jump_limit) for m in metrics]),
         truth_jump=mean("truth_jump"),
         track_error=mean("track_error"),
-        thresholds=dict(persistence_min=PERSISTENCE_MIN, jump_limit_px=sorted({m.jump_limit for m in metrics})),
+        place_match=mean("place_match"),
+        thresholds=dict(persistence_min=PERSISTENCE_MIN, jump_limit_px=sorted({m.jump_limit for m in metrics}),
+                        place_margin=PLACE_MARGIN),
         outcomes={name: "".join("1" if getattr(m, name) else "0" for m in metrics) for name in PAIRED},
     )
 
@@ -439,16 +473,22 @@ def paired(before: str, after: str) -> dict:
     return dict(gained=gained, lost=lost, p_value=p_value)
 
 
-def heldout_prompts(n: int = 64, seed: int = HELDOUT_PROMPT_SEED, pan_prob: float = 0.3) -> list[Prompt]:
+def heldout_prompts(
+    n: int = 64, seed: int = HELDOUT_PROMPT_SEED, pan_prob: float = 0.3, placed: bool = False
+) -> list[Prompt]:
     """Fixed evaluation prompts, drawn like the training prompts (``data.random_prompts``) from a held-out seed,
     distinct: a prompt drawn again is skipped (the first repeat comes at draw 88, so the first 87 are the plain
-    draws)."""
+    draws). ``placed``: the same prompts, each sprite given a distinct start place (``data.with_places``, from a
+    generator of its own), so placed and unplaced scores compare prompt by prompt."""
     generator = torch.Generator().manual_seed(seed)
     prompts: list[Prompt] = []
     while len(prompts) < n:
         prompt = data.random_prompts(1, generator, pan_prob)[0]  # the same draws as one call for n prompts
         if prompt not in prompts:
             prompts.append(prompt)
+    if placed:
+        places = torch.Generator().manual_seed(seed + 1)
+        prompts = [data.with_places(p, places) for p in prompts]
     return prompts
 
 
@@ -495,8 +535,8 @@ def evaluate_generator(
 
 
 __all__ = [
-    "HELDOUT_NOISE_SEED", "HELDOUT_PROMPT_SEED", "JUMP_LIMIT", "PAIRED", "PERSISTENCE_MIN", "SOLID", "ClipMetrics",
-    "Detection", "Summary", "colour_index", "colour_masks", "default_min_pixels", "detect_colours", "detect_sprites",
-    "evaluate_clips", "evaluate_generator", "heldout_prompts", "heldout_seeds", "paired", "sprite_extent",
-    "summarise",
+    "HELDOUT_NOISE_SEED", "HELDOUT_PROMPT_SEED", "JUMP_LIMIT", "PAIRED", "PERSISTENCE_MIN", "PLACE_MARGIN", "SOLID",
+    "ClipMetrics", "Detection", "Summary", "colour_index", "colour_masks", "default_min_pixels", "detect_colours",
+    "detect_sprites", "evaluate_clips", "evaluate_generator", "heldout_prompts", "heldout_seeds", "paired",
+    "sprite_extent", "summarise",
 ]

@@ -120,6 +120,7 @@ class ODESettings:
     # "self_forcing" to start a second round from the stage-(c) student, e.g. on pairs of a teacher trained longer
     # since (listed under "continued" too, with the record of the stage-(c) student it started from)
     start: str = "base"
+    placed: float = 0.0  # fraction of the pool's prompts that name each sprite's start place (data.PLACES)
 
 
 def make_pool(
@@ -131,7 +132,7 @@ def make_pool(
     the trajectories whose x0 the sprite evaluator scores as showing the prompt's colours and sprite count are
     kept (``kept`` of ``drawn``)."""
     device = next(teacher.parameters()).device
-    setup = ClipSetup.of(teacher.cfg, device)
+    setup = ClipSetup.of(teacher.cfg, device, settings.placed)
     g = torch.Generator().manual_seed(seed)
     store = torch.bfloat16 if device.type == "cuda" else torch.float32
     states, x0s, contexts = [], [], []
@@ -192,7 +193,8 @@ def train_ode_init(
     setup = ClipSetup.of(student.cfg, device)
     guidance = dict(guidance_scale=guidance_scale, guidance_interval=guidance_interval)
     pool = make_pool(teacher, settings, seed=seed + 11, log=log, **guidance)
-    heldout = make_pool(teacher, ODESettings(pairs=16, pair_batch=16, grid_steps=settings.grid_steps),
+    heldout = make_pool(teacher, ODESettings(pairs=16, pair_batch=16, grid_steps=settings.grid_steps,
+                                             placed=settings.placed),
                         seed=seed + 12, log=lambda *_: None, **guidance)
     g = torch.Generator().manual_seed(seed + 13)
     g_eval = torch.Generator().manual_seed(seed + 14)

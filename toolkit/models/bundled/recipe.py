@@ -35,7 +35,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,9 @@ class Recipe:
     validation_prompts: int = 32
     seed: int = 0
     eval_prompts: int = 64  # held-out prompts
+    # fraction of every stage's training prompts that name where each sprite starts (data.PLACES; set on each
+    # stage's settings by ``with_places``); above 0 the validation and evaluation prompts name places too
+    placed: float = 0.0
     eval_seeds: int = 1  # noise seeds per prompt (``evaluate.heldout_seeds``; the first is the one-seed protocol's)
 
 
@@ -275,6 +278,13 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
 
 
+def with_places(recipe: Recipe, placed: float) -> Recipe:
+    """``recipe`` with ``placed`` as the prompt mix of every stage and of its evaluation."""
+    return replace(recipe, base=replace(recipe.base, placed=placed), teacher=replace(recipe.teacher, placed=placed),
+                   ode_init=replace(recipe.ode_init, placed=placed),
+                   self_forcing=replace(recipe.self_forcing, placed=placed), placed=placed)
+
+
 def train_bundled(
     out: str | Path,
     recipe: Recipe = Recipe(),
@@ -382,7 +392,7 @@ def train_bundled(
         candidates["self_forcing"] = as_stored(student)
 
     # evaluation: the same held-out prompts and seeds for every model
-    prompts = evaluate.heldout_prompts(recipe.eval_prompts)
+    prompts = evaluate.heldout_prompts(recipe.eval_prompts, placed=recipe.placed > 0)
     seeds = evaluate.heldout_seeds(recipe.eval_seeds)
     results = {}
     start = time.perf_counter()
@@ -406,7 +416,8 @@ def train_bundled(
         results = {"random_init": results.pop("random_init"), "ode_init": ode, **results}
     shipped = max(candidates, key=lambda n: (results[n]["colour_match"], results[n]["score"]))
     record.update(evaluation=results, evaluation_seconds=round(time.perf_counter() - start, 1), shipped=shipped,
-                  eval_prompts=len(prompts), eval_seeds=len(seeds), paired=comparisons)
+                  eval_prompts=len(prompts), eval_seeds=len(seeds), eval_placed=recipe.placed > 0,
+                  paired=comparisons)
     log_file.write_text(json.dumps(record, indent=1) + "\n")  # a later continued stage reads the evaluation here
     log(f"shipping the {shipped} student")
     write_artifacts(out, candidates[shipped], teacher, record, log)
@@ -440,7 +451,8 @@ def choose_guidance(teacher: WanModel, recipe: Recipe, log: Log = print) -> dict
     interval = {} if recipe.guidance_interval is None else {"interval": list(recipe.guidance_interval)}
     if recipe.guidance_scale is not None:
         return dict(scale=recipe.guidance_scale, chosen_by="recipe", **interval)
-    prompts = evaluate.heldout_prompts(recipe.validation_prompts, seed=VALIDATION_PROMPT_SEED)
+    prompts = evaluate.heldout_prompts(recipe.validation_prompts, seed=VALIDATION_PROMPT_SEED,
+                                       placed=recipe.placed > 0)
     results = {}
     for scale in recipe.guidance_candidates:
         results[scale] = evaluate_model(teacher, prompts, (VALIDATION_NOISE_SEED,),
@@ -480,6 +492,7 @@ SUMMARY_COLUMNS = (
     ("within_jump", "jump in chunk (px/frame)", "{:.2f}"),
     ("boundary_jump", "jump at chunk boundary", "{:.2f}"),
     ("teleports", "clips with a teleport", "{:.0%}"),
+    ("place_match", "sprites start in place", "{:.0%}"),
 )
 
 
@@ -751,6 +764,7 @@ def model_card(record: dict, model: WanModel) -> str:
     header = " | ".join(title for _, title, _ in SUMMARY_COLUMNS)
     seeds = record.get("eval_seeds", 1)
     rollouts = "one rollout each" if seeds == 1 else f"{seeds} rollouts each (noise seeds `evaluate.heldout_seeds`)"
+    placed_text = ", each sprite's start place named: `placed=True`" if record.get("eval_placed") else ""
     paired = "".join(
         f"\nClip by clip, {label.replace('_', ' ')}: "
         + "; ".join(f"{key.replace('_', ' ')} +{c['gained']} / −{c['lost']} clips (sign test p = {c['p_value']:.2g})"
@@ -844,7 +858,7 @@ Shipped: the **{record.get('shipped', '?')}** student ({choice}). {record.get('s
 
 ## Evaluation
 
-{record.get('eval_prompts', '?')} held-out prompts (`evaluate.heldout_prompts`), {rollouts} from the same
+{record.get('eval_prompts', '?')} held-out prompts (`evaluate.heldout_prompts`{placed_text}), {rollouts} from the same
 noise for every model, scored by the sprite evaluator (`toolkit/models/bundled/evaluate.py`, whose docstring
 defines each column; "ground truth" is procedural clips of the same prompts). Score = colours and count right,
 prompted sprites seen in ≥ 90 % of frames, no teleport. Random init and the teacher (40 Euler steps, not a

@@ -75,6 +75,7 @@ class SelfForcingSettings:
     # with start "self_forcing": continue the earlier run exactly (its saved state: critic, optimisers, live
     # weights, EMA, random streams) instead of from its EMA weights with a fresh critic
     resume: bool = False
+    placed: float = 0.0  # fraction of the rollouts' prompts that name each sprite's start place (data.PLACES)
 
 
 def student_rollout(
@@ -133,7 +134,7 @@ def train_self_forcing(
     dict that holds this run's end state on return (module docstring); if it already holds one, the run resumes
     from it (``seed`` is then unused: the random streams continue)."""
     device = next(student.parameters()).device
-    setup = ClipSetup.of(student.cfg, device)
+    setup = ClipSetup.of(student.cfg, device, settings.placed)
     scores = ClipSetup.of(teacher.cfg, device)  # the teacher's and the critic's patches and mask
     if (scores.frames, scores.height, scores.width, scores.chunk) != (setup.frames, setup.height, setup.width,
                                                                         setup.chunk):

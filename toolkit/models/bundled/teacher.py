@@ -103,14 +103,15 @@ class ClipSetup:
     chunk: int
     mask: torch.Tensor
     backend: Backend
+    placed: float = 0.0  # fraction of random prompts that name each sprite's start place (data.random_prompts)
 
     @classmethod
-    def of(cls, cfg: WanConfig, device: torch.device | str) -> ClipSetup:
+    def of(cls, cfg: WanConfig, device: torch.device | str, placed: float = 0.0) -> ClipSetup:
         frames, height, width = clip_shape(cfg)
         chunk = frames_per_chunk(cfg)
         per_frame = (height // cfg.patch_size[1]) * (width // cfg.patch_size[2])
         mask = teacher_forcing_mask(frames, per_frame, chunk, device)
-        return cls(frames, height, width, chunk, mask, chunked_attention(frames, per_frame, chunk))
+        return cls(frames, height, width, chunk, mask, chunked_attention(frames, per_frame, chunk), placed)
 
     def prompts_and_noise(self, batch: int, channels: int, generator: torch.Generator, device: torch.device | str
                           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +123,7 @@ class ClipSetup:
     def prompts_context_noise(self, batch: int, channels: int, generator: torch.Generator, device: torch.device | str
                               ) -> tuple[list[data.Prompt], torch.Tensor, torch.Tensor]:
         """:meth:`prompts_and_noise` with the prompts themselves (same draws from ``generator``)."""
-        prompts = data.random_prompts(batch, generator)
+        prompts = data.random_prompts(batch, generator, placed=self.placed)
         noise = torch.randn(batch, channels, self.frames, self.height, self.width, generator=generator)
         return prompts, data.encode_prompts(prompts).to(device), noise.to(device)
 
@@ -132,7 +133,7 @@ class ClipSetup:
         """Procedural clips in model space: (x0 [b c F H W], context [b L D], prompts)."""
         video, context, prompts = data.sample_batch(
             batch, generator, frames=self.frames, height=self.height, width=self.width, device=device,
-            min_sprites=min_sprites,
+            min_sprites=min_sprites, placed=self.placed,
         )
         return to_model_space(video), context, prompts
 
@@ -287,6 +288,8 @@ class TeacherSettings:
     # training clips of at least this many sprites (1: all counts, as the recipe); more trains a model further on
     # crowded scenes, where the teacher and the student fail (docs/bundled-model.md, run 15)
     min_sprites: int = 1
+    # fraction of training prompts that name where each sprite starts (data.PLACES); 0: the recipe's prompts
+    placed: float = 0.0
 
 
 PROBE_STEPS = 20  # steps timed before a ``seconds`` budget fixes the number of steps (and the cosine's length)
@@ -344,7 +347,7 @@ def train_teacher(
     labels the log and the record); returns the stage record (settings, time, loss curve, held-out loss before and
     after). The weights handed to the next stage are the EMA (exponential moving average)."""
     device = next(model.parameters()).device
-    setup = ClipSetup.of(model.cfg, device)
+    setup = ClipSetup.of(model.cfg, device, settings.placed)
     heldout = heldout_set(32, model.cfg)
     loss_init = heldout_loss(model, heldout, setup)  # eager, before compiling (no graph for no-grad mode)
     compile_seconds = None
