@@ -33,6 +33,9 @@ def main() -> None:
     p.add_argument("--teacher-label", default="teacher", help="how the strip names the teacher")
     p.add_argument("--guidance", type=float, default=2.0, help="the teacher's CFG scale (default 2, as shipped)")
     p.add_argument("--out", type=Path, default=None, help="folder for rollout.png/.gif (default: --model's)")
+    p.add_argument("--placed", choices=("auto", "yes", "no"), default="auto",
+                   help="showcase prompts with start places (recipe.SHOWCASE_PLACES); auto: if the model's record "
+                        "was evaluated on such prompts")
     args = p.parse_args()
 
     torch.set_grad_enabled(False)
@@ -42,9 +45,11 @@ def main() -> None:
     teacher = load_weights(args.teacher)
     folder = Path(args.model or bundled.DEFAULT_DIR)
     out = Path(args.out or folder)
-    save_rollouts(out, model, teacher, args.guidance, teacher_label=args.teacher_label)
-    seconds = time.perf_counter() - start
     log_file = folder / "train_log.json"
+    placed = args.placed == "yes" or (args.placed == "auto" and log_file.exists()
+                                      and bool(json.loads(log_file.read_text()).get("eval_placed")))
+    save_rollouts(out, model, teacher, args.guidance, teacher_label=args.teacher_label, placed=placed)
+    seconds = time.perf_counter() - start
     if out.resolve() == folder.resolve() and log_file.exists():  # the card says how its strip was drawn
         record = json.loads(log_file.read_text())
         record["showcase"] = dict(commit=commit, device=f"CPU ({cpu_model()}, {torch.get_num_threads()} threads)",

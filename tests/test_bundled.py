@@ -10,6 +10,7 @@ import json
 import runpy
 import subprocess
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -376,8 +377,30 @@ def test_every_stage_draws_prompts_with_places_when_asked(monkeypatch):
     train_self_forcing(student, teacher, SelfForcingSettings(steps=1, batch=1, critic_ratio=1, placed=0.5),
                        log=lambda *_: None)
     assert drawn and set(drawn) == {0.5}
+    # the model now says it reads places, its weights file keeps that, and generate no longer warns
+    from toolkit.models.bundled.config import reads_places
+
+    assert reads_places(student.cfg) and not reads_places(teacher.cfg)
+    with pytest.warns(UserWarning, match="not trained on prompts that name start places"):
+        bundled.generate(teacher, "red circle top-left", denoising_steps=(1000,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bundled.generate(student, "red circle top-left", denoising_steps=(1000,))
+        bundled.generate(teacher, "red circle", denoising_steps=(1000,))
     r = recipe.with_places(recipe.Recipe(), 0.25)
     assert (r.base.placed, r.teacher.placed, r.ode_init.placed, r.self_forcing.placed, r.placed) == (0.25,) * 5
+
+
+def test_showcase_prompts_with_places_keep_their_sprites():
+    """A model trained on prompts with places is shown the same four showcase prompts, each sprite in its own cell."""
+    from toolkit.models.bundled.recipe import SHOWCASE_PLACES, SHOWCASE_PROMPTS, showcase_prompts
+
+    plain, placed = showcase_prompts(), showcase_prompts(placed=True)
+    assert [str(p) for p in plain] == list(SHOWCASE_PROMPTS)
+    for p, q, cells in zip(plain, placed, SHOWCASE_PLACES, strict=True):
+        assert [(s.colour, s.shape) for s in p.sprites] == [(s.colour, s.shape) for s in q.sprites] and p.pan == q.pan
+        assert tuple(s.place for s in q.sprites) == cells and len(set(cells)) == len(cells)
+        assert all(s.place is None for s in p.sprites)
 
 
 def test_ode_regression_loss_is_the_x0_error_of_one_kv_cache_step_per_chunk():
@@ -1234,11 +1257,14 @@ def test_int8_weights_round_trip_within_half_a_step_and_load_strictly(tmp_path):
 
 
 def test_the_kept_teacher_loads():
-    """``data/teacher`` (int8) loads strictly with the teacher architecture the recipe trains."""
-    from toolkit.models.bundled.config import teacher_config
+    """``data/teacher`` (int8) loads strictly with the teacher architecture the recipe trains, and knows that it
+    has trained on prompts that name start places (run 23)."""
+    from toolkit.models.bundled.config import learned_places, reads_places, teacher_config
 
     model = load_weights(bundled.DEFAULT_DIR.parent / "teacher" / "teacher.safetensors")
-    assert model.cfg == teacher_config()
+    expected = teacher_config()
+    learned_places(expected)
+    assert model.cfg == expected and reads_places(model.cfg) and not reads_places(teacher_config())
 
 
 def test_shipped_weights_load_strictly_and_a_full_rollout_completes():

@@ -3,9 +3,12 @@
 # reads start places (run 23, now data/teacher), with three in four prompts naming places in every stage, over calls
 # back to back on one warm machine (DEST stays on it between calls):
 #   CALL=1  PART=kept_student (base, the teacher, the shipped student), then stage (b) from the shipped student on
-#           2048 new ODE pairs of the teacher (CFG 2), S seconds of regression (default 300), evaluated on 2 seeds x 64
+#           1024 new ODE pairs of the teacher (CFG 2; about 0.1 s each on an H200), S seconds of regression (default
+#           280: the call must also evaluate the teacher's 40-step samples), evaluated on 2 seeds x 64
 #           held-out prompts with places (the recipe's bf16 evaluation), and the shipped student, which never saw
 #           places, scored on the same clips in float32 as the baseline
+#   CALL=1b (if call 1's student does not yet start its sprites in place) stage (b) continued on 1024 new pairs
+#           (ODE_START=ode_init, SEED=25), S seconds more; the teacher took 3,000-6,000 steps to learn places (run 23)
 #   CALL=2  stage (c) from that stage-(b) student, S seconds (default 420), evaluated the same way
 #   CALL=3  stage (c) resumed exactly (SF_RESUME), S seconds more
 # After each call the new student is also scored in float32 (bundled_failures.py --placed, the same 128 clips),
@@ -14,7 +17,7 @@
 # Checked on the CPU with train_bundled.sh replaced by a stub that records its environment (each call passes PART,
 # PLACED=0.75, GUIDANCE=2, EVAL_SEEDS=2 and its starts).
 set -u
-CALL=${CALL:?CALL=1, 2 or 3}
+CALL=${CALL:?CALL=1, 1b, 2 or 3}
 dest=runs/s24
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_INTERPRET=0
 ln -sfn ../kernels toolkit/kernels; ln -sfn ../paper_figures toolkit/paper_figures
@@ -23,7 +26,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "runs/gpu
 common=(GUIDANCE=2 PLACED=0.75 EVAL_SEEDS=2 DEST=$dest)
 case "$CALL" in
   1) env PART=kept_student DEST=$dest bash benchmarks/train_bundled.sh
-     env "${common[@]}" SEED=24 ODE_START=self_forcing ODE_PAIRS=2048 ODE_SECONDS="${S:-300}" PART=ode_init \
+     env "${common[@]}" SEED=24 ODE_START=self_forcing ODE_PAIRS=1024 ODE_SECONDS="${S:-280}" PART=ode_init \
+       bash benchmarks/train_bundled.sh > "runs/call24_$CALL.log" 2>&1 ;;
+  1b) env "${common[@]}" SEED=25 ODE_START=ode_init ODE_PAIRS=1024 ODE_SECONDS="${S:-280}" PART=ode_init \
        bash benchmarks/train_bundled.sh > "runs/call24_$CALL.log" 2>&1 ;;
   2) env "${common[@]}" SEED=24 SF_SECONDS="${S:-420}" PART=self_forcing \
        bash benchmarks/train_bundled.sh > "runs/call24_$CALL.log" 2>&1 ;;

@@ -105,3 +105,13 @@ def clip_shape(cfg: WanConfig) -> tuple[int, int, int]:
 
 def frames_per_chunk(cfg: WanConfig) -> int:
     return cfg.extra.get("frames_per_chunk", FRAMES_PER_CHUNK)
+
+
+def reads_places(cfg: WanConfig) -> bool:
+    """Whether the model has trained on prompts that name start places (``data.PLACES``): the stages that train on
+    them say so in its config (``learned_places``), which its weights file keeps."""
+    return bool(cfg.extra.get("prompt_places", False))
+
+
+def learned_places(cfg: WanConfig) -> None:
+    cfg.extra["prompt_places"] = True

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from toolkit.models.bundled.config import (
     bundled_config,
     clip_shape,
     frames_per_chunk,
+    reads_places,
 )
 from toolkit.models.checkpoints import validate_state_dict
 from toolkit.models.sampling import self_forcing_rollout, self_forcing_timesteps
@@ -199,6 +201,9 @@ def generate(
         raise ValueError(f"negatives must be 'null' or 'leave_one_out', not {negatives!r}")
     device = next(model.parameters()).device
     parsed = parse_prompts(prompts)
+    if any(s.place for p in parsed for s in p.sprites) and not reads_places(model.cfg):
+        warnings.warn("this bundled model was not trained on prompts that name start places (e.g. 'red circle "
+                      "top-left'): it reads the places as noise; train with `toolkit train --placed`", stacklevel=2)
     context = data.encode_prompts(parsed).to(device)
     negative_context = torch.zeros_like(context)
     if negatives == "leave_one_out":

@@ -32,7 +32,7 @@ import torch
 
 from toolkit.errors import ToolkitError
 from toolkit.models.bundled import evaluate
-from toolkit.models.bundled.config import MANY_STEPS, SELF_FORCING_STEPS
+from toolkit.models.bundled.config import MANY_STEPS, SELF_FORCING_STEPS, learned_places
 from toolkit.models.bundled.model import to_pixels
 from toolkit.models.bundled.teacher import (
     ClipSetup,
@@ -231,6 +231,8 @@ def train_ode_init(
     seconds = time.perf_counter() - start
     compile_blocks(student, False)  # the rollouts after this stage are eager (KV-cache shapes change)
     student.eval()
+    if settings.placed > 0:
+        learned_places(student.cfg)
     loss_end = heldout_loss()
     log(f"ode-init: pool {pool['seconds']:.0f} s, {total} steps in {seconds:.0f} s; held-out x0 loss "
         f"{loss_init:.4f} -> {loss_end:.4f}")

@@ -80,6 +80,18 @@ SHOWCASE_PROMPTS = (
     "3 sprites: green diamond, magenta ring, white circle",
     "4 sprites: orange square, cyan triangle, red ring, blue circle; pan up",
 )
+# the same sprites with start places: the showcase of a model trained on prompts that name them (``showcase_prompts``)
+SHOWCASE_PLACES = (("centre",), ("left", "right"), ("top-left", "top-right", "bottom"),
+                   ("top-left", "top-right", "bottom-left", "bottom-right"))
+
+
+def showcase_prompts(placed: bool = False) -> list[data.Prompt]:
+    """``SHOWCASE_PROMPTS`` parsed, with ``SHOWCASE_PLACES`` named if ``placed``."""
+    prompts = [data.parse_prompt(p) for p in SHOWCASE_PROMPTS]
+    if not placed:
+        return prompts
+    return [data.Prompt(tuple(replace(s, place=c) for s, c in zip(p.sprites, cells, strict=True)), p.pan)
+            for p, cells in zip(prompts, SHOWCASE_PLACES, strict=True)]
 
 
 GUIDANCE_CANDIDATES = (1.0, 2.0, 3.0, 4.5)
@@ -354,7 +366,8 @@ def train_bundled(
         record["guidance"] = choose_guidance(teacher, recipe, log)
         log_file.write_text(json.dumps(record, indent=1) + "\n")
         guided = f"teacher, {len(MANY_STEPS)} Euler steps, CFG {cfg_label(*guidance_of(record))}"
-        save_showcase(out / "stages" / "teacher.png", [(guided, teacher, teacher_sampler(*guidance_of(record)))])
+        save_showcase(out / "stages" / "teacher.png", [(guided, teacher, teacher_sampler(*guidance_of(record)))],
+                      placed=recipe.placed > 0)
     if "ode_init" not in stages and "self_forcing" not in stages:
         return record
     guidance, interval = guidance_of(record)
@@ -521,43 +534,44 @@ def write_artifacts(out: Path, model: WanModel, teacher: WanModel, record: dict,
     save_weights(model, out / WEIGHTS_FILE, stage=record["shipped"].removesuffix("_start"))
     (out / CONFIG_FILE).write_text(json.dumps({**cfg.to_dict(), "training": _summary(record)}, indent=2) + "\n")
     (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
-    save_rollouts(out, model, teacher, *guidance_of(record))
+    save_rollouts(out, model, teacher, *guidance_of(record), placed=bool(record.get("eval_placed")))
     plot_curves(out / "curves.png", record)
     (out / "MODEL_CARD.md").write_text(model_card(record, model))
     log(f"wrote {out}")
 
 
 def save_rollouts(out: Path, model: WanModel, teacher: WanModel, guidance: float,
-                  interval: tuple[float, float] | None = None, teacher_label: str = "teacher") -> None:
-    """``out``/rollout.png (the showcase prompts: ground truth, the 4-step ``model``, the 40-step ``teacher`` at CFG
-    ``guidance``, in ``interval`` of σ if given) and rollout.gif (the second prompt's ground truth beside the
-    model's rollout)."""
+                  interval: tuple[float, float] | None = None, teacher_label: str = "teacher",
+                  placed: bool = False) -> None:
+    """``out``/rollout.png (the showcase prompts, with start places if ``placed``: ground truth, the 4-step
+    ``model``, the 40-step ``teacher`` at CFG ``guidance``, in ``interval`` of σ if given) and rollout.gif (the
+    second prompt's ground truth beside the model's rollout)."""
     label = f"{teacher_label}, {len(MANY_STEPS)} Euler steps, CFG {cfg_label(guidance, interval)}"
     truth, videos = save_showcase(out / "rollout.png", [
         ("bundled model, 4 steps (Self-Forcing loop)", model, {}),
         (label, teacher, teacher_sampler(guidance, interval)),
-    ])
+    ], placed=placed)
     save_gif(torch.cat([truth[1], videos[0][1]], dim=-1), out / "rollout.gif")
 
 
-def showcase_truth(cfg: WanConfig) -> torch.Tensor:
-    """Ground-truth clips of ``SHOWCASE_PROMPTS`` (render seed 0): [4, 3, frames, height, width]."""
+def showcase_truth(cfg: WanConfig, placed: bool = False) -> torch.Tensor:
+    """Ground-truth clips of ``showcase_prompts(placed)`` (render seed 0): [4, 3, frames, height, width]."""
     frames, height, width = clip_shape(cfg)
-    prompts = [data.parse_prompt(p) for p in SHOWCASE_PROMPTS]
-    return data.render(prompts, torch.Generator().manual_seed(0), frames=frames, height=height, width=width)
+    return data.render(showcase_prompts(placed), torch.Generator().manual_seed(0), frames=frames, height=height,
+                       width=width)
 
 
 def save_showcase(
-    path: Path, samplers: list[tuple[str, WanModel, dict]]
+    path: Path, samplers: list[tuple[str, WanModel, dict]], placed: bool = False
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """A strip of ``SHOWCASE_PROMPTS``: per prompt the ground truth, then each (label, model, ``generate``
+    """A strip of ``showcase_prompts(placed)``: per prompt the ground truth, then each (label, model, ``generate``
     options) sampled from seed 0; returns the ground truth and each sampler's videos."""
-    prompts = [data.parse_prompt(p) for p in SHOWCASE_PROMPTS]
+    prompts = showcase_prompts(placed)
     videos = []
     for _, model, sampler in samplers:
         with autocast(next(model.parameters()).device):
             videos.append(generate(model, prompts, seed=0, **sampler).float().cpu())
-    truth = showcase_truth(samplers[0][1].cfg)
+    truth = showcase_truth(samplers[0][1].cfg, placed)
     rows, labels = [], []
     for i, (p, clip) in enumerate(zip(prompts, truth)):
         rows.append(clip)

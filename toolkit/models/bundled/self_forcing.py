@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from toolkit.models.bundled.config import SELF_FORCING_STEPS
+from toolkit.models.bundled.config import SELF_FORCING_STEPS, learned_places
 from toolkit.models.bundled.teacher import (
     SHIFT,
     ClipSetup,
@@ -203,6 +203,8 @@ def train_self_forcing(
         state.update(_end_state(student, critic, opt_g, opt_c, ema, g, g_dev, updates))
     ema.copy_to_model()
     student.eval()
+    if settings.placed > 0:
+        learned_places(student.cfg)
     log(f"self-forcing: {total} generator updates in {seconds:.0f} s")
     return dict(stage="self_forcing", settings=asdict(settings), guidance_scale=guidance_scale, steps_run=total,
                 seconds=round(seconds, 1), curve=curve, resumed=resumed,

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from toolkit.models.bundled import data
-from toolkit.models.bundled.config import clip_shape, frames_per_chunk
+from toolkit.models.bundled.config import clip_shape, frames_per_chunk, learned_places
 from toolkit.models.bundled.model import to_model_space
 from toolkit.models.sampling import self_forcing_timesteps, shift_sigma
 from toolkit.models.seam import AttentionContext, Backend, dense_attention
@@ -389,6 +389,8 @@ def train_teacher(
     compile_blocks(model, False)  # sampling is eager (the KV-cache shapes change every chunk)
     ema.copy_to_model()
     model.eval()
+    if settings.placed > 0:
+        learned_places(model.cfg)
     loss_end = heldout_loss(model, heldout, setup)
     log(f"{name}: {total} steps in {seconds:.0f} s; held-out flow loss {loss_init:.4f} -> {loss_end:.4f}")
     return dict(
