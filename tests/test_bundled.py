@@ -387,6 +387,10 @@ def test_every_stage_draws_prompts_with_places_when_asked(monkeypatch):
         warnings.simplefilter("error")
         bundled.generate(student, "red circle top-left", denoising_steps=(1000,))
         bundled.generate(teacher, "red circle", denoising_steps=(1000,))
+    from toolkit.pipeline import prepare_run  # the CLI's path: the shipped student has never seen places
+
+    with pytest.warns(UserWarning, match="not trained on prompts that name start places"):
+        prepare_run("bundled", prompt="red circle top-left", seed=0)
     r = recipe.with_places(recipe.Recipe(), 0.25)
     assert (r.base.placed, r.teacher.placed, r.ode_init.placed, r.self_forcing.placed, r.placed) == (0.25,) * 5
 

@@ -30,6 +30,7 @@ from toolkit.models.bundled import encode_prompt, save_gif, save_strip, to_pixel
 from toolkit.models.layout import RunLayout
 from toolkit.models.sampling import Sampler, official_noise, sampler_from
 from toolkit.models.vae import decode_to_mp4
+from toolkit.models.wan import WanConfig
 
 # Wan2.1's standard negative prompt (wan/configs/shared_config.py), used for classifier-free guidance.
 WAN_NEGATIVE_PROMPT = (
@@ -103,13 +104,14 @@ def load_prompt_embeds(path: str, text_dim: int | None) -> torch.Tensor:
 
 
 def condition(spec: registry.ModelSpec, prompt: str, *, prompt_embeds: str | torch.Tensor | None,
-              device: torch.device) -> torch.Tensor:
-    """Prompt -> context [1, L, text_dim] as the model is conditioned: the bundled model's structured toy prompt,
-    else umT5-XXL embeddings (cached on disk) or a user-supplied ``--prompt-embeds`` file (or its loaded tensor)."""
+              device: torch.device, cfg: WanConfig | None = None) -> torch.Tensor:
+    """Prompt -> context [1, L, text_dim] as the model is conditioned: the bundled model's structured toy prompt
+    (checked against the model's ``cfg`` if given: ``encode_prompt``), else umT5-XXL embeddings (cached on disk) or
+    a user-supplied ``--prompt-embeds`` file (or its loaded tensor)."""
     if spec.conditioning == "toy":
         if prompt_embeds is not None:
             raise ToolkitError(f"--prompt-embeds is for models conditioned on umT5; {spec.name} takes a toy prompt")
-        return encode_prompt(prompt).to(device)
+        return encode_prompt(prompt, cfg).to(device)
     if isinstance(prompt_embeds, torch.Tensor):
         return prompt_embeds.to(device)
     if prompt_embeds:
@@ -173,7 +175,7 @@ def prepare_run(
         raise ToolkitError(f"--prompt-embeds {prompt_embeds}: width {embeds.shape[-1]}, but {model} from "
                            f"{info.checkpoint} takes text_dim {net.cfg.text_dim}")
     context = condition(spec, prompt, prompt_embeds=embeds if embeds is not None else prompt_embeds,
-                        device=dev).to(net.dtype)
+                        device=dev, cfg=net.cfg).to(net.dtype)
     negative = None
     if getattr(sampler, "guidance_scale", 1.0) != 1.0:
         negative = condition(spec, WAN_NEGATIVE_PROMPT, prompt_embeds=None, device=dev).to(net.dtype)
@@ -250,7 +252,8 @@ def redraw(run: Run, *, prompt: str, seed: int, prompt_embeds: Any = None) -> Ru
     if not -(2**63) <= seed < 2**63:
         raise ToolkitError(f"seed {seed}: a seed is an integer that fits 64 bits (-2^63 .. 2^63-1)")
     noise = run.extra.get("noise", "toolkit")
-    context = condition(run.spec, prompt, prompt_embeds=prompt_embeds, device=run.device).to(run.model.dtype)
+    context = condition(run.spec, prompt, prompt_embeds=prompt_embeds, device=run.device,
+                        cfg=run.model.cfg).to(run.model.dtype)
     initial, g = draw_noise(tuple(run.noise.shape), run.model.dtype, run.device, seed, noise)
     return dataclasses.replace(run, prompt=prompt, seed=seed, context=context, noise=initial,
                                extra={**run.extra, "generator": g, "noise": noise})

@@ -149,10 +149,22 @@ def _dequantized(state: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor
     return out
 
 
-def encode_prompt(prompts: str | data.Prompt | list) -> torch.Tensor:
+def encode_prompt(prompts: str | data.Prompt | list, cfg: WanConfig | None = None) -> torch.Tensor:
     """Text (``"2 sprites: red circle, blue square; pan left"``), Prompt, or a list of either -> context
-    [b, TEXT_LEN, TEXT_DIM] float32."""
-    return data.encode_prompts(parse_prompts(prompts))
+    [b, TEXT_LEN, TEXT_DIM] float32. With the config of the model that will read it, warns if a prompt names start
+    places that model has not trained on (``warn_unread_places``)."""
+    parsed = parse_prompts(prompts)
+    if cfg is not None:
+        warn_unread_places(cfg, parsed)
+    return data.encode_prompts(parsed)
+
+
+def warn_unread_places(cfg: WanConfig, prompts: list[data.Prompt]) -> None:
+    """A warning when a prompt names start places (``data.PLACES``) for a model that has never trained on them
+    (``config.reads_places``): their channels were always zero in its training, so it reads them as noise."""
+    if any(s.place for p in prompts for s in p.sprites) and not reads_places(cfg):
+        warnings.warn("this bundled model was not trained on prompts that name start places (e.g. 'red circle "
+                      "top-left'): it reads the places as noise; train with `toolkit train --placed`", stacklevel=3)
 
 
 def parse_prompts(prompts: str | data.Prompt | list) -> list[data.Prompt]:
@@ -201,9 +213,7 @@ def generate(
         raise ValueError(f"negatives must be 'null' or 'leave_one_out', not {negatives!r}")
     device = next(model.parameters()).device
     parsed = parse_prompts(prompts)
-    if any(s.place for p in parsed for s in p.sprites) and not reads_places(model.cfg):
-        warnings.warn("this bundled model was not trained on prompts that name start places (e.g. 'red circle "
-                      "top-left'): it reads the places as noise; train with `toolkit train --placed`", stacklevel=2)
+    warn_unread_places(model.cfg, parsed)
     context = data.encode_prompts(parsed).to(device)
     negative_context = torch.zeros_like(context)
     if negatives == "leave_one_out":
