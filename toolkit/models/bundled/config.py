@@ -114,4 +114,5 @@ def reads_places(cfg: WanConfig) -> bool:
 
 
 def learned_places(cfg: WanConfig) -> None:
+    """Record in ``cfg`` that its model has now trained on prompts that name start places (``reads_places``)."""
     cfg.extra["prompt_places"] = True

@@ -180,6 +180,11 @@ def place_cell(place: str) -> tuple[int, int]:
     return divmod(PLACES.index(place), 3)
 
 
+def _place_at(row: torch.Tensor, col: torch.Tensor) -> str:
+    """The place whose cell an encoded sprite token names: (row, column) channels in {-1, 0, 1}."""
+    return PLACES[3 * (round(float(row)) + 1) + round(float(col)) + 1]
+
+
 def encode_prompts(prompts: list[Prompt]) -> torch.Tensor:
     """Prompts -> context [b, TEXT_LEN, TEXT_DIM] (float32): global token, then one token per sprite slot."""
     out = torch.zeros(len(prompts), TEXT_LEN, TEXT_DIM)
@@ -222,8 +227,7 @@ def decode_prompts(context: torch.Tensor) -> list[Prompt]:
             Sprite(
                 COLOUR_NAMES[int(tok[_S_COLOUR : _S_COLOUR + len(COLOURS)].argmax())],
                 SHAPES[int(tok[_S_SHAPE : _S_SHAPE + len(SHAPES)].argmax())],
-                PLACES[3 * (round(float(tok[_S_PLACE + 1])) + 1) + round(float(tok[_S_PLACE + 2])) + 1]
-                if tok[_S_PLACE] > 0.5 else None,
+                _place_at(tok[_S_PLACE + 1], tok[_S_PLACE + 2]) if tok[_S_PLACE] > 0.5 else None,
             )
             for tok in c[1:]
             if tok[_S_FLAG] > 0.5
