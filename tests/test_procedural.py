@@ -133,6 +133,10 @@ def test_places_round_trip_and_parse():
         P.parse_prompt("red circle middle")
     with pytest.raises(ValueError, match="probability"):
         P.random_prompts(1, _gen(0), placed=1.5)
+    assert P.placed_at(P.parse_prompt("red circle, blue ring"), ["top", "left"]) == \
+        P.parse_prompt("red circle top, blue ring left")
+    with pytest.raises(ValueError, match="1 places for 2 sprites"):
+        P.placed_at(P.parse_prompt("red circle, blue ring"), ["top"])
 
 
 def test_placed_sprites_start_in_their_cell_and_unplaced_draws_are_unchanged():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -171,8 +172,14 @@ def random_prompts(
 def with_places(prompt: Prompt, generator: torch.Generator) -> Prompt:
     """``prompt`` with a distinct random start cell (``PLACES``) for each sprite."""
     cells = torch.randperm(len(PLACES), generator=generator)[: len(prompt.sprites)].tolist()
-    sprites = tuple(Sprite(s.colour, s.shape, PLACES[c]) for s, c in zip(prompt.sprites, cells))
-    return Prompt(sprites, prompt.pan)
+    return placed_at(prompt, [PLACES[c] for c in cells])
+
+
+def placed_at(prompt: Prompt, places: Sequence[str]) -> Prompt:
+    """``prompt`` with sprite i starting at ``places[i]`` (one of ``PLACES`` per sprite)."""
+    if len(places) != len(prompt.sprites):
+        raise ValueError(f"{len(places)} places for {len(prompt.sprites)} sprites")
+    return Prompt(tuple(Sprite(s.colour, s.shape, place) for s, place in zip(prompt.sprites, places)), prompt.pan)
 
 
 def place_cell(place: str) -> tuple[int, int]:

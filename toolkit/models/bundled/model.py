@@ -213,8 +213,7 @@ def generate(
         raise ValueError(f"negatives must be 'null' or 'leave_one_out', not {negatives!r}")
     device = next(model.parameters()).device
     parsed = parse_prompts(prompts)
-    warn_unread_places(model.cfg, parsed)
-    context = data.encode_prompts(parsed).to(device)
+    context = encode_prompt(parsed, model.cfg).to(device)
     negative_context = torch.zeros_like(context)
     if negatives == "leave_one_out":
         negative_context = data.leave_one_out_contexts(parsed).to(device)

@@ -90,8 +90,7 @@ def showcase_prompts(placed: bool = False) -> list[data.Prompt]:
     prompts = [data.parse_prompt(p) for p in SHOWCASE_PROMPTS]
     if not placed:
         return prompts
-    return [data.Prompt(tuple(replace(s, place=c) for s, c in zip(p.sprites, cells, strict=True)), p.pan)
-            for p, cells in zip(prompts, SHOWCASE_PLACES, strict=True)]
+    return [data.placed_at(p, cells) for p, cells in zip(prompts, SHOWCASE_PLACES, strict=True)]
 
 
 GUIDANCE_CANDIDATES = (1.0, 2.0, 3.0, 4.5)
