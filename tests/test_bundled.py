@@ -944,6 +944,11 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
     assert later["seed"] == 0 and ode["seed"] == 0 and ode["continued"][0]["seed"] == 1
     # the stage (c) of the first run was trained from the student this replaced: no longer in the record
     assert "self_forcing" not in later["stages"] and "| self_forcing |" not in card
+    # the teacher's samples were not scored again: the same weights, guidance, prompts and noise
+    kept = "by an earlier run (same weights, prompts and noise)"
+    assert later["evaluation"]["teacher_40_euler_steps"] == {**record["evaluation"]["teacher_40_euler_steps"],
+                                                             "evaluated": kept}
+    assert f"| teacher 40 euler steps (evaluated {kept}) |" in card
 
     # stage (c) trained further (--sf-start self_forcing): refused in one line without its weights or beside an
     # earlier stage; then it starts from its own earlier student, keeps the first run in the record and the (b)
@@ -1015,7 +1020,10 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
     assert [more["seed"] for more in rounds] == [1, 3] and "start_record" not in rounds[0]
     assert rounds[1]["start_record"] == latest["stages"]["self_forcing"] and "self_forcing" not in second["stages"]
     assert not state_file.exists()  # the state of the stage-(c) run the new student replaced
-    assert main(["--tiny", "--out", str(out), "--stages", "self_forcing", "--seed", "4", "--force", "--quiet"]) == 0
+    assert main(["--tiny", "--out", str(out), "--stages", "self_forcing", "--seed", "4", "--guidance", "1.5",
+                 "--force", "--quiet"]) == 0
+    teacher_row = json.loads((out / "train_log.json").read_text())["evaluation"]["teacher_40_euler_steps"]
+    assert "evaluated" not in teacher_row and teacher_row["of"]["guidance"] == [1.5, None]  # scored again
     card = (out / "MODEL_CARD.md").read_text()
     table = [line for line in card.splitlines() if line.startswith(("| ode_init", "| self_forcing"))]
     assert [line.split(" | ")[0] for line in table] == [

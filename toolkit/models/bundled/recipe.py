@@ -28,6 +28,7 @@ An existing model is never replaced without ``force=True``: ``check_output`` ref
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -95,6 +96,7 @@ def showcase_prompts(placed: bool = False) -> list[data.Prompt]:
 
 GUIDANCE_CANDIDATES = (1.0, 2.0, 3.0, 4.5)
 VALIDATION_PROMPT_SEED, VALIDATION_NOISE_SEED = 1_000_303, 1_000_403  # not the evaluation's held-out seeds
+TEACHER_EVAL = "teacher_40_euler_steps"  # the teacher's row in a record's evaluation
 
 
 @dataclass(frozen=True)
@@ -273,6 +275,11 @@ def teacher_steps(record: dict) -> int | None:
     return t.get("steps_run", t["settings"]["steps"]) + sum(more["steps_run"] for more in t.get("continued", []))
 
 
+def digest(content: bytes) -> str:
+    """A short fingerprint of ``content`` (SHA-256, 16 hex digits): enough to tell two recorded inputs apart."""
+    return hashlib.sha256(content).hexdigest()[:16]
+
+
 def git_commit() -> str:
     """The checkout's short commit; ``TOOLKIT_COMMIT`` overrides it (a copy of the tree whose git is stale)."""
     if os.environ.get("TOOLKIT_COMMIT"):
@@ -408,11 +415,22 @@ def train_bundled(
     seeds = evaluate.heldout_seeds(recipe.eval_seeds)
     results = {}
     start = time.perf_counter()
+    # the teacher's 40-step samples are the slowest part: scored again only when something they depend on changed
+    teacher_key = dict(weights=digest(stage_path(out, "teacher").read_bytes()),
+                       guidance=[guidance, list(interval) if interval else None],
+                       prompts=digest("\n".join(map(str, prompts)).encode()), seeds=list(seeds))
+    kept_teacher = earlier_evaluation.get(TEACHER_EVAL)
+    kept_teacher = kept_teacher if kept_teacher and kept_teacher.get("of") == teacher_key else None
     models = [("random_init", random_init.eval(), {}), *[(n, m, {}) for n, m in candidates.items()],
-              ("teacher_40_euler_steps", teacher, teacher_sampler(guidance, interval))]
+              *([] if kept_teacher else [(TEACHER_EVAL, teacher, teacher_sampler(guidance, interval))])]
     for name, model, sampler in models:  # ground truth depends only on the prompts and seeds: scored once
         results[name] = evaluate_model(model, prompts, seeds, reference=name == "random_init", **sampler)
         log(f"evaluation, {name}: {format_summary(results[name])}")
+    if kept_teacher:
+        results[TEACHER_EVAL] = {**kept_teacher, "evaluated": "by an earlier run (same weights, prompts and noise)"}
+        log(f"evaluation, {TEACHER_EVAL} (kept: same weights, prompts and noise): {format_summary(kept_teacher)}")
+    else:
+        results[TEACHER_EVAL]["of"] = teacher_key
     first, *later = candidates  # each later candidate against the first, clip by clip (the same prompts and noise)
     comparisons = {f"{name} vs {first}": {key: evaluate.paired(results[first]["outcomes"][key],
                                                                results[name]["outcomes"][key])
