@@ -30,8 +30,9 @@ from toolkit.models.bundled import (
     save_strip,
     tiny_config,
 )
+from toolkit.models.bundled.card import SHOWCASE_PROMPTS, format_summary
 from toolkit.models.bundled.model import load_weights, save_weights
-from toolkit.models.bundled.recipe import SHOWCASE_PROMPTS, evaluate_model, format_summary
+from toolkit.models.bundled.recipe import evaluate_model
 from toolkit.models.bundled.teacher import ClipSetup, TeacherSettings, autocast, compile_blocks, train_teacher
 from toolkit.models.seam import use_backend
 from toolkit.models.wan import WanModel

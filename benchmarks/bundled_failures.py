@@ -12,7 +12,7 @@ seed (``--seeds K``: from each of the first K held-out seeds, ``evaluate.heldout
 19 s a rollout on 2 cores). One noise draw serves a batch, so a clip's noise depends on ``--batch`` too (default 8):
 compare runs made with the same batch. ``--weights``: a stage file of a recipe folder (its own
 config) instead of the shipped model; ``--teacher-cfg G`` samples it with the teacher's sampler instead of the
-student's 4 steps (40 Euler steps, classifier-free guidance G: ``recipe.teacher_sampler``; ``--teacher-steps N``:
+student's 4 steps (40 Euler steps, classifier-free guidance G: ``teacher.teacher_sampler``; ``--teacher-steps N``:
 N uniform steps instead; ``--cfg-interval LO HI``: guidance only at the steps with σ in [LO, HI]; ``--teacher-eta
 E``: DDIM's stochastic step with eta E, ``solver="ancestral"``, instead of Euler's; ``--guide WEIGHTS
 --guide-scale W``: autoguidance by a weaker model, v_g + W·(v − v_g), beside the classifier-free guidance;
@@ -39,7 +39,7 @@ from toolkit.models.bundled import data, evaluate
 from toolkit.models.bundled.config import clip_shape, frames_per_chunk
 from toolkit.models.bundled.model import load_weights
 from toolkit.models.bundled.pictures import save_strip
-from toolkit.models.bundled.recipe import teacher_sampler
+from toolkit.models.bundled.teacher import teacher_sampler
 
 COLUMNS = ("clips", "colour_match", "missing_any", "extra_any", "missing", "extra", "count_low", "count_high")
 

@@ -4,7 +4,7 @@ the recipe's four showcase prompts, each as ground truth, the 4-step student and
     git show 9b17e03:data/teacher/teacher.safetensors > /tmp/teacher_run8.safetensors   # the shipped student's teacher
     python benchmarks/bundled_showcase.py --teacher /tmp/teacher_run8.safetensors --teacher-label "run-8 teacher"
 
-The recipe draws the same strip at the end of training (``recipe.save_rollouts``); this script redraws it when
+The recipe draws the same strip at the end of training (``card.save_rollouts``); this script redraws it when
 only the drawing changed. Redrawn into the model folder itself, it records how in ``train_log.json``
 (``showcase``) and regenerates ``MODEL_CARD.md``, which then says so under the strip. Rollouts run in float32 on
 the CPU, most of the time in the teacher's 40-step samples (17 minutes on 2 shared cores); the recipe's ran in bf16
@@ -22,8 +22,9 @@ import torch
 from timing import cpu_model
 
 from toolkit.models import bundled
+from toolkit.models.bundled.card import model_card, save_rollouts
 from toolkit.models.bundled.model import load_weights
-from toolkit.models.bundled.recipe import git_commit, model_card, save_rollouts
+from toolkit.models.bundled.recipe import git_commit
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=2.0, help="the teacher's CFG scale (default 2, as shipped)")
     p.add_argument("--out", type=Path, default=None, help="folder for rollout.png/.gif (default: --model's)")
     p.add_argument("--placed", choices=("auto", "yes", "no"), default="auto",
-                   help="showcase prompts with start places (recipe.SHOWCASE_PLACES); auto: if the model's record "
+                   help="showcase prompts with start places (card.SHOWCASE_PLACES); auto: if the model's record "
                         "was evaluated on such prompts")
     args = p.parse_args()
 

@@ -27,7 +27,8 @@ from bundled_failures import sampler_text, short_path
 
 from toolkit.models import bundled
 from toolkit.models.bundled import evaluate
-from toolkit.models.bundled.recipe import git_commit, model_card
+from toolkit.models.bundled.card import model_card
+from toolkit.models.bundled.recipe import git_commit
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -75,7 +76,7 @@ def compare(results: dict[str, dict]) -> dict:
 
 
 def card_entry(results: dict[str, dict], out: dict, source: str, commit: str) -> dict:
-    """``compare``'s totals as the card's rows (``recipe.clip_comparison_text``): per result its weights, sampler,
+    """``compare``'s totals as the card's rows (``card.clip_comparison_text``): per result its weights, sampler,
     colour match with interval, four-sprite matches, count too low / too high, and the pairing with the first."""
     rows = []
     for name, r in results.items():

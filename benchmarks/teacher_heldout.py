@@ -19,7 +19,8 @@ import torch
 
 from toolkit.models.bundled import evaluate
 from toolkit.models.bundled.model import load_weights, save_weights
-from toolkit.models.bundled.recipe import Recipe, choose_guidance, evaluate_model, stage_path, teacher_sampler
+from toolkit.models.bundled.recipe import Recipe, choose_guidance, evaluate_model, stage_path
+from toolkit.models.bundled.teacher import teacher_sampler
 
 
 def main() -> None:

@@ -397,7 +397,7 @@ def test_every_stage_draws_prompts_with_places_when_asked(monkeypatch):
 
 def test_showcase_prompts_with_places_keep_their_sprites():
     """A model trained on prompts with places is shown the same four showcase prompts, each sprite in its own cell."""
-    from toolkit.models.bundled.recipe import SHOWCASE_PLACES, SHOWCASE_PROMPTS, showcase_prompts
+    from toolkit.models.bundled.card import SHOWCASE_PLACES, SHOWCASE_PROMPTS, showcase_prompts
 
     plain, placed = showcase_prompts(), showcase_prompts(placed=True)
     assert [str(p) for p in plain] == list(SHOWCASE_PROMPTS)

@@ -12,10 +12,10 @@ from dataclasses import replace
 from toolkit.commands.generate import seed_type
 from toolkit.errors import ToolkitError
 from toolkit.models.bundled import DEFAULT_DIR, tiny_config
-from toolkit.models.bundled.config import bundled_config, teacher_config, tiny_teacher_config
+from toolkit.models.bundled.config import STAGES, bundled_config, teacher_config, tiny_teacher_config
 from toolkit.models.bundled.finetune import OBJECTIVES, FinetuneSettings
 from toolkit.models.bundled.ode_init import ODE_STARTS
-from toolkit.models.bundled.recipe import STAGES, Recipe, train_bundled, with_places
+from toolkit.models.bundled.recipe import Recipe, train_bundled, with_places
 from toolkit.models.bundled.self_forcing import SF_STARTS
 from toolkit.models.bundled.teacher import TeacherSettings
 from toolkit.models.wan import PREDICTIONS, WanConfig
@@ -328,9 +328,10 @@ def run(args: argparse.Namespace) -> int:
 
     from toolkit.device import check_device
     from toolkit.errors import check_output, prepare_output_dir
+    from toolkit.models.bundled.config import WEIGHTS_FILE
     from toolkit.models.bundled.ode_init import ode_grid
-    from toolkit.models.bundled.recipe import WEIGHTS_FILE, stage_path, widen_students
     from toolkit.models.bundled.recipe import check_output as check_model_output
+    from toolkit.models.bundled.recipe import stage_path, widen_students
 
     if args.device is not None:
         check_device(args.device)

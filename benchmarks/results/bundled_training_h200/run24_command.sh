@@ -11,6 +11,8 @@
 #           (ODE_START=ode_init, SEED=25), S seconds more; the teacher took 3,000-6,000 steps to learn places (run 23)
 #   CALL=2  stage (c) from that stage-(b) student, S seconds (default 420), evaluated the same way
 #   CALL=3  stage (c) resumed exactly (SF_RESUME), S seconds more
+# Calls after the first keep call 1's scores of the teacher (same weights, guidance, prompts and noise: recipe.py
+# no longer samples them again), about a minute of device time each.
 # After each call the new student is also scored in float32 (bundled_failures.py --placed, the same 128 clips),
 # paired clip by clip with the shipped student's row. Each call returns the card, record, strip, curves and those
 # scores (one tar) and the student's weights (float16, 5.5 MB).

@@ -8,7 +8,8 @@ command, notebook and figure runs offline on a laptop CPU with real learned atte
     teacher.py       stage (a): block-causal flow-matching teacher
     ode_init.py      stage (b): ODE-regression initialisation of the causal 4-step student
     self_forcing.py  stage (c): Self-Forcing with distribution matching (DMD) against the teacher
-    recipe.py        the three stages in order, the evaluation and the shipped artifacts (``toolkit train``)
+    recipe.py        the three stages in order and the evaluation of their students (``toolkit train``)
+    card.py          what a trained folder ships beside its weights: card, curves, showcase strip
 """
 
 from toolkit.models.bundled import data

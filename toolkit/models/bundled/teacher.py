@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from toolkit.models.bundled import data
-from toolkit.models.bundled.config import clip_shape, frames_per_chunk, learned_places
+from toolkit.models.bundled.config import MANY_STEPS, clip_shape, frames_per_chunk, learned_places
 from toolkit.models.bundled.model import to_model_space
 from toolkit.models.sampling import self_forcing_timesteps, shift_sigma
 from toolkit.models.seam import AttentionContext, Backend, dense_attention
@@ -403,3 +403,12 @@ def train_teacher(
 def warped_timesteps(denoising_steps: Sequence[int]) -> list[float]:
     """The sampler's timesteps for a list of denoising steps (shift-5 warp)."""
     return self_forcing_timesteps(SHIFT, denoising_steps).tolist()
+
+
+def teacher_sampler(guidance_scale: float, guidance_interval: tuple[float, float] | None = None) -> dict:
+    """``generate`` options of the teacher's many-step sampler: 40 Euler steps of its flow ODE, with CFG (only at the
+    steps with σ in ``guidance_interval``, if given)."""
+    sampler = dict(denoising_steps=MANY_STEPS, solver="euler", guidance_scale=guidance_scale)
+    if guidance_interval is not None:
+        sampler["guidance_interval"] = tuple(guidance_interval)
+    return sampler
