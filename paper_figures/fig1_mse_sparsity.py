@@ -9,11 +9,14 @@ sparsity levels. MSE is per map entry (the paper's mean/sum convention is unconf
 Each Monarch point is labelled with its (f, h, w) tiling; the y axis is logarithmic when the plotted positive
 MSEs span more than ``LOG_RANGE`` (zero MSEs, e.g. top-k at low sparsity, then fall off the axis); with the
 default pairs on a model other than Self-Forcing the title names the head standing in for the paper's L8H7.
+Where Monarch's error drops below top-k's at the same number of kept entries for good (``crossing``), a dotted line
+marks it; ``NAME.json`` beside the figure lists both errors per tiling.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,6 +105,25 @@ def monarch_curve(m: xr.Dataset, var: str) -> tuple[np.ndarray, np.ndarray, list
     return x[order], y[order], [names[i] for i in order]
 
 
+def crossing(m: xr.Dataset) -> dict:
+    """Monarch's exact projection against oracle top-k (``TOPK_VARIANT``) keeping as many entries as each ``BASE``
+    tiling has parameters (the Monarch analysis' ``topk_map_mse``): per tiling by effective sparsity both map MSEs,
+    and ``monarch_lower_from``, the lowest sparsity from which Monarch is lower at every sparser tiling (None when
+    top-k is lower at the sparsest one, or the analysis ran without its top-k baseline)."""
+    if "topk_map_mse" not in m:
+        return dict(tilings=[], monarch_lower_from=None)
+    x, y, names = monarch_curve(m, "projection_map_mse")
+    t = monarch_curve(m.assign(topk_at_budget=m["topk_map_mse"].sel(variant=TOPK_VARIANT)), "topk_at_budget")[1]
+    rows = [dict(tiling=tiling_label(n), sparsity=float(s), monarch_mse=float(a), topk_mse=float(b))
+            for n, s, a, b in zip(names, x, y, t)]
+    lower_from = None
+    for row in reversed(rows):  # from the sparsest tiling down, while Monarch stays lower
+        if not row["monarch_mse"] < row["topk_mse"]:
+            break
+        lower_from = row["sparsity"]
+    return dict(tilings=rows, monarch_lower_from=lower_from)
+
+
 def drawable(x: np.ndarray, y: np.ndarray, log_y: bool) -> tuple[np.ndarray, np.ndarray]:
     """The points an axis can show: finite, and positive on a log axis (top-k's error is 0 at sparsity 0, which a
     log axis would clip into a vertical cliff)."""
@@ -140,6 +162,15 @@ def plot(d: dict, out_dir: str | Path) -> dict:
             a.plot(*drawn(x, yv), marker="^", ms=4, ls="--", color=style.COLORS["variational"],
                    label="MonarchAttention, T = 1")
             plotted[f"{label}/variational_mse"] = yv
+        cross = crossing(m)
+        plotted[f"{label}/crossing"] = cross
+        at = cross["monarch_lower_from"]
+        if at is not None:  # the paper's contrast: from here on Monarch wins at equal budget
+            a.axvline(at, color=style.COLORS["monarch"], lw=0.8, ls=":", zorder=0)
+            right = at > 0.85  # the label on the side of the line with room for it
+            a.text(at, 0.02, "Monarch below top-k \nat equal budget from here " if right
+                   else " Monarch below top-k\n at equal budget from here", transform=a.get_xaxis_transform(),
+                   fontsize=6, color=style.COLORS["monarch"], va="bottom", ha="right" if right else "left")
         if log_y:
             a.set_yscale("log")
         else:
@@ -161,4 +192,8 @@ def plot(d: dict, out_dir: str | Path) -> dict:
         a.title.set_fontsize(8)
     ax[0][0].legend(fontsize=7)
     style.save(fig, out_dir, NAME)
+    # the crossing as numbers, for a README or a paper's text
+    table = {"step": d["step"], "chunk": d["chunk"], "topk_variant": TOPK_VARIANT, "metric": "map MSE per entry",
+             "pairs": {k.removesuffix("/crossing"): v for k, v in plotted.items() if k.endswith("/crossing")}}
+    (Path(out_dir) / f"{NAME}.json").write_text(json.dumps(table, indent=1) + "\n")
     return plotted

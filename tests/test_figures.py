@@ -141,6 +141,52 @@ def test_fig1_plots_topk_and_monarch_errors(figs, direct, run_h5):
         float(m["variational_map_mse"].sel(head=1, iters=1)[0]), rel=1e-6)
 
 
+def test_fig1_crossing_compares_monarch_and_topk_at_each_tilings_budget(figs, run_h5):
+    """The crossing table beside Fig. 1: per fh,w tiling the Monarch analysis' own projection and top-k-at-budget
+    MSEs, recomputed here from the record; the same table in fig1_mse_vs_sparsity.json."""
+    cap = open_capture(run_h5)
+    rec = cap.record(3, 1, 0)
+    p = figs["plotted"]["fig1_mse_vs_sparsity"]
+    table = json.loads((figs["out"] / "fig1_mse_vs_sparsity.json").read_text())
+    assert (table["step"], table["chunk"]) == (3, 1) and set(table["pairs"]) == {"L0H0", "L0H1"}
+    cross = p["L0H1/crossing"]
+    assert table["pairs"]["L0H1"] == cross and len(cross["tilings"]) == len(p["L0H1/projection_mse"]) >= 2
+    row = cross["tilings"][1]
+    lay = MonarchLayout.aligned(cap.grid, "fh,w", tuple(int(v) for v in row["tiling"].strip("()").split(",")))
+    m = monarch.analyze_record(RecordTensors.read(rec), monarch.MonarchOptions(layouts=[lay], iters=1))
+    assert row["sparsity"] == pytest.approx(lay.effective_sparsity)
+    assert row["monarch_mse"] == pytest.approx(float(m["projection_map_mse"].sel(head=1)[0]), rel=1e-6)
+    assert row["topk_mse"] == pytest.approx(float(m["topk_map_mse"].sel(head=1, variant="renormalized")[0]),
+                                            rel=1e-6)
+
+
+@pytest.mark.parametrize(("monarch_mse", "topk_mse", "lower_from"), [
+    ([3.0, 2.0, 1.0], [1.0, 3.0, 4.0], 0.8),   # top-k lower at the densest tiling only
+    ([1.0, 2.0, 1.0], [2.0, 1.0, 4.0], 0.9),   # lower, then not, then lower: only the last stretch counts
+    ([1.0, 1.0, 1.0], [2.0, 2.0, 2.0], 0.7),   # lower everywhere
+    ([2.0, 2.0, 2.0], [1.0, 1.0, 2.0], None),  # a tie at the sparsest is not lower
+])
+def test_fig1_crossing_is_where_monarch_stays_below_topk(monarch_mse, topk_mse, lower_from):
+    from toolkit.paper_figures.fig1_mse_sparsity import crossing
+
+    # three fh,w tilings given out of order, a misaligned control and a layout without a sparsity, which it ignores
+    configs = ["fh,w (3,1,1)", "fh,w (1,1,1)", "w,fh (1,1,1)", "fh,w (1,2,1)", "fh,w (2,2,2)"]
+    sparsity = [0.9, 0.7, 0.7, 0.8, -0.1]
+    order = [2, 0, None, 1, None]  # position of each config in monarch_mse / topk_mse
+    pick = lambda values: [values[i] if i is not None else 9.0 for i in order]  # noqa: E731
+    m = xr.Dataset(
+        dict(projection_map_mse=("config", pick(monarch_mse)),
+             topk_map_mse=(("config", "variant"), np.stack([pick(topk_mse), np.zeros(5)], axis=1)),
+             base=("config", [c.split(" ")[0] for c in configs]), effective_sparsity=("config", sparsity)),
+        coords=dict(config=configs, variant=["renormalized", "truncated"]))
+    cross = crossing(m)
+    assert [r["tiling"] for r in cross["tilings"]] == ["(1,1,1)", "(1,2,1)", "(3,1,1)"]
+    assert [r["monarch_mse"] for r in cross["tilings"]] == monarch_mse
+    assert [r["topk_mse"] for r in cross["tilings"]] == topk_mse
+    assert cross["monarch_lower_from"] == lower_from
+    assert crossing(m.drop_vars("topk_map_mse")) == dict(tilings=[], monarch_lower_from=None)
+
+
 def test_fig2_plots_frame_mass_tile_and_spikes(figs, direct):
     cap, res = direct
     p = figs["plotted"]["fig2_structure"]
