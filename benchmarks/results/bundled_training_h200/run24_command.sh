@@ -47,8 +47,11 @@ score "student_call$CALL" --weights "$dest/model.safetensors"
 python3 -c "from PIL import Image; Image.open('$dest/rollout.png').convert('RGB').save('$dest/rollout.jpg', quality=85)" \
   2>/dev/null
 cp "$dest/model.safetensors" "$OUT/model_call$CALL.safetensors" 2>/dev/null
+# everything a shipped folder holds but its weights (those come as their own file): config.json, the card, the record,
+# the strip as the recipe drew it (png + gif, about 4.5 MB) and a jpg of it to look at
 tar czf "$OUT/run24_call$CALL.tgz" runs/gpu24_call*.txt runs/call24_*.log runs/eval24 "$dest/MODEL_CARD.md" "$dest/train_log.json" \
-  "$dest/rollout.jpg" "$dest/curves.png" "$dest/stages/log.json" 2>/dev/null
+  "$dest/config.json" "$dest/rollout.png" "$dest/rollout.gif" "$dest/rollout.jpg" "$dest/curves.png" \
+  "$dest/stages/log.json" 2>/dev/null
 tail -n 12 "runs/call24_$CALL.log" | cut -c1-300
 tail -n 2 runs/eval24/*.log | cut -c1-200
 ls -la "$OUT"
