@@ -33,8 +33,8 @@
 # on the machine only while it is warm: about 215 MB at the shipped size, over the limit of a returned file),
 # SF_LR, SF_CRITIC_LR, SF_CRITIC_RATIO, SF_BATCH (stage (c)'s learning rates, critic updates per generator update,
 # clips per update), EVAL_PROMPTS (held-out prompts of the evaluation; fewer for a dry run on the CPU), PLACED (the
-# fraction of training prompts that name each sprite's start place, in teacher_more, ode_init and self_forcing; the
-# student stages then evaluate on held-out prompts that name places).
+# fraction of training prompts that name each sprite's start place, in every part that trains; the teacher's guidance
+# choice and the student stages' evaluation then use held-out prompts that name places).
 set -euo pipefail
 DEST="${DEST:-${OUT:-data}/bundled}"
 mkdir -p "$DEST"
@@ -46,12 +46,13 @@ student=(--guidance "${GUIDANCE:-3}" ${GUIDANCE_INTERVAL:+--guidance-interval $G
          --force)
 case "${PART:-base}" in
   base) "${cli[@]}" --stages base --base-seconds "${BASE_SECONDS:-500}" --base-steps 20000 \
-          ${STUDENT:+--student-size "$STUDENT"} \
+          ${STUDENT:+--student-size "$STUDENT"} ${PLACED:+--placed "$PLACED"} \
           2>&1 | tee "$DEST/train_base.log" ;;
   base_more) python3 benchmarks/continue_teacher.py --out "$DEST" --stage base --seconds "${BASE_MORE_SECONDS:-300}" \
-          --batch 16 --lr 6e-4 --warmup 50 --seed "${BASE_MORE_SEED:-1}" 2>&1 | tee -a "$DEST/train_base_more.log" ;;
+          --batch 16 --lr 6e-4 --warmup 50 --seed "${BASE_MORE_SEED:-1}" ${PLACED:+--placed "$PLACED"} \
+          2>&1 | tee -a "$DEST/train_base_more.log" ;;
   teacher) "${cli[@]}" --stages teacher --teacher-seconds "${TEACHER_SECONDS:-385}" --teacher-steps 20000 \
-          --teacher-prediction "${TEACHER_PREDICTION:-flow}" \
+          --teacher-prediction "${TEACHER_PREDICTION:-flow}" ${PLACED:+--placed "$PLACED"} \
           2>&1 | tee "$DEST/train_teacher.log" ;;
   teacher_more) python3 benchmarks/continue_teacher.py --out "$DEST" --seconds "${TEACHER_MORE_SECONDS:-420}" \
           --batch "${TEACHER_MORE_BATCH:-32}" --lr 6e-4 --warmup 50 --seed "${TEACHER_MORE_SEED:-7}" \
