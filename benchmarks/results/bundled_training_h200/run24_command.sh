@@ -9,17 +9,22 @@
 #           places, scored on the same clips in float32 as the baseline
 #   CALL=1b (if call 1's student does not yet start its sprites in place) stage (b) continued on 1024 new pairs
 #           (ODE_START=ode_init, SEED=25), S seconds more; the teacher took 3,000-6,000 steps to learn places (run 23)
+#   CALL=1c call 1b on a fresh machine: the folder call 1 left is rebuilt from what it returned, committed in run24/
+#           (the stage-(b) student, call1_ode_init.safetensors, and its record, call1_train_log.json), then 1b
 #   CALL=2  stage (c) from that stage-(b) student, S seconds (default 420), evaluated the same way
 #   CALL=3  stage (c) resumed exactly (SF_RESUME), S seconds more
 # Calls after the first keep call 1's scores of the teacher (same weights, guidance, prompts and noise: recipe.py
-# no longer samples them again), about a minute of device time each.
+# no longer samples them again; call 1's whole evaluation took 24 s on an H100).
+# TOOLKIT_COMMIT must name the commit of the tree sent: the machine's copy of .git can be older than the tree (call 1
+# recorded 196ff9b while the tree was f8d2720), and the record keeps what git_commit returns.
 # After each call the new student is also scored in float32 (bundled_failures.py --placed, the same 128 clips),
 # paired clip by clip with the shipped student's row. Each call returns the card, record, strip, curves and those
 # scores (one tar) and the student's weights (float16, 5.5 MB).
 # Checked on the CPU with train_bundled.sh replaced by a stub that records its environment (each call passes PART,
 # PLACED=0.75, GUIDANCE=2, EVAL_SEEDS=2 and its starts).
 set -u
-CALL=${CALL:?CALL=1, 1b, 2 or 3}
+CALL=${CALL:?CALL=1, 1b, 1c, 2 or 3}
+export TOOLKIT_COMMIT=${TOOLKIT_COMMIT:?the commit of the tree sent, e.g. TOOLKIT_COMMIT=abc1234 CALL=1 bash ...}
 dest=runs/s24
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_INTERPRET=0
 ln -sfn ../kernels toolkit/kernels; ln -sfn ../paper_figures toolkit/paper_figures
@@ -29,6 +34,12 @@ common=(GUIDANCE=2 PLACED=0.75 EVAL_SEEDS=2 DEST=$dest)
 case "$CALL" in
   1) env PART=kept_student DEST=$dest bash benchmarks/train_bundled.sh
      env "${common[@]}" SEED=24 ODE_START=self_forcing ODE_PAIRS=1024 ODE_SECONDS="${S:-280}" PART=ode_init \
+       bash benchmarks/train_bundled.sh > "runs/call24_$CALL.log" 2>&1 ;;
+  1c) env PART=kept_student DEST=$dest bash benchmarks/train_bundled.sh
+      kept=benchmarks/results/bundled_training_h200/run24
+      cp "$kept/call1_ode_init.safetensors" "$dest/stages/ode_init.safetensors"
+      cp "$kept/call1_train_log.json" "$dest/stages/log.json"
+      env "${common[@]}" SEED=25 ODE_START=ode_init ODE_PAIRS=1024 ODE_SECONDS="${S:-280}" PART=ode_init \
        bash benchmarks/train_bundled.sh > "runs/call24_$CALL.log" 2>&1 ;;
   1b) env "${common[@]}" SEED=25 ODE_START=ode_init ODE_PAIRS=1024 ODE_SECONDS="${S:-280}" PART=ode_init \
        bash benchmarks/train_bundled.sh > "runs/call24_$CALL.log" 2>&1 ;;
