@@ -395,7 +395,8 @@ def train_bundled(
     # the teacher's 40-step samples are the slowest part: scored again only when something they depend on changed
     teacher_key = dict(weights=digest(stage_path(out, "teacher").read_bytes()),
                        guidance=[guidance, list(interval) if interval else None],
-                       prompts=digest("\n".join(map(str, prompts)).encode()), seeds=list(seeds))
+                       prompts=digest("\n".join(map(str, prompts)).encode()), seeds=list(seeds),
+                       device=record["device"], precision=record["precision"])
     kept_teacher = earlier_evaluation.get(TEACHER_EVAL)
     kept_teacher = kept_teacher if kept_teacher and kept_teacher.get("of") == teacher_key else None
     models = [("random_init", random_init.eval(), {}), *[(n, m, {}) for n, m in candidates.items()],
