@@ -66,6 +66,7 @@ from toolkit.models.bundled.model import as_stored, generate, load_weights, save
 from toolkit.models.bundled.ode_init import ODE_STARTS, ODESettings, train_ode_init
 from toolkit.models.bundled.self_forcing import SF_STARTS, SelfForcingSettings, train_self_forcing
 from toolkit.models.bundled.teacher import ClipSetup, Log, TeacherSettings, autocast, teacher_sampler, train_teacher
+from toolkit.models.checkpoints import file_sha256
 from toolkit.models.seam import use_backend
 from toolkit.models.wan import WanConfig, WanModel
 
@@ -252,11 +253,6 @@ def teacher_steps(record: dict) -> int | None:
     return t.get("steps_run", t["settings"]["steps"]) + sum(more["steps_run"] for more in t.get("continued", []))
 
 
-def digest(content: bytes) -> str:
-    """A short fingerprint of ``content`` (SHA-256, 16 hex digits): enough to tell two recorded inputs apart."""
-    return hashlib.sha256(content).hexdigest()[:16]
-
-
 def git_commit() -> str:
     """The checkout's short commit; ``TOOLKIT_COMMIT`` overrides it (a copy of the tree whose git is stale)."""
     if os.environ.get("TOOLKIT_COMMIT"):
@@ -393,9 +389,10 @@ def train_bundled(
     results = {}
     start = time.perf_counter()
     # the teacher's 40-step samples are the slowest part: scored again only when something they depend on changed
-    teacher_key = dict(weights=digest(stage_path(out, "teacher").read_bytes()),
+    teacher_key = dict(weights=file_sha256(stage_path(out, "teacher"), cache=False),
                        guidance=[guidance, list(interval) if interval else None],
-                       prompts=digest("\n".join(map(str, prompts)).encode()), seeds=list(seeds),
+                       prompts=hashlib.sha256("\n".join(map(str, prompts)).encode()).hexdigest()[:16],
+                       seeds=list(seeds),
                        device=record["device"], precision=record["precision"])
     kept_teacher = earlier_evaluation.get(TEACHER_EVAL)
     kept_teacher = kept_teacher if kept_teacher and kept_teacher.get("of") == teacher_key else None
