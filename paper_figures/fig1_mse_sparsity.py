@@ -135,7 +135,7 @@ def drawable(x: np.ndarray, y: np.ndarray, log_y: bool) -> tuple[np.ndarray, np.
 def plot(d: dict, out_dir: str | Path) -> dict:
     pairs = d["pairs"]
     fig, ax = style.subplots(1, len(pairs), width=3.4, height=2.8)
-    plotted = {}
+    plotted, crossings = {}, {}
     for a, ((layer, head), r) in zip(ax[0], pairs.items()):
         label = style.head_label(layer, head)
         t = r["topk"]
@@ -162,8 +162,7 @@ def plot(d: dict, out_dir: str | Path) -> dict:
             a.plot(*drawn(x, yv), marker="^", ms=4, ls="--", color=style.COLORS["variational"],
                    label="MonarchAttention, T = 1")
             plotted[f"{label}/variational_mse"] = yv
-        cross = crossing(m)
-        plotted[f"{label}/crossing"] = cross
+        cross = crossings[label] = plotted[f"{label}/crossing"] = crossing(m)
         at = cross["monarch_lower_from"]
         if at is not None:  # the paper's contrast: from here on Monarch wins at equal budget
             a.axvline(at, color=style.COLORS["monarch"], lw=0.8, ls=":", zorder=0)
@@ -194,6 +193,6 @@ def plot(d: dict, out_dir: str | Path) -> dict:
     style.save(fig, out_dir, NAME)
     # the crossing as numbers, for a README or a paper's text
     table = {"step": d["step"], "chunk": d["chunk"], "topk_variant": TOPK_VARIANT, "metric": "map MSE per entry",
-             "pairs": {k.removesuffix("/crossing"): v for k, v in plotted.items() if k.endswith("/crossing")}}
+             "pairs": crossings}
     (Path(out_dir) / f"{NAME}.json").write_text(json.dumps(table, indent=1) + "\n")
     return plotted
