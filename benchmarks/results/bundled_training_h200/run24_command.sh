@@ -7,11 +7,12 @@
 #           280: the call must also evaluate the teacher's 40-step samples), evaluated on 2 seeds x 64
 #           held-out prompts with places (the recipe's bf16 evaluation), and the shipped student, which never saw
 #           places, scored on the same clips in float32 as the baseline
-#   CALL=1b (if call 1's student does not yet start its sprites in place) stage (b) continued on 1024 new pairs
-#           (ODE_START=ode_init, SEED=25), S seconds more; the teacher took 3,000-6,000 steps to learn places (run 23)
+#   CALL=1b (if call 1's student does not yet start its sprites in place) stage (b) continued on PAIRS (default
+#           1024) new pairs (ODE_START=ode_init, SEED, default 25; a new SEED for each call), S seconds more;
+#           the teacher took 3,000-6,000 steps to learn places (run 23)
 #   CALL=1c call 1b on a fresh machine: the folder a call left is rebuilt from what it returned, committed in run24/
 #           (FROM, default call1c: the stage-(b) student FROM_ode_init.safetensors and its record FROM_train_log.json;
-#           only the latest student's weights stay in the tree), then stage (b) on new pairs (SEED, default 25)
+#           only the latest student's weights stay in the tree), then stage (b) on PAIRS new pairs (SEED, default 25)
 #   CALL=2  stage (c) from that stage-(b) student, S seconds (default 420), evaluated the same way
 #   CALL=3  stage (c) resumed exactly (SF_RESUME), S seconds more
 # Calls after the first keep call 1's scores of the teacher (same weights, guidance, prompts and noise: recipe.py
@@ -40,9 +41,9 @@ case "$CALL" in
       kept=benchmarks/results/bundled_training_h200/run24
       cp "$kept/${FROM:-call1c}_ode_init.safetensors" "$dest/stages/ode_init.safetensors"
       cp "$kept/${FROM:-call1c}_train_log.json" "$dest/stages/log.json"
-      env "${common[@]}" SEED="${SEED:-25}" ODE_START=ode_init ODE_PAIRS=1024 ODE_SECONDS="${S:-280}" PART=ode_init \
+      env "${common[@]}" SEED="${SEED:-25}" ODE_START=ode_init ODE_PAIRS="${PAIRS:-1024}" ODE_SECONDS="${S:-280}" PART=ode_init \
        bash benchmarks/train_bundled.sh > "runs/call24_$CALL.log" 2>&1 ;;
-  1b) env "${common[@]}" SEED=25 ODE_START=ode_init ODE_PAIRS=1024 ODE_SECONDS="${S:-280}" PART=ode_init \
+  1b) env "${common[@]}" SEED="${SEED:-25}" ODE_START=ode_init ODE_PAIRS="${PAIRS:-1024}" ODE_SECONDS="${S:-280}" PART=ode_init \
        bash benchmarks/train_bundled.sh > "runs/call24_$CALL.log" 2>&1 ;;
   2) env "${common[@]}" SEED=24 SF_SECONDS="${S:-420}" PART=self_forcing \
        bash benchmarks/train_bundled.sh > "runs/call24_$CALL.log" 2>&1 ;;
