@@ -11,9 +11,10 @@
 #           1024) new pairs (ODE_START=ode_init, SEED, default 25; a new SEED for each call), S seconds more;
 #           the teacher took 3,000-6,000 steps to learn places (run 23)
 #   CALL=1c call 1b on a fresh machine: the folder a call left is rebuilt from what it returned, committed in run24/
-#           (FROM, default call1c: the stage-(b) student FROM_ode_init.safetensors and its record FROM_train_log.json;
+#           (FROM, default call1f: the stage-(b) student FROM_ode_init.safetensors and its record FROM_train_log.json;
 #           only the latest student's weights stay in the tree), then stage (b) on PAIRS new pairs (SEED, default 25)
 #   CALL=2  stage (c) from that stage-(b) student, S seconds (default 420), evaluated the same way
+#   CALL=2c call 2 on a fresh machine, from the committed stage-(b) student FROM (default call1f), rebuilt as in 1c
 #   CALL=3  stage (c) resumed exactly (SF_RESUME), S seconds more
 # Calls after the first keep call 1's scores of the teacher (same weights, guidance, prompts and noise: recipe.py
 # no longer samples them again; call 1's whole evaluation took 24 s on an H100).
@@ -25,7 +26,7 @@
 # Checked on the CPU with train_bundled.sh replaced by a stub that records its environment (each call passes PART,
 # PLACED=0.75, GUIDANCE=2, EVAL_SEEDS=2 and its starts).
 set -u
-CALL=${CALL:?CALL=1, 1b, 1c, 2 or 3}
+CALL=${CALL:?CALL=1, 1b, 1c, 2, 2c or 3}
 export TOOLKIT_COMMIT=${TOOLKIT_COMMIT:?the commit of the tree sent, e.g. TOOLKIT_COMMIT=abc1234 CALL=1 bash ...}
 dest=runs/s24
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_INTERPRET=0
@@ -33,19 +34,25 @@ ln -sfn ../kernels toolkit/kernels; ln -sfn ../paper_figures toolkit/paper_figur
 mkdir -p runs
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "runs/gpu24_call$CALL.txt" 2>&1
 common=(GUIDANCE=2 PLACED=0.75 EVAL_SEEDS=2 DEST=$dest)
+rebuild() {  # a fresh machine: base, the teacher and the stage-(b) student FROM, with its record, into $dest
+  env PART=kept_student DEST=$dest bash benchmarks/train_bundled.sh
+  local kept=benchmarks/results/bundled_training_h200/run24
+  cp "$kept/${FROM:-call1f}_ode_init.safetensors" "$dest/stages/ode_init.safetensors"
+  cp "$kept/${FROM:-call1f}_train_log.json" "$dest/stages/log.json"
+}
 case "$CALL" in
   1) env PART=kept_student DEST=$dest bash benchmarks/train_bundled.sh
      env "${common[@]}" SEED=24 ODE_START=self_forcing ODE_PAIRS=1024 ODE_SECONDS="${S:-280}" PART=ode_init \
        bash benchmarks/train_bundled.sh > "runs/call24_$CALL.log" 2>&1 ;;
-  1c) env PART=kept_student DEST=$dest bash benchmarks/train_bundled.sh
-      kept=benchmarks/results/bundled_training_h200/run24
-      cp "$kept/${FROM:-call1c}_ode_init.safetensors" "$dest/stages/ode_init.safetensors"
-      cp "$kept/${FROM:-call1c}_train_log.json" "$dest/stages/log.json"
+  1c) rebuild
       env "${common[@]}" SEED="${SEED:-25}" ODE_START=ode_init ODE_PAIRS="${PAIRS:-1024}" ODE_SECONDS="${S:-280}" PART=ode_init \
        bash benchmarks/train_bundled.sh > "runs/call24_$CALL.log" 2>&1 ;;
   1b) env "${common[@]}" SEED="${SEED:-25}" ODE_START=ode_init ODE_PAIRS="${PAIRS:-1024}" ODE_SECONDS="${S:-280}" PART=ode_init \
        bash benchmarks/train_bundled.sh > "runs/call24_$CALL.log" 2>&1 ;;
   2) env "${common[@]}" SEED=24 SF_SECONDS="${S:-420}" PART=self_forcing \
+       bash benchmarks/train_bundled.sh > "runs/call24_$CALL.log" 2>&1 ;;
+  2c) rebuild
+      env "${common[@]}" SEED=24 SF_SECONDS="${S:-420}" PART=self_forcing \
        bash benchmarks/train_bundled.sh > "runs/call24_$CALL.log" 2>&1 ;;
   3) env "${common[@]}" SEED=24 SF_START=self_forcing SF_RESUME=1 SF_SECONDS="${S:-420}" PART=self_forcing \
        bash benchmarks/train_bundled.sh > "runs/call24_$CALL.log" 2>&1 ;;
