@@ -1,8 +1,9 @@
 """Redraw a bundled model folder's showcase strip (``rollout.png``) and GIF from its weights, without training:
 the recipe's four showcase prompts, each as ground truth, the 4-step student and the teacher's 40-step sampler.
 
-    git show 9b17e03:data/teacher/teacher.safetensors > /tmp/teacher_run8.safetensors   # the shipped student's teacher
-    python benchmarks/bundled_showcase.py --teacher /tmp/teacher_run8.safetensors --teacher-label "run-8 teacher"
+    python benchmarks/bundled_showcase.py --teacher data/teacher/teacher.safetensors   # the shipped student's teacher
+    git show 9b17e03:data/teacher/teacher.safetensors > /tmp/teacher_run8.safetensors   # run 10's student's teacher
+    python benchmarks/bundled_showcase.py --model DIR --teacher /tmp/teacher_run8.safetensors --teacher-label run-8
 
 The recipe draws the same strip at the end of training (``card.save_rollouts``); this script redraws it when
 only the drawing changed. Redrawn into the model folder itself, it records how in ``train_log.json``

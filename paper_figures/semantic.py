@@ -4,7 +4,8 @@ which pixels of every frame belong to which sprite (``bundled.data.render(..., w
 a literal 4 × 4 pixel patch (no autoencoder), so a key token *is* a piece of the sprite or it is not.
 
     from toolkit.paper_figures import semantic
-    c = semantic.semantic_correspondence(model, "3 sprites: red circle, blue square, yellow triangle", seed=0)
+    prompt = "3 sprites: red circle left, blue square top-right, yellow triangle bottom"
+    c = semantic.semantic_correspondence(model, prompt, seed=0)
     c.layer, c.head, c.masses()["lift"]          # the head with the most sprite mass in earlier frames, its lift
     semantic.plot(c.select(2, 1), "figs/")       # any other head: every head's row is kept
     semantic.make(model, "figs/", prompt=..., seed=...)   # PNG + PDF + JSON of the numbers (``toolkit figures``)
