@@ -1370,3 +1370,22 @@ def test_new_weights_drop_the_notes_written_about_earlier_ones(tmp_path):
     assert "showcase" not in latest and "clip_comparison" not in latest
     card = (out / "MODEL_CARD.md").read_text()
     assert "redrawn after training" not in card and "Colour match on more clips" not in card
+
+
+def test_a_recipe_on_placed_prompts_does_not_warn_about_places(tmp_path):
+    """Every stage trained on prompts that name start places: nothing in the run warns that a model reads places as
+    noise, the randomly initialised baseline of the evaluation included (random weights read nothing; the warning
+    is for trained models)."""
+    from toolkit.commands.train import main
+
+    out = str(tmp_path / "m")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["--tiny", "--out", out, "--placed", "1", "--quiet"]) == 0  # in one process
+    # a base pretrained without places (as the shipped one was), every later stage with them
+    assert main(["--tiny", "--out", str(tmp_path / "n"), "--stages", "base", "--quiet"]) == 0
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        assert main(["--tiny", "--out", str(tmp_path / "n"), "--stages", "teacher,ode_init,self_forcing",
+                     "--placed", "1", "--force", "--quiet"]) == 0
+    assert not [str(w.message) for w in caught + later if "start places" in str(w.message)]
