@@ -1389,3 +1389,25 @@ def test_a_recipe_on_placed_prompts_does_not_warn_about_places(tmp_path):
         assert main(["--tiny", "--out", str(tmp_path / "n"), "--stages", "teacher,ode_init,self_forcing",
                      "--placed", "1", "--force", "--quiet"]) == 0
     assert not [str(w.message) for w in caught + later if "start places" in str(w.message)]
+
+
+def test_the_curves_show_the_stage_c_run_a_second_round_of_b_started_from(tmp_path):
+    """A student whose (b) was continued from a stage-(c) student (the shipped one) keeps that (c) run only inside
+    the continued run's record: the curves draw it in the (c) panel, and draw a later (c) run instead when there is
+    one."""
+    from toolkit.models.bundled.card import curve_stages, plot_curves
+
+    def run(seconds: float, points: int, width: int = 2) -> dict:
+        return dict(seconds=seconds, curve=[[10 * (i + 1), *([0.1 / (i + 1)] * width)] for i in range(points)])
+
+    earlier_c = run(460.0, 5, width=3)  # (step, critic loss, DMD grad rms)
+    record = dict(device="a card", stages=dict(
+        base=run(300.0, 4), teacher=run(500.0, 4),
+        ode_init={**run(200.0, 4), "continued": [run(100.0, 3), {**run(150.0, 3), "start_record": earlier_c}]}))
+    assert curve_stages(record)["self_forcing"] is earlier_c and "self_forcing" not in record["stages"]
+    later_c = run(300.0, 4, width=3)
+    assert curve_stages({**record, "stages": {**record["stages"], "self_forcing": later_c}})["self_forcing"] is later_c
+    del record["stages"]["ode_init"]["continued"][1]["start_record"]
+    assert "self_forcing" not in curve_stages(record)
+    plot_curves(tmp_path / "curves.png", record)  # draws with (c) not run
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -218,6 +218,17 @@ def grown_text(grown: dict | None) -> str:
             f"{b['dim']} ({b['num_heads']} heads), the same function (`toolkit/models/bundled/grow.py`)")
 
 
+def curve_stages(record: dict) -> dict:
+    """The stage records the curves draw: the record's own, and where (b) was given a second round from a stage-(c)
+    student and (c) has not run since, that earlier (c) run (kept under the continued run's ``start_record``)."""
+    stages = dict(record["stages"])
+    earlier = [more["start_record"] for more in stages.get("ode_init", {}).get("continued", [])
+               if "start_record" in more]
+    if "self_forcing" not in stages and earlier:
+        stages["self_forcing"] = earlier[-1]
+    return stages
+
+
 def plot_curves(path: Path, record: dict) -> None:
     import matplotlib
 
@@ -227,7 +238,7 @@ def plot_curves(path: Path, record: dict) -> None:
     def marker(points: list) -> str | None:  # a short run (a smoke test) has one or two points per curve
         return "o" if len(points) < 3 else None
 
-    stages = record["stages"]
+    stages = curve_stages(record)
     # legends of continued runs go under their panels, where no curve runs
     most = max((len(s.get("continued", [])) for s in stages.values()), default=0)
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4 + (0.25 * (most + 1) if most else 0)), layout="constrained")
@@ -271,8 +282,10 @@ def plot_curves(path: Path, record: dict) -> None:
             ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
         s = stages[stage]
         seconds = s["seconds"] + sum(more["seconds"] for more in s.get("continued", []))
-        ax.set_title(f"{titles[stage]}, {seconds:.0f} s in all", fontsize=9)
-    fig.suptitle(f"bundled model training on {record['device']}", fontsize=10)
+        before = ", before (b)'s second round" if stage == "self_forcing" and s is not record["stages"].get(stage) \
+            else ""
+        ax.set_title(f"{titles[stage]}, {seconds:.0f} s in all{before}", fontsize=9)
+    fig.suptitle(f"bundled model training (the last run on {record['device']})", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
