@@ -23,7 +23,7 @@ from safetensors import safe_open
 from toolkit.errors import CheckpointError, WeightsNotFound
 from toolkit.models import bundled
 from toolkit.models.bundled import data as procedural
-from toolkit.models.bundled.model import load_weights
+from toolkit.models.bundled.model import UnreadPlacesWarning, load_weights
 from toolkit.models.bundled.ode_init import ODESettings, ode_grid, ode_pairs, ode_regression_loss, train_ode_init
 from toolkit.models.bundled.self_forcing import SelfForcingSettings, dmd_gradient, student_rollout, train_self_forcing
 from toolkit.models.bundled.teacher import (
@@ -381,7 +381,7 @@ def test_every_stage_draws_prompts_with_places_when_asked(monkeypatch, tmp_path)
     from toolkit.models.bundled.config import reads_places
 
     assert reads_places(student.cfg) and not reads_places(teacher.cfg)
-    with pytest.warns(UserWarning, match="not trained on prompts that name start places"):
+    with pytest.warns(UnreadPlacesWarning, match="not trained on prompts that name start places"):
         bundled.generate(teacher, "red circle top-left", denoising_steps=(1000,))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -396,7 +396,7 @@ def test_every_stage_draws_prompts_with_places_when_asked(monkeypatch, tmp_path)
     plain = bundled.bundled_config()  # a model folder whose config.json says nothing of places
     save_weights(WanModel(plain), tmp_path / bundled.WEIGHTS_FILE)
     (tmp_path / bundled.CONFIG_FILE).write_text(json.dumps(plain.to_dict()))
-    with pytest.warns(UserWarning, match="not trained on prompts that name start places"):
+    with pytest.warns(UnreadPlacesWarning, match="not trained on prompts that name start places"):
         prepare_run("bundled", checkpoint=str(tmp_path), prompt="red circle top-left", seed=0)
     r = recipe.with_places(recipe.Recipe(), 0.25)
     assert (r.base.placed, r.teacher.placed, r.ode_init.placed, r.self_forcing.placed, r.placed) == (0.25,) * 5

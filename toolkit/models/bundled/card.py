@@ -282,8 +282,7 @@ def plot_curves(path: Path, record: dict) -> None:
             ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
         s = stages[stage]
         seconds = s["seconds"] + sum(more["seconds"] for more in s.get("continued", []))
-        before = ", before (b)'s second round" if stage == "self_forcing" and s is not record["stages"].get(stage) \
-            else ""
+        before = ", before (b)'s second round" if stage not in record["stages"] else ""  # from curve_stages
         ax.set_title(f"{titles[stage]}, {seconds:.0f} s in all{before}", fontsize=9)
     fig.suptitle(f"bundled model training (the last run on {record['device']})", fontsize=10)
     fig.savefig(path, dpi=110)

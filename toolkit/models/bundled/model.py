@@ -159,12 +159,17 @@ def encode_prompt(prompts: str | data.Prompt | list, cfg: WanConfig | None = Non
     return data.encode_prompts(parsed)
 
 
+class UnreadPlacesWarning(UserWarning):
+    """A prompt names start places for a model that has never trained on them (``warn_unread_places``)."""
+
+
 def warn_unread_places(cfg: WanConfig, prompts: list[data.Prompt]) -> None:
     """A warning when a prompt names start places (``data.PLACES``) for a model that has never trained on them
     (``config.reads_places``): their channels were always zero in its training, so it reads them as noise."""
     if any(s.place for p in prompts for s in p.sprites) and not reads_places(cfg):
         warnings.warn("this bundled model was not trained on prompts that name start places (e.g. 'red circle "
-                      "top-left'): it reads the places as noise; train with `toolkit train --placed`", stacklevel=3)
+                      "top-left'): it reads the places as noise; train with `toolkit train --placed`",
+                      UnreadPlacesWarning, stacklevel=3)
 
 
 def parse_prompts(prompts: str | data.Prompt | list) -> list[data.Prompt]:

@@ -63,7 +63,14 @@ from toolkit.models.bundled.config import (
     teacher_config,
 )
 from toolkit.models.bundled.grow import function_change, model_size, widened
-from toolkit.models.bundled.model import as_stored, generate, load_weights, save_weights, stored_config
+from toolkit.models.bundled.model import (
+    UnreadPlacesWarning,
+    as_stored,
+    generate,
+    load_weights,
+    save_weights,
+    stored_config,
+)
 from toolkit.models.bundled.ode_init import ODE_STARTS, ODESettings, train_ode_init
 from toolkit.models.bundled.self_forcing import SF_STARTS, SelfForcingSettings, train_self_forcing
 from toolkit.models.bundled.teacher import ClipSetup, Log, TeacherSettings, autocast, teacher_sampler, train_teacher
@@ -402,7 +409,7 @@ def train_bundled(
     for name, model, sampler in models:  # ground truth depends only on the prompts and seeds: scored once
         with warnings.catch_warnings():
             if name == "random_init":  # random weights read no channel: the places warning is for trained models
-                warnings.filterwarnings("ignore", message="this bundled model was not trained on prompts")
+                warnings.simplefilter("ignore", UnreadPlacesWarning)
             results[name] = evaluate_model(model, prompts, seeds, reference=name == "random_init", **sampler)
         log(f"evaluation, {name}: {format_summary(results[name])}")
     if kept_teacher:
