@@ -398,6 +398,23 @@ def test_every_stage_draws_prompts_with_places_when_asked(monkeypatch, tmp_path)
     (tmp_path / bundled.CONFIG_FILE).write_text(json.dumps(plain.to_dict()))
     with pytest.warns(UnreadPlacesWarning, match="not trained on prompts that name start places"):
         prepare_run("bundled", checkpoint=str(tmp_path), prompt="red circle top-left", seed=0)
+    # a Wan-native config.json (no ``extra``) completes the family's defaults, not the shipped weights' facts
+    wan_native = {k: v for k, v in plain.to_dict().items() if k != "extra"}
+    (tmp_path / bundled.CONFIG_FILE).write_text(json.dumps(wan_native))
+    with pytest.warns(UnreadPlacesWarning, match="not trained on prompts that name start places"):
+        prepare_run("bundled", checkpoint=str(tmp_path), prompt="red circle top-left", seed=0)
+    # a stage's weights file alone: its metadata's config is the one used, places and size included
+    from toolkit.models.bundled.config import learned_places
+
+    small = bundled.bundled_config(dim=64, ffn_dim=128, num_heads=2, num_layers=2)
+    learned_places(small)
+    (tmp_path / "stage").mkdir()
+    save_weights(WanModel(small), tmp_path / "stage" / "ode_init.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run = prepare_run("bundled", checkpoint=str(tmp_path / "stage" / "ode_init.safetensors"),
+                          prompt="red circle top-left", seed=0)
+    assert run.model.cfg == small
     r = recipe.with_places(recipe.Recipe(), 0.25)
     assert (r.base.placed, r.teacher.placed, r.ode_init.placed, r.self_forcing.placed, r.placed) == (0.25,) * 5
 

@@ -342,6 +342,27 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], Path | None, str | None]
         raise CheckpointError(f"cannot parse {p}: {err}") from None
 
 
+def _metadata_config(path: Path) -> tuple[dict[str, Any], Path | None, str | None]:
+    """As ``_read_config``, from the ``config`` a toolkit-written safetensors file keeps in its metadata (a training
+    stage's weights file, which has no config.json beside it); ({}, None, None) for any other file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = (f.metadata() or {}).get("config")
+        raw = json.loads(stored) if stored else None
+    except Exception as err:  # noqa: BLE001 - the tensors were read already: only the metadata is at fault
+        raise CheckpointError(f"cannot parse the config in the metadata of {path}: {err}") from None
+    if not isinstance(raw, dict):
+        return {}, None, None
+    extra = raw.get("extra")
+    declared = extra.get("model") if isinstance(extra, dict) else None
+    try:
+        return config_from_json(raw), path, declared if isinstance(declared, str) else None
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"cannot parse the config in the metadata of {path}: {err}") from None
+
+
 def _safetensors_files(path: Path) -> list[Path]:
     """The safetensors file(s) of a folder or an index json (shards in index order, deduplicated)."""
     index = path if path.name.endswith(".index.json") else path / SAFETENSORS_INDEX_NAME
@@ -387,6 +408,8 @@ def read_checkpoint(path: str | os.PathLike[str], *, use_ema: bool = True) -> Ch
         files = [path]
         raw = read_safetensors(path)
         config, config_path, declared = _read_config(path.parent)
+        if config_path is None:
+            config, config_path, declared = _metadata_config(path)
     else:
         files = [path]
         obj = read_torch_file(path)

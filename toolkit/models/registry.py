@@ -100,6 +100,10 @@ class ModelSpec:
     # Config fields a checkpoint's config.json must share with ``config()``: what the conditioning and output
     # fix (the toy prompt encoder's width and length, pixel channels). Other fields may differ (variants).
     interface: tuple[str, ...] = ()
+    # The config a checkpoint's own config.json completes (None: ``config``). The bundled model's ``config`` is the
+    # shipped folder's, which also records what those weights trained on (``extra``); other weights must not
+    # inherit that, so their config.json completes the family's defaults instead.
+    architecture: Callable[[], Any] | None = None
 
     @property
     def uses_wan_assets(self) -> bool:
@@ -249,6 +253,7 @@ MODELS: dict[str, ModelSpec] = {
         output="pixels",
         spatial_compression=1,
         interface=("in_dim", "out_dim", "text_dim", "text_len"),
+        architecture=lambda: _bundled().bundled_config(),
     ),
     "self-forcing": ModelSpec(
         name="self-forcing",
@@ -391,7 +396,8 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike[str] | N
     base = spec.config()
     check_identity(spec, ckpt, base)
     try:
-        cfg = WanConfig.from_dict({**base.to_dict(), **ckpt.config}) if ckpt.config else base
+        family = (spec.architecture or spec.config)() if ckpt.config else base
+        cfg = WanConfig.from_dict({**family.to_dict(), **ckpt.config}) if ckpt.config else base
     except CheckpointError as err:  # bounds checked before anything is sized from the config
         raise CheckpointError(f"{ckpt.config_path}: {err}") from None
     ck.validate_state_dict(ckpt.state_dict, ck.native_param_shapes(cfg), ckpt.path)
