@@ -261,11 +261,14 @@ def plot_curves(path: Path, record: dict) -> None:
         steps = [c[0] for c in curve]
         ax.plot(steps, [c[1] for c in curve], label=stage.replace("_", " "), marker=marker(curve))
         runs = [(0, curve)]  # (steps before it, curve) of the first run and each continued one
-        for i, more in enumerate(stages[stage].get("continued", [])):
+        continued = stages[stage].get("continued", [])
+        for i, more in enumerate(continued):
             offset = runs[-1][0] + runs[-1][1][-1][0]
             shift = f", σ shift {TEACHER_SHIFT:g}" if stage in ("base", "teacher") else ""
             shift += ", from the (c) student" if "start_record" in more else ""
             shift += wide_label(record, stage, i + 1)
+            if stage == "self_forcing" and i == len(continued) - 1 and record.get("shipped") == "self_forcing_start":
+                shift += ", not shipped"  # the evaluation kept the student from before this run
             ax.plot([offset + c[0] for c in more["curve"]], [c[1] for c in more["curve"]], color=f"C{i + 2}",
                     label=f"continued ({more['seconds']:.0f} s{shift})",
                     marker=marker(more["curve"]))
@@ -367,6 +370,9 @@ def model_card(record: dict, model: WanModel) -> str:
         choice = "the better of (b) and (b)+(c) on the evaluation below"
     else:
         choice = "stage (c) was not run for these weights"
+    shipped_text = f"{record.get('shipped', '?')}** student"
+    if record.get("shipped") == "self_forcing_start":  # the candidate the evaluation calls "self forcing start"
+        shipped_text = "stage-(c) student before its last continued run** (\"self forcing start\" below)"
     default_reproduce = (
         f"`toolkit train --out DIR --seed {record['seed']}` runs the four stages with the settings above (`toolkit "
         "train --help`; `--base-seconds` and `--teacher-seconds` give the pretraining stages a time budget, which "
@@ -374,19 +380,29 @@ def model_card(record: dict, model: WanModel) -> str:
         "ode_init,self_forcing` split it over processes (a command on the GPU machine may run 10 minutes): "
         "`benchmarks/train_bundled.sh`.")
     for stage, label in (("ode_init", "(b)"), ("self_forcing", "(c)")):
-        seeds_by_start: dict[str, list[str]] = {}  # start -> the seeds of the continued runs from it
+        # the continued runs in the order they ran, consecutive ones of the same command together
+        groups: list[tuple[str, bool, list[str]]] = []  # (start, resumed, seeds)
         for more in st.get(stage, {}).get("continued", []):
             start = "self_forcing" if "start_record" in more else stage
-            seeds_by_start.setdefault(start, []).append(str(more.get("seed", "?")))
-        for start, run_seeds in seeds_by_start.items():
-            command = f"`--stages {stage} {START_FLAGS[stage]} {start} --force --seed S` (S = {', '.join(run_seeds)})"
-            if start == stage:
-                then = ", before stage (c)" if stage == "ode_init" and "self_forcing" in st else ""
-                default_reproduce += f" Stage {label} was then trained further with {command}{then}."
+            resumed = bool(more.get("resumed"))
+            if groups and groups[-1][:2] == (start, resumed) and start == stage:
+                groups[-1][2].append(str(more.get("seed", "?")))
             else:
-                then = ", then stage (c) again" if "self_forcing" in st else ""
+                groups.append((start, resumed, [str(more.get("seed", "?"))]))
+        for i, (start, resumed, run_seeds) in enumerate(groups):
+            resume = " --sf-resume" if resumed else ""
+            command = (f"`--stages {stage} {START_FLAGS[stage]} {start}{resume} --force --seed S` "
+                       f"(S = {', '.join(run_seeds)})")
+            last = i == len(groups) - 1
+            then = ", then stage (c) again" if last and stage == "ode_init" and "self_forcing" in st else ""
+            if start != stage:
                 default_reproduce += (f" After stage (c), stage {label} started a second round from the stage-(c) "
                                       f"student with {command}{then}.")
+            elif i and groups[i - 1][0] != stage:
+                default_reproduce = default_reproduce[:-1] + f"; it was trained further with {command}{then}."
+            else:
+                before = ", before stage (c)" if stage == "ode_init" and "self_forcing" in st else ""
+                default_reproduce += f" Stage {label} was then trained further with {command}{before}."
     widenings = record.get("widened", [])
     first = widenings[0]["from_size"] if widenings else dict(num_layers=cfg.num_layers, dim=cfg.dim)
     base_size = f"{first['num_layers']} × {first['dim']}"
@@ -437,7 +453,7 @@ The student starts from **base** (the shipped architecture, {base_size}, pretrai
 flow-matching objective as the teacher); the **teacher** is {teacher_text}: its 40-step samples are the ODE pairs'
 source and it is DMD's real score (Self-Forcing's roles of Wan2.1-1.3B and Wan2.1-14B).{widen_text}
 
-Shipped: the **{record.get('shipped', '?')}** student ({choice}). {record.get('stages_note', '')}
+Shipped: the **{shipped_text} ({choice}). {record.get('stages_note', '')}
 
 ![training curves](curves.png)
 
