@@ -356,7 +356,8 @@ def semantic_correspondence(
 
 
 def _percent(x: float) -> str:
-    return f"{100 * x:.0f} %" if x >= 0.095 else f"{100 * x:.1f} %"
+    """Whole percent, one decimal below 9.5 % and from 99.5 % (so 99.6 % does not read as all of it)."""
+    return f"{100 * x:.0f} %" if 0.095 <= x < 0.995 or x == 1 else f"{100 * x:.1f} %"
 
 
 def _outline(ax, mask: np.ndarray, color, *, lw: float = 1.2, ls: str = "-", halo: bool = True) -> None:

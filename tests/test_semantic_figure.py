@@ -191,3 +191,9 @@ def test_cli_refusals_are_one_line(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
     assert not (tmp_path / "f").exists()
+
+
+def test_percent_labels_keep_a_decimal_where_whole_percents_mislead():
+    """Near 0 and near 100 % a whole percent hides what the figure is about (99.6 % of the mass is not all of it)."""
+    assert [semantic._percent(x) for x in (0.066, 0.5, 0.976, 0.996, 1.0)] == [
+        "6.6 %", "50 %", "98 %", "99.6 %", "100 %"]
