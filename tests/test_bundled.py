@@ -1428,3 +1428,30 @@ def test_the_curves_show_the_stage_c_run_a_second_round_of_b_started_from(tmp_pa
     assert "self_forcing" not in curve_stages(record)
     plot_curves(tmp_path / "curves.png", record)  # draws with (c) not run
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_the_card_says_how_guidance_was_chosen_and_which_candidate_ships():
+    """The card's guidance sentence introduces the validation table only when the record has one (a kept teacher's
+    guidance comes from the recipe), and a shipped "self_forcing_start" is named in words; the "Reproduce" text lists
+    the continued runs in the order they ran, with --sf-resume where they resumed."""
+    from toolkit.models.bundled.card import model_card
+
+    model, _ = bundled.load_bundled()
+    record = json.loads((Path(bundled.DEFAULT_DIR) / "train_log.json").read_text())
+    summary = record["evaluation"][record["shipped"]]
+    chosen = copy.deepcopy(record)
+    chosen["guidance"] = dict(scale=2.0, chosen_by="validation, 4 prompts",
+                              validation={"2": summary, "3": summary})
+    chosen["shipped"] = "self_forcing"
+    card = model_card(chosen, model)
+    assert "**2** (validation, 4 prompts; its 40-step samples on validation prompts" in card
+    assert card.count("| CFG scale |") == 1 and "Shipped: the **self_forcing** student (the better of" in card
+    record["guidance"] = dict(scale=2.0, chosen_by="recipe")
+    record["shipped"] = "self_forcing_start"
+    card = model_card(record, model)
+    assert "**2** (recipe)." in card and "| CFG scale |" not in card
+    assert "Shipped: the **stage-(c) student before its last continued run** (\"self forcing start\" below:" in card
+    ode = [str(run.get("seed")) for run in record["stages"]["ode_init"]["continued"]]
+    first_round = ode[:[("start_record" in run) for run in record["stages"]["ode_init"]["continued"]].index(True)]
+    assert f"--ode-start ode_init --force --seed S` (S = {', '.join(first_round)}), before stage (c)." in card
+    assert "--sf-start self_forcing --sf-resume --force --seed S`" in card

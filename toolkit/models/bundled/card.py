@@ -363,16 +363,20 @@ def model_card(record: dict, model: WanModel) -> str:
     validation = "\n".join(f"| {g} | {format_summary(r, markdown=True)} |"
                            for g, r in guidance.get("validation", {}).items())
     if validation:
-        validation = (f"\n\n| CFG scale | {header} |\n|---|{'---|' * len(SUMMARY_COLUMNS)}\n{validation}")
+        validation = (f"; its 40-step samples on validation prompts, seeds disjoint from the evaluation's):\n\n"
+                      f"| CFG scale | {header} |\n|---|{'---|' * len(SUMMARY_COLUMNS)}\n{validation}")
+    else:  # a kept teacher: its guidance was chosen by an earlier run, whose record holds the table
+        validation = ")."
     if st.get("self_forcing", {}).get("continued"):
         choice = "the better of the stage-(c) student before and after its last continued run, on the evaluation below"
     elif "self_forcing" in st:
         choice = "the better of (b) and (b)+(c) on the evaluation below"
     else:
         choice = "stage (c) was not run for these weights"
-    shipped_text = f"{record.get('shipped', '?')}** student"
+    shipped_text = f"**{record.get('shipped', '?')}** student ({choice})"
     if record.get("shipped") == "self_forcing_start":  # the candidate the evaluation calls "self forcing start"
-        shipped_text = "stage-(c) student before its last continued run** (\"self forcing start\" below)"
+        shipped_text = (f"**stage-(c) student before its last continued run** (\"self forcing start\" below: "
+                        f"{choice})")
     default_reproduce = (
         f"`toolkit train --out DIR --seed {record['seed']}` runs the four stages with the settings above (`toolkit "
         "train --help`; `--base-seconds` and `--teacher-seconds` give the pretraining stages a time budget, which "
@@ -446,14 +450,13 @@ torch {record['torch']}.
 {chr(10).join(rows)}
 
 The teacher's classifier-free guidance (null prompt = all-zero context), used for its ODE pairs, as DMD's real
-score and for its own samples: **{guidance_text}** ({guidance.get('chosen_by', '?')}; its 40-step
-samples on validation prompts, seeds disjoint from the evaluation's):{validation}
+score and for its own samples: **{guidance_text}** ({guidance.get('chosen_by', '?')}{validation}
 
 The student starts from **base** (the shipped architecture, {base_size}, pretrained by the same
 flow-matching objective as the teacher); the **teacher** is {teacher_text}: its 40-step samples are the ODE pairs'
 source and it is DMD's real score (Self-Forcing's roles of Wan2.1-1.3B and Wan2.1-14B).{widen_text}
 
-Shipped: the **{shipped_text} ({choice}). {record.get('stages_note', '')}
+Shipped: the {shipped_text}. {record.get('stages_note', '')}
 
 ![training curves](curves.png)
 
