@@ -326,39 +326,47 @@ def to_native_names(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, t
     return sd, naming
 
 
+def _config_of(raw: Any, where: Path) -> tuple[dict[str, Any], Path, str | None]:
+    """(WanConfig kwargs, ``where``, the model it declares) of a parsed config dict (``extra.model``)."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"expected a JSON object, found {type(raw).__name__}")
+    extra = raw.get("extra")
+    declared = extra.get("model") if isinstance(extra, dict) else None
+    return config_from_json(raw), where, declared if isinstance(declared, str) else None
+
+
 def _read_config(folder: Path) -> tuple[dict[str, Any], Path | None, str | None]:
     """(WanConfig kwargs, the config.json, the model it declares) of a checkpoint folder; ({}, None, None) without."""
     p = folder / CONFIG_NAME
     if not p.is_file():
         return {}, None, None
     try:
-        raw = json.loads(p.read_text())
-        if not isinstance(raw, dict):
-            raise TypeError(f"expected a JSON object, found {type(raw).__name__}")
-        extra = raw.get("extra")
-        declared = extra.get("model") if isinstance(extra, dict) else None
-        return config_from_json(raw), p, declared if isinstance(declared, str) else None
+        return _config_of(json.loads(p.read_text()), p)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"cannot parse {p}: {err}") from None
 
 
-def _metadata_config(path: Path) -> tuple[dict[str, Any], Path | None, str | None]:
-    """As ``_read_config``, from the ``config`` a toolkit-written safetensors file keeps in its metadata (a training
-    stage's weights file, which has no config.json beside it); ({}, None, None) for any other file."""
+def metadata_config(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The config dict (``WanConfig.to_dict()``) a toolkit-written safetensors file keeps in its metadata under
+    ``config`` (the bundled model's ``save_weights``); None for a file without one."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             stored = (f.metadata() or {}).get("config")
-        raw = json.loads(stored) if stored else None
-    except Exception as err:  # noqa: BLE001 - the tensors were read already: only the metadata is at fault
+        return json.loads(stored) if stored else None
+    except Exception as err:  # noqa: BLE001 - unreadable header or metadata that is not JSON
         raise CheckpointError(f"cannot parse the config in the metadata of {path}: {err}") from None
+
+
+def _metadata_config(path: Path) -> tuple[dict[str, Any], Path | None, str | None]:
+    """As ``_read_config``, from ``metadata_config`` (a training stage's weights file, which has no config.json beside
+    it); ({}, None, None) for a file without one."""
+    raw = metadata_config(path)
     if not isinstance(raw, dict):
         return {}, None, None
-    extra = raw.get("extra")
-    declared = extra.get("model") if isinstance(extra, dict) else None
     try:
-        return config_from_json(raw), path, declared if isinstance(declared, str) else None
+        return _config_of(raw, path)
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"cannot parse the config in the metadata of {path}: {err}") from None
 

@@ -395,9 +395,11 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike[str] | N
     ckpt = ck.read_checkpoint(path, use_ema=use_ema)
     base = spec.config()
     check_identity(spec, ckpt, base)
+    cfg = base
     try:
-        family = (spec.architecture or spec.config)() if ckpt.config else base
-        cfg = WanConfig.from_dict({**family.to_dict(), **ckpt.config}) if ckpt.config else base
+        if ckpt.config:
+            family = (spec.architecture or spec.config)()
+            cfg = WanConfig.from_dict({**family.to_dict(), **ckpt.config})
     except CheckpointError as err:  # bounds checked before anything is sized from the config
         raise CheckpointError(f"{ckpt.config_path}: {err}") from None
     ck.validate_state_dict(ckpt.state_dict, ck.native_param_shapes(cfg), ckpt.path)

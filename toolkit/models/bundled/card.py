@@ -393,20 +393,25 @@ def model_card(record: dict, model: WanModel) -> str:
                 groups[-1][2].append(str(more.get("seed", "?")))
             else:
                 groups.append((start, resumed, [str(more.get("seed", "?"))]))
+        sentences: list[str] = []
+        in_second_round = False  # whether the last sentence is about (b)'s second round
         for i, (start, resumed, run_seeds) in enumerate(groups):
             resume = " --sf-resume" if resumed else ""
             command = (f"`--stages {stage} {START_FLAGS[stage]} {start}{resume} --force --seed S` "
                        f"(S = {', '.join(run_seeds)})")
-            last = i == len(groups) - 1
-            then = ", then stage (c) again" if last and stage == "ode_init" and "self_forcing" in st else ""
             if start != stage:
-                default_reproduce += (f" After stage (c), stage {label} started a second round from the stage-(c) "
-                                      f"student with {command}{then}.")
+                sentences.append(f"After stage (c), stage {label} started a second round from the stage-(c) "
+                                 f"student with {command}")
+                in_second_round = True
             elif i and groups[i - 1][0] != stage:
-                default_reproduce = default_reproduce[:-1] + f"; it was trained further with {command}{then}."
+                sentences[-1] += f"; it was trained further with {command}"
             else:
                 before = ", before stage (c)" if stage == "ode_init" and "self_forcing" in st else ""
-                default_reproduce += f" Stage {label} was then trained further with {command}{before}."
+                sentences.append(f"Stage {label} was then trained further with {command}{before}")
+                in_second_round = False
+        if in_second_round and "self_forcing" in st:
+            sentences[-1] += ", then stage (c) again"
+        default_reproduce += "".join(f" {sentence}." for sentence in sentences)
     widenings = record.get("widened", [])
     first = widenings[0]["from_size"] if widenings else dict(num_layers=cfg.num_layers, dim=cfg.dim)
     base_size = f"{first['num_layers']} × {first['dim']}"

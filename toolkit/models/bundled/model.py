@@ -29,7 +29,7 @@ from toolkit.models.bundled.config import (
     frames_per_chunk,
     reads_places,
 )
-from toolkit.models.checkpoints import validate_state_dict
+from toolkit.models.checkpoints import metadata_config, validate_state_dict
 from toolkit.models.sampling import self_forcing_rollout, self_forcing_timesteps
 from toolkit.models.wan import WanConfig, WanModel
 
@@ -63,13 +63,10 @@ def load_bundled(
 
 def stored_config(path: str | Path) -> WanConfig:
     """The config ``save_weights`` stored in the metadata of the weights at ``path``."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        stored = (f.metadata() or {}).get("config")
+    stored = metadata_config(path)
     if stored is None:
         raise CheckpointError(f"{path} holds no config in its metadata; pass the config it was trained with")
-    return WanConfig.from_dict(json.loads(stored))
+    return WanConfig.from_dict(stored)
 
 
 def load_weights(
