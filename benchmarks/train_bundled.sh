@@ -32,7 +32,7 @@
 # SF_START=self_forcing: continue the last stage-(c) run exactly, from DEST/stages/self_forcing_state.pt, which stays
 # on the machine only while it is warm: about 215 MB at the shipped size, over the limit of a returned file),
 # SF_LR, SF_CRITIC_LR, SF_CRITIC_RATIO, SF_BATCH (stage (c)'s learning rates, critic updates per generator update,
-# clips per update), EVAL_PROMPTS (held-out prompts of the evaluation; fewer for a dry run on the CPU), PLACED (the
+# clips per update), SF_MIN_SPRITES (stage (c)'s rollouts from prompts of at least that many sprites), EVAL_PROMPTS (held-out prompts of the evaluation; fewer for a dry run on the CPU), PLACED (the
 # fraction of training prompts that name each sprite's start place, in every part that trains; the teacher's guidance
 # choice and the student stages' evaluation then use held-out prompts that name places).
 set -euo pipefail
@@ -91,7 +91,7 @@ PY
           --ode-start "${ODE_START:-base}" \
           2>&1 | tee "$DEST/train_ode_init.log" ;;
   self_forcing) "${cli[@]}" --stages self_forcing "${student[@]}" --sf-steps 100000 --sf-seconds "${SF_SECONDS:-440}" \
-          ${SF_BATCH:+--sf-batch "$SF_BATCH"} \
+          ${SF_BATCH:+--sf-batch "$SF_BATCH"} ${SF_MIN_SPRITES:+--sf-min-sprites "$SF_MIN_SPRITES"} \
           --sf-start "${SF_START:-ode_init}" ${SF_RESUME:+--sf-resume} ${SF_LR:+--sf-lr "$SF_LR"} \
           ${SF_CRITIC_LR:+--sf-critic-lr "$SF_CRITIC_LR"} ${SF_CRITIC_RATIO:+--sf-critic-ratio "$SF_CRITIC_RATIO"} \
           2>&1 | tee "$DEST/train_self_forcing.log" ;;

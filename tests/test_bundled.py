@@ -377,6 +377,7 @@ def test_every_stage_draws_prompts_with_places_when_asked(monkeypatch, tmp_path)
     train_self_forcing(student, teacher, SelfForcingSettings(steps=1, batch=1, critic_ratio=1, placed=0.5),
                        log=lambda *_: None)
     assert drawn and set(drawn) == {0.5}
+    monkeypatch.setattr(teacher_stage.ClipSetup, "prompts_context_noise", real)
     # the model now says it reads places, its weights file keeps that, and generate no longer warns
     from toolkit.models.bundled.config import reads_places
 
@@ -769,6 +770,37 @@ def test_crowded_prompts_draw_only_high_counts_and_the_default_draws_are_unchang
     assert counts == {3, data.MAX_SPRITES}
     with pytest.raises(ValueError, match="min_sprites"):
         data.random_prompts(1, torch.Generator(), min_sprites=data.MAX_SPRITES + 1)
+
+
+def test_self_forcing_on_crowded_prompts_rolls_out_only_those_and_the_card_says_so(monkeypatch):
+    """``SelfForcingSettings.min_sprites`` reaches every rollout's prompts (critic's and generator's) through
+    ``ClipSetup``; the teacher's ``min_sprites`` the same way; the default draws stay every held-out set's."""
+    from toolkit.models.bundled import data
+    from toolkit.models.bundled.card import crowded
+
+    cfg, setup = _tiny_setup()
+    counts = []
+    real = data.random_prompts
+
+    def spy(*args, **kw):
+        prompts = real(*args, **kw)
+        counts.extend(len(p.sprites) for p in prompts)
+        return prompts
+
+    monkeypatch.setattr(data, "random_prompts", spy)
+    teacher = WanModel(cfg).eval()
+    student = copy.deepcopy(teacher)
+    record = train_self_forcing(student, teacher, SelfForcingSettings(steps=3, batch=4, critic_ratio=2, min_sprites=3),
+                                log=lambda *_: None)
+    assert len(counts) == 3 * (2 + 1) * 4 and set(counts) == {3, data.MAX_SPRITES}
+    assert record["settings"]["min_sprites"] == 3 and crowded(record["settings"]) == ", clips of 3+ sprites only"
+    assert crowded({"min_sprites": 1}) == crowded({}) == ""
+    counts.clear()
+    x0, context, prompts = ClipSetup.of(cfg, "cpu", min_sprites=4).sample(5, torch.Generator().manual_seed(2), "cpu")
+    assert set(counts) == {4} and x0.shape[0] == 5
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert [str(p) for p in setup.prompts_context_noise(6, cfg.in_dim, g1, "cpu")[0]] == \
+        [str(p) for p in real(6, g2)]
 
 
 def test_self_forcing_resumed_from_its_state_equals_one_longer_run(tmp_path):
@@ -1360,12 +1392,15 @@ def test_stage_c_flags_reach_its_settings():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "--out", "x", "--sf-lr", "7e-5", "--sf-critic-lr", "3e-5",
-                              "--sf-critic-ratio", "3"])
+                              "--sf-critic-ratio", "3", "--sf-min-sprites", "3"])
     recipe, default = recipe_from(args), Recipe()
     sf = recipe.self_forcing
-    assert (sf.lr, sf.critic_lr, sf.critic_ratio) == (7e-5, 3e-5, 3)
+    assert (sf.lr, sf.critic_lr, sf.critic_ratio, sf.min_sprites) == (7e-5, 3e-5, 3, 3)
     assert replace(sf, lr=default.self_forcing.lr, critic_lr=default.self_forcing.critic_lr,
-                   critic_ratio=default.self_forcing.critic_ratio) == default.self_forcing
+                   critic_ratio=default.self_forcing.critic_ratio, min_sprites=1) == default.self_forcing
+    assert default.self_forcing.min_sprites == 1
+    with pytest.raises(SystemExit):  # argparse's one line, exit 2: there are at most MAX_SPRITES sprites
+        parser.parse_args(["train", "--out", "x", "--sf-min-sprites", "5"])
 
 
 def test_new_weights_drop_the_notes_written_about_earlier_ones(tmp_path):

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from toolkit.commands.generate import seed_type
 from toolkit.errors import ToolkitError
-from toolkit.models.bundled import DEFAULT_DIR, tiny_config
+from toolkit.models.bundled import DEFAULT_DIR, data, tiny_config
 from toolkit.models.bundled.config import STAGES, bundled_config, teacher_config, tiny_teacher_config
 from toolkit.models.bundled.finetune import OBJECTIVES, FinetuneSettings
 from toolkit.models.bundled.ode_init import ODE_STARTS
@@ -154,6 +154,10 @@ Self-Forcing {defaults.self_forcing.steps} generator updates x \
                    help="critic updates per generator update (the two time-scale rule)")
     p.add_argument("--sf-seconds", type=float, default=None, metavar="S",
                    help="time budget of stage (c) (as --teacher-seconds)")
+    p.add_argument("--sf-min-sprites", type=int, default=defaults.self_forcing.min_sprites,
+                   choices=range(1, data.MAX_SPRITES + 1), metavar="N",
+                   help=f"stage (c)'s rollouts from prompts of N..{data.MAX_SPRITES} sprites only (default 1: every "
+                        "count), to train a student further where it trails the teacher: crowded prompts")
     p.add_argument("--guidance", type=float, default=None, metavar="G",
                    help="the teacher's classifier-free guidance in the ODE pairs, DMD's real score and its own "
                         "samples (default: the best of " + ", ".join(f"{g:g}" for g in defaults.guidance_candidates)
@@ -236,7 +240,8 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
                          keep_prompted=args.ode_keep_prompted, start=args.ode_start),
         self_forcing=replace(r.self_forcing, steps=args.sf_steps, batch=args.sf_batch, lr=args.sf_lr,
                              critic_lr=args.sf_critic_lr, critic_ratio=args.sf_critic_ratio,
-                             seconds=args.sf_seconds, start=args.sf_start, resume=args.sf_resume),
+                             seconds=args.sf_seconds, start=args.sf_start, resume=args.sf_resume,
+                             min_sprites=args.sf_min_sprites),
         guidance_scale=args.guidance,
         guidance_interval=args.guidance_interval and tuple(args.guidance_interval),
         seed=args.seed,
@@ -249,7 +254,7 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
             teacher=TeacherSettings(steps=6, batch=2, warmup=2),
             ode_init=replace(r.ode_init, pairs=4, pair_batch=4, steps=4, batch=2, warmup=2, start=args.ode_start),
             self_forcing=replace(r.self_forcing, steps=2, batch=2, critic_ratio=1, start=args.sf_start,
-                                 resume=args.sf_resume),
+                                 resume=args.sf_resume, min_sprites=args.sf_min_sprites),
             guidance_scale=args.guidance,
             guidance_interval=args.guidance_interval and tuple(args.guidance_interval),
             guidance_candidates=(1.0, 3.0),

@@ -292,6 +292,12 @@ def plot_curves(path: Path, record: dict) -> None:
     plt.close(fig)
 
 
+def crowded(settings: dict) -> str:
+    """The clause a stage's row gains when it trained on crowded prompts only (``min_sprites`` above 1)."""
+    n = settings.get("min_sprites", 1)
+    return f", clips of {n}+ sprites only" if n > 1 else ""
+
+
 def model_card(record: dict, model: WanModel) -> str:
     """MODEL_CARD.md from the training record (every number measured by the run that wrote it)."""
     cfg = model.cfg
@@ -309,7 +315,7 @@ def model_card(record: dict, model: WanModel) -> str:
                      f"({s.get('pool_seconds', 0):.0f} s to solve), lr {cfgs['lr']}")
         else:
             extra = (f"critic ratio {cfgs['critic_ratio']}, lr {cfgs['lr']} / {cfgs['critic_lr']}, "
-                     f"teacher CFG {stage_cfg(s)}, EMA {cfgs['ema_decay']}")
+                     f"teacher CFG {stage_cfg(s)}, EMA {cfgs['ema_decay']}{crowded(cfgs)}")
         loss = (f"{s['heldout_loss_init']:.4f} → {s['heldout_loss_end']:.4f}" if "heldout_loss_end" in s
                 else f"critic {s['curve'][-1][1]:.4f}" if s.get("curve") else "")
         steps = s.get("steps_run", cfgs["steps"])
@@ -322,7 +328,7 @@ def model_card(record: dict, model: WanModel) -> str:
             if name == "self_forcing":
                 loss = f"critic {more['curve'][-1][1]:.4f}" if more.get("curve") else ""
                 how = (f"critic ratio {c['critic_ratio']}, lr {c['lr']} / {c['critic_lr']}, teacher CFG "
-                       f"{stage_cfg(more)}{trained_by}, "
+                       f"{stage_cfg(more)}{trained_by}{crowded(c)}, "
                        + ("resumed: the run above's critic, optimisers, EMA and random streams" if more.get("resumed")
                           else f"seed {more.get('seed', '?')}, a fresh critic"))
             else:
@@ -333,7 +339,7 @@ def model_card(record: dict, model: WanModel) -> str:
                        f"{stage_cfg(more)} ({more.get('pool_seconds', 0):.0f} s to solve), "
                        f"lr {c['lr']}{trained_by}" if name == "ode_init"
                        else f"lr {c['lr']} (cosine), shift-{TEACHER_SHIFT:g} σ, {mode}"
-                       + (f", clips of {c['min_sprites']}+ sprites only" if c.get("min_sprites", 1) > 1 else "")
+                       + crowded(c)
                        + grown_text(more.get("grown")))
             if "start_record" in more:  # a second round of (b), from the stage-(c) student of the first
                 rows += stage_rows("self_forcing", more["start_record"])

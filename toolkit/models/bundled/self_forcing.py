@@ -76,6 +76,9 @@ class SelfForcingSettings:
     # weights, EMA, random streams) instead of from its EMA weights with a fresh critic
     resume: bool = False
     placed: float = 0.0  # fraction of the rollouts' prompts that name each sprite's start place (data.PLACES)
+    # rollouts of prompts with at least this many sprites (1: every count, as the recipe); more trains a student
+    # further on crowded prompts, where it trails the teacher (docs/bundled-model.md, run 25)
+    min_sprites: int = 1
 
 
 def student_rollout(
@@ -134,7 +137,7 @@ def train_self_forcing(
     dict that holds this run's end state on return (module docstring); if it already holds one, the run resumes
     from it (``seed`` is then unused: the random streams continue)."""
     device = next(student.parameters()).device
-    setup = ClipSetup.of(student.cfg, device, settings.placed)
+    setup = ClipSetup.of(student.cfg, device, settings.placed, settings.min_sprites)
     scores = ClipSetup.of(teacher.cfg, device)  # the teacher's and the critic's patches and mask
     if (scores.frames, scores.height, scores.width, scores.chunk) != (setup.frames, setup.height, setup.width,
                                                                         setup.chunk):

@@ -104,14 +104,16 @@ class ClipSetup:
     mask: torch.Tensor
     backend: Backend
     placed: float = 0.0  # fraction of random prompts that name each sprite's start place (data.random_prompts)
+    min_sprites: int = 1  # fewest sprites in a random prompt (1: every count, as every held-out set)
 
     @classmethod
-    def of(cls, cfg: WanConfig, device: torch.device | str, placed: float = 0.0) -> ClipSetup:
+    def of(cls, cfg: WanConfig, device: torch.device | str, placed: float = 0.0, min_sprites: int = 1) -> ClipSetup:
         frames, height, width = clip_shape(cfg)
         chunk = frames_per_chunk(cfg)
         per_frame = (height // cfg.patch_size[1]) * (width // cfg.patch_size[2])
         mask = teacher_forcing_mask(frames, per_frame, chunk, device)
-        return cls(frames, height, width, chunk, mask, chunked_attention(frames, per_frame, chunk), placed)
+        return cls(frames, height, width, chunk, mask, chunked_attention(frames, per_frame, chunk), placed,
+                   min_sprites)
 
     def prompts_and_noise(self, batch: int, channels: int, generator: torch.Generator, device: torch.device | str
                           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,17 +125,17 @@ class ClipSetup:
     def prompts_context_noise(self, batch: int, channels: int, generator: torch.Generator, device: torch.device | str
                               ) -> tuple[list[data.Prompt], torch.Tensor, torch.Tensor]:
         """:meth:`prompts_and_noise` with the prompts themselves (same draws from ``generator``)."""
-        prompts = data.random_prompts(batch, generator, placed=self.placed)
+        prompts = data.random_prompts(batch, generator, min_sprites=self.min_sprites, placed=self.placed)
         noise = torch.randn(batch, channels, self.frames, self.height, self.width, generator=generator)
         return prompts, data.encode_prompts(prompts).to(device), noise.to(device)
 
     def sample(
-        self, batch: int, generator: torch.Generator, device: torch.device | str, min_sprites: int = 1
+        self, batch: int, generator: torch.Generator, device: torch.device | str
     ) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Procedural clips in model space: (x0 [b c F H W], context [b L D], prompts)."""
         video, context, prompts = data.sample_batch(
             batch, generator, frames=self.frames, height=self.height, width=self.width, device=device,
-            min_sprites=min_sprites, placed=self.placed,
+            min_sprites=self.min_sprites, placed=self.placed,
         )
         return to_model_space(video), context, prompts
 
@@ -347,7 +349,7 @@ def train_teacher(
     labels the log and the record); returns the stage record (settings, time, loss curve, held-out loss before and
     after). The weights handed to the next stage are the EMA (exponential moving average)."""
     device = next(model.parameters()).device
-    setup = ClipSetup.of(model.cfg, device, settings.placed)
+    setup = ClipSetup.of(model.cfg, device, settings.placed, settings.min_sprites)
     heldout = heldout_set(32, model.cfg)
     loss_init = heldout_loss(model, heldout, setup)  # eager, before compiling (no graph for no-grad mode)
     compile_seconds = None
@@ -364,7 +366,7 @@ def train_teacher(
     start = time.perf_counter()
     step = 0
     while step < total:
-        x0, context, _ = setup.sample(settings.batch, data_gen, device, settings.min_sprites)
+        x0, context, _ = setup.sample(settings.batch, data_gen, device)
         drop = torch.rand(settings.batch, generator=data_gen) < settings.cond_dropout
         context = torch.where(drop.to(device).view(-1, 1, 1), torch.zeros_like(context), context)
         noise = torch.randn(x0.shape, generator=noise_gen, device=device)
