@@ -10,12 +10,13 @@
 #   CALL=2  stage (c) resumed exactly (SF_RESUME), S seconds more, scored the same way
 #   CALL=3  as call 1 from the shipped student again (the folder rebuilt), but DMD's real score at CFG G (default 3)
 #           and prompts of MIN (default 1) or more sprites: more guidance traded count for colour in run 12
+#   CALL=4  call 3's run resumed exactly (SF_RESUME), S seconds more
 #   CALL=t  the teacher (40 Euler steps, CFG 2) scored on the same 512 clips: the ceiling the students are measured
 #           against
 # TOOLKIT_COMMIT must name the commit of the tree sent (the machine's copy of .git can be older than the tree).
 # Each training call returns the card, record, strip, logs and scores (one tar) and the student's weights (float16).
 set -u
-CALL=${CALL:?CALL=1, 2, 3 or t}
+CALL=${CALL:?CALL=1, 2, 3, 4 or t}
 export TOOLKIT_COMMIT=${TOOLKIT_COMMIT:?the commit of the tree sent, e.g. TOOLKIT_COMMIT=abc1234 CALL=1 bash ...}
 dest=runs/s25
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_INTERPRET=0
@@ -36,6 +37,8 @@ case "$CALL" in
        bash benchmarks/train_bundled.sh > "runs/call25_$CALL.log" 2>&1 ;;
   3) env PART=kept_student DEST=$dest bash benchmarks/train_bundled.sh
      env "${common[@]}" GUIDANCE="${G:-3}" SF_MIN_SPRITES="${MIN:-1}" SEED=26 SF_START=self_forcing \
+       SF_SECONDS="${S:-400}" PART=self_forcing bash benchmarks/train_bundled.sh > "runs/call25_$CALL.log" 2>&1 ;;
+  4) env "${common[@]}" GUIDANCE="${G:-3}" SF_MIN_SPRITES="${MIN:-1}" SEED=26 SF_START=self_forcing SF_RESUME=1 \
        SF_SECONDS="${S:-400}" PART=self_forcing bash benchmarks/train_bundled.sh > "runs/call25_$CALL.log" 2>&1 ;;
   t) score teacher_placed512 --weights data/teacher/teacher.safetensors --teacher-cfg 2
      tar czf "$OUT/run25_call$CALL.tgz" runs/gpu25_call*.txt runs/eval25
