@@ -19,6 +19,7 @@ from toolkit.models.bundled.config import (
     MANY_STEPS,
     STAGES,
     START_FLAGS,
+    TEACHER_EVAL,
     WEIGHTS_FILE,
     clip_shape,
     frames_per_chunk,
@@ -267,8 +268,8 @@ def plot_curves(path: Path, record: dict) -> None:
             shift = f", σ shift {TEACHER_SHIFT:g}" if stage in ("base", "teacher") else ""
             shift += ", from the (c) student" if "start_record" in more else ""
             shift += wide_label(record, stage, i + 1)
-            if stage == "self_forcing" and i == len(continued) - 1 and record.get("shipped") == "self_forcing_start":
-                shift += ", not shipped"  # the evaluation kept the student from before this run
+            if dropped(record, stage, i):
+                shift += ", not shipped" if i == len(continued) - 1 else ", not kept"
             ax.plot([offset + c[0] for c in more["curve"]], [c[1] for c in more["curve"]], color=f"C{i + 2}",
                     label=f"continued ({more['seconds']:.0f} s{shift})",
                     marker=marker(more["curve"]))
@@ -290,6 +291,26 @@ def plot_curves(path: Path, record: dict) -> None:
     fig.suptitle(f"bundled model training (the last run on {record['device']})", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def dropped(record: dict, stage: str, run: int) -> bool:
+    """Whether continued run ``run`` of ``stage`` trained weights that were not kept: the evaluation after it kept
+    the student from before it (``kept`` false, or, in records written before that flag, the last stage-(c) run of
+    a record that shipped "self_forcing_start"), so the shipped student and later fresh runs do not descend from it."""
+    runs = record["stages"][stage].get("continued", [])
+    legacy = stage == "self_forcing" and run == len(runs) - 1 and record.get("shipped") == "self_forcing_start"
+    return runs[run].get("kept") is False or legacy
+
+
+def stage_guidances(record: dict) -> set[str]:
+    """The teacher guidance of every run of stages (b) and (c) in ``record``, as the card writes it."""
+    runs = []
+    for name in ("ode_init", "self_forcing"):
+        if name in record["stages"]:
+            s = record["stages"][name]
+            runs += [s, *s.get("continued", [])]
+            runs += [more["start_record"] for more in s.get("continued", []) if "start_record" in more]
+    return {stage_cfg(run) for run in runs if "guidance_scale" in run}
 
 
 def crowded(settings: dict) -> str:
@@ -344,16 +365,22 @@ def model_card(record: dict, model: WanModel) -> str:
             if "start_record" in more:  # a second round of (b), from the stage-(c) student of the first
                 rows += stage_rows("self_forcing", more["start_record"])
                 how += ", from the self_forcing student above"
+            if dropped(record, name, run - 1):
+                how += (", not shipped: the evaluation kept the student from before it" if run == len(s["continued"])
+                        else ", not kept: the runs below start from the student before it")
             rows.append(f"| {name}, continued{wide_label(record, name, run)} | {more['steps_run']} × {c['batch']} | "
                         f"{more['seconds']:.0f} s | "
                         f"{loss} | {how} | `{more.get('commit', '?')}` |")
         return rows
 
     rows = [row for name in STAGES if st.get(name) for row in stage_rows(name, st[name])]
+    guidance = record.get("guidance", {})
+    guidance_text = cfg_label(*guidance_of(record)) if guidance else "?"
     ev = record.get("evaluation", {})
     ev_rows = []
     for name, r in ev.items():
-        label = name.replace("_", " ") + (f" (evaluated {r['evaluated']})" if r.get("evaluated") else "")
+        label = (f"teacher, {len(MANY_STEPS)} Euler steps, CFG {guidance_text}" if name == TEACHER_EVAL
+                 else name.replace("_", " ")) + (f" (evaluated {r['evaluated']})" if r.get("evaluated") else "")
         ev_rows.append(f"| {label} | {format_summary(r, markdown=True)} |")
     header = " | ".join(title for _, title, _ in SUMMARY_COLUMNS)
     seeds = record.get("eval_seeds", 1)
@@ -364,8 +391,6 @@ def model_card(record: dict, model: WanModel) -> str:
         + "; ".join(f"{key.replace('_', ' ')} +{c['gained']} / −{c['lost']} clips (sign test p = {c['p_value']:.2g})"
                     for key, c in by_key.items()) + ".\n"
         for label, by_key in record.get("paired", {}).items())
-    guidance = record.get("guidance", {})
-    guidance_text = cfg_label(*guidance_of(record)) if guidance else "?"
     validation = "\n".join(f"| {g} | {format_summary(r, markdown=True)} |"
                            for g, r in guidance.get("validation", {}).items())
     if validation:
@@ -373,6 +398,12 @@ def model_card(record: dict, model: WanModel) -> str:
                       f"| CFG scale | {header} |\n|---|{'---|' * len(SUMMARY_COLUMNS)}\n{validation}")
     else:  # a kept teacher: its guidance was chosen by an earlier run, whose record holds the table
         validation = ")."
+    guidance_sentence = ("The teacher's classifier-free guidance (null prompt = all-zero context), used for its ODE "
+                         "pairs, as DMD's real\nscore and for its own samples:")
+    if len(stage_guidances(record)) > 1:
+        guidance_sentence = ("The runs of (b) and (c) used the teacher's classifier-free guidance (null prompt = "
+                             "all-zero context) their\nrows name, for the ODE pairs and as DMD's real score; the last "
+                             "run's, which the teacher's own samples in the\nevaluation use:")
     if st.get("self_forcing", {}).get("continued"):
         choice = "the better of the stage-(c) student before and after its last continued run, on the evaluation below"
     elif "self_forcing" in st:
@@ -460,8 +491,7 @@ torch {record['torch']}.
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-The teacher's classifier-free guidance (null prompt = all-zero context), used for its ODE pairs, as DMD's real
-score and for its own samples: **{guidance_text}** ({guidance.get('chosen_by', '?')}{validation}
+{guidance_sentence} **{guidance_text}** ({guidance.get('chosen_by', '?')}{validation}
 
 The student starts from **base** (the shipped architecture, {base_size}, pretrained by the same
 flow-matching objective as the teacher); the **teacher** is {teacher_text}: its 40-step samples are the ODE pairs'

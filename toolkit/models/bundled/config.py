@@ -44,6 +44,7 @@ DEFAULT_DIR = Path(__file__).resolve().parents[3] / "data" / "bundled"
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 SELF_FORCING_STEPS = (1000, 750, 500, 250)  # warped to t = 1000, 937.5, 833.3, 625 (the released Self-Forcing)
 MANY_STEPS = tuple(range(1000, 0, -25))  # 40 steps: the teacher's ODE grid, which contains SELF_FORCING_STEPS
+TEACHER_EVAL = "teacher_40_euler_steps"  # the teacher's row in a training record's evaluation
 # the training stages in order; each leaves out/stages/<stage>.safetensors (``recipe.py``)
 STAGES = ("base", "teacher", "ode_init", "self_forcing")
 # the flags that choose the weights stage (b) or (c) starts from; starting from its own or a later stage's weights

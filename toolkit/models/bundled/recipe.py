@@ -56,6 +56,7 @@ from toolkit.models.bundled.config import (
     MANY_STEPS,
     STAGES,
     START_FLAGS,
+    TEACHER_EVAL,
     WEIGHTS_FILE,
     bundled_config,
     clip_shape,
@@ -82,7 +83,6 @@ NEEDS = {"base": (), "teacher": (), "ode_init": ("base", "teacher"), "self_forci
 STUDENT_STAGES = ("base", "ode_init", "self_forcing")  # the student's architecture (``widen_students``)
 GUIDANCE_CANDIDATES = (1.0, 2.0, 3.0, 4.5)
 VALIDATION_PROMPT_SEED, VALIDATION_NOISE_SEED = 1_000_303, 1_000_403  # not the evaluation's held-out seeds
-TEACHER_EVAL = "teacher_40_euler_steps"  # the teacher's row in a record's evaluation
 
 
 @dataclass(frozen=True)
@@ -363,7 +363,10 @@ def train_bundled(
     def continued(stage: str, summary: dict) -> dict:  # as continue_teacher.py records the teacher's runs
         earlier = record["stages"][stage]
         more = {**summary, "commit": git_commit(), "seed": recipe.seed, "teacher_steps": teacher_steps(record)}
-        return {**earlier, "continued": [*earlier.get("continued", []), more]}
+        runs = list(earlier.get("continued", []))
+        if summary.get("resumed") and runs:  # it carries on the run before, whose weights are in the lineage again
+            runs[-1] = {k: v for k, v in runs[-1].items() if k != "kept"}
+        return {**earlier, "continued": [*runs, more]}
 
     earlier_evaluation = record.get("evaluation", {})
     sf_continues = "self_forcing" in stages and recipe.self_forcing.start == "self_forcing"  # checked: check_output
@@ -431,6 +434,8 @@ def train_bundled(
         ode = {**earlier_evaluation["ode_init"], "evaluated": "by the run that trained it"}
         results = {"random_init": results.pop("random_init"), "ode_init": ode, **results}
     shipped = max(candidates, key=lambda n: (results[n]["colour_match"], results[n]["score"]))
+    if shipped == "self_forcing_start":  # the weights this run trained are not the lineage a later run starts from
+        record["stages"]["self_forcing"]["continued"][-1]["kept"] = False
     record.update(evaluation=results, evaluation_seconds=round(time.perf_counter() - start, 1), shipped=shipped,
                   eval_prompts=len(prompts), eval_seeds=len(seeds), eval_placed=recipe.placed > 0,
                   paired=comparisons)
