@@ -1488,8 +1488,9 @@ def test_the_card_says_how_guidance_was_chosen_and_which_candidate_ships():
     assert "Shipped: the **stage-(c) student before its last continued run** (\"self forcing start\" below:" in card
     ode = [str(run.get("seed")) for run in record["stages"]["ode_init"]["continued"]]
     first_round = ode[:[("start_record" in run) for run in record["stages"]["ode_init"]["continued"]].index(True)]
-    assert f"--ode-start ode_init --force --seed S` (S = {', '.join(first_round)}), before stage (c)." in card
-    assert "--sf-start self_forcing --sf-resume --force --seed S`" in card
+    assert f"--ode-start ode_init --guidance 2 --force --seed S` (S = {', '.join(first_round)}), before stage (c)." \
+        in card
+    assert "--sf-start self_forcing --guidance 2 --sf-resume --force --seed S`" in card
     # the shipped lineage: stage (c) at CFG 2, then at CFG 3; run 24's last (c) run was not kept
     assert "The runs of (b) and (c) used the teacher's classifier-free guidance" in card
     assert "| teacher, 40 Euler steps, CFG 2 " in card and "| teacher 40 euler steps" not in card
@@ -1497,12 +1498,24 @@ def test_the_card_says_how_guidance_was_chosen_and_which_candidate_ships():
     dropped_runs = [i for i, run in enumerate(runs) if run.get("kept") is False]
     assert dropped_runs and dropped_runs[-1] < len(runs) - 1
     assert card.count("not kept: the runs below start from the student before it") == len(dropped_runs)
+    # "Reproduce": each command with its run's guidance (they differ), and the run not kept named
+    record = json.loads((Path(bundled.DEFAULT_DIR) / "train_log.json").read_text())
+    assert record["shipped"] == "self_forcing"
+    reproduce = model_card(record, model).split("## Reproduce")[1]
+    assert "--guidance 2 --sf-resume --force --seed S` (S = 24, 24; the second not kept: later runs start" in reproduce
+    assert "--guidance 3 --sf-resume --force --seed S` (S = 26)." in reproduce
+    crowded_record = copy.deepcopy(record)
+    crowded_record["stages"]["self_forcing"]["continued"][-1]["settings"]["min_sprites"] = 3
+    crowded_record["shipped"] = "self_forcing_start"
+    reproduce = model_card(crowded_record, model).split("## Reproduce")[1]
+    assert "--guidance 3 --sf-resume --sf-min-sprites 3 --force --seed S` (S = 26; not shipped: the student before " \
+           "it is)." in reproduce
     for stage in ("ode_init", "self_forcing"):  # one guidance throughout: the one sentence for every use
         for run in [record["stages"][stage], *record["stages"][stage]["continued"]]:
-            run["guidance_scale"] = 2.0
-            run.get("start_record", {})["guidance_scale"] = 2.0
+            run["guidance_scale"] = 3.0
+            run.get("start_record", {})["guidance_scale"] = 3.0
     assert "The teacher's classifier-free guidance (null prompt = all-zero context), used for its ODE pairs, as " \
-           "DMD's real\nscore and for its own samples: **2** (recipe)." in model_card(record, model)
+           "DMD's real\nscore and for its own samples: **3** (recipe)." in model_card(record, model)
 
 
 def test_a_stage_c_run_not_kept_is_marked_until_a_resumed_run_carries_it_on(tmp_path, monkeypatch):

@@ -420,22 +420,38 @@ def model_card(record: dict, model: WanModel) -> str:
         "fixes their step count after 20 timed steps); `--stages base`, `--stages teacher` and then `--stages "
         "ode_init,self_forcing` split it over processes (a command on the GPU machine may run 10 minutes): "
         "`benchmarks/train_bundled.sh`.")
+    varied_guidance = len(stage_guidances(record)) > 1  # then each command names its run's --guidance
     for stage, label in (("ode_init", "(b)"), ("self_forcing", "(c)")):
         # the continued runs in the order they ran, consecutive ones of the same command together
-        groups: list[tuple[str, bool, list[str]]] = []  # (start, resumed, seeds)
-        for more in st.get(stage, {}).get("continued", []):
+        # (start, the command's other flags, seeds, positions in the group of runs not kept)
+        groups: list[tuple[str, str, list[str], list[int]]] = []
+        continued = st.get(stage, {}).get("continued", [])
+        for run, more in enumerate(continued):
             start = "self_forcing" if "start_record" in more else stage
-            resumed = bool(more.get("resumed"))
-            if groups and groups[-1][:2] == (start, resumed) and start == stage:
-                groups[-1][2].append(str(more.get("seed", "?")))
-            else:
-                groups.append((start, resumed, [str(more.get("seed", "?"))]))
+            flags = " --sf-resume" if more.get("resumed") else ""
+            if varied_guidance and "guidance_scale" in more:
+                flags = f" --guidance {stage_cfg(more)}{flags}"
+            if more["settings"].get("min_sprites", 1) > 1:
+                flags += f" --sf-min-sprites {more['settings']['min_sprites']}"
+            if not (groups and groups[-1][:2] == (start, flags) and start == stage):
+                groups.append((start, flags, [], []))
+            groups[-1][2].append(str(more.get("seed", "?")))
+            if dropped(record, stage, run):
+                groups[-1][3].append(len(groups[-1][2]))
         sentences: list[str] = []
         in_second_round = False  # whether the last sentence is about (b)'s second round
-        for i, (start, resumed, run_seeds) in enumerate(groups):
-            resume = " --sf-resume" if resumed else ""
-            command = (f"`--stages {stage} {START_FLAGS[stage]} {start}{resume} --force --seed S` "
-                       f"(S = {', '.join(run_seeds)})")
+        for i, (start, flags, run_seeds, not_kept) in enumerate(groups):
+            if not_kept:
+                which = ("" if len(run_seeds) == 1 else
+                         " and ".join(("the first", "the second", "the third")[n - 1] if n <= 3 else f"run {n}"
+                                  for n in not_kept) + " ")
+                last = i == len(groups) - 1 and not_kept[-1] == len(run_seeds)  # the record's last run
+                not_kept_text = (f"; {which}not shipped: the student before it is" if last
+                                 else f"; {which}not kept: later runs start from the student before it")
+            else:
+                not_kept_text = ""
+            command = (f"`--stages {stage} {START_FLAGS[stage]} {start}{flags} --force --seed S` "
+                       f"(S = {', '.join(run_seeds)}{not_kept_text})")
             if start != stage:
                 sentences.append(f"After stage (c), stage {label} started a second round from the stage-(c) "
                                  f"student with {command}")
