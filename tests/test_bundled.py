@@ -1520,31 +1520,50 @@ def test_the_card_says_how_guidance_was_chosen_and_which_candidate_ships():
 
 def test_a_stage_c_run_not_kept_is_marked_until_a_resumed_run_carries_it_on(tmp_path, monkeypatch):
     """When the evaluation ships the student from before a continued stage-(c) run, the record marks that run
-    ``kept: false`` (a later fresh run starts from the shipped weights, not from it); a resumed run continues it,
-    which takes the mark off again."""
+    ``kept: false``: a later fresh run starts from the shipped student, not from it (the stage file keeps it, with
+    the state that resumes it), and a resumed run continues it, which takes the mark off again."""
+    import shutil
+
+    from safetensors.torch import load_file
+
     from toolkit.commands.train import main
     from toolkit.models.bundled import recipe
 
     out = tmp_path / "m"
     assert main(["--tiny", "--out", str(out), "--quiet"]) == 0
-    real = recipe.evaluate_model
-    calls = []
+    real_evaluate, real_train = recipe.evaluate_model, recipe.train_self_forcing
+    evaluated, started = [], []
 
     def rigged(*args, **kw):  # models in order: random init, the start, the new student, the teacher
-        calls.append(1)
-        result = real(*args, **kw)
-        return {**result, "colour_match": 0.0, "score": 0.0} if len(calls) == 3 else result
+        evaluated.append(1)
+        result = real_evaluate(*args, **kw)
+        return {**result, "colour_match": 0.0, "score": 0.0} if len(evaluated) == 3 else result
 
-    def runs() -> list[dict]:
-        return json.loads((out / "train_log.json").read_text())["stages"]["self_forcing"]["continued"]
+    def spy(student, *args, **kw):  # the weights each stage-(c) run starts from
+        started.append([p.detach().clone() for p in student.parameters()])
+        return real_train(student, *args, **kw)
 
-    more = ["--tiny", "--out", str(out), "--stages", "self_forcing", "--sf-start", "self_forcing", "--force", "--quiet"]
+    def stage_c(folder, *flags) -> int:
+        return main(["--tiny", "--out", str(folder), "--stages", "self_forcing", "--sf-start", "self_forcing",
+                     "--force", "--quiet", *flags])
+
+    def runs(folder) -> list[dict]:
+        return json.loads((folder / "train_log.json").read_text())["stages"]["self_forcing"]["continued"]
+
     monkeypatch.setattr(recipe, "evaluate_model", rigged)
-    assert main([*more, "--seed", "1"]) == 0
-    record = json.loads((out / "train_log.json").read_text())
-    assert record["shipped"] == "self_forcing_start" and runs()[-1]["kept"] is False
-    monkeypatch.setattr(recipe, "evaluate_model", real)
-    assert main([*more, "--sf-resume"]) == 0
-    shipped = json.loads((out / "train_log.json").read_text())["shipped"]
-    assert runs()[0].get("kept") is None and runs()[1]["resumed"]
-    assert runs()[1].get("kept") is (False if shipped == "self_forcing_start" else None)
+    monkeypatch.setattr(recipe, "train_self_forcing", spy)
+    assert stage_c(out, "--seed", "1") == 0
+    assert json.loads((out / "train_log.json").read_text())["shipped"] == "self_forcing_start"
+    assert runs(out)[-1]["kept"] is False
+    stage, shipped = load_file(out / "stages" / "self_forcing.safetensors"), load_file(out / "model.safetensors")
+    assert any(not torch.equal(stage[k], shipped[k]) for k in stage)  # the stage file keeps the dropped student
+    shipped_model = bundled.load_bundled(path=out)[0]
+    fresh = tmp_path / "fresh"
+    shutil.copytree(out, fresh)
+    monkeypatch.setattr(recipe, "evaluate_model", real_evaluate)
+    assert stage_c(fresh, "--seed", "3") == 0  # a fresh run: from the shipped student
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(started[-1], shipped_model.parameters()))
+    assert stage_c(out, "--sf-resume") == 0  # a resumed one: the dropped run carried on, no longer marked
+    assert runs(out)[0].get("kept") is None and runs(out)[1]["resumed"]
+    last_shipped = json.loads((out / "train_log.json").read_text())["shipped"]
+    assert runs(out)[1].get("kept") is (False if last_shipped == "self_forcing_start" else None)

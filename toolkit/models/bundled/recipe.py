@@ -20,7 +20,9 @@ first run and lists the later ones under ``continued`` (a second round with the 
 After the last stage the evaluator (``evaluate.py``) scores the student of (b) and of (b)+(c) (a continued (c):
 before and after) on held-out prompts and seeds, as their float16 files hold them; the better one is shipped as
 ``out/model.safetensors`` with ``config.json``, ``MODEL_CARD.md`` (every stage's steps, batch, time, device, losses
-and both evaluations), ``train_log.json``, ``curves.png`` and ``rollout.png``/``.gif`` (``card.py``).
+and both evaluations), ``train_log.json``, ``curves.png`` and ``rollout.png``/``.gif`` (``card.py``). When a
+continued (c) is not shipped, its record is marked ``kept: false`` and the next fresh (c) starts from the shipped
+student; a resumed one continues the dropped run.
 
 An existing model is never replaced without ``force=True``: ``check_output`` refuses before anything is trained.
 """
@@ -183,6 +185,12 @@ def check_output(out: str | Path, stages: Sequence[str], force: bool, ode_start:
         raise ToolkitError(f"--sf-resume needs {sf_state_path(out)}, which every stage-(c) run leaves; this "
                            "folder's stage (c) left none (copied in, or widened since)")
     return out
+
+
+def last_run_dropped(record: dict) -> bool:
+    """Whether the evaluation after the last stage-(c) run kept the student from before it (``kept`` false)."""
+    runs = record["stages"].get("self_forcing", {}).get("continued", [])
+    return bool(runs) and runs[-1].get("kept") is False
 
 
 def load_sf_state(out: Path, student: WanModel) -> dict:
@@ -382,6 +390,10 @@ def train_bundled(
         if "self_forcing" not in stages:  # a stage (c) recorded earlier was trained from the replaced student
             record["stages"].pop("self_forcing", None)
             sf_state_path(out).unlink(missing_ok=True)
+    elif sf_continues and not recipe.self_forcing.resume and last_run_dropped(record):
+        # the stage file holds the dropped run's student (its state file resumes it); a fresh run starts from the
+        # student the evaluation kept, which is the one shipped
+        student = load_weights(out / WEIGHTS_FILE, None, dev).requires_grad_(True)
     else:
         student = load("self_forcing" if sf_continues else "ode_init").requires_grad_(True)
     # the candidates as their files hold them (float16): the evaluation below is of the weights that ship
@@ -434,8 +446,8 @@ def train_bundled(
         ode = {**earlier_evaluation["ode_init"], "evaluated": "by the run that trained it"}
         results = {"random_init": results.pop("random_init"), "ode_init": ode, **results}
     shipped = max(candidates, key=lambda n: (results[n]["colour_match"], results[n]["score"]))
-    if shipped == "self_forcing_start":  # the weights this run trained are not the lineage a later run starts from
-        record["stages"]["self_forcing"]["continued"][-1]["kept"] = False
+    if shipped == "self_forcing_start":  # this run's weights are dropped: a later fresh run starts from the shipped
+        record["stages"]["self_forcing"]["continued"][-1]["kept"] = False  # ones (--sf-resume continues this run)
     record.update(evaluation=results, evaluation_seconds=round(time.perf_counter() - start, 1), shipped=shipped,
                   eval_prompts=len(prompts), eval_seeds=len(seeds), eval_placed=recipe.placed > 0,
                   paired=comparisons)
