@@ -1004,7 +1004,8 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
     kept = "by an earlier run (same weights, prompts and noise)"
     assert later["evaluation"]["teacher_40_euler_steps"] == {**record["evaluation"]["teacher_40_euler_steps"],
                                                              "evaluated": kept}
-    assert f"| teacher 40 euler steps (evaluated {kept}) |" in card
+    guidance = later["guidance"]["scale"]
+    assert f"| teacher, 40 Euler steps, CFG {guidance:g} (evaluated {kept}) |" in card
 
     # stage (c) trained further (--sf-start self_forcing): refused in one line without its weights or beside an
     # earlier stage; then it starts from its own earlier student, keeps the first run in the record and the (b)
@@ -1041,7 +1042,8 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
     card = (out / "MODEL_CARD.md").read_text()
     assert "| self_forcing, continued | 2 × 2 |" in card and "seed 2, a fresh critic" in card
     assert "| ode init (evaluated by the run that trained it) |" in card and "| self forcing start |" in card
-    assert "--sf-start self_forcing --force --seed S` (S = 2)." in card
+    dropped = "; not shipped: the student before it is" if latest["shipped"] == "self_forcing_start" else ""
+    assert f"--sf-start self_forcing --force --seed S` (S = 2{dropped})." in card
     assert "before and after its last continued run" in card
 
     # stage (c) resumed (--sf-resume): from the state the last stage-(c) run left beside its weights; refused
@@ -1086,8 +1088,10 @@ def test_toolkit_train_runs_every_stage_and_refuses_to_overwrite_a_model(tmp_pat
         "| ode_init", "| ode_init, continued", "| self_forcing", "| self_forcing, continued",
         "| self_forcing, continued", "| ode_init, continued", "| self_forcing"]
     assert "seed 3), teacher CFG" in table[5] and table[5].count("from the self_forcing student above") == 1
+    # the last stage (c) used another guidance than the runs before it, so each command names its run's
     assert ("After stage (c), stage (b) started a second round from the stage-(c) student with `--stages ode_init "
-            "--ode-start self_forcing --force --seed S` (S = 3), then stage (c) again.") in card
+            f"--ode-start self_forcing --guidance {rounds[1]['guidance_scale']:g} --force --seed S` (S = 3), then "
+            "stage (c) again.") in card
 
 
 def test_student_size_sets_the_base_and_the_later_stages_follow_it(tmp_path):

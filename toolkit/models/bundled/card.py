@@ -268,7 +268,7 @@ def plot_curves(path: Path, record: dict) -> None:
             shift = f", σ shift {TEACHER_SHIFT:g}" if stage in ("base", "teacher") else ""
             shift += ", from the (c) student" if "start_record" in more else ""
             shift += wide_label(record, stage, i + 1)
-            if dropped(record, stage, i):
+            if dropped(record, stage, stages[stage], i):
                 shift += ", not shipped" if i == len(continued) - 1 else ", not kept"
             ax.plot([offset + c[0] for c in more["curve"]], [c[1] for c in more["curve"]], color=f"C{i + 2}",
                     label=f"continued ({more['seconds']:.0f} s{shift})",
@@ -293,11 +293,12 @@ def plot_curves(path: Path, record: dict) -> None:
     plt.close(fig)
 
 
-def dropped(record: dict, stage: str, run: int) -> bool:
-    """Whether continued run ``run`` of ``stage`` trained weights that were not kept: the evaluation after it kept
-    the student from before it (``kept`` false, or, in records written before that flag, the last stage-(c) run of
-    a record that shipped "self_forcing_start"), so the shipped student and later fresh runs do not descend from it."""
-    runs = record["stages"][stage].get("continued", [])
+def dropped(record: dict, stage: str, stage_record: dict, run: int) -> bool:
+    """Whether continued run ``run`` of ``stage`` (its record ``stage_record``) trained weights that were not kept:
+    the evaluation after it kept the student from before it (``kept`` false, or, in records written before that
+    flag, the last stage-(c) run of a record that shipped "self_forcing_start"), so the shipped student and later
+    fresh runs do not descend from it."""
+    runs = stage_record.get("continued", [])
     legacy = stage == "self_forcing" and run == len(runs) - 1 and record.get("shipped") == "self_forcing_start"
     return runs[run].get("kept") is False or legacy
 
@@ -365,7 +366,7 @@ def model_card(record: dict, model: WanModel) -> str:
             if "start_record" in more:  # a second round of (b), from the stage-(c) student of the first
                 rows += stage_rows("self_forcing", more["start_record"])
                 how += ", from the self_forcing student above"
-            if dropped(record, name, run - 1):
+            if dropped(record, name, s, run - 1):
                 how += (", not shipped: the evaluation kept the student from before it" if run == len(s["continued"])
                         else ", not kept: the runs below start from the student before it")
             rows.append(f"| {name}, continued{wide_label(record, name, run)} | {more['steps_run']} × {c['batch']} | "
@@ -436,7 +437,7 @@ def model_card(record: dict, model: WanModel) -> str:
             if not (groups and groups[-1][:2] == (start, flags) and start == stage):
                 groups.append((start, flags, [], []))
             groups[-1][2].append(str(more.get("seed", "?")))
-            if dropped(record, stage, run):
+            if dropped(record, stage, st[stage], run):
                 groups[-1][3].append(len(groups[-1][2]))
         sentences: list[str] = []
         in_second_round = False  # whether the last sentence is about (b)'s second round
