@@ -268,8 +268,8 @@ def plot_curves(path: Path, record: dict) -> None:
             shift = f", σ shift {TEACHER_SHIFT:g}" if stage in ("base", "teacher") else ""
             shift += ", from the (c) student" if "start_record" in more else ""
             shift += wide_label(record, stage, i + 1)
-            if dropped(record, stage, stages[stage], i):
-                shift += ", not shipped" if i == len(continued) - 1 else ", not kept"
+            if dropped_as := dropped(record, stage, stages[stage], i):
+                shift += f", {dropped_as}"
             ax.plot([offset + c[0] for c in more["curve"]], [c[1] for c in more["curve"]], color=f"C{i + 2}",
                     label=f"continued ({more['seconds']:.0f} s{shift})",
                     marker=marker(more["curve"]))
@@ -293,14 +293,17 @@ def plot_curves(path: Path, record: dict) -> None:
     plt.close(fig)
 
 
-def dropped(record: dict, stage: str, stage_record: dict, run: int) -> bool:
-    """Whether continued run ``run`` of ``stage`` (its record ``stage_record``) trained weights that were not kept:
-    the evaluation after it kept the student from before it (``kept`` false, or, in records written before that
-    flag, the last stage-(c) run of a record that shipped "self_forcing_start"), so the shipped student and later
-    fresh runs do not descend from it."""
+def dropped(record: dict, stage: str, stage_record: dict, run: int) -> str:
+    """"not shipped" or "not kept" (the stage's last run or an earlier one) if continued run ``run`` of ``stage`` (its
+    record ``stage_record``) trained weights the evaluation after it dropped for the student from before it
+    (``kept`` false, or, in records written before that flag, the last stage-(c) run of a record that shipped
+    "self_forcing_start"), so the shipped student and later fresh runs do not descend from it; else ""."""
     runs = stage_record.get("continued", [])
-    legacy = stage == "self_forcing" and run == len(runs) - 1 and record.get("shipped") == "self_forcing_start"
-    return runs[run].get("kept") is False or legacy
+    last = run == len(runs) - 1
+    legacy = stage == "self_forcing" and last and record.get("shipped") == "self_forcing_start"
+    if runs[run].get("kept") is False or legacy:
+        return "not shipped" if last else "not kept"
+    return ""
 
 
 def stage_guidances(record: dict) -> set[str]:
@@ -366,9 +369,10 @@ def model_card(record: dict, model: WanModel) -> str:
             if "start_record" in more:  # a second round of (b), from the stage-(c) student of the first
                 rows += stage_rows("self_forcing", more["start_record"])
                 how += ", from the self_forcing student above"
-            if dropped(record, name, s, run - 1):
-                how += (", not shipped: the evaluation kept the student from before it" if run == len(s["continued"])
-                        else ", not kept: the runs below start from the student before it")
+            if dropped_as := dropped(record, name, s, run - 1):
+                how += f", {dropped_as}: " + ("the evaluation kept the student from before it"
+                                              if dropped_as == "not shipped"
+                                              else "the runs below start from the student before it")
             rows.append(f"| {name}, continued{wide_label(record, name, run)} | {more['steps_run']} × {c['batch']} | "
                         f"{more['seconds']:.0f} s | "
                         f"{loss} | {how} | `{more.get('commit', '?')}` |")
@@ -424,8 +428,8 @@ def model_card(record: dict, model: WanModel) -> str:
     varied_guidance = len(stage_guidances(record)) > 1  # then each command names its run's --guidance
     for stage, label in (("ode_init", "(b)"), ("self_forcing", "(c)")):
         # the continued runs in the order they ran, consecutive ones of the same command together
-        # (start, the command's other flags, seeds, positions in the group of runs not kept)
-        groups: list[tuple[str, str, list[str], list[int]]] = []
+        # (start, the command's other flags, seeds, (position in the group, label) of the runs not kept)
+        groups: list[tuple[str, str, list[str], list[tuple[int, str]]]] = []
         continued = st.get(stage, {}).get("continued", [])
         for run, more in enumerate(continued):
             start = "self_forcing" if "start_record" in more else stage
@@ -437,18 +441,18 @@ def model_card(record: dict, model: WanModel) -> str:
             if not (groups and groups[-1][:2] == (start, flags) and start == stage):
                 groups.append((start, flags, [], []))
             groups[-1][2].append(str(more.get("seed", "?")))
-            if dropped(record, stage, st[stage], run):
-                groups[-1][3].append(len(groups[-1][2]))
+            if dropped_as := dropped(record, stage, st[stage], run):
+                groups[-1][3].append((len(groups[-1][2]), dropped_as))
         sentences: list[str] = []
         in_second_round = False  # whether the last sentence is about (b)'s second round
         for i, (start, flags, run_seeds, not_kept) in enumerate(groups):
             if not_kept:
                 which = ("" if len(run_seeds) == 1 else
                          " and ".join(("the first", "the second", "the third")[n - 1] if n <= 3 else f"run {n}"
-                                  for n in not_kept) + " ")
-                last = i == len(groups) - 1 and not_kept[-1] == len(run_seeds)  # the record's last run
-                not_kept_text = (f"; {which}not shipped: the student before it is" if last
-                                 else f"; {which}not kept: later runs start from the student before it")
+                                  for n, _ in not_kept) + " ")
+                dropped_as = not_kept[-1][1]
+                not_kept_text = f"; {which}{dropped_as}: " + ("the student before it is" if dropped_as == "not shipped"
+                                                              else "later runs start from the student before it")
             else:
                 not_kept_text = ""
             command = (f"`--stages {stage} {START_FLAGS[stage]} {start}{flags} --force --seed S` "
