@@ -76,6 +76,8 @@ PY
           stage=$(python3 -c 'from safetensors import safe_open
 with safe_open("data/bundled/model.safetensors", "pt") as f: print(f.metadata()["stage"])')
           cp data/bundled/model.safetensors "$DEST/stages/$stage.safetensors"  # self_forcing or ode_init
+          # and as the folder's model: after a stage-(c) run the evaluation dropped, a fresh one starts from it
+          cp data/bundled/model.safetensors "$DEST/"
           python3 - "$DEST/stages/log.json" <<'PY'
 import json, sys
 shipped, teacher = (json.load(open(f)) for f in ("data/bundled/train_log.json", "data/teacher/train_log.json"))
