@@ -225,7 +225,7 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
     """Check and time every variant at one shape; appends to ``rows``, returns the shape's accounting."""
     import torch
     from toolkit.kernels import _common
-    from toolkit.kernels.monarch import _VERSIONS, FUSED, _default_version, _forward
+    from toolkit.kernels.monarch import _VERSIONS, FUSED, STREAMED, _default_version, _forward
 
     from toolkit.attention.monarch import monarch_attention
 
@@ -275,6 +275,9 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
                 versions[f"monarch{tiling}-{ver}"] = ver
     variants[f"monarch{tiling}"] = (monarch_fn(version=default), monarch_check, mflops)
     versions[f"monarch{tiling}"] = default
+    if default == "v2":  # both steps in one launch, intermediates in a ring of group slots (where v2 applies)
+        variants[f"monarch{tiling}-{STREAMED}"] = (monarch_fn(version=STREAMED), monarch_check, mflops)
+        versions[f"monarch{tiling}-{STREAMED}"] = STREAMED
     if cuda:  # the one-kernel CUDA forward, where its tile limits allow
         from toolkit.kernels._common import TileGeometry
         from toolkit.kernels.monarch_fused import fused_unsupported
@@ -291,6 +294,9 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
     for tag, kw in extra.items():
         variants[f"monarch{tiling}-{tag}"] = (monarch_fn(version=default, **kw), monarch_check, mflops)
         versions[f"monarch{tiling}-{tag}"] = default
+        if default == "v2":  # the streamed kernel's ring within the same budget
+            variants[f"monarch{tiling}-{STREAMED}-{tag}"] = (monarch_fn(version=STREAMED, **kw), monarch_check, mflops)
+            versions[f"monarch{tiling}-{STREAMED}-{tag}"] = STREAMED
 
     # check + cold start per variant, then interleaved timing rounds
     live = {}
@@ -339,6 +345,8 @@ def _bench_shape(name: str, spec, args, heads: int, dim: int, dtype, cuda: bool,
                 row.reload_from_disk = ", ".join(t["source"] for t in _common.TUNING_LOG[n_log:])
             except Exception as err:  # noqa: BLE001
                 row.reload_from_disk = f"{type(err).__name__}: {err}"[:200]
+            if row.version == STREAMED:  # one launch: no stages to time apart
+                continue
             try:  # per-stage split (configs are cached by now)
                 row.stage_ms = {st: round(_time(monarch_fn(stages=st, version=row.version), [], cuda)[0], 4)
                                 for st in ("rows", "cols")}

@@ -24,6 +24,11 @@ Triton's register model):
 
 Query tiles are processed in chunks so that the intermediates stay under a memory budget.
 
+* ``_monarch_streamed_fwd`` (private, ``_forward(version="streamed")``) — the same two steps in one launch, the
+  intermediates in a ring of group slots: jobs start in the order of tickets taken from an atomic counter and
+  wait (acquire/release counters) only on jobs with smaller tickets, so a group's L-step runs while later
+  groups' R-steps fill the other slots (extra memory within size(q) at the full clip; ``kernels/NOTES.md``).
+
 Layout of this module (the shape of Triton's fused-attention tutorial): the math above, the kernels, then a
 short launcher, :func:`monarch_attention_triton`, that checks its constraints and calls the custom op
 ``toolkit::monarch_attention`` (``torch.library``, with a fake implementation for shapes and dtypes), so a model
@@ -76,6 +81,7 @@ DEFAULT_SCRATCH_BYTES = 1 << 30
 # (b2 ≤ 64, faster at every measured shape: used wherever it applies). Only the benchmark picks one explicitly.
 _VERSIONS = ("v1", "v2")
 FUSED = "fused"  # `_forward(version=FUSED)`: the one-kernel CUDA forward of monarch_fused.py
+STREAMED = "streamed"  # `_forward(version=STREAMED)`: both steps in one launch, intermediates in a ring of slots
 
 
 @triton.jit
@@ -165,36 +171,25 @@ def _monarch_rows_fwd(
 
 
 @triton.jit
-def _monarch_rows_fwd_v2(
+def _rows_v2_job(
     Q, K, V, ALPHA, Y, C, ALLOWED,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
-    n_heads, a_start, a_chunk, n_a, tiles_per_prog, n_key_tiles, f_per_prog, n_f_split, b1, b2, scale_log2,
+    b, h, row, a_first, n_tiles, f_lo, f_cap, slab, n_key_tiles, b1, b2, scale_log2,
     q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
     k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """v2 of the R-step (b2 ≤ BLOCK_L): the BLOCK_M rows of a program are (query tile, column j) pairs of
-    ``tiles_per_prog`` consecutive query tiles at the same row k, so each K/V row block loaded serves all of
-    them (one M = BLOCK_M product instead of one per tile); the key tiles are split over ``n_f_split``
-    programs (parallelism at the AR chunk). R is normalised before the products (no rescaling of the
-    accumulators) and α, Y are formed and stored one after the other (one accumulator live)."""
-    row = tl.program_id(0)  # the key row k (= query row k under the identity initialisation)
-    pid_af = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    ag = pid_af // n_f_split
-    fs = pid_af % n_f_split
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    a_first = ag * tiles_per_prog  # first query tile of this program, relative to a_start
-
+    """One v2 R-step job: key row ``row`` for the (query tile, column) pairs of the ``n_tiles`` query tiles
+    a_first, a_first + 1, … (program row m = t·b2 + j), key tiles f_lo ≤ f < f_cap that the tiles see.
+    α, Y, c of row m and key tile f go to slot ``slab + m·F·b1 + f·b1 + row``."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_l = tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, D)
     t_m = offs_m // b2  # tile of each program row, relative to a_first
     j_m = offs_m % b2  # column of each program row
-    mask_m = (t_m < tiles_per_prog) & (a_first + t_m < n_a)
+    mask_m = t_m < n_tiles
     mask_l = offs_l < b2
-    a_m = a_start + a_first + t_m
+    a_m = a_first + t_m
     allowed_m = tl.load(ALLOWED + a_m, mask=mask_m, other=0)  # key tiles each row's query tile sees
     q_tok = tile_token(a_m, row, j_m, q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce)
     q_base = Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
@@ -205,11 +200,8 @@ def _monarch_rows_fwd_v2(
     vv_offs = offs_l[:, None] * sv_n + offs_d[None, :]
 
     n_fk = n_key_tiles * b1
-    # intermediates (bh, a_local, j, f*b1 + k, d): program row m = t*b2 + j sits at slab + m*n_fk + f*b1 + k
-    slab = (pid_bh.to(tl.int64) * a_chunk + a_first) * b2 * n_fk
     out_rows = offs_m * n_fk + row
-    f_lo = fs * f_per_prog
-    f_hi = tl.minimum(f_lo + f_per_prog, tl.max(allowed_m, 0))  # allowed is non-decreasing in a
+    f_hi = tl.minimum(f_cap, tl.max(allowed_m, 0))  # allowed is non-decreasing in a
     for f in range(f_lo, f_hi):
         k_row0 = tile_token(f, row, 0, k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce)
         k_row0 = k_row0.to(tl.int64)
@@ -234,23 +226,48 @@ def _monarch_rows_fwd_v2(
 
 
 @triton.jit
-def _monarch_cols_fwd(
+def _monarch_rows_fwd_v2(
+    Q, K, V, ALPHA, Y, C, ALLOWED,
+    sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
+    n_heads, a_start, a_chunk, n_a, tiles_per_prog, n_key_tiles, f_per_prog, n_f_split, b1, b2, scale_log2,
+    q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
+    k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """v2 of the R-step (b2 ≤ BLOCK_L): the BLOCK_M rows of a program are (query tile, column j) pairs of
+    ``tiles_per_prog`` consecutive query tiles at the same row k, so each K/V row block loaded serves all of
+    them (one M = BLOCK_M product instead of one per tile); the key tiles are split over ``n_f_split``
+    programs (parallelism at the AR chunk). R is normalised before the products (no rescaling of the
+    accumulators) and α, Y are formed and stored one after the other (one accumulator live)."""
+    row = tl.program_id(0)  # the key row k (= query row k under the identity initialisation)
+    pid_af = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    ag = pid_af // n_f_split
+    fs = pid_af % n_f_split
+    a_first = ag * tiles_per_prog  # first query tile of this program, relative to a_start
+    # intermediates (bh, a_local, j, f*b1 + k, d)
+    slab = (pid_bh.to(tl.int64) * a_chunk + a_first) * b2 * n_key_tiles * b1
+    f_lo = fs * f_per_prog
+    _rows_v2_job(
+        Q, K, V, ALPHA, Y, C, ALLOWED, sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
+        pid_bh // n_heads, pid_bh % n_heads, row, a_start + a_first, tl.minimum(tiles_per_prog, n_a - a_first),
+        f_lo, f_lo + f_per_prog, slab, n_key_tiles, b1, b2, scale_log2,
+        q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
+        k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce, D, BLOCK_M, BLOCK_L, UPCAST,
+    )
+
+
+@triton.jit
+def _cols_job(
     Q, ALPHA, Y, C, ALLOWED, OUT,
     sq_b, sq_n, sq_h, so_b, so_n, so_h,
-    n_heads, a_start, a_chunk, n_key_tiles, b1, b2, scale_log2,
+    b, h, a, col, ib, col_base, n_key_tiles, b1, scale_log2,
     q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
-    D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, CACHE: tl.constexpr,
 ):
-    pid_ij = tl.program_id(0)
-    a_local = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    n_ib = tl.cdiv(b1, BLOCK_I)
-    col = pid_ij // n_ib  # the column j
-    ib = pid_ij % n_ib
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    a = a_start + a_local
-
+    """One L-step job: rows ib·BLOCK_I … of column ``col`` of query tile ``a``, whose (f k) keys α, Y, c sit at
+    slots ``col_base …``. ``CACHE``: load modifier for α, Y, c (".cg" where another program wrote them during
+    this launch: the L1 cache is not coherent)."""
     offs_i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_n = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D)
@@ -259,9 +276,7 @@ def _monarch_cols_fwd(
     q_base = Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
     q = tl.load(q_base + q_tok[:, None] * sq_n + offs_d[None, :], mask=mask_i[:, None], other=0.0)  # [BI, D]
 
-    n_fk = n_key_tiles * b1
     n_keys = tl.load(ALLOWED + a) * b1
-    col_base = ((pid_bh.to(tl.int64) * a_chunk + a_local) * b2 + col) * n_fk  # this column's (f k) slab
     al_ptrs = ALPHA + col_base * D + offs_n[:, None] * D + offs_d[None, :]
     y_ptrs = Y + col_base * D + offs_n[:, None] * D + offs_d[None, :]
     c_ptrs = C + col_base + offs_n
@@ -270,9 +285,9 @@ def _monarch_cols_fwd(
     acc = tl.zeros([BLOCK_I, D], tl.float32)
     for n0 in range(0, n_keys, BLOCK_K):
         mask_n = (n0 + offs_n) < n_keys
-        al = tl.load(al_ptrs, mask=mask_n[:, None], other=0.0)
-        yy = tl.load(y_ptrs, mask=mask_n[:, None], other=0.0)
-        cc = tl.load(c_ptrs, mask=mask_n, other=0.0)
+        al = tl.load(al_ptrs, mask=mask_n[:, None], other=0.0, cache_modifier=CACHE)
+        yy = tl.load(y_ptrs, mask=mask_n[:, None], other=0.0, cache_modifier=CACHE)
+        cc = tl.load(c_ptrs, mask=mask_n, other=0.0, cache_modifier=CACHE)
         z = mma(q, tl.trans(al), UPCAST) * scale_log2 - cc[None, :]
         z = tl.where(mask_n[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
@@ -287,6 +302,111 @@ def _monarch_cols_fwd(
     out = acc / l_i[:, None]
     o_base = OUT + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
     tl.store(o_base + q_tok[:, None] * so_n + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=mask_i[:, None])
+
+
+@triton.jit
+def _monarch_cols_fwd(
+    Q, ALPHA, Y, C, ALLOWED, OUT,
+    sq_b, sq_n, sq_h, so_b, so_n, so_h,
+    n_heads, a_start, a_chunk, n_key_tiles, b1, b2, scale_log2,
+    q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
+    D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_ij = tl.program_id(0)
+    a_local = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    n_ib = tl.cdiv(b1, BLOCK_I)
+    col = pid_ij // n_ib  # the column j
+    col_base = ((pid_bh.to(tl.int64) * a_chunk + a_local) * b2 + col) * n_key_tiles * b1  # its (f k) slab
+    _cols_job(
+        Q, ALPHA, Y, C, ALLOWED, OUT, sq_b, sq_n, sq_h, so_b, so_n, so_h,
+        pid_bh // n_heads, pid_bh % n_heads, a_start + a_local, col, pid_ij % n_ib, col_base, n_key_tiles, b1,
+        scale_log2, q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
+        D, BLOCK_I, BLOCK_K, UPCAST, "",
+    )
+
+
+@triton.jit
+def _wait_at_least(COUNTER, target):
+    """Spin until ``*COUNTER >= target`` (acquire; the scalar atomic's result reaches every thread through a CTA
+    barrier): the loads after it see what the counted programs wrote before their release."""
+    n = tl.atomic_add(COUNTER, 0, sem="acquire")
+    while n < target:
+        n = tl.atomic_add(COUNTER, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _monarch_streamed_fwd(
+    Q, K, V, ALPHA, Y, C, ALLOWED, OUT, SYNC,
+    sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, so_b, so_n, so_h,
+    n_heads, n_a, n_groups, n_slots, lag, n_key_tiles, f_per_prog, n_f_split, b1, b2, scale_log2,
+    q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
+    k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_I: tl.constexpr,
+    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Both steps in one launch, the intermediates in a ring of ``n_slots`` group slots.
+
+    A group g is (batch·head, ``BLOCK_M // b2`` consecutive query tiles), in slot g mod n_slots. Its R-step
+    jobs (key row × key-tile split, :func:`_rows_v2_job`) fill the slot, its L-step jobs (tile × column × row
+    block, :func:`_cols_job`) read it. Each program takes a ticket (``SYNC[0]``) when it starts, so jobs start
+    in ticket order: R(0) … R(lag − 1), then per group g the R-step jobs of g + lag followed by the L-step jobs
+    of g. An L-step job waits for its group's R-step count (``SYNC[1 + g]``), an R-step job for the L-step
+    count (``SYNC[1 + n_groups + g]``) of the group that used its slot before (g − n_slots); both wait only on
+    smaller tickets, held by programs already running, so the launch cannot deadlock (needs n_slots > lag).
+    The lag sets how long before its L-step jobs a group's R-step jobs start; the ring must cover it."""
+    tiles = BLOCK_M // b2
+    n_fk = n_key_tiles * b1
+    n_r = b1 * n_f_split  # R-step jobs per group
+    n_ib = tl.cdiv(b1, BLOCK_I)
+    n_l = tiles * b2 * n_ib  # L-step jobs per group
+    per = n_r + n_l
+    t = tl.atomic_add(SYNC, 1)  # this program's ticket
+    # ticket -> (R-step job?, group, job index): lead-in R(0 … lag-1), steady blocks [R(g + lag), L(g)], tail L
+    head = lag * n_r
+    u = t - head
+    blk = u // per
+    r = u - blk * per
+    lead = t < head
+    steady = (t >= head) & (blk + lag < n_groups)
+    u_tail = u - (n_groups - lag) * per
+    is_r = lead | (steady & (r < n_r))
+    g = tl.where(lead, t // n_r, tl.where(steady, tl.where(r < n_r, blk + lag, blk), n_groups - lag + u_tail // n_l))
+    job = tl.where(lead, t % n_r, tl.where(steady, tl.where(r < n_r, r, r - n_r), u_tail % n_l))
+
+    n_ag = tl.cdiv(n_a, tiles)
+    bh = g // n_ag
+    a_first = (g % n_ag) * tiles
+    n_tiles = tl.minimum(tiles, n_a - a_first)
+    slab = (g % n_slots).to(tl.int64) * tiles * b2 * n_fk  # slot layout (tile, j, f*b1 + k, d), as the chunks
+    if is_r:
+        if g >= n_slots:
+            _wait_at_least(SYNC + 1 + n_groups + g - n_slots, n_l)
+        fs = job // b1
+        _rows_v2_job(
+            Q, K, V, ALPHA, Y, C, ALLOWED, sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
+            bh // n_heads, bh % n_heads, job % b1, a_first, n_tiles, fs * f_per_prog, (fs + 1) * f_per_prog, slab,
+            n_key_tiles, b1, b2, scale_log2,
+            q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
+            k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce, D, BLOCK_M, BLOCK_L, UPCAST,
+        )
+        tl.debug_barrier()  # every thread's stores before the release
+        tl.atomic_add(SYNC + 1 + g, 1, sem="release")
+    else:
+        _wait_at_least(SYNC + 1 + g, n_r)
+        t_local = job // (b2 * n_ib)
+        col = (job // n_ib) % b2
+        if t_local < n_tiles:  # the last group of a head may have fewer tiles
+            _cols_job(
+                Q, ALPHA, Y, C, ALLOWED, OUT, sq_b, sq_n, sq_h, so_b, so_n, so_h,
+                bh // n_heads, bh % n_heads, a_first + t_local, col, job % n_ib,
+                slab + (t_local * b2 + col).to(tl.int64) * n_fk, n_key_tiles, b1, scale_log2,
+                q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
+                D, BLOCK_I, BLOCK_K, UPCAST, ".cg",
+            )
+        tl.debug_barrier()  # every thread's loads of the slot before the release
+        tl.atomic_add(SYNC + 1 + n_groups + g, 1, sem="release")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -563,17 +683,40 @@ def _forward(
         return monarch_fused_forward(q, k, v, grid, tiling, query_frames=query_frames, key_frames=key_frames,
                                      block_causal_frames=block_causal_frames,
                                      scale=D**-0.5 if scale is None else float(scale), out=out)
-    if version not in _VERSIONS:
-        raise ToolkitError(f"version must be one of {', '.join((*_VERSIONS, FUSED))}, not {version!r}")
-    if version == "v2" and _default_version(b2) != "v2":
+    if version not in (*_VERSIONS, STREAMED):
+        raise ToolkitError(f"version must be one of {', '.join((*_VERSIONS, STREAMED, FUSED))}, not {version!r}")
+    if version == STREAMED and (stages != "both" or after_rows is not None):
+        raise ToolkitError("the streamed forward has no separate stages and keeps no intermediates")
+    if version in ("v2", STREAMED) and _default_version(b2) != "v2":
         version = "v1"
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     scale = D**-0.5 if scale is None else float(scale)
     allowed = key_tiles_allowed_on(q.device, gq, gk, block_causal_frames)
 
+    strides_q, strides_k, strides_v = (token_strides(x) for x in (q, k, v))
+    # vector offsets in the kernels are 32-bit (per batch-head tensor / per column slab); bases are 64-bit
+    # (v2 programs address up to 128 rows (query tile, column) of F·b1 slots each from one base)
+    if max(n_q * strides_q[1], k.shape[1] * max(strides_k[1], strides_v[1]), max(b2, 128) * F * b1 * D) >= 2**31:
+        raise ToolkitError("a single batch/head tensor exceeds 2**31 elements; split the call")
+    scale_log2 = scale * LOG2E
+    tune = autotune_enabled(autotune)
+    upcast = upcast_dots(q.dtype)
+    key = f"B{B} H{H} D{D} {q.dtype} grid{grid} tiling{tiling} q{query_frames} k{key_frames} bc{block_causal_frames}"
+
     # Intermediates per (batch·head, query tile): α and Y (dtype of q) and c (fp32), over all key tiles.
     per_unit = b2 * F * b1 * (2 * D * q.element_size() + 4)
     budget = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else int(scratch_bytes)
+    if version == STREAMED:
+        out = output_buffer(out, tuple(q.shape), q.dtype, q.device)
+        launch = _streamed_launch(q, k, v, out, gq, gk, allowed, scale_log2, per_unit, budget, upcast)
+        # the budget caps the ring, so it is part of the tuning key: a config tuned with more slots is not the
+        # best one within fewer
+        ring_cap = min(8, budget // (per_unit * max(1, pow2(b2, 16, 64) // b2)))
+        cfg = configs[0] if configs is not None else pick_config(
+            f"monarch streamed {key} ring<={ring_cap}", _streamed_default(b1, b2, D, A),
+            _streamed_candidates(b1, b2, D, A), launch, tune)
+        launch(cfg)
+        return out
     h_chunk, a_chunk = scratch_chunk(B, H, A, per_unit, budget)
     # Scratch chunks (h0, h1, a0, a1), head groups outermost so K/V of the group stay in L2 across its tiles;
     # balanced groups (no small last one), the buffers sized for the largest. The kernels see a head group
@@ -589,15 +732,6 @@ def _forward(
         ((B * h_chunk, a_chunk, b2, F * b1), torch.float32)))
     out = None if after_rows is not None else output_buffer(out, tuple(q.shape), q.dtype, q.device)
 
-    strides_q, strides_k, strides_v = (token_strides(x) for x in (q, k, v))
-    # vector offsets in the kernels are 32-bit (per batch-head tensor / per column slab); bases are 64-bit
-    # (v2 programs address up to 128 rows (query tile, column) of F·b1 slots each from one base)
-    if max(n_q * strides_q[1], k.shape[1] * max(strides_k[1], strides_v[1]), max(b2, 128) * F * b1 * D) >= 2**31:
-        raise ToolkitError("a single batch/head tensor exceeds 2**31 elements; split the call")
-    scale_log2 = scale * LOG2E
-    tune = autotune_enabled(autotune)
-    upcast = upcast_dots(q.dtype)
-    key = f"B{B} H{H} D{D} {q.dtype} grid{grid} tiling{tiling} q{query_frames} k{key_frames} bc{block_causal_frames}"
 
     def heads_of(x: torch.Tensor, h0: int, h1: int) -> torch.Tensor:
         return x if (h0, h1) == (0, H) else x[:, :, h0:h1]
@@ -656,6 +790,64 @@ def _forward(
                                     lambda cfg: cols(cfg, first), tune)
             cols(cfg_c, chunk)
     return out
+
+
+def _streamed_default(b1: int, b2: int, d: int, n_query_tiles: int) -> dict:
+    """One query tile per group at 4 warps (the v2 R-step's M = 64 config: two programs per SM), key tiles over
+    2 R-step jobs, a ring of 8 slots with lag 6: the fastest measured at all four paper shapes on an H100
+    (kernels/NOTES.md "Both steps in one launch"); a smaller budget cuts the ring and the lag."""
+    return {"BLOCK_M": pow2(b2, 16, 64), "F_SPLIT": 2, "BLOCK_I": pow2(b1, 16, 64),
+            "BLOCK_K": 64, "SLOTS": 8, "LAG": 6, "num_warps": 4, "num_stages": 2}
+
+
+def _streamed_candidates(b1: int, b2: int, d: int, n_query_tiles: int) -> list[dict]:
+    # two compiles (one or two query tiles per group); the ring, the lag and the key-tile split are launch
+    # arguments only. Rings the scratch budget cannot hold are cut to it by the launcher.
+    base = _streamed_default(b1, b2, d, n_query_tiles)
+    out = []
+    for bm, warps in ((64, 4), (128, 8)):
+        if bm // b2 < 1:
+            continue
+        for split in (1, 2, 3):
+            for slots, lag in ((4, 2), (5, 3), (5, 4), (8, 6)):
+                out.append({**base, "BLOCK_M": bm, "num_warps": warps, "F_SPLIT": split, "SLOTS": slots, "LAG": lag})
+    return out
+
+
+def streamed_meta(cfg: dict, b2: int, d: int, upcast: bool) -> dict:
+    """``_monarch_streamed_fwd`` keywords for a streamed config (the ring, lag and split are launch arguments)."""
+    skip = ("F_SPLIT", "SLOTS", "LAG")
+    return {"D": d, "BLOCK_L": pow2(b2, 16), "UPCAST": upcast, **{k: v for k, v in cfg.items() if k not in skip}}
+
+
+def _streamed_launch(q, k, v, out, gq: TileGeometry, gk: TileGeometry, allowed: torch.Tensor, scale_log2: float,
+                     per_unit: int, budget: int, upcast: bool) -> Callable[[dict], None]:
+    """The launch of :func:`_monarch_streamed_fwd` for a config: a ring of ``SLOTS`` group slots, fewer if
+    ``budget`` holds fewer (at least one), and a lag of at most slots − 1 (the ticket order needs it)."""
+    B, _, H, D = q.shape
+    b1, b2, A, F = gq.b1, gq.b2, gq.num_tiles, gk.num_tiles
+
+    def launch(cfg: dict) -> None:
+        tiles = cfg["BLOCK_M"] // b2
+        if tiles < 1:
+            raise ToolkitError(f"streamed config BLOCK_M={cfg['BLOCK_M']} is smaller than the tile width {b2}")
+        n_groups = B * H * triton.cdiv(A, tiles)
+        slots = max(1, min(n_groups, cfg["SLOTS"], budget // (tiles * per_unit)))
+        lag = min(cfg["LAG"], slots - 1)  # the ticket order needs a slot per group in flight
+        f_per = triton.cdiv(F, cfg["F_SPLIT"])
+        n_split = triton.cdiv(F, f_per)
+        n_jobs = n_groups * (b1 * n_split + tiles * b2 * triton.cdiv(b1, cfg["BLOCK_I"]))
+        alpha, y = (scratch((slots, tiles, b2, F * b1, D), q.dtype, q.device) for _ in range(2))
+        c = scratch((slots, tiles, b2, F * b1), torch.float32, q.device)
+        sync = torch.zeros(1 + 2 * n_groups, dtype=torch.int32, device=q.device)
+        _monarch_streamed_fwd[(n_jobs,)](
+            q, k, v, alpha, y, c, allowed, out, sync,
+            *token_strides(q), *token_strides(k), *token_strides(v), *token_strides(out),
+            H, A, n_groups, slots, lag, F, f_per, n_split, b1, b2, scale_log2, *gq.args(), *gk.args(),
+            **streamed_meta(cfg, b2, D, upcast),
+        )
+
+    return launch
 
 
 def scratch_chunk(B: int, H: int, A: int, per_unit: int, budget: int) -> tuple[int, int]:

@@ -93,6 +93,7 @@ def test_resources_compile_the_launchers_arguments(tmp_path, monkeypatch):
         ("_monarch_cols_fwd", (21, 30, 52), (1, 2, 1), (0, 21), None),  # b1 = 15
         ("_monarch_cols_fwd", (21, 30, 52), (1, 1, 1), (0, 21), None),  # b1 = 30
         ("_monarch_cols_fwd", (21, 30, 52), (3, 1, 1), (0, 21), None),  # b1 = 90
+        ("_monarch_streamed_fwd", (21, 30, 52), (1, 1, 1), (0, 21), "streamed"),
     ]
     assert [fn.__name__ for fn, *_ in reports[:len(launches)]] == [name for name, *_ in launches]
     for (fn, ptrs, consts, warps, stages), (name, grid, tiling, qf, version) in zip(reports, launches):
@@ -102,7 +103,7 @@ def test_resources_compile_the_launchers_arguments(tmp_path, monkeypatch):
         q = torch.empty(1, (qf[1] - qf[0]) * tpf, 12, 128, dtype=torch.bfloat16, device="meta")
         k = torch.empty(1, grid[0] * tpf, 12, 128, dtype=torch.bfloat16, device="meta")
         km._forward(q, k, k, grid, tiling, query_frames=qf, key_frames=(0, grid[0]), autotune=False,
-                    version=version, stages="cols" if version is None else "rows")
+                    version=version, stages={None: "cols", "streamed": "both"}.get(version, "rows"))
         monkeypatch.setattr(km, name, fn)
         assert recorder.calls, name
         args, kwargs = recorder.calls[0]

@@ -78,6 +78,12 @@ MONARCH_CASES = {
     "full-111-block-causal-fused": (PAPER_GRID, (1, 1, 1), (0, 21), (0, 21), 3, "fused"),
     "last-chunk-111-fused": (PAPER_GRID, (1, 1, 1), (18, 21), (0, 21), None, "fused"),
     "last-chunk-121-fused": (PAPER_GRID, (1, 2, 1), (18, 21), (0, 21), None, "fused"),
+    # both steps in one launch, the intermediates in a ring of slots (kernels/monarch.py _monarch_streamed_fwd)
+    "full-111-streamed": (PAPER_GRID, (1, 1, 1), (0, 21), (0, 21), None, "streamed"),
+    "full-121-streamed": (PAPER_GRID, (1, 2, 1), (0, 21), (0, 21), None, "streamed"),
+    "full-111-block-causal-streamed": (PAPER_GRID, (1, 1, 1), (0, 21), (0, 21), 3, "streamed"),
+    "last-chunk-111-streamed": (PAPER_GRID, (1, 1, 1), (18, 21), (0, 21), None, "streamed"),
+    "last-chunk-121-streamed": (PAPER_GRID, (1, 2, 1), (18, 21), (0, 21), None, "streamed"),
 }
 
 
@@ -330,3 +336,36 @@ def test_finetuning_gradients_through_the_triton_op_match_the_reference(spec):
     # difference of such quantities; dense attention is a different function and must be far further away.
     assert err < 0.1, f"rel err {err:.3g} (dense vs reference {dense_err:.3g})"
     assert err < 0.5 * dense_err, f"Triton {err:.3g} is not much closer to the reference than dense {dense_err:.3g}"
+
+
+# Streamed-kernel configs that change the ticket order and the waits: group size (one or two query tiles), ring
+# slots and lag (a slot reused by the next group, up to a ring of 8 with lag 6), key-tile splits.
+STREAMED_CONFIGS = [
+    dict(BLOCK_M=64, num_warps=4, SLOTS=2, LAG=1, F_SPLIT=1),
+    dict(BLOCK_M=64, num_warps=4, SLOTS=1, LAG=0, F_SPLIT=3),
+    dict(BLOCK_M=128, num_warps=8, SLOTS=4, LAG=2, F_SPLIT=2),
+    dict(BLOCK_M=64, num_warps=4, SLOTS=8, LAG=6, F_SPLIT=2),
+]
+
+
+@pytest.mark.parametrize("qf, bc", [((0, 21), None), ((0, 21), 3), ((18, 21), None)], ids=["full", "causal", "cache"])
+def test_streamed_kernel_is_deterministic_and_matches_two_stage_kernel(qf, bc):
+    """A job taken too early (an L-step job reading a slot before its R-step jobs finished, or an R-step job
+    refilling a slot still being read) shows as run-to-run differences or a mismatch with the two-stage kernel:
+    each config runs three times into NaN-filled outputs at the paper's shape."""
+    from toolkit.kernels.monarch import _forward, _streamed_default
+
+    q, k, v = _qkv(PAPER_GRID, qf, (0, 21), HEADS, DIM, torch.bfloat16, "cuda", seed=3)
+    kw = dict(query_frames=qf, key_frames=(0, 21), block_causal_frames=bc)
+    two_stage = _forward(q, k, v, PAPER_GRID, (1, 1, 1), **kw)
+    base = _streamed_default(30, 52, DIM, qf[1] - qf[0])
+    for cfg in STREAMED_CONFIGS:
+        outs = []
+        for _ in range(3):
+            out = torch.full_like(q, float("nan"))
+            _forward(q, k, v, PAPER_GRID, (1, 1, 1), version="streamed", configs=({**base, **cfg}, None), out=out,
+                     **kw)
+            outs.append(out)
+        assert torch.isfinite(outs[0]).all(), cfg
+        assert all(torch.equal(outs[0], o) for o in outs[1:]), f"{cfg}: runs differ"
+        assert _rel(outs[0], two_stage) < 1e-3, cfg

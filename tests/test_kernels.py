@@ -121,6 +121,56 @@ def test_head_chunked_scratch_matches_reference(version):
     assert _rel(out, ref) < TOL[torch.float32]
 
 
+# The streamed kernel (both steps in one launch, intermediates in a ring of group slots): the interpreter runs the
+# programs one after the other in ticket order, so these check the ticket → job decoding and the slot arithmetic
+# (a job reading or refilling the wrong slot gives a wrong output; one waiting on a later ticket never ends); the
+# concurrent waits run on the GPU (tests/test_gpu.py).
+# name: grid, tiling, query frames, key frames, block-causal frames, config (None = the launcher's default), batch,
+# heads, scratch budget in ring slots (None = default)
+STREAMED_CASES = {
+    "bidirectional-111": ((2, 3, 5), (1, 1, 1), (0, 2), (0, 2), None, None, 2, 2, None),
+    # 3 tiles of width 5 per 16-row group: 7 tiles = groups {0,1,2}, {3,4,5}, {6}; key tiles over 2 R-step jobs
+    "packed-groups-split": ((7, 2, 5), (1, 1, 1), (0, 7), (0, 7), None, dict(BLOCK_M=16, F_SPLIT=2), 1, 2, None),
+    # a group holds tiles of two chunks (different visible key tiles); ring of 3 with lag 2 (4 groups: 4 heads)
+    "block-causal-ring3-lag2": ((6, 2, 5), (1, 1, 1), (0, 6), (0, 6), 3,
+                                dict(BLOCK_M=32, F_SPLIT=3, SLOTS=3, LAG=2), 1, 4, None),
+    # one slot, no lag: every group's R-step jobs wait for the previous group's L-step jobs
+    "kv-cache-one-slot": ((9, 3, 7), (1, 1, 1), (3, 9), (0, 9), None, dict(BLOCK_M=16, SLOTS=1, LAG=0), 1, 2, None),
+    "block-causal-311": ((6, 3, 5), (3, 1, 1), (0, 6), (0, 6), 3, None, 1, 1, None),
+    # a budget of 2 slots caps a ring of 4 (lag 1 still fits)
+    "budget-caps-ring": ((3, 4, 18), (1, 2, 1), (0, 3), (0, 3), None, dict(SLOTS=4, LAG=1), 1, 3, 2),
+    # a budget of 1 slot: the lag drops to 0 (one group in flight)
+    "budget-below-lag": ((3, 4, 18), (1, 2, 1), (0, 3), (0, 3), None, dict(SLOTS=4, LAG=2), 1, 3, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(STREAMED_CASES))
+def test_streamed_forward_matches_reference(case, monkeypatch):
+    from toolkit.kernels import monarch as km
+
+    grid, tiling, qf, kf, bc, cfg, batch, heads, budget_slots = STREAMED_CASES[case]
+    q, k, v = _inputs(grid, qf, kf, batch=batch, heads=heads, seed=len(case))
+    n_query_tiles = (qf[1] - qf[0]) // tiling[0] * tiling[1] * tiling[2]
+    b1, b2 = tiling[0] * grid[1] // tiling[1], grid[2] // tiling[2]
+    base = km._streamed_default(b1, b2, q.shape[-1], n_query_tiles)
+    config = None if cfg is None else ({**base, "BLOCK_I": 16, "BLOCK_K": 16, **cfg}, None)
+    per_slot = ((config or (base,))[0]["BLOCK_M"] // b2) * b2 * (kf[1] - kf[0]) // tiling[0] * tiling[1] \
+        * tiling[2] * b1 * (2 * q.shape[-1] * 4 + 4)
+    rings = []
+    real_scratch = km.scratch
+    monkeypatch.setattr(km, "scratch", lambda shape, *a: rings.append(shape[0]) or real_scratch(shape, *a))
+    out = _forward(q, k, v, grid, tiling, query_frames=qf, key_frames=kf, block_causal_frames=bc, configs=config,
+                   out=_nan_like(q), version="streamed",
+                   scratch_bytes=None if budget_slots is None else budget_slots * per_slot)
+    ref = monarch_attention(q.double(), k.double(), v.double(), grid, tiling, query_frames=qf, key_frames=kf,
+                            block_causal_frames=bc)
+    assert _rel(out, ref) < TOL[torch.float32]
+    tiles = (config or (base,))[0]["BLOCK_M"] // b2
+    n_groups = batch * heads * -(-n_query_tiles // tiles)
+    want = min(n_groups, (config or (base,))[0]["SLOTS"], budget_slots or n_groups)
+    assert rings == [want] * 3  # α, Y, c: one ring of the expected number of slots (no more than groups)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_monarch_forward_half_precision(dtype, dim):
