@@ -1,5 +1,6 @@
-"""Benchmark: Monarch Triton kernels (and, on CUDA where it applies, the fused CUDA forward of ``monarch_fused``)
-vs PyTorch SDPA (cuDNN, flash, efficient) at the paper's shapes.
+"""Benchmark: Monarch Triton kernels (two-stage v1 / v2, the one-launch streamed kernel, and, on CUDA where it
+applies, the fused CUDA forward of ``monarch_fused``) vs PyTorch SDPA (cuDNN, flash, efficient) at the paper's
+shapes.
 
 Run as ``toolkit bench --out DIR`` or ``python benchmarks/bench_kernels.py --out DIR`` (same arguments). Every
 variant is checked against a reference before it is timed, and a failure of one variant (compile error, OOM,
@@ -69,7 +70,7 @@ class Row:
     tuning: list[dict] = field(default_factory=list)
     stage_ms: dict | None = None  # Monarch: median ms of the rows (R-step) and cols (L-step) kernels alone
     reload_from_disk: str | None = None  # Monarch: where configs came from after forgetting them in memory
-    version: str | None = None  # Monarch: R-step kernel version (kernels/monarch.py _VERSIONS) or "fused"
+    version: str | None = None  # Monarch: R-step kernel version (kernels/monarch.py _VERSIONS), "streamed" or "fused"
     skipped: str | None = None  # why the variant was not run (not a failure), e.g. "needs CUDA"
 
     @property
@@ -558,7 +559,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--no-dense", action="store_true", help="skip the SDPA baselines")
     p.add_argument("--low-memory", action="store_true",
                    help="also time Monarch with intermediates limited to size(q), i.e. extra memory with the output "
-                        "≤ 2x size(q) (one query tile of a head group per launch: more, smaller launches)")
+                        "≤ 2x size(q): the two-stage kernels in chunks of one query tile of a head group (more, "
+                        "smaller launches) and the streamed kernel with a ring cut to that budget")
     p.add_argument("--analysis", action="store_true",
                    help="also check and time apply_factors and monarch_compare at the last AR chunk")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test through the interpreter)")
