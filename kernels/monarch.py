@@ -710,11 +710,11 @@ def _forward(
         out = output_buffer(out, tuple(q.shape), q.dtype, q.device)
         launch = _streamed_launch(q, k, v, out, gq, gk, allowed, scale_log2, per_unit, budget, upcast)
         # the budget caps the ring, so it is part of the tuning key: a config tuned with more slots is not the
-        # best one within fewer
-        ring_cap = min(8, budget // (per_unit * max(1, pow2(b2, 16, 64) // b2)))
+        # best one within fewer (counted in slots of the default group size)
+        candidates = _streamed_candidates(b1, b2, D, A)
+        ring_cap = min(max(c["SLOTS"] for c in candidates), budget // (per_unit * max(1, pow2(b2, 16, 64) // b2)))
         cfg = configs[0] if configs is not None else pick_config(
-            f"monarch streamed {key} ring<={ring_cap}", _streamed_default(b1, b2, D, A),
-            _streamed_candidates(b1, b2, D, A), launch, tune)
+            f"monarch streamed {key} ring<={ring_cap}", _streamed_default(b1, b2, D, A), candidates, launch, tune)
         launch(cfg)
         return out
     h_chunk, a_chunk = scratch_chunk(B, H, A, per_unit, budget)

@@ -22,6 +22,10 @@ def test_bench_tiny_on_cpu_reports_cuda_baselines_as_skipped(tmp_path, monkeypat
         r = rows[f"sdpa-{backend}"]
         assert r["skipped"] == "needs CUDA" and not r["ok"] and r["error"] is None
     assert rows["monarch(1, 1, 1)"]["ok"] and rows["monarch(1, 1, 1)"]["skipped"] is None
+    # the streamed kernel runs the two-stage kernels' job code: the same error against the reference (bf16)
+    streamed = rows["monarch(1, 1, 1)-streamed"]
+    assert streamed["ok"] and streamed["version"] == "streamed"
+    assert streamed["check_rel_err"] == pytest.approx(rows["monarch(1, 1, 1)"]["check_rel_err"], rel=1e-3)
     md = (tmp_path / "bench_kernels.md").read_text()
     assert md.count("skipped (needs CUDA)") == 3
 
