@@ -189,3 +189,32 @@ def test_compare_failures_writes_its_table_into_a_model_card(tmp_path, monkeypat
         if name != "teacher":
             p = evaluate.paired(a["colour_match_outcomes"], bits)
             assert row.endswith(f"| +{p['gained']} −{p['lost']} of {len(bits)} (p = {p['p_value']:.2g}) |")
+
+
+def test_plot_streamed_ring_memory_matches_the_measured_peaks(tmp_path, monkeypatch):
+    """``plot_streamed.py`` computes each tuned ring's extra memory; for the config the tuner chose, that must be the
+    peak the benchmark measured (the committed H100 run: rings of 8 and of 5 slots, one-slot rings at the AR
+    chunk), and the figure is written."""
+    import json
+
+    root = Path(__file__).parents[1]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    import plot_streamed
+
+    result_path = root / "benchmarks" / "results" / "streamed_h100" / "bench_kernels.json"
+    result = json.loads(result_path.read_text())
+    checked = 0
+    for name, shape in result["shapes"].items():
+        for row in result["rows"]:
+            if row["shape"] != name or row.get("version") != "streamed" or not row.get("ok"):
+                continue
+            chosen = row["tuning"][0]["config"]
+            only = {**row, "tuning": [{"timings": [[chosen, 1.0]]}]}
+            (memory, _, _), = plot_streamed.ring_points(shape, [only])
+            # the measured peak also holds the counters and the allowed-tiles table (a few KB)
+            assert memory == pytest.approx(row["peak_extra_over_q"], rel=2e-3), (name, row["variant"])
+            checked += 1
+    assert checked == 8
+    out = tmp_path / "fig.png"
+    assert plot_streamed.main([str(result_path), "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
