@@ -84,6 +84,7 @@ MONARCH_CASES = {
     "full-111-block-causal-streamed": (PAPER_GRID, (1, 1, 1), (0, 21), (0, 21), 3, "streamed"),
     "last-chunk-111-streamed": (PAPER_GRID, (1, 1, 1), (18, 21), (0, 21), None, "streamed"),
     "last-chunk-121-streamed": (PAPER_GRID, (1, 2, 1), (18, 21), (0, 21), None, "streamed"),
+    "full-311-streamed": (PAPER_GRID, (3, 1, 1), (0, 21), (0, 21), None, "streamed"),  # b1 = 90: 2 row blocks
 }
 
 
@@ -348,8 +349,10 @@ STREAMED_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("qf, bc", [((0, 21), None), ((0, 21), 3), ((18, 21), None)], ids=["full", "causal", "cache"])
-def test_streamed_kernel_is_deterministic_and_matches_two_stage_kernel(qf, bc):
+@pytest.mark.parametrize("tiling, qf, bc", [((1, 1, 1), (0, 21), None), ((1, 1, 1), (0, 21), 3),
+                                           ((1, 1, 1), (18, 21), None), ((3, 1, 1), (0, 21), None)],
+                         ids=["full", "causal", "cache", "full-311"])
+def test_streamed_kernel_is_deterministic_and_matches_two_stage_kernel(tiling, qf, bc):
     """A job taken too early (an L-step job reading a slot before its R-step jobs finished, or an R-step job
     refilling a slot still being read) shows as run-to-run differences or a mismatch with the two-stage kernel:
     each config runs three times into NaN-filled outputs at the paper's shape."""
@@ -357,13 +360,14 @@ def test_streamed_kernel_is_deterministic_and_matches_two_stage_kernel(qf, bc):
 
     q, k, v = _qkv(PAPER_GRID, qf, (0, 21), HEADS, DIM, torch.bfloat16, "cuda", seed=3)
     kw = dict(query_frames=qf, key_frames=(0, 21), block_causal_frames=bc)
-    two_stage = _forward(q, k, v, PAPER_GRID, (1, 1, 1), **kw)
-    base = _streamed_default(30, 52, DIM, qf[1] - qf[0])
+    two_stage = _forward(q, k, v, PAPER_GRID, tiling, **kw)
+    b1 = tiling[0] * PAPER_GRID[1]
+    base = _streamed_default(b1, 52, DIM, (qf[1] - qf[0]) // tiling[0])
     for cfg in STREAMED_CONFIGS:
         outs = []
         for _ in range(3):
             out = torch.full_like(q, float("nan"))
-            _forward(q, k, v, PAPER_GRID, (1, 1, 1), version="streamed", configs=({**base, **cfg}, None), out=out,
+            _forward(q, k, v, PAPER_GRID, tiling, version="streamed", configs=({**base, **cfg}, None), out=out,
                      **kw)
             outs.append(out)
         assert torch.isfinite(outs[0]).all(), cfg
