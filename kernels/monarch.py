@@ -809,7 +809,7 @@ def _streamed_candidates(b1: int, b2: int, d: int, n_query_tiles: int) -> list[d
         if bm // b2 < 1:
             continue
         for split in (1, 2, 3):
-            for slots, lag in ((4, 2), (5, 3), (5, 4), (8, 6)):
+            for slots, lag in ((4, 2), (5, 3), (6, 4), (8, 6)):
                 out.append({**base, "BLOCK_M": bm, "num_warps": warps, "F_SPLIT": split, "SLOTS": slots, "LAG": lag})
     return out
 
@@ -820,10 +820,20 @@ def streamed_meta(cfg: dict, b2: int, d: int, upcast: bool) -> dict:
     return {"D": d, "BLOCK_L": pow2(b2, 16), "UPCAST": upcast, **{k: v for k, v in cfg.items() if k not in skip}}
 
 
+def streamed_ring(slots: int, lag: int, n_groups: int, slots_fit: int) -> tuple[int, int]:
+    """(slots, lag) of the streamed kernel's ring for a config's ``slots`` and ``lag``: the slots cut to the
+    groups and to the ``slots_fit`` the budget holds (at least one); the lag at most slots − 1 (the ticket order
+    needs a slot for each group between a group's first R-step job and its L-step jobs) and, from three slots
+    up, at most slots − 2, so that the group that used a slot before has had a group's time to finish reading it
+    (one H100, one process, full clip (1,1,1): 5 slots took 4.78 ms with lag 3, 5.41 with lag 4; NOTES.md)."""
+    slots = max(1, min(n_groups, slots, slots_fit))
+    return slots, min(lag, slots - 1 if slots < 3 else slots - 2)
+
+
 def _streamed_launch(q, k, v, out, gq: TileGeometry, gk: TileGeometry, allowed: torch.Tensor, scale_log2: float,
                      per_unit: int, budget: int, upcast: bool) -> Callable[[dict], None]:
-    """The launch of :func:`_monarch_streamed_fwd` for a config: a ring of ``SLOTS`` group slots, fewer if
-    ``budget`` holds fewer (at least one), and a lag of at most slots − 1 (the ticket order needs it)."""
+    """The launch of :func:`_monarch_streamed_fwd` for a config, its ring cut to ``budget`` by
+    :func:`streamed_ring`."""
     B, _, H, D = q.shape
     b1, b2, A, F = gq.b1, gq.b2, gq.num_tiles, gk.num_tiles
 
@@ -832,8 +842,7 @@ def _streamed_launch(q, k, v, out, gq: TileGeometry, gk: TileGeometry, allowed: 
         if tiles < 1:
             raise ToolkitError(f"streamed config BLOCK_M={cfg['BLOCK_M']} is smaller than the tile width {b2}")
         n_groups = B * H * triton.cdiv(A, tiles)
-        slots = max(1, min(n_groups, cfg["SLOTS"], budget // (tiles * per_unit)))
-        lag = min(cfg["LAG"], slots - 1)  # the ticket order needs a slot per group in flight
+        slots, lag = streamed_ring(cfg["SLOTS"], cfg["LAG"], n_groups, budget // (tiles * per_unit))
         f_per = triton.cdiv(F, cfg["F_SPLIT"])
         n_split = triton.cdiv(F, f_per)
         n_jobs = n_groups * (b1 * n_split + tiles * b2 * triton.cdiv(b1, cfg["BLOCK_I"]))

@@ -121,6 +121,20 @@ def test_head_chunked_scratch_matches_reference(version):
     assert _rel(out, ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("wanted, n_groups, fit, ring", [
+    ((8, 6), 252, 100, (8, 6)),  # the measured best where the budget holds it
+    ((8, 6), 252, 5, (5, 3)),  # cut to 5 slots: two slots between a slot's users, not one
+    ((6, 4), 3, 100, (3, 1)),  # three groups only
+    ((4, 2), 252, 2, (2, 1)),
+    ((4, 2), 252, 0, (1, 0)),  # the budget holds no slot: one, used by each group in turn
+    ((2, 1), 252, 100, (2, 1)),
+])
+def test_streamed_ring_cuts_slots_and_lag(wanted, n_groups, fit, ring):
+    from toolkit.kernels.monarch import streamed_ring
+
+    assert streamed_ring(*wanted, n_groups, fit) == ring
+
+
 # The streamed kernel (both steps in one launch, intermediates in a ring of group slots): the interpreter runs the
 # programs one after the other in ticket order, so these check the ticket → job decoding and the slot arithmetic
 # (a job reading or refilling the wrong slot gives a wrong output; one waiting on a later ticket never ends); the
@@ -131,9 +145,11 @@ STREAMED_CASES = {
     "bidirectional-111": ((2, 3, 5), (1, 1, 1), (0, 2), (0, 2), None, None, 2, 2, None),
     # 3 tiles of width 5 per 16-row group: 7 tiles = groups {0,1,2}, {3,4,5}, {6}; key tiles over 2 R-step jobs
     "packed-groups-split": ((7, 2, 5), (1, 1, 1), (0, 7), (0, 7), None, dict(BLOCK_M=16, F_SPLIT=2), 1, 2, None),
-    # a group holds tiles of two chunks (different visible key tiles); ring of 3 with lag 2 (4 groups: 4 heads)
-    "block-causal-ring3-lag2": ((6, 2, 5), (1, 1, 1), (0, 6), (0, 6), 3,
-                                dict(BLOCK_M=32, F_SPLIT=3, SLOTS=3, LAG=2), 1, 4, None),
+    # a group holds tiles of two chunks (different visible key tiles); ring of 3 with lag 1 (4 groups: 4 heads)
+    "block-causal-ring3": ((6, 2, 5), (1, 1, 1), (0, 6), (0, 6), 3,
+                           dict(BLOCK_M=32, F_SPLIT=3, SLOTS=3, LAG=1), 1, 4, None),
+    # a ring of 2 with lag 1: each slot is refilled by the group right after the one reading it
+    "ring2-lag1": ((5, 2, 5), (1, 1, 1), (0, 5), (0, 5), None, dict(BLOCK_M=16, SLOTS=2, LAG=1), 1, 2, None),
     # one slot, no lag: every group's R-step jobs wait for the previous group's L-step jobs
     "kv-cache-one-slot": ((9, 3, 7), (1, 1, 1), (3, 9), (0, 9), None, dict(BLOCK_M=16, SLOTS=1, LAG=0), 1, 2, None),
     "block-causal-311": ((6, 3, 5), (3, 1, 1), (0, 6), (0, 6), 3, None, 1, 1, None),
