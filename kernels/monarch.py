@@ -711,10 +711,10 @@ def _forward(
         launch = _streamed_launch(q, k, v, out, gq, gk, allowed, scale_log2, per_unit, budget, upcast)
         # the budget caps the ring, so it is part of the tuning key: a config tuned with more slots is not the
         # best one within fewer (counted in slots of the default group size)
-        candidates = _streamed_candidates(b1, b2, D, A)
+        candidates = _streamed_candidates(b1, b2)
         ring_cap = min(max(c["SLOTS"] for c in candidates), budget // (per_unit * max(1, pow2(b2, 16, 64) // b2)))
         cfg = configs[0] if configs is not None else pick_config(
-            f"monarch streamed {key} ring<={ring_cap}", _streamed_default(b1, b2, D, A), candidates, launch, tune)
+            f"monarch streamed {key} ring<={ring_cap}", _streamed_default(b1, b2), candidates, launch, tune)
         launch(cfg)
         return out
     h_chunk, a_chunk = scratch_chunk(B, H, A, per_unit, budget)
@@ -792,7 +792,7 @@ def _forward(
     return out
 
 
-def _streamed_default(b1: int, b2: int, d: int, n_query_tiles: int) -> dict:
+def _streamed_default(b1: int, b2: int) -> dict:
     """One query tile per group at 4 warps (the v2 R-step's M = 64 config: two programs per SM), key tiles over
     2 R-step jobs, a ring of 8 slots with lag 6: the fastest measured at all four paper shapes on an H100
     (kernels/NOTES.md "Both steps in one launch"); a smaller budget cuts the ring and the lag."""
@@ -800,10 +800,10 @@ def _streamed_default(b1: int, b2: int, d: int, n_query_tiles: int) -> dict:
             "BLOCK_K": 64, "SLOTS": 8, "LAG": 6, "num_warps": 4, "num_stages": 2}
 
 
-def _streamed_candidates(b1: int, b2: int, d: int, n_query_tiles: int) -> list[dict]:
+def _streamed_candidates(b1: int, b2: int) -> list[dict]:
     # two compiles (one or two query tiles per group); the ring, the lag and the key-tile split are launch
     # arguments only. Rings the scratch budget cannot hold are cut to it by the launcher.
-    base = _streamed_default(b1, b2, d, n_query_tiles)
+    base = _streamed_default(b1, b2)
     out = []
     for bm, warps in ((64, 4), (128, 8)):
         if bm // b2 < 1:

@@ -113,7 +113,7 @@ def default_kernels(dim: int) -> list[tuple]:
                     *split_meta(monarch.cols_meta(monarch._cols_default(b1, dim), dim, False))))
     # the streamed kernel's two compiles at the 480p clip (its other config entries are launch arguments)
     for bm, warps in ((64, 4), (128, 8)):
-        cfg = {**monarch._streamed_default(30, 52, dim, 21), "BLOCK_M": bm, "num_warps": warps}
+        cfg = {**monarch._streamed_default(30, 52), "BLOCK_M": bm, "num_warps": warps}
         out.append((monarch._monarch_streamed_fwd, {**rows_ptrs, "OUT": bf, "SYNC": i32},
                     *split_meta(monarch.streamed_meta(cfg, 52, dim, False))))
     out += backward_kernels(dim)

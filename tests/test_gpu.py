@@ -362,7 +362,7 @@ def test_streamed_kernel_is_deterministic_and_matches_two_stage_kernel(tiling, q
     kw = dict(query_frames=qf, key_frames=(0, 21), block_causal_frames=bc)
     two_stage = _forward(q, k, v, PAPER_GRID, tiling, **kw)
     b1 = tiling[0] * PAPER_GRID[1]
-    base = _streamed_default(b1, 52, DIM, (qf[1] - qf[0]) // tiling[0])
+    base = _streamed_default(b1, 52)
     for cfg in STREAMED_CONFIGS:
         outs = []
         for _ in range(3):

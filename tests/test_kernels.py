@@ -168,7 +168,7 @@ def test_streamed_forward_matches_reference(case, monkeypatch):
     q, k, v = _inputs(grid, qf, kf, batch=batch, heads=heads, seed=len(case))
     n_query_tiles = (qf[1] - qf[0]) // tiling[0] * tiling[1] * tiling[2]
     b1, b2 = tiling[0] * grid[1] // tiling[1], grid[2] // tiling[2]
-    base = km._streamed_default(b1, b2, q.shape[-1], n_query_tiles)
+    base = km._streamed_default(b1, b2)
     config = None if cfg is None else ({**base, "BLOCK_I": 16, "BLOCK_K": 16, **cfg}, None)
     per_slot = ((config or (base,))[0]["BLOCK_M"] // b2) * b2 * (kf[1] - kf[0]) // tiling[0] * tiling[1] \
         * tiling[2] * b1 * (2 * q.shape[-1] * 4 + 4)
