@@ -21,7 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from toolkit.kernels.monarch import streamed_ring  # noqa: E402
+from toolkit.kernels.monarch import intermediate_bytes_per_tile, streamed_ring  # noqa: E402
 
 ELEMENT_BYTES = 2  # bf16 q, k, v, α, Y
 
@@ -32,7 +32,7 @@ def ring_points(shape: dict, rows: list[dict]) -> list[tuple[float, float, int]]
     b1, b2 = tiling[0] * grid[1] // tiling[1], grid[2] // tiling[2]
     n_key_tiles = (shape["key_frames"][1] - shape["key_frames"][0]) // tiling[0] * tiling[1] * tiling[2]
     n_query_tiles = (shape["query_frames"][1] - shape["query_frames"][0]) // tiling[0] * tiling[1] * tiling[2]
-    per_tile = b2 * n_key_tiles * b1 * (2 * shape["head_dim"] * ELEMENT_BYTES + 4)  # one (head, query tile) slot
+    per_tile = intermediate_bytes_per_tile(b1, b2, n_key_tiles, shape["head_dim"], ELEMENT_BYTES)
     q_bytes = shape["q_bytes"]
     points = []
     for row in rows:

@@ -703,18 +703,17 @@ def _forward(
     upcast = upcast_dots(q.dtype)
     key = f"B{B} H{H} D{D} {q.dtype} grid{grid} tiling{tiling} q{query_frames} k{key_frames} bc{block_causal_frames}"
 
-    # Intermediates per (batch·head, query tile): α and Y (dtype of q) and c (fp32), over all key tiles.
-    per_unit = b2 * F * b1 * (2 * D * q.element_size() + 4)
+    per_unit = intermediate_bytes_per_tile(b1, b2, F, D, q.element_size())
     budget = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else int(scratch_bytes)
     if version == STREAMED:
         out = output_buffer(out, tuple(q.shape), q.dtype, q.device)
         launch = _streamed_launch(q, k, v, out, gq, gk, allowed, scale_log2, per_unit, budget, upcast)
         # the budget caps the ring, so it is part of the tuning key: a config tuned with more slots is not the
         # best one within fewer (counted in slots of the default group size)
-        candidates = _streamed_candidates(b1, b2)
-        ring_cap = min(max(c["SLOTS"] for c in candidates), budget // (per_unit * max(1, pow2(b2, 16, 64) // b2)))
+        default, candidates = _streamed_default(b1, b2), _streamed_candidates(b1, b2)
+        ring_cap = min(max(c["SLOTS"] for c in candidates), budget // (per_unit * (default["BLOCK_M"] // b2)))
         cfg = configs[0] if configs is not None else pick_config(
-            f"monarch streamed {key} ring<={ring_cap}", _streamed_default(b1, b2), candidates, launch, tune)
+            f"monarch streamed {key} ring<={ring_cap}", default, candidates, launch, tune)
         launch(cfg)
         return out
     h_chunk, a_chunk = scratch_chunk(B, H, A, per_unit, budget)
@@ -790,6 +789,12 @@ def _forward(
                                     lambda cfg: cols(cfg, first), tune)
             cols(cfg_c, chunk)
     return out
+
+
+def intermediate_bytes_per_tile(b1: int, b2: int, n_key_tiles: int, head_dim: int, element_size: int) -> int:
+    """Bytes of the α, Y (``element_size`` each) and c (fp32) intermediates of one (batch·head, query tile) over
+    all key tiles: the unit of the two-stage kernels' scratch chunks and of the streamed kernel's ring slots."""
+    return b2 * n_key_tiles * b1 * (2 * head_dim * element_size + 4)
 
 
 def _streamed_default(b1: int, b2: int) -> dict:
