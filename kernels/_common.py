@@ -32,7 +32,6 @@ if not torch.cuda.is_available():  # Triton kernels run on the CPU only through 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 import triton.testing  # noqa: E402, F401 - do_bench for tuning
-from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402, F401 - TMA stores (kernels/monarch.py)
 
 LOG2E = 1.4426950408889634
 

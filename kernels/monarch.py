@@ -47,7 +47,6 @@ from typing import TYPE_CHECKING
 import torch
 from toolkit.kernels._common import (
     LOG2E,
-    TensorDescriptor,
     TileGeometry,
     autotune_enabled,
     check_head_dim,
@@ -173,27 +172,22 @@ def _monarch_rows_fwd(
 
 @triton.jit
 def _rows_v2_job(
-    Q, K, V, ALPHA, Y, C, ALLOWED, A_DESC, Y_DESC,
+    Q, K, V, ALPHA, Y, C, ALLOWED,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
-    b, h, row, a_first, n_tiles, f_lo, f_cap, slab, desc_bh, desc_a, n_key_tiles, b1, b2, scale_log2,
+    b, h, row, a_first, n_tiles, f_lo, f_cap, slab, n_key_tiles, b1, b2, scale_log2,
     q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
     k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One v2 R-step job: key row ``row`` for the (query tile, column) pairs of the ``n_tiles`` query tiles
-    a_first, a_first + 1, … , key tiles f_lo ≤ f < f_cap that the tiles see. Program row m is t·b2 + j, or
-    t·BLOCK_L + j with ``TMA``. α, Y, c of tile t, column j and key tile f go to slot
-    ``slab + (t·b2 + j)·F·b1 + f·b1 + row``. ``TMA``: α and Y leave through the tensor-memory accelerator
-    (descriptors ``A_DESC``, ``Y_DESC`` over the scratch as (batch·head, tile, j, f·b1 + k, d); this job's first
-    tile is (``desc_bh``, ``desc_a``)): asynchronous bulk stores, clipped at the slot's b2 columns and at the
-    chunk's last tile, so rows of absent tiles or columns are never written."""
+    a_first, a_first + 1, … (program row m = t·b2 + j), key tiles f_lo ≤ f < f_cap that the tiles see.
+    α, Y, c of row m and key tile f go to slot ``slab + m·F·b1 + f·b1 + row``."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_l = tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, D)
-    tile_rows = BLOCK_L if TMA else b2  # program rows per query tile
-    t_m = offs_m // tile_rows  # tile of each program row, relative to a_first
-    j_m = offs_m % tile_rows  # column of each program row
-    mask_m = (t_m < n_tiles) & (j_m < b2)
+    t_m = offs_m // b2  # tile of each program row, relative to a_first
+    j_m = offs_m % b2  # column of each program row
+    mask_m = t_m < n_tiles
     mask_l = offs_l < b2
     a_m = a_first + t_m
     allowed_m = tl.load(ALLOWED + a_m, mask=mask_m, other=0)  # key tiles each row's query tile sees
@@ -206,7 +200,7 @@ def _rows_v2_job(
     vv_offs = offs_l[:, None] * sv_n + offs_d[None, :]
 
     n_fk = n_key_tiles * b1
-    out_rows = (t_m * b2 + j_m) * n_fk + row
+    out_rows = offs_m * n_fk + row
     f_hi = tl.minimum(f_cap, tl.max(allowed_m, 0))  # allowed is non-decreasing in a
     for f in range(f_lo, f_hi):
         k_row0 = tile_token(f, row, 0, k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce)
@@ -225,28 +219,20 @@ def _rows_v2_job(
         # Rows of tiles that do not see key tile f (block-causal, f >= allowed) are stored too: those slots exist
         # and the L-step never reads them; a per-f mask would cost ~50 registers (sm_90 report, NOTES.md).
         rows = out_rows + f * b1
-        if TMA:
-            at = [desc_bh, desc_a, 0, f * b1 + row, 0]
-            A_DESC.store(at, tl.reshape(mma(r, kk, UPCAST).to(ALPHA.dtype.element_ty),
-                                        (1, BLOCK_M // BLOCK_L, BLOCK_L, 1, D)))
-            Y_DESC.store(at, tl.reshape(mma(r, vv, UPCAST).to(Y.dtype.element_ty),
-                                        (1, BLOCK_M // BLOCK_L, BLOCK_L, 1, D)))
-        else:
-            tile_offs = rows[:, None] * D + offs_d[None, :]
-            tl.store(ALPHA + slab * D + tile_offs, mma(r, kk, UPCAST).to(ALPHA.dtype.element_ty),
-                     mask=mask_m[:, None])
-            tl.store(Y + slab * D + tile_offs, mma(r, vv, UPCAST).to(Y.dtype.element_ty), mask=mask_m[:, None])
+        tile_offs = rows[:, None] * D + offs_d[None, :]
+        tl.store(ALPHA + slab * D + tile_offs, mma(r, kk, UPCAST).to(ALPHA.dtype.element_ty), mask=mask_m[:, None])
+        tl.store(Y + slab * D + tile_offs, mma(r, vv, UPCAST).to(Y.dtype.element_ty), mask=mask_m[:, None])
         tl.store(C + slab + rows, c, mask=mask_m)
 
 
 @triton.jit
 def _monarch_rows_fwd_v2(
-    Q, K, V, ALPHA, Y, C, ALLOWED, A_DESC, Y_DESC,
+    Q, K, V, ALPHA, Y, C, ALLOWED,
     sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
     n_heads, a_start, a_chunk, n_a, tiles_per_prog, n_key_tiles, f_per_prog, n_f_split, b1, b2, scale_log2,
     q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
     k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """v2 of the R-step (b2 ≤ BLOCK_L): the BLOCK_M rows of a program are (query tile, column j) pairs of
     ``tiles_per_prog`` consecutive query tiles at the same row k, so each K/V row block loaded serves all of
@@ -263,11 +249,11 @@ def _monarch_rows_fwd_v2(
     slab = (pid_bh.to(tl.int64) * a_chunk + a_first) * b2 * n_key_tiles * b1
     f_lo = fs * f_per_prog
     _rows_v2_job(
-        Q, K, V, ALPHA, Y, C, ALLOWED, A_DESC, Y_DESC, sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
+        Q, K, V, ALPHA, Y, C, ALLOWED, sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
         pid_bh // n_heads, pid_bh % n_heads, row, a_start + a_first, tl.minimum(tiles_per_prog, n_a - a_first),
-        f_lo, f_lo + f_per_prog, slab, pid_bh, a_first, n_key_tiles, b1, b2, scale_log2,
+        f_lo, f_lo + f_per_prog, slab, n_key_tiles, b1, b2, scale_log2,
         q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
-        k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce, D, BLOCK_M, BLOCK_L, UPCAST, TMA,
+        k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce, D, BLOCK_M, BLOCK_L, UPCAST,
     )
 
 
@@ -399,11 +385,11 @@ def _monarch_streamed_fwd(
             _wait_at_least(SYNC + 1 + n_groups + g - n_slots, n_l)
         fs = job // b1
         _rows_v2_job(
-            Q, K, V, ALPHA, Y, C, ALLOWED, None, None, sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
+            Q, K, V, ALPHA, Y, C, ALLOWED, sq_b, sq_n, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h,
             bh // n_heads, bh % n_heads, job % b1, a_first, n_tiles, fs * f_per_prog, (fs + 1) * f_per_prog, slab,
-            0, 0, n_key_tiles, b1, b2, scale_log2,
+            n_key_tiles, b1, b2, scale_log2,
             q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
-            k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce, D, BLOCK_M, BLOCK_L, UPCAST, False,
+            k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce, D, BLOCK_M, BLOCK_L, UPCAST,
         )
         tl.debug_barrier()  # every thread's stores before the release
         tl.atomic_add(SYNC + 1 + g, 1, sem="release")
@@ -462,10 +448,8 @@ def _rows_v2_candidates(b2: int, d: int, n_query_tiles: int) -> list[dict]:
     # F_SPLIT is a launch-grid choice only (no recompile): 4 compiles per shape. M = 64 at 8 warps (1 CTA per
     # SM, one tile per program) is v1's arrangement and left out; low-register configs (head dim in halves,
     # ≤ 128 registers) measured slower at every shape (kernels/NOTES.md) and are not candidates.
-    # Each also with TMA stores of α and Y (8 compiles in all).
     splits = (1, 3) if n_query_tiles < 4 else (1, 2)
-    configs = [{"BLOCK_M": bm, "num_warps": w, "num_stages": st, "TMA": tma}
-               for bm, w in ((64, 4), (128, 8)) for st in (2, 3) for tma in (False, True)]
+    configs = [{"BLOCK_M": bm, "num_warps": w, "num_stages": st} for bm, w in ((64, 4), (128, 8)) for st in (2, 3)]
     return [{**cfg, "F_SPLIT": sp} for cfg in configs for sp in splits]
 
 
@@ -495,14 +479,13 @@ def rows_meta(cfg: dict, b2: int, d: int, upcast: bool) -> dict:
 def rows_v2_meta(cfg: dict, b2: int, n_key_tiles: int, d: int, upcast: bool) -> tuple[dict, int, int, int]:
     """``_monarch_rows_fwd_v2`` keywords for a v2 rows config, and the launch-grid integers it implies: (keywords,
     query tiles per program, key tiles per program, key-tile splits). ``F_SPLIT`` is a grid choice, not a
-    kernel argument; ``TMA`` (default off) stores α and Y through tensor descriptors, a tile per BLOCK_L rows."""
-    cfg = {"TMA": False, **cfg}
-    block_l = pow2(b2, 16)
-    tiles = cfg["BLOCK_M"] // (block_l if cfg["TMA"] else b2)
+    kernel argument."""
+    cfg = dict(cfg)
+    tiles = cfg["BLOCK_M"] // b2
     if tiles < 1:
         raise ToolkitError(f"v2 rows config BLOCK_M={cfg['BLOCK_M']} is smaller than the tile width {b2}")
     f_per = triton.cdiv(n_key_tiles, cfg.pop("F_SPLIT", 1))
-    return {"D": d, "BLOCK_L": block_l, "UPCAST": upcast, **cfg}, tiles, f_per, triton.cdiv(n_key_tiles, f_per)
+    return {"D": d, "BLOCK_L": pow2(b2, 16), "UPCAST": upcast, **cfg}, tiles, f_per, triton.cdiv(n_key_tiles, f_per)
 
 
 def cols_meta(cfg: dict, d: int, upcast: bool) -> dict:
@@ -764,13 +747,8 @@ def _forward(
         (h0, h1, a0, a1), (alpha, y, c) = chunk, buf
         meta, tiles, f_per, n_split = rows_v2_meta(cfg, b2, F, D, upcast)
         grid_r = (b1, triton.cdiv(a1 - a0, tiles) * n_split, B * (h1 - h0))
-        descs = (None, None)
-        if meta["TMA"]:
-            box = [1, tiles, meta["BLOCK_L"], 1, D]
-            descs = tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), box) for x in (alpha, y))
         _monarch_rows_fwd_v2[grid_r](
-            *(heads_of(x, h0, h1) for x in (q, k, v)), alpha, y, c, allowed, *descs,
-            *strides_q, *strides_k, *strides_v,
+            *(heads_of(x, h0, h1) for x in (q, k, v)), alpha, y, c, allowed, *strides_q, *strides_k, *strides_v,
             h1 - h0, a0, a_chunk, a1 - a0, tiles, F, f_per, n_split, b1, b2, scale_log2, *gq.args(), *gk.args(),
             **meta,
         )

@@ -41,7 +41,7 @@ def compile_report(
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in pointers:
-            signature[name] = pointers[name]  # "*bf16", or "tensordesc<bf16[box]>" for a tensor descriptor
+            signature[name] = pointers[name]
         elif name in ("scale", "scale_log2"):
             signature[name] = "fp32"
         else:
@@ -66,13 +66,11 @@ def compile_report(
                 key, value = part.split(":", 1)
                 fields[key.lower()] = int(value)
     return {
-        "kernel": fn.__name__, **{k: v for k, v in constexprs.items() if k.isupper()},
-        "num_warps": num_warps, "num_stages": num_stages, "registers": fields.get("reg"),
-        "stack_bytes": fields.get("stack"),
+        "kernel": fn.__name__, **{k: v for k, v in constexprs.items() if k.isupper()}, "num_warps": num_warps,
+        "num_stages": num_stages, "registers": fields.get("reg"), "stack_bytes": fields.get("stack"),
         "spill_loads": sass.count("LDL"), "spill_stores": sass.count("STL"), "shared_bytes": kernel.metadata.shared,
         "HGMMA": sass.count("HGMMA"), "HMMA": sass.count("HMMA"),
         "async_copies": sass.count("LDGSTS") + sass.count("UTMALDG"),  # pipelined (cp.async / TMA) loads
-        "tma_stores": sass.count("UTMASTG"),
     }
 
 
@@ -108,7 +106,8 @@ def default_kernels(dim: int) -> list[tuple]:
         out.append((monarch._monarch_rows_fwd, rows_ptrs,
                     *split_meta(monarch.rows_meta(monarch._rows_default(b2, dim), b2, dim, False))))
     for b2, n_key_tiles, n_query_tiles in V2_SHAPES:
-        out.append(_rows_v2_kernel(monarch._rows_v2_default(b2, dim, n_query_tiles), b2, n_key_tiles, dim))
+        meta = monarch.rows_v2_meta(monarch._rows_v2_default(b2, dim, n_query_tiles), b2, n_key_tiles, dim, False)[0]
+        out.append((monarch._monarch_rows_fwd_v2, rows_ptrs, *split_meta(meta)))
     for b1 in COLS_HEIGHTS:
         out.append((monarch._monarch_cols_fwd, cols_ptrs,
                     *split_meta(monarch.cols_meta(monarch._cols_default(b1, dim), dim, False))))
@@ -117,10 +116,6 @@ def default_kernels(dim: int) -> list[tuple]:
         cfg = {**monarch._streamed_default(30, 52), "BLOCK_M": bm, "num_warps": warps}
         out.append((monarch._monarch_streamed_fwd, {**rows_ptrs, "OUT": bf, "SYNC": i32},
                     *split_meta(monarch.streamed_meta(cfg, 52, dim, False))))
-    # the same defaults with α and Y stored through tensor descriptors (a tuning candidate)
-    for b2, n_key_tiles, n_query_tiles in V2_SHAPES:
-        cfg = {**monarch._rows_v2_default(b2, dim, n_query_tiles), "TMA": True}
-        out.append(_rows_v2_kernel(cfg, b2, n_key_tiles, dim))
     out += backward_kernels(dim)
     out.append((explicit._factor_rows_fwd, dict(R=f32, V=bf, Y=f32, S=f32),
                 dict(D=dim, BLOCK_J=64, BLOCK_L=64, PRECISION="tf32x3"), 8, 2))
@@ -130,20 +125,6 @@ def default_kernels(dim: int) -> list[tuple]:
         out.append((compare._monarch_compare_fwd, dict(Q=bf, K=bf, V=bf, LF=f32, RF=f32, ALLOWED=i32, ERR=f32),
                     dict(D=dim, BLOCK_I=16, BLOCK_L=64, EXPLICIT=explicit_factors, PRECISION="tf32x3"), 8, 2))
     return out
-
-
-def _rows_v2_kernel(cfg: dict, b2: int, n_key_tiles: int, dim: int) -> tuple:
-    """The report entry of ``_monarch_rows_fwd_v2`` for a rows config; with ``TMA`` its α, Y descriptors are
-    typed by their box (without, the launcher passes None, and the unused arguments compile to nothing)."""
-    from toolkit.kernels import monarch
-
-    meta, tiles = monarch.rows_v2_meta(cfg, b2, n_key_tiles, dim, False)[:2]
-    consts, warps, stages = split_meta(meta)
-    ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", ALPHA="*bf16", Y="*bf16", C="*fp32", ALLOWED="*i32")
-    if meta["TMA"]:
-        desc = f"tensordesc<bf16[1,{tiles},{meta['BLOCK_L']},1,{dim}]>"
-        return monarch._monarch_rows_fwd_v2, {**ptrs, "A_DESC": desc, "Y_DESC": desc}, consts, warps, stages
-    return monarch._monarch_rows_fwd_v2, ptrs, consts, warps, stages
 
 
 def backward_kernels(dim: int) -> list[tuple]:

@@ -373,30 +373,3 @@ def test_streamed_kernel_is_deterministic_and_matches_two_stage_kernel(tiling, q
         assert torch.isfinite(outs[0]).all(), cfg
         assert all(torch.equal(outs[0], o) for o in outs[1:]), f"{cfg}: runs differ"
         assert _rel(outs[0], two_stage) < 1e-3, cfg
-
-
-@pytest.mark.parametrize("tiling, qf, bc, tiles", [
-    ((1, 1, 1), (0, 21), None, None), ((1, 1, 1), (0, 21), 3, None), ((1, 1, 1), (18, 21), None, None),
-    ((1, 2, 1), (0, 21), None, 4), ((3, 1, 1), (0, 21), None, None)],
-    ids=["full", "causal", "cache", "full-121-chunks", "full-311"])
-def test_tma_stores_equal_plain_stores(tiling, qf, bc, tiles):
-    """The v2 R-step with α and Y stored through tensor descriptors writes the same values as with plain stores:
-    equal outputs (NaN-filled buffers) at one and two query tiles per program, 4 key-tile splits where the launch
-    allows; ``tiles``: scratch chunks of that many query tiles of all heads (42 tiles in chunks of 3 and 4, so a
-    program's second tile sometimes lands on an unused slot and sometimes past the chunk)."""
-    from toolkit.kernels.monarch import _cols_default, _forward, intermediate_bytes_per_tile
-
-    q, k, v = _qkv(PAPER_GRID, qf, (0, 21), HEADS, DIM, torch.bfloat16, "cuda", seed=5)
-    b1, b2 = tiling[0] * PAPER_GRID[1] // tiling[1], 52
-    n_key_tiles = 21 // tiling[0] * tiling[1]
-    scratch = None if tiles is None else tiles * HEADS * intermediate_bytes_per_tile(b1, b2, n_key_tiles, DIM, 2)
-    kw = dict(query_frames=qf, key_frames=(0, 21), block_causal_frames=bc, scratch_bytes=scratch)
-    for bm, warps, split in ((128, 8, 1), (64, 4, 3)):
-        outs = []
-        for tma in (False, True):
-            rows = dict(BLOCK_M=bm, num_warps=warps, num_stages=2, F_SPLIT=split, TMA=tma)
-            out = torch.full_like(q, float("nan"))
-            _forward(q, k, v, PAPER_GRID, tiling, configs=(rows, _cols_default(b1, DIM)), out=out, **kw)
-            outs.append(out)
-        assert torch.isfinite(outs[1]).all(), (bm, tiling)
-        assert torch.equal(outs[0], outs[1]), f"TMA stores differ from plain stores at BLOCK_M={bm}"

@@ -82,22 +82,6 @@ FORWARD_CASES = {
         (9, 3, 7), (1, 1, 1), (3, 9), (0, 9), None,
         ({"BLOCK_M": 16, "F_SPLIT": 1}, {"BLOCK_I": 16, "BLOCK_K": 16}), 3 * 7 * 9 * 3 * (2 * 16 * 4 + 4),
     ),
-    # v2 with TMA stores (a tile per 16 program rows at b2 = 5, 7): 7 tiles in groups {0,1} … {6}, the last
-    # group's second tile beyond the scratch (clipped); block-causal with split key tiles; scratch chunks of 3
-    # and 4 tiles in buffers of 4, so the 3-tile chunk's group {2, 3} writes its absent tile into an unused slot
-    "bidirectional-111-v2-tma": (
-        (7, 2, 5), (1, 1, 1), (0, 7), (0, 7), None,
-        ({"BLOCK_M": 32, "F_SPLIT": 2, "TMA": True}, {"BLOCK_I": 16, "BLOCK_K": 16}), None,
-    ),
-    "block-causal-111-v2-tma-split": (
-        (6, 2, 5), (1, 1, 1), (0, 6), (0, 6), 3,
-        ({"BLOCK_M": 32, "F_SPLIT": 3, "TMA": True}, {"BLOCK_I": 16, "BLOCK_K": 16}), None,
-    ),
-    "kv-cache-v2-tma-chunked": (
-        (9, 3, 7), (1, 1, 1), (2, 9), (0, 9), None,
-        ({"BLOCK_M": 32, "F_SPLIT": 1, "TMA": True}, {"BLOCK_I": 16, "BLOCK_K": 16}),
-        4 * 7 * 9 * 3 * (2 * 16 * 4 + 4),
-    ),
 }
 # cases with launcher-default configs run with both R-step versions; explicit configs name their version
 FORWARD_RUNS = [(case, version) for case, spec in FORWARD_CASES.items()
