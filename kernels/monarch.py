@@ -28,6 +28,7 @@ Query tiles are processed in chunks so that the intermediates stay under a memor
   intermediates in a ring of group slots: jobs start in the order of tickets taken from an atomic counter and
   wait (acquire/release counters) only on jobs with smaller tickets, so a group's L-step runs while later
   groups' R-steps fill the other slots (extra memory within size(q) at the full clip; ``kernels/NOTES.md``).
+  The launcher uses it when the scratch budget cannot hold one query tile of all heads.
 
 Layout of this module (the shape of Triton's fused-attention tutorial): the math above, the kernels, then a
 short launcher, :func:`monarch_attention_triton`, that checks its constraints and calls the custom op
@@ -531,8 +532,10 @@ def monarch_attention_triton(
     ``block_causal_frames``: queries in chunk c see key tiles up to the end of chunk c (training path).
     ``scale``: logit scale, default d**-0.5. A head dim that is not a power of two ≥ 16 is zero-padded to one (a
     copy of q, k, v). ``scratch_bytes``: budget for the α/Y/c intermediates (default
-    ``DEFAULT_SCRATCH_BYTES``); work runs in chunks that fit: several query tiles of all heads, or, when one query
-    tile of all heads is over budget, one query tile of a group of heads.
+    ``DEFAULT_SCRATCH_BYTES``); work runs in chunks that fit: several query tiles of all heads; when one query
+    tile of all heads is over budget, both steps in one launch with the intermediates in a ring of (head, query
+    tile) slots cut to the budget (the streamed kernel, faster there than chunks of a head group), or, for tiles
+    wider than 64 columns, one query tile of a group of heads. At least one (head, query tile) slot is used.
     Launch configs: cached on disk or heuristic; env ``TOOLKIT_KERNEL_AUTOTUNE=1`` tunes them once per shape.
     Returns ``b i h d`` in q's dtype; accumulation is fp32, α and Y are kept in q's dtype. Runs as the custom op
     ``torch.ops.toolkit.monarch_attention`` (usable under ``torch.compile``).
@@ -676,6 +679,7 @@ def _forward(
     if stages not in ("both", "rows", "cols"):
         raise ToolkitError(f"stages must be both, rows or cols, not {stages!r}")
     b1, b2, A, F = gq.b1, gq.b2, gq.num_tiles, gk.num_tiles
+    chosen = version is not None
     version = version or _default_version(b2)
     if version == FUSED:
         if stages != "both" or after_rows is not None:
@@ -705,12 +709,15 @@ def _forward(
 
     per_unit = intermediate_bytes_per_tile(b1, b2, F, D, q.element_size())
     budget = DEFAULT_SCRATCH_BYTES if scratch_bytes is None else int(scratch_bytes)
+    if streamed_fits_better(chosen, version, B * H * per_unit, budget, stages, after_rows is None and configs is None):
+        version = STREAMED
     if version == STREAMED:
         out = output_buffer(out, tuple(q.shape), q.dtype, q.device)
         launch = _streamed_launch(q, k, v, out, gq, gk, allowed, scale_log2, per_unit, budget, upcast)
         # the budget caps the ring, so it is part of the tuning key: a config tuned with more slots is not the
         # best one within fewer (counted in slots of the default group size)
-        default, candidates = _streamed_default(b1, b2), _streamed_candidates(b1, b2)
+        default = _streamed_default(b1, b2)
+        candidates = streamed_groups_within(_streamed_candidates(b1, b2), b2, per_unit, budget)
         ring_cap = min(max(c["SLOTS"] for c in candidates), budget // (per_unit * (default["BLOCK_M"] // b2)))
         cfg = configs[0] if configs is not None else pick_config(
             f"monarch streamed {key} ring<={ring_cap}", default, candidates, launch, tune)
@@ -795,6 +802,25 @@ def intermediate_bytes_per_tile(b1: int, b2: int, n_key_tiles: int, head_dim: in
     """Bytes of the α, Y (``element_size`` each) and c (fp32) intermediates of one (batch·head, query tile) over
     all key tiles: the unit of the two-stage kernels' scratch chunks and of the streamed kernel's ring slots."""
     return b2 * n_key_tiles * b1 * (2 * head_dim * element_size + 4)
+
+
+def streamed_fits_better(chosen: bool, version: str, tile_bytes: int, budget: int, stages: str, plain: bool) -> bool:
+    """Whether a call runs the streamed kernel instead of the two-stage kernels: when the caller chose no version,
+    the two-stage kernel would be v2, and the budget cannot hold one query tile of all heads (``tile_bytes``), so
+    the two-stage kernels would run chunks of one tile of a head group. The streamed kernel within the same
+    budget was faster at all five 480p shapes (one H100, one process per shape set: 1.2–1.3× at the full clip,
+    1.2–1.6× at the last AR chunk; kernels/NOTES.md "Both steps in one launch"). ``plain``: no benchmark or
+    backward switches (explicit configs, per-step callbacks), whose chunks the two-stage kernels define."""
+    return not chosen and version == "v2" and budget < tile_bytes and stages == "both" and plain
+
+
+def streamed_groups_within(candidates: list[dict], b2: int, per_unit: int, budget: int) -> list[dict]:
+    """The streamed ``candidates`` whose group's slot (``BLOCK_M // b2`` query tiles of ``per_unit`` bytes) fits
+    ``budget``; if none does, those of the smallest group, the minimum the algorithm needs (a cached pick outside
+    them is tuned afresh by ``pick_config``)."""
+    tiles = [c["BLOCK_M"] // b2 for c in candidates]
+    cap = max(budget // per_unit, min(tiles))
+    return [c for c, n in zip(candidates, tiles) if n <= cap]
 
 
 def _streamed_default(b1: int, b2: int) -> dict:

@@ -187,6 +187,54 @@ def test_streamed_forward_matches_reference(case, monkeypatch):
     assert rings == [want] * 3  # α, Y, c: one ring of the expected number of slots (no more than groups)
 
 
+# grid, tiling, query frames, key frames, budget in (head, query tile) units, version asked, streamed expected
+AUTO_STREAMED_CASES = {
+    "one-tile-of-3-heads-over-budget": ((4, 3, 5), (1, 1, 1), (2, 4), (0, 4), 2, None, True),
+    "one-tile-of-all-heads-fits": ((4, 3, 5), (1, 1, 1), (2, 4), (0, 4), 3, None, False),
+    "v2-asked-for": ((4, 3, 5), (1, 1, 1), (2, 4), (0, 4), 2, "v2", False),
+    "tile-wider-than-64-is-v1": ((2, 2, 66), (1, 1, 1), (0, 2), (0, 2), 2, None, False),
+}
+
+
+@pytest.mark.parametrize("case", list(AUTO_STREAMED_CASES))
+def test_budget_below_one_tile_of_all_heads_runs_the_streamed_kernel(case, monkeypatch):
+    """Where the two-stage kernels would run chunks of one query tile of a head group (v2 tiles, the caller asked
+    for no version), the public launcher runs the streamed kernel in that budget instead; its output equals the
+    float64 reference either way (3 heads, a partly filled KV cache)."""
+    from toolkit.kernels import monarch as km
+
+    grid, tiling, qf, kf, units, version, streamed = AUTO_STREAMED_CASES[case]
+    q, k, v = _inputs(grid, qf, kf, heads=3, dim=16, seed=13)
+    b1, b2 = grid[1], grid[2]
+    per_unit = km.intermediate_bytes_per_tile(b1, b2, kf[1] - kf[0], 16, q.element_size())
+    launches = []
+    real = km._streamed_launch
+    monkeypatch.setattr(km, "_streamed_launch", lambda *a: launches.append(a) or real(*a))
+    if version is None:  # the public entry (through the custom op)
+        out = monarch_attention_triton(q, k, v, grid, tiling, query_frames=qf, key_frames=kf,
+                                       scratch_bytes=units * per_unit)
+    else:
+        out = _forward(q, k, v, grid, tiling, query_frames=qf, key_frames=kf, scratch_bytes=units * per_unit,
+                       version=version, out=_nan_like(q))
+    ref = monarch_attention(q.double(), k.double(), v.double(), grid, tiling, query_frames=qf, key_frames=kf)
+    assert _rel(out, ref) < TOL[torch.float32]
+    assert bool(launches) == streamed
+
+
+def test_streamed_groups_within_the_budget():
+    """Groups of two query tiles are tuned only where one of their slots fits the budget; when not even a one-tile
+    slot fits, the one-tile groups (the minimum) remain."""
+    from toolkit.kernels.monarch import _streamed_candidates, streamed_groups_within
+
+    candidates = _streamed_candidates(30, 52)
+    tiles = lambda cs: sorted({c["BLOCK_M"] // 52 for c in cs})  # noqa: E731
+    assert tiles(candidates) == [1, 2]
+    assert tiles(streamed_groups_within(candidates, 52, 100, 250)) == [1, 2]
+    assert tiles(streamed_groups_within(candidates, 52, 100, 199)) == [1]
+    assert tiles(streamed_groups_within(candidates, 52, 100, 50)) == [1]
+    assert len(streamed_groups_within(candidates, 52, 100, 50)) == len(candidates) // 2
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_monarch_forward_half_precision(dtype, dim):
