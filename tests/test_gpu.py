@@ -41,11 +41,13 @@ def _qkv(grid, query_frames, key_frames, heads, dim, dtype, device, seed):
 
 
 def monarch_rel_error(grid, tiling, query_frames, key_frames, block_causal_frames=None, *, heads=HEADS, dim=DIM,
-                      ref_heads=(0, 7), dtype=torch.bfloat16, version=None, device="cuda", seed=0) -> float:
+                      ref_heads=(0, 7), dtype=torch.bfloat16, version=None, device="cuda", seed=0,
+                      scratch_over_q: float | None = None) -> float:
     """Relative L2 error of the Triton Monarch forward (all heads, as the model calls it) against the float64
     reference on ``ref_heads``. The reference materialises R, α and L in float64 (≈ 1–4 GB per head at 32,760
     tokens): two heads keep it to a few seconds and ~10 GB; Monarch heads are independent, so a subset of heads
-    checks the kernel's indexing of the head dim as well as all of them would."""
+    checks the kernel's indexing of the head dim as well as all of them would. ``scratch_over_q``: the public
+    entry's scratch budget in units of size(q)."""
     from toolkit.kernels import monarch_attention_triton
     from toolkit.kernels.monarch import _forward
 
@@ -54,7 +56,8 @@ def monarch_rel_error(grid, tiling, query_frames, key_frames, block_causal_frame
     q, k, v = _qkv(grid, query_frames, key_frames, heads, dim, dtype, device, seed)
     kw = dict(query_frames=query_frames, key_frames=key_frames, block_causal_frames=block_causal_frames)
     if version is None:  # the public entry point (the torch.library op toolkit::monarch_attention)
-        out = monarch_attention_triton(q, k, v, grid, tiling, **kw)
+        scratch = None if scratch_over_q is None else int(scratch_over_q * q.numel() * q.element_size())
+        out = monarch_attention_triton(q, k, v, grid, tiling, scratch_bytes=scratch, **kw)
     else:
         out = _forward(q, k, v, grid, tiling, version=version, **kw)
     hs = list(ref_heads)
@@ -93,6 +96,15 @@ def test_monarch_kernel_matches_float64_reference_at_paper_shape(name):
     grid, tiling, qf, kf, bc, version = MONARCH_CASES[name]
     err = monarch_rel_error(grid, tiling, qf, kf, bc, version=version, seed=len(name))
     assert err < MONARCH_BF16_TOL, f"{name}: rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("tiling, qf, bc", [((1, 1, 1), (0, 21), None), ((3, 1, 1), (0, 21), 3),
+                                           ((1, 2, 1), (18, 21), None)], ids=["full-111", "causal-311", "cache-121"])
+def test_public_entry_within_size_of_q_matches_float64_reference(tiling, qf, bc):
+    """A scratch budget of size(q) (below one query tile of all heads) runs the streamed kernel with its ring cut
+    to the budget, through the public op."""
+    err = monarch_rel_error(PAPER_GRID, tiling, qf, (0, 21), bc, scratch_over_q=1.0, seed=17)
+    assert err < MONARCH_BF16_TOL, f"rel err {err:.3g}"
 
 
 # Awkward shapes for the fused kernel: b1, b2 not multiples of 8 or 16 (padding rows k, columns l and j of the
