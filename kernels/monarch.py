@@ -265,10 +265,12 @@ def _cols_job(
     b, h, a, col, ib, col_base, n_key_tiles, b1, scale_log2,
     q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
     D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, CACHE: tl.constexpr,
+    L_STAGES: tl.constexpr,
 ):
     """One L-step job: rows ib·BLOCK_I … of column ``col`` of query tile ``a``, whose (f k) keys α, Y, c sit at
     slots ``col_base …``. ``CACHE``: load modifier for α, Y, c (".cg" where another program wrote them during
-    this launch: the L1 cache is not coherent)."""
+    this launch: the L1 cache is not coherent). ``L_STAGES``: software-pipelining depth of the key loop (None:
+    the launch's ``num_stages``), so a kernel whose other loop needs fewer stages can still run this one deeper."""
     offs_i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_n = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D)
@@ -284,7 +286,7 @@ def _cols_job(
     m_i = tl.full([BLOCK_I], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_I], tl.float32)
     acc = tl.zeros([BLOCK_I, D], tl.float32)
-    for n0 in range(0, n_keys, BLOCK_K):
+    for n0 in tl.range(0, n_keys, BLOCK_K, num_stages=L_STAGES):
         mask_n = (n0 + offs_n) < n_keys
         al = tl.load(al_ptrs, mask=mask_n[:, None], other=0.0, cache_modifier=CACHE)
         yy = tl.load(y_ptrs, mask=mask_n[:, None], other=0.0, cache_modifier=CACHE)
@@ -323,7 +325,7 @@ def _monarch_cols_fwd(
         Q, ALPHA, Y, C, ALLOWED, OUT, sq_b, sq_n, sq_h, so_b, so_n, so_h,
         pid_bh // n_heads, pid_bh % n_heads, a_start + a_local, col, pid_ij % n_ib, col_base, n_key_tiles, b1,
         scale_log2, q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
-        D, BLOCK_I, BLOCK_K, UPCAST, "",
+        D, BLOCK_I, BLOCK_K, UPCAST, "", None,
     )
 
 
@@ -345,7 +347,7 @@ def _monarch_streamed_fwd(
     q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
     k_height, k_width, k_h_in, k_w_in, k_f_tied, k_h_reduce, k_w_reduce,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_I: tl.constexpr,
-    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, L_STAGES: tl.constexpr,
 ):
     """Both steps in one launch, the intermediates in a ring of ``n_slots`` group slots.
 
@@ -404,7 +406,7 @@ def _monarch_streamed_fwd(
                 bh // n_heads, bh % n_heads, a_first + t_local, col, job % n_ib,
                 slab + (t_local * b2 + col).to(tl.int64) * n_fk, n_key_tiles, b1, scale_log2,
                 q_height, q_width, q_h_in, q_w_in, q_f_tied, q_h_reduce, q_w_reduce,
-                D, BLOCK_I, BLOCK_K, UPCAST, ".cg",
+                D, BLOCK_I, BLOCK_K, UPCAST, ".cg", L_STAGES,
             )
         tl.debug_barrier()  # every thread's loads of the slot before the release
         tl.atomic_add(SYNC + 1 + n_groups + g, 1, sem="release")
@@ -463,6 +465,7 @@ def _cols_candidates(b1: int, d: int) -> list[dict]:
     # 128-row block reads each column's α/Y once instead of twice (no spills at 8 warps, sm_90 report).
     bi = pow2(b1, 16, 64)
     out = [{"BLOCK_I": bi, "BLOCK_K": bk, "num_warps": w, "num_stages": 3} for bk in (32, 64) for w in (4, 8)]
+    out.append({"BLOCK_I": bi, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4})  # one more key block in flight
     if b1 > 64:
         out += [{"BLOCK_I": 128, "BLOCK_K": bk, "num_warps": 8, "num_stages": 3} for bk in (32, 64)]
     return out
@@ -826,14 +829,20 @@ def streamed_groups_within(candidates: list[dict], b2: int, per_unit: int, budge
 def _streamed_default(b1: int, b2: int) -> dict:
     """One query tile per group at 4 warps (the v2 R-step's M = 64 config: two programs per SM), key tiles over
     2 R-step jobs, a ring of 8 slots with lag 6: the fastest measured at all four paper shapes on an H100
-    (kernels/NOTES.md "Both steps in one launch"); a smaller budget cuts the ring and the lag."""
-    return {"BLOCK_M": pow2(b2, 16, 64), "F_SPLIT": 2, "BLOCK_I": pow2(b1, 16, 64),
-            "BLOCK_K": 64, "SLOTS": 8, "LAG": 6, "num_warps": 4, "num_stages": 2}
+    (kernels/NOTES.md "Both steps in one launch"); a smaller budget cuts the ring and the lag. Columns of at most
+    32 rows run the L-step's key loop 3 stages deep (the kernel's 2 elsewhere; within the R-step's 88 KB of
+    shared memory at d = 128): 5–7 % faster at (1,1,1) and (1,2,1) on an H100. Taller columns (64-row blocks)
+    would need 115 KB, one program per SM."""
+    block_i = pow2(b1, 16, 64)
+    return {"BLOCK_M": pow2(b2, 16, 64), "F_SPLIT": 2, "BLOCK_I": block_i, "BLOCK_K": 64, "SLOTS": 8, "LAG": 6,
+            "num_warps": 4, "num_stages": 2, "L_STAGES": 3 if block_i <= 32 else None}
 
 
 def _streamed_candidates(b1: int, b2: int) -> list[dict]:
-    # two compiles (one or two query tiles per group); the ring, the lag and the key-tile split are launch
-    # arguments only. Rings the scratch budget cannot hold are cut to it by the launcher.
+    # four compiles: one or two query tiles per group, and one tile with the L-step's key loop at the two other
+    # depths of 2, 3, 4 stages (sm_90 report at d = 128, 32-row columns: 88 KB of shared memory for 2–3 stages,
+    # 109 KB for 4, two programs per SM either way). The ring, the lag and the key-tile split are launch
+    # arguments only; rings the scratch budget cannot hold are cut to it by the launcher.
     base = _streamed_default(b1, b2)
     out = []
     for bm, warps in ((64, 4), (128, 8)):
@@ -842,6 +851,10 @@ def _streamed_candidates(b1: int, b2: int) -> list[dict]:
         for split in (1, 2, 3):
             for slots, lag in ((4, 2), (5, 3), (6, 4), (8, 6)):
                 out.append({**base, "BLOCK_M": bm, "num_warps": warps, "F_SPLIT": split, "SLOTS": slots, "LAG": lag})
+    if base["BLOCK_M"] // b2 >= 1:
+        out += [{**base, "F_SPLIT": split, "SLOTS": slots, "LAG": lag, "L_STAGES": stages}
+                for stages in (None, 3, 4) if stages != base["L_STAGES"]
+                for split in (1, 2, 3) for slots, lag in ((5, 3), (8, 6))]
     return out
 
 

@@ -358,6 +358,7 @@ STREAMED_CONFIGS = [
     dict(BLOCK_M=64, num_warps=4, SLOTS=1, LAG=0, F_SPLIT=3),
     dict(BLOCK_M=128, num_warps=8, SLOTS=4, LAG=2, F_SPLIT=2),
     dict(BLOCK_M=64, num_warps=4, SLOTS=8, LAG=6, F_SPLIT=2),
+    dict(BLOCK_M=64, num_warps=4, SLOTS=5, LAG=3, F_SPLIT=2, L_STAGES=4),  # slot reads 3 key blocks ahead
 ]
 
 
