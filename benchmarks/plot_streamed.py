@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -82,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                 ax.scatter(row["peak_extra_over_q"], row["ms"], marker=marker, s=90, color=color, edgecolor="k",
                            zorder=3, label=f"{label}: {row['ms']:.2f} ms")
         ax.set_xscale("log")
+        # plain numbers (1, 2, 5, 10 …) on the log axis, also where it spans less than a decade
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks([x for x in (1, 1.5, 2, 3, 5, 8, 12, 20, 50) if ax.get_xlim()[0] <= x <= ax.get_xlim()[1]])
         ax.set_xlabel("extra memory / size(q)")
         ax.set_ylabel("ms (median)")
         ax.set_title(f"{name}  tiling {tuple(shape['tiling'])}")

@@ -465,7 +465,6 @@ def _cols_candidates(b1: int, d: int) -> list[dict]:
     # 128-row block reads each column's α/Y once instead of twice (no spills at 8 warps, sm_90 report).
     bi = pow2(b1, 16, 64)
     out = [{"BLOCK_I": bi, "BLOCK_K": bk, "num_warps": w, "num_stages": 3} for bk in (32, 64) for w in (4, 8)]
-    out.append({"BLOCK_I": bi, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4})  # one more key block in flight
     if b1 > 64:
         out += [{"BLOCK_I": 128, "BLOCK_K": bk, "num_warps": 8, "num_stages": 3} for bk in (32, 64)]
     return out
@@ -829,20 +828,18 @@ def streamed_groups_within(candidates: list[dict], b2: int, per_unit: int, budge
 def _streamed_default(b1: int, b2: int) -> dict:
     """One query tile per group at 4 warps (the v2 R-step's M = 64 config: two programs per SM), key tiles over
     2 R-step jobs, a ring of 8 slots with lag 6: the fastest measured at all four paper shapes on an H100
-    (kernels/NOTES.md "Both steps in one launch"); a smaller budget cuts the ring and the lag. Columns of at most
-    32 rows run the L-step's key loop 3 stages deep (the kernel's 2 elsewhere; within the R-step's 88 KB of
-    shared memory at d = 128): 5–7 % faster at (1,1,1) and (1,2,1) on an H100. Taller columns (64-row blocks)
-    would need 115 KB, one program per SM."""
-    block_i = pow2(b1, 16, 64)
-    return {"BLOCK_M": pow2(b2, 16, 64), "F_SPLIT": 2, "BLOCK_I": block_i, "BLOCK_K": 64, "SLOTS": 8, "LAG": 6,
-            "num_warps": 4, "num_stages": 2, "L_STAGES": 3 if block_i <= 32 else None}
+    (kernels/NOTES.md "Both steps in one launch"); a smaller budget cuts the ring and the lag. The L-step's key
+    loop runs 3 stages deep (the kernel's other loop 2): 1–6 % faster than 2 at all five 480p shapes with and
+    without a budget (one H100, one process); 4 stages tie at b1 ≤ 32 and are 47 % slower at (3,1,1)."""
+    return {"BLOCK_M": pow2(b2, 16, 64), "F_SPLIT": 2, "BLOCK_I": pow2(b1, 16, 64), "BLOCK_K": 64, "SLOTS": 8,
+            "LAG": 6, "num_warps": 4, "num_stages": 2, "L_STAGES": 3}
 
 
 def _streamed_candidates(b1: int, b2: int) -> list[dict]:
-    # four compiles: one or two query tiles per group, and one tile with the L-step's key loop at the two other
-    # depths of 2, 3, 4 stages (sm_90 report at d = 128, 32-row columns: 88 KB of shared memory for 2–3 stages,
-    # 109 KB for 4, two programs per SM either way). The ring, the lag and the key-tile split are launch
-    # arguments only; rings the scratch budget cannot hold are cut to it by the launcher.
+    # four compiles: one or two query tiles per group, and one tile with the L-step's key loop 2 or 4 stages deep
+    # instead of 3 (sm_90 report at d = 128, 32-row columns: 88 KB of shared memory for 2–3 stages, 109 KB for 4,
+    # two programs per SM either way). The ring, the lag and the key-tile split are launch arguments only; rings
+    # the scratch budget cannot hold are cut to it by the launcher.
     base = _streamed_default(b1, b2)
     out = []
     for bm, warps in ((64, 4), (128, 8)):
@@ -853,8 +850,7 @@ def _streamed_candidates(b1: int, b2: int) -> list[dict]:
                 out.append({**base, "BLOCK_M": bm, "num_warps": warps, "F_SPLIT": split, "SLOTS": slots, "LAG": lag})
     if base["BLOCK_M"] // b2 >= 1:
         out += [{**base, "F_SPLIT": split, "SLOTS": slots, "LAG": lag, "L_STAGES": stages}
-                for stages in (None, 3, 4) if stages != base["L_STAGES"]
-                for split in (1, 2, 3) for slots, lag in ((5, 3), (8, 6))]
+                for stages in (None, 4) for split in (1, 2, 3) for slots, lag in ((5, 3), (8, 6))]
     return out
 
 
