@@ -24,7 +24,7 @@ Triton's register model):
 
 Query tiles are processed in chunks so that the intermediates stay under a memory budget.
 
-* ``_monarch_streamed_fwd`` (private, ``_forward(version="streamed")``) — the same two steps in one launch, the
+* ``_monarch_streamed_fwd`` (forced by ``_forward(version="streamed")``) — the same two steps in one launch, the
   intermediates in a ring of group slots: jobs start in the order of tickets taken from an atomic counter and
   wait (acquire/release counters) only on jobs with smaller tickets, so a group's L-step runs while later
   groups' R-steps fill the other slots (extra memory within size(q) at the full clip; ``kernels/NOTES.md``).
